@@ -1,0 +1,295 @@
+// Package agent is herd's per-hypervisor daemon. It registers the node under an etcd lease with its
+// facts, watches the node's own assignments (/herd/assign/<hwid>/), converges libvirt to them and
+// reports what it observes under /herd/status/<hwid>/.
+//
+// Safety rules, each enforced in one place:
+//   - it starts a domain only after a linearizable read shows the assignment unchanged while its
+//     lease is alive (preflight), so a partitioned agent never starts anything;
+//   - it destroys a domain only on positive evidence that the VM is gone or moved on (evidence.go);
+//     etcd being unreachable, or keys vanishing with the cluster id changed, is never evidence;
+//   - every status write compares the assignment it was computed from.
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/prometheus/client_golang/prometheus"
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/herdhq/herd/agent/hypervisor"
+	"github.com/herdhq/herd/agent/volume"
+	"github.com/herdhq/herd/lib/etcdutil"
+	"github.com/herdhq/herd/lib/events"
+	"github.com/herdhq/herd/lib/keys"
+	"github.com/herdhq/herd/lib/workqueue"
+)
+
+// Config is everything an agent needs; cmd/herd fills it from flags, `herd dev` from its own.
+type Config struct {
+	Client     *clientv3.Client
+	Space      keys.Space
+	HWID       string
+	BootID     string
+	Hypervisor *hypervisor.Libvirt
+	Volumes    volume.Backend
+
+	// LeaseTTL is how long the node outlives a silent agent. Default 10 s.
+	LeaseTTL time.Duration
+	// Resync is the period of the full comparison that catches anything a watch missed. Default 30 s.
+	Resync time.Duration
+	// Workers reconcile different VMs in parallel. Default 4.
+	Workers int
+
+	// CPUs and MemoryMiB override what libvirt reports (0: use libvirt's).
+	CPUs      int
+	MemoryMiB int64
+	// ReservedMemoryMiB is kept for the host and never given to VMs.
+	ReservedMemoryMiB int64
+	Addresses         keys.Addresses
+	Hostname          string
+	Image             string
+	Version           string
+	StatusURL         string
+
+	Log      hclog.Logger
+	Registry prometheus.Registerer
+}
+
+func (c *Config) defaults() error {
+	if c.Client == nil || c.Hypervisor == nil || c.Volumes == nil {
+		return errors.New("agent: Client, Hypervisor and Volumes are required")
+	}
+	if c.HWID == "" {
+		return errors.New("agent: HWID is required")
+	}
+	if c.BootID == "" {
+		return errors.New("agent: BootID is required")
+	}
+	if c.LeaseTTL == 0 {
+		c.LeaseTTL = 10 * time.Second
+	}
+	if c.LeaseTTL < 2*time.Second {
+		return fmt.Errorf("agent: lease TTL %s is below etcd's useful minimum of 2s", c.LeaseTTL)
+	}
+	if c.Resync == 0 {
+		c.Resync = 30 * time.Second
+	}
+	if c.Workers == 0 {
+		c.Workers = 4
+	}
+	if c.Log == nil {
+		c.Log = hclog.NewNullLogger()
+	}
+	if c.Registry == nil {
+		c.Registry = prometheus.NewRegistry()
+	}
+	return nil
+}
+
+// Agent is one node's daemon. Create it with New and run it with Run.
+type Agent struct {
+	cfg     Config
+	space   keys.Space
+	hwid    string
+	log     hclog.Logger
+	hv      *hypervisor.Libvirt
+	events  *events.Recorder
+	queue   *workqueue.Queue
+	assigns *etcdutil.Informer
+	cluster *etcdutil.Informer
+	metrics *metrics
+
+	// aliveUntil is the unix-nano time until which this agent's lease is surely alive; 0 when it
+	// has no lease.
+	aliveUntil atomic.Int64
+	leaseID    atomic.Int64
+	// clusterID is the first cluster id this agent saw; a different one later means etcd was
+	// replaced and nothing is evidence of anything.
+	clusterID atomic.Pointer[string]
+
+	mu       sync.Mutex
+	reported map[string]keys.VMStatus // last status written per VM, to skip identical writes
+	defined  map[string]int64         // spec revision last defined per VM
+}
+
+// New checks the configuration and prepares the agent.
+func New(cfg Config) (*Agent, error) {
+	if err := cfg.defaults(); err != nil {
+		return nil, err
+	}
+	a := &Agent{
+		cfg:      cfg,
+		space:    cfg.Space,
+		hwid:     cfg.HWID,
+		log:      cfg.Log.With("node", cfg.HWID),
+		hv:       cfg.Hypervisor,
+		queue:    workqueue.New(),
+		reported: map[string]keys.VMStatus{},
+		defined:  map[string]int64{},
+	}
+	a.events = events.New(cfg.Client, cfg.Space, "agent/"+cfg.HWID, a.log)
+	a.metrics = newMetrics(cfg.Registry)
+	a.assigns = etcdutil.NewInformer(cfg.Client, cfg.Space.AssignPrefix(cfg.HWID), decodeAssignment, a.onAssign, a.log)
+	a.cluster = etcdutil.NewInformer(cfg.Client, cfg.Space.Cluster(), decodeCluster, a.onCluster, a.log)
+	return a, nil
+}
+
+func decodeAssignment(_ string, v []byte) (any, error) { return keys.Decode[keys.Assignment](v) }
+func decodeCluster(_ string, v []byte) (any, error)    { return keys.Decode[keys.Cluster](v) }
+
+func (a *Agent) onAssign(key string, _, _ *etcdutil.KV) {
+	if name, ok := keys.ParseLeaf(a.space.AssignPrefix(a.hwid), key); ok {
+		a.queue.Add(name)
+	}
+}
+
+func (a *Agent) onCluster(key string, _, cur *etcdutil.KV) {
+	if key != a.space.Cluster() || cur == nil || cur.Err != nil {
+		return
+	}
+	id := cur.Obj.(*keys.Cluster).ID
+	if a.clusterID.CompareAndSwap(nil, &id) {
+		a.log.Info("cluster identified", "cluster", id)
+		return
+	}
+	if old := a.clusterID.Load(); *old != id {
+		a.log.Error("cluster id changed: etcd was wiped or replaced; no domain will be destroyed until the agent restarts and an operator decides", "was", *old, "now", id)
+		a.events.Record("node/"+a.hwid, "cluster-changed", "cluster id changed from %s to %s", *old, id)
+	}
+}
+
+// currentCluster returns the id of the cluster as etcd says now and whether it is the one this
+// agent joined.
+func (a *Agent) currentCluster() (string, bool) {
+	kv := a.cluster.Get(a.space.Cluster())
+	first := a.clusterID.Load()
+	if kv == nil || kv.Err != nil || first == nil {
+		return "", false
+	}
+	id := kv.Obj.(*keys.Cluster).ID
+	return id, id == *first
+}
+
+// Run serves until ctx ends. On a clean stop it revokes its lease (its VMs keep running: stopping
+// the agent is not stopping the node's guests) and returns nil.
+func (a *Agent) Run(ctx context.Context) error {
+	a.log.Info("agent starting", "libvirt", a.hv.URI(), "boot_id", a.cfg.BootID)
+	if err := a.waitHardware(ctx); err != nil {
+		return err
+	}
+	var wg sync.WaitGroup
+	run := func(f func(context.Context)) {
+		wg.Add(1)
+		go func() { defer wg.Done(); f(ctx) }()
+	}
+	run(a.events.Run)
+	run(a.cluster.Run)
+	if err := a.waitCluster(ctx); err != nil {
+		wg.Wait()
+		return err
+	}
+	run(a.assigns.Run)
+	registered := make(chan struct{})
+	run(func(ctx context.Context) { a.keepRegistered(ctx, registered) })
+	if err := a.assigns.WaitRev(ctx, 0); err != nil {
+		wg.Wait()
+		return nil
+	}
+	// Adopt what runs already: every domain herd made is reconciled, assigned or not.
+	a.enqueueAll(ctx)
+	run(a.resyncLoop)
+	a.queue.Run(ctx, a.cfg.Workers, a.reconcile, func(name string, err error, retry time.Duration) {
+		a.metrics.reconcileErrors.Inc()
+		a.log.Warn("reconcile failed", "vm", name, "error", err, "retry_in", retry)
+	})
+	wg.Wait()
+	return nil
+}
+
+// waitHardware blocks until the operator has enrolled this hwid. An unknown machine serves nothing.
+func (a *Agent) waitHardware(ctx context.Context) error {
+	key := a.space.Hardware(a.hwid)
+	b := etcdutil.Backoff{Min: time.Second, Max: 10 * time.Second}
+	logged := time.Time{}
+	for {
+		cctx, cancel := etcdutil.WithTimeout(ctx)
+		resp, err := a.cfg.Client.Get(cctx, key)
+		cancel()
+		switch {
+		case ctx.Err() != nil:
+			return ctx.Err()
+		case err != nil:
+			a.log.Warn("cannot reach etcd to check enrolment; retrying", "error", err)
+		case len(resp.Kvs) > 0:
+			a.log.Info("hardware is enrolled", "key", key)
+			return nil
+		case time.Since(logged) > time.Minute:
+			a.log.Warn("this machine is not enrolled: refusing to serve until it is", "key", key,
+				"hint", "herdctl hw add "+a.hwid)
+			logged = time.Now()
+		}
+		if !b.Wait(ctx) {
+			return ctx.Err()
+		}
+	}
+}
+
+// waitCluster blocks until a coordinator has written the cluster record: before it exists there
+// can be no assignment, and the id is needed to stamp domains.
+func (a *Agent) waitCluster(ctx context.Context) error {
+	logged := time.Now()
+	for a.clusterID.Load() == nil {
+		if time.Since(logged) > 30*time.Second {
+			a.log.Warn("waiting for a coordinator to initialise the cluster", "key", a.space.Cluster())
+			logged = time.Now()
+		}
+		if !etcdutil.Sleep(ctx, 200*time.Millisecond) {
+			return ctx.Err()
+		}
+	}
+	return nil
+}
+
+func (a *Agent) resyncLoop(ctx context.Context) {
+	t := time.NewTicker(a.cfg.Resync)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			a.enqueueAll(ctx)
+		}
+	}
+}
+
+// enqueueAll queues every VM that is assigned here or has a domain here.
+func (a *Agent) enqueueAll(ctx context.Context) {
+	for _, kv := range a.assigns.List() {
+		a.onAssign(kv.Key, nil, kv)
+	}
+	doms, err := a.hv.List(ctx)
+	if err != nil {
+		a.log.Warn("list domains for resync", "error", err)
+		return
+	}
+	counts := map[hypervisor.State]int{}
+	for _, d := range doms {
+		if d.Managed {
+			a.queue.Add(d.Name)
+			counts[d.State]++
+		}
+	}
+	a.metrics.setDomains(counts)
+}
+
+// Domains is the agent's own report of its hypervisor, served on its status endpoint.
+func (a *Agent) Domains(ctx context.Context) ([]hypervisor.Domain, error) {
+	return a.hv.List(ctx)
+}

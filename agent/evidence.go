@@ -1,0 +1,61 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/herdhq/herd/agent/hypervisor"
+	"github.com/herdhq/herd/lib/etcdutil"
+	"github.com/herdhq/herd/lib/keys"
+)
+
+// evidence decides whether an unassigned domain may be destroyed. Only positive evidence counts:
+//   - the VM's spec is gone, or was re-created as a newer VM (its CreateRevision, the uid, is larger);
+//   - its placement names another node with a newer epoch for the same uid.
+//
+// Nothing counts while the cluster id differs from the one the domain was made in or this agent
+// joined: after etcd is wiped or replaced, absence means nothing. An etcd error is returned, never
+// read as absence.
+func (a *Agent) evidence(ctx context.Context, name string, dom *hypervisor.Domain) (gone bool, why string, err error) {
+	cluster, same := a.currentCluster()
+	if !same {
+		return false, "the cluster record is missing or its id changed since this agent joined", nil
+	}
+	if dom.Cluster != "" && dom.Cluster != cluster {
+		return false, fmt.Sprintf("the domain was made by cluster %s, this is %s", dom.Cluster, cluster), nil
+	}
+	cctx, cancel := etcdutil.WithTimeout(ctx)
+	defer cancel()
+	// One transaction reads spec and placement at the same revision.
+	resp, err := a.cfg.Client.Txn(cctx).Then(
+		clientv3.OpGet(a.space.VMSpec(name)),
+		clientv3.OpGet(a.space.VMPlacement(name)),
+	).Commit()
+	if err != nil {
+		return false, "", fmt.Errorf("read spec and placement for evidence: %w", err)
+	}
+	specs := resp.Responses[0].GetResponseRange().Kvs
+	if len(specs) == 0 {
+		return true, "the VM was deleted", nil
+	}
+	if uid := specs[0].CreateRevision; uid != dom.UID {
+		if uid > dom.UID {
+			return true, fmt.Sprintf("the VM was deleted (its name now belongs to uid %d)", uid), nil
+		}
+		return false, fmt.Sprintf("the spec's uid %d is older than the domain's %d", uid, dom.UID), nil
+	}
+	places := resp.Responses[1].GetResponseRange().Kvs
+	if len(places) == 0 {
+		return false, "the VM exists but has no placement", nil
+	}
+	p, err := keys.Decode[keys.Placement](places[0].Value)
+	if err != nil {
+		return false, "unreadable placement: " + err.Error(), nil
+	}
+	if p.UID == dom.UID && p.Node != a.hwid && p.Epoch > dom.Epoch {
+		return true, fmt.Sprintf("the VM moved to %s at epoch %d", p.Node, p.Epoch), nil
+	}
+	return false, fmt.Sprintf("placement is %s epoch %d, this domain epoch %d", p.Node, p.Epoch, dom.Epoch), nil
+}

@@ -1,0 +1,427 @@
+// Package hypervisor drives libvirt for the agent: it turns a VM's assignment into a domain, starts
+// and stops it, and lists what runs. Every call has a timeout, because a wedged libvirtd must not
+// hang the reconcile loop.
+//
+// herd marks the domains it owns with a metadata element in its own XML namespace carrying the VM's
+// uid and epoch; domains without it are never touched.
+package hypervisor
+
+import (
+	"context"
+	"encoding/xml"
+	"errors"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"libvirt.org/go/libvirt"
+	"libvirt.org/go/libvirtxml"
+
+	"github.com/herdhq/herd/agent/volume"
+)
+
+// MetadataNS is herd's namespace in domain metadata.
+const MetadataNS = "https://herd.dev/xmlns/vm/1"
+
+// DefaultTimeout bounds one libvirt call.
+const DefaultTimeout = 30 * time.Second
+
+// ErrTimeout marks a libvirt call that did not return in time.
+var ErrTimeout = errors.New("hypervisor: libvirt call timed out")
+
+// State of a domain, in herd's words.
+type State string
+
+const (
+	Running State = "running"
+	Stopped State = "stopped"
+	Paused  State = "paused"
+	Crashed State = "crashed"
+	Other   State = "other"
+)
+
+// Domain is what the agent knows of one libvirt domain.
+type Domain struct {
+	Name  string `json:"name"`
+	UUID  string `json:"uuid"`
+	State State  `json:"state"`
+	// Managed is true when the domain carries herd's metadata; UID and Epoch are then set.
+	Managed bool  `json:"managed"`
+	UID     int64 `json:"uid,omitempty"`
+	Epoch   int64 `json:"epoch,omitempty"`
+	// Cluster is the id of the herd cluster that made the domain.
+	Cluster string `json:"cluster,omitempty"`
+}
+
+// Spec is everything needed to define a domain.
+type Spec struct {
+	Cluster   string
+	Name      string
+	UUID      string
+	UID       int64
+	Epoch     int64
+	VCPUs     int
+	MemoryMiB int64
+	Disk      *volume.Attachment
+}
+
+// Info is the host's capacity as libvirt sees it.
+type Info struct {
+	CPUs      int
+	MemoryMiB int64
+	Model     string
+}
+
+// Libvirt is one connection to one hypervisor. It is safe for concurrent use.
+type Libvirt struct {
+	uri     string
+	timeout time.Duration
+	log     hclog.Logger
+	domType string
+
+	mu   sync.Mutex
+	conn *libvirt.Connect
+}
+
+// Open connects to uri. A test:/// URI is libvirt's test driver: real libvirt code keeping domains in
+// memory, private to this connection, which `herd dev` and the tests use as a hypervisor.
+func Open(ctx context.Context, uri string, log hclog.Logger) (*Libvirt, error) {
+	h := &Libvirt{uri: uri, timeout: DefaultTimeout, log: log.Named("libvirt")}
+	switch {
+	case strings.HasPrefix(uri, "test:"):
+		h.domType = "test"
+	case kvmAvailable():
+		h.domType = "kvm"
+	default:
+		h.domType = "qemu"
+	}
+	var conn *libvirt.Connect
+	err := h.call(ctx, "connect", func() error {
+		var err error
+		conn, err = libvirt.NewConnect(uri)
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("connect to libvirt at %s: %w", uri, err)
+	}
+	h.conn = conn
+	return h, nil
+}
+
+func kvmAvailable() bool {
+	f, err := os.OpenFile("/dev/kvm", os.O_RDWR, 0)
+	if err != nil {
+		return false
+	}
+	f.Close()
+	return true
+}
+
+// URI is the connection's URI.
+func (h *Libvirt) URI() string { return h.uri }
+
+// DomainType is the domain type herd defines: test, kvm or qemu (TCG).
+func (h *Libvirt) DomainType() string { return h.domType }
+
+// Close ends the connection. For the test driver this loses every domain, like a power cut.
+func (h *Libvirt) Close() {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.conn != nil {
+		_, _ = h.conn.Close()
+		h.conn = nil
+	}
+}
+
+// call runs fn with the timeout. libvirt's C calls cannot be cancelled, so a call that times out
+// keeps its goroutine until libvirt returns; the caller gets ErrTimeout at once and retries later.
+func (h *Libvirt) call(ctx context.Context, op string, fn func() error) error {
+	ctx, cancel := context.WithTimeout(ctx, h.timeout)
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- fn() }()
+	select {
+	case err := <-done:
+		return err
+	case <-ctx.Done():
+		return fmt.Errorf("%s: %w after %s (%v)", op, ErrTimeout, h.timeout, ctx.Err())
+	}
+}
+
+func (h *Libvirt) connection() (*libvirt.Connect, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.conn == nil {
+		return nil, errors.New("hypervisor: connection closed")
+	}
+	return h.conn, nil
+}
+
+// Info reads the host's CPUs and memory.
+func (h *Libvirt) Info(ctx context.Context) (Info, error) {
+	c, err := h.connection()
+	if err != nil {
+		return Info{}, err
+	}
+	var ni *libvirt.NodeInfo
+	if err := h.call(ctx, "node info", func() error {
+		var err error
+		ni, err = c.GetNodeInfo()
+		return err
+	}); err != nil {
+		return Info{}, err
+	}
+	return Info{CPUs: int(ni.Cpus), MemoryMiB: int64(ni.Memory / 1024), Model: ni.Model}, nil
+}
+
+// List returns every domain, managed or not.
+func (h *Libvirt) List(ctx context.Context) ([]Domain, error) {
+	c, err := h.connection()
+	if err != nil {
+		return nil, err
+	}
+	var out []Domain
+	err = h.call(ctx, "list domains", func() error {
+		doms, err := c.ListAllDomains(0)
+		if err != nil {
+			return err
+		}
+		defer func() {
+			for i := range doms {
+				_ = doms[i].Free()
+			}
+		}()
+		out = make([]Domain, 0, len(doms))
+		for i := range doms {
+			d, err := describe(&doms[i])
+			if err != nil {
+				if isNoDomain(err) {
+					continue // vanished while listing
+				}
+				return err
+			}
+			out = append(out, d)
+		}
+		return nil
+	})
+	return out, err
+}
+
+// Lookup returns the named domain, or nil if there is none.
+func (h *Libvirt) Lookup(ctx context.Context, name string) (*Domain, error) {
+	c, err := h.connection()
+	if err != nil {
+		return nil, err
+	}
+	var out *Domain
+	err = h.call(ctx, "lookup "+name, func() error {
+		dom, err := c.LookupDomainByName(name)
+		if isNoDomain(err) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		defer dom.Free()
+		d, err := describe(dom)
+		if isNoDomain(err) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		out = &d
+		return nil
+	})
+	return out, err
+}
+
+func describe(dom *libvirt.Domain) (Domain, error) {
+	var d Domain
+	var err error
+	if d.Name, err = dom.GetName(); err != nil {
+		return d, err
+	}
+	if d.UUID, err = dom.GetUUIDString(); err != nil {
+		return d, err
+	}
+	st, _, err := dom.GetState()
+	if err != nil {
+		return d, err
+	}
+	d.State = stateOf(st)
+	meta, err := dom.GetMetadata(libvirt.DOMAIN_METADATA_ELEMENT, MetadataNS, libvirt.DOMAIN_AFFECT_CURRENT)
+	if err == nil {
+		d.Managed, d.UID, d.Epoch, d.Cluster = parseMetadata(meta)
+	} else if lerr, ok := err.(libvirt.Error); !ok || lerr.Code != libvirt.ERR_NO_DOMAIN_METADATA {
+		return d, err
+	}
+	return d, nil
+}
+
+func stateOf(s libvirt.DomainState) State {
+	switch s {
+	case libvirt.DOMAIN_RUNNING, libvirt.DOMAIN_BLOCKED:
+		return Running
+	case libvirt.DOMAIN_SHUTOFF, libvirt.DOMAIN_NOSTATE:
+		return Stopped
+	case libvirt.DOMAIN_PAUSED, libvirt.DOMAIN_PMSUSPENDED:
+		return Paused
+	case libvirt.DOMAIN_CRASHED:
+		return Crashed
+	case libvirt.DOMAIN_SHUTDOWN:
+		return Running // shutting down: still running until it is off
+	}
+	return Other
+}
+
+func isNoDomain(err error) bool {
+	var lerr libvirt.Error
+	return errors.As(err, &lerr) && lerr.Code == libvirt.ERR_NO_DOMAIN
+}
+
+// metadataXML is herd's element, without namespace prefix (SetMetadata adds it).
+func metadataXML(s Spec) string {
+	var b strings.Builder
+	_ = xml.EscapeText(&b, []byte(s.Cluster))
+	return fmt.Sprintf(`<vm uid="%d" epoch="%d" cluster="%s"/>`, s.UID, s.Epoch, b.String())
+}
+
+func parseMetadata(s string) (ok bool, uid, epoch int64, cluster string) {
+	var m struct {
+		UID     string `xml:"uid,attr"`
+		Epoch   string `xml:"epoch,attr"`
+		Cluster string `xml:"cluster,attr"`
+	}
+	if err := xml.Unmarshal([]byte(s), &m); err != nil {
+		return false, 0, 0, ""
+	}
+	u, err1 := strconv.ParseInt(m.UID, 10, 64)
+	e, err2 := strconv.ParseInt(m.Epoch, 10, 64)
+	if err1 != nil || err2 != nil {
+		return false, 0, 0, ""
+	}
+	return true, u, e, m.Cluster
+}
+
+// DomainXML renders the domain definition for spec.
+func (h *Libvirt) DomainXML(s Spec) (string, error) {
+	d := &libvirtxml.Domain{
+		Type:     h.domType,
+		Name:     s.Name,
+		UUID:     s.UUID,
+		Metadata: &libvirtxml.DomainMetadata{XML: strings.Replace(metadataXML(s), "<vm ", fmt.Sprintf("<herd:vm xmlns:herd=%q ", MetadataNS), 1)},
+		Memory:   &libvirtxml.DomainMemory{Value: uint(s.MemoryMiB), Unit: "MiB"},
+		VCPU:     &libvirtxml.DomainVCPU{Value: uint(s.VCPUs)},
+		OS:       &libvirtxml.DomainOS{Type: &libvirtxml.DomainOSType{Type: "hvm"}},
+		Devices:  &libvirtxml.DomainDeviceList{},
+	}
+	if s.Disk != nil {
+		disk := libvirtxml.DomainDisk{
+			Device: "disk",
+			Target: &libvirtxml.DomainDiskTarget{Dev: "vda", Bus: "virtio"},
+		}
+		switch s.Disk.Kind {
+		case "file":
+			disk.Driver = &libvirtxml.DomainDiskDriver{Name: "qemu", Type: "raw", Cache: "none"}
+			disk.Source = &libvirtxml.DomainDiskSource{File: &libvirtxml.DomainDiskSourceFile{File: s.Disk.Path}}
+		default:
+			return "", fmt.Errorf("domain %s: disk kind %q not supported", s.Name, s.Disk.Kind)
+		}
+		d.Devices.Disks = append(d.Devices.Disks, disk)
+	}
+	return d.Marshal()
+}
+
+// Define creates or updates the persistent definition of a domain. Changes to a running domain
+// take effect at its next start, except its herd metadata, which is updated live at once so the
+// running domain always says which epoch it belongs to.
+func (h *Libvirt) Define(ctx context.Context, s Spec) error {
+	c, err := h.connection()
+	if err != nil {
+		return err
+	}
+	x, err := h.DomainXML(s)
+	if err != nil {
+		return err
+	}
+	return h.call(ctx, "define "+s.Name, func() error {
+		dom, err := c.DomainDefineXML(x)
+		if err != nil {
+			return err
+		}
+		defer dom.Free()
+		active, err := dom.IsActive()
+		if err != nil || !active {
+			return err
+		}
+		return dom.SetMetadata(libvirt.DOMAIN_METADATA_ELEMENT, metadataXML(s), "herd", MetadataNS, libvirt.DOMAIN_AFFECT_LIVE)
+	})
+}
+
+func (h *Libvirt) withDomain(ctx context.Context, op, name string, fn func(*libvirt.Domain) error) error {
+	c, err := h.connection()
+	if err != nil {
+		return err
+	}
+	return h.call(ctx, op+" "+name, func() error {
+		dom, err := c.LookupDomainByName(name)
+		if err != nil {
+			return err
+		}
+		defer dom.Free()
+		return fn(dom)
+	})
+}
+
+// Start boots a defined domain; starting a running domain is not an error.
+func (h *Libvirt) Start(ctx context.Context, name string) error {
+	return h.withDomain(ctx, "start", name, func(d *libvirt.Domain) error {
+		if active, err := d.IsActive(); err != nil || active {
+			return err
+		}
+		return d.Create()
+	})
+}
+
+// Shutdown asks the guest to power off (ACPI); it returns at once.
+func (h *Libvirt) Shutdown(ctx context.Context, name string) error {
+	return h.withDomain(ctx, "shutdown", name, func(d *libvirt.Domain) error {
+		if active, err := d.IsActive(); err != nil || !active {
+			return err
+		}
+		return d.Shutdown()
+	})
+}
+
+// Destroy pulls the plug; destroying a stopped domain is not an error.
+func (h *Libvirt) Destroy(ctx context.Context, name string) error {
+	return h.withDomain(ctx, "destroy", name, func(d *libvirt.Domain) error {
+		if active, err := d.IsActive(); err != nil || !active {
+			return err
+		}
+		return d.Destroy()
+	})
+}
+
+// Remove destroys (if running) and undefines a domain; a missing domain is not an error.
+func (h *Libvirt) Remove(ctx context.Context, name string) error {
+	err := h.withDomain(ctx, "remove", name, func(d *libvirt.Domain) error {
+		if active, err := d.IsActive(); err != nil {
+			return err
+		} else if active {
+			if err := d.Destroy(); err != nil {
+				return err
+			}
+		}
+		return d.Undefine()
+	})
+	if isNoDomain(err) {
+		return nil
+	}
+	return err
+}

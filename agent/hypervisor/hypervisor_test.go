@@ -1,0 +1,73 @@
+package hypervisor
+
+import (
+	"context"
+	"testing"
+
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/herdhq/herd/agent/volume"
+)
+
+func TestLibvirtTestDriverLifecycle(t *testing.T) {
+	ctx := context.Background()
+	uri, err := WriteTestNode(t.TempDir(), "n1", 8, 16384)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h, err := Open(ctx, uri, hclog.NewNullLogger())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	info, err := h.Info(ctx)
+	if err != nil || info.CPUs != 8 || info.MemoryMiB != 16384 {
+		t.Fatalf("info %+v %v", info, err)
+	}
+	if d, err := h.Lookup(ctx, "web1"); d != nil || err != nil {
+		t.Fatalf("lookup of a missing domain: %v %v", d, err)
+	}
+	spec := Spec{Cluster: "c-1", Name: "web1", UUID: "6f1b8d4e-3c2a-4b5d-9e8f-0a1b2c3d4e5f", UID: 42, Epoch: 1, VCPUs: 2, MemoryMiB: 512,
+		Disk: &volume.Attachment{Kind: "file", Path: "/var/lib/herd/x.raw"}}
+	if err := h.Define(ctx, spec); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.Start(ctx, "web1"); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.Start(ctx, "web1"); err != nil {
+		t.Fatalf("starting a running domain must be a no-op: %v", err)
+	}
+	spec.Epoch = 2
+	if err := h.Define(ctx, spec); err != nil {
+		t.Fatal(err)
+	}
+	doms, err := h.List(ctx)
+	if err != nil || len(doms) != 1 {
+		t.Fatalf("list %v %v", doms, err)
+	}
+	d := doms[0]
+	if !d.Managed || d.UID != 42 || d.Epoch != 2 || d.State != Running || d.UUID != spec.UUID || d.Cluster != "c-1" {
+		t.Fatalf("domain %+v", d)
+	}
+
+	// A second connection to the same file is another, empty hypervisor.
+	h2, err := Open(ctx, uri, hclog.NewNullLogger())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h2.Close()
+	if doms, _ := h2.List(ctx); len(doms) != 0 {
+		t.Fatalf("second connection sees %d domains", len(doms))
+	}
+
+	if err := h.Remove(ctx, "web1"); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.Remove(ctx, "web1"); err != nil {
+		t.Fatalf("removing a missing domain must be a no-op: %v", err)
+	}
+	if doms, _ := h.List(ctx); len(doms) != 0 {
+		t.Fatalf("domain survived removal: %v", doms)
+	}
+}

@@ -1,0 +1,40 @@
+package agent
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/herdhq/herd/agent/hypervisor"
+)
+
+type metrics struct {
+	domains          *prometheus.GaugeVec
+	reconcileErrors  prometheus.Counter
+	reconcileSeconds prometheus.Histogram
+	leaseLost        prometheus.Counter
+}
+
+func newMetrics(reg prometheus.Registerer) *metrics {
+	m := &metrics{
+		domains: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "herd_agent_domains", Help: "Domains herd manages on this node, by state (at the last resync).",
+		}, []string{"state"}),
+		reconcileErrors: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "herd_agent_reconcile_errors_total", Help: "Reconciles that failed and were retried.",
+		}),
+		reconcileSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "herd_agent_reconcile_seconds", Help: "Time to reconcile one VM.",
+			Buckets: prometheus.ExponentialBuckets(0.001, 4, 9),
+		}),
+		leaseLost: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "herd_agent_lease_lost_total", Help: "Times the node lease was lost (keepalive failed past the TTL).",
+		}),
+	}
+	reg.MustRegister(m.domains, m.reconcileErrors, m.reconcileSeconds, m.leaseLost)
+	return m
+}
+
+func (m *metrics) setDomains(counts map[hypervisor.State]int) {
+	for _, s := range []hypervisor.State{hypervisor.Running, hypervisor.Stopped, hypervisor.Paused, hypervisor.Crashed, hypervisor.Other} {
+		m.domains.WithLabelValues(string(s)).Set(float64(counts[s]))
+	}
+}

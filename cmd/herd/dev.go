@@ -1,0 +1,273 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/hashicorp/go-hclog"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/spf13/cobra"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/herdhq/herd/agent"
+	"github.com/herdhq/herd/agent/hypervisor"
+	"github.com/herdhq/herd/agent/volume"
+	"github.com/herdhq/herd/coordinator"
+	"github.com/herdhq/herd/lib/etcdembed"
+	"github.com/herdhq/herd/lib/etcdutil"
+	"github.com/herdhq/herd/lib/keys"
+	"github.com/herdhq/herd/lib/logging"
+	"github.com/herdhq/herd/lib/statusserver"
+	"github.com/herdhq/herd/lib/units"
+	"github.com/herdhq/herd/lib/version"
+)
+
+type devOptions struct {
+	lo           logging.Options
+	sf           schedulerFlags
+	agents       int
+	coordinators int
+	dataDir      string
+	keep         bool
+	clientURL    string
+	peerURL      string
+	listen       string
+	nodeCPUs     int
+	nodeMemory   string
+	leaseTTL     time.Duration
+	sessionTTL   time.Duration
+	prefix       string
+}
+
+func devCmd() *cobra.Command {
+	var o devOptions
+	cmd := &cobra.Command{
+		Use:   "dev",
+		Short: "Run a whole herd on this machine: embedded etcd, coordinators, simulated nodes",
+		Long: `herd dev runs an embedded etcd, two coordinators and N agents in one process. Each agent's
+hypervisor is libvirt's test driver (a real libvirt connection that keeps domains in memory) on
+its own node file, and all agents share one directory of VM disks, like nodes on shared storage.
+Ctrl-C stops everything; the data directory is removed unless --keep or --data-dir is given.`,
+		Example: `  herd dev
+  herd dev --agents 5 --node-memory 32GiB --data-dir /tmp/herd-dev`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error { return runDev(cmd.Context(), o) },
+	}
+	o.lo.AddFlags(cmd.Flags())
+	o.sf.addFlags(cmd)
+	f := cmd.Flags()
+	f.IntVar(&o.agents, "agents", 3, "simulated nodes")
+	f.IntVar(&o.coordinators, "coordinators", 2, "coordinator replicas")
+	f.StringVar(&o.dataDir, "data-dir", "", "where etcd data, node files and disks live (default: a temporary directory)")
+	f.BoolVar(&o.keep, "keep", false, "keep the temporary data directory at exit")
+	f.StringVar(&o.clientURL, "etcd-client-url", "http://127.0.0.1:2379", "embedded etcd client URL")
+	f.StringVar(&o.peerURL, "etcd-peer-url", "http://127.0.0.1:2380", "embedded etcd peer URL")
+	f.StringVar(&o.listen, "listen", "127.0.0.1:9480", "status endpoint: /metrics, /v1/nodes/HWID/domains")
+	f.IntVar(&o.nodeCPUs, "node-cpus", 16, "CPUs of each simulated node")
+	f.StringVar(&o.nodeMemory, "node-memory", "64GiB", "memory of each simulated node")
+	f.DurationVar(&o.leaseTTL, "lease-ttl", 10*time.Second, "node lease TTL")
+	f.DurationVar(&o.sessionTTL, "session-ttl", 5*time.Second, "coordinator election session TTL")
+	f.StringVar(&o.prefix, "prefix", keys.DefaultPrefix, "root of herd's keys")
+	return cmd
+}
+
+func runDev(ctx context.Context, o devOptions) error {
+	log, err := o.lo.New("herd-dev", nil)
+	if err != nil {
+		return err
+	}
+	space, err := keys.NewSpace(o.prefix)
+	if err != nil {
+		return err
+	}
+	so, err := o.sf.options()
+	if err != nil {
+		return err
+	}
+	memMiB, err := units.ParseIn(o.nodeMemory, units.MiB)
+	if err != nil {
+		return fmt.Errorf("--node-memory: %w", err)
+	}
+	if o.agents < 1 || o.coordinators < 1 {
+		return errors.New("--agents and --coordinators must be at least 1")
+	}
+	dir := o.dataDir
+	if dir == "" {
+		if dir, err = os.MkdirTemp("", "herd-dev-"); err != nil {
+			return err
+		}
+		if !o.keep {
+			defer os.RemoveAll(dir)
+		}
+	}
+	etcd, err := etcdembed.Start(etcdembed.Config{
+		Name: "herd-dev", Dir: filepath.Join(dir, "etcd"),
+		Clients: []string{o.clientURL}, Peers: []string{o.peerURL},
+		AutoCompaction: 5 * time.Minute, UnsafeNoFsync: true,
+	}, 30*time.Second)
+	if err != nil {
+		return fmt.Errorf("%w (is another etcd or herd dev running? pick free ports with --etcd-client-url and --etcd-peer-url)", err)
+	}
+	defer etcd.Close()
+	endpoints := etcd.Endpoints
+
+	newClient := func() (*clientv3.Client, error) {
+		return etcdutil.New(etcdutil.Options{Endpoints: endpoints})
+	}
+	admin, err := newClient()
+	if err != nil {
+		return err
+	}
+	defer admin.Close()
+
+	reg := statusserver.NewRegistry()
+	mux := http.NewServeMux()
+	srv, err := statusserver.Listen(o.listen, reg, mux)
+	if err != nil {
+		return err
+	}
+
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	g, gctx := errgroup.WithContext(ctx)
+	// fail stops what already runs before returning a set-up error.
+	fail := func(err error) error {
+		cancel()
+		_ = g.Wait()
+		return err
+	}
+	g.Go(func() error { return srv.Serve(gctx) })
+	for i := 1; i <= o.coordinators; i++ {
+		c, err := newClient()
+		if err != nil {
+			return fail(err)
+		}
+		defer c.Close()
+		name := fmt.Sprintf("dev-%d", i)
+		co, err := coordinator.New(coordinator.Config{
+			Client: c, Space: space, Name: name, SessionTTL: o.sessionTTL, Pools: []string{"default"},
+			Scheduler: so, Log: log.Named("coordinator"),
+			Registry: prometheus.WrapRegistererWith(prometheus.Labels{"coordinator": name}, reg),
+		})
+		if err != nil {
+			return fail(err)
+		}
+		g.Go(func() error { return co.Run(gctx) })
+	}
+
+	agents := map[string]*agent.Agent{}
+	for i := 1; i <= o.agents; i++ {
+		hwid := fmt.Sprintf("52:54:00:00:00:%02x", i)
+		a, closeAgent, err := devAgent(gctx, devAgentConfig{
+			space: space, hwid: hwid, index: i, dir: dir, cpus: o.nodeCPUs, memMiB: memMiB,
+			leaseTTL: o.leaseTTL, endpoints: endpoints, log: log, reg: reg, statusURL: srv.URL,
+		}, admin)
+		if err != nil {
+			return fail(err)
+		}
+		defer closeAgent() // deferred calls run after g.Wait below returned
+		agents[hwid] = a
+		g.Go(func() error { return a.Run(gctx) })
+	}
+	mux.HandleFunc("GET /v1/nodes/{hwid}/domains", func(w http.ResponseWriter, r *http.Request) {
+		a := agents[r.PathValue("hwid")]
+		if a == nil {
+			http.NotFound(w, r)
+			return
+		}
+		domainsHandler(a.Domains)(w, r)
+	})
+
+	printBanner(endpoints[0], o, dir, srv.URL)
+	err = g.Wait()
+	log.Info("stopped")
+	if o.keep && o.dataDir == "" {
+		fmt.Fprintf(os.Stderr, "data kept in %s\n", dir)
+	}
+	return err
+}
+
+type devAgentConfig struct {
+	space     keys.Space
+	hwid      string
+	index     int
+	dir       string
+	cpus      int
+	memMiB    int64
+	leaseTTL  time.Duration
+	endpoints []string
+	log       hclog.Logger
+	reg       prometheus.Registerer
+	statusURL string
+}
+
+// devAgent enrols a simulated node (dev mode alone writes hardware records) and builds its agent.
+// The returned func closes the agent's connections once it has stopped.
+func devAgent(ctx context.Context, c devAgentConfig, admin *clientv3.Client) (*agent.Agent, func(), error) {
+	hw := keys.Hardware{MAC: c.hwid, Labels: map[string]string{"zone": fmt.Sprintf("z%d", (c.index-1)%2+1)}}
+	cctx, cancel := etcdutil.WithTimeout(ctx)
+	_, err := admin.Put(cctx, c.space.Hardware(c.hwid), keys.MustEncode(&hw))
+	cancel()
+	if err != nil {
+		return nil, nil, fmt.Errorf("enrol %s: %w", c.hwid, err)
+	}
+	nodes := filepath.Join(c.dir, "nodes")
+	if err := os.MkdirAll(nodes, 0o755); err != nil {
+		return nil, nil, err
+	}
+	uri, err := hypervisor.WriteTestNode(nodes, fmt.Sprintf("node%d", c.index), c.cpus, c.memMiB)
+	if err != nil {
+		return nil, nil, err
+	}
+	log := c.log.Named("agent")
+	hv, err := hypervisor.Open(ctx, uri, log)
+	if err != nil {
+		return nil, nil, err
+	}
+	client, err := etcdutil.New(etcdutil.Options{Endpoints: c.endpoints})
+	if err != nil {
+		return nil, nil, err
+	}
+	closeAll := func() { client.Close(); hv.Close() }
+	a, err := agent.New(agent.Config{
+		Client: client, Space: c.space, HWID: c.hwid, BootID: uuid.NewString(),
+		Hypervisor: hv, Volumes: volume.Dir{Root: filepath.Join(c.dir, "volumes")},
+		LeaseTTL: c.leaseTTL, Hostname: fmt.Sprintf("dev-node%d", c.index), Version: version.Version,
+		StatusURL: fmt.Sprintf("%s/v1/nodes/%s/domains", c.statusURL, c.hwid),
+		Log:       log, Registry: prometheus.WrapRegistererWith(prometheus.Labels{"node": c.hwid}, c.reg),
+	})
+	if err != nil {
+		closeAll()
+		return nil, nil, err
+	}
+	return a, closeAll, nil
+}
+
+func printBanner(endpoint string, o devOptions, dir, status string) {
+	b := &strings.Builder{}
+	fmt.Fprintf(b, `
+herd dev is running: embedded etcd, %d coordinators, %d simulated nodes (%d CPUs, %s each).
+  etcd endpoint   %s
+  status/metrics  %s/metrics
+  data            %s
+
+In another terminal:
+  export HERD_ENDPOINTS=%s
+  herdctl vm create web1 --vcpus 2 --memory 1GiB --disk 10GiB
+  herdctl vm list
+  herdctl node list
+  etcdctl --endpoints %s put %s '{"vcpus":1,"memory_mib":512,"disk":{"pool":"default","size_gib":5}}'
+  herdctl vm delete web1
+
+Ctrl-C stops everything.
+`, o.coordinators, o.agents, o.nodeCPUs, o.nodeMemory, endpoint, status, dir, endpoint, endpoint, keys.MustSpace(o.prefix).VMSpec("db1"))
+	fmt.Fprint(os.Stdout, b.String())
+}

@@ -1,0 +1,35 @@
+// Command herd runs herd's daemons: agent, coordinator and dev (plus etcd, an embedded etcd member
+// for labs and tests). Operators use herdctl.
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/spf13/cobra"
+
+	"github.com/herdhq/herd/lib/cli"
+	"github.com/herdhq/herd/lib/version"
+)
+
+func main() {
+	root := &cobra.Command{
+		Use:           "herd",
+		Short:         "herd turns bare hypervisors into one pool of capacity",
+		Version:       version.Version,
+		SilenceUsage:  true,
+		SilenceErrors: true,
+	}
+	root.AddCommand(agentCmd(), coordinatorCmd(), devCmd(), etcdCmd())
+	root.SetArgs(cli.NormalizeArgs(root, os.Args[1:]))
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := root.ExecuteContext(ctx); err != nil {
+		fmt.Fprintln(os.Stderr, "herd:", err)
+		stop()
+		os.Exit(cli.ExitError)
+	}
+}

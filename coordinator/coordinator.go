@@ -1,0 +1,310 @@
+// Package coordinator is herd's control loop. Every replica keeps watch-fed caches of the whole
+// cluster (so a standby that becomes leader acts at once); the one that wins the etcd election
+// schedules VMs onto live nodes and keeps placements, assignments and problem records in step with
+// the specs. Every leader write is a transaction guarded by the election key's CreateRevision: a
+// deposed leader cannot write, and stops as soon as it notices.
+package coordinator
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/hashicorp/go-hclog"
+	"github.com/prometheus/client_golang/prometheus"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.etcd.io/etcd/client/v3/concurrency"
+
+	"github.com/herdhq/herd/coordinator/scheduler"
+	"github.com/herdhq/herd/lib/etcdutil"
+	"github.com/herdhq/herd/lib/events"
+	"github.com/herdhq/herd/lib/keys"
+)
+
+// Config is everything a coordinator needs.
+type Config struct {
+	Client *clientv3.Client
+	Space  keys.Space
+	// Name identifies this replica in the election and in events.
+	Name string
+	// SessionTTL is how long a dead leader keeps its leadership. Default 5 s.
+	SessionTTL time.Duration
+	// Pools seed the cluster record when this coordinator is the first ever.
+	Pools     []string
+	Scheduler scheduler.Options
+	// Parallel bounds the transactions one round has in flight. Default 64.
+	Parallel int
+	// Interval is the longest time between two rounds, changes or not. Default 10 s.
+	Interval time.Duration
+
+	Log      hclog.Logger
+	Registry prometheus.Registerer
+}
+
+func (c *Config) defaults() error {
+	if c.Client == nil {
+		return errors.New("coordinator: Client is required")
+	}
+	if c.Name == "" {
+		h, _ := os.Hostname()
+		c.Name = fmt.Sprintf("%s-%d", h, os.Getpid())
+	}
+	if c.SessionTTL == 0 {
+		c.SessionTTL = 5 * time.Second
+	}
+	if c.SessionTTL < time.Second {
+		return fmt.Errorf("coordinator: session TTL %s is below 1s", c.SessionTTL)
+	}
+	if len(c.Pools) == 0 {
+		c.Pools = []string{"default"}
+	}
+	if c.Scheduler.Strategy == "" {
+		c.Scheduler.Strategy = scheduler.Spread
+	}
+	if c.Scheduler.CPUOvercommit == 0 {
+		c.Scheduler.CPUOvercommit = 4
+	}
+	if c.Parallel == 0 {
+		c.Parallel = 64
+	}
+	if c.Interval == 0 {
+		c.Interval = 10 * time.Second
+	}
+	if c.Log == nil {
+		c.Log = hclog.NewNullLogger()
+	}
+	if c.Registry == nil {
+		c.Registry = prometheus.NewRegistry()
+	}
+	return nil
+}
+
+// Coordinator is one replica.
+type Coordinator struct {
+	cfg    Config
+	space  keys.Space
+	log    hclog.Logger
+	events *events.Recorder
+	m      *metrics
+
+	vmsInf, nodesInf, nodeStateInf, hwInf, clusterInf *etcdutil.Informer
+
+	mu        sync.Mutex
+	vms       map[string]*vmKeys // by VM name
+	firstSeen map[string]time.Time
+	trigger   chan struct{}
+	isLeader  bool
+}
+
+// vmKeys are the cached keys of one VM; any may be nil.
+type vmKeys struct {
+	spec, placement, problem *etcdutil.KV
+}
+
+// New prepares a coordinator; Run starts it.
+func New(cfg Config) (*Coordinator, error) {
+	if err := cfg.defaults(); err != nil {
+		return nil, err
+	}
+	c := &Coordinator{
+		cfg:       cfg,
+		space:     cfg.Space,
+		log:       cfg.Log.With("coordinator", cfg.Name),
+		vms:       map[string]*vmKeys{},
+		firstSeen: map[string]time.Time{},
+		trigger:   make(chan struct{}, 1),
+	}
+	c.events = events.New(cfg.Client, cfg.Space, "coordinator/"+cfg.Name, c.log)
+	c.m = newMetrics(cfg.Registry)
+	s := cfg.Space
+	c.vmsInf = etcdutil.NewInformer(cfg.Client, s.VMPrefix(), c.decodeVMKey, c.onVM, c.log)
+	c.nodesInf = etcdutil.NewInformer(cfg.Client, s.NodePrefix(), keys.DecodeAny[keys.Node], c.poke, c.log)
+	c.nodeStateInf = etcdutil.NewInformer(cfg.Client, s.NodeStatePrefix(), keys.DecodeAny[keys.NodeState], c.poke, c.log)
+	c.hwInf = etcdutil.NewInformer(cfg.Client, s.HardwarePrefix(), keys.DecodeAny[keys.Hardware], c.poke, c.log)
+	c.clusterInf = etcdutil.NewInformer(cfg.Client, s.Cluster(), keys.DecodeAny[keys.Cluster], c.poke, c.log)
+	return c, nil
+}
+
+func (c *Coordinator) decodeVMKey(key string, v []byte) (any, error) {
+	_, part, ok := c.space.ParseVM(key)
+	if !ok {
+		return nil, fmt.Errorf("not a herd VM key")
+	}
+	switch part {
+	case keys.VMPartSpec:
+		return keys.Decode[keys.VMSpec](v)
+	case keys.VMPartPlacement:
+		return keys.Decode[keys.Placement](v)
+	case keys.VMPartProblem:
+		return keys.Decode[keys.Problem](v)
+	}
+	return nil, fmt.Errorf("unknown VM key")
+}
+
+func (c *Coordinator) onVM(key string, _, cur *etcdutil.KV) {
+	name, part, ok := c.space.ParseVM(key)
+	if !ok {
+		return
+	}
+	c.mu.Lock()
+	v := c.vms[name]
+	if v == nil {
+		v = &vmKeys{}
+		c.vms[name] = v
+	}
+	switch part {
+	case keys.VMPartSpec:
+		if cur != nil && (v.spec == nil || v.spec.CreateRevision != cur.CreateRevision) {
+			c.firstSeen[name] = time.Now()
+		}
+		if cur == nil {
+			delete(c.firstSeen, name)
+		}
+		v.spec = cur
+	case keys.VMPartPlacement:
+		v.placement = cur
+	case keys.VMPartProblem:
+		v.problem = cur
+	}
+	if v.spec == nil && v.placement == nil && v.problem == nil {
+		delete(c.vms, name)
+	}
+	c.mu.Unlock()
+	c.poke("", nil, nil)
+}
+
+// poke asks the leader loop for a round; bursts of changes coalesce into one.
+func (c *Coordinator) poke(string, *etcdutil.KV, *etcdutil.KV) {
+	select {
+	case c.trigger <- struct{}{}:
+	default:
+	}
+}
+
+// IsLeader reports whether this replica leads now.
+func (c *Coordinator) IsLeader() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.isLeader
+}
+
+func (c *Coordinator) setLeader(v bool) {
+	c.mu.Lock()
+	c.isLeader = v
+	c.mu.Unlock()
+	if v {
+		c.m.leader.Set(1)
+	} else {
+		c.m.leader.Set(0)
+	}
+}
+
+// Run keeps the caches warm and campaigns for leadership until ctx ends. On a clean stop a leader
+// resigns at once, so a standby takes over without waiting for the session to expire.
+func (c *Coordinator) Run(ctx context.Context) error {
+	var wg sync.WaitGroup
+	for _, inf := range []*etcdutil.Informer{c.clusterInf, c.hwInf, c.nodesInf, c.nodeStateInf, c.vmsInf} {
+		wg.Add(1)
+		go func() { defer wg.Done(); inf.Run(ctx) }()
+	}
+	wg.Add(1)
+	go func() { defer wg.Done(); c.events.Run(ctx) }()
+	defer wg.Wait()
+
+	if err := c.initCluster(ctx); err != nil {
+		return err
+	}
+	b := etcdutil.Backoff{Min: 200 * time.Millisecond, Max: 5 * time.Second}
+	for ctx.Err() == nil {
+		if err := c.campaign(ctx); err != nil && ctx.Err() == nil {
+			c.log.Warn("election round ended", "error", err)
+			b.Wait(ctx)
+			continue
+		}
+		b.Reset()
+	}
+	return nil
+}
+
+// initCluster writes /herd/cluster if no coordinator ever did. Losing the race to another
+// coordinator is success.
+func (c *Coordinator) initCluster(ctx context.Context) error {
+	cl := keys.Cluster{ID: uuid.NewString(), Created: time.Now().UTC(), Pools: c.cfg.Pools}
+	if err := cl.Validate(); err != nil {
+		return fmt.Errorf("cluster record: %w", err)
+	}
+	val := keys.MustEncode(&cl)
+	b := etcdutil.Backoff{Min: 200 * time.Millisecond, Max: 5 * time.Second}
+	for {
+		cctx, cancel := etcdutil.WithTimeout(ctx)
+		resp, err := c.cfg.Client.Txn(cctx).
+			If(etcdutil.CreateRev(c.space.Cluster(), 0)).
+			Then(clientv3.OpPut(c.space.Cluster(), val)).
+			Commit()
+		cancel()
+		if err == nil {
+			if resp.Succeeded {
+				c.log.Info("initialised a new cluster", "cluster", cl.ID, "pools", cl.Pools)
+				c.events.Record("cluster/"+cl.ID, "created", "pools %v", cl.Pools)
+			}
+			return nil
+		}
+		c.log.Warn("cannot reach etcd to check the cluster record; retrying", "error", err)
+		if !b.Wait(ctx) {
+			return ctx.Err()
+		}
+	}
+}
+
+// campaign runs one election term: wait to win, lead until the session ends or a guarded write
+// fails, then resign.
+func (c *Coordinator) campaign(ctx context.Context) error {
+	sess, err := concurrency.NewSession(c.cfg.Client, concurrency.WithTTL(int(c.cfg.SessionTTL/time.Second)), concurrency.WithContext(ctx))
+	if err != nil {
+		return fmt.Errorf("election session: %w", err)
+	}
+	defer sess.Close() // revokes the lease: our key goes at once
+	el := concurrency.NewElection(sess, c.space.LeaderPrefix())
+	if err := el.Campaign(ctx, c.cfg.Name); err != nil {
+		return fmt.Errorf("campaign: %w", err)
+	}
+	select {
+	case <-sess.Done():
+		return errors.New("session expired while campaigning")
+	default:
+	}
+	guard := etcdutil.Guard{Key: el.Key(), Rev: el.Rev()}
+	lctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go func() {
+		select {
+		case <-sess.Done():
+			c.log.Warn("election session lost: stepping down")
+			cancel()
+		case <-lctx.Done():
+		}
+	}()
+	c.log.Info("elected leader", "key", guard.Key, "rev", guard.Rev)
+	c.events.Record("coordinator/"+c.cfg.Name, "elected", "leader at revision %d", guard.Rev)
+	c.setLeader(true)
+	err = c.lead(lctx, guard)
+	c.setLeader(false)
+	cancel()
+	if ctx.Err() != nil {
+		// Clean shutdown: resign so a standby takes over without waiting for the TTL.
+		rctx, rcancel := context.WithTimeout(context.Background(), 2*time.Second)
+		_ = el.Resign(rctx)
+		rcancel()
+		c.log.Info("resigned leadership")
+		return nil
+	}
+	if errors.Is(err, etcdutil.ErrNotLeader) {
+		c.log.Warn("a guarded write failed: no longer leader, stepping down")
+		c.events.Record("coordinator/"+c.cfg.Name, "deposed", "guarded write refused")
+	}
+	return err
+}

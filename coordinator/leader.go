@@ -1,0 +1,390 @@
+package coordinator
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/google/uuid"
+
+	"github.com/herdhq/herd/coordinator/scheduler"
+	"github.com/herdhq/herd/lib/etcdutil"
+	"github.com/herdhq/herd/lib/keys"
+)
+
+// lead runs scheduling rounds until ctx ends or leadership is lost.
+func (c *Coordinator) lead(ctx context.Context, g etcdutil.Guard) error {
+	// The caches may lag the previous leader's last writes. A linearizable read after winning gives
+	// a revision past anything it could still write (its key is gone by now); act only once every
+	// cache has caught up to it.
+	cctx, cancel := etcdutil.WithTimeout(ctx)
+	resp, err := c.cfg.Client.Get(cctx, c.space.Cluster())
+	cancel()
+	if err != nil {
+		return fmt.Errorf("leader barrier read: %w", err)
+	}
+	for _, inf := range c.informers() {
+		if err := inf.WaitRev(ctx, resp.Header.Revision); err != nil {
+			return err
+		}
+	}
+	t := time.NewTicker(c.cfg.Interval)
+	defer t.Stop()
+	for {
+		err := c.round(ctx, g)
+		switch {
+		case errors.Is(err, etcdutil.ErrNotLeader):
+			return err
+		case ctx.Err() != nil:
+			return ctx.Err()
+		case err != nil:
+			c.log.Warn("scheduling round failed", "error", err)
+			if !etcdutil.Sleep(ctx, 500*time.Millisecond) {
+				return ctx.Err()
+			}
+			continue
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-c.trigger:
+		case <-t.C:
+		}
+	}
+}
+
+func (c *Coordinator) informers() []*etcdutil.Informer {
+	return []*etcdutil.Informer{c.clusterInf, c.hwInf, c.nodesInf, c.nodeStateInf, c.vmsInf}
+}
+
+// action is one guarded write a round decided on.
+type action struct {
+	vm    string
+	what  string
+	conds []etcdutil.Cmp
+	ops   []etcdutil.Op
+	// after runs when the write committed.
+	after func()
+}
+
+// round compares every VM's spec with its placement and problem, schedules what is unplaced, and
+// commits the result. It returns once the caches reflect its own writes, so the next round never
+// decides from a view older than this one's decisions.
+func (c *Coordinator) round(ctx context.Context, g etcdutil.Guard) error {
+	start := time.Now()
+	snap := c.snapshot()
+	var acts []action
+	var pending []scheduler.VM
+	var placed []scheduler.VM
+	specs := map[string]*etcdutil.KV{}
+
+	for name, v := range snap.vms {
+		if v.spec == nil {
+			if v.placement != nil {
+				if a, ok := c.unplace(name, v, "the VM was deleted"); ok {
+					acts = append(acts, a)
+				}
+			} else if v.problem != nil {
+				acts = append(acts, c.clearProblem(name, v.problem))
+			}
+			continue
+		}
+		uid := v.spec.CreateRevision
+		var pl *keys.Placement
+		if v.placement != nil {
+			if v.placement.Err != nil {
+				c.log.Error("unreadable placement; leaving the VM alone", "vm", name, "error", v.placement.Err)
+				continue
+			}
+			pl = v.placement.Obj.(*keys.Placement)
+			if pl.UID != uid {
+				// The placement belongs to an earlier VM of the same name; clear it first.
+				if a, ok := c.unplace(name, v, "the VM was re-created"); ok {
+					acts = append(acts, a)
+				}
+				continue
+			}
+		}
+		if pl != nil {
+			placed = append(placed, scheduler.VM{Name: name, UID: uid, VCPUs: pl.VCPUs, MemoryMiB: pl.MemoryMiB, AntiAffinity: pl.AntiAffinity, Node: pl.Node})
+		}
+		spec, invalid := c.checkSpec(name, v.spec, snap.pools)
+		if invalid != nil {
+			// A placed VM keeps running under the last valid spec its node was given.
+			if a, ok := c.setProblem(name, uid, v.problem, keys.ProblemInvalid, invalid.Error(), nil); ok {
+				acts = append(acts, a)
+			}
+			continue
+		}
+		if pl != nil {
+			if pl.SpecRev != v.spec.ModRevision {
+				acts = append(acts, c.updateSpec(name, v, spec, pl))
+			} else if v.problem != nil {
+				acts = append(acts, c.clearProblem(name, v.problem))
+			}
+			continue
+		}
+		specs[name] = v.spec
+		pending = append(pending, schedVM(name, uid, spec, ""))
+	}
+
+	// First come, first served: the oldest VM is considered first.
+	sort.Slice(pending, func(i, j int) bool { return pending[i].UID < pending[j].UID })
+	plan := scheduler.Schedule(scheduler.Snapshot{Nodes: snap.nodes, Placed: placed, Pending: pending}, c.cfg.Scheduler)
+	for _, d := range plan.Placements {
+		acts = append(acts, c.place(d.VM, specs[d.VM], snap.vms[d.VM], d.Node))
+	}
+	for _, f := range plan.Failures {
+		if a, ok := c.setProblem(f.VM, f.UID, snap.vms[f.VM].problem, keys.ProblemPending, f.Message, f.Reasons); ok {
+			acts = append(acts, a)
+		}
+	}
+	c.m.pending.Set(float64(len(plan.Failures)))
+	if len(acts) == 0 {
+		return nil
+	}
+	maxRev, err := c.commit(ctx, g, acts)
+	c.m.roundSeconds.Observe(time.Since(start).Seconds())
+	if err != nil {
+		return err
+	}
+	return c.vmsInf.WaitRev(ctx, maxRev)
+}
+
+// commit runs the actions' guarded transactions with bounded parallelism.
+func (c *Coordinator) commit(ctx context.Context, g etcdutil.Guard, acts []action) (int64, error) {
+	var (
+		mu       sync.Mutex
+		maxRev   int64
+		firstErr error
+		wg       sync.WaitGroup
+		sem      = make(chan struct{}, c.cfg.Parallel)
+	)
+	notLeader := false
+	for _, a := range acts {
+		sem <- struct{}{}
+		mu.Lock()
+		stop := notLeader
+		mu.Unlock()
+		if stop || ctx.Err() != nil {
+			<-sem
+			break
+		}
+		wg.Add(1)
+		go func() {
+			defer func() { <-sem; wg.Done() }()
+			rev, err := etcdutil.GuardedTxn(ctx, c.cfg.Client, g, a.conds, a.ops)
+			mu.Lock()
+			defer mu.Unlock()
+			if rev > maxRev {
+				maxRev = rev
+			}
+			switch {
+			case err == nil:
+				if a.after != nil {
+					a.after()
+				}
+			case errors.Is(err, etcdutil.ErrConflict):
+				// Someone changed the VM since the snapshot; the watch brings the change and
+				// the next round decides again.
+				c.m.conflicts.Inc()
+				c.log.Debug("write conflict", "vm", a.vm, "action", a.what)
+			case errors.Is(err, etcdutil.ErrNotLeader):
+				notLeader = true
+				firstErr = err
+			default:
+				if firstErr == nil {
+					firstErr = fmt.Errorf("%s vm %s: %w", a.what, a.vm, err)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	if notLeader {
+		return maxRev, etcdutil.ErrNotLeader
+	}
+	return maxRev, firstErr
+}
+
+// snapshotView is one consistent-enough copy of the caches for a round.
+type snapshotView struct {
+	vms   map[string]vmKeys
+	nodes []scheduler.Node
+	pools []string
+}
+
+func (c *Coordinator) snapshot() snapshotView {
+	var s snapshotView
+	c.mu.Lock()
+	s.vms = make(map[string]vmKeys, len(c.vms))
+	for n, v := range c.vms {
+		s.vms[n] = *v
+	}
+	c.mu.Unlock()
+	if kv := c.clusterInf.Get(c.space.Cluster()); kv != nil && kv.Err == nil {
+		s.pools = kv.Obj.(*keys.Cluster).Pools
+	}
+	for _, kv := range c.nodesInf.List() {
+		hwid, ok := keys.ParseLeaf(c.space.NodePrefix(), kv.Key)
+		if !ok || kv.Err != nil {
+			continue
+		}
+		n := kv.Obj.(*keys.Node)
+		sn := scheduler.Node{HWID: hwid, CPUs: n.CPUs, MemoryMiB: n.MemoryMiB, ReservedMemoryMiB: n.ReservedMemoryMiB}
+		if hw := c.hwInf.Get(c.space.Hardware(hwid)); hw == nil || hw.Err != nil {
+			sn.Unschedulable = "not enrolled (no readable hardware record)"
+		} else {
+			sn.Labels = hw.Obj.(*keys.Hardware).Labels
+		}
+		if st := c.nodeStateInf.Get(c.space.NodeState(hwid)); st != nil {
+			if st.Err != nil {
+				sn.Unschedulable = "unreadable node state: " + st.Err.Error()
+			} else if ns := st.Obj.(*keys.NodeState); ns.Cordoned {
+				sn.Unschedulable = "cordoned"
+			}
+		}
+		s.nodes = append(s.nodes, sn)
+	}
+	return s
+}
+
+// checkSpec decodes and validates a spec; a nil spec with an error means it cannot be used.
+func (c *Coordinator) checkSpec(name string, kv *etcdutil.KV, pools []string) (*keys.VMSpec, error) {
+	if err := keys.ValidateName(name); err != nil {
+		return nil, fmt.Errorf("vm name: %w", err)
+	}
+	if kv.Err != nil {
+		return nil, kv.Err
+	}
+	spec := kv.Obj.(*keys.VMSpec)
+	if pools == nil {
+		pools = []string{}
+	}
+	if err := spec.Validate(pools); err != nil {
+		return nil, err
+	}
+	return spec, nil
+}
+
+func schedVM(name string, uid int64, s *keys.VMSpec, node string) scheduler.VM {
+	return scheduler.VM{Name: name, UID: uid, VCPUs: s.VCPUs, MemoryMiB: s.MemoryMiB, Selector: s.NodeSelector, AntiAffinity: s.AntiAffinity, Node: node}
+}
+
+// place commits a first placement: placement and the node's assignment in one transaction, which
+// holds only if the VM is still unplaced and its spec is the one scheduled.
+func (c *Coordinator) place(name string, specKV *etcdutil.KV, v vmKeys, node string) action {
+	spec := specKV.Obj.(*keys.VMSpec)
+	pl := keys.Placement{UID: specKV.CreateRevision, Node: node, Epoch: 1, UUID: uuid.NewString(), Since: time.Now().UTC()}
+	setSpec(&pl, specKV.ModRevision, spec)
+	asg := assignmentFor(&pl, spec)
+	seen := c.seenAt(name)
+	return action{
+		vm:   name,
+		what: "place",
+		conds: []etcdutil.Cmp{
+			etcdutil.ModRev(c.space.VMPlacement(name), 0),
+			etcdutil.ModRev(c.space.VMSpec(name), specKV.ModRevision),
+		},
+		ops: []etcdutil.Op{
+			etcdutil.OpPut(c.space.VMPlacement(name), keys.MustEncode(&pl)),
+			etcdutil.OpPut(c.space.Assign(node, name), keys.MustEncode(&asg)),
+			etcdutil.OpDelete(c.space.VMProblem(name)),
+		},
+		after: func() {
+			if !seen.IsZero() {
+				c.m.placementSeconds.Observe(time.Since(seen).Seconds())
+			}
+			c.m.placements.Inc()
+			c.events.Record("vm/"+name, "placed", "on %s (uid %d)", node, pl.UID)
+		},
+	}
+}
+
+func (c *Coordinator) seenAt(name string) time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.firstSeen[name]
+}
+
+// setSpec records in a placement which spec its node is given and what that reserves.
+func setSpec(pl *keys.Placement, rev int64, spec *keys.VMSpec) {
+	pl.SpecRev, pl.VCPUs, pl.MemoryMiB, pl.AntiAffinity = rev, spec.VCPUs, spec.MemoryMiB, spec.AntiAffinity
+}
+
+func assignmentFor(pl *keys.Placement, spec *keys.VMSpec) keys.Assignment {
+	return keys.Assignment{UID: pl.UID, Epoch: pl.Epoch, UUID: pl.UUID, SpecRev: pl.SpecRev, Spec: spec}
+}
+
+// updateSpec hands a changed spec to the node running the VM.
+func (c *Coordinator) updateSpec(name string, v vmKeys, spec *keys.VMSpec, pl *keys.Placement) action {
+	npl := *pl
+	setSpec(&npl, v.spec.ModRevision, spec)
+	asg := assignmentFor(&npl, spec)
+	return action{
+		vm:   name,
+		what: "update spec",
+		conds: []etcdutil.Cmp{
+			etcdutil.ModRev(c.space.VMPlacement(name), v.placement.ModRevision),
+			etcdutil.ModRev(c.space.VMSpec(name), v.spec.ModRevision),
+		},
+		ops: []etcdutil.Op{
+			etcdutil.OpPut(c.space.VMPlacement(name), keys.MustEncode(&npl)),
+			etcdutil.OpPut(c.space.Assign(pl.Node, name), keys.MustEncode(&asg)),
+			etcdutil.OpDelete(c.space.VMProblem(name)),
+		},
+	}
+}
+
+// unplace removes a placement whose VM is gone, with the node's assignment and the problem record.
+func (c *Coordinator) unplace(name string, v vmKeys, why string) (action, bool) {
+	if v.placement.Err != nil {
+		c.log.Error("unreadable placement of a deleted VM; remove it by hand", "vm", name, "key", v.placement.Key, "error", v.placement.Err)
+		return action{}, false
+	}
+	pl := v.placement.Obj.(*keys.Placement)
+	return action{
+		vm:    name,
+		what:  "unplace",
+		conds: []etcdutil.Cmp{etcdutil.ModRev(c.space.VMPlacement(name), v.placement.ModRevision)},
+		ops: []etcdutil.Op{
+			etcdutil.OpDelete(c.space.VMPlacement(name)),
+			etcdutil.OpDelete(c.space.Assign(pl.Node, name)),
+			etcdutil.OpDelete(c.space.VMProblem(name)),
+		},
+		after: func() {
+			c.events.Record("vm/"+name, "unplaced", "uid %d removed from %s: %s", pl.UID, pl.Node, why)
+		},
+	}, true
+}
+
+// setProblem records why a VM is not where it should be, unless the same problem is recorded.
+func (c *Coordinator) setProblem(name string, uid int64, cur *etcdutil.KV, kind, msg string, reasons map[string]int) (action, bool) {
+	if cur != nil && cur.Err == nil {
+		if p := cur.Obj.(*keys.Problem); p.UID == uid && p.Kind == kind && p.Message == msg {
+			return action{}, false
+		}
+	}
+	p := keys.Problem{UID: uid, Kind: kind, Message: msg, Reasons: reasons, Since: time.Now().UTC()}
+	return action{
+		vm:    name,
+		what:  "record problem",
+		conds: []etcdutil.Cmp{etcdutil.CreateRev(c.space.VMSpec(name), uid)},
+		ops:   []etcdutil.Op{etcdutil.OpPut(c.space.VMProblem(name), keys.MustEncode(&p))},
+		after: func() {
+			c.log.Info("vm problem", "vm", name, "kind", kind, "message", msg)
+			c.events.Record("vm/"+name, "problem", "%s: %s", kind, msg)
+		},
+	}, true
+}
+
+func (c *Coordinator) clearProblem(name string, cur *etcdutil.KV) action {
+	return action{
+		vm:    name,
+		what:  "clear problem",
+		conds: []etcdutil.Cmp{etcdutil.ModRev(cur.Key, cur.ModRevision)},
+		ops:   []etcdutil.Op{etcdutil.OpDelete(cur.Key)},
+	}
+}

@@ -1,0 +1,138 @@
+package ctl
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+	"sigs.k8s.io/yaml"
+)
+
+// outputFlag is the -o flag every read verb has.
+type outputFlag struct{ format string }
+
+func (o *outputFlag) add(cmd *cobra.Command) {
+	cmd.Flags().StringVarP(&o.format, "output", "o", "table", "output format: table, wide, json or yaml")
+}
+
+func (o *outputFlag) validate() error {
+	switch o.format {
+	case "table", "wide", "json", "yaml":
+		return nil
+	}
+	return usagef("-o %q: want table, wide, json or yaml", o.format)
+}
+
+// table is a printer's result: a header and rows of cells; wide columns are only shown with -o wide.
+type table struct {
+	header []string
+	wide   []bool
+	rows   [][]string
+}
+
+func (t *table) col(name string, wide bool) {
+	t.header = append(t.header, name)
+	t.wide = append(t.wide, wide)
+}
+
+func (t *table) row(cells ...string) { t.rows = append(t.rows, cells) }
+
+// print writes data as JSON or YAML, or t as a table.
+func (o *outputFlag) print(w io.Writer, data any, t *table) error {
+	switch o.format {
+	case "json":
+		b, err := json.MarshalIndent(data, "", "  ")
+		if err != nil {
+			return err
+		}
+		_, err = fmt.Fprintf(w, "%s\n", b)
+		return err
+	case "yaml":
+		b, err := json.Marshal(data)
+		if err != nil {
+			return err
+		}
+		y, err := yaml.JSONToYAML(b)
+		if err != nil {
+			return err
+		}
+		_, err = w.Write(y)
+		return err
+	}
+	wide := o.format == "wide"
+	tw := tabwriter.NewWriter(w, 0, 4, 3, ' ', 0)
+	line := func(cells []string) {
+		var out []string
+		for i, c := range cells {
+			if i < len(t.wide) && t.wide[i] && !wide {
+				continue
+			}
+			out = append(out, c)
+		}
+		fmt.Fprintln(tw, strings.Join(out, "\t"))
+	}
+	line(t.header)
+	for _, r := range t.rows {
+		line(r)
+	}
+	return tw.Flush()
+}
+
+// age prints how long ago t was, the way kubectl does: 45s, 12m, 3h, 5d.
+func age(t time.Time) string {
+	if t.IsZero() {
+		return "-"
+	}
+	d := time.Since(t)
+	switch {
+	case d < 0:
+		return "0s"
+	case d < 2*time.Minute:
+		return fmt.Sprintf("%ds", int(d.Seconds()))
+	case d < 2*time.Hour:
+		return fmt.Sprintf("%dm", int(d.Minutes()))
+	case d < 48*time.Hour:
+		return fmt.Sprintf("%dh", int(d.Hours()))
+	}
+	return fmt.Sprintf("%dd", int(d.Hours()/24))
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+// labelsString prints k=v,k=v sorted.
+func labelsString(m map[string]string) string {
+	if len(m) == 0 {
+		return "-"
+	}
+	parts := make([]string, 0, len(m))
+	for k, v := range m {
+		parts = append(parts, k+"="+v)
+	}
+	sortStrings(parts)
+	return strings.Join(parts, ",")
+}
+
+// parseLabels reads repeated k=v flags.
+func parseLabels(flag string, in []string) (map[string]string, error) {
+	if len(in) == 0 {
+		return nil, nil
+	}
+	out := map[string]string{}
+	for _, kv := range in {
+		k, v, ok := strings.Cut(kv, "=")
+		if !ok || k == "" {
+			return nil, usagef("--%s %q: want key=value", flag, kv)
+		}
+		out[k] = v
+	}
+	return out, nil
+}

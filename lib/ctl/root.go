@@ -1,0 +1,138 @@
+// Package ctl is herdctl: a thin CLI over herd's etcd keys. Everything it does can also be done with
+// etcdctl on the JSON documented in docs/keyspace.md; herdctl adds validation before writing,
+// compare-and-swap updates, units, and readable tables.
+//
+// One file per noun; each verb is a cobra command whose RunE parses, validates, then acts, and
+// returns an error (never exits): main maps errors to exit codes.
+package ctl
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"time"
+
+	"github.com/spf13/cobra"
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/herdhq/herd/lib/cli"
+	"github.com/herdhq/herd/lib/etcdutil"
+	"github.com/herdhq/herd/lib/keys"
+	"github.com/herdhq/herd/lib/version"
+)
+
+// ErrNotFound marks a named object that does not exist (exit code 3).
+var ErrNotFound = errors.New("not found")
+
+// usageError marks bad arguments (exit code 2).
+type usageError struct{ error }
+
+func usagef(format string, args ...any) error { return usageError{fmt.Errorf(format, args...)} }
+
+// ExitCode maps an error from Execute to herdctl's documented exit codes.
+func ExitCode(err error) int {
+	var ue usageError
+	switch {
+	case err == nil:
+		return cli.ExitOK
+	case errors.As(err, &ue):
+		return cli.ExitUsage
+	case errors.Is(err, ErrNotFound):
+		return cli.ExitNotFound
+	}
+	return cli.ExitError
+}
+
+// env is what every command needs once flags are parsed.
+type env struct {
+	opts    etcdutil.Options
+	timeout time.Duration
+	out     io.Writer
+	errOut  io.Writer
+
+	client *clientv3.Client
+	space  keys.Space
+}
+
+// connect opens the etcd client on first use, so `--help` and argument errors need no etcd.
+func (e *env) connect() error {
+	if e.client != nil {
+		return nil
+	}
+	s, err := e.opts.Space()
+	if err != nil {
+		return usageError{err}
+	}
+	c, err := etcdutil.New(e.opts)
+	if err != nil {
+		return err
+	}
+	e.client, e.space = c, s
+	return nil
+}
+
+// ctx bounds one command's etcd work by --timeout.
+func (e *env) ctx(parent context.Context) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(parent, e.timeout)
+}
+
+func (e *env) close() {
+	if e.client != nil {
+		e.client.Close()
+	}
+}
+
+// NewRoot builds the herdctl command tree writing to out and errOut.
+func NewRoot(out, errOut io.Writer) *cobra.Command {
+	e := &env{out: out, errOut: errOut}
+	root := &cobra.Command{
+		Use:   "herdctl",
+		Short: "Operate a herd cluster: VMs, nodes, hardware",
+		Long: `herdctl reads and writes herd's keys in etcd. Every command has an etcdctl equivalent on the
+JSON documented in docs/keyspace.md.
+
+Exit codes: 0 success, 1 failure, 2 bad usage, 3 the named object does not exist.`,
+		Example: `  export HERD_ENDPOINTS=http://127.0.0.1:2379
+  herdctl vm create web1 --vcpus 2 --memory 1GiB --disk 10GiB
+  herdctl vm list
+  herdctl node list`,
+		Version:       version.Version,
+		SilenceUsage:  true,
+		SilenceErrors: true,
+		PersistentPostRun: func(*cobra.Command, []string) {
+			e.close()
+		},
+	}
+	root.SetOut(out)
+	root.SetErr(errOut)
+	root.SetFlagErrorFunc(func(c *cobra.Command, err error) error {
+		return usageError{fmt.Errorf("%w\nSee '%s --help'.", err, c.CommandPath())}
+	})
+	e.opts.AddFlags(root.PersistentFlags())
+	root.PersistentFlags().DurationVar(&e.timeout, "timeout", 10*time.Second, "give up on etcd after this long")
+	root.AddCommand(vmCmd(e), nodeCmd(e), hwCmd(e))
+	return root
+}
+
+// Main runs herdctl with args and returns the exit code; cmd/herdctl is only this.
+func Main(args []string) int {
+	root := NewRoot(os.Stdout, os.Stderr)
+	root.SetArgs(cli.NormalizeArgs(root, args))
+	err := root.Execute()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "herdctl:", err)
+	}
+	return ExitCode(err)
+}
+
+// exactArgs is cobra.ExactArgs returning a usage error that names what is missing.
+func exactArgs(names ...string) cobra.PositionalArgs {
+	return func(cmd *cobra.Command, args []string) error {
+		if len(args) != len(names) {
+			return usagef("%s takes %d argument(s): %v; got %d\nSee '%s --help'.", cmd.CommandPath(), len(names), names, len(args), cmd.CommandPath())
+		}
+		return nil
+	}
+}

@@ -1,0 +1,518 @@
+package ctl
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/herdhq/herd/lib/etcdutil"
+	"github.com/herdhq/herd/lib/keys"
+	"github.com/herdhq/herd/lib/units"
+)
+
+func vmCmd(e *env) *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "vm",
+		Short: "Create, change, inspect and delete VMs",
+	}
+	cmd.AddCommand(vmCreateCmd(e), vmApplyCmd(e), vmGetCmd(e), vmListCmd(e), vmDeleteCmd(e))
+	return cmd
+}
+
+// pools reads the cluster's disk pools for validation; nil when no coordinator made the cluster yet
+// (the coordinator validates again anyway).
+func (e *env) pools(ctx context.Context) ([]string, error) {
+	resp, err := e.client.Get(ctx, e.space.Cluster())
+	if err != nil {
+		return nil, err
+	}
+	if len(resp.Kvs) == 0 {
+		fmt.Fprintln(e.errOut, "warning: no cluster record yet (is a coordinator running?); disk pools not checked")
+		return nil, nil
+	}
+	c, err := keys.Decode[keys.Cluster](resp.Kvs[0].Value)
+	if err != nil {
+		return nil, fmt.Errorf("cluster record %s: %w", e.space.Cluster(), err)
+	}
+	return c.Pools, nil
+}
+
+func vmCreateCmd(e *env) *cobra.Command {
+	var (
+		vcpus    int
+		memory   string
+		disk     string
+		pool     string
+		from     string
+		power    string
+		labels   []string
+		selector []string
+		antiAff  string
+		wait     bool
+		waitFor  time.Duration
+		dryRun   bool
+	)
+	cmd := &cobra.Command{
+		Use:   "create NAME",
+		Short: "Create a VM; the leader places it on a node and the node's agent starts it",
+		Example: `  herdctl vm create web1 --vcpus 2 --memory 1GiB --disk 10GiB
+  herdctl vm create db1 --memory 8GiB --disk 100GiB --anti-affinity db --selector zone=z1 --wait
+  herdctl vm create web2 --disk 10GiB --dry-run     # print the JSON etcdctl would write`,
+		Args: exactArgs("NAME"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			name := args[0]
+			if err := keys.ValidateName(name); err != nil {
+				return usagef("vm name: %v", err)
+			}
+			spec := keys.VMSpec{VCPUs: vcpus, Power: power, AntiAffinity: antiAff}
+			var err error
+			if spec.MemoryMiB, err = units.ParseIn(memory, units.MiB); err != nil {
+				return usagef("--memory: %v", err)
+			}
+			if disk != "" {
+				size, err := units.ParseIn(disk, units.GiB)
+				if err != nil {
+					return usagef("--disk: %v", err)
+				}
+				spec.Disk = &keys.Disk{Pool: pool, SizeGiB: size, From: from}
+			}
+			if spec.Labels, err = parseLabels("label", labels); err != nil {
+				return err
+			}
+			if spec.NodeSelector, err = parseLabels("selector", selector); err != nil {
+				return err
+			}
+			if dryRun {
+				if err := spec.Validate(nil); err != nil {
+					return usagef("invalid VM: %v", err)
+				}
+				fmt.Fprintln(e.out, keys.MustEncode(&spec))
+				return nil
+			}
+			if err := e.connect(); err != nil {
+				return err
+			}
+			ctx, cancel := e.ctx(cmd.Context())
+			defer cancel()
+			pools, err := e.pools(ctx)
+			if err != nil {
+				return err
+			}
+			if err := spec.Validate(pools); err != nil {
+				return usagef("invalid VM: %v", err)
+			}
+			key := e.space.VMSpec(name)
+			resp, err := e.client.Txn(ctx).If(etcdutil.CreateRev(key, 0)).Then(clientv3.OpPut(key, keys.MustEncode(&spec))).Commit()
+			if err != nil {
+				return fmt.Errorf("create vm %s: %w", name, err)
+			}
+			if !resp.Succeeded {
+				return fmt.Errorf("vm %s already exists; change it with 'herdctl vm apply' or delete it first", name)
+			}
+			fmt.Fprintf(e.out, "vm/%s created\n", name)
+			if wait {
+				return e.waitVM(cmd.Context(), name, resp.Header.Revision, waitFor, spec.WantsRunning())
+			}
+			return nil
+		},
+	}
+	f := cmd.Flags()
+	f.IntVar(&vcpus, "vcpus", 1, "virtual CPUs")
+	f.StringVar(&memory, "memory", "512MiB", "memory, e.g. 512MiB, 2GiB")
+	f.StringVar(&disk, "disk", "", "root disk size, e.g. 10GiB (none if empty)")
+	f.StringVar(&pool, "pool", "default", "disk pool")
+	f.StringVar(&from, "from", "", "image to clone the disk from (backend-specific, e.g. pool/image@snap)")
+	f.StringVar(&power, "power", "", "running (default) or stopped")
+	f.StringSliceVar(&labels, "label", nil, "label key=value (repeatable)")
+	f.StringSliceVar(&selector, "selector", nil, "only nodes whose hardware has label key=value (repeatable)")
+	f.StringVar(&antiAff, "anti-affinity", "", "group name: at most one VM of the group per node")
+	f.BoolVar(&wait, "wait", false, "wait until the VM runs (or reports a problem)")
+	f.DurationVar(&waitFor, "wait-timeout", 2*time.Minute, "how long --wait waits")
+	f.BoolVar(&dryRun, "dry-run", false, "validate and print the spec JSON without writing it")
+	return cmd
+}
+
+// waitVM polls until the VM created at uid runs (or is stopped, as asked), or a problem is recorded.
+func (e *env) waitVM(parent context.Context, name string, uid int64, timeout time.Duration, running bool) error {
+	ctx, cancel := context.WithTimeout(parent, timeout)
+	defer cancel()
+	want := keys.StateRunning
+	if !running {
+		want = keys.StateStopped
+	}
+	last := ""
+	for {
+		v, err := e.readCluster(ctx)
+		if err == nil {
+			vm := v.vms[name]
+			switch {
+			case vm == nil || vm.UID != uid:
+				return fmt.Errorf("vm %s was deleted or replaced while waiting", name)
+			case vm.State == want:
+				fmt.Fprintf(e.out, "vm/%s %s on %s\n", name, want, vm.Placement.Node)
+				return nil
+			case vm.Problem != nil && vm.Problem.UID == uid:
+				if vm.Problem.Message != last {
+					fmt.Fprintf(e.errOut, "vm/%s %s: %s\n", name, vm.Problem.Kind, vm.Problem.Message)
+					last = vm.Problem.Message
+				}
+				if vm.Problem.Kind == keys.ProblemInvalid {
+					return fmt.Errorf("vm %s is invalid: %s", name, vm.Problem.Message)
+				}
+			case vm.State == keys.StateError && vm.Status != nil:
+				return fmt.Errorf("vm %s failed on %s: %s", name, vm.Placement.Node, vm.Status.Message)
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("vm %s not %s after %s (see 'herdctl vm get %s')", name, want, timeout, name)
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}
+
+func vmApplyCmd(e *env) *cobra.Command {
+	var file string
+	cmd := &cobra.Command{
+		Use:   "apply -f FILE",
+		Short: "Create or update VMs from a YAML or JSON file (- for stdin)",
+		Long: `apply makes each VM in FILE look like the file says. A document is the spec's JSON (see
+docs/keyspace.md) plus "name"; several YAML documents are separated by '---'. Members that this
+herdctl does not know and the file does not mention are kept from the stored spec.`,
+		Example: `  cat > web.yaml <<EOF
+  name: web1
+  vcpus: 2
+  memory_mib: 2048
+  disk: {pool: default, size_gib: 20}
+  EOF
+  herdctl vm apply -f web.yaml`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if file == "" {
+				return usagef("apply needs -f FILE (or -f - for stdin)")
+			}
+			var data []byte
+			var err error
+			if file == "-" {
+				data, err = readAll(os.Stdin)
+			} else {
+				data, err = os.ReadFile(file)
+			}
+			if err != nil {
+				return err
+			}
+			docs, err := parseSpecDocs(data)
+			if err != nil {
+				return usagef("%s: %v", file, err)
+			}
+			if err := e.connect(); err != nil {
+				return err
+			}
+			ctx, cancel := e.ctx(cmd.Context())
+			defer cancel()
+			pools, err := e.pools(ctx)
+			if err != nil {
+				return err
+			}
+			// Validate everything before writing anything.
+			for _, d := range docs {
+				if err := d.spec.Validate(pools); err != nil {
+					return usagef("vm %s: %v", d.name, err)
+				}
+			}
+			for _, d := range docs {
+				res, err := e.applySpec(ctx, d.name, d.spec)
+				if err != nil {
+					return fmt.Errorf("apply vm %s: %w", d.name, err)
+				}
+				fmt.Fprintf(e.out, "vm/%s %s\n", d.name, res)
+			}
+			return nil
+		},
+	}
+	cmd.Flags().StringVarP(&file, "filename", "f", "", "file with VM specs (YAML or JSON), - for stdin")
+	return cmd
+}
+
+// applySpec writes spec as name's spec by compare-and-swap, keeping unknown members of the stored
+// value that spec does not set.
+func (e *env) applySpec(ctx context.Context, name string, spec *keys.VMSpec) (string, error) {
+	key := e.space.VMSpec(name)
+	for attempt := 0; attempt < 5; attempt++ {
+		resp, err := e.client.Get(ctx, key)
+		if err != nil {
+			return "", err
+		}
+		var modRev int64
+		result := "created"
+		if len(resp.Kvs) > 0 {
+			modRev = resp.Kvs[0].ModRevision
+			result = "configured"
+			if old, err := keys.Decode[keys.VMSpec](resp.Kvs[0].Value); err == nil {
+				for k, v := range old.Extra {
+					if _, set := spec.Extra[k]; !set {
+						if spec.Extra == nil {
+							spec.Extra = keys.Extra{}
+						}
+						spec.Extra[k] = v
+					}
+				}
+			}
+		}
+		val := keys.MustEncode(spec)
+		if len(resp.Kvs) > 0 && string(resp.Kvs[0].Value) == val {
+			return "unchanged", nil
+		}
+		tx, err := e.client.Txn(ctx).If(etcdutil.ModRev(key, modRev)).Then(clientv3.OpPut(key, val)).Commit()
+		if err != nil {
+			return "", err
+		}
+		if tx.Succeeded {
+			return result, nil
+		}
+	}
+	return "", errors.New("the spec kept changing under us; try again")
+}
+
+func vmGetCmd(e *env) *cobra.Command {
+	var o outputFlag
+	cmd := &cobra.Command{
+		Use:   "get NAME",
+		Short: "Show one VM: spec, placement, status and why it is not running if it is not",
+		Example: `  herdctl vm get web1
+  herdctl vm get web1 -o json`,
+		Args: exactArgs("NAME"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := o.validate(); err != nil {
+				return err
+			}
+			if err := e.connect(); err != nil {
+				return err
+			}
+			ctx, cancel := e.ctx(cmd.Context())
+			defer cancel()
+			v, err := e.readCluster(ctx)
+			if err != nil {
+				return err
+			}
+			vm := v.vms[args[0]]
+			if vm == nil {
+				return fmt.Errorf("vm %s: %w", args[0], ErrNotFound)
+			}
+			if o.format == "json" || o.format == "yaml" {
+				return o.print(e.out, vm, nil)
+			}
+			return describeVM(e, vm)
+		},
+	}
+	o.add(cmd)
+	return cmd
+}
+
+func describeVM(e *env, vm *vmView) error {
+	w := e.out
+	fmt.Fprintf(w, "Name:       %s\n", vm.Name)
+	fmt.Fprintf(w, "UID:        %d\n", vm.UID)
+	fmt.Fprintf(w, "State:      %s\n", vm.State)
+	if vm.SpecError != "" {
+		fmt.Fprintf(w, "Spec:       unreadable: %s\n", vm.SpecError)
+	}
+	if s := vm.Spec; s != nil {
+		power := s.Power
+		if power == "" {
+			power = keys.PowerRunning
+		}
+		fmt.Fprintf(w, "Resources:  %d vCPUs, %s\n", s.VCPUs, units.FormatMiB(s.MemoryMiB))
+		if s.Disk != nil {
+			fmt.Fprintf(w, "Disk:       %dGiB in pool %s", s.Disk.SizeGiB, s.Disk.Pool)
+			if s.Disk.From != "" {
+				fmt.Fprintf(w, " from %s", s.Disk.From)
+			}
+			fmt.Fprintln(w)
+		}
+		fmt.Fprintf(w, "Power:      %s\n", power)
+		if len(s.NodeSelector) > 0 {
+			fmt.Fprintf(w, "Selector:   %s\n", labelsString(s.NodeSelector))
+		}
+		if s.AntiAffinity != "" {
+			fmt.Fprintf(w, "Anti-aff.:  %s\n", s.AntiAffinity)
+		}
+		if len(s.Labels) > 0 {
+			fmt.Fprintf(w, "Labels:     %s\n", labelsString(s.Labels))
+		}
+	}
+	if p := vm.Placement; p != nil {
+		alive := ""
+		if !vm.NodeAlive {
+			alive = " (node not registered)"
+		}
+		fmt.Fprintf(w, "Node:       %s%s\n", p.Node, alive)
+		fmt.Fprintf(w, "Epoch:      %d\n", p.Epoch)
+		fmt.Fprintf(w, "Domain:     %s\n", p.UUID)
+		fmt.Fprintf(w, "Placed:     %s ago\n", age(p.Since))
+	}
+	if st := vm.Status; st != nil {
+		fmt.Fprintf(w, "Status:     %s since %s ago", st.State, age(st.Since))
+		if st.Message != "" {
+			fmt.Fprintf(w, ": %s", st.Message)
+		}
+		fmt.Fprintln(w)
+	}
+	if p := vm.Problem; p != nil && p.UID == vm.UID {
+		fmt.Fprintf(w, "Problem:    %s: %s\n", p.Kind, p.Message)
+	}
+	return nil
+}
+
+func vmListCmd(e *env) *cobra.Command {
+	var o outputFlag
+	cmd := &cobra.Command{
+		Use:     "list",
+		Aliases: []string{"ls"},
+		Short:   "List VMs with their node and state",
+		Example: `  herdctl vm list
+  herdctl vm list -o wide
+  herdctl vm list -o json | jq '.[] | select(.state != "running") | .name'`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := o.validate(); err != nil {
+				return err
+			}
+			if err := e.connect(); err != nil {
+				return err
+			}
+			ctx, cancel := e.ctx(cmd.Context())
+			defer cancel()
+			v, err := e.readCluster(ctx)
+			if err != nil {
+				return err
+			}
+			vms := v.sortedVMs()
+			t := &table{}
+			for _, c := range []struct {
+				name string
+				wide bool
+			}{{"NAME", false}, {"NODE", false}, {"STATE", false}, {"VCPUS", false}, {"MEMORY", false}, {"AGE", false}, {"EPOCH", true}, {"UID", true}, {"PROBLEM", false}} {
+				t.col(c.name, c.wide)
+			}
+			for _, vm := range vms {
+				node, vcpus, mem, epoch := "-", "-", "-", "-"
+				if vm.Placement != nil && vm.Placement.UID == vm.UID {
+					node, epoch = vm.Placement.Node, fmt.Sprint(vm.Placement.Epoch)
+				}
+				if vm.Spec != nil {
+					vcpus, mem = fmt.Sprint(vm.Spec.VCPUs), units.FormatMiB(vm.Spec.MemoryMiB)
+				}
+				problem := "-"
+				if vm.SpecError != "" {
+					problem = vm.SpecError
+				} else if vm.Problem != nil && vm.Problem.UID == vm.UID {
+					problem = vm.Problem.Message
+				} else if vm.Status != nil && vm.Status.Message != "" {
+					problem = vm.Status.Message
+				}
+				t.row(vm.Name, node, vm.State, vcpus, mem, age(vmAge(vm)), epoch, fmt.Sprint(vm.UID), truncate(problem, 100))
+			}
+			if len(vms) == 0 && o.format == "table" {
+				fmt.Fprintln(e.errOut, "no VMs")
+				return nil
+			}
+			return o.print(e.out, vms, t)
+		},
+	}
+	o.add(cmd)
+	return cmd
+}
+
+func truncate(s string, n int) string {
+	s = strings.ReplaceAll(s, "\n", " ")
+	if len(s) <= n {
+		return s
+	}
+	return s[:n-3] + "..."
+}
+
+func vmDeleteCmd(e *env) *cobra.Command {
+	var (
+		ignoreMissing bool
+		wait          bool
+		waitFor       time.Duration
+	)
+	cmd := &cobra.Command{
+		Use:   "delete NAME...",
+		Short: "Delete VMs: their nodes destroy the domains",
+		Example: `  herdctl vm delete web1
+  herdctl vm delete web1 web2 --wait`,
+		Args: cobra.MinimumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := e.connect(); err != nil {
+				return err
+			}
+			ctx, cancel := e.ctx(cmd.Context())
+			defer cancel()
+			var missing []string
+			for _, name := range args {
+				resp, err := e.client.Delete(ctx, e.space.VMSpec(name))
+				if err != nil {
+					return fmt.Errorf("delete vm %s: %w", name, err)
+				}
+				if resp.Deleted == 0 {
+					missing = append(missing, name)
+					continue
+				}
+				fmt.Fprintf(e.out, "vm/%s deleted\n", name)
+			}
+			if wait {
+				if err := e.waitGone(cmd.Context(), args, waitFor); err != nil {
+					return err
+				}
+			}
+			if len(missing) > 0 && !ignoreMissing {
+				return fmt.Errorf("vm %s: %w", strings.Join(missing, ", "), ErrNotFound)
+			}
+			return nil
+		},
+	}
+	cmd.Flags().BoolVar(&ignoreMissing, "ignore-not-found", false, "succeed when a VM does not exist")
+	cmd.Flags().BoolVar(&wait, "wait", false, "wait until the VMs' domains are gone")
+	cmd.Flags().DurationVar(&waitFor, "wait-timeout", 2*time.Minute, "how long --wait waits")
+	return cmd
+}
+
+// waitGone waits until no placement or status of the named VMs remains.
+func (e *env) waitGone(parent context.Context, names []string, timeout time.Duration) error {
+	ctx, cancel := context.WithTimeout(parent, timeout)
+	defer cancel()
+	for {
+		v, err := e.readCluster(ctx)
+		if err == nil {
+			left := 0
+			for _, n := range names {
+				if v.vms[n] != nil {
+					left++
+					continue
+				}
+				for _, sts := range v.statuses {
+					if sts[n] != nil {
+						left++
+						break
+					}
+				}
+			}
+			if left == 0 {
+				return nil
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("VMs still present after %s", timeout)
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}

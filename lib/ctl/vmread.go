@@ -1,0 +1,181 @@
+package ctl
+
+import (
+	"context"
+	"sort"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/herdhq/herd/lib/keys"
+)
+
+// vmView is everything herdctl shows about one VM; it is also the -o json/yaml document.
+type vmView struct {
+	Name      string          `json:"name"`
+	UID       int64           `json:"uid,omitempty"`
+	Spec      *keys.VMSpec    `json:"spec,omitempty"`
+	SpecError string          `json:"spec_error,omitempty"`
+	Placement *keys.Placement `json:"placement,omitempty"`
+	Status    *keys.VMStatus  `json:"status,omitempty"`
+	Problem   *keys.Problem   `json:"problem,omitempty"`
+	// State is herdctl's one-word summary (not stored anywhere).
+	State string `json:"state"`
+	// NodeAlive says whether the placement's node is registered now.
+	NodeAlive bool `json:"node_alive"`
+}
+
+// clusterView is one consistent read of what vm and node listings show.
+type clusterView struct {
+	rev      int64
+	vms      map[string]*vmView
+	nodes    map[string]*keys.Node
+	nodeErrs map[string]error
+	states   map[string]*keys.NodeState
+	hardware map[string]*keys.Hardware
+	statuses map[string]map[string]*keys.VMStatus // hwid -> vm -> status
+}
+
+func sortStrings(s []string) { sort.Strings(s) }
+
+// readCluster reads VMs, nodes, node states, hardware and statuses in one transaction, so every
+// table herdctl prints is one revision of the cluster.
+func (e *env) readCluster(ctx context.Context) (*clusterView, error) {
+	s := e.space
+	resp, err := e.client.Txn(ctx).Then(
+		clientv3.OpGet(s.VMPrefix(), clientv3.WithPrefix()),
+		clientv3.OpGet(s.NodePrefix(), clientv3.WithPrefix()),
+		clientv3.OpGet(s.NodeStatePrefix(), clientv3.WithPrefix()),
+		clientv3.OpGet(s.HardwarePrefix(), clientv3.WithPrefix()),
+		clientv3.OpGet(s.StatusRoot(), clientv3.WithPrefix()),
+	).Commit()
+	if err != nil {
+		return nil, err
+	}
+	v := &clusterView{
+		rev:      resp.Header.Revision,
+		vms:      map[string]*vmView{},
+		nodes:    map[string]*keys.Node{},
+		nodeErrs: map[string]error{},
+		states:   map[string]*keys.NodeState{},
+		hardware: map[string]*keys.Hardware{},
+		statuses: map[string]map[string]*keys.VMStatus{},
+	}
+	for _, kv := range resp.Responses[0].GetResponseRange().Kvs {
+		name, part, ok := s.ParseVM(string(kv.Key))
+		if !ok {
+			continue
+		}
+		vm := v.vms[name]
+		if vm == nil {
+			vm = &vmView{Name: name}
+			v.vms[name] = vm
+		}
+		switch part {
+		case keys.VMPartSpec:
+			vm.UID = kv.CreateRevision
+			spec, err := keys.Decode[keys.VMSpec](kv.Value)
+			if err != nil {
+				vm.SpecError = err.Error()
+			} else {
+				vm.Spec = spec
+			}
+		case keys.VMPartPlacement:
+			vm.Placement, _ = keys.Decode[keys.Placement](kv.Value)
+		case keys.VMPartProblem:
+			vm.Problem, _ = keys.Decode[keys.Problem](kv.Value)
+		}
+	}
+	for _, kv := range resp.Responses[1].GetResponseRange().Kvs {
+		if hwid, ok := keys.ParseLeaf(s.NodePrefix(), string(kv.Key)); ok {
+			n, err := keys.Decode[keys.Node](kv.Value)
+			if err != nil {
+				v.nodeErrs[hwid] = err
+				n = &keys.Node{HWID: hwid}
+			}
+			v.nodes[hwid] = n
+		}
+	}
+	for _, kv := range resp.Responses[2].GetResponseRange().Kvs {
+		if hwid, ok := keys.ParseLeaf(s.NodeStatePrefix(), string(kv.Key)); ok {
+			if ns, err := keys.Decode[keys.NodeState](kv.Value); err == nil {
+				v.states[hwid] = ns
+			}
+		}
+	}
+	for _, kv := range resp.Responses[3].GetResponseRange().Kvs {
+		if hwid, ok := keys.ParseLeaf(s.HardwarePrefix(), string(kv.Key)); ok {
+			if hw, err := keys.Decode[keys.Hardware](kv.Value); err == nil {
+				v.hardware[hwid] = hw
+			}
+		}
+	}
+	for _, kv := range resp.Responses[4].GetResponseRange().Kvs {
+		hwid, name, ok := keys.ParseNodeScoped(s.StatusRoot(), string(kv.Key))
+		if !ok {
+			continue
+		}
+		st, err := keys.Decode[keys.VMStatus](kv.Value)
+		if err != nil {
+			continue
+		}
+		if v.statuses[hwid] == nil {
+			v.statuses[hwid] = map[string]*keys.VMStatus{}
+		}
+		v.statuses[hwid][name] = st
+	}
+	for _, vm := range v.vms {
+		v.summarize(vm)
+	}
+	return v, nil
+}
+
+// summarize fills State, Status and NodeAlive from the raw keys.
+func (v *clusterView) summarize(vm *vmView) {
+	switch {
+	case vm.UID == 0:
+		vm.State = "deleting"
+	case vm.SpecError != "":
+		vm.State = "invalid"
+	case vm.Problem != nil && vm.Problem.UID == vm.UID && vm.Problem.Kind == keys.ProblemInvalid:
+		vm.State = "invalid"
+	case vm.Placement == nil || vm.Placement.UID != vm.UID:
+		vm.State = "pending"
+	default:
+		pl := vm.Placement
+		_, vm.NodeAlive = v.nodes[pl.Node]
+		if st := v.statuses[pl.Node][vm.Name]; st != nil && st.UID == pl.UID && st.Epoch == pl.Epoch {
+			vm.Status = st
+			vm.State = st.State
+		} else {
+			vm.State = "scheduled"
+		}
+		if !vm.NodeAlive {
+			vm.State = "unknown"
+		}
+	}
+	if vm.Spec != nil && vm.State == keys.StateRunning && !vm.Spec.WantsRunning() {
+		vm.State = keys.StateStopping
+	}
+}
+
+// sortedVMs returns the VMs by name.
+func (v *clusterView) sortedVMs() []*vmView {
+	out := make([]*vmView, 0, len(v.vms))
+	for _, vm := range v.vms {
+		out = append(out, vm)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out
+}
+
+// vmAge is how long the VM has been placed.
+func vmAge(vm *vmView) time.Time {
+	if vm.Placement != nil {
+		return vm.Placement.Since
+	}
+	if vm.Problem != nil {
+		return vm.Problem.Since
+	}
+	return time.Time{}
+}

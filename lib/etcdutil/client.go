@@ -1,0 +1,83 @@
+// Package etcdutil holds the etcd patterns every herd process uses: the client flags, a list+watch
+// cache (Informer) that survives compaction and leader loss, the leader-guarded transaction, and
+// backoff.
+package etcdutil
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/spf13/pflag"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
+
+	"github.com/herdhq/herd/lib/keys"
+)
+
+// Timeout bounds every single etcd request a herd process makes; a reconcile loop never waits on
+// etcd longer than this for one call.
+const Timeout = 5 * time.Second
+
+// Options are the flags every herd process and herdctl share to reach etcd.
+type Options struct {
+	Endpoints   []string
+	Prefix      string
+	DialTimeout time.Duration
+}
+
+// AddFlags registers --endpoints and --prefix with their environment defaults.
+func (o *Options) AddFlags(fs *pflag.FlagSet) {
+	def := []string{"http://127.0.0.1:2379"}
+	if v := strings.TrimSpace(os.Getenv("HERD_ENDPOINTS")); v != "" {
+		def = strings.Split(v, ",")
+	}
+	prefix := keys.DefaultPrefix
+	if v := strings.TrimSpace(os.Getenv("HERD_PREFIX")); v != "" {
+		prefix = v
+	}
+	fs.StringSliceVar(&o.Endpoints, "endpoints", def, "etcd endpoints, comma-separated (env HERD_ENDPOINTS)")
+	fs.StringVar(&o.Prefix, "prefix", prefix, "root of herd's keys in etcd (env HERD_PREFIX)")
+	fs.DurationVar(&o.DialTimeout, "dial-timeout", 5*time.Second, "how long to wait for an etcd connection")
+}
+
+// Space returns the keyspace the --prefix flag names.
+func (o Options) Space() (keys.Space, error) { return keys.NewSpace(o.Prefix) }
+
+// New connects to etcd. It does not wait for a connection: daemons must start, log and retry while
+// etcd is down, not exit.
+func New(o Options) (*clientv3.Client, error) {
+	eps := make([]string, 0, len(o.Endpoints))
+	for _, e := range o.Endpoints {
+		if e = strings.TrimSpace(e); e != "" {
+			eps = append(eps, e)
+		}
+	}
+	if len(eps) == 0 {
+		return nil, fmt.Errorf("no etcd endpoints: set --endpoints or HERD_ENDPOINTS")
+	}
+	dt := o.DialTimeout
+	if dt == 0 {
+		dt = 5 * time.Second
+	}
+	c, err := clientv3.New(clientv3.Config{
+		Endpoints:            eps,
+		DialTimeout:          dt,
+		DialKeepAliveTime:    5 * time.Second,
+		DialKeepAliveTimeout: 3 * time.Second,
+		// etcd's client logs through zap; herd reports what matters itself through hclog.
+		Logger: zap.NewNop(),
+	})
+	if err != nil {
+		return nil, fmt.Errorf("etcd client for %s: %w", strings.Join(eps, ","), err)
+	}
+	return c, nil
+}
+
+// WithTimeout is context.WithTimeout(ctx, Timeout), for the one-call contexts that surround every
+// etcd request.
+func WithTimeout(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(ctx, Timeout)
+}

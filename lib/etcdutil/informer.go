@@ -1,0 +1,315 @@
+package etcdutil
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"go.etcd.io/etcd/api/v3/mvccpb"
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
+	clientv3 "go.etcd.io/etcd/client/v3"
+)
+
+// KV is one cached key. It is immutable once the Informer publishes it: never modify a KV or its
+// Obj; build a new value and write it to etcd instead.
+type KV struct {
+	Key            string
+	Value          []byte
+	CreateRevision int64
+	ModRevision    int64
+	Version        int64
+	Lease          int64
+	// Obj and Err are the Informer's Decode result, computed once per revision.
+	Obj any
+	Err error
+}
+
+// DecodeFunc turns a raw value into a typed object once, when it arrives.
+type DecodeFunc func(key string, value []byte) (any, error)
+
+// ChangeFunc is told about every change of a cached key, in revision order, from the Informer's own
+// goroutine. cur is nil for a delete. It must not block: enqueue work, don't do it.
+type ChangeFunc func(key string, prev, cur *KV)
+
+// Informer keeps an in-memory copy of one prefix: it lists, then watches from the list's revision + 1,
+// and on compaction, a lost etcd leader or any watch error it lists again, reporting keys that
+// vanished meanwhile as deletes. Nothing else in herd lists a prefix in a loop.
+type Informer struct {
+	client   *clientv3.Client
+	prefix   string
+	decode   DecodeFunc
+	onChange ChangeFunc
+	log      hclog.Logger
+	// PageSize bounds one list request, so that a large prefix doesn't need a huge response.
+	PageSize int64
+
+	mu      sync.RWMutex
+	items   map[string]*KV
+	rev     int64
+	synced  bool
+	changed chan struct{} // closed and replaced whenever rev advances
+	relists int
+}
+
+// NewInformer prepares an informer; Run starts it. decode and onChange may be nil.
+func NewInformer(c *clientv3.Client, prefix string, decode DecodeFunc, onChange ChangeFunc, log hclog.Logger) *Informer {
+	if log == nil {
+		log = hclog.NewNullLogger()
+	}
+	return &Informer{
+		client:   c,
+		prefix:   prefix,
+		decode:   decode,
+		onChange: onChange,
+		log:      log.With("prefix", prefix),
+		PageSize: 1000,
+		items:    map[string]*KV{},
+		changed:  make(chan struct{}),
+	}
+}
+
+// Run keeps the cache current until ctx ends. It never returns an error for etcd trouble; it logs,
+// backs off and retries, because a daemon must outlive an etcd outage.
+func (i *Informer) Run(ctx context.Context) {
+	b := Backoff{Min: 100 * time.Millisecond, Max: 5 * time.Second}
+	for ctx.Err() == nil {
+		rev, err := i.relist(ctx)
+		if err != nil {
+			if ctx.Err() != nil {
+				return
+			}
+			i.log.Warn("list failed; retrying", "error", err)
+			b.Wait(ctx)
+			continue
+		}
+		err = i.watch(ctx, rev+1)
+		if ctx.Err() != nil {
+			return
+		}
+		if errors.Is(err, rpctypes.ErrCompacted) {
+			// History we needed is gone: list again at once and diff.
+			i.log.Info("watch fell behind compaction; listing again", "from", rev+1)
+			b.Reset()
+			continue
+		}
+		i.log.Warn("watch ended; listing again", "error", err)
+		if b.Wait(ctx) {
+			continue
+		}
+	}
+}
+
+func (i *Informer) relist(ctx context.Context) (int64, error) {
+	got := map[string]*KV{}
+	var rev int64
+	key := i.prefix
+	end := clientv3.GetPrefixRangeEnd(i.prefix)
+	for {
+		opts := []clientv3.OpOption{clientv3.WithRange(end), clientv3.WithLimit(i.PageSize)}
+		if rev != 0 {
+			// Later pages read the first page's revision, so the list is one consistent snapshot.
+			opts = append(opts, clientv3.WithRev(rev))
+		}
+		cctx, cancel := WithTimeout(ctx)
+		resp, err := i.client.Get(cctx, key, opts...)
+		cancel()
+		if err != nil {
+			return 0, fmt.Errorf("list %s: %w", i.prefix, err)
+		}
+		if rev == 0 {
+			rev = resp.Header.Revision
+		}
+		for _, kv := range resp.Kvs {
+			got[string(kv.Key)] = i.newKV(kv)
+		}
+		if !resp.More || len(resp.Kvs) == 0 {
+			break
+		}
+		key = string(resp.Kvs[len(resp.Kvs)-1].Key) + "\x00"
+	}
+
+	type change struct{ prev, cur *KV }
+	var changes []change
+	var names []string
+	i.mu.Lock()
+	for k, old := range i.items {
+		if _, ok := got[k]; !ok {
+			changes = append(changes, change{old, nil})
+			names = append(names, k)
+		}
+	}
+	for k, kv := range got {
+		old := i.items[k]
+		if old == nil || old.ModRevision != kv.ModRevision {
+			changes = append(changes, change{old, kv})
+			names = append(names, k)
+		}
+	}
+	i.items = got
+	i.synced = true
+	i.relists++
+	i.advance(rev)
+	i.mu.Unlock()
+
+	if i.onChange != nil {
+		// Deterministic order helps logs and tests; the handlers only enqueue.
+		idx := make([]int, len(changes))
+		for n := range idx {
+			idx[n] = n
+		}
+		sort.Slice(idx, func(a, b int) bool { return names[idx[a]] < names[idx[b]] })
+		for _, n := range idx {
+			i.onChange(names[n], changes[n].prev, changes[n].cur)
+		}
+	}
+	return rev, nil
+}
+
+func (i *Informer) watch(ctx context.Context, from int64) error {
+	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
+	defer cancel()
+	wch := i.client.Watch(wctx, i.prefix, clientv3.WithPrefix(), clientv3.WithRev(from))
+	for resp := range wch {
+		if err := resp.Err(); err != nil {
+			return err
+		}
+		if resp.CompactRevision != 0 {
+			return rpctypes.ErrCompacted
+		}
+		for _, ev := range resp.Events {
+			i.apply(ev)
+		}
+		if resp.IsProgressNotify() {
+			i.mu.Lock()
+			i.advance(resp.Header.Revision)
+			i.mu.Unlock()
+		}
+	}
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	return errors.New("watch channel closed")
+}
+
+func (i *Informer) apply(ev *clientv3.Event) {
+	key := string(ev.Kv.Key)
+	var cur *KV
+	if ev.Type == mvccpb.PUT {
+		cur = i.newKV(ev.Kv)
+	}
+	i.mu.Lock()
+	prev := i.items[key]
+	if cur == nil {
+		delete(i.items, key)
+	} else {
+		i.items[key] = cur
+	}
+	i.advance(ev.Kv.ModRevision)
+	i.mu.Unlock()
+	if i.onChange != nil && (prev != nil || cur != nil) {
+		i.onChange(key, prev, cur)
+	}
+}
+
+// advance must hold i.mu.
+func (i *Informer) advance(rev int64) {
+	if rev <= i.rev {
+		return
+	}
+	i.rev = rev
+	close(i.changed)
+	i.changed = make(chan struct{})
+}
+
+func (i *Informer) newKV(kv *mvccpb.KeyValue) *KV {
+	out := &KV{
+		Key:            string(kv.Key),
+		Value:          kv.Value,
+		CreateRevision: kv.CreateRevision,
+		ModRevision:    kv.ModRevision,
+		Version:        kv.Version,
+		Lease:          kv.Lease,
+	}
+	if i.decode != nil {
+		out.Obj, out.Err = i.decode(out.Key, out.Value)
+	}
+	return out
+}
+
+// Get returns the cached key, or nil.
+func (i *Informer) Get(key string) *KV {
+	i.mu.RLock()
+	defer i.mu.RUnlock()
+	return i.items[key]
+}
+
+// List returns every cached key, sorted.
+func (i *Informer) List() []*KV {
+	i.mu.RLock()
+	out := make([]*KV, 0, len(i.items))
+	for _, kv := range i.items {
+		out = append(out, kv)
+	}
+	i.mu.RUnlock()
+	sort.Slice(out, func(a, b int) bool { return out[a].Key < out[b].Key })
+	return out
+}
+
+// Len is the number of cached keys.
+func (i *Informer) Len() int {
+	i.mu.RLock()
+	defer i.mu.RUnlock()
+	return len(i.items)
+}
+
+// Rev is the etcd revision the cache reflects.
+func (i *Informer) Rev() int64 {
+	i.mu.RLock()
+	defer i.mu.RUnlock()
+	return i.rev
+}
+
+// Synced reports whether the first list has completed.
+func (i *Informer) Synced() bool {
+	i.mu.RLock()
+	defer i.mu.RUnlock()
+	return i.synced
+}
+
+// Relists counts the full lists done, for tests and metrics: in a steady system it stays at 1.
+func (i *Informer) Relists() int {
+	i.mu.RLock()
+	defer i.mu.RUnlock()
+	return i.relists
+}
+
+// WaitRev blocks until the cache reflects at least rev (e.g. the revision of one's own write), or
+// ctx ends. rev 0 waits for the first list. When rev touched no key of this prefix no event will
+// carry it, so after a short wait WaitRev asks etcd for a progress notification.
+func (i *Informer) WaitRev(ctx context.Context, rev int64) error {
+	nudge := time.NewTimer(200 * time.Millisecond)
+	defer nudge.Stop()
+	for {
+		i.mu.RLock()
+		ok := i.synced && i.rev >= rev
+		ch := i.changed
+		i.mu.RUnlock()
+		if ok {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("wait for %s at revision %d: %w", i.prefix, rev, ctx.Err())
+		case <-ch:
+		case <-nudge.C:
+			// The progress request must travel on the watch's own stream, which is keyed by the
+			// context's metadata: hence the same WithRequireLeader.
+			_ = i.client.RequestProgress(clientv3.WithRequireLeader(ctx))
+			nudge.Reset(time.Second)
+		}
+	}
+}

@@ -1,0 +1,156 @@
+package etcdutil
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"testing"
+	"time"
+
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
+
+	"github.com/herdhq/herd/lib/etcdembed/etcdtest"
+)
+
+type recorder struct {
+	mu  sync.Mutex
+	ops []string
+}
+
+func (r *recorder) change(key string, prev, cur *KV) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	switch {
+	case cur == nil:
+		r.ops = append(r.ops, "del "+key)
+	default:
+		r.ops = append(r.ops, "put "+key+"="+string(cur.Value))
+	}
+}
+
+func (r *recorder) take() []string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := r.ops
+	r.ops = nil
+	return out
+}
+
+func TestInformerListWatchAndRelistAfterCompaction(t *testing.T) {
+	c := etcdtest.Client(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if _, err := c.Put(ctx, "/p/a", "1"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Put(ctx, "/other", "x"); err != nil {
+		t.Fatal(err)
+	}
+	rec := &recorder{}
+	inf := NewInformer(c, "/p/", nil, rec.change, nil)
+	inf.PageSize = 2 // exercise pagination
+	for _, k := range []string{"/p/b", "/p/c", "/p/d"} {
+		if _, err := c.Put(ctx, k, "1"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	runCtx, stop := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() { inf.Run(runCtx); close(done) }()
+	if err := inf.WaitRev(ctx, 0); err != nil {
+		t.Fatal(err)
+	}
+	if got := inf.Len(); got != 4 {
+		t.Fatalf("listed %d keys, want 4", got)
+	}
+	rec.take()
+
+	resp, err := c.Put(ctx, "/p/a", "2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := inf.WaitRev(ctx, resp.Header.Revision); err != nil {
+		t.Fatal(err)
+	}
+	if kv := inf.Get("/p/a"); kv == nil || string(kv.Value) != "2" {
+		t.Fatalf("watch did not deliver the put: %+v", kv)
+	}
+	// A write outside the prefix is reached through a progress notification.
+	resp, err = c.Put(ctx, "/other", "y")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := inf.WaitRev(ctx, resp.Header.Revision); err != nil {
+		t.Fatal(err)
+	}
+	stop()
+	<-done
+	rec.take()
+
+	// While nobody watches: delete one key, add one, compact away the history.
+	if _, err := c.Delete(ctx, "/p/b"); err != nil {
+		t.Fatal(err)
+	}
+	resp, err = c.Put(ctx, "/p/e", "1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Compact(ctx, resp.Header.Revision); err != nil {
+		t.Fatal(err)
+	}
+	// A watch from the old revision fails with ErrCompacted...
+	wctx, wcancel := context.WithTimeout(ctx, 5*time.Second)
+	err = inf.watch(wctx, 2)
+	wcancel()
+	if !errors.Is(err, rpctypes.ErrCompacted) {
+		t.Fatalf("watch from a compacted revision: %v", err)
+	}
+	// ...and the next run lists again, reporting the vanished key as a delete.
+	runCtx, stop = context.WithCancel(ctx)
+	done = make(chan struct{})
+	go func() { inf.Run(runCtx); close(done) }()
+	if err := inf.WaitRev(ctx, resp.Header.Revision); err != nil {
+		t.Fatal(err)
+	}
+	stop()
+	<-done
+	got := rec.take()
+	want := []string{"del /p/b", "put /p/e=1"}
+	if len(got) != len(want) || got[0] != want[0] || got[1] != want[1] {
+		t.Fatalf("relist changes = %v, want %v", got, want)
+	}
+	if inf.Relists() != 2 {
+		t.Fatalf("relists = %d, want 2", inf.Relists())
+	}
+}
+
+func TestGuardedTxn(t *testing.T) {
+	c := etcdtest.Client(t)
+	ctx := context.Background()
+	resp, err := c.Put(ctx, "/leader/x", "me")
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := Guard{Key: "/leader/x", Rev: resp.Header.Revision}
+	if _, err := GuardedTxn(ctx, c, g, []Cmp{ModRev("/obj", 0)}, []Op{OpPut("/obj", "1")}); err != nil {
+		t.Fatal(err)
+	}
+	// The object exists now: the same compare is a conflict, not a leadership loss.
+	if _, err := GuardedTxn(ctx, c, g, []Cmp{ModRev("/obj", 0)}, []Op{OpPut("/obj", "2")}); !errors.Is(err, ErrConflict) {
+		t.Fatalf("want ErrConflict, got %v", err)
+	}
+	// A re-created election key (a new term) deposes the old guard.
+	if _, err := c.Delete(ctx, "/leader/x"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Put(ctx, "/leader/x", "other"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := GuardedTxn(ctx, c, g, nil, []Op{OpPut("/obj", "3")}); !errors.Is(err, ErrNotLeader) {
+		t.Fatalf("want ErrNotLeader, got %v", err)
+	}
+	got, _ := c.Get(ctx, "/obj")
+	if string(got.Kvs[0].Value) != "1" {
+		t.Fatalf("a failed guarded write changed the object: %s", got.Kvs[0].Value)
+	}
+}

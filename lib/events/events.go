@@ -1,0 +1,106 @@
+// Package events writes herd's audit trail: /herd/events/<time>-<id>, one JSON record per thing a
+// daemon did or refused to do, kept for about a week.
+//
+// Every record is attached to a shared lease that lives Retention; a new lease is taken every
+// Rotation, so records expire in batches without one lease per record (etcd's lease table stays
+// small) and without a janitor.
+package events
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"sync/atomic"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/herdhq/herd/lib/etcdutil"
+	"github.com/herdhq/herd/lib/keys"
+)
+
+// Defaults: records live between Retention-Rotation and Retention.
+const (
+	Retention = 7 * 24 * time.Hour
+	Rotation  = 24 * time.Hour
+)
+
+// Recorder queues records and writes them in the background, so a reconcile loop never waits on
+// the audit trail. When etcd is slow and the queue is full, records are dropped and counted.
+type Recorder struct {
+	client *clientv3.Client
+	space  keys.Space
+	actor  string
+	log    hclog.Logger
+	ch     chan keys.Event
+
+	lease   clientv3.LeaseID
+	leaseAt time.Time
+	dropped atomic.Int64
+}
+
+// New prepares a recorder for actor (e.g. "coordinator/host-a", "agent/52:54:00:..").
+func New(c *clientv3.Client, space keys.Space, actor string, log hclog.Logger) *Recorder {
+	return &Recorder{client: c, space: space, actor: actor, log: log.Named("events"), ch: make(chan keys.Event, 1024)}
+}
+
+// Record queues one event. object is kind/name, e.g. vm/web1.
+func (r *Recorder) Record(object, action, format string, args ...any) {
+	if r == nil {
+		return
+	}
+	ev := keys.Event{Time: time.Now().UTC(), Actor: r.actor, Object: object, Action: action, Message: fmt.Sprintf(format, args...)}
+	select {
+	case r.ch <- ev:
+	default:
+		r.dropped.Add(1)
+	}
+}
+
+// Dropped counts records lost to a full queue.
+func (r *Recorder) Dropped() int64 { return r.dropped.Load() }
+
+// Run writes queued records until ctx ends.
+func (r *Recorder) Run(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case ev := <-r.ch:
+			if err := r.write(ctx, ev); err != nil && ctx.Err() == nil {
+				r.log.Warn("event not recorded", "object", ev.Object, "action", ev.Action, "error", err)
+			}
+		}
+	}
+}
+
+func (r *Recorder) write(ctx context.Context, ev keys.Event) error {
+	if r.lease == 0 || time.Since(r.leaseAt) > Rotation {
+		cctx, cancel := etcdutil.WithTimeout(ctx)
+		l, err := r.client.Grant(cctx, int64(Retention/time.Second))
+		cancel()
+		if err != nil {
+			return fmt.Errorf("grant event lease: %w", err)
+		}
+		r.lease, r.leaseAt = l.ID, time.Now()
+	}
+	b, err := keys.Encode(&ev)
+	if err != nil {
+		return err
+	}
+	cctx, cancel := etcdutil.WithTimeout(ctx)
+	defer cancel()
+	_, err = r.client.Put(cctx, r.space.Event(ev.Time, randomID()), string(b), clientv3.WithLease(r.lease))
+	if err != nil {
+		r.lease = 0 // the lease may have expired (etcd restored, clock jump): take a new one
+	}
+	return err
+}
+
+func randomID() string {
+	var b [4]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}

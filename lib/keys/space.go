@@ -1,0 +1,147 @@
+package keys
+
+import (
+	"fmt"
+	"strings"
+	"time"
+)
+
+// DefaultPrefix is the root of herd's keys unless --prefix says otherwise.
+const DefaultPrefix = "/herd"
+
+// Space builds and parses keys under one root prefix. The zero value is not usable; use NewSpace.
+type Space struct {
+	root string
+}
+
+// NewSpace checks the prefix: it must start with '/' and must not end with one, so that every key is
+// root + "/" + something and prefixes of different clusters never overlap.
+func NewSpace(prefix string) (Space, error) {
+	if !strings.HasPrefix(prefix, "/") || len(prefix) < 2 {
+		return Space{}, fmt.Errorf("keys: prefix %q must start with '/' and name something, e.g. /herd", prefix)
+	}
+	if strings.HasSuffix(prefix, "/") {
+		return Space{}, fmt.Errorf("keys: prefix %q must not end with '/'", prefix)
+	}
+	return Space{root: prefix}, nil
+}
+
+// MustSpace is NewSpace for constants in tests and defaults.
+func MustSpace(prefix string) Space {
+	s, err := NewSpace(prefix)
+	if err != nil {
+		panic(err)
+	}
+	return s
+}
+
+// Root is the prefix itself, e.g. "/herd".
+func (s Space) Root() string { return s.root }
+
+// All is the prefix of every herd key, e.g. "/herd/".
+func (s Space) All() string { return s.root + "/" }
+
+func (s Space) dir(name string) string { return s.root + "/" + name + "/" }
+
+// Cluster is the single record naming this cluster: /herd/cluster.
+func (s Space) Cluster() string { return s.root + "/cluster" }
+
+// HardwarePrefix lists the allow-list of hardware that may boot and join.
+func (s Space) HardwarePrefix() string      { return s.dir("hardware") }
+func (s Space) Hardware(hwid string) string { return s.HardwarePrefix() + hwid }
+
+// NodePrefix lists live nodes; each key is attached to its agent's lease.
+func (s Space) NodePrefix() string      { return s.dir("nodes") }
+func (s Space) Node(hwid string) string { return s.NodePrefix() + hwid }
+func (s Space) NodeStatePrefix() string { return s.dir("nodestate") }
+func (s Space) NodeState(hwid string) string {
+	return s.NodeStatePrefix() + hwid
+}
+
+// VMPrefix lists every VM's spec, placement and problem.
+func (s Space) VMPrefix() string               { return s.dir("vms") }
+func (s Space) VMDir(name string) string       { return s.VMPrefix() + name + "/" }
+func (s Space) VMSpec(name string) string      { return s.VMDir(name) + vmSpec }
+func (s Space) VMPlacement(name string) string { return s.VMDir(name) + vmPlacement }
+func (s Space) VMProblem(name string) string   { return s.VMDir(name) + vmProblem }
+
+// AssignRoot lists every node's work list; AssignPrefix is one node's.
+func (s Space) AssignRoot() string              { return s.dir("assign") }
+func (s Space) AssignPrefix(hwid string) string { return s.AssignRoot() + hwid + "/" }
+func (s Space) Assign(hwid, name string) string { return s.AssignPrefix(hwid) + name }
+func (s Space) StatusRoot() string              { return s.dir("status") }
+func (s Space) StatusPrefix(hwid string) string { return s.StatusRoot() + hwid + "/" }
+func (s Space) Status(hwid, name string) string { return s.StatusPrefix(hwid) + name }
+func (s Space) LeaderPrefix() string            { return s.dir("leader") }
+func (s Space) EventPrefix() string             { return s.dir("events") }
+
+// Event names an audit record; the time comes first so keys sort by time.
+func (s Space) Event(t time.Time, id string) string {
+	return s.EventPrefix() + t.UTC().Format(eventTimeLayout) + "-" + id
+}
+
+const (
+	vmSpec      = "spec"
+	vmPlacement = "placement"
+	vmProblem   = "problem"
+
+	// eventTimeLayout sorts lexicographically in time order (fixed width, UTC).
+	eventTimeLayout = "20060102T150405.000000000Z"
+)
+
+// VMPart names which of a VM's keys a key is.
+type VMPart int
+
+const (
+	VMPartUnknown VMPart = iota
+	VMPartSpec
+	VMPartPlacement
+	VMPartProblem
+)
+
+// ParseVM splits a key under VMPrefix into the VM's name and the part. The name is everything between
+// the prefix and the last '/', so a hand-written key with a '/' in the name still parses (to a name
+// that fails validation) instead of being silently misread as another VM's key.
+func (s Space) ParseVM(key string) (name string, part VMPart, ok bool) {
+	rest, found := strings.CutPrefix(key, s.VMPrefix())
+	if !found {
+		return "", VMPartUnknown, false
+	}
+	i := strings.LastIndexByte(rest, '/')
+	if i <= 0 {
+		return "", VMPartUnknown, false
+	}
+	name = rest[:i]
+	switch rest[i+1:] {
+	case vmSpec:
+		return name, VMPartSpec, true
+	case vmPlacement:
+		return name, VMPartPlacement, true
+	case vmProblem:
+		return name, VMPartProblem, true
+	}
+	return name, VMPartUnknown, false
+}
+
+// ParseLeaf returns the last element of a key directly under prefix (a hwid under NodePrefix, a VM
+// name under AssignPrefix(hwid)); ok is false for keys deeper than one level.
+func ParseLeaf(prefix, key string) (leaf string, ok bool) {
+	rest, found := strings.CutPrefix(key, prefix)
+	if !found || rest == "" || strings.Contains(rest, "/") {
+		return "", false
+	}
+	return rest, true
+}
+
+// ParseNodeScoped splits a key under a per-node root (AssignRoot, StatusRoot) into hwid and VM name.
+func ParseNodeScoped(root, key string) (hwid, name string, ok bool) {
+	rest, found := strings.CutPrefix(key, root)
+	if !found {
+		return "", "", false
+	}
+	hwid, name, found = strings.Cut(rest, "/")
+	if !found || hwid == "" || name == "" {
+		return "", "", false
+	}
+	return hwid, name, true
+}

@@ -1,0 +1,352 @@
+package keys
+
+import (
+	"time"
+)
+
+// Cluster is /herd/cluster: written once by the first coordinator. Agents remember ID and refuse
+// destructive actions when it changes, because a new ID means etcd was wiped or replaced and the
+// absence of an assignment is then no evidence that a VM should go.
+type Cluster struct {
+	V       int       `json:"v"`
+	ID      string    `json:"id"`
+	Created time.Time `json:"created"`
+	// Pools are the disk pools a VM spec may name.
+	Pools []string `json:"pools"`
+	Extra `json:"-"`
+}
+
+// Hardware is /herd/hardware/<hwid>: the operator's allow-list entry. Only listed hardware boots
+// and joins.
+type Hardware struct {
+	V         int               `json:"v"`
+	MAC       string            `json:"mac,omitempty"`
+	Serial    string            `json:"serial,omitempty"`
+	Labels    map[string]string `json:"labels,omitempty"`
+	StorageIP string            `json:"storage_ip,omitempty"`
+	Extra     `json:"-"`
+}
+
+// Node is /herd/nodes/<hwid>, attached to the agent's lease: the node is alive exactly as long as
+// this key exists.
+type Node struct {
+	V      int    `json:"v"`
+	HWID   string `json:"hwid"`
+	Lease  int64  `json:"lease"`
+	BootID string `json:"boot_id"`
+	// Hostname is informational; herd never relies on it.
+	Hostname   string    `json:"hostname,omitempty"`
+	Addresses  Addresses `json:"addresses,omitzero"`
+	LibvirtURI string    `json:"libvirt_uri"`
+	Image      string    `json:"image,omitempty"`
+	CPUs       int       `json:"cpus"`
+	MemoryMiB  int64     `json:"memory_mib"`
+	// ReservedMemoryMiB is kept back for the host itself; the scheduler never fills it.
+	ReservedMemoryMiB int64     `json:"reserved_memory_mib,omitempty"`
+	AgentVersion      string    `json:"agent_version,omitempty"`
+	Started           time.Time `json:"started"`
+	// Status is where the agent serves its own report of its hypervisor (metrics, domains).
+	StatusURL string `json:"status_url,omitempty"`
+	Extra     `json:"-"`
+}
+
+// Addresses of a node, per network role.
+type Addresses struct {
+	Management string `json:"management,omitempty"`
+	Storage    string `json:"storage,omitempty"`
+	Migration  string `json:"migration,omitempty"`
+	Extra      `json:"-"`
+}
+
+// NodeState is /herd/nodestate/<hwid>: durable administrative state, written by operators and the
+// leader, always by compare-and-swap on its ModRevision.
+type NodeState struct {
+	V        int       `json:"v"`
+	Cordoned bool      `json:"cordoned,omitempty"`
+	Reason   string    `json:"reason,omitempty"`
+	Since    time.Time `json:"since,omitzero"`
+	Extra    `json:"-"`
+}
+
+// Power states a spec can ask for.
+const (
+	PowerRunning = "running"
+	PowerStopped = "stopped"
+)
+
+// VMSpec is /herd/vms/<name>/spec: what the operator wants. Its etcd CreateRevision is the VM's
+// uid, so a VM deleted and created again under the same name is a different VM.
+type VMSpec struct {
+	V         int   `json:"v"`
+	VCPUs     int   `json:"vcpus"`
+	MemoryMiB int64 `json:"memory_mib"`
+	Disk      *Disk `json:"disk,omitempty"`
+	// Power is running (the default when empty) or stopped.
+	Power        string            `json:"power,omitempty"`
+	Labels       map[string]string `json:"labels,omitempty"`
+	NodeSelector map[string]string `json:"node_selector,omitempty"`
+	// AntiAffinity names a group: at most one VM of a group runs on a node.
+	AntiAffinity string `json:"anti_affinity,omitempty"`
+	Extra        `json:"-"`
+}
+
+// Disk is a VM's root disk in a pool of shared storage.
+type Disk struct {
+	Pool    string `json:"pool"`
+	SizeGiB int64  `json:"size_gib"`
+	// From names an image to clone, e.g. pool/image@snap (backend-specific).
+	From  string `json:"from,omitempty"`
+	Extra `json:"-"`
+}
+
+// Placement is /herd/vms/<name>/placement, written only by the leader, in the same transaction as
+// the node's assignment.
+type Placement struct {
+	V   int   `json:"v"`
+	UID int64 `json:"uid"`
+	// Node is the hwid the VM runs on.
+	Node string `json:"node"`
+	// Epoch increases every time the VM moves, so a node can tell a stale copy from the current one.
+	Epoch int64 `json:"epoch"`
+	// UUID is the domain UUID, fixed for the VM's life so guests and tooling see one machine.
+	UUID string `json:"uuid"`
+	// SpecRev is the spec ModRevision the assignment carries.
+	SpecRev int64 `json:"spec_rev"`
+	// VCPUs, MemoryMiB and AntiAffinity are what the placement reserves on its node: those of the
+	// spec the node was given, which is not always the newest spec (an invalid edit is never
+	// handed to the node).
+	VCPUs        int       `json:"vcpus"`
+	MemoryMiB    int64     `json:"memory_mib"`
+	AntiAffinity string    `json:"anti_affinity,omitempty"`
+	Since        time.Time `json:"since"`
+	Extra        `json:"-"`
+}
+
+// Assignment is /herd/assign/<hwid>/<name>: one entry of a node's work list. It carries a copy of the
+// spec so that an agent needs to watch nothing but its own prefix (and per-node RBAC can keep it away
+// from every other tenant's spec).
+type Assignment struct {
+	V       int     `json:"v"`
+	UID     int64   `json:"uid"`
+	Epoch   int64   `json:"epoch"`
+	UUID    string  `json:"uuid"`
+	SpecRev int64   `json:"spec_rev"`
+	Spec    *VMSpec `json:"spec"`
+	Extra   `json:"-"`
+}
+
+// States an agent reports.
+const (
+	StatePending  = "pending"  // assigned, not defined yet
+	StateRunning  = "running"  // the domain is running
+	StateStopped  = "stopped"  // defined, not running, as the spec asks
+	StateStarting = "starting" // asked to run, not running yet
+	StateStopping = "stopping"
+	StateError    = "error"
+	StateOrphan   = "orphan" // runs here without evidence either way; an operator decides
+)
+
+// VMStatus is /herd/status/<hwid>/<name>: what a node's agent observes of a VM it runs.
+type VMStatus struct {
+	V       int       `json:"v"`
+	UID     int64     `json:"uid"`
+	Epoch   int64     `json:"epoch"`
+	State   string    `json:"state"`
+	Since   time.Time `json:"since"`
+	Message string    `json:"message,omitempty"`
+	Extra   `json:"-"`
+}
+
+// Problem kinds.
+const (
+	// ProblemInvalid: the spec cannot be acted on until someone fixes it.
+	ProblemInvalid = "invalid"
+	// ProblemPending: valid, but no node can take it now; may change on its own.
+	ProblemPending = "pending"
+)
+
+// Problem is /herd/vms/<name>/problem, written by the leader: why a VM is not where it should be.
+// It is kept apart from the status so that each key has exactly one writer.
+type Problem struct {
+	V       int    `json:"v"`
+	UID     int64  `json:"uid"`
+	Kind    string `json:"kind"`
+	Message string `json:"message"`
+	// Reasons counts nodes per rejection reason ("insufficient memory": 3).
+	Reasons map[string]int `json:"reasons,omitempty"`
+	Since   time.Time      `json:"since"`
+	Extra   `json:"-"`
+}
+
+// Event is /herd/events/<time>-<id>: an audit record, kept for a week under a shared lease.
+type Event struct {
+	V       int       `json:"v"`
+	Time    time.Time `json:"time"`
+	Actor   string    `json:"actor"`
+	Object  string    `json:"object"` // e.g. vm/web1, node/52:54:00:00:00:01
+	Action  string    `json:"action"`
+	Message string    `json:"message,omitempty"`
+	Extra   `json:"-"`
+}
+
+// JSON plumbing: each type marshals through encodeObject/decodeObject so unknown members survive.
+
+func (x Cluster) MarshalJSON() ([]byte, error) {
+	type plain Cluster
+	return encodeObject(plain(x), x.Extra)
+}
+func (x *Cluster) UnmarshalJSON(b []byte) error {
+	type plain Cluster
+	var p plain
+	e, err := decodeObject(b, &p)
+	*x = Cluster(p)
+	x.Extra = e
+	return err
+}
+func (x *Cluster) version() *int { return &x.V }
+
+func (x Hardware) MarshalJSON() ([]byte, error) {
+	type plain Hardware
+	return encodeObject(plain(x), x.Extra)
+}
+func (x *Hardware) UnmarshalJSON(b []byte) error {
+	type plain Hardware
+	var p plain
+	e, err := decodeObject(b, &p)
+	*x = Hardware(p)
+	x.Extra = e
+	return err
+}
+func (x *Hardware) version() *int { return &x.V }
+
+func (x Node) MarshalJSON() ([]byte, error) { type plain Node; return encodeObject(plain(x), x.Extra) }
+func (x *Node) UnmarshalJSON(b []byte) error {
+	type plain Node
+	var p plain
+	e, err := decodeObject(b, &p)
+	*x = Node(p)
+	x.Extra = e
+	return err
+}
+func (x *Node) version() *int { return &x.V }
+
+func (x Addresses) MarshalJSON() ([]byte, error) {
+	type plain Addresses
+	return encodeObject(plain(x), x.Extra)
+}
+func (x *Addresses) UnmarshalJSON(b []byte) error {
+	type plain Addresses
+	var p plain
+	e, err := decodeObject(b, &p)
+	*x = Addresses(p)
+	x.Extra = e
+	return err
+}
+
+func (x NodeState) MarshalJSON() ([]byte, error) {
+	type plain NodeState
+	return encodeObject(plain(x), x.Extra)
+}
+func (x *NodeState) UnmarshalJSON(b []byte) error {
+	type plain NodeState
+	var p plain
+	e, err := decodeObject(b, &p)
+	*x = NodeState(p)
+	x.Extra = e
+	return err
+}
+func (x *NodeState) version() *int { return &x.V }
+
+func (x VMSpec) MarshalJSON() ([]byte, error) {
+	type plain VMSpec
+	return encodeObject(plain(x), x.Extra)
+}
+func (x *VMSpec) UnmarshalJSON(b []byte) error {
+	type plain VMSpec
+	var p plain
+	e, err := decodeObject(b, &p)
+	*x = VMSpec(p)
+	x.Extra = e
+	return err
+}
+func (x *VMSpec) version() *int { return &x.V }
+
+func (x Disk) MarshalJSON() ([]byte, error) { type plain Disk; return encodeObject(plain(x), x.Extra) }
+func (x *Disk) UnmarshalJSON(b []byte) error {
+	type plain Disk
+	var p plain
+	e, err := decodeObject(b, &p)
+	*x = Disk(p)
+	x.Extra = e
+	return err
+}
+
+func (x Placement) MarshalJSON() ([]byte, error) {
+	type plain Placement
+	return encodeObject(plain(x), x.Extra)
+}
+func (x *Placement) UnmarshalJSON(b []byte) error {
+	type plain Placement
+	var p plain
+	e, err := decodeObject(b, &p)
+	*x = Placement(p)
+	x.Extra = e
+	return err
+}
+func (x *Placement) version() *int { return &x.V }
+
+func (x Assignment) MarshalJSON() ([]byte, error) {
+	type plain Assignment
+	return encodeObject(plain(x), x.Extra)
+}
+func (x *Assignment) UnmarshalJSON(b []byte) error {
+	type plain Assignment
+	var p plain
+	e, err := decodeObject(b, &p)
+	*x = Assignment(p)
+	x.Extra = e
+	return err
+}
+func (x *Assignment) version() *int { return &x.V }
+
+func (x VMStatus) MarshalJSON() ([]byte, error) {
+	type plain VMStatus
+	return encodeObject(plain(x), x.Extra)
+}
+func (x *VMStatus) UnmarshalJSON(b []byte) error {
+	type plain VMStatus
+	var p plain
+	e, err := decodeObject(b, &p)
+	*x = VMStatus(p)
+	x.Extra = e
+	return err
+}
+func (x *VMStatus) version() *int { return &x.V }
+
+func (x Problem) MarshalJSON() ([]byte, error) {
+	type plain Problem
+	return encodeObject(plain(x), x.Extra)
+}
+func (x *Problem) UnmarshalJSON(b []byte) error {
+	type plain Problem
+	var p plain
+	e, err := decodeObject(b, &p)
+	*x = Problem(p)
+	x.Extra = e
+	return err
+}
+func (x *Problem) version() *int { return &x.V }
+
+func (x Event) MarshalJSON() ([]byte, error) {
+	type plain Event
+	return encodeObject(plain(x), x.Extra)
+}
+func (x *Event) UnmarshalJSON(b []byte) error {
+	type plain Event
+	var p plain
+	e, err := decodeObject(b, &p)
+	*x = Event(p)
+	x.Extra = e
+	return err
+}
+func (x *Event) version() *int { return &x.V }

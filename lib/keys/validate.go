@@ -1,0 +1,187 @@
+package keys
+
+import (
+	"fmt"
+	"net"
+	"regexp"
+	"slices"
+	"strings"
+)
+
+// FieldError says which member of a value is wrong and why, in words an operator can act on.
+type FieldError struct {
+	Field   string `json:"field"`
+	Message string `json:"message"`
+}
+
+// FieldErrors collects every problem of one value, so a user fixes them all in one go.
+type FieldErrors []FieldError
+
+func (fe FieldErrors) Error() string {
+	parts := make([]string, len(fe))
+	for i, e := range fe {
+		parts[i] = e.Field + ": " + e.Message
+	}
+	return strings.Join(parts, "; ")
+}
+
+func (fe *FieldErrors) add(field, format string, args ...any) {
+	*fe = append(*fe, FieldError{Field: field, Message: fmt.Sprintf(format, args...)})
+}
+
+func (fe FieldErrors) err() error {
+	if len(fe) == 0 {
+		return nil
+	}
+	return fe
+}
+
+// Limits on a VM, generous enough for any real hypervisor and tight enough to catch typos (a memory
+// given in KiB, a disk in bytes).
+const (
+	MaxVCPUs      = 1024
+	MaxMemoryMiB  = 64 << 20 // 64 TiB
+	MaxDiskGiB    = 1 << 20  // 1 PiB
+	maxNameLength = 63
+)
+
+var (
+	nameRE  = regexp.MustCompile(`^[a-z0-9]([a-z0-9.-]*[a-z0-9])?$`)
+	labelRE = regexp.MustCompile(`^[A-Za-z0-9]([A-Za-z0-9._/-]*[A-Za-z0-9])?$`)
+	hwidRE  = regexp.MustCompile(`^[A-Za-z0-9]([A-Za-z0-9._:-]*[A-Za-z0-9])?$`)
+)
+
+// ValidateName checks a VM or pool name: lower-case letters, digits, '-' and '.', starting and
+// ending with a letter or digit, at most 63 characters (a DNS label, so it can name a guest).
+func ValidateName(name string) error {
+	switch {
+	case name == "":
+		return fmt.Errorf("name is empty")
+	case len(name) > maxNameLength:
+		return fmt.Errorf("name %q is longer than %d characters", name, maxNameLength)
+	case !nameRE.MatchString(name):
+		return fmt.Errorf("name %q may only hold lower-case letters, digits, '-' and '.', and must start and end with a letter or digit", name)
+	}
+	return nil
+}
+
+// NormalizeHWID turns a MAC address in any common spelling into the canonical hwid (lower-case,
+// colon-separated); anything else is taken as a serial number (e.g. a Dell service tag) and kept as
+// is, after checking it is safe to put in a key.
+func NormalizeHWID(s string) (string, error) {
+	s = strings.TrimSpace(s)
+	if mac, err := net.ParseMAC(s); err == nil && len(mac) == 6 {
+		return mac.String(), nil
+	}
+	if len(s) == 12 && isHex(s) { // bare 525400123456, as some BMCs and iPXE's ${mac:hexraw} print it
+		mac, _ := net.ParseMAC(s[0:2] + ":" + s[2:4] + ":" + s[4:6] + ":" + s[6:8] + ":" + s[8:10] + ":" + s[10:12])
+		return mac.String(), nil
+	}
+	if s == "" || len(s) > 128 || !hwidRE.MatchString(s) {
+		return "", fmt.Errorf("hardware id %q is neither a MAC address nor a serial number (letters, digits, '.', '_', '-')", s)
+	}
+	return s, nil
+}
+
+func isHex(s string) bool {
+	for _, c := range s {
+		if !strings.ContainsRune("0123456789abcdefABCDEF", c) {
+			return false
+		}
+	}
+	return true
+}
+
+// NormalizeMAC accepts any spelling net.ParseMAC does and returns lower-case colon form.
+func NormalizeMAC(s string) (string, error) {
+	mac, err := net.ParseMAC(strings.TrimSpace(s))
+	if err != nil || len(mac) != 6 {
+		return "", fmt.Errorf("%q is not an Ethernet MAC address", s)
+	}
+	return mac.String(), nil
+}
+
+func validateLabels(fe *FieldErrors, field string, labels map[string]string) {
+	for k, v := range labels {
+		if len(k) > 63 || !labelRE.MatchString(k) {
+			fe.add(field+"."+k, "label names are letters, digits, '.', '_', '-' and '/', at most 63 characters")
+		}
+		if len(v) > 63 || (v != "" && !labelRE.MatchString(v)) {
+			fe.add(field+"."+k, "label value %q must be letters, digits, '.', '_', '-' and '/', at most 63 characters", v)
+		}
+	}
+}
+
+// Validate checks a spec's contents. pools lists the disk pools the cluster has; nil skips that
+// check (for callers that cannot know, e.g. before the cluster record exists).
+func (s *VMSpec) Validate(pools []string) error {
+	var fe FieldErrors
+	if s.VCPUs < 1 || s.VCPUs > MaxVCPUs {
+		fe.add("vcpus", "must be between 1 and %d, got %d", MaxVCPUs, s.VCPUs)
+	}
+	if s.MemoryMiB < 1 || s.MemoryMiB > MaxMemoryMiB {
+		fe.add("memory_mib", "must be between 1 and %d MiB, got %d", MaxMemoryMiB, s.MemoryMiB)
+	}
+	if s.Disk != nil {
+		d := s.Disk
+		if d.Pool == "" {
+			fe.add("disk.pool", "is required")
+		} else if pools != nil && !slices.Contains(pools, d.Pool) {
+			fe.add("disk.pool", "unknown pool %q (this cluster has: %s)", d.Pool, strings.Join(pools, ", "))
+		}
+		if d.SizeGiB < 1 || d.SizeGiB > MaxDiskGiB {
+			fe.add("disk.size_gib", "must be between 1 and %d GiB, got %d", MaxDiskGiB, d.SizeGiB)
+		}
+	}
+	switch s.Power {
+	case "", PowerRunning, PowerStopped:
+	default:
+		fe.add("power", "must be %q or %q, got %q", PowerRunning, PowerStopped, s.Power)
+	}
+	validateLabels(&fe, "labels", s.Labels)
+	validateLabels(&fe, "node_selector", s.NodeSelector)
+	if s.AntiAffinity != "" && ValidateName(s.AntiAffinity) != nil {
+		fe.add("anti_affinity", "group %q must be a name (lower-case letters, digits, '-', '.')", s.AntiAffinity)
+	}
+	return fe.err()
+}
+
+// WantsRunning says whether the spec asks for a running VM.
+func (s *VMSpec) WantsRunning() bool { return s.Power == "" || s.Power == PowerRunning }
+
+// Validate checks a hardware record against the hwid it is stored under.
+func (h *Hardware) Validate(hwid string) error {
+	var fe FieldErrors
+	if h.MAC != "" {
+		mac, err := NormalizeMAC(h.MAC)
+		if err != nil {
+			fe.add("mac", "%v", err)
+		} else if mac != h.MAC {
+			fe.add("mac", "must be written lower-case with colons: %q", mac)
+		}
+	}
+	if h.StorageIP != "" && net.ParseIP(h.StorageIP) == nil {
+		fe.add("storage_ip", "%q is not an IP address", h.StorageIP)
+	}
+	if norm, err := NormalizeHWID(hwid); err != nil {
+		fe.add("hwid", "%v", err)
+	} else if norm != hwid {
+		fe.add("hwid", "must be written %q", norm)
+	}
+	validateLabels(&fe, "labels", h.Labels)
+	return fe.err()
+}
+
+// Validate checks the cluster record.
+func (c *Cluster) Validate() error {
+	var fe FieldErrors
+	if c.ID == "" {
+		fe.add("id", "is required")
+	}
+	for i, p := range c.Pools {
+		if err := ValidateName(p); err != nil {
+			fe.add(fmt.Sprintf("pools[%d]", i), "%v", err)
+		}
+	}
+	return fe.err()
+}
