@@ -268,7 +268,7 @@ func (c *Coordinator) campaign(ctx context.Context) error {
 		return fmt.Errorf("election session: %w", err)
 	}
 	defer sess.Close() // revokes the lease: our key goes at once
-	el := concurrency.NewElection(sess, c.space.LeaderPrefix())
+	el := concurrency.NewElection(sess, c.space.Election())
 	if err := el.Campaign(ctx, c.cfg.Name); err != nil {
 		return fmt.Errorf("campaign: %w", err)
 	}
@@ -286,6 +286,20 @@ func (c *Coordinator) campaign(ctx context.Context) error {
 			c.log.Warn("election session lost: stepping down")
 			cancel()
 		case <-lctx.Done():
+		}
+	}()
+	go func() {
+		// Our key deleted by anyone (an operator, a lease expiry we have not heard of yet) ends
+		// the term at once, before a guarded write would have to find out.
+		wch := c.cfg.Client.Watch(clientv3.WithRequireLeader(lctx), guard.Key, clientv3.WithRev(guard.Rev))
+		for resp := range wch {
+			for _, ev := range resp.Events {
+				if ev.Type == clientv3.EventTypeDelete {
+					c.log.Warn("election key deleted: stepping down", "key", guard.Key)
+					cancel()
+					return
+				}
+			}
 		}
 	}()
 	c.log.Info("elected leader", "key", guard.Key, "rev", guard.Rev)

@@ -72,8 +72,11 @@ func (s Space) Assign(hwid, name string) string { return s.AssignPrefix(hwid) + 
 func (s Space) StatusRoot() string              { return s.dir("status") }
 func (s Space) StatusPrefix(hwid string) string { return s.StatusRoot() + hwid + "/" }
 func (s Space) Status(hwid, name string) string { return s.StatusPrefix(hwid) + name }
-func (s Space) LeaderPrefix() string            { return s.dir("leader") }
-func (s Space) EventPrefix() string             { return s.dir("events") }
+
+// Election is the prefix handed to concurrency.NewElection, which adds the '/': candidates' keys
+// are /herd/leader/<lease id>.
+func (s Space) Election() string    { return s.root + "/leader" }
+func (s Space) EventPrefix() string { return s.dir("events") }
 
 // Event names an audit record; the time comes first so keys sort by time.
 func (s Space) Event(t time.Time, id string) string {

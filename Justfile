@@ -1,0 +1,39 @@
+# herd's recipes. `just demo` runs the whole system on this machine; `just test` checks it.
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+export PATH := env_var("PATH") + ":/usr/local/go/bin"
+version := `git describe --always --dirty 2>/dev/null || echo dev`
+ldflags := "-X github.com/herdhq/herd/lib/version.Version=" + version
+
+# list recipes
+default:
+    @just --list
+
+# install missing apt packages and Go modules (idempotent)
+deps:
+    scripts/deps.sh
+
+# build bin/herd (cgo: libvirt) and bin/herdctl (pure Go)
+build: deps
+    mkdir -p bin
+    go build -ldflags '{{ldflags}}' -o bin/herd ./cmd/herd
+    CGO_ENABLED=0 go build -ldflags '{{ldflags}}' -o bin/herdctl ./cmd/herdctl
+
+# embedded etcd + 2 coordinators + 3 simulated nodes; Ctrl-C stops everything
+demo *ARGS: build
+    bin/herd dev {{ARGS}}
+
+# vet, unit tests, then end-to-end tests (heavy rigs one package at a time)
+test: deps
+    go vet ./...
+    CGO_ENABLED=0 go build -o /dev/null ./cmd/herdctl
+    go test -count=1 -timeout 15m $(go list ./... | grep -v /e2e)
+    go test -count=1 -p 1 -timeout 20m ./e2e/...
+
+# benchmarks: ratios measured in one run (see docs/performance.md)
+bench: deps
+    go test -run '^$' -bench . -benchtime 3x ./coordinator/scheduler/
+
+# gofmt the tree
+fmt:
+    gofmt -w $(git ls-files '*.go')

@@ -1,0 +1,377 @@
+// Package rig starts herd's real parts as separate OS processes for end-to-end tests: the built
+// binaries, an etcd member, Debian's etcdctl. Every process is stopped when the test ends, also when
+// it fails, and its log is printed then.
+package rig
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/herdhq/herd/agent/hypervisor"
+)
+
+// Binaries are the herd and herdctl executables the tests run.
+type Binaries struct {
+	Herd, Herdctl string
+}
+
+// Build compiles herd and herdctl into dir (a TestMain's temporary directory). The Go build cache
+// makes this fast after the first time.
+func Build(dir string) (Binaries, error) {
+	_, file, _, _ := runtime.Caller(0)
+	root := filepath.Join(filepath.Dir(file), "..", "..")
+	b := Binaries{Herd: filepath.Join(dir, "herd"), Herdctl: filepath.Join(dir, "herdctl")}
+	for _, c := range []struct{ out, pkg, cgo string }{{b.Herd, "./cmd/herd", "1"}, {b.Herdctl, "./cmd/herdctl", "0"}} {
+		cmd := exec.Command("go", "build", "-o", c.out, c.pkg)
+		cmd.Dir = root
+		cmd.Env = append(os.Environ(), "CGO_ENABLED="+c.cgo)
+		if out, err := cmd.CombinedOutput(); err != nil {
+			return b, fmt.Errorf("go build %s: %v\n%s", c.pkg, err, out)
+		}
+	}
+	return b, nil
+}
+
+// FreePort returns a loopback port free at the time of the call.
+func FreePort(t testing.TB) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// Proc is one started process.
+type Proc struct {
+	Name string
+	Log  string
+	cmd  *exec.Cmd
+	done chan struct{}
+	mu   sync.Mutex
+	err  error
+}
+
+// Start runs bin with args in its own process group, logging to dir/name.log. It is stopped at
+// test cleanup (SIGTERM, then SIGKILL after 10 s) and its log tail is printed if the test failed.
+func Start(t testing.TB, dir, name, bin string, args ...string) *Proc {
+	t.Helper()
+	logPath := filepath.Join(dir, name+".log")
+	f, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(bin, args...)
+	cmd.Stdout, cmd.Stderr = f, f
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		f.Close()
+		t.Fatalf("start %s: %v", name, err)
+	}
+	p := &Proc{Name: name, Log: logPath, cmd: cmd, done: make(chan struct{})}
+	go func() {
+		err := cmd.Wait()
+		f.Close()
+		p.mu.Lock()
+		p.err = err
+		p.mu.Unlock()
+		close(p.done)
+	}()
+	t.Cleanup(func() {
+		p.Stop(10 * time.Second)
+		if t.Failed() {
+			t.Logf("---- last lines of %s ----\n%s", name, Tail(logPath, 40))
+		}
+	})
+	return p
+}
+
+// Pid of the process.
+func (p *Proc) Pid() int { return p.cmd.Process.Pid }
+
+// Running reports whether the process has not exited.
+func (p *Proc) Running() bool {
+	select {
+	case <-p.done:
+		return false
+	default:
+		return true
+	}
+}
+
+// Stop asks the process to exit and kills its group after grace.
+func (p *Proc) Stop(grace time.Duration) {
+	if !p.Running() {
+		return
+	}
+	_ = syscall.Kill(p.Pid(), syscall.SIGCONT) // a stopped process can't handle SIGTERM
+	_ = p.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-p.done:
+	case <-time.After(grace):
+		p.Kill()
+	}
+}
+
+// Kill sends SIGKILL to the process group and waits for the exit.
+func (p *Proc) Kill() {
+	if !p.Running() {
+		return
+	}
+	_ = syscall.Kill(-p.Pid(), syscall.SIGKILL)
+	<-p.done
+}
+
+// Signal sends sig to the process only.
+func (p *Proc) Signal(sig syscall.Signal) error { return syscall.Kill(p.Pid(), sig) }
+
+// Tail returns the last n lines of a file.
+func Tail(path string, n int) string {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return err.Error()
+	}
+	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
+
+// Eventually polls cond every 100 ms until it returns nil or timeout passes, then fails with the
+// last error. Timeouts are generous: tests never assert wall-clock times.
+func Eventually(t testing.TB, timeout time.Duration, what string, cond func() error) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	var err error
+	for {
+		if err = cond(); err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: not true after %s: %v", what, timeout, err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// Cluster is an etcd member plus the herd processes of one test.
+type Cluster struct {
+	T           testing.TB
+	Bin         Binaries
+	Dir         string
+	Endpoint    string
+	MetricsURL  string
+	Etcd        *Proc
+	Coords      []*Proc
+	Agents      map[string]*Agent
+	AgentArgs   []string // extra flags for every agent
+	CoordArgs   []string // extra flags for every coordinator
+	agentsOrder []string
+}
+
+// Agent is one agent process with its status endpoint.
+type Agent struct {
+	*Proc
+	HWID   string
+	Status string // base URL of its status endpoint
+	URI    string
+}
+
+// NewCluster starts a single etcd member (as its own process, `herd etcd`).
+func NewCluster(t testing.TB, bin Binaries) *Cluster {
+	t.Helper()
+	dir := t.TempDir()
+	c := &Cluster{T: t, Bin: bin, Dir: dir, Agents: map[string]*Agent{}}
+	cp, pp, mp := FreePort(t), FreePort(t), FreePort(t)
+	c.Endpoint = fmt.Sprintf("http://127.0.0.1:%d", cp)
+	c.MetricsURL = fmt.Sprintf("http://127.0.0.1:%d/metrics", mp)
+	c.Etcd = Start(t, dir, "etcd", bin.Herd, "etcd", "--data-dir", filepath.Join(dir, "etcd"),
+		"--listen-client", c.Endpoint, "--listen-peer", fmt.Sprintf("http://127.0.0.1:%d", pp),
+		"--listen-metrics", fmt.Sprintf("http://127.0.0.1:%d", mp), "--unsafe-no-fsync", "--auto-compaction", "1m")
+	Eventually(t, 30*time.Second, "etcd serving", func() error {
+		_, err := http.Get(c.MetricsURL)
+		return err
+	})
+	return c
+}
+
+// StartCoordinator starts one more coordinator replica.
+func (c *Cluster) StartCoordinator(extra ...string) *Proc {
+	n := len(c.Coords) + 1
+	name := fmt.Sprintf("coordinator%d", n)
+	args := append([]string{"coordinator", "--endpoints", c.Endpoint, "--name", name,
+		"--listen", fmt.Sprintf("127.0.0.1:%d", FreePort(c.T))}, c.CoordArgs...)
+	p := Start(c.T, c.Dir, name, c.Bin.Herd, append(args, extra...)...)
+	c.Coords = append(c.Coords, p)
+	return p
+}
+
+// StartAgent enrols hwid (with herdctl) and starts an agent on its own test-driver node.
+func (c *Cluster) StartAgent(hwid string, cpus int, memMiB int64, extra ...string) *Agent {
+	c.T.Helper()
+	if _, ok := c.Agents[hwid]; !ok {
+		c.Herdctl("hw", "add", hwid)
+	}
+	idx := len(c.agentsOrder) + 1
+	uri, err := hypervisor.WriteTestNode(c.Dir, fmt.Sprintf("node-%d", idx), cpus, memMiB)
+	if err != nil {
+		c.T.Fatal(err)
+	}
+	port := FreePort(c.T)
+	name := "agent-" + strings.ReplaceAll(hwid, ":", "")
+	args := append([]string{"agent", "--endpoints", c.Endpoint, "--hwid", hwid, "--libvirt-uri", uri,
+		"--volume-dir", filepath.Join(c.Dir, "volumes"), "--listen", fmt.Sprintf("127.0.0.1:%d", port)}, c.AgentArgs...)
+	p := Start(c.T, c.Dir, name, c.Bin.Herd, append(args, extra...)...)
+	a := &Agent{Proc: p, HWID: hwid, Status: fmt.Sprintf("http://127.0.0.1:%d", port), URI: uri}
+	if _, ok := c.Agents[hwid]; !ok {
+		c.agentsOrder = append(c.agentsOrder, hwid)
+	}
+	c.Agents[hwid] = a
+	return a
+}
+
+// Run runs a command with the cluster's endpoint in its environment and returns stdout, stderr and
+// the exit code.
+func (c *Cluster) Run(bin string, args ...string) (string, string, int) {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, bin, args...)
+	cmd.Env = append(os.Environ(), "HERD_ENDPOINTS="+c.Endpoint, "ETCDCTL_API=3")
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	err := cmd.Run()
+	code := 0
+	if err != nil {
+		if ee, ok := err.(*exec.ExitError); ok {
+			code = ee.ExitCode()
+		} else {
+			c.T.Fatalf("run %s %v: %v", bin, args, err)
+		}
+	}
+	return out.String(), errb.String(), code
+}
+
+// Herdctl runs herdctl and fails the test unless it succeeds.
+func (c *Cluster) Herdctl(args ...string) string {
+	c.T.Helper()
+	out, errOut, code := c.Run(c.Bin.Herdctl, args...)
+	if code != 0 {
+		c.T.Fatalf("herdctl %s: exit %d: %s%s", strings.Join(args, " "), code, out, errOut)
+	}
+	return out
+}
+
+// Etcdctl runs Debian's etcdctl against the cluster and fails the test unless it succeeds.
+func (c *Cluster) Etcdctl(args ...string) string {
+	c.T.Helper()
+	bin, err := exec.LookPath("etcdctl")
+	if err != nil {
+		c.T.Fatalf("etcdctl not found: install Debian's etcd-client package (just deps)")
+	}
+	out, errOut, code := c.Run(bin, append([]string{"--endpoints", c.Endpoint}, args...)...)
+	if code != 0 {
+		c.T.Fatalf("etcdctl %s: exit %d: %s%s", strings.Join(args, " "), code, out, errOut)
+	}
+	return out
+}
+
+// VM is the part of `herdctl vm list -o json` the tests read.
+type VM struct {
+	Name      string `json:"name"`
+	UID       int64  `json:"uid"`
+	State     string `json:"state"`
+	SpecError string `json:"spec_error"`
+	Placement *struct {
+		Node  string `json:"node"`
+		Epoch int64  `json:"epoch"`
+	} `json:"placement"`
+	Problem *struct {
+		Kind    string `json:"kind"`
+		Message string `json:"message"`
+	} `json:"problem"`
+}
+
+// VMs lists VMs through herdctl.
+func (c *Cluster) VMs() map[string]VM {
+	c.T.Helper()
+	var list []VM
+	if err := json.Unmarshal([]byte(c.Herdctl("vm", "list", "-o", "json")), &list); err != nil {
+		c.T.Fatal(err)
+	}
+	m := map[string]VM{}
+	for _, v := range list {
+		m[v.Name] = v
+	}
+	return m
+}
+
+// Domains asks an agent for its own report of its libvirt domains.
+func (a *Agent) Domains() ([]hypervisor.Domain, error) {
+	resp, err := http.Get(a.Status + "/v1/domains")
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != 200 {
+		return nil, fmt.Errorf("status %s", resp.Status)
+	}
+	var doms []hypervisor.Domain
+	return doms, json.NewDecoder(resp.Body).Decode(&doms)
+}
+
+// Metric sums the samples of a Prometheus metric at url whose labels contain every filter
+// (e.g. `grpc_method="Range"`).
+func Metric(url, name string, filters ...string) (float64, error) {
+	resp, err := http.Get(url)
+	if err != nil {
+		return 0, err
+	}
+	defer resp.Body.Close()
+	var sum float64
+	found := false
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		line := sc.Text()
+		if !strings.HasPrefix(line, name+"{") && !strings.HasPrefix(line, name+" ") {
+			continue
+		}
+		ok := true
+		for _, f := range filters {
+			if !strings.Contains(line, f) {
+				ok = false
+			}
+		}
+		if !ok {
+			continue
+		}
+		fields := strings.Fields(line)
+		v, err := strconv.ParseFloat(fields[len(fields)-1], 64)
+		if err != nil {
+			return 0, err
+		}
+		sum += v
+		found = true
+	}
+	if !found {
+		return 0, fmt.Errorf("metric %s%v not found at %s", name, filters, url)
+	}
+	return sum, sc.Err()
+}
