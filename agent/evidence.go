@@ -19,24 +19,35 @@ import (
 // joined: after etcd is wiped or replaced, absence means nothing. An etcd error is returned, never
 // read as absence.
 func (a *Agent) evidence(ctx context.Context, name string, dom *hypervisor.Domain) (gone bool, why string, err error) {
-	cluster, same := a.currentCluster()
-	if !same {
-		return false, "the cluster record is missing or its id changed since this agent joined", nil
-	}
-	if dom.Cluster != "" && dom.Cluster != cluster {
-		return false, fmt.Sprintf("the domain was made by cluster %s, this is %s", dom.Cluster, cluster), nil
-	}
 	cctx, cancel := etcdutil.WithTimeout(ctx)
 	defer cancel()
-	// One transaction reads spec and placement at the same revision.
+	// One transaction reads the cluster record, spec and placement at the same revision. The
+	// cluster id must come from this read, not from a cache: after a wipe, the informers of the
+	// assignments and of the cluster record relist in no particular order.
 	resp, err := a.cfg.Client.Txn(cctx).Then(
+		clientv3.OpGet(a.space.Cluster()),
 		clientv3.OpGet(a.space.VMSpec(name)),
 		clientv3.OpGet(a.space.VMPlacement(name)),
 	).Commit()
 	if err != nil {
 		return false, "", fmt.Errorf("read spec and placement for evidence: %w", err)
 	}
-	specs := resp.Responses[0].GetResponseRange().Kvs
+	first := a.clusterID.Load()
+	clusters := resp.Responses[0].GetResponseRange().Kvs
+	if len(clusters) == 0 || first == nil {
+		return false, "the cluster record is missing", nil
+	}
+	cl, err := keys.Decode[keys.Cluster](clusters[0].Value)
+	if err != nil {
+		return false, "the cluster record is unreadable: " + err.Error(), nil
+	}
+	if cl.ID != *first {
+		return false, fmt.Sprintf("the cluster id changed from %s to %s since this agent joined", *first, cl.ID), nil
+	}
+	if dom.Cluster != "" && dom.Cluster != cl.ID {
+		return false, fmt.Sprintf("the domain was made by cluster %s, this is %s", dom.Cluster, cl.ID), nil
+	}
+	specs := resp.Responses[1].GetResponseRange().Kvs
 	if len(specs) == 0 {
 		return true, "the VM was deleted", nil
 	}
@@ -46,7 +57,7 @@ func (a *Agent) evidence(ctx context.Context, name string, dom *hypervisor.Domai
 		}
 		return false, fmt.Sprintf("the spec's uid %d is older than the domain's %d", uid, dom.UID), nil
 	}
-	places := resp.Responses[1].GetResponseRange().Kvs
+	places := resp.Responses[2].GetResponseRange().Kvs
 	if len(places) == 0 {
 		return false, "the VM exists but has no placement", nil
 	}

@@ -47,15 +47,20 @@ func (a *Agent) reconcile(ctx context.Context, name string) error {
 	}
 
 	if dom != nil && dom.UID != asg.UID {
-		if dom.UID > asg.UID {
-			return a.report(ctx, name, kv, keys.StateError, fmt.Sprintf("the running domain belongs to VM uid %d, newer than the assignment's %d: etcd restored from an old backup? Not touching it", dom.UID, asg.UID))
+		// Another incarnation of this name runs here. It goes only on the same positive evidence
+		// as any domain: its spec deleted (the name now belongs to a newer uid).
+		gone, why, err := a.evidence(ctx, name, dom)
+		if err != nil {
+			return err
 		}
-		// The name now belongs to a newer VM: the old one's spec was deleted. Positive evidence.
-		a.log.Info("removing the domain of a deleted VM whose name was reused", "vm", name, "old_uid", dom.UID, "uid", asg.UID)
+		if !gone {
+			return a.report(ctx, name, kv, keys.StateError, fmt.Sprintf("a domain of VM uid %d runs here and is kept (%s); the assignment is for uid %d", dom.UID, why, asg.UID))
+		}
+		a.log.Info("removing the domain of a deleted VM whose name was reused", "vm", name, "old_uid", dom.UID, "uid", asg.UID, "why", why)
 		if err := a.hv.Remove(ctx, name); err != nil {
 			return fmt.Errorf("remove old incarnation: %w", err)
 		}
-		a.events.Record("vm/"+name, "removed", "domain of deleted uid %d removed from %s", dom.UID, a.hwid)
+		a.events.Record("vm/"+name, "removed", "domain of uid %d removed from %s: %s", dom.UID, a.hwid, why)
 		dom = nil
 	}
 	if dom != nil && dom.Epoch > asg.Epoch {
