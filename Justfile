@@ -33,6 +33,8 @@ test: deps
 # benchmarks: ratios measured in one run (see docs/performance.md)
 bench: deps
     go test -run '^$' -bench . -benchtime 3x ./coordinator/scheduler/
+    go test -run '^$' -bench PlacementThroughput -benchtime 1x ./coordinator/
+    go test -run '^$' -bench LeaderFailover -benchtime 3x ./e2e/
 
 # gofmt the tree
 fmt:

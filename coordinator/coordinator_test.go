@@ -31,7 +31,7 @@ type replica struct {
 	done   chan struct{}
 }
 
-func startReplica(t *testing.T, endpoints []string, name string) *replica {
+func startReplica(t testing.TB, endpoints []string, name string) *replica {
 	t.Helper()
 	cl := etcdtest.NewClient(t, endpoints)
 	co, err := New(Config{Client: cl, Space: space, Name: name, SessionTTL: 2 * time.Second, Interval: time.Second})
@@ -51,7 +51,7 @@ func (r *replica) stop() {
 }
 
 // addNode registers a live node the way an agent does: key under a lease.
-func addNode(t *testing.T, c *clientv3.Client, hwid string, cpus int, memMiB int64, labels map[string]string) {
+func addNode(t testing.TB, c *clientv3.Client, hwid string, cpus int, memMiB int64, labels map[string]string) {
 	t.Helper()
 	ctx := context.Background()
 	l, err := c.Grant(ctx, 60)

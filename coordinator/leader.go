@@ -121,7 +121,7 @@ func (c *Coordinator) round(ctx context.Context, g etcdutil.Guard) error {
 		}
 		if pl != nil {
 			if pl.SpecRev != v.spec.ModRevision {
-				acts = append(acts, c.updateSpec(name, v, spec, pl))
+				acts = append(acts, c.updateSpec(g, name, v, spec, pl))
 			} else if v.problem != nil {
 				acts = append(acts, c.clearProblem(name, v.problem))
 			}
@@ -135,7 +135,7 @@ func (c *Coordinator) round(ctx context.Context, g etcdutil.Guard) error {
 	sort.Slice(pending, func(i, j int) bool { return pending[i].UID < pending[j].UID })
 	plan := scheduler.Schedule(scheduler.Snapshot{Nodes: snap.nodes, Placed: placed, Pending: pending}, c.cfg.Scheduler)
 	for _, d := range plan.Placements {
-		acts = append(acts, c.place(d.VM, specs[d.VM], snap.vms[d.VM], d.Node))
+		acts = append(acts, c.place(g, d.VM, specs[d.VM], d.Node))
 	}
 	for _, f := range plan.Failures {
 		if a, ok := c.setProblem(f.VM, f.UID, snap.vms[f.VM].problem, keys.ProblemPending, f.Message, f.Reasons); ok {
@@ -275,9 +275,9 @@ func schedVM(name string, uid int64, s *keys.VMSpec, node string) scheduler.VM {
 
 // place commits a first placement: placement and the node's assignment in one transaction, which
 // holds only if the VM is still unplaced and its spec is the one scheduled.
-func (c *Coordinator) place(name string, specKV *etcdutil.KV, v vmKeys, node string) action {
+func (c *Coordinator) place(g etcdutil.Guard, name string, specKV *etcdutil.KV, node string) action {
 	spec := specKV.Obj.(*keys.VMSpec)
-	pl := keys.Placement{UID: specKV.CreateRevision, Node: node, Epoch: 1, UUID: uuid.NewString(), Since: time.Now().UTC()}
+	pl := keys.Placement{UID: specKV.CreateRevision, Node: node, Epoch: 1, UUID: uuid.NewString(), Since: time.Now().UTC(), By: c.cfg.Name, Term: g.Rev}
 	setSpec(&pl, specKV.ModRevision, spec)
 	asg := assignmentFor(&pl, spec)
 	seen := c.seenAt(name)
@@ -319,9 +319,10 @@ func assignmentFor(pl *keys.Placement, spec *keys.VMSpec) keys.Assignment {
 }
 
 // updateSpec hands a changed spec to the node running the VM.
-func (c *Coordinator) updateSpec(name string, v vmKeys, spec *keys.VMSpec, pl *keys.Placement) action {
+func (c *Coordinator) updateSpec(g etcdutil.Guard, name string, v vmKeys, spec *keys.VMSpec, pl *keys.Placement) action {
 	npl := *pl
 	setSpec(&npl, v.spec.ModRevision, spec)
+	npl.By, npl.Term = c.cfg.Name, g.Rev
 	asg := assignmentFor(&npl, spec)
 	return action{
 		vm:   name,

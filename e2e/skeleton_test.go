@@ -237,7 +237,7 @@ func TestBadSpecs(t *testing.T) {
 		}
 		return nil
 	})
-	for _, p := range append(c.Coords, c.Agents[nodeIDs[0]].Proc) {
+	for _, p := range []*rig.Proc{c.Coords[0].Proc, c.Coords[1].Proc, c.Agents[nodeIDs[0]].Proc} {
 		if !p.Running() {
 			t.Fatalf("%s died on bad input", p.Name)
 		}

@@ -179,11 +179,50 @@ type Cluster struct {
 	Endpoint    string
 	MetricsURL  string
 	Etcd        *Proc
-	Coords      []*Proc
+	Coords      []*Coordinator
 	Agents      map[string]*Agent
 	AgentArgs   []string // extra flags for every agent
 	CoordArgs   []string // extra flags for every coordinator
 	agentsOrder []string
+}
+
+// Coordinator is one coordinator process with its status endpoint.
+type Coordinator struct {
+	*Proc
+	Status string
+}
+
+// IsLeader asks the coordinator whether it leads.
+func (c *Coordinator) IsLeader() bool {
+	resp, err := http.Get(c.Status + "/v1/leader")
+	if err != nil {
+		return false
+	}
+	defer resp.Body.Close()
+	var b bytes.Buffer
+	_, _ = b.ReadFrom(resp.Body)
+	return strings.TrimSpace(b.String()) == "true"
+}
+
+// Leader waits until exactly one running coordinator says it leads and returns it.
+func (c *Cluster) Leader(timeout time.Duration) *Coordinator {
+	c.T.Helper()
+	var l *Coordinator
+	Eventually(c.T, timeout, "one leader", func() error {
+		l = nil
+		n := 0
+		for _, co := range c.Coords {
+			if co.Running() && co.IsLeader() {
+				l = co
+				n++
+			}
+		}
+		if n != 1 {
+			return fmt.Errorf("%d coordinators say they lead", n)
+		}
+		return nil
+	})
+	return l
 }
 
 // Agent is one agent process with its status endpoint.
@@ -204,7 +243,8 @@ func NewCluster(t testing.TB, bin Binaries) *Cluster {
 	c.MetricsURL = fmt.Sprintf("http://127.0.0.1:%d/metrics", mp)
 	c.Etcd = Start(t, dir, "etcd", bin.Herd, "etcd", "--data-dir", filepath.Join(dir, "etcd"),
 		"--listen-client", c.Endpoint, "--listen-peer", fmt.Sprintf("http://127.0.0.1:%d", pp),
-		"--listen-metrics", fmt.Sprintf("http://127.0.0.1:%d", mp), "--unsafe-no-fsync", "--auto-compaction", "1m")
+		// Compaction far beyond a test's length: tests replay etcd's history from revision 1.
+		"--listen-metrics", fmt.Sprintf("http://127.0.0.1:%d", mp), "--unsafe-no-fsync", "--auto-compaction", "24h")
 	Eventually(t, 30*time.Second, "etcd serving", func() error {
 		_, err := http.Get(c.MetricsURL)
 		return err
@@ -213,14 +253,16 @@ func NewCluster(t testing.TB, bin Binaries) *Cluster {
 }
 
 // StartCoordinator starts one more coordinator replica.
-func (c *Cluster) StartCoordinator(extra ...string) *Proc {
+func (c *Cluster) StartCoordinator(extra ...string) *Coordinator {
 	n := len(c.Coords) + 1
 	name := fmt.Sprintf("coordinator%d", n)
+	port := FreePort(c.T)
 	args := append([]string{"coordinator", "--endpoints", c.Endpoint, "--name", name,
-		"--listen", fmt.Sprintf("127.0.0.1:%d", FreePort(c.T))}, c.CoordArgs...)
+		"--listen", fmt.Sprintf("127.0.0.1:%d", port)}, c.CoordArgs...)
 	p := Start(c.T, c.Dir, name, c.Bin.Herd, append(args, extra...)...)
-	c.Coords = append(c.Coords, p)
-	return p
+	co := &Coordinator{Proc: p, Status: fmt.Sprintf("http://127.0.0.1:%d", port)}
+	c.Coords = append(c.Coords, co)
+	return co
 }
 
 // StartAgent enrols hwid (with herdctl) and starts an agent on its own test-driver node.

@@ -87,7 +87,7 @@ func (v *clusterView) nodeViews() []*nodeView {
 
 func nodeCmd(e *env) *cobra.Command {
 	cmd := &cobra.Command{Use: "node", Short: "Inspect hypervisor nodes"}
-	cmd.AddCommand(nodeListCmd(e), nodeGetCmd(e))
+	cmd.AddCommand(nodeListCmd(e), nodeGetCmd(e), nodeCordonCmd(e, true), nodeCordonCmd(e, false))
 	return cmd
 }
 

@@ -75,7 +75,9 @@ func (o *outputFlag) print(w io.Writer, data any, t *table) error {
 		}
 		fmt.Fprintln(tw, strings.Join(out, "\t"))
 	}
-	line(t.header)
+	if len(t.header) > 0 {
+		line(t.header)
+	}
 	for _, r := range t.rows {
 		line(r)
 	}

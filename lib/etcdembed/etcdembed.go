@@ -88,7 +88,8 @@ func Start(c Config, timeout time.Duration) (*Server, error) {
 	} else {
 		cfg.InitialCluster = cfg.InitialClusterFromName(c.Name)
 	}
-	cfg.InitialClusterToken = "herd-" + c.Name
+	// Every member of one cluster must share the token; it only keeps separate clusters apart.
+	cfg.InitialClusterToken = "herd"
 	if c.Existing {
 		cfg.ClusterState = embed.ClusterStateFlagExisting
 	}

@@ -104,3 +104,17 @@ func randomID() string {
 	_, _ = rand.Read(b[:])
 	return hex.EncodeToString(b[:])
 }
+
+// RecordNow writes one event synchronously under its own lease; for short-lived processes such as
+// herdctl, whose operator actions are rare enough that a lease each costs nothing.
+func RecordNow(ctx context.Context, c *clientv3.Client, space keys.Space, actor, object, action, msg string) error {
+	ev := keys.Event{Time: time.Now().UTC(), Actor: actor, Object: object, Action: action, Message: msg}
+	cctx, cancel := etcdutil.WithTimeout(ctx)
+	defer cancel()
+	l, err := c.Grant(cctx, int64(Retention/time.Second))
+	if err != nil {
+		return fmt.Errorf("grant event lease: %w", err)
+	}
+	_, err = c.Put(cctx, space.Event(ev.Time, randomID()), keys.MustEncode(&ev), clientv3.WithLease(l.ID))
+	return err
+}

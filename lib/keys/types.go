@@ -119,7 +119,11 @@ type Placement struct {
 	MemoryMiB    int64     `json:"memory_mib"`
 	AntiAffinity string    `json:"anti_affinity,omitempty"`
 	Since        time.Time `json:"since"`
-	Extra        `json:"-"`
+	// By and Term name the leader that wrote this placement and its term (the election key's
+	// CreateRevision): an audit of which leadership made each decision.
+	By    string `json:"by,omitempty"`
+	Term  int64  `json:"term,omitempty"`
+	Extra `json:"-"`
 }
 
 // Assignment is /herd/assign/<hwid>/<name>: one entry of a node's work list. It carries a copy of the

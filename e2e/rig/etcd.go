@@ -1,0 +1,132 @@
+package rig
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
+)
+
+// Member is one etcd member process of a multi-member cluster.
+type Member struct {
+	*Proc
+	Name      string
+	ClientURL string
+	Metrics   string
+	args      []string
+}
+
+// NewCluster3 starts a three-member etcd cluster of separate processes on 127.0.0.1-3.
+func NewCluster3(t testing.TB, bin Binaries) (*Cluster, []*Member) {
+	t.Helper()
+	dir := t.TempDir()
+	c := &Cluster{T: t, Bin: bin, Dir: dir, Agents: map[string]*Agent{}}
+	var members []*Member
+	var peers, clients []string
+	for i := 1; i <= 3; i++ {
+		ip := fmt.Sprintf("127.0.0.%d", i)
+		m := &Member{
+			Name:      fmt.Sprintf("m%d", i),
+			ClientURL: fmt.Sprintf("http://%s:%d", ip, FreePort(t)),
+			Metrics:   fmt.Sprintf("http://%s:%d", ip, FreePort(t)),
+		}
+		peer := fmt.Sprintf("http://%s:%d", ip, FreePort(t))
+		m.args = []string{"etcd", "--name", m.Name, "--data-dir", filepath.Join(dir, m.Name),
+			"--listen-client", m.ClientURL, "--listen-peer", peer, "--listen-metrics", m.Metrics,
+			"--auto-compaction", "24h"}
+		peers = append(peers, m.Name+"="+peer)
+		clients = append(clients, m.ClientURL)
+		members = append(members, m)
+	}
+	for _, m := range members {
+		m.args = append(m.args, "--initial-cluster", strings.Join(peers, ","))
+		m.Proc = Start(t, dir, "etcd-"+m.Name, bin.Herd, m.args...)
+	}
+	c.Endpoint = strings.Join(clients, ",")
+	c.MetricsURL = members[0].Metrics + "/metrics"
+	Eventually(t, 60*time.Second, "etcd cluster has a leader", func() error {
+		_, err := EtcdLeader(members)
+		return err
+	})
+	return c, members
+}
+
+// EtcdLeader finds the member that reports itself raft leader.
+func EtcdLeader(members []*Member) (*Member, error) {
+	for _, m := range members {
+		if !m.Running() {
+			continue
+		}
+		v, err := Metric(m.Metrics+"/metrics", "etcd_server_is_leader")
+		if err == nil && v == 1 {
+			return m, nil
+		}
+	}
+	return nil, fmt.Errorf("no member reports itself leader")
+}
+
+// Restart starts a killed member again on its data directory.
+func (m *Member) Restart(t testing.TB, c *Cluster) {
+	t.Helper()
+	m.Proc = Start(t, c.Dir, "etcd-"+m.Name, c.Bin.Herd, m.args...)
+}
+
+// Healthy reports whether the member serves its metrics endpoint.
+func (m *Member) Healthy() bool {
+	resp, err := http.Get(m.Metrics + "/health")
+	if err != nil {
+		return false
+	}
+	resp.Body.Close()
+	return resp.StatusCode == 200
+}
+
+// Client returns a client to the cluster's endpoints, closed at cleanup.
+func (c *Cluster) Client() *clientv3.Client {
+	c.T.Helper()
+	cl, err := clientv3.New(clientv3.Config{Endpoints: strings.Split(c.Endpoint, ","), DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
+	if err != nil {
+		c.T.Fatal(err)
+	}
+	c.T.Cleanup(func() { cl.Close() })
+	return cl
+}
+
+// History returns every event under prefix from revision 1 to now: the complete record of what
+// was ever written, for proofs that do not rely on sampling.
+func (c *Cluster) History(prefix string) []*clientv3.Event {
+	c.T.Helper()
+	cl := c.Client()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	head, err := cl.Get(ctx, "/", clientv3.WithCountOnly())
+	if err != nil {
+		c.T.Fatal(err)
+	}
+	end := head.Header.Revision
+	var out []*clientv3.Event
+	wch := cl.Watch(ctx, prefix, clientv3.WithPrefix(), clientv3.WithRev(1), clientv3.WithProgressNotify())
+	for resp := range wch {
+		if err := resp.Err(); err != nil {
+			c.T.Fatalf("history of %s: %v", prefix, err)
+		}
+		out = append(out, resp.Events...)
+		if n := len(resp.Events); n > 0 && resp.Events[n-1].Kv.ModRevision >= end {
+			return out
+		}
+		// A progress notification says every event up to its revision was delivered; it comes
+		// once the watch has caught up, so ask for one after each batch.
+		if resp.IsProgressNotify() && resp.Header.Revision >= end {
+			return out
+		}
+		_ = cl.RequestProgress(ctx)
+	}
+	c.T.Fatalf("history of %s: watch ended: %v", prefix, ctx.Err())
+	return nil
+}
