@@ -23,7 +23,7 @@ func main() {
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	root.AddCommand(agentCmd(), coordinatorCmd(), devCmd(), etcdCmd())
+	root.AddCommand(agentCmd(), coordinatorCmd(), bootserverCmd(), devCmd(), etcdCmd())
 	root.SetArgs(cli.NormalizeArgs(root, os.Args[1:]))
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()

@@ -7,6 +7,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/herdhq/herd/lib/etcdutil"
+	"github.com/herdhq/herd/lib/events"
 	"github.com/herdhq/herd/lib/keys"
 )
 
@@ -15,7 +16,7 @@ func hwCmd(e *env) *cobra.Command {
 		Use:   "hw",
 		Short: "Enrol hardware: only listed machines boot and join",
 	}
-	cmd.AddCommand(hwAddCmd(e), hwListCmd(e), hwRmCmd(e))
+	cmd.AddCommand(hwAddCmd(e), hwListCmd(e), hwRmCmd(e), hwDiscoveredCmd(e), hwApproveCmd(e), hwPinCmd(e, true), hwPinCmd(e, false))
 	return cmd
 }
 
@@ -199,4 +200,186 @@ func hwRmCmd(e *env) *cobra.Command {
 	}
 	cmd.Flags().BoolVar(&ignoreMissing, "ignore-not-found", false, "succeed when the record does not exist")
 	return cmd
+}
+
+func hwDiscoveredCmd(e *env) *cobra.Command {
+	var o outputFlag
+	cmd := &cobra.Command{
+		Use:     "discovered",
+		Short:   "List machines that tried to boot but are not enrolled",
+		Example: `  herdctl hw discovered`,
+		Args:    cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := o.validate(); err != nil {
+				return err
+			}
+			if err := e.connect(); err != nil {
+				return err
+			}
+			ctx, cancel := e.ctx(cmd.Context())
+			defer cancel()
+			resp, err := e.client.Get(ctx, e.space.DiscoveredPrefix(), clientv3.WithPrefix())
+			if err != nil {
+				return err
+			}
+			var list []*keys.Discovered
+			t := &table{}
+			for _, c := range []string{"MAC", "SERIAL", "UUID", "ARCH", "ATTEMPTS", "FIRST-SEEN", "LAST-SEEN", "BOOTSERVER"} {
+				t.col(c, false)
+			}
+			for _, kv := range resp.Kvs {
+				d, err := keys.Decode[keys.Discovered](kv.Value)
+				if err != nil {
+					continue
+				}
+				list = append(list, d)
+				t.row(d.MAC, orDash(d.Serial), orDash(d.UUID), orDash(d.Arch), fmt.Sprint(d.Attempts), age(d.FirstSeen), age(d.LastSeen), orDash(d.Bootserver))
+			}
+			if len(list) == 0 && o.format == "table" {
+				fmt.Fprintln(e.errOut, "no unknown machines have tried to boot")
+				return nil
+			}
+			return o.print(e.out, list, t)
+		},
+	}
+	o.add(cmd)
+	return cmd
+}
+
+func hwApproveCmd(e *env) *cobra.Command {
+	var (
+		labels    []string
+		bySerial  bool
+		storageIP string
+	)
+	cmd := &cobra.Command{
+		Use:   "approve MAC",
+		Short: "Enrol a discovered machine: it boots at its next retry, no power cycle needed",
+		Example: `  herdctl hw discovered
+  herdctl hw approve 52:54:00:aa:bb:01 --label rack=r3
+  herdctl hw approve 52:54:00:aa:bb:02 --by-serial     # enrol under its serial number (service tag)`,
+		Args: exactArgs("MAC"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			mac, err := keys.NormalizeMAC(args[0])
+			if err != nil {
+				return usagef("%v", err)
+			}
+			lbl, err := parseLabels("label", labels)
+			if err != nil {
+				return err
+			}
+			if err := e.connect(); err != nil {
+				return err
+			}
+			ctx, cancel := e.ctx(cmd.Context())
+			defer cancel()
+			dkey := e.space.Discovered(mac)
+			resp, err := e.client.Get(ctx, dkey)
+			if err != nil {
+				return err
+			}
+			if len(resp.Kvs) == 0 {
+				return fmt.Errorf("no discovered machine %s (see 'herdctl hw discovered', or enrol it with 'herdctl hw add'): %w", mac, ErrNotFound)
+			}
+			d, err := keys.Decode[keys.Discovered](resp.Kvs[0].Value)
+			if err != nil {
+				return err
+			}
+			hwid := mac
+			if bySerial {
+				if d.Serial == "" {
+					return fmt.Errorf("machine %s reported no serial number; approve it by MAC", mac)
+				}
+				if hwid, err = keys.NormalizeHWID(d.Serial); err != nil {
+					return err
+				}
+			}
+			hw := keys.Hardware{MAC: mac, Serial: d.Serial, Labels: lbl, StorageIP: storageIP}
+			if err := hw.Validate(hwid); err != nil {
+				return usagef("%v", err)
+			}
+			tx, err := e.client.Txn(ctx).If(etcdutil.CreateRev(e.space.Hardware(hwid), 0)).Then(
+				clientv3.OpPut(e.space.Hardware(hwid), keys.MustEncode(&hw)),
+				clientv3.OpDelete(dkey),
+			).Commit()
+			if err != nil {
+				return err
+			}
+			if !tx.Succeeded {
+				return fmt.Errorf("hardware %s is already enrolled", hwid)
+			}
+			_ = events.RecordNow(ctx, e.client, e.space, actor(), "node/"+hwid, "approved", "mac "+mac)
+			fmt.Fprintf(e.out, "hardware/%s enrolled; it boots at its next retry\n", hwid)
+			return nil
+		},
+	}
+	cmd.Flags().StringSliceVar(&labels, "label", nil, "label key=value (repeatable)")
+	cmd.Flags().BoolVar(&bySerial, "by-serial", false, "enrol under the serial number the machine reported")
+	cmd.Flags().StringVar(&storageIP, "storage-ip", "", "static storage-network IP")
+	return cmd
+}
+
+func hwPinCmd(e *env, pin bool) *cobra.Command {
+	use, short, example := "pin HWID VERSION", "Make a node boot VERSION instead of the current image", `  herdctl hw pin 52:54:00:aa:bb:01 2026.11.2`
+	args := []string{"HWID", "VERSION"}
+	if !pin {
+		use, short, example = "unpin HWID", "Let a node boot the current image again", `  herdctl hw unpin 52:54:00:aa:bb:01`
+		args = []string{"HWID"}
+	}
+	return &cobra.Command{
+		Use:     use,
+		Short:   short,
+		Example: example,
+		Args:    exactArgs(args...),
+		RunE: func(cmd *cobra.Command, a []string) error {
+			id, err := keys.NormalizeHWID(a[0])
+			if err != nil {
+				return usagef("%v", err)
+			}
+			version := ""
+			if pin {
+				version = a[1]
+				if err := keys.ValidateImageVersion(version); err != nil {
+					return usagef("%v", err)
+				}
+			}
+			if err := e.connect(); err != nil {
+				return err
+			}
+			ctx, cancel := e.ctx(cmd.Context())
+			defer cancel()
+			if pin {
+				resp, err := e.client.Get(ctx, e.space.Image(version), clientv3.WithCountOnly())
+				if err != nil {
+					return err
+				}
+				if resp.Count == 0 {
+					return fmt.Errorf("image %s: %w (see 'herdctl image list')", version, ErrNotFound)
+				}
+			}
+			changed, err := e.updateNodeState(ctx, id, func(ns *keys.NodeState) bool {
+				if ns.Image == version {
+					return false
+				}
+				ns.Image = version
+				return true
+			})
+			if err != nil {
+				return err
+			}
+			switch {
+			case !changed && pin:
+				fmt.Fprintf(e.out, "node/%s already pinned to %s\n", id, version)
+			case !changed:
+				fmt.Fprintf(e.out, "node/%s not pinned\n", id)
+			case pin:
+				_ = events.RecordNow(ctx, e.client, e.space, actor(), "node/"+id, "pinned", version)
+				fmt.Fprintf(e.out, "node/%s pinned to %s (takes effect at its next boot)\n", id, version)
+			default:
+				_ = events.RecordNow(ctx, e.client, e.space, actor(), "node/"+id, "unpinned", "")
+				fmt.Fprintf(e.out, "node/%s unpinned\n", id)
+			}
+			return nil
+		},
+	}
 }

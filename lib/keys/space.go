@@ -78,6 +78,22 @@ func (s Space) Status(hwid, name string) string { return s.StatusPrefix(hwid) + 
 func (s Space) Election() string    { return s.root + "/leader" }
 func (s Space) EventPrefix() string { return s.dir("events") }
 
+// DiscoveredPrefix lists unknown machines that tried to boot.
+func (s Space) DiscoveredPrefix() string      { return s.dir("discovered") }
+func (s Space) Discovered(mac string) string  { return s.DiscoveredPrefix() + mac }
+func (s Space) ImagePrefix() string           { return s.dir("images") }
+func (s Space) Image(version string) string   { return s.ImagePrefix() + version }
+func (s Space) ImageCurrent() string          { return s.ImagePrefix() + ImageCurrentName }
+func (s Space) BootserverPrefix() string      { return s.dir("bootservers") }
+func (s Space) Bootserver(name string) string { return s.BootserverPrefix() + name }
+func (s Space) DHCPLeasePrefix() string       { return s.dir("dhcp/leases") }
+func (s Space) DHCPLease(mac string) string   { return s.DHCPLeasePrefix() + mac }
+func (s Space) DHCPAddress(ip string) string  { return s.dir("dhcp/ips") + ip }
+
+// ImageCurrentName is the key under ImagePrefix that names the default version; it cannot be a
+// version itself.
+const ImageCurrentName = "current"
+
 // Event names an audit record; the time comes first so keys sort by time.
 func (s Space) Event(t time.Time, id string) string {
 	return s.EventPrefix() + t.UTC().Format(eventTimeLayout) + "-" + id

@@ -65,7 +65,10 @@ type NodeState struct {
 	Cordoned bool      `json:"cordoned,omitempty"`
 	Reason   string    `json:"reason,omitempty"`
 	Since    time.Time `json:"since,omitzero"`
-	Extra    `json:"-"`
+	// Image pins the hypervisor image version the node boots next; empty means the current one.
+	// It lives here, not in the hardware record, so re-enrolling hardware never loses it.
+	Image string `json:"image,omitempty"`
+	Extra `json:"-"`
 }
 
 // Power states a spec can ask for.
@@ -191,6 +194,67 @@ type Event struct {
 	Action  string    `json:"action"`
 	Message string    `json:"message,omitempty"`
 	Extra   `json:"-"`
+}
+
+// Discovered is /herd/discovered/<mac>: a machine that tried to boot and is not enrolled. It
+// expires about a day after its last attempt.
+type Discovered struct {
+	V          int       `json:"v"`
+	MAC        string    `json:"mac"`
+	Serial     string    `json:"serial,omitempty"`
+	UUID       string    `json:"uuid,omitempty"`
+	Arch       string    `json:"arch,omitempty"`
+	FirstSeen  time.Time `json:"first_seen"`
+	LastSeen   time.Time `json:"last_seen"`
+	Attempts   int       `json:"attempts"`
+	Bootserver string    `json:"bootserver,omitempty"`
+	Extra      `json:"-"`
+}
+
+// ImageFile is one file of a boot image, as the catalogue records it.
+type ImageFile struct {
+	Name   string `json:"name"`
+	Size   int64  `json:"size"`
+	SHA256 string `json:"sha256"`
+	Extra  `json:"-"`
+}
+
+// Image is /herd/images/<version>: one immutable hypervisor image in the catalogue. The files live
+// in each bootserver's image directory as <dir>/<version>/<name>.
+type Image struct {
+	V       int       `json:"v"`
+	Kernel  ImageFile `json:"kernel"`
+	Initrd  ImageFile `json:"initrd"`
+	Cmdline string    `json:"cmdline,omitempty"`
+	Created time.Time `json:"created"`
+	Extra   `json:"-"`
+}
+
+// ImageCurrent is /herd/images/current: the version nodes without a pin boot.
+type ImageCurrent struct {
+	V       int    `json:"v"`
+	Version string `json:"version"`
+	Extra   `json:"-"`
+}
+
+// Bootserver is /herd/bootservers/<name>, under the bootserver's lease: where it serves and which
+// image versions it verified.
+type Bootserver struct {
+	V       int       `json:"v"`
+	URL     string    `json:"url"`
+	Started time.Time `json:"started"`
+	// Images maps each catalogue version to "ok" or why it cannot be served.
+	Images map[string]string `json:"images"`
+	Extra  `json:"-"`
+}
+
+// DHCPLease is /herd/dhcp/leases/<mac> (and /herd/dhcp/ips/<ip> names the same holder), under an
+// etcd lease as long as the DHCP lease: full-mode bootservers share their address pool through it.
+type DHCPLease struct {
+	V     int    `json:"v"`
+	MAC   string `json:"mac"`
+	IP    string `json:"ip"`
+	Extra `json:"-"`
 }
 
 // JSON plumbing: each type marshals through encodeObject/decodeObject so unknown members survive.
@@ -354,3 +418,86 @@ func (x *Event) UnmarshalJSON(b []byte) error {
 	return err
 }
 func (x *Event) version() *int { return &x.V }
+
+func (x Discovered) MarshalJSON() ([]byte, error) {
+	type plain Discovered
+	return encodeObject(plain(x), x.Extra)
+}
+func (x *Discovered) UnmarshalJSON(b []byte) error {
+	type plain Discovered
+	var p plain
+	e, err := decodeObject(b, &p)
+	*x = Discovered(p)
+	x.Extra = e
+	return err
+}
+func (x *Discovered) version() *int { return &x.V }
+
+func (x ImageFile) MarshalJSON() ([]byte, error) {
+	type plain ImageFile
+	return encodeObject(plain(x), x.Extra)
+}
+func (x *ImageFile) UnmarshalJSON(b []byte) error {
+	type plain ImageFile
+	var p plain
+	e, err := decodeObject(b, &p)
+	*x = ImageFile(p)
+	x.Extra = e
+	return err
+}
+
+func (x Image) MarshalJSON() ([]byte, error) {
+	type plain Image
+	return encodeObject(plain(x), x.Extra)
+}
+func (x *Image) UnmarshalJSON(b []byte) error {
+	type plain Image
+	var p plain
+	e, err := decodeObject(b, &p)
+	*x = Image(p)
+	x.Extra = e
+	return err
+}
+func (x *Image) version() *int { return &x.V }
+
+func (x ImageCurrent) MarshalJSON() ([]byte, error) {
+	type plain ImageCurrent
+	return encodeObject(plain(x), x.Extra)
+}
+func (x *ImageCurrent) UnmarshalJSON(b []byte) error {
+	type plain ImageCurrent
+	var p plain
+	e, err := decodeObject(b, &p)
+	*x = ImageCurrent(p)
+	x.Extra = e
+	return err
+}
+func (x *ImageCurrent) version() *int { return &x.V }
+
+func (x Bootserver) MarshalJSON() ([]byte, error) {
+	type plain Bootserver
+	return encodeObject(plain(x), x.Extra)
+}
+func (x *Bootserver) UnmarshalJSON(b []byte) error {
+	type plain Bootserver
+	var p plain
+	e, err := decodeObject(b, &p)
+	*x = Bootserver(p)
+	x.Extra = e
+	return err
+}
+func (x *Bootserver) version() *int { return &x.V }
+
+func (x DHCPLease) MarshalJSON() ([]byte, error) {
+	type plain DHCPLease
+	return encodeObject(plain(x), x.Extra)
+}
+func (x *DHCPLease) UnmarshalJSON(b []byte) error {
+	type plain DHCPLease
+	var p plain
+	e, err := decodeObject(b, &p)
+	*x = DHCPLease(p)
+	x.Extra = e
+	return err
+}
+func (x *DHCPLease) version() *int { return &x.V }

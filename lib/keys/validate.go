@@ -185,3 +185,39 @@ func (c *Cluster) Validate() error {
 	}
 	return fe.err()
 }
+
+var versionRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._+-]{0,62}$`)
+
+// ValidateImageVersion checks an image version: letters, digits, '.', '_', '+', '-', at most 63
+// characters, and not the reserved word "current".
+func ValidateImageVersion(v string) error {
+	if !versionRE.MatchString(v) {
+		return fmt.Errorf("image version %q: use letters, digits, '.', '_', '+', '-' (at most 63)", v)
+	}
+	if v == ImageCurrentName {
+		return fmt.Errorf("image version %q is reserved", v)
+	}
+	return nil
+}
+
+var fileNameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$`)
+
+// Validate checks a catalogue entry.
+func (im *Image) Validate() error {
+	var fe FieldErrors
+	for _, f := range []struct {
+		field string
+		file  ImageFile
+	}{{"kernel", im.Kernel}, {"initrd", im.Initrd}} {
+		if !fileNameRE.MatchString(f.file.Name) {
+			fe.add(f.field+".name", "%q must be a plain file name", f.file.Name)
+		}
+		if f.file.Size <= 0 {
+			fe.add(f.field+".size", "must be positive")
+		}
+		if len(f.file.SHA256) != 64 || !isHex(f.file.SHA256) {
+			fe.add(f.field+".sha256", "must be 64 hex digits")
+		}
+	}
+	return fe.err()
+}

@@ -1,0 +1,222 @@
+// Package httpboot is the HTTP side of herd's boot server: iPXE scripts that decide, per machine,
+// what it boots, and the image files themselves (immutable, versioned URLs with range support).
+package httpboot
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"net/url"
+	"strings"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/herdhq/herd/bootserver/images"
+	"github.com/herdhq/herd/bootserver/ipxe"
+	"github.com/herdhq/herd/lib/keys"
+)
+
+// Machine is what a booting machine tells about itself through iPXE.
+type Machine struct {
+	MAC    string // normalised
+	UUID   string
+	Serial string
+	Arch   string
+	Remote string
+}
+
+// Target is what an enrolled machine boots.
+type Target struct {
+	HWID    string
+	Version string
+	Image   *keys.Image
+}
+
+// ErrUnknown means the machine is not enrolled.
+var ErrUnknown = errors.New("machine not enrolled")
+
+// Backend answers per machine; the bootserver's etcd backend implements it.
+type Backend interface {
+	// Resolve finds the enrolled hardware by MAC, else by serial, and the image it boots.
+	Resolve(ctx context.Context, m Machine) (Target, error)
+	// Discovered records an unknown machine's attempt.
+	Discovered(ctx context.Context, m Machine) error
+	// Image returns a catalogue entry.
+	Image(version string) (*keys.Image, bool)
+}
+
+// Config of the HTTP service.
+type Config struct {
+	// Base is the URL nodes reach this server at, e.g. http://10.99.0.1:8080.
+	Base string
+	// Params are kernel command line parameters every node gets (etcd endpoints, syslog target).
+	Params []string
+	// Retry is how long an unknown machine waits before asking again.
+	Retry time.Duration
+}
+
+// Handler serves /boot.ipxe, /ipxe and /images/.
+type Handler struct {
+	cfg     Config
+	backend Backend
+	store   *images.Store
+	log     hclog.Logger
+	reqs    *prometheus.CounterVec
+}
+
+// New builds the handler; reqs counts requests by stage and outcome.
+func New(cfg Config, b Backend, store *images.Store, log hclog.Logger, reqs *prometheus.CounterVec) *Handler {
+	if cfg.Retry == 0 {
+		cfg.Retry = 10 * time.Second
+	}
+	return &Handler{cfg: cfg, backend: b, store: store, log: log.Named("http"), reqs: reqs}
+}
+
+// Register adds the routes to mux.
+func (h *Handler) Register(mux *http.ServeMux) {
+	mux.HandleFunc("GET /boot.ipxe", h.chain)
+	mux.HandleFunc("GET /ipxe", h.script)
+	mux.HandleFunc("GET /images/{version}/{file}", h.image)
+	mux.HandleFunc("HEAD /images/{version}/{file}", h.image)
+}
+
+func (h *Handler) count(stage, outcome string) {
+	if h.reqs != nil {
+		h.reqs.WithLabelValues(stage, outcome).Inc()
+	}
+}
+
+func writeScript(w http.ResponseWriter, s string) {
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	w.Header().Set("Cache-Control", "no-store")
+	_, _ = w.Write([]byte(s))
+}
+
+func (h *Handler) chain(w http.ResponseWriter, r *http.Request) {
+	h.count("chain", "ok")
+	writeScript(w, ipxe.Chain(h.cfg.Base))
+}
+
+// ParseMachine reads the query iPXE sends. Garbage is refused, never guessed at.
+func ParseMachine(q url.Values, remote string) (Machine, error) {
+	raw := q.Get("mac")
+	if raw == "" {
+		return Machine{}, errors.New("mac is required")
+	}
+	mac, err := keys.NormalizeMAC(strings.ReplaceAll(raw, "-", ":"))
+	if err != nil {
+		return Machine{}, err
+	}
+	m := Machine{MAC: mac, Remote: remote}
+	clean := func(name string, max int) (string, error) {
+		v := strings.TrimSpace(q.Get(name))
+		if len(v) > max {
+			return "", fmt.Errorf("%s is longer than %d", name, max)
+		}
+		for _, c := range v {
+			if c < 0x20 || c > 0x7e {
+				return "", fmt.Errorf("%s has a control or non-ASCII character", name)
+			}
+		}
+		return v, nil
+	}
+	if m.UUID, err = clean("uuid", 64); err != nil {
+		return m, err
+	}
+	if m.Serial, err = clean("serial", 64); err != nil {
+		return m, err
+	}
+	if m.Arch, err = clean("arch", 16); err != nil {
+		return m, err
+	}
+	return m, nil
+}
+
+func (m Machine) query() string {
+	q := url.Values{}
+	q.Set("mac", strings.ReplaceAll(m.MAC, ":", "-"))
+	for k, v := range map[string]string{"uuid": m.UUID, "serial": m.Serial, "arch": m.Arch} {
+		if v != "" {
+			q.Set(k, v)
+		}
+	}
+	return q.Encode()
+}
+
+func (h *Handler) script(w http.ResponseWriter, r *http.Request) {
+	host, _, _ := net.SplitHostPort(r.RemoteAddr)
+	m, err := ParseMachine(r.URL.Query(), host)
+	if err != nil {
+		h.count("script", "bad_request")
+		h.log.Warn("bad iPXE request", "remote", r.RemoteAddr, "error", err)
+		http.Error(w, "bad request: "+err.Error(), http.StatusBadRequest)
+		return
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), 5*time.Second)
+	defer cancel()
+	t, err := h.backend.Resolve(ctx, m)
+	switch {
+	case errors.Is(err, ErrUnknown):
+		if derr := h.backend.Discovered(ctx, m); derr != nil {
+			h.log.Warn("could not record discovered machine", "mac", m.MAC, "error", derr)
+		}
+		h.count("script", "unknown")
+		h.log.Info("unknown machine asked to boot; waiting for approval", "mac", m.MAC, "serial", m.Serial, "remote", m.Remote,
+			"hint", "herdctl hw approve "+m.MAC)
+		writeScript(w, ipxe.Wait(h.cfg.Base, m.query(), "this machine is not enrolled, waiting for approval", h.cfg.Retry))
+		return
+	case err != nil:
+		h.count("script", "not_bootable")
+		h.log.Warn("enrolled machine cannot boot yet", "mac", m.MAC, "error", err)
+		writeScript(w, ipxe.Wait(h.cfg.Base, m.query(), "no bootable image yet", h.cfg.Retry))
+		return
+	}
+	params := append([]string{"herd.hwid=" + t.HWID, "herd.image=" + t.Version}, h.cfg.Params...)
+	if t.Image.Cmdline != "" {
+		params = append(params, strings.Fields(t.Image.Cmdline)...)
+	}
+	s, err := ipxe.Boot(h.cfg.Base, t.Version, t.Image.Kernel.Name, t.Image.Initrd.Name, params)
+	if err != nil {
+		h.count("script", "error")
+		h.log.Error("cannot render boot script", "mac", m.MAC, "error", err)
+		http.Error(w, err.Error(), http.StatusInternalServerError)
+		return
+	}
+	h.count("script", "boot")
+	h.log.Info("boot script served", "mac", m.MAC, "hwid", t.HWID, "image", t.Version, "remote", m.Remote)
+	writeScript(w, s)
+}
+
+func (h *Handler) image(w http.ResponseWriter, r *http.Request) {
+	version, file := r.PathValue("version"), r.PathValue("file")
+	im, ok := h.backend.Image(version)
+	if !ok {
+		h.count("image", "not_found")
+		http.NotFound(w, r)
+		return
+	}
+	f, err := h.store.Open(version, file, im)
+	if err != nil {
+		h.count("image", "not_served")
+		h.log.Warn("image file not served", "version", version, "file", file, "remote", r.RemoteAddr, "error", err)
+		http.Error(w, err.Error(), http.StatusNotFound)
+		return
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusInternalServerError)
+		return
+	}
+	start := time.Now()
+	// Versions are immutable: a URL always means the same bytes.
+	w.Header().Set("Cache-Control", "public, max-age=31536000, immutable")
+	w.Header().Set("Content-Type", "application/octet-stream")
+	http.ServeContent(w, r, file, st.ModTime(), f)
+	h.count("image", "ok")
+	h.log.Debug("image file served", "version", version, "file", file, "remote", r.RemoteAddr, "range", r.Header.Get("Range"), "duration", time.Since(start))
+}

@@ -1,0 +1,145 @@
+package bootserver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/prometheus/client_golang/prometheus"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/herdhq/herd/bootserver/dhcp"
+	"github.com/herdhq/herd/bootserver/httpboot"
+	"github.com/herdhq/herd/bootserver/images"
+	"github.com/herdhq/herd/bootserver/tftp"
+	"github.com/herdhq/herd/lib/keys"
+)
+
+// Config of one bootserver replica. Bootservers are stateless: any number can run, everything they
+// share lives in etcd.
+type Config struct {
+	Client *clientv3.Client
+	Space  keys.Space
+	Name   string
+
+	// HTTPListen serves scripts and images; Advertise is the base URL nodes reach it at.
+	HTTPListen string
+	Advertise  string
+	// TFTPListen serves the iPXE binaries of IPXEDir; empty disables TFTP.
+	TFTPListen string
+	IPXEDir    string
+	ImageDir   string
+
+	// Interface enables DHCP on that interface; empty disables DHCP.
+	Interface string
+	DHCP      dhcp.Config
+	// RangeStart and RangeEnd bound full mode's address pool.
+	RangeStart, RangeEnd net.IP
+
+	// NodeParams are kernel parameters every node gets: herd.endpoints=..., herd.syslog=...
+	NodeParams []string
+	Retry      time.Duration
+
+	Log      hclog.Logger
+	Registry prometheus.Registerer
+}
+
+// Run serves until ctx ends.
+func Run(ctx context.Context, cfg Config) error {
+	if cfg.Log == nil {
+		cfg.Log = hclog.NewNullLogger()
+	}
+	if cfg.Registry == nil {
+		cfg.Registry = prometheus.NewRegistry()
+	}
+	if cfg.Advertise == "" {
+		return errors.New("bootserver: the advertised URL (--advertise) is required: nodes must reach it")
+	}
+	cfg.Advertise = strings.TrimRight(cfg.Advertise, "/")
+	reqs := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "herd_bootserver_requests_total", Help: "Boot requests by stage (dhcp, tftp, chain, script, image) and outcome.",
+	}, []string{"stage", "outcome"})
+	cfg.Registry.MustRegister(reqs)
+
+	store := images.NewStore(cfg.ImageDir)
+	b := newBackend(cfg.Client, cfg.Space, cfg.Name, store, cfg.Log)
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error { b.run(gctx); return nil })
+	if err := b.synced(gctx); err != nil {
+		return err
+	}
+	g.Go(func() error { b.advertise(gctx, cfg.Advertise); return nil })
+
+	// HTTP.
+	mux := http.NewServeMux()
+	httpboot.New(httpboot.Config{Base: cfg.Advertise, Params: cfg.NodeParams, Retry: cfg.Retry}, b, store, cfg.Log, reqs).Register(mux)
+	hl, err := net.Listen("tcp", cfg.HTTPListen)
+	if err != nil {
+		return fmt.Errorf("bootserver http: %w", err)
+	}
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	g.Go(func() error {
+		<-gctx.Done()
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		return srv.Shutdown(sctx)
+	})
+	g.Go(func() error {
+		if err := srv.Serve(hl); !errors.Is(err, http.ErrServerClosed) {
+			return err
+		}
+		return nil
+	})
+	cfg.Log.Info("http serving", "listen", hl.Addr(), "advertise", cfg.Advertise)
+
+	// TFTP.
+	fetched := tftp.NewFetched(10 * time.Minute)
+	if cfg.TFTPListen != "" {
+		conn, err := net.ListenPacket("udp4", cfg.TFTPListen)
+		if err != nil {
+			return fmt.Errorf("bootserver tftp: %w", err)
+		}
+		ts := tftp.New(cfg.IPXEDir, fetched, cfg.Log, reqs)
+		g.Go(func() error { <-gctx.Done(); ts.Shutdown(); return nil })
+		g.Go(func() error { return ts.Serve(conn) })
+		cfg.Log.Info("tftp serving", "listen", conn.LocalAddr(), "dir", cfg.IPXEDir)
+	}
+
+	// DHCP.
+	if cfg.Interface != "" {
+		dc := cfg.DHCP
+		dc.ScriptURL = cfg.Advertise + "/boot.ipxe"
+		var ls dhcp.Leases
+		if dc.Mode == dhcp.Full {
+			l, err := newLeases(cfg.Client, cfg.Space, cfg.RangeStart, cfg.RangeEnd, dc.LeaseTime)
+			if err != nil {
+				return err
+			}
+			ls = l
+		}
+		h, err := dhcp.NewHandler(dc, ls, fetched)
+		if err != nil {
+			return err
+		}
+		ports := []int{67}
+		if dc.Mode == dhcp.Proxy {
+			ports = append(ports, 4011)
+		}
+		for _, port := range ports {
+			conn, err := dhcp.Listen(cfg.Interface, port)
+			if err != nil {
+				return err
+			}
+			s := &dhcp.Server{Handler: h, Log: cfg.Log.Named("dhcp"), Reqs: reqs}
+			g.Go(func() error { return s.Serve(gctx, conn, port) })
+		}
+		cfg.Log.Info("dhcp serving", "interface", cfg.Interface, "mode", dc.Mode, "server_ip", dc.ServerIP, "chainload", dc.Chainload)
+	}
+	return g.Wait()
+}
