@@ -28,11 +28,17 @@ test: deps
     go vet ./...
     CGO_ENABLED=0 go build -o /dev/null ./cmd/herdctl
     go test -count=1 -timeout 15m $(go list ./... | grep -v /e2e)
-    go test -count=1 -p 1 -timeout 20m ./e2e/...
+    go test -count=1 -p 1 -timeout 20m $(go list ./e2e/... | grep -v bootbench)
+
+# build the netboot hypervisor image into build/image (Debian packages cached in ~/.cache/herd)
+image VERSION="": deps
+    scripts/build-image.sh build/image {{VERSION}}
 
 # benchmarks: ratios measured in one run (see docs/performance.md)
-bench: deps
+bench:
+    scripts/deps.sh bench
     go test -run '^$' -bench . -benchtime 3x ./coordinator/scheduler/
+    scripts/bench-boot.sh
     go test -run '^$' -bench PlacementThroughput -benchtime 1x ./coordinator/
     go test -run '^$' -bench LeaderFailover -benchtime 3x ./e2e/
 

@@ -139,7 +139,7 @@ func Run(ctx context.Context, cfg Config) error {
 			s := &dhcp.Server{Handler: h, Log: cfg.Log.Named("dhcp"), Reqs: reqs}
 			g.Go(func() error { return s.Serve(gctx, conn, port) })
 		}
-		cfg.Log.Info("dhcp serving", "interface", cfg.Interface, "mode", dc.Mode, "server_ip", dc.ServerIP, "chainload", dc.Chainload)
+		cfg.Log.Info("dhcp serving", "interface", cfg.Interface, "mode", dc.Mode, "server_ip", dc.ServerIP.String(), "chainload", dc.Chainload)
 	}
 	return g.Wait()
 }

@@ -1,9 +1,17 @@
 #!/usr/bin/env bash
 # Installs what herd's build and tests need, only when missing: safe to run again and again.
-# Usage: scripts/deps.sh [group...]   groups: base (default)
+# Usage: scripts/deps.sh [bench]
 set -euo pipefail
 
-want=(gcc pkg-config libvirt-dev libvirt0 etcd-client)
+# base: build (cgo libvirt), etcdctl for the raw-JSON tests, and the PXE rig (QEMU, Debian's iPXE
+# binaries, busybox and cpio for the netboot image).
+want=(gcc pkg-config libvirt-dev libvirt0 etcd-client iproute2 qemu-system-x86 ipxe busybox-static cpio binutils)
+for group in "$@"; do
+  case "$group" in
+    bench) want+=(dnsmasq-base nginx-light) ;;
+    *) echo "unknown group $group" >&2; exit 2 ;;
+  esac
+done
 
 missing=()
 for p in "${want[@]}"; do

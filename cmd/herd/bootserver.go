@@ -38,7 +38,7 @@ func bootserverCmd() *cobra.Command {
 
   # an isolated provisioning network: hand out addresses too
   herd bootserver --interface br0 --dhcp-mode full --range 10.99.0.100-10.99.0.200 \
-    --advertise http://10.99.0.1:8080 --syslog udp://10.99.0.1:514`,
+    --advertise http://10.99.0.1:8080 --node-syslog udp://10.99.0.1:514`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			log, err := lo.New("herd-bootserver", nil)
@@ -133,7 +133,7 @@ func bootserverCmd() *cobra.Command {
 	f.StringSliceVar(&dns, "dns", nil, "full mode: DNS servers to hand out")
 	f.DurationVar(&lease, "lease-time", time.Hour, "full mode: DHCP lease time")
 	f.StringSliceVar(&nodeEndpoints, "node-endpoints", nil, "etcd endpoints as nodes reach them (default: --endpoints)")
-	f.StringVar(&syslog, "syslog", "", "syslog target for nodes' logs, e.g. udp://10.0.0.5:514")
+	f.StringVar(&syslog, "node-syslog", "", "syslog collector for nodes' logs (herd.syslog=), e.g. udp://10.0.0.5:514")
 	f.StringSliceVar(&params, "node-param", nil, "extra kernel parameter for every node (repeatable)")
 	f.DurationVar(&c.Retry, "retry", 10*time.Second, "how long an unknown machine waits before asking again")
 	return cmd

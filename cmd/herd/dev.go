@@ -1,3 +1,5 @@
+//go:build !agentonly
+
 package main
 
 import (
@@ -46,6 +48,8 @@ type devOptions struct {
 	sessionTTL   time.Duration
 	prefix       string
 }
+
+func init() { extraCmds = append(extraCmds, devCmd()) }
 
 func devCmd() *cobra.Command {
 	var o devOptions
@@ -108,7 +112,7 @@ func runDev(ctx context.Context, o devOptions) error {
 			defer os.RemoveAll(dir)
 		}
 	}
-	etcd, err := etcdembed.Start(etcdembed.Config{
+	etcd, err := etcdembed.Start(ctx, etcdembed.Config{
 		Name: "herd-dev", Dir: filepath.Join(dir, "etcd"),
 		Clients: []string{o.clientURL}, Peers: []string{o.peerURL},
 		AutoCompaction: 5 * time.Minute, UnsafeNoFsync: true,

@@ -1,6 +1,10 @@
+//go:build !agentonly
+
 package main
 
 import (
+	"context"
+	"errors"
 	"fmt"
 	"os"
 	"time"
@@ -10,6 +14,8 @@ import (
 	"github.com/herdhq/herd/lib/etcdembed"
 	"github.com/herdhq/herd/lib/logging"
 )
+
+func init() { extraCmds = append(extraCmds, etcdCmd()) }
 
 func etcdCmd() *cobra.Command {
 	var (
@@ -36,7 +42,10 @@ func etcdCmd() *cobra.Command {
 			}
 			c.Existing = existing
 			c.AutoCompaction = compaction
-			s, err := etcdembed.Start(c, time.Minute)
+			s, err := etcdembed.Start(cmd.Context(), c, 5*time.Minute)
+			if errors.Is(err, context.Canceled) {
+				return nil // stopped by a signal while waiting for the other members
+			}
 			if err != nil {
 				return err
 			}

@@ -15,7 +15,11 @@ import (
 	"github.com/herdhq/herd/lib/version"
 )
 
-func main() {
+// extraCmds are the subcommands that embed an etcd server (dev, etcd). The netboot image builds
+// with -tags agentonly and leaves them out: they would double the binary every node downloads.
+var extraCmds []*cobra.Command
+
+func newRoot() *cobra.Command {
 	root := &cobra.Command{
 		Use:           "herd",
 		Short:         "herd turns bare hypervisors into one pool of capacity",
@@ -23,7 +27,13 @@ func main() {
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	root.AddCommand(agentCmd(), coordinatorCmd(), bootserverCmd(), devCmd(), etcdCmd())
+	root.AddCommand(agentCmd(), coordinatorCmd(), bootserverCmd())
+	root.AddCommand(extraCmds...)
+	return root
+}
+
+func main() {
+	root := newRoot()
 	root.SetArgs(cli.NormalizeArgs(root, os.Args[1:]))
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()

@@ -119,7 +119,9 @@ func hwListCmd(e *env) *cobra.Command {
 		Use:     "list",
 		Aliases: []string{"ls"},
 		Short:   "List enrolled hardware",
-		Args:    cobra.NoArgs,
+		Example: `  herdctl hw list
+  herdctl hw list -o json`,
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if err := o.validate(); err != nil {
 				return err
@@ -168,9 +170,10 @@ func hwListCmd(e *env) *cobra.Command {
 func hwRmCmd(e *env) *cobra.Command {
 	var ignoreMissing bool
 	cmd := &cobra.Command{
-		Use:   "rm HWID",
-		Short: "Remove a machine from the allow-list (it will not boot or join again; running VMs stay)",
-		Args:  exactArgs("HWID"),
+		Use:     "rm HWID",
+		Short:   "Remove a machine from the allow-list (it will not boot or join again; running VMs stay)",
+		Example: `  herdctl hw rm 52:54:00:12:34:56`,
+		Args:    exactArgs("HWID"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			id, err := keys.NormalizeHWID(args[0])
 			if err != nil {

@@ -137,7 +137,9 @@ func imageListCmd(e *env) *cobra.Command {
 		Use:     "list",
 		Aliases: []string{"ls"},
 		Short:   "List image versions and which bootservers can serve them",
-		Args:    cobra.NoArgs,
+		Example: `  herdctl image list
+  herdctl image list -o yaml`,
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if err := o.validate(); err != nil {
 				return err

@@ -4,6 +4,7 @@
 package etcdembed
 
 import (
+	"context"
 	"fmt"
 	"net"
 	"net/url"
@@ -53,8 +54,9 @@ func urls(ss []string) ([]url.URL, error) {
 	return out, nil
 }
 
-// Start starts the member and waits until it serves clients (or timeout).
-func Start(c Config, timeout time.Duration) (*Server, error) {
+// Start starts the member and waits until it serves clients, timeout passes or ctx ends. A member
+// of a multi-member cluster is ready only once a quorum is up.
+func Start(ctx context.Context, c Config, timeout time.Duration) (*Server, error) {
 	if c.Name == "" {
 		c.Name = "herd-dev"
 	}
@@ -118,8 +120,13 @@ func Start(c Config, timeout time.Duration) (*Server, error) {
 		e.Close()
 		return nil, fmt.Errorf("etcd %s failed while starting: %w", c.Name, err)
 	case <-time.After(timeout):
+		e.Server.Stop() // Close waits for a ready server; stop the raft loop first
 		e.Close()
 		return nil, fmt.Errorf("etcd %s not ready after %s (see %s)", c.Name, timeout, filepath.Join(c.Dir, "etcd.log"))
+	case <-ctx.Done():
+		e.Server.Stop()
+		e.Close()
+		return nil, ctx.Err()
 	}
 	s := &Server{etcd: e}
 	for _, l := range e.Clients {

@@ -2,6 +2,7 @@
 package etcdtest
 
 import (
+	"context"
 	"testing"
 	"time"
 
@@ -23,7 +24,7 @@ func Start(t testing.TB) *etcdembed.Server {
 		if err1 != nil || err2 != nil || err3 != nil {
 			t.Fatalf("free ports: %v %v %v", err1, err2, err3)
 		}
-		s, err := etcdembed.Start(etcdembed.Config{
+		s, err := etcdembed.Start(context.Background(), etcdembed.Config{
 			Name:          "test",
 			Dir:           t.TempDir(),
 			Clients:       []string{cu},

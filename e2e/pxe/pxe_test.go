@@ -1,0 +1,219 @@
+// Package pxe boots real (emulated) machines over the network: QEMU under TCG, in a network
+// namespace made by the test, against herd's bootserver, etcd and coordinator. Heavy: run alone.
+package pxe
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/herdhq/herd/e2e/rig"
+)
+
+var bin rig.Binaries
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "herd-pxe-bin-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	bin, err = rig.Build(dir)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+func repoRoot() string {
+	_, file, _, _ := runtime.Caller(0)
+	return filepath.Join(filepath.Dir(file), "..", "..")
+}
+
+// buildImage runs the image recipe into dir (Debian packages are cached outside the repository).
+func buildImage(t *testing.T, dir, version string) {
+	t.Helper()
+	cmd := exec.Command(filepath.Join(repoRoot(), "scripts", "build-image.sh"), dir, version)
+	cmd.Dir = repoRoot()
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("build image: %v\n%s", err, out)
+	}
+}
+
+type lab struct {
+	t    *testing.T
+	ns   *rig.Netns
+	dir  string
+	etcd string
+	bs   *rig.Proc
+}
+
+func (l *lab) herdctl(args ...string) (string, error) {
+	cmd := l.ns.Command(bin.Herdctl, append([]string{"--endpoints", l.etcd}, args...)...)
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	err := cmd.Run()
+	if err != nil {
+		return out.String(), fmt.Errorf("herdctl %s: %v: %s", strings.Join(args, " "), err, errb.String())
+	}
+	return out.String(), nil
+}
+
+func (l *lab) mustHerdctl(args ...string) string {
+	l.t.Helper()
+	out, err := l.herdctl(args...)
+	if err != nil {
+		l.t.Fatal(err)
+	}
+	return out
+}
+
+func (l *lab) startBootserver(chainload string) {
+	l.bs = l.ns.Start(l.dir, "bootserver-"+chainload, bin.Herd, "bootserver", "--endpoints", l.etcd,
+		"--interface", l.ns.Bridge, "--dhcp-mode", "full", "--range", "10.99.0.100-10.99.0.150",
+		"--http", l.ns.IP+":8080", "--tftp", l.ns.IP+":69", "--listen", l.ns.IP+":9482",
+		"--image-dir", filepath.Join(l.dir, "images"), "--chainload", chainload, "--retry", "2s",
+		"--node-param", "herd.libvirt=test:///etc/herd/node.xml", "--node-param", "herd.agent=--lease-ttl=3s")
+}
+
+// machine powers on an emulated machine that network-boots from tap with mac.
+func (l *lab) machine(name, mac string) *rig.Proc {
+	tap := l.ns.Tap()
+	return l.ns.Start(l.dir, name, "qemu-system-x86_64",
+		"-m", "1024", "-smp", "1", "-display", "none", "-monitor", "none", "-no-reboot",
+		"-serial", "file:"+filepath.Join(l.dir, name+".console"),
+		"-boot", "n", "-netdev", "tap,id=n0,ifname="+tap+",script=no,downscript=no",
+		"-device", "virtio-net-pci,netdev=n0,mac="+mac)
+}
+
+type nodeRow struct {
+	HWID   string `json:"hwid"`
+	Status string `json:"status"`
+	Node   *struct {
+		Image string `json:"image"`
+	} `json:"node"`
+}
+
+func (l *lab) nodeStatus(hwid string) string {
+	out, err := l.herdctl("node", "list", "-o", "json")
+	if err != nil {
+		return err.Error()
+	}
+	var rows []nodeRow
+	_ = json.Unmarshal([]byte(out), &rows)
+	for _, r := range rows {
+		if r.HWID == hwid {
+			return r.Status
+		}
+	}
+	return "absent"
+}
+
+// TestPXEBootEnrolRunLeave: an unknown machine PXE-boots and waits; approving it boots herd's image
+// over DHCP and HTTP; its agent registers; a VM runs on it; powered off, it leaves when its lease
+// expires. Then a machine made to load the bootserver's own iPXE over TFTP first boots too.
+func TestPXEBootEnrolRunLeave(t *testing.T) {
+	rig.RequireHost(t, "qemu-system-x86_64", "cpio", "gzip")
+	if _, err := os.Stat("/usr/lib/ipxe/undionly.kpxe"); err != nil {
+		t.Fatalf("Debian's ipxe package is needed (/usr/lib/ipxe): %v", err)
+	}
+	l := &lab{t: t, dir: t.TempDir()}
+	l.ns = rig.NewNetns(t, "10.99.0.1/24")
+	l.etcd = "http://" + l.ns.IP + ":2379"
+
+	imgStart := time.Now()
+	buildImage(t, filepath.Join(l.dir, "build"), "pxe1")
+	t.Logf("image built in %s", time.Since(imgStart).Round(time.Second))
+
+	l.ns.Start(l.dir, "etcd", bin.Herd, "etcd", "--data-dir", filepath.Join(l.dir, "etcd"),
+		"--listen-client", l.etcd, "--listen-peer", "http://127.0.0.1:2380", "--unsafe-no-fsync")
+	rig.Eventually(t, 30*time.Second, "etcd up", func() error { _, err := l.herdctl("hw", "list"); return err })
+	l.ns.Start(l.dir, "coordinator", bin.Herd, "coordinator", "--endpoints", l.etcd, "--listen", "127.0.0.1:9481", "--session-ttl", "2s")
+	l.mustHerdctl("image", "add", "pxe1", "--kernel", filepath.Join(l.dir, "build", "vmlinuz"),
+		"--initrd", filepath.Join(l.dir, "build", "initrd.gz"), "--cmdline", "console=ttyS0 quiet",
+		"--copy-to", filepath.Join(l.dir, "images"))
+	l.mustHerdctl("image", "set-current", "pxe1")
+	l.startBootserver("auto")
+	rig.Eventually(t, 30*time.Second, "bootserver verified the image", func() error {
+		out := l.mustHerdctl("image", "list")
+		if !strings.Contains(out, "=ok") {
+			return fmt.Errorf("%s", out)
+		}
+		return nil
+	})
+
+	// An unknown machine: it appears in discovered and waits.
+	const macA = "52:54:00:aa:00:01"
+	powerOn := time.Now()
+	qa := l.machine("machine-a", macA)
+	rig.Eventually(t, 120*time.Second, "unknown machine discovered", func() error {
+		out := l.mustHerdctl("hw", "discovered")
+		if !strings.Contains(out, macA) {
+			return fmt.Errorf("not yet: %s", out)
+		}
+		return nil
+	})
+	discovered := time.Since(powerOn)
+	time.Sleep(3 * time.Second) // it keeps waiting, unbooted
+	if st := l.nodeStatus(macA); st != "absent" {
+		t.Fatalf("an unknown machine registered: %s", st)
+	}
+
+	approved := time.Now()
+	l.mustHerdctl("hw", "approve", macA, "--label", "rack=lab")
+	rig.Eventually(t, 180*time.Second, "approved machine boots and reports in", func() error {
+		if st := l.nodeStatus(macA); st != "ready" {
+			return fmt.Errorf("node %s", st)
+		}
+		return nil
+	})
+	ready := time.Since(approved)
+	t.Logf("power-on to discovered: %s; approval to node ready (no power cycle): %s", discovered.Round(time.Second), ready.Round(time.Second))
+
+	l.mustHerdctl("vm", "create", "pxe-vm", "--memory", "128MiB")
+	rig.Eventually(t, 60*time.Second, "VM running on the netbooted node", func() error {
+		out := l.mustHerdctl("vm", "list")
+		if !strings.Contains(out, macA) || !strings.Contains(out, "running") {
+			return fmt.Errorf("%s", out)
+		}
+		return nil
+	})
+
+	qa.Kill() // power off
+	rig.Eventually(t, 60*time.Second, "powered-off node leaves", func() error {
+		if st := l.nodeStatus(macA); st != "down" {
+			return fmt.Errorf("node %s", st)
+		}
+		return nil
+	})
+
+	// A machine that must load the bootserver's own iPXE over TFTP first (its ROM is iPXE too).
+	l.bs.Stop(10 * time.Second)
+	l.startBootserver("always")
+	const macB = "52:54:00:aa:00:02"
+	l.mustHerdctl("hw", "add", macB)
+	powerOn = time.Now()
+	l.machine("machine-b", macB)
+	rig.Eventually(t, 180*time.Second, "TFTP-chainloaded machine reports in", func() error {
+		if st := l.nodeStatus(macB); st != "ready" {
+			return fmt.Errorf("node %s", st)
+		}
+		return nil
+	})
+	t.Logf("power-on to node ready via TFTP chainload: %s", time.Since(powerOn).Round(time.Second))
+	log := rig.Tail(l.bs.Log, 400)
+	if !strings.Contains(log, "transfer done: file=undionly.kpxe mac="+macB) {
+		t.Fatalf("no TFTP transfer of undionly.kpxe for %s in the bootserver log:\n%s", macB, log)
+	}
+}
