@@ -103,7 +103,15 @@ type Agent struct {
 	queue   *workqueue.Queue
 	assigns *etcdutil.Informer
 	cluster *etcdutil.Informer
+	fences  *etcdutil.Informer
 	metrics *metrics
+	// node is the record this agent registers (under its current lease).
+	node atomic.Pointer[keys.Node]
+	// hold is set when every assignment vanished at once while domains ran: until a new
+	// assignment arrives (or the agent restarts), no unassigned domain is destroyed, evidence or
+	// not, because a mistake or a bug that deleted the keys is likelier than the operator deleting
+	// every VM of a node in one go.
+	hold atomic.Bool
 
 	// aliveUntil is the unix-nano time until which this agent's lease is surely alive; 0 when it
 	// has no lease.
@@ -136,17 +144,57 @@ func New(cfg Config) (*Agent, error) {
 	a.events = events.New(cfg.Client, cfg.Space, "agent/"+cfg.HWID, a.log)
 	a.metrics = newMetrics(cfg.Registry)
 	a.assigns = etcdutil.NewInformer(cfg.Client, cfg.Space.AssignPrefix(cfg.HWID), decodeAssignment, a.onAssign, a.log)
+	a.assigns.OnBatch = a.onAssignBatch
 	a.cluster = etcdutil.NewInformer(cfg.Client, cfg.Space.Cluster(), decodeCluster, a.onCluster, a.log)
+	a.fences = etcdutil.NewInformer(cfg.Client, cfg.Space.FencePrefix(cfg.HWID), keys.DecodeAny[keys.Fence], a.onFence, a.log)
 	return a, nil
 }
 
 func decodeAssignment(_ string, v []byte) (any, error) { return keys.Decode[keys.Assignment](v) }
 func decodeCluster(_ string, v []byte) (any, error)    { return keys.Decode[keys.Cluster](v) }
 
-func (a *Agent) onAssign(key string, _, _ *etcdutil.KV) {
+func (a *Agent) onAssign(key string, _, cur *etcdutil.KV) {
 	if name, ok := keys.ParseLeaf(a.space.AssignPrefix(a.hwid), key); ok {
+		if cur != nil && a.hold.CompareAndSwap(true, false) {
+			a.log.Info("a new assignment arrived: the leader is working normally; lifting the hold on removals")
+		}
 		a.queue.Add(name)
 	}
+}
+
+// onAssignBatch notices every assignment vanishing at once while domains run.
+func (a *Agent) onAssignBatch(deleted, remaining int) {
+	if deleted < 2 || remaining > 0 {
+		return
+	}
+	doms, err := a.hv.List(context.Background())
+	if err != nil {
+		return
+	}
+	running := 0
+	for _, d := range doms {
+		if d.Managed && d.State == hypervisor.Running {
+			running++
+		}
+	}
+	if running > 0 && !a.hold.Swap(true) {
+		a.log.Error("all assignments vanished at once while domains run: holding every removal; the domains are reported as orphans", "vanished", deleted, "running", running)
+		a.events.Record("node/"+a.hwid, "orphan-hold", "%d assignments vanished at once while %d domains run; nothing is destroyed until a new assignment arrives or the agent restarts", deleted, running)
+	}
+}
+
+// onFence requeues everything when this node's fence records change: entering or leaving fenced
+// mode affects every domain.
+func (a *Agent) onFence(key string, _, cur *etcdutil.KV) {
+	if cur != nil && cur.Err == nil && cur.Obj.(*keys.Fence).BootID == a.cfg.BootID {
+		a.log.Error("this boot of the node is fenced: stopping its domains and serving nothing until it reboots or 'herdctl fence clear'", "phase", cur.Obj.(*keys.Fence).Phase)
+	}
+	a.enqueueAll(context.Background())
+}
+
+// fenced reports whether this boot has a fence record: the cluster declared it dead.
+func (a *Agent) fenced() bool {
+	return a.fences.Get(a.space.Fence(a.hwid, a.cfg.BootID)) != nil
 }
 
 func (a *Agent) onCluster(key string, _, cur *etcdutil.KV) {
@@ -194,10 +242,15 @@ func (a *Agent) Run(ctx context.Context) error {
 		wg.Wait()
 		return err
 	}
+	run(a.fences.Run)
 	run(a.assigns.Run)
 	registered := make(chan struct{})
 	run(func(ctx context.Context) { a.keepRegistered(ctx, registered) })
 	if err := a.assigns.WaitRev(ctx, 0); err != nil {
+		wg.Wait()
+		return nil
+	}
+	if err := a.fences.WaitRev(ctx, 0); err != nil {
 		wg.Wait()
 		return nil
 	}

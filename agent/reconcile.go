@@ -26,6 +26,9 @@ func (a *Agent) reconcile(ctx context.Context, name string) error {
 	if err != nil {
 		return fmt.Errorf("look up domain: %w", err)
 	}
+	if a.fenced() {
+		return a.reconcileFenced(ctx, name, dom)
+	}
 	if dom != nil && !dom.Managed {
 		if kv != nil {
 			return a.report(ctx, name, kv, keys.StateError, "a domain of this name exists that herd did not create; rename or remove it")
@@ -178,6 +181,21 @@ func (a *Agent) preflight(ctx context.Context, kv *etcdutil.KV) error {
 	return nil
 }
 
+// reconcileFenced stops a domain of a fenced boot: the cluster declared this boot dead and its VMs
+// may run elsewhere now. The definition stays, so that clearing the fence by hand resumes what is
+// still assigned here; nothing is started and no status is written.
+func (a *Agent) reconcileFenced(ctx context.Context, name string, dom *hypervisor.Domain) error {
+	if dom == nil || !dom.Managed || dom.State == hypervisor.Stopped {
+		return nil
+	}
+	if err := a.hv.Destroy(ctx, name); err != nil {
+		return fmt.Errorf("stop domain of a fenced boot: %w", err)
+	}
+	a.log.Warn("stopped a domain of this fenced boot", "vm", name, "uid", dom.UID, "epoch", dom.Epoch)
+	a.events.Record("vm/"+name, "stopped-fenced", "domain epoch %d stopped on fenced %s", dom.Epoch, a.hwid)
+	return nil
+}
+
 // reconcileUnassigned handles a VM name with no assignment here: nothing to do, a domain to remove
 // on positive evidence, or an orphan to keep and report.
 func (a *Agent) reconcileUnassigned(ctx context.Context, name string, dom *hypervisor.Domain) error {
@@ -190,6 +208,9 @@ func (a *Agent) reconcileUnassigned(ctx context.Context, name string, dom *hyper
 	gone, why, err := a.evidence(ctx, name, dom)
 	if err != nil {
 		return err
+	}
+	if gone && a.hold.Load() {
+		gone, why = false, "removals are held: every assignment vanished at once ("+why+")"
 	}
 	if !gone {
 		a.log.Warn("keeping a domain without assignment: no evidence it should go", "vm", name, "uid", dom.UID, "why", why)

@@ -77,9 +77,12 @@ func (a *Agent) register(ctx context.Context) (clientv3.LeaseID, error) {
 	if err != nil {
 		return 0, err
 	}
-	if _, err := a.cfg.Client.Put(cctx, a.space.Node(a.hwid), string(b), clientv3.WithLease(grant.ID)); err != nil {
+	put, err := a.cfg.Client.Put(cctx, a.space.Node(a.hwid), string(b), clientv3.WithLease(grant.ID))
+	if err != nil {
 		return 0, fmt.Errorf("put node key: %w", err)
 	}
+	a.checkRevision(put.Header.Revision)
+	a.node.Store(&node)
 	a.leaseID.Store(int64(grant.ID))
 	a.markAlive(grant.TTL)
 	a.log.Info("node registered", "lease", fmt.Sprintf("%x", grant.ID), "ttl", grant.TTL, "cpus", info.CPUs, "memory_mib", info.MemoryMiB)
@@ -107,15 +110,60 @@ func (a *Agent) keepAlive(ctx context.Context, lease clientv3.LeaseID) {
 		a.aliveUntil.Store(0)
 		return
 	}
-	for resp := range ch {
-		a.markAlive(resp.TTL)
+	// Someone deleting the node key by hand does not end the lease; put the key back.
+	key := a.space.Node(a.hwid)
+	wch := a.cfg.Client.Watch(clientv3.WithRequireLeader(kctx), key)
+	for {
+		select {
+		case resp, ok := <-ch:
+			if !ok {
+				// Closed when ctx ends or the lease is gone (expired, revoked, or unreachable
+				// past its TTL).
+				a.aliveUntil.Store(0)
+				return
+			}
+			a.markAlive(resp.TTL)
+			a.checkRevision(resp.Revision)
+		case wr, ok := <-wch:
+			if !ok {
+				wch = a.cfg.Client.Watch(clientv3.WithRequireLeader(kctx), key)
+				continue
+			}
+			for _, ev := range wr.Events {
+				if ev.Type == clientv3.EventTypeDelete && a.leaseAlive() {
+					a.reput(kctx, lease)
+				}
+			}
+		}
 	}
-	// The channel closes when ctx ends or the lease is gone (expired, revoked, or unreachable
-	// past its TTL).
-	a.aliveUntil.Store(0)
+}
+
+// checkRevision hands a revision etcd answered with to every cache: one older than a cache means
+// etcd was restored or replaced (see etcdutil.Informer.CheckRevision).
+func (a *Agent) checkRevision(rev int64) {
+	for _, inf := range []*etcdutil.Informer{a.assigns, a.cluster, a.fences} {
+		inf.CheckRevision(rev)
+	}
+}
+
+// reput writes the node record again under the same lease.
+func (a *Agent) reput(ctx context.Context, lease clientv3.LeaseID) {
+	n := a.node.Load()
+	if n == nil {
+		return
+	}
+	cctx, cancel := etcdutil.WithTimeout(ctx)
+	defer cancel()
+	if _, err := a.cfg.Client.Put(cctx, a.space.Node(a.hwid), keys.MustEncode(n), clientv3.WithLease(lease)); err != nil {
+		a.log.Warn("node key was deleted; putting it back failed", "error", err)
+		return
+	}
+	a.log.Warn("node key was deleted by someone; put it back")
 }
 
 // deregister revokes the lease on a clean stop, so the node leaves at once rather than after its TTL.
+// The key is first marked leaving, so the leader reads the disappearance as a departure, not a
+// death: the domains keep running and must not be fenced or started elsewhere.
 func (a *Agent) deregister() {
 	id := clientv3.LeaseID(a.leaseID.Load())
 	if id == 0 {
@@ -123,6 +171,13 @@ func (a *Agent) deregister() {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
+	if n := a.node.Load(); n != nil && a.leaseAlive() {
+		leaving := *n
+		leaving.Leaving = true
+		if _, err := a.cfg.Client.Put(ctx, a.space.Node(a.hwid), keys.MustEncode(&leaving), clientv3.WithLease(id)); err != nil {
+			a.log.Warn("could not mark the node leaving", "error", err)
+		}
+	}
 	if _, err := a.cfg.Client.Revoke(ctx, id); err != nil {
 		a.log.Warn("could not revoke the node lease; the node will leave when it expires", "error", err)
 		return

@@ -279,9 +279,12 @@ func (b *backend) advertise(ctx context.Context, url string) {
 				_, _ = b.client.Revoke(rctx, l.ID)
 				cancel()
 				return
-			case _, ok := <-ka:
+			case r, ok := <-ka:
 				if !ok {
 					break loop
+				}
+				for _, inf := range []*etcdutil.Informer{b.hw, b.states, b.imgs} {
+					inf.CheckRevision(r.Revision)
 				}
 			case <-b.changed:
 			case <-tick.C:

@@ -18,7 +18,9 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/client/v3/concurrency"
+	"golang.org/x/time/rate"
 
+	"github.com/herdhq/herd/coordinator/fence"
 	"github.com/herdhq/herd/coordinator/scheduler"
 	"github.com/herdhq/herd/lib/etcdutil"
 	"github.com/herdhq/herd/lib/events"
@@ -40,6 +42,19 @@ type Config struct {
 	Parallel int
 	// Interval is the longest time between two rounds, changes or not. Default 10 s.
 	Interval time.Duration
+
+	// Fencer fences lost nodes before their VMs move. Nil means none configured: lost nodes' VMs
+	// stay placed (safe), with a problem saying why.
+	Fencer fence.Fencer
+	// Grace is how long a node's lease must have been gone before it is fenced. Default 5 s.
+	Grace time.Duration
+	// RescheduleRate bounds VM moves off fenced nodes, per second. Default 20.
+	RescheduleRate float64
+	// The mass-failure guard holds failover when more than MassFailureMin nodes AND more than
+	// MassFailureFraction of all nodes are lost within MassFailureWindow.
+	MassFailureFraction float64
+	MassFailureMin      int
+	MassFailureWindow   time.Duration
 
 	Log      hclog.Logger
 	Registry prometheus.Registerer
@@ -74,6 +89,24 @@ func (c *Config) defaults() error {
 	if c.Interval == 0 {
 		c.Interval = 10 * time.Second
 	}
+	if c.Fencer == nil {
+		c.Fencer = fence.All{}
+	}
+	if c.Grace == 0 {
+		c.Grace = 5 * time.Second
+	}
+	if c.RescheduleRate == 0 {
+		c.RescheduleRate = 20
+	}
+	if c.MassFailureFraction == 0 {
+		c.MassFailureFraction = 0.5
+	}
+	if c.MassFailureMin == 0 {
+		c.MassFailureMin = 2
+	}
+	if c.MassFailureWindow == 0 {
+		c.MassFailureWindow = 10 * time.Minute
+	}
 	if c.Log == nil {
 		c.Log = hclog.NewNullLogger()
 	}
@@ -91,13 +124,18 @@ type Coordinator struct {
 	events *events.Recorder
 	m      *metrics
 
-	vmsInf, nodesInf, nodeStateInf, hwInf, clusterInf *etcdutil.Informer
+	vmsInf, nodesInf, nodeStateInf, hwInf, clusterInf, fenceInf, guardInf *etcdutil.Informer
+	moveLimit                                                          *rate.Limiter
 
 	mu        sync.Mutex
 	vms       map[string]*vmKeys // by VM name
 	firstSeen map[string]time.Time
 	trigger   chan struct{}
 	isLeader  bool
+	left      map[string]string    // hwid -> boot id of a clean departure this replica saw
+	absent    map[string]time.Time // hwid -> when first found absent with a dead lease
+	lostAt    map[string]time.Time // hwid -> when found dead, for the mass-failure window
+	fencing   map[string]bool      // fence keys whose fencer runs now
 }
 
 // vmKeys are the cached keys of one VM; any may be nil.
@@ -117,12 +155,19 @@ func New(cfg Config) (*Coordinator, error) {
 		vms:       map[string]*vmKeys{},
 		firstSeen: map[string]time.Time{},
 		trigger:   make(chan struct{}, 1),
+		left:      map[string]string{},
+		absent:    map[string]time.Time{},
+		lostAt:    map[string]time.Time{},
+		fencing:   map[string]bool{},
+		moveLimit: rate.NewLimiter(rate.Limit(cfg.RescheduleRate), max(1, int(cfg.RescheduleRate))),
 	}
 	c.events = events.New(cfg.Client, cfg.Space, "coordinator/"+cfg.Name, c.log)
 	c.m = newMetrics(cfg.Registry)
 	s := cfg.Space
 	c.vmsInf = etcdutil.NewInformer(cfg.Client, s.VMPrefix(), c.decodeVMKey, c.onVM, c.log)
-	c.nodesInf = etcdutil.NewInformer(cfg.Client, s.NodePrefix(), keys.DecodeAny[keys.Node], c.poke, c.log)
+	c.nodesInf = etcdutil.NewInformer(cfg.Client, s.NodePrefix(), keys.DecodeAny[keys.Node], c.onNode, c.log)
+	c.fenceInf = etcdutil.NewInformer(cfg.Client, s.FenceRoot(), keys.DecodeAny[keys.Fence], c.poke, c.log)
+	c.guardInf = etcdutil.NewInformer(cfg.Client, s.LossGuard(), keys.DecodeAny[keys.LossGuard], c.poke, c.log)
 	c.nodeStateInf = etcdutil.NewInformer(cfg.Client, s.NodeStatePrefix(), keys.DecodeAny[keys.NodeState], c.poke, c.log)
 	c.hwInf = etcdutil.NewInformer(cfg.Client, s.HardwarePrefix(), keys.DecodeAny[keys.Hardware], c.poke, c.log)
 	c.clusterInf = etcdutil.NewInformer(cfg.Client, s.Cluster(), keys.DecodeAny[keys.Cluster], c.poke, c.log)
@@ -177,6 +222,24 @@ func (c *Coordinator) onVM(key string, _, cur *etcdutil.KV) {
 	c.poke("", nil, nil)
 }
 
+// onNode notices clean departures: the agent marks its key leaving before it revokes the lease.
+// Every replica records them, so a new leader knows too.
+func (c *Coordinator) onNode(key string, prev, cur *etcdutil.KV) {
+	if cur == nil && prev != nil && prev.Err == nil {
+		if n := prev.Obj.(*keys.Node); n.Leaving {
+			c.mu.Lock()
+			c.left[n.HWID] = n.BootID
+			c.mu.Unlock()
+		}
+	}
+	if cur != nil && cur.Err == nil {
+		c.mu.Lock()
+		delete(c.left, cur.Obj.(*keys.Node).HWID)
+		c.mu.Unlock()
+	}
+	c.poke(key, prev, cur)
+}
+
 // poke asks the leader loop for a round; bursts of changes coalesce into one.
 func (c *Coordinator) poke(string, *etcdutil.KV, *etcdutil.KV) {
 	select {
@@ -207,7 +270,7 @@ func (c *Coordinator) setLeader(v bool) {
 // resigns at once, so a standby takes over without waiting for the session to expire.
 func (c *Coordinator) Run(ctx context.Context) error {
 	var wg sync.WaitGroup
-	for _, inf := range []*etcdutil.Informer{c.clusterInf, c.hwInf, c.nodesInf, c.nodeStateInf, c.vmsInf} {
+	for _, inf := range c.informers() {
 		wg.Add(1)
 		go func() { defer wg.Done(); inf.Run(ctx) }()
 	}
@@ -228,6 +291,18 @@ func (c *Coordinator) Run(ctx context.Context) error {
 		b.Reset()
 	}
 	return nil
+}
+
+// newClusterRecord is the write that creates /herd/cluster if it is absent.
+func (c *Coordinator) newClusterRecord() action {
+	cl := keys.Cluster{ID: uuid.NewString(), Created: time.Now().UTC(), Pools: c.cfg.Pools}
+	return action{vm: "cluster", what: "create cluster record",
+		conds: []etcdutil.Cmp{etcdutil.CreateRev(c.space.Cluster(), 0)},
+		ops:   []etcdutil.Op{etcdutil.OpPut(c.space.Cluster(), keys.MustEncode(&cl))},
+		after: func() {
+			c.log.Warn("the cluster record was missing (etcd replaced?): created a new cluster", "cluster", cl.ID)
+			c.events.Record("cluster/"+cl.ID, "created", "the cluster record was missing; pools %v", cl.Pools)
+		}}
 }
 
 // initCluster writes /herd/cluster if no coordinator ever did. Losing the race to another

@@ -27,6 +27,9 @@ func (c *Coordinator) lead(ctx context.Context, g etcdutil.Guard) error {
 		return fmt.Errorf("leader barrier read: %w", err)
 	}
 	for _, inf := range c.informers() {
+		inf.CheckRevision(resp.Header.Revision) // etcd restored or replaced under us?
+	}
+	for _, inf := range c.informers() {
 		if err := inf.WaitRev(ctx, resp.Header.Revision); err != nil {
 			return err
 		}
@@ -57,7 +60,7 @@ func (c *Coordinator) lead(ctx context.Context, g etcdutil.Guard) error {
 }
 
 func (c *Coordinator) informers() []*etcdutil.Informer {
-	return []*etcdutil.Informer{c.clusterInf, c.hwInf, c.nodesInf, c.nodeStateInf, c.vmsInf}
+	return []*etcdutil.Informer{c.clusterInf, c.hwInf, c.nodesInf, c.nodeStateInf, c.vmsInf, c.fenceInf, c.guardInf}
 }
 
 // action is one guarded write a round decided on.
@@ -70,16 +73,33 @@ type action struct {
 	after func()
 }
 
-// round compares every VM's spec with its placement and problem, schedules what is unplaced, and
-// commits the result. It returns once the caches reflect its own writes, so the next round never
-// decides from a view older than this one's decisions.
+// round compares every VM's spec with its placement and problem, handles lost nodes, schedules
+// what is unplaced or must move, and commits the result. It returns once the caches reflect its own
+// writes, so the next round never decides from a view older than this one's decisions.
 func (c *Coordinator) round(ctx context.Context, g etcdutil.Guard) error {
 	start := time.Now()
 	snap := c.snapshot()
-	var acts []action
+	acts := c.bookkeeping(&snap)
+	if c.clusterInf.Get(c.space.Cluster()) == nil {
+		// etcd was replaced by an empty one: this is a new cluster, with a new id, which tells
+		// every agent that the keyspace says nothing about the domains it runs.
+		acts = append(acts, c.newClusterRecord())
+	}
+
+	placedOn := map[string][]string{} // node -> VMs placed there
+	for name, v := range snap.vms {
+		if v.placement != nil && v.placement.Err == nil {
+			n := v.placement.Obj.(*keys.Placement).Node
+			placedOn[n] = append(placedOn[n], name)
+		}
+	}
+	fo, fates := c.failover(ctx, g, &snap, placedOn)
+	acts = append(acts, fo...)
+
 	var pending []scheduler.VM
 	var placed []scheduler.VM
-	specs := map[string]*etcdutil.KV{}
+	specs := map[string]*keys.VMSpec{}
+	moving := map[string]*keys.Placement{}
 
 	for name, v := range snap.vms {
 		if v.spec == nil {
@@ -108,37 +128,67 @@ func (c *Coordinator) round(ctx context.Context, g etcdutil.Guard) error {
 				continue
 			}
 		}
-		if pl != nil {
-			placed = append(placed, scheduler.VM{Name: name, UID: uid, VCPUs: pl.VCPUs, MemoryMiB: pl.MemoryMiB, AntiAffinity: pl.AntiAffinity, Node: pl.Node})
-		}
 		spec, invalid := c.checkSpec(name, v.spec, snap.pools)
-		if invalid != nil {
+		var fate nodeFate
+		if pl != nil {
+			fate = fates[pl.Node]
+			if !fate.move {
+				placed = append(placed, scheduler.VM{Name: name, UID: uid, VCPUs: pl.VCPUs, MemoryMiB: pl.MemoryMiB, AntiAffinity: pl.AntiAffinity, Node: pl.Node})
+			}
+		}
+		switch {
+		case invalid != nil:
 			// A placed VM keeps running under the last valid spec its node was given.
-			if a, ok := c.setProblem(name, uid, v.problem, keys.ProblemInvalid, invalid.Error(), nil); ok {
+			msg := invalid.Error()
+			if fate.move {
+				msg += "; its node is fenced: fix the spec to restart it elsewhere"
+			}
+			if a, ok := c.setProblem(name, uid, v.problem, keys.ProblemInvalid, msg, nil); ok {
 				acts = append(acts, a)
 			}
-			continue
-		}
-		if pl != nil {
-			if pl.SpecRev != v.spec.ModRevision {
-				acts = append(acts, c.updateSpec(g, name, v, spec, pl))
-			} else if v.problem != nil {
-				acts = append(acts, c.clearProblem(name, v.problem))
+		case pl != nil && fate.stranded != "":
+			if a, ok := c.setProblem(name, uid, v.problem, keys.ProblemNodeLost, fate.stranded, nil); ok {
+				acts = append(acts, a)
 			}
-			continue
+		case pl != nil && fate.move:
+			specs[name], moving[name] = spec, pl
+			pending = append(pending, schedVM(name, uid, spec, ""))
+		case pl != nil && pl.SpecRev != v.spec.ModRevision:
+			acts = append(acts, c.updateSpec(g, name, v, spec, pl))
+		case pl != nil && v.problem != nil:
+			acts = append(acts, c.clearProblem(name, v.problem))
+		case pl == nil:
+			specs[name] = spec
+			pending = append(pending, schedVM(name, uid, spec, ""))
 		}
-		specs[name] = v.spec
-		pending = append(pending, schedVM(name, uid, spec, ""))
 	}
 
 	// First come, first served: the oldest VM is considered first.
 	sort.Slice(pending, func(i, j int) bool { return pending[i].UID < pending[j].UID })
 	plan := scheduler.Schedule(scheduler.Snapshot{Nodes: snap.nodes, Placed: placed, Pending: pending}, c.cfg.Scheduler)
+	deferred := 0
 	for _, d := range plan.Placements {
-		acts = append(acts, c.place(g, d.VM, specs[d.VM], d.Node))
+		v := snap.vms[d.VM]
+		if pl := moving[d.VM]; pl != nil {
+			// Moves are rate-limited so that a large node's loss does not start every VM at once.
+			if !c.moveLimit.Allow() {
+				deferred++
+				continue
+			}
+			acts = append(acts, c.move(g, d.VM, v, specs[d.VM], pl, d.Node, fates[pl.Node]))
+			continue
+		}
+		acts = append(acts, c.place(g, d.VM, v.spec, specs[d.VM], d.Node))
+	}
+	if deferred > 0 {
+		c.pokeAfter(time.Second)
 	}
 	for _, f := range plan.Failures {
-		if a, ok := c.setProblem(f.VM, f.UID, snap.vms[f.VM].problem, keys.ProblemPending, f.Message, f.Reasons); ok {
+		msg, kind := f.Message, keys.ProblemPending
+		if pl := moving[f.VM]; pl != nil {
+			msg, kind = fmt.Sprintf("node %s is fenced; no other node can take the VM: %s", pl.Node, f.Message), keys.ProblemNodeLost
+		}
+		if a, ok := c.setProblem(f.VM, f.UID, snap.vms[f.VM].problem, kind, msg, f.Reasons); ok {
 			acts = append(acts, a)
 		}
 	}
@@ -151,7 +201,12 @@ func (c *Coordinator) round(ctx context.Context, g etcdutil.Guard) error {
 	if err != nil {
 		return err
 	}
-	return c.vmsInf.WaitRev(ctx, maxRev)
+	for _, inf := range []*etcdutil.Informer{c.vmsInf, c.nodeStateInf, c.fenceInf, c.guardInf} {
+		if err := inf.WaitRev(ctx, maxRev); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // commit runs the actions' guarded transactions with bounded parallelism.
@@ -211,13 +266,23 @@ func (c *Coordinator) commit(ctx context.Context, g etcdutil.Guard, acts []actio
 
 // snapshotView is one consistent-enough copy of the caches for a round.
 type snapshotView struct {
-	vms   map[string]vmKeys
-	nodes []scheduler.Node
-	pools []string
+	vms      map[string]vmKeys
+	nodes    []scheduler.Node // live nodes as the scheduler sees them
+	pools    []string
+	live     map[string]*etcdutil.KV // hwid -> node key (decoded)
+	states   map[string]*etcdutil.KV // hwid -> node state
+	fences   map[string][]*etcdutil.KV
+	hardware map[string]*keys.Hardware
+	guard    *etcdutil.KV
 }
 
 func (c *Coordinator) snapshot() snapshotView {
-	var s snapshotView
+	s := snapshotView{
+		live:     map[string]*etcdutil.KV{},
+		states:   map[string]*etcdutil.KV{},
+		fences:   map[string][]*etcdutil.KV{},
+		hardware: map[string]*keys.Hardware{},
+	}
 	c.mu.Lock()
 	s.vms = make(map[string]vmKeys, len(c.vms))
 	for n, v := range c.vms {
@@ -227,24 +292,46 @@ func (c *Coordinator) snapshot() snapshotView {
 	if kv := c.clusterInf.Get(c.space.Cluster()); kv != nil && kv.Err == nil {
 		s.pools = kv.Obj.(*keys.Cluster).Pools
 	}
+	for _, kv := range c.hwInf.List() {
+		if hwid, ok := keys.ParseLeaf(c.space.HardwarePrefix(), kv.Key); ok && kv.Err == nil {
+			s.hardware[hwid] = kv.Obj.(*keys.Hardware)
+		}
+	}
+	for _, kv := range c.nodeStateInf.List() {
+		if hwid, ok := keys.ParseLeaf(c.space.NodeStatePrefix(), kv.Key); ok {
+			s.states[hwid] = kv
+		}
+	}
+	for _, kv := range c.fenceInf.List() {
+		if hwid, _, ok := keys.ParseNodeScoped(c.space.FenceRoot(), kv.Key); ok {
+			s.fences[hwid] = append(s.fences[hwid], kv)
+		}
+	}
+	if kv := c.guardInf.Get(c.space.LossGuard()); kv != nil {
+		s.guard = kv
+	}
 	for _, kv := range c.nodesInf.List() {
 		hwid, ok := keys.ParseLeaf(c.space.NodePrefix(), kv.Key)
 		if !ok || kv.Err != nil {
 			continue
 		}
+		s.live[hwid] = kv
 		n := kv.Obj.(*keys.Node)
 		sn := scheduler.Node{HWID: hwid, CPUs: n.CPUs, MemoryMiB: n.MemoryMiB, ReservedMemoryMiB: n.ReservedMemoryMiB}
-		if hw := c.hwInf.Get(c.space.Hardware(hwid)); hw == nil || hw.Err != nil {
+		if hw := s.hardware[hwid]; hw == nil {
 			sn.Unschedulable = "not enrolled (no readable hardware record)"
 		} else {
-			sn.Labels = hw.Obj.(*keys.Hardware).Labels
+			sn.Labels = hw.Labels
 		}
-		if st := c.nodeStateInf.Get(c.space.NodeState(hwid)); st != nil {
+		if st := s.states[hwid]; st != nil {
 			if st.Err != nil {
 				sn.Unschedulable = "unreadable node state: " + st.Err.Error()
 			} else if ns := st.Obj.(*keys.NodeState); ns.Cordoned {
 				sn.Unschedulable = "cordoned"
 			}
+		}
+		if s.fenceFor(hwid, n.BootID) != nil {
+			sn.Unschedulable = "fenced: reboot it or run 'herdctl fence clear " + hwid + "'"
 		}
 		s.nodes = append(s.nodes, sn)
 	}
@@ -275,8 +362,7 @@ func schedVM(name string, uid int64, s *keys.VMSpec, node string) scheduler.VM {
 
 // place commits a first placement: placement and the node's assignment in one transaction, which
 // holds only if the VM is still unplaced and its spec is the one scheduled.
-func (c *Coordinator) place(g etcdutil.Guard, name string, specKV *etcdutil.KV, node string) action {
-	spec := specKV.Obj.(*keys.VMSpec)
+func (c *Coordinator) place(g etcdutil.Guard, name string, specKV *etcdutil.KV, spec *keys.VMSpec, node string) action {
 	pl := keys.Placement{UID: specKV.CreateRevision, Node: node, Epoch: 1, UUID: uuid.NewString(), Since: time.Now().UTC(), By: c.cfg.Name, Term: g.Rev}
 	setSpec(&pl, specKV.ModRevision, spec)
 	asg := assignmentFor(&pl, spec)

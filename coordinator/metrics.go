@@ -9,6 +9,9 @@ type metrics struct {
 	conflicts        prometheus.Counter
 	placementSeconds prometheus.Histogram
 	roundSeconds     prometheus.Histogram
+	nodesLost        prometheus.Counter
+	fenceFailures    prometheus.Counter
+	moves            prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -33,7 +36,16 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "herd_coordinator_round_seconds", Help: "One scheduling round, from snapshot to commit.",
 			Buckets: prometheus.ExponentialBuckets(0.001, 2.5, 14),
 		}),
+		nodesLost: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "herd_coordinator_nodes_lost_total", Help: "Fence records committed: node boots declared dead.",
+		}),
+		fenceFailures: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "herd_coordinator_fence_failures_total", Help: "Fencer runs that failed (retried with backoff).",
+		}),
+		moves: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "herd_coordinator_vm_moves_total", Help: "VMs placed elsewhere after their node was fenced.",
+		}),
 	}
-	reg.MustRegister(m.leader, m.pending, m.placements, m.conflicts, m.placementSeconds, m.roundSeconds)
+	reg.MustRegister(m.leader, m.pending, m.placements, m.conflicts, m.placementSeconds, m.roundSeconds, m.nodesLost, m.fenceFailures, m.moves)
 	return m
 }

@@ -67,7 +67,21 @@ func createVMs(t *testing.T, c *rig.Cluster, prefix string, n, par, at int, afte
 func assertNeverPlacedTwice(t *testing.T, c *rig.Cluster) (placements int) {
 	t.Helper()
 	assigned := map[string]map[string]bool{} // vm -> nodes holding an assignment
+	// One transaction is one revision: check the state after each revision, not between the
+	// operations of a move (which puts the new assignment and deletes the old one together).
+	check := func(rev int64) {
+		for name, nodes := range assigned {
+			if len(nodes) > 1 {
+				t.Fatalf("at revision %d vm %s was assigned to %v at once", rev, name, nodes)
+			}
+		}
+	}
+	var rev int64
 	for _, ev := range c.History(space.AssignRoot()) {
+		if ev.Kv.ModRevision != rev {
+			check(rev)
+			rev = ev.Kv.ModRevision
+		}
 		hwid, name, ok := keys.ParseNodeScoped(space.AssignRoot(), string(ev.Kv.Key))
 		if !ok {
 			continue
@@ -80,10 +94,8 @@ func assertNeverPlacedTwice(t *testing.T, c *rig.Cluster) (placements int) {
 			continue
 		}
 		assigned[name][hwid] = true
-		if len(assigned[name]) > 1 {
-			t.Fatalf("at revision %d vm %s was assigned to %v at once", ev.Kv.ModRevision, name, assigned[name])
-		}
 	}
+	check(rev)
 	type where struct {
 		node  string
 		epoch int64

@@ -9,11 +9,60 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/herdhq/herd/coordinator"
+	"github.com/herdhq/herd/coordinator/fence"
 	"github.com/herdhq/herd/coordinator/scheduler"
 	"github.com/herdhq/herd/lib/etcdutil"
 	"github.com/herdhq/herd/lib/logging"
 	"github.com/herdhq/herd/lib/statusserver"
 )
+
+// failoverFlags are shared by `herd coordinator` and `herd dev`.
+type failoverFlags struct {
+	fenceExec     string
+	fenceTimeout  time.Duration
+	unsafeNoFence bool
+	grace         time.Duration
+	rate          float64
+	massFraction  float64
+	massMin       int
+	massWindow    time.Duration
+}
+
+func (f *failoverFlags) addFlags(cmd *cobra.Command) {
+	fs := cmd.Flags()
+	fs.StringVar(&f.fenceExec, "fence-exec", "", "command that fences a lost node (sh -c; HERD_HWID, HERD_BOOT_ID, HERD_MGMT_ADDR, HERD_STORAGE_IP, HERD_LABEL_* in its environment; exit 0 = fenced)")
+	fs.DurationVar(&f.fenceTimeout, "fence-timeout", time.Minute, "how long one fence command may run")
+	fs.BoolVar(&f.unsafeNoFence, "unsafe-no-fencing", false, "move a lost node's VMs without fencing it: a node that is only cut off may still run them (labs only)")
+	fs.DurationVar(&f.grace, "grace", 5*time.Second, "how long a node's lease must be gone before it is fenced")
+	fs.Float64Var(&f.rate, "reschedule-rate", 20, "VM moves off fenced nodes per second")
+	fs.Float64Var(&f.massFraction, "mass-failure-fraction", 0.5, "hold failover when more than this fraction of nodes ...")
+	fs.IntVar(&f.massMin, "mass-failure-min", 2, "... and more than this many nodes are lost within the window")
+	fs.DurationVar(&f.massWindow, "mass-failure-window", 10*time.Minute, "window of the mass-failure guard")
+}
+
+// apply fills the failover part of a coordinator config.
+func (f *failoverFlags) apply(c *coordinator.Config) error {
+	var fs fence.All
+	if f.fenceExec != "" {
+		fs = append(fs, fence.Exec{Command: f.fenceExec, Timeout: f.fenceTimeout})
+	}
+	switch {
+	case f.unsafeNoFence && len(fs) > 0:
+		return fmt.Errorf("--unsafe-no-fencing and --fence-exec contradict each other")
+	case f.unsafeNoFence:
+		c.Fencer = fence.None{}
+	case len(fs) == 1:
+		c.Fencer = fs[0]
+	default:
+		c.Fencer = fs // none configured: lost nodes' VMs stay placed, with a problem
+	}
+	if f.massFraction <= 0 || f.massFraction > 1 {
+		return fmt.Errorf("--mass-failure-fraction %v: want a fraction in (0, 1]", f.massFraction)
+	}
+	c.Grace, c.RescheduleRate = f.grace, f.rate
+	c.MassFailureFraction, c.MassFailureMin, c.MassFailureWindow = f.massFraction, f.massMin, f.massWindow
+	return nil
+}
 
 // schedulerFlags are shared by `herd coordinator` and `herd dev`.
 type schedulerFlags struct {
@@ -37,6 +86,7 @@ func coordinatorCmd() *cobra.Command {
 		eo       etcdutil.Options
 		lo       logging.Options
 		sf       schedulerFlags
+		ff       failoverFlags
 		name     string
 		ttl      time.Duration
 		pools    []string
@@ -47,7 +97,8 @@ func coordinatorCmd() *cobra.Command {
 		Use:   "coordinator",
 		Short: "Run a coordinator replica: one leader, elected through etcd, schedules VMs",
 		Example: `  # run two or three, anywhere that reaches etcd
-  herd coordinator --endpoints http://10.0.0.5:2379 --session-ttl 5s`,
+  herd coordinator --endpoints http://10.0.0.5:2379 --session-ttl 5s \
+    --fence-exec 'ipmitool -I lanplus -H "$HERD_LABEL_BMC" -U admin -f /etc/herd/bmc-pass chassis power off'`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			log, err := lo.New("herd-coordinator", nil)
@@ -73,10 +124,17 @@ func coordinatorCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			c, err := coordinator.New(coordinator.Config{
+			cfg := coordinator.Config{
 				Client: client, Space: space, Name: name, SessionTTL: ttl, Pools: pools,
 				Scheduler: so, Parallel: parallel, Log: log, Registry: reg,
-			})
+			}
+			if err := ff.apply(&cfg); err != nil {
+				return err
+			}
+			if ff.unsafeNoFence {
+				log.Warn("UNSAFE: --unsafe-no-fencing: lost nodes' VMs move without fencing; a partitioned node may run them twice")
+			}
+			c, err := coordinator.New(cfg)
 			if err != nil {
 				return err
 			}
@@ -93,6 +151,7 @@ func coordinatorCmd() *cobra.Command {
 	eo.AddFlags(cmd.Flags())
 	lo.AddFlags(cmd.Flags())
 	sf.addFlags(cmd)
+	ff.addFlags(cmd)
 	f := cmd.Flags()
 	f.StringVar(&name, "name", "", "this replica's name in the election and events (default host-pid)")
 	f.DurationVar(&ttl, "session-ttl", 5*time.Second, "election session TTL: how long a dead leader blocks a new one")

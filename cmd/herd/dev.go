@@ -35,6 +35,7 @@ import (
 type devOptions struct {
 	lo           logging.Options
 	sf           schedulerFlags
+	ff           failoverFlags
 	agents       int
 	coordinators int
 	dataDir      string
@@ -67,6 +68,9 @@ Ctrl-C stops everything; the data directory is removed unless --keep or --data-d
 	}
 	o.lo.AddFlags(cmd.Flags())
 	o.sf.addFlags(cmd)
+	o.ff.addFlags(cmd)
+	// A laptop has no BMCs: dev mode moves VMs without fencing unless told otherwise.
+	_ = cmd.Flags().Set("unsafe-no-fencing", "true")
 	f := cmd.Flags()
 	f.IntVar(&o.agents, "agents", 3, "simulated nodes")
 	f.IntVar(&o.coordinators, "coordinators", 2, "coordinator replicas")
@@ -156,11 +160,15 @@ func runDev(ctx context.Context, o devOptions) error {
 		}
 		defer c.Close()
 		name := fmt.Sprintf("dev-%d", i)
-		co, err := coordinator.New(coordinator.Config{
+		cfg := coordinator.Config{
 			Client: c, Space: space, Name: name, SessionTTL: o.sessionTTL, Pools: []string{"default"},
 			Scheduler: so, Log: log.Named("coordinator"),
 			Registry: prometheus.WrapRegistererWith(prometheus.Labels{"coordinator": name}, reg),
-		})
+		}
+		if err := o.ff.apply(&cfg); err != nil {
+			return fail(err)
+		}
+		co, err := coordinator.New(cfg)
 		if err != nil {
 			return fail(err)
 		}
@@ -258,7 +266,7 @@ func devAgent(ctx context.Context, c devAgentConfig, admin *clientv3.Client) (*a
 func printBanner(endpoint string, o devOptions, dir, status string) {
 	b := &strings.Builder{}
 	fmt.Fprintf(b, `
-herd dev is running: embedded etcd, %d coordinators, %d simulated nodes (%d CPUs, %s each).
+herd dev is running: embedded etcd, %d coordinators, %d simulated nodes (%d CPUs, %s each).%s
   etcd endpoint   %s
   status/metrics  %s/metrics
   data            %s
@@ -272,6 +280,13 @@ In another terminal:
   herdctl vm delete web1
 
 Ctrl-C stops everything.
-`, o.coordinators, o.agents, o.nodeCPUs, o.nodeMemory, endpoint, status, dir, endpoint, endpoint, keys.MustSpace(o.prefix).VMSpec("db1"))
+`, o.coordinators, o.agents, o.nodeCPUs, o.nodeMemory, unsafeBanner(o), endpoint, status, dir, endpoint, endpoint, keys.MustSpace(o.prefix).VMSpec("db1"))
 	fmt.Fprint(os.Stdout, b.String())
+}
+
+func unsafeBanner(o devOptions) string {
+	if !o.ff.unsafeNoFence {
+		return ""
+	}
+	return "\n  UNSAFE: lost nodes are not fenced (--unsafe-no-fencing): fine for simulated nodes, never in production."
 }

@@ -184,6 +184,7 @@ type Cluster struct {
 	AgentArgs   []string // extra flags for every agent
 	CoordArgs   []string // extra flags for every coordinator
 	agentsOrder []string
+	etcdArgs    []string
 }
 
 // Coordinator is one coordinator process with its status endpoint.
@@ -241,15 +242,36 @@ func NewCluster(t testing.TB, bin Binaries) *Cluster {
 	cp, pp, mp := FreePort(t), FreePort(t), FreePort(t)
 	c.Endpoint = fmt.Sprintf("http://127.0.0.1:%d", cp)
 	c.MetricsURL = fmt.Sprintf("http://127.0.0.1:%d/metrics", mp)
-	c.Etcd = Start(t, dir, "etcd", bin.Herd, "etcd", "--data-dir", filepath.Join(dir, "etcd"),
+	c.etcdArgs = []string{"etcd", "--data-dir", filepath.Join(dir, "etcd"),
 		"--listen-client", c.Endpoint, "--listen-peer", fmt.Sprintf("http://127.0.0.1:%d", pp),
 		// Compaction far beyond a test's length: tests replay etcd's history from revision 1.
-		"--listen-metrics", fmt.Sprintf("http://127.0.0.1:%d", mp), "--unsafe-no-fsync", "--auto-compaction", "24h")
-	Eventually(t, 30*time.Second, "etcd serving", func() error {
-		_, err := http.Get(c.MetricsURL)
+		"--listen-metrics", fmt.Sprintf("http://127.0.0.1:%d", mp), "--unsafe-no-fsync", "--auto-compaction", "24h"}
+	c.StartEtcd()
+	return c
+}
+
+// StartEtcd starts (or restarts) the single etcd member on its data directory.
+func (c *Cluster) StartEtcd() {
+	c.T.Helper()
+	c.Etcd = Start(c.T, c.Dir, "etcd", c.Bin.Herd, c.etcdArgs...)
+	Eventually(c.T, 30*time.Second, "etcd serving", func() error {
+		resp, err := http.Get(c.MetricsURL)
+		if err == nil {
+			resp.Body.Close()
+		}
 		return err
 	})
-	return c
+}
+
+// WipeEtcd stops etcd, deletes its data and starts an empty member on the same endpoint: a new
+// cluster, as after a disaster or a mistaken re-provisioning.
+func (c *Cluster) WipeEtcd() {
+	c.T.Helper()
+	c.Etcd.Stop(10 * time.Second)
+	if err := os.RemoveAll(filepath.Join(c.Dir, "etcd")); err != nil {
+		c.T.Fatal(err)
+	}
+	c.StartEtcd()
 }
 
 // StartCoordinator starts one more coordinator replica.

@@ -65,15 +65,45 @@ func (v *clusterView) nodeViews() []*nodeView {
 	for _, n := range byID {
 		sort.Strings(n.VMs)
 		var st []string
+		// The boot that matters: the live one, else the last one the leader recorded.
+		boot := ""
+		if n.State != nil {
+			boot = n.State.BootID
+		}
+		if n.Node != nil {
+			boot = n.Node.BootID
+		}
+		var fenced *keys.Fence
+		for _, f := range v.fences[n.HWID] {
+			if f.BootID == boot {
+				fenced = f
+			}
+		}
 		switch {
 		case n.Node != nil && n.Hardware == nil:
 			st = append(st, "ready", "not-enrolled")
 		case n.Node != nil:
 			st = append(st, "ready")
+		case fenced != nil:
+			st = append(st, "lost")
+		case n.State != nil && n.State.Left:
+			st = append(st, "down", "left")
+		case n.Hardware != nil && len(n.VMs) > 0 && n.State != nil && n.State.BootID != "":
+			st = append(st, "lost")
 		case n.Hardware != nil:
 			st = append(st, "down")
 		default:
 			st = append(st, "unknown")
+		}
+		if fenced != nil {
+			switch fenced.Phase {
+			case keys.FenceFenced:
+				st = append(st, "fenced")
+			case keys.FenceFailed:
+				st = append(st, "fence-failed")
+			default:
+				st = append(st, "fencing")
+			}
 		}
 		if n.State != nil && n.State.Cordoned {
 			st = append(st, "cordoned")

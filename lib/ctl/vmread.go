@@ -34,6 +34,8 @@ type clusterView struct {
 	states   map[string]*keys.NodeState
 	hardware map[string]*keys.Hardware
 	statuses map[string]map[string]*keys.VMStatus // hwid -> vm -> status
+	fences   map[string][]*keys.Fence             // hwid -> fence records
+	guard    *keys.LossGuard
 }
 
 func sortStrings(s []string) { sort.Strings(s) }
@@ -48,6 +50,8 @@ func (e *env) readCluster(ctx context.Context) (*clusterView, error) {
 		clientv3.OpGet(s.NodeStatePrefix(), clientv3.WithPrefix()),
 		clientv3.OpGet(s.HardwarePrefix(), clientv3.WithPrefix()),
 		clientv3.OpGet(s.StatusRoot(), clientv3.WithPrefix()),
+		clientv3.OpGet(s.FenceRoot(), clientv3.WithPrefix()),
+		clientv3.OpGet(s.LossGuard()),
 	).Commit()
 	if err != nil {
 		return nil, err
@@ -60,6 +64,15 @@ func (e *env) readCluster(ctx context.Context) (*clusterView, error) {
 		states:   map[string]*keys.NodeState{},
 		hardware: map[string]*keys.Hardware{},
 		statuses: map[string]map[string]*keys.VMStatus{},
+		fences:   map[string][]*keys.Fence{},
+	}
+	for _, kv := range resp.Responses[5].GetResponseRange().Kvs {
+		if f, err := keys.Decode[keys.Fence](kv.Value); err == nil {
+			v.fences[f.HWID] = append(v.fences[f.HWID], f)
+		}
+	}
+	if kvs := resp.Responses[6].GetResponseRange().Kvs; len(kvs) > 0 {
+		v.guard, _ = keys.Decode[keys.LossGuard](kvs[0].Value)
 	}
 	for _, kv := range resp.Responses[0].GetResponseRange().Kvs {
 		name, part, ok := s.ParseVM(string(kv.Key))

@@ -46,6 +46,9 @@ type Informer struct {
 	log      hclog.Logger
 	// PageSize bounds one list request, so that a large prefix doesn't need a huge response.
 	PageSize int64
+	// OnBatch, if set, is told after each list and each watch response how many keys it deleted
+	// and how many remain: a way to notice things vanishing wholesale.
+	OnBatch func(deleted, remaining int)
 
 	mu      sync.RWMutex
 	items   map[string]*KV
@@ -53,6 +56,8 @@ type Informer struct {
 	synced  bool
 	changed chan struct{} // closed and replaced whenever rev advances
 	relists int
+	// cancelWatch ends the current watch (see CheckRevision).
+	cancelWatch context.CancelCauseFunc
 }
 
 // NewInformer prepares an informer; Run starts it. decode and onChange may be nil.
@@ -90,9 +95,10 @@ func (i *Informer) Run(ctx context.Context) {
 		if ctx.Err() != nil {
 			return
 		}
-		if errors.Is(err, rpctypes.ErrCompacted) {
-			// History we needed is gone: list again at once and diff.
-			i.log.Info("watch fell behind compaction; listing again", "from", rev+1)
+		if errors.Is(err, rpctypes.ErrCompacted) || errors.Is(err, ErrRevisionWentBack) {
+			// History we needed is gone, or etcd's history is another one: list again at once
+			// and diff.
+			i.log.Info("listing again", "why", err, "from", rev+1)
 			b.Reset()
 			continue
 		}
@@ -152,9 +158,21 @@ func (i *Informer) relist(ctx context.Context) (int64, error) {
 	i.items = got
 	i.synced = true
 	i.relists++
+	if rev < i.rev {
+		i.rev = 0 // a restored or replaced etcd: its revisions start over
+	}
 	i.advance(rev)
 	i.mu.Unlock()
 
+	if i.OnBatch != nil {
+		deleted := 0
+		for _, ch := range changes {
+			if ch.cur == nil {
+				deleted++
+			}
+		}
+		defer i.OnBatch(deleted, len(got))
+	}
 	if i.onChange != nil {
 		// Deterministic order helps logs and tests; the handlers only enqueue.
 		idx := make([]int, len(changes))
@@ -169,19 +187,56 @@ func (i *Informer) relist(ctx context.Context) (int64, error) {
 	return rev, nil
 }
 
+// ErrRevisionWentBack means etcd answered with a revision older than one the cache already
+// reflects: it was restored from a backup or replaced by an empty cluster. The cache lists again,
+// and whatever vanished is reported as deleted.
+var ErrRevisionWentBack = errors.New("etcd revision went backwards (etcd restored or replaced)")
+
+// CheckRevision is told a revision etcd answered with elsewhere (a lease keepalive, a write). If it
+// is older than the cache, etcd was restored or replaced: a watch resumed there waits silently for
+// revisions the new history may never reach, so the cache lists again.
+func (i *Informer) CheckRevision(rev int64) {
+	i.mu.Lock()
+	behind := rev > 0 && rev < i.rev
+	cancel := i.cancelWatch
+	if behind {
+		i.synced = false // WaitRev waits for the new list
+	}
+	i.mu.Unlock()
+	if behind && cancel != nil {
+		cancel(fmt.Errorf("%w: etcd answered at revision %d", ErrRevisionWentBack, rev))
+	}
+}
+
 func (i *Informer) watch(ctx context.Context, from int64) error {
-	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
-	defer cancel()
+	wctx, cancel := context.WithCancelCause(clientv3.WithRequireLeader(ctx))
+	defer cancel(nil)
+	i.mu.Lock()
+	i.cancelWatch = cancel
+	i.mu.Unlock()
 	wch := i.client.Watch(wctx, i.prefix, clientv3.WithPrefix(), clientv3.WithRev(from))
 	for resp := range wch {
 		if err := resp.Err(); err != nil {
+			if cause := context.Cause(wctx); errors.Is(cause, ErrRevisionWentBack) {
+				return cause
+			}
 			return err
 		}
 		if resp.CompactRevision != 0 {
 			return rpctypes.ErrCompacted
 		}
+		if resp.Header.Revision != 0 && resp.Header.Revision < i.Rev() {
+			return fmt.Errorf("%w: at revision %d, the cache is at %d", ErrRevisionWentBack, resp.Header.Revision, i.Rev())
+		}
+		deleted := 0
 		for _, ev := range resp.Events {
+			if ev.Type == mvccpb.DELETE {
+				deleted++
+			}
 			i.apply(ev)
+		}
+		if i.OnBatch != nil && len(resp.Events) > 0 {
+			i.OnBatch(deleted, i.Len())
 		}
 		if resp.IsProgressNotify() {
 			i.mu.Lock()
@@ -191,6 +246,9 @@ func (i *Informer) watch(ctx context.Context, from int64) error {
 	}
 	if ctx.Err() != nil {
 		return ctx.Err()
+	}
+	if cause := context.Cause(wctx); errors.Is(cause, ErrRevisionWentBack) {
+		return cause
 	}
 	return errors.New("watch channel closed")
 }

@@ -90,6 +90,12 @@ func (s Space) DHCPLeasePrefix() string       { return s.dir("dhcp/leases") }
 func (s Space) DHCPLease(mac string) string   { return s.DHCPLeasePrefix() + mac }
 func (s Space) DHCPAddress(ip string) string  { return s.dir("dhcp/ips") + ip }
 
+// FenceRoot lists every fence record; FencePrefix one node's.
+func (s Space) FenceRoot() string                { return s.dir("fence") }
+func (s Space) FencePrefix(hwid string) string   { return s.FenceRoot() + hwid + "/" }
+func (s Space) Fence(hwid, bootID string) string { return s.FencePrefix(hwid) + bootID }
+func (s Space) LossGuard() string                { return s.root + "/lossguard" }
+
 // ImageCurrentName is the key under ImagePrefix that names the default version; it cannot be a
 // version itself.
 const ImageCurrentName = "current"

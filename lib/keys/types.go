@@ -47,7 +47,10 @@ type Node struct {
 	Started           time.Time `json:"started"`
 	// Status is where the agent serves its own report of its hypervisor (metrics, domains).
 	StatusURL string `json:"status_url,omitempty"`
-	Extra     `json:"-"`
+	// Leaving is set by a cleanly stopping agent just before it revokes its lease: the key's
+	// disappearance is then a departure, not a death.
+	Leaving bool `json:"leaving,omitempty"`
+	Extra   `json:"-"`
 }
 
 // Addresses of a node, per network role.
@@ -68,6 +71,13 @@ type NodeState struct {
 	// Image pins the hypervisor image version the node boots next; empty means the current one.
 	// It lives here, not in the hardware record, so re-enrolling hardware never loses it.
 	Image string `json:"image,omitempty"`
+	// BootID and Lease are the last registration the leader saw, kept so that a leader which
+	// never saw the node alive can still tell, after a restart, which boot died and check its lease.
+	BootID    string     `json:"boot_id,omitempty"`
+	Lease     int64      `json:"lease,omitempty"`
+	Addresses *Addresses `json:"addresses,omitempty"`
+	// Left records that this boot's agent stopped cleanly (its VMs were not lost).
+	Left  bool `json:"left,omitempty"`
 	Extra `json:"-"`
 }
 
@@ -170,7 +180,47 @@ const (
 	ProblemInvalid = "invalid"
 	// ProblemPending: valid, but no node can take it now; may change on its own.
 	ProblemPending = "pending"
+	// ProblemNodeLost: its node is lost and cannot be fenced yet; the VM stays placed.
+	ProblemNodeLost = "node-lost"
 )
+
+// Fence phases.
+const (
+	FenceFencing = "fencing" // committed: this boot of the node is dead to the cluster
+	FenceFailed  = "failed"  // the fencer failed; retried with backoff; VMs stay placed
+	FenceFenced  = "fenced"  // fenced: its VMs may run elsewhere
+)
+
+// Fence is /herd/fence/<hwid>/<bootid>: the commit point of one boot of a node's death. Written by
+// the leader only while the node key is absent; any later leader finishes the job.
+type Fence struct {
+	V       int       `json:"v"`
+	HWID    string    `json:"hwid"`
+	BootID  string    `json:"boot_id"`
+	Phase   string    `json:"phase"`
+	Method  string    `json:"method"`
+	Started time.Time `json:"started"`
+	Updated time.Time `json:"updated"`
+	// Attempts counts fencer runs; Error is the last failure.
+	Attempts int    `json:"attempts,omitempty"`
+	Error    string `json:"error,omitempty"`
+	By       string `json:"by,omitempty"`
+	// Details are the fencer's own record (blocklisted addresses, osdmap epoch, expiry).
+	Details map[string]string `json:"details,omitempty"`
+	Extra   `json:"-"`
+}
+
+// LossGuard is /herd/lossguard: set by the leader when too many nodes were lost at once to be a
+// hardware failure (a partition of the coordinators from the nodes, a power event); fencing and
+// rescheduling of the listed nodes wait until an operator confirms.
+type LossGuard struct {
+	V         int       `json:"v"`
+	Nodes     []string  `json:"nodes"`
+	Since     time.Time `json:"since"`
+	Confirmed bool      `json:"confirmed,omitempty"`
+	By        string    `json:"confirmed_by,omitempty"`
+	Extra     `json:"-"`
+}
 
 // Problem is /herd/vms/<name>/problem, written by the leader: why a VM is not where it should be.
 // It is kept apart from the status so that each key has exactly one writer.
@@ -501,3 +551,31 @@ func (x *DHCPLease) UnmarshalJSON(b []byte) error {
 	return err
 }
 func (x *DHCPLease) version() *int { return &x.V }
+
+func (x Fence) MarshalJSON() ([]byte, error) {
+	type plain Fence
+	return encodeObject(plain(x), x.Extra)
+}
+func (x *Fence) UnmarshalJSON(b []byte) error {
+	type plain Fence
+	var p plain
+	e, err := decodeObject(b, &p)
+	*x = Fence(p)
+	x.Extra = e
+	return err
+}
+func (x *Fence) version() *int { return &x.V }
+
+func (x LossGuard) MarshalJSON() ([]byte, error) {
+	type plain LossGuard
+	return encodeObject(plain(x), x.Extra)
+}
+func (x *LossGuard) UnmarshalJSON(b []byte) error {
+	type plain LossGuard
+	var p plain
+	e, err := decodeObject(b, &p)
+	*x = LossGuard(p)
+	x.Extra = e
+	return err
+}
+func (x *LossGuard) version() *int { return &x.V }

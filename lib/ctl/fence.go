@@ -1,0 +1,252 @@
+package ctl
+
+import (
+	"fmt"
+	"sort"
+	"strings"
+
+	"github.com/spf13/cobra"
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/herdhq/herd/lib/etcdutil"
+	"github.com/herdhq/herd/lib/events"
+	"github.com/herdhq/herd/lib/keys"
+)
+
+func fenceCmd(e *env) *cobra.Command {
+	cmd := &cobra.Command{Use: "fence", Short: "Inspect and clear fence records of lost nodes"}
+	cmd.AddCommand(fenceListCmd(e), fenceClearCmd(e))
+	return cmd
+}
+
+func fenceListCmd(e *env) *cobra.Command {
+	var o outputFlag
+	cmd := &cobra.Command{
+		Use:     "list",
+		Aliases: []string{"ls"},
+		Short:   "List fence records: which boot of which node was declared dead, and how fencing went",
+		Example: `  herdctl fence list`,
+		Args:    cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := o.validate(); err != nil {
+				return err
+			}
+			if err := e.connect(); err != nil {
+				return err
+			}
+			ctx, cancel := e.ctx(cmd.Context())
+			defer cancel()
+			resp, err := e.client.Get(ctx, e.space.FenceRoot(), clientv3.WithPrefix())
+			if err != nil {
+				return err
+			}
+			var list []*keys.Fence
+			t := &table{}
+			for _, c := range []string{"NODE", "BOOT-ID", "PHASE", "METHOD", "ATTEMPTS", "STARTED", "ERROR"} {
+				t.col(c, false)
+			}
+			for _, kv := range resp.Kvs {
+				f, err := keys.Decode[keys.Fence](kv.Value)
+				if err != nil {
+					continue
+				}
+				list = append(list, f)
+				t.row(f.HWID, f.BootID, f.Phase, f.Method, fmt.Sprint(f.Attempts), age(f.Started), truncate(orDash(f.Error), 80))
+			}
+			if len(list) == 0 && o.format == "table" {
+				fmt.Fprintln(e.errOut, "no fence records")
+				return nil
+			}
+			return o.print(e.out, list, t)
+		},
+	}
+	o.add(cmd)
+	return cmd
+}
+
+func fenceClearCmd(e *env) *cobra.Command {
+	return &cobra.Command{
+		Use:   "clear NODE",
+		Short: "Delete a node's fence records: a fenced node that came back is schedulable again",
+		Long: `clear deletes /herd/fence/NODE/*. Do it only once you know the node's old boot no longer runs any
+VM that now runs elsewhere (e.g. you checked it, or you power-cycled it). A node that reboots clears
+its fence record by itself.`,
+		Example: `  herdctl fence clear 52:54:00:00:00:02`,
+		Args:    exactArgs("NODE"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			id, err := keys.NormalizeHWID(args[0])
+			if err != nil {
+				return usagef("%v", err)
+			}
+			if err := e.connect(); err != nil {
+				return err
+			}
+			ctx, cancel := e.ctx(cmd.Context())
+			defer cancel()
+			resp, err := e.client.Delete(ctx, e.space.FencePrefix(id), clientv3.WithPrefix())
+			if err != nil {
+				return err
+			}
+			if resp.Deleted == 0 {
+				return fmt.Errorf("node %s has no fence record: %w", id, ErrNotFound)
+			}
+			_ = events.RecordNow(ctx, e.client, e.space, actor(), "node/"+id, "fence-cleared", "by hand")
+			fmt.Fprintf(e.out, "node/%s: %d fence record(s) cleared\n", id, resp.Deleted)
+			return nil
+		},
+	}
+}
+
+func clusterCmd(e *env) *cobra.Command {
+	cmd := &cobra.Command{Use: "cluster", Short: "Cluster-wide state: identity, pools, the failover guard"}
+	cmd.AddCommand(clusterShowCmd(e), clusterConfirmLossCmd(e))
+	return cmd
+}
+
+func clusterShowCmd(e *env) *cobra.Command {
+	return &cobra.Command{
+		Use:     "show",
+		Short:   "Show the cluster record and whether failover is held",
+		Example: `  herdctl cluster show`,
+		Args:    cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := e.connect(); err != nil {
+				return err
+			}
+			ctx, cancel := e.ctx(cmd.Context())
+			defer cancel()
+			resp, err := e.client.Txn(ctx).Then(clientv3.OpGet(e.space.Cluster()), clientv3.OpGet(e.space.LossGuard())).Commit()
+			if err != nil {
+				return err
+			}
+			if kvs := resp.Responses[0].GetResponseRange().Kvs; len(kvs) > 0 {
+				c, err := keys.Decode[keys.Cluster](kvs[0].Value)
+				if err != nil {
+					return err
+				}
+				fmt.Fprintf(e.out, "Cluster:   %s (created %s ago)\nPools:     %s\n", c.ID, age(c.Created), strings.Join(c.Pools, ", "))
+			} else {
+				fmt.Fprintln(e.out, "Cluster:   no record yet (no coordinator has started)")
+			}
+			if kvs := resp.Responses[1].GetResponseRange().Kvs; len(kvs) > 0 {
+				g, err := keys.Decode[keys.LossGuard](kvs[0].Value)
+				if err != nil {
+					return err
+				}
+				state := "HELD: confirm with 'herdctl cluster confirm-loss'"
+				if g.Confirmed {
+					state = "confirmed by " + g.By + ", in progress"
+				}
+				fmt.Fprintf(e.out, "Failover:  %s; %d nodes lost at once since %s ago: %s\n", state, len(g.Nodes), age(g.Since), strings.Join(g.Nodes, ", "))
+			} else {
+				fmt.Fprintln(e.out, "Failover:  automatic")
+			}
+			return nil
+		},
+	}
+}
+
+func clusterConfirmLossCmd(e *env) *cobra.Command {
+	return &cobra.Command{
+		Use:   "confirm-loss",
+		Short: "Let failover proceed after the mass-failure guard held it",
+		Long: `When more nodes are lost at once than the guard allows, the leader fences and moves nothing
+until an operator confirms that the nodes are really gone (not cut off from the coordinators by a
+network fault). Confirming lets fencing and rescheduling of the listed nodes proceed.`,
+		Example: `  herdctl cluster show
+  herdctl cluster confirm-loss`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := e.connect(); err != nil {
+				return err
+			}
+			ctx, cancel := e.ctx(cmd.Context())
+			defer cancel()
+			key := e.space.LossGuard()
+			resp, err := e.client.Get(ctx, key)
+			if err != nil {
+				return err
+			}
+			if len(resp.Kvs) == 0 {
+				return fmt.Errorf("failover is not held: nothing to confirm: %w", ErrNotFound)
+			}
+			g, err := keys.Decode[keys.LossGuard](resp.Kvs[0].Value)
+			if err != nil {
+				return err
+			}
+			if g.Confirmed {
+				fmt.Fprintln(e.out, "already confirmed")
+				return nil
+			}
+			g.Confirmed, g.By = true, actor()
+			tx, err := e.client.Txn(ctx).If(etcdutil.ModRev(key, resp.Kvs[0].ModRevision)).Then(clientv3.OpPut(key, keys.MustEncode(g))).Commit()
+			if err != nil {
+				return err
+			}
+			if !tx.Succeeded {
+				return fmt.Errorf("the guard changed meanwhile; look again with 'herdctl cluster show'")
+			}
+			_ = events.RecordNow(ctx, e.client, e.space, actor(), "cluster", "loss-confirmed", strings.Join(g.Nodes, ", "))
+			fmt.Fprintf(e.out, "confirmed: fencing and rescheduling of %s proceed\n", strings.Join(g.Nodes, ", "))
+			return nil
+		},
+	}
+}
+
+func vmOrphansCmd(e *env) *cobra.Command {
+	var o outputFlag
+	cmd := &cobra.Command{
+		Use:   "orphans",
+		Short: "List domains that run on a node without an assignment (kept, never destroyed by herd)",
+		Example: `  herdctl vm orphans
+  herdctl vm orphans -o json`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := o.validate(); err != nil {
+				return err
+			}
+			if err := e.connect(); err != nil {
+				return err
+			}
+			ctx, cancel := e.ctx(cmd.Context())
+			defer cancel()
+			v, err := e.readCluster(ctx)
+			if err != nil {
+				return err
+			}
+			type orphan struct {
+				Node   string         `json:"node"`
+				VM     string         `json:"vm"`
+				Status *keys.VMStatus `json:"status"`
+			}
+			var list []orphan
+			for hwid, sts := range v.statuses {
+				for name, st := range sts {
+					if st.State == keys.StateOrphan {
+						list = append(list, orphan{Node: hwid, VM: name, Status: st})
+					}
+				}
+			}
+			sort.Slice(list, func(i, j int) bool {
+				if list[i].Node != list[j].Node {
+					return list[i].Node < list[j].Node
+				}
+				return list[i].VM < list[j].VM
+			})
+			t := &table{}
+			for _, c := range []string{"NODE", "VM", "UID", "EPOCH", "SINCE", "WHY"} {
+				t.col(c, false)
+			}
+			for _, x := range list {
+				t.row(x.Node, x.VM, fmt.Sprint(x.Status.UID), fmt.Sprint(x.Status.Epoch), age(x.Status.Since), x.Status.Message)
+			}
+			if len(list) == 0 && o.format == "table" {
+				fmt.Fprintln(e.errOut, "no orphans")
+				return nil
+			}
+			return o.print(e.out, list, t)
+		},
+	}
+	o.add(cmd)
+	return cmd
+}
