@@ -52,6 +52,18 @@ type Config struct {
 	// ReservedMemoryMiB is kept for the host and never given to VMs.
 	ReservedMemoryMiB int64
 	Addresses         keys.Addresses
+	// MigrationURI is the libvirt URI other nodes' libvirtd reach this one at (qemu+tcp://addr/system).
+	MigrationURI string
+	// ConsoleDir holds each VM's serial console log, <dir>/<vm>.log; keep the path the same on every
+	// node (a shared filesystem) and a console survives migrations in one file.
+	ConsoleDir string
+	// MaxMigrations bounds concurrent outgoing migrations. Default 2.
+	MaxMigrations int
+	// ShutdownTimeout is how long a guest gets to power off through ACPI before it is destroyed.
+	// Default 60 s.
+	ShutdownTimeout time.Duration
+	// MigrationTimeout aborts a migration that takes longer. Default 10 min.
+	MigrationTimeout time.Duration
 	Hostname          string
 	Image             string
 	Version           string
@@ -82,6 +94,15 @@ func (c *Config) defaults() error {
 	}
 	if c.Workers == 0 {
 		c.Workers = 4
+	}
+	if c.MaxMigrations == 0 {
+		c.MaxMigrations = 2
+	}
+	if c.ShutdownTimeout == 0 {
+		c.ShutdownTimeout = time.Minute
+	}
+	if c.MigrationTimeout == 0 {
+		c.MigrationTimeout = 10 * time.Minute
 	}
 	if c.Log == nil {
 		c.Log = hclog.NewNullLogger()
@@ -121,9 +142,13 @@ type Agent struct {
 	// replaced and nothing is evidence of anything.
 	clusterID atomic.Pointer[string]
 
+	migrations chan struct{} // semaphore of outgoing migrations
+
 	mu       sync.Mutex
 	reported map[string]keys.VMStatus // last status written per VM, to skip identical writes
 	defined  map[string]int64         // spec revision last defined per VM
+	stopping map[string]time.Time     // VMs asked to power off, since when
+	outcomes map[string]string        // migration id -> this source's result
 }
 
 // New checks the configuration and prepares the agent.
@@ -138,8 +163,11 @@ func New(cfg Config) (*Agent, error) {
 		log:      cfg.Log.With("node", cfg.HWID),
 		hv:       cfg.Hypervisor,
 		queue:    workqueue.New(),
-		reported: map[string]keys.VMStatus{},
-		defined:  map[string]int64{},
+		reported:   map[string]keys.VMStatus{},
+		defined:    map[string]int64{},
+		stopping:   map[string]time.Time{},
+		outcomes:   map[string]string{},
+		migrations: make(chan struct{}, cfg.MaxMigrations),
 	}
 	a.events = events.New(cfg.Client, cfg.Space, "agent/"+cfg.HWID, a.log)
 	a.metrics = newMetrics(cfg.Registry)

@@ -40,7 +40,7 @@ func start(t *testing.T) *harness {
 	if err != nil {
 		t.Fatal(err)
 	}
-	hv, err := hypervisor.Open(ctx, uri, hclog.NewNullLogger())
+	hv, err := hypervisor.Open(ctx, uri, "", hclog.NewNullLogger())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -299,7 +299,7 @@ func TestWaitsForEnrolment(t *testing.T) {
 	c := etcdtest.Client(t)
 	put(t, c, space.Cluster(), keys.MustEncode(&keys.Cluster{ID: "cluster-a", Pools: []string{"default"}}))
 	uri, _ := hypervisor.WriteTestNode(t.TempDir(), "n1", 2, 1024)
-	hv, err := hypervisor.Open(context.Background(), uri, hclog.NewNullLogger())
+	hv, err := hypervisor.Open(context.Background(), uri, "", hclog.NewNullLogger())
 	if err != nil {
 		t.Fatal(err)
 	}

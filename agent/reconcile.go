@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"path/filepath"
 	"time"
 
 	"github.com/herdhq/herd/agent/hypervisor"
@@ -66,17 +67,40 @@ func (a *Agent) reconcile(ctx context.Context, name string) error {
 		a.events.Record("vm/"+name, "removed", "domain of uid %d removed from %s: %s", dom.UID, a.hwid, why)
 		dom = nil
 	}
+	if asg.Incoming != "" {
+		return a.reconcileIncoming(ctx, name, kv, asg, dom)
+	}
 	if dom != nil && dom.Epoch > asg.Epoch {
 		return a.report(ctx, name, kv, keys.StateError, fmt.Sprintf("the domain runs epoch %d, newer than the assignment's %d: not touching it", dom.Epoch, asg.Epoch))
 	}
-
-	if err := a.ensureDefined(ctx, name, kv, asg, dom); err != nil {
-		_ = a.report(ctx, name, kv, keys.StateError, err.Error())
-		return err
+	if asg.Outgoing != nil {
+		return a.reconcileOutgoing(ctx, name, kv, asg, dom)
 	}
+
 	state := hypervisor.Stopped
 	if dom != nil {
 		state = dom.State
+	}
+	// A raised restart generation: power off first (the definition keeps the old generation so
+	// that an agent restarted meanwhile still knows), then start anew below.
+	wantRestart := dom != nil && dom.Restarts < asg.Spec.Restarts
+	if wantRestart && state == hypervisor.Running {
+		done, err := a.powerOff(ctx, name)
+		if err != nil || !done {
+			if err == nil {
+				err = a.report(ctx, name, kv, keys.StateStopping, "restarting")
+			}
+			return err
+		}
+		state = hypervisor.Stopped
+	}
+	restarts := asg.Spec.Restarts
+	if dom != nil && state == hypervisor.Running {
+		restarts = dom.Restarts // a running domain keeps the generation it was started with
+	}
+	if err := a.ensureDefined(ctx, name, asg, dom, restarts); err != nil {
+		_ = a.report(ctx, name, kv, keys.StateError, err.Error())
+		return err
 	}
 
 	switch {
@@ -92,21 +116,140 @@ func (a *Agent) reconcile(ctx context.Context, name string) error {
 		a.events.Record("vm/"+name, "started", "on %s, epoch %d", a.hwid, asg.Epoch)
 		state = hypervisor.Running
 	case !asg.Spec.WantsRunning() && state == hypervisor.Running:
-		if err := a.hv.Shutdown(ctx, name); err != nil {
-			return fmt.Errorf("shutdown: %w", err)
-		}
-		a.events.Record("vm/"+name, "shutdown", "on %s", a.hwid)
-		d, err := a.hv.Lookup(ctx, name)
+		done, err := a.powerOff(ctx, name)
 		if err != nil {
 			return err
 		}
-		if d != nil && d.State == hypervisor.Running {
-			a.queue.AddAfter(name, time.Second)
+		if !done {
 			return a.report(ctx, name, kv, keys.StateStopping, "")
 		}
 		state = hypervisor.Stopped
 	}
 	return a.report(ctx, name, kv, herdState(state), "")
+}
+
+// powerOff asks the guest to shut down through ACPI and reports whether it is off. A guest that
+// ignores the request for ShutdownTimeout is destroyed: the fallback is logged and recorded, because
+// a guest that had to be pulled may have lost writes.
+func (a *Agent) powerOff(ctx context.Context, name string) (bool, error) {
+	a.mu.Lock()
+	since, asked := a.stopping[name]
+	a.mu.Unlock()
+	if !asked {
+		if err := a.hv.Shutdown(ctx, name); err != nil {
+			return false, fmt.Errorf("shutdown: %w", err)
+		}
+		since = time.Now()
+		a.mu.Lock()
+		a.stopping[name] = since
+		a.mu.Unlock()
+		a.log.Info("asked the guest to power off (ACPI)", "vm", name)
+		a.events.Record("vm/"+name, "shutdown", "ACPI power button on %s", a.hwid)
+	}
+	d, err := a.hv.Lookup(ctx, name)
+	if err != nil {
+		return false, err
+	}
+	if d == nil || d.State != hypervisor.Running {
+		a.mu.Lock()
+		delete(a.stopping, name)
+		a.mu.Unlock()
+		return true, nil
+	}
+	if time.Since(since) < a.cfg.ShutdownTimeout {
+		a.queue.AddAfter(name, time.Second)
+		return false, nil
+	}
+	if err := a.hv.Destroy(ctx, name); err != nil {
+		return false, fmt.Errorf("destroy after ACPI timeout: %w", err)
+	}
+	a.mu.Lock()
+	delete(a.stopping, name)
+	a.mu.Unlock()
+	a.log.Warn("guest ignored the ACPI shutdown: destroyed (fallback)", "vm", name, "waited", a.cfg.ShutdownTimeout)
+	a.events.Record("vm/"+name, "destroyed", "guest did not power off within %s of the ACPI request; destroyed", a.cfg.ShutdownTimeout)
+	return true, nil
+}
+
+// reconcileIncoming handles a migration target: expect the domain, never define or start it, and
+// say whether it has arrived and runs.
+func (a *Agent) reconcileIncoming(ctx context.Context, name string, kv *etcdutil.KV, asg *keys.Assignment, dom *hypervisor.Domain) error {
+	st := keys.VMStatus{UID: asg.UID, Epoch: asg.Epoch, State: keys.StateIncoming, Migration: asg.Incoming}
+	if dom != nil && dom.UID == asg.UID && dom.State == hypervisor.Running {
+		st.State, st.Epoch = keys.StateRunning, dom.Epoch
+	}
+	return a.reportStatus(ctx, name, kv, st)
+}
+
+// reconcileOutgoing handles a migration source: move the domain (live, or by shutting it down for
+// a restart elsewhere) once, and report the outcome. Nothing is started here while it is set.
+func (a *Agent) reconcileOutgoing(ctx context.Context, name string, kv *etcdutil.KV, asg *keys.Assignment, dom *hypervisor.Domain) error {
+	out := asg.Outgoing
+	st := keys.VMStatus{UID: asg.UID, Epoch: asg.Epoch, Migration: out.ID}
+	a.mu.Lock()
+	result, done := a.outcomes[out.ID]
+	a.mu.Unlock()
+	switch {
+	case done:
+		st.MigrationResult = result
+		st.State = keys.StateStopped
+		if dom != nil && dom.State == hypervisor.Running {
+			st.State = keys.StateRunning
+		}
+		return a.reportStatus(ctx, name, kv, st)
+	case dom == nil:
+		st.State, st.Message = keys.StateStopped, "no domain here to move"
+		return a.reportStatus(ctx, name, kv, st)
+	}
+	if err := a.preflight(ctx, kv); err != nil {
+		return err
+	}
+	if out.Mode == keys.ModeRestart || dom.State != hypervisor.Running {
+		off, err := a.powerOff(ctx, name)
+		if err != nil {
+			return err
+		}
+		if !off {
+			st.State = keys.StateStopping
+			return a.reportStatus(ctx, name, kv, st)
+		}
+		a.setOutcome(out.ID, keys.MigrationEvicted)
+		st.State, st.MigrationResult = keys.StateStopped, keys.MigrationEvicted
+		a.events.Record("vm/"+name, "evicted", "stopped on %s to start on %s", a.hwid, out.To)
+		return a.reportStatus(ctx, name, kv, st)
+	}
+
+	select {
+	case a.migrations <- struct{}{}:
+	default:
+		a.queue.AddAfter(name, time.Second) // at the per-node limit; try again soon
+		return nil
+	}
+	defer func() { <-a.migrations }()
+	st.State = keys.StateMigrating
+	_ = a.reportStatus(ctx, name, kv, st)
+	start := time.Now()
+	mctx, cancel := context.WithTimeout(ctx, a.cfg.MigrationTimeout)
+	err := a.hv.Migrate(mctx, name, out.PeerURI, out.Address)
+	cancel()
+	if err != nil {
+		a.setOutcome(out.ID, keys.MigrationFailed+": "+err.Error())
+		a.log.Error("live migration failed; the VM keeps running here", "vm", name, "to", out.To, "error", err)
+		a.events.Record("vm/"+name, "migration-failed", "to %s: %v", out.To, err)
+		st.State, st.MigrationResult = keys.StateRunning, keys.MigrationFailed+": "+err.Error()
+		return a.reportStatus(ctx, name, kv, st)
+	}
+	a.setOutcome(out.ID, keys.MigrationDone)
+	a.log.Info("live migration done", "vm", name, "to", out.To, "took", time.Since(start).Round(time.Millisecond))
+	a.events.Record("vm/"+name, "migrated", "from %s to %s in %s", a.hwid, out.To, time.Since(start).Round(time.Millisecond))
+	st.State, st.MigrationResult = keys.StateStopped, keys.MigrationDone
+	return a.reportStatus(ctx, name, kv, st)
+}
+
+func (a *Agent) setOutcome(id, result string) {
+	a.mu.Lock()
+	a.outcomes[id] = result
+	a.mu.Unlock()
 }
 
 func herdState(s hypervisor.State) string {
@@ -122,28 +265,42 @@ func herdState(s hypervisor.State) string {
 }
 
 // ensureDefined makes the domain's definition match the assignment: disk present, XML defined with
-// the current spec revision and epoch.
-func (a *Agent) ensureDefined(ctx context.Context, name string, kv *etcdutil.KV, asg *keys.Assignment, dom *hypervisor.Domain) error {
+// the current spec revision, epoch and restart generation.
+func (a *Agent) ensureDefined(ctx context.Context, name string, asg *keys.Assignment, dom *hypervisor.Domain, restarts int) error {
 	a.mu.Lock()
 	definedRev, known := a.defined[name]
 	a.mu.Unlock()
-	if dom != nil && dom.Epoch == asg.Epoch && known && definedRev == asg.SpecRev {
+	if dom != nil && dom.Epoch == asg.Epoch && dom.Restarts == restarts && known && definedRev == asg.SpecRev {
 		return nil
 	}
 	cluster, ok := a.currentCluster()
 	if !ok {
 		return fmt.Errorf("%w: the cluster record is missing or changed", errNotSafe)
 	}
+	sp := asg.Spec
 	spec := hypervisor.Spec{
 		Cluster:   cluster,
 		Name:      name,
 		UUID:      asg.UUID,
 		UID:       asg.UID,
 		Epoch:     asg.Epoch,
-		VCPUs:     asg.Spec.VCPUs,
-		MemoryMiB: asg.Spec.MemoryMiB,
+		Restarts:  restarts,
+		VCPUs:     sp.VCPUs,
+		MemoryMiB: sp.MemoryMiB,
 	}
-	if d := asg.Spec.Disk; d != nil {
+	if a.cfg.ConsoleDir != "" {
+		spec.Console = filepath.Join(a.cfg.ConsoleDir, name+".log")
+	}
+	if b := sp.Boot; b != nil {
+		spec.Kernel, spec.Initrd, spec.Cmdline = b.Kernel, b.Initrd, b.Cmdline
+	}
+	for i, n := range sp.Networks {
+		if i >= len(asg.MACs) {
+			return fmt.Errorf("network %d has no MAC in the assignment", i)
+		}
+		spec.NICs = append(spec.NICs, hypervisor.NIC{Bridge: n.Bridge, Model: n.Model, MAC: asg.MACs[i]})
+	}
+	if d := sp.Disk; d != nil {
 		att, err := a.cfg.Volumes.Ensure(ctx, volume.Volume{Pool: d.Pool, VM: name, UID: asg.UID, SizeGiB: d.SizeGiB, From: d.From})
 		if err != nil {
 			return fmt.Errorf("disk: %w", err)

@@ -72,6 +72,7 @@ func (a *Agent) register(ctx context.Context) (clientv3.LeaseID, error) {
 		AgentVersion:      a.cfg.Version,
 		Started:           time.Now().UTC(),
 		StatusURL:         a.cfg.StatusURL,
+		MigrationURI:      a.cfg.MigrationURI,
 	}
 	b, err := keys.Encode(&node)
 	if err != nil {

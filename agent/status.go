@@ -20,6 +20,11 @@ func (a *Agent) report(ctx context.Context, name string, kv *etcdutil.KV, state,
 	if asg != nil {
 		st.UID, st.Epoch = asg.UID, asg.Epoch
 	}
+	return a.reportStatus(ctx, name, kv, st)
+}
+
+// reportStatus writes st guarded by the assignment kv.
+func (a *Agent) reportStatus(ctx context.Context, name string, kv *etcdutil.KV, st keys.VMStatus) error {
 	return a.writeStatus(ctx, name, etcdutil.ModRev(kv.Key, kv.ModRevision), st)
 }
 
@@ -30,7 +35,8 @@ func (a *Agent) reportOrphan(ctx context.Context, name string, dom *hypervisor.D
 }
 
 func sameStatus(a, b keys.VMStatus) bool {
-	return a.UID == b.UID && a.Epoch == b.Epoch && a.State == b.State && a.Message == b.Message
+	return a.UID == b.UID && a.Epoch == b.Epoch && a.State == b.State && a.Message == b.Message &&
+		a.Migration == b.Migration && a.MigrationResult == b.MigrationResult
 }
 
 func (a *Agent) writeStatus(ctx context.Context, name string, guard clientv3.Cmp, st keys.VMStatus) error {

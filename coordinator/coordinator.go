@@ -55,6 +55,9 @@ type Config struct {
 	MassFailureFraction float64
 	MassFailureMin      int
 	MassFailureWindow   time.Duration
+	// MaxMigrationsPerNode bounds the open migrations a node takes part in (source or target).
+	// Default 2.
+	MaxMigrationsPerNode int
 
 	Log      hclog.Logger
 	Registry prometheus.Registerer
@@ -107,6 +110,9 @@ func (c *Config) defaults() error {
 	if c.MassFailureWindow == 0 {
 		c.MassFailureWindow = 10 * time.Minute
 	}
+	if c.MaxMigrationsPerNode == 0 {
+		c.MaxMigrationsPerNode = 2
+	}
 	if c.Log == nil {
 		c.Log = hclog.NewNullLogger()
 	}
@@ -124,23 +130,24 @@ type Coordinator struct {
 	events *events.Recorder
 	m      *metrics
 
-	vmsInf, nodesInf, nodeStateInf, hwInf, clusterInf, fenceInf, guardInf *etcdutil.Informer
-	moveLimit                                                          *rate.Limiter
+	vmsInf, nodesInf, nodeStateInf, hwInf, clusterInf, fenceInf, guardInf, statusInf *etcdutil.Informer
+	moveLimit                                                                        *rate.Limiter
 
-	mu        sync.Mutex
-	vms       map[string]*vmKeys // by VM name
-	firstSeen map[string]time.Time
-	trigger   chan struct{}
-	isLeader  bool
-	left      map[string]string    // hwid -> boot id of a clean departure this replica saw
-	absent    map[string]time.Time // hwid -> when first found absent with a dead lease
-	lostAt    map[string]time.Time // hwid -> when found dead, for the mass-failure window
-	fencing   map[string]bool      // fence keys whose fencer runs now
+	mu          sync.Mutex
+	vms         map[string]*vmKeys // by VM name
+	firstSeen   map[string]time.Time
+	trigger     chan struct{}
+	isLeader    bool
+	left        map[string]string    // hwid -> boot id of a clean departure this replica saw
+	absent      map[string]time.Time // hwid -> when first found absent with a dead lease
+	lostAt      map[string]time.Time // hwid -> when found dead, for the mass-failure window
+	fencing     map[string]bool      // fence keys whose fencer runs now
+	migFailures map[string]time.Time // VM -> last failed migration, to back off
 }
 
 // vmKeys are the cached keys of one VM; any may be nil.
 type vmKeys struct {
-	spec, placement, problem *etcdutil.KV
+	spec, placement, problem, migrate *etcdutil.KV
 }
 
 // New prepares a coordinator; Run starts it.
@@ -149,17 +156,18 @@ func New(cfg Config) (*Coordinator, error) {
 		return nil, err
 	}
 	c := &Coordinator{
-		cfg:       cfg,
-		space:     cfg.Space,
-		log:       cfg.Log.With("coordinator", cfg.Name),
-		vms:       map[string]*vmKeys{},
-		firstSeen: map[string]time.Time{},
-		trigger:   make(chan struct{}, 1),
-		left:      map[string]string{},
-		absent:    map[string]time.Time{},
-		lostAt:    map[string]time.Time{},
-		fencing:   map[string]bool{},
-		moveLimit: rate.NewLimiter(rate.Limit(cfg.RescheduleRate), max(1, int(cfg.RescheduleRate))),
+		cfg:         cfg,
+		space:       cfg.Space,
+		log:         cfg.Log.With("coordinator", cfg.Name),
+		vms:         map[string]*vmKeys{},
+		firstSeen:   map[string]time.Time{},
+		trigger:     make(chan struct{}, 1),
+		left:        map[string]string{},
+		absent:      map[string]time.Time{},
+		lostAt:      map[string]time.Time{},
+		fencing:     map[string]bool{},
+		migFailures: map[string]time.Time{},
+		moveLimit:   rate.NewLimiter(rate.Limit(cfg.RescheduleRate), max(1, int(cfg.RescheduleRate))),
 	}
 	c.events = events.New(cfg.Client, cfg.Space, "coordinator/"+cfg.Name, c.log)
 	c.m = newMetrics(cfg.Registry)
@@ -168,6 +176,7 @@ func New(cfg Config) (*Coordinator, error) {
 	c.nodesInf = etcdutil.NewInformer(cfg.Client, s.NodePrefix(), keys.DecodeAny[keys.Node], c.onNode, c.log)
 	c.fenceInf = etcdutil.NewInformer(cfg.Client, s.FenceRoot(), keys.DecodeAny[keys.Fence], c.poke, c.log)
 	c.guardInf = etcdutil.NewInformer(cfg.Client, s.LossGuard(), keys.DecodeAny[keys.LossGuard], c.poke, c.log)
+	c.statusInf = etcdutil.NewInformer(cfg.Client, s.StatusRoot(), keys.DecodeAny[keys.VMStatus], c.poke, c.log)
 	c.nodeStateInf = etcdutil.NewInformer(cfg.Client, s.NodeStatePrefix(), keys.DecodeAny[keys.NodeState], c.poke, c.log)
 	c.hwInf = etcdutil.NewInformer(cfg.Client, s.HardwarePrefix(), keys.DecodeAny[keys.Hardware], c.poke, c.log)
 	c.clusterInf = etcdutil.NewInformer(cfg.Client, s.Cluster(), keys.DecodeAny[keys.Cluster], c.poke, c.log)
@@ -186,6 +195,8 @@ func (c *Coordinator) decodeVMKey(key string, v []byte) (any, error) {
 		return keys.Decode[keys.Placement](v)
 	case keys.VMPartProblem:
 		return keys.Decode[keys.Problem](v)
+	case keys.VMPartMigrate:
+		return keys.Decode[keys.MigrateRequest](v)
 	}
 	return nil, fmt.Errorf("unknown VM key")
 }
@@ -214,8 +225,10 @@ func (c *Coordinator) onVM(key string, _, cur *etcdutil.KV) {
 		v.placement = cur
 	case keys.VMPartProblem:
 		v.problem = cur
+	case keys.VMPartMigrate:
+		v.migrate = cur
 	}
-	if v.spec == nil && v.placement == nil && v.problem == nil {
+	if v.spec == nil && v.placement == nil && v.problem == nil && v.migrate == nil {
 		delete(c.vms, name)
 	}
 	c.mu.Unlock()

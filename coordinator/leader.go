@@ -60,7 +60,7 @@ func (c *Coordinator) lead(ctx context.Context, g etcdutil.Guard) error {
 }
 
 func (c *Coordinator) informers() []*etcdutil.Informer {
-	return []*etcdutil.Informer{c.clusterInf, c.hwInf, c.nodesInf, c.nodeStateInf, c.vmsInf, c.fenceInf, c.guardInf}
+	return []*etcdutil.Informer{c.clusterInf, c.hwInf, c.nodesInf, c.nodeStateInf, c.vmsInf, c.fenceInf, c.guardInf, c.statusInf}
 }
 
 // action is one guarded write a round decided on.
@@ -100,6 +100,9 @@ func (c *Coordinator) round(ctx context.Context, g etcdutil.Guard) error {
 	var placed []scheduler.VM
 	specs := map[string]*keys.VMSpec{}
 	moving := map[string]*keys.Placement{}
+	var open []openMigration
+	var wants []wantMove
+	busy := map[string]int{} // open migrations per node
 
 	for name, v := range snap.vms {
 		if v.spec == nil {
@@ -113,6 +116,11 @@ func (c *Coordinator) round(ctx context.Context, g etcdutil.Guard) error {
 			continue
 		}
 		uid := v.spec.CreateRevision
+		if v.migrate != nil && v.placement == nil {
+			acts = append(acts, action{vm: name, what: "drop migrate request of an unplaced VM",
+				conds: []etcdutil.Cmp{etcdutil.ModRev(v.migrate.Key, v.migrate.ModRevision)},
+				ops:   []etcdutil.Op{etcdutil.OpDelete(v.migrate.Key)}})
+		}
 		var pl *keys.Placement
 		if v.placement != nil {
 			if v.placement.Err != nil {
@@ -132,8 +140,22 @@ func (c *Coordinator) round(ctx context.Context, g etcdutil.Guard) error {
 		var fate nodeFate
 		if pl != nil {
 			fate = fates[pl.Node]
+			reserved := scheduler.VM{Name: name, UID: uid, VCPUs: pl.VCPUs, MemoryMiB: pl.MemoryMiB, AntiAffinity: pl.AntiAffinity, Node: pl.Node}
 			if !fate.move {
-				placed = append(placed, scheduler.VM{Name: name, UID: uid, VCPUs: pl.VCPUs, MemoryMiB: pl.MemoryMiB, AntiAffinity: pl.AntiAffinity, Node: pl.Node})
+				placed = append(placed, reserved)
+			}
+			if mig := pl.Migration; mig != nil {
+				// An open migration holds capacity on both nodes until it is settled.
+				reserved.Node = mig.To
+				placed = append(placed, reserved)
+				busy[pl.Node]++
+				busy[mig.To]++
+				if invalid == nil {
+					open = append(open, openMigration{name: name, v: v, spec: spec, pl: pl})
+				} else if a, ok := c.setProblem(name, uid, v.problem, keys.ProblemInvalid, invalid.Error()+"; a migration is open: fix the spec to finish it", nil); ok {
+					acts = append(acts, a)
+				}
+				continue
 			}
 		}
 		switch {
@@ -153,6 +175,16 @@ func (c *Coordinator) round(ctx context.Context, g etcdutil.Guard) error {
 		case pl != nil && fate.move:
 			specs[name], moving[name] = spec, pl
 			pending = append(pending, schedVM(name, uid, spec, ""))
+		case pl != nil && (v.migrate != nil || snap.draining(pl.Node)):
+			reason := "drain"
+			to := ""
+			if v.migrate != nil {
+				reason = "operator"
+				if v.migrate.Err == nil {
+					to = v.migrate.Obj.(*keys.MigrateRequest).To
+				}
+			}
+			wants = append(wants, wantMove{name: name, v: v, spec: spec, pl: pl, to: to, reason: reason})
 		case pl != nil && pl.SpecRev != v.spec.ModRevision:
 			acts = append(acts, c.updateSpec(g, name, v, spec, pl))
 		case pl != nil && v.problem != nil:
@@ -183,6 +215,17 @@ func (c *Coordinator) round(ctx context.Context, g etcdutil.Guard) error {
 	if deferred > 0 {
 		c.pokeAfter(time.Second)
 	}
+	for _, d := range plan.Placements {
+		vm := schedVM(d.VM, d.UID, specs[d.VM], d.Node)
+		placed = append(placed, vm)
+	}
+	for _, m := range open {
+		if a, ok := c.settle(g, &snap, m, fates); ok {
+			acts = append(acts, a)
+		}
+	}
+	acts = append(acts, c.startMigrations(g, &snap, wants, placed, busy)...)
+	acts = append(acts, c.drainBookkeeping(&snap, placedOn, busy)...)
 	for _, f := range plan.Failures {
 		msg, kind := f.Message, keys.ProblemPending
 		if pl := moving[f.VM]; pl != nil {
@@ -201,7 +244,7 @@ func (c *Coordinator) round(ctx context.Context, g etcdutil.Guard) error {
 	if err != nil {
 		return err
 	}
-	for _, inf := range []*etcdutil.Informer{c.vmsInf, c.nodeStateInf, c.fenceInf, c.guardInf} {
+	for _, inf := range []*etcdutil.Informer{c.vmsInf, c.nodeStateInf, c.fenceInf, c.guardInf, c.statusInf} {
 		if err := inf.WaitRev(ctx, maxRev); err != nil {
 			return err
 		}
@@ -274,6 +317,13 @@ type snapshotView struct {
 	fences   map[string][]*etcdutil.KV
 	hardware map[string]*keys.Hardware
 	guard    *etcdutil.KV
+	statuses map[string]map[string]*etcdutil.KV // hwid -> vm -> status
+}
+
+// draining says whether a node is being drained.
+func (s *snapshotView) draining(hwid string) bool {
+	kv := s.states[hwid]
+	return kv != nil && kv.Err == nil && kv.Obj.(*keys.NodeState).Draining
 }
 
 func (c *Coordinator) snapshot() snapshotView {
@@ -282,6 +332,15 @@ func (c *Coordinator) snapshot() snapshotView {
 		states:   map[string]*etcdutil.KV{},
 		fences:   map[string][]*etcdutil.KV{},
 		hardware: map[string]*keys.Hardware{},
+		statuses: map[string]map[string]*etcdutil.KV{},
+	}
+	for _, kv := range c.statusInf.List() {
+		if hwid, name, ok := keys.ParseNodeScoped(c.space.StatusRoot(), kv.Key); ok {
+			if s.statuses[hwid] == nil {
+				s.statuses[hwid] = map[string]*etcdutil.KV{}
+			}
+			s.statuses[hwid][name] = kv
+		}
 	}
 	c.mu.Lock()
 	s.vms = make(map[string]vmKeys, len(c.vms))
@@ -398,10 +457,21 @@ func (c *Coordinator) seenAt(name string) time.Time {
 // setSpec records in a placement which spec its node is given and what that reserves.
 func setSpec(pl *keys.Placement, rev int64, spec *keys.VMSpec) {
 	pl.SpecRev, pl.VCPUs, pl.MemoryMiB, pl.AntiAffinity = rev, spec.VCPUs, spec.MemoryMiB, spec.AntiAffinity
+	ensureMACs(pl, spec)
 }
 
 func assignmentFor(pl *keys.Placement, spec *keys.VMSpec) keys.Assignment {
-	return keys.Assignment{UID: pl.UID, Epoch: pl.Epoch, UUID: pl.UUID, SpecRev: pl.SpecRev, Spec: spec}
+	return keys.Assignment{UID: pl.UID, Epoch: pl.Epoch, UUID: pl.UUID, SpecRev: pl.SpecRev, Spec: spec, MACs: pl.MACs}
+}
+
+// ensureMACs gives every NIC of the spec a MAC, keeping the ones the VM has: like the UUID, a
+// VM's MACs never change.
+func ensureMACs(pl *keys.Placement, spec *keys.VMSpec) {
+	for len(pl.MACs) < len(spec.Networks) {
+		b := uuid.New()
+		// 52:54:00 is the prefix QEMU/KVM guests conventionally use.
+		pl.MACs = append(pl.MACs, fmt.Sprintf("52:54:00:%02x:%02x:%02x", b[0], b[1], b[2]))
+	}
 }
 
 // updateSpec hands a changed spec to the node running the VM.

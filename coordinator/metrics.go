@@ -12,6 +12,8 @@ type metrics struct {
 	nodesLost        prometheus.Counter
 	fenceFailures    prometheus.Counter
 	moves            prometheus.Counter
+	migrations       *prometheus.CounterVec
+	migrationSeconds prometheus.Histogram
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -45,7 +47,15 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		moves: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "herd_coordinator_vm_moves_total", Help: "VMs placed elsewhere after their node was fenced.",
 		}),
+		migrations: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "herd_coordinator_migrations_total", Help: "Migrations by outcome: started, done, failed.",
+		}, []string{"outcome"}),
+		migrationSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "herd_coordinator_migration_seconds", Help: "From opening a migration to committing it.",
+			Buckets: prometheus.ExponentialBuckets(0.5, 2, 10),
+		}),
 	}
+	reg.MustRegister(m.migrations, m.migrationSeconds)
 	reg.MustRegister(m.leader, m.pending, m.placements, m.conflicts, m.placementSeconds, m.roundSeconds, m.nodesLost, m.fenceFailures, m.moves)
 	return m
 }

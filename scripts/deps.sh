@@ -5,7 +5,8 @@ set -euo pipefail
 
 # base: build (cgo libvirt), etcdctl for the raw-JSON tests, and the PXE rig (QEMU, Debian's iPXE
 # binaries, busybox and cpio for the netboot image).
-want=(gcc pkg-config libvirt-dev libvirt0 etcd-client iproute2 qemu-system-x86 ipxe busybox-static cpio binutils)
+want=(gcc pkg-config libvirt-dev libvirt0 etcd-client iproute2 qemu-system-x86 ipxe busybox-static cpio binutils
+  libvirt-daemon libvirt-daemon-driver-qemu util-linux)
 for group in "$@"; do
   case "$group" in
     bench) want+=(dnsmasq-base nginx-light) ;;
@@ -23,6 +24,15 @@ if ((${#missing[@]})); then
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update -q
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+# libvirtd's QEMU driver resolves its default user even when qemu.conf says root; Debian's
+# libvirt-daemon-system creates it, but that package wants systemd.
+if ! getent passwd libvirt-qemu >/dev/null; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  getent group libvirt-qemu >/dev/null || $sudo groupadd -r libvirt-qemu
+  $sudo useradd -r -g libvirt-qemu -s /usr/sbin/nologin -d /var/lib/libvirt libvirt-qemu
 fi
 
 if ! command -v go >/dev/null 2>&1; then

@@ -55,6 +55,8 @@ type Domain struct {
 	Epoch   int64 `json:"epoch,omitempty"`
 	// Cluster is the id of the herd cluster that made the domain.
 	Cluster string `json:"cluster,omitempty"`
+	// Restarts is the spec's restart generation the domain was last started for.
+	Restarts int `json:"restarts,omitempty"`
 }
 
 // Spec is everything needed to define a domain.
@@ -64,9 +66,23 @@ type Spec struct {
 	UUID      string
 	UID       int64
 	Epoch     int64
+	Restarts  int
 	VCPUs     int
 	MemoryMiB int64
 	Disk      *volume.Attachment
+	NICs      []NIC
+	// Kernel, Initrd and Cmdline boot a kernel directly (paths on this host).
+	Kernel, Initrd, Cmdline string
+	// Console is the file the serial console appends to; it survives migrations when the path is
+	// the same on every node.
+	Console string
+}
+
+// NIC is one network interface on a bridge.
+type NIC struct {
+	Bridge string
+	MAC    string
+	Model  string
 }
 
 // Info is the host's capacity as libvirt sees it.
@@ -89,11 +105,16 @@ type Libvirt struct {
 
 // Open connects to uri. A test:/// URI is libvirt's test driver: real libvirt code keeping domains in
 // memory, private to this connection, which `herd dev` and the tests use as a hypervisor.
-func Open(ctx context.Context, uri string, log hclog.Logger) (*Libvirt, error) {
+// domType is "kvm", "qemu" (TCG) or "" for kvm when /dev/kvm opens, else qemu.
+func Open(ctx context.Context, uri, domType string, log hclog.Logger) (*Libvirt, error) {
 	h := &Libvirt{uri: uri, timeout: DefaultTimeout, log: log.Named("libvirt")}
 	switch {
 	case strings.HasPrefix(uri, "test:"):
 		h.domType = "test"
+	case domType == "kvm" || domType == "qemu":
+		h.domType = domType
+	case domType != "" && domType != "auto":
+		return nil, fmt.Errorf("domain type %q: want auto, kvm or qemu", domType)
 	case kvmAvailable():
 		h.domType = "kvm"
 	default:
@@ -256,7 +277,7 @@ func describe(dom *libvirt.Domain) (Domain, error) {
 	d.State = stateOf(st)
 	meta, err := dom.GetMetadata(libvirt.DOMAIN_METADATA_ELEMENT, MetadataNS, libvirt.DOMAIN_AFFECT_CURRENT)
 	if err == nil {
-		d.Managed, d.UID, d.Epoch, d.Cluster = parseMetadata(meta)
+		d.Managed, d.UID, d.Epoch, d.Cluster, d.Restarts = parseMetadata(meta)
 	} else if lerr, ok := err.(libvirt.Error); !ok || lerr.Code != libvirt.ERR_NO_DOMAIN_METADATA {
 		return d, err
 	}
@@ -288,27 +309,29 @@ func isNoDomain(err error) bool {
 func metadataXML(s Spec) string {
 	var b strings.Builder
 	_ = xml.EscapeText(&b, []byte(s.Cluster))
-	return fmt.Sprintf(`<vm uid="%d" epoch="%d" cluster="%s"/>`, s.UID, s.Epoch, b.String())
+	return fmt.Sprintf(`<vm uid="%d" epoch="%d" cluster="%s" restarts="%d"/>`, s.UID, s.Epoch, b.String(), s.Restarts)
 }
 
-func parseMetadata(s string) (ok bool, uid, epoch int64, cluster string) {
+func parseMetadata(s string) (ok bool, uid, epoch int64, cluster string, restarts int) {
 	var m struct {
-		UID     string `xml:"uid,attr"`
-		Epoch   string `xml:"epoch,attr"`
-		Cluster string `xml:"cluster,attr"`
+		UID      string `xml:"uid,attr"`
+		Epoch    string `xml:"epoch,attr"`
+		Cluster  string `xml:"cluster,attr"`
+		Restarts int    `xml:"restarts,attr"`
 	}
 	if err := xml.Unmarshal([]byte(s), &m); err != nil {
-		return false, 0, 0, ""
+		return false, 0, 0, "", 0
 	}
 	u, err1 := strconv.ParseInt(m.UID, 10, 64)
 	e, err2 := strconv.ParseInt(m.Epoch, 10, 64)
 	if err1 != nil || err2 != nil {
-		return false, 0, 0, ""
+		return false, 0, 0, "", 0
 	}
-	return true, u, e, m.Cluster
+	return true, u, e, m.Cluster, m.Restarts
 }
 
-// DomainXML renders the domain definition for spec.
+// DomainXML renders the domain definition for spec: virtio disk and NICs, ACPI (so a shutdown is the
+// guest's own), the serial console appended to a file, direct kernel boot if asked.
 func (h *Libvirt) DomainXML(s Spec) (string, error) {
 	d := &libvirtxml.Domain{
 		Type:     h.domType,
@@ -317,8 +340,22 @@ func (h *Libvirt) DomainXML(s Spec) (string, error) {
 		Metadata: &libvirtxml.DomainMetadata{XML: strings.Replace(metadataXML(s), "<vm ", fmt.Sprintf("<herd:vm xmlns:herd=%q ", MetadataNS), 1)},
 		Memory:   &libvirtxml.DomainMemory{Value: uint(s.MemoryMiB), Unit: "MiB"},
 		VCPU:     &libvirtxml.DomainVCPU{Value: uint(s.VCPUs)},
-		OS:       &libvirtxml.DomainOS{Type: &libvirtxml.DomainOSType{Type: "hvm"}},
-		Devices:  &libvirtxml.DomainDeviceList{},
+		OS: &libvirtxml.DomainOS{
+			Type:    &libvirtxml.DomainOSType{Type: "hvm"},
+			Kernel:  s.Kernel,
+			Initrd:  s.Initrd,
+			Cmdline: s.Cmdline,
+		},
+		Devices: &libvirtxml.DomainDeviceList{},
+	}
+	real := h.domType != "test"
+	if real {
+		d.OS.Type.Arch = "x86_64"
+		d.Features = &libvirtxml.DomainFeatureList{ACPI: &libvirtxml.DomainFeature{}}
+		d.OnPoweroff, d.OnReboot, d.OnCrash = "destroy", "restart", "destroy"
+		if s.Kernel == "" {
+			d.OS.BootDevices = []libvirtxml.DomainBootDevice{{Dev: "hd"}}
+		}
 	}
 	if s.Disk != nil {
 		disk := libvirtxml.DomainDisk{
@@ -327,12 +364,31 @@ func (h *Libvirt) DomainXML(s Spec) (string, error) {
 		}
 		switch s.Disk.Kind {
 		case "file":
+			// cache=none: no host page cache, so a migration or a restart elsewhere never reads
+			// stale data and libvirt accepts live migration on shared storage.
 			disk.Driver = &libvirtxml.DomainDiskDriver{Name: "qemu", Type: "raw", Cache: "none"}
 			disk.Source = &libvirtxml.DomainDiskSource{File: &libvirtxml.DomainDiskSourceFile{File: s.Disk.Path}}
 		default:
 			return "", fmt.Errorf("domain %s: disk kind %q not supported", s.Name, s.Disk.Kind)
 		}
 		d.Devices.Disks = append(d.Devices.Disks, disk)
+	}
+	for _, n := range s.NICs {
+		model := n.Model
+		if model == "" {
+			model = "virtio"
+		}
+		d.Devices.Interfaces = append(d.Devices.Interfaces, libvirtxml.DomainInterface{
+			MAC:    &libvirtxml.DomainInterfaceMAC{Address: n.MAC},
+			Source: &libvirtxml.DomainInterfaceSource{Bridge: &libvirtxml.DomainInterfaceSourceBridge{Bridge: n.Bridge}},
+			Model:  &libvirtxml.DomainInterfaceModel{Type: model},
+		})
+	}
+	if real && s.Console != "" {
+		src := &libvirtxml.DomainChardevSource{File: &libvirtxml.DomainChardevSourceFile{Path: s.Console, Append: "on"}}
+		port := uint(0)
+		d.Devices.Serials = []libvirtxml.DomainSerial{{Source: src, Target: &libvirtxml.DomainSerialTarget{Port: &port}}}
+		d.Devices.Consoles = []libvirtxml.DomainConsole{{Source: src, Target: &libvirtxml.DomainConsoleTarget{Type: "serial", Port: &port}}}
 	}
 	return d.Marshal()
 }
@@ -388,14 +444,52 @@ func (h *Libvirt) Start(ctx context.Context, name string) error {
 	})
 }
 
-// Shutdown asks the guest to power off (ACPI); it returns at once.
+// Shutdown asks the guest to power off (the ACPI power button); it returns at once.
 func (h *Libvirt) Shutdown(ctx context.Context, name string) error {
 	return h.withDomain(ctx, "shutdown", name, func(d *libvirt.Domain) error {
 		if active, err := d.IsActive(); err != nil || !active {
 			return err
 		}
-		return d.Shutdown()
+		if h.domType == "test" {
+			return d.Shutdown()
+		}
+		return d.ShutdownFlags(libvirt.DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
 	})
+}
+
+// Migrate moves a running domain live to the libvirtd at peerURI (peer to peer: this daemon talks
+// to the other), the memory over tcp to address, persistent there and undefined here. Disks are on
+// shared storage: nothing is copied. If ctx ends first the migration job is aborted and the domain
+// keeps running here.
+func (h *Libvirt) Migrate(ctx context.Context, name, peerURI, address string) error {
+	c, err := h.connection()
+	if err != nil {
+		return err
+	}
+	dom, err := c.LookupDomainByName(name)
+	if err != nil {
+		return fmt.Errorf("migrate %s: %w", name, err)
+	}
+	defer dom.Free()
+	params := &libvirt.DomainMigrateParameters{}
+	if address != "" {
+		params.URISet, params.URI = true, "tcp://"+address
+		params.ListenAddressSet, params.ListenAddress = true, address
+	}
+	flags := libvirt.MIGRATE_LIVE | libvirt.MIGRATE_PEER2PEER | libvirt.MIGRATE_PERSIST_DEST | libvirt.MIGRATE_UNDEFINE_SOURCE
+	done := make(chan error, 1)
+	go func() { done <- dom.MigrateToURI3(peerURI, params, flags) }()
+	select {
+	case err := <-done:
+		if err != nil {
+			return fmt.Errorf("migrate %s to %s: %w", name, peerURI, err)
+		}
+		return nil
+	case <-ctx.Done():
+		_ = dom.AbortJob()
+		err := <-done
+		return fmt.Errorf("migrate %s to %s: aborted (%v): %w", name, peerURI, ctx.Err(), err)
+	}
 }
 
 // Destroy pulls the plug; destroying a stopped domain is not an error.

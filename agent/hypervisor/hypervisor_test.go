@@ -2,6 +2,7 @@ package hypervisor
 
 import (
 	"context"
+	"strings"
 	"testing"
 
 	"github.com/hashicorp/go-hclog"
@@ -15,7 +16,7 @@ func TestLibvirtTestDriverLifecycle(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	h, err := Open(ctx, uri, hclog.NewNullLogger())
+	h, err := Open(ctx, uri, "", hclog.NewNullLogger())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -52,7 +53,7 @@ func TestLibvirtTestDriverLifecycle(t *testing.T) {
 	}
 
 	// A second connection to the same file is another, empty hypervisor.
-	h2, err := Open(ctx, uri, hclog.NewNullLogger())
+	h2, err := Open(ctx, uri, "", hclog.NewNullLogger())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -69,5 +70,26 @@ func TestLibvirtTestDriverLifecycle(t *testing.T) {
 	}
 	if doms, _ := h.List(ctx); len(doms) != 0 {
 		t.Fatalf("domain survived removal: %v", doms)
+	}
+}
+
+func TestQEMUDomainXML(t *testing.T) {
+	h := &Libvirt{domType: "qemu"}
+	x, err := h.DomainXML(Spec{Cluster: "c", Name: "web1", UUID: "6f1b8d4e-3c2a-4b5d-9e8f-0a1b2c3d4e5f", UID: 3, Epoch: 2, Restarts: 1,
+		VCPUs: 2, MemoryMiB: 256, Kernel: "/k", Initrd: "/i", Cmdline: "console=ttyS0",
+		NICs: []NIC{{Bridge: "br0", MAC: "52:54:00:12:34:56"}}, Console: "/var/log/herd/console/web1.log",
+		Disk: &volume.Attachment{Kind: "file", Path: "/v/web1.3.raw"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{
+		`<domain type="qemu">`, `<acpi></acpi>`, `<kernel>/k</kernel>`, `<cmdline>console=ttyS0</cmdline>`,
+		`<source bridge="br0">`, `<mac address="52:54:00:12:34:56">`, `<model type="virtio">`,
+		`<source path="/var/log/herd/console/web1.log" append="on">`, `cache="none"`,
+		`uid="3" epoch="2" cluster="c" restarts="1"`,
+	} {
+		if !strings.Contains(x, want) {
+			t.Errorf("XML lacks %s:\n%s", want, x)
+		}
 	}
 }

@@ -42,6 +42,12 @@ func agentCmd() *cobra.Command {
 		addrMgmt  string
 		addrStore string
 		addrMig   string
+		domType   string
+		console   string
+		migURI    string
+		maxMig    int
+		shutdownT time.Duration
+		migT      time.Duration
 	)
 	cmd := &cobra.Command{
 		Use:   "agent",
@@ -91,7 +97,7 @@ func agentCmd() *cobra.Command {
 				return err
 			}
 			defer client.Close()
-			hv, err := hypervisor.Open(ctx, uri, log)
+			hv, err := hypervisor.Open(ctx, uri, domType, log)
 			if err != nil {
 				return err
 			}
@@ -108,8 +114,10 @@ func agentCmd() *cobra.Command {
 				Hypervisor: hv, Volumes: volume.Dir{Root: volDir},
 				LeaseTTL: leaseTTL, Resync: resync,
 				CPUs: cpus, MemoryMiB: memMiB, ReservedMemoryMiB: resMiB,
-				Addresses: keys.Addresses{Management: addrMgmt, Storage: addrStore, Migration: addrMig},
-				Hostname:  host, Image: image, Version: version.Version,
+				Addresses:    keys.Addresses{Management: addrMgmt, Storage: addrStore, Migration: addrMig},
+				MigrationURI: migURI, ConsoleDir: console, MaxMigrations: maxMig,
+				ShutdownTimeout: shutdownT, MigrationTimeout: migT,
+				Hostname: host, Image: image, Version: version.Version,
 				StatusURL: srv.URL, Log: log, Registry: reg,
 			})
 			if err != nil {
@@ -140,6 +148,12 @@ func agentCmd() *cobra.Command {
 	f.StringVar(&addrMgmt, "address-management", "", "management address to advertise")
 	f.StringVar(&addrStore, "address-storage", "", "storage network address to advertise")
 	f.StringVar(&addrMig, "address-migration", "", "live-migration address to advertise")
+	f.StringVar(&domType, "domain-type", "auto", "libvirt domain type: auto (kvm if /dev/kvm opens, else qemu), kvm, or qemu (TCG)")
+	f.StringVar(&console, "console-dir", "/var/log/herd/console", "serial console logs, <dir>/<vm>.log (same path on every node to keep one log across migrations)")
+	f.StringVar(&migURI, "migration-uri", "", "libvirt URI other nodes migrate to, e.g. qemu+tcp://10.0.0.17/system (empty: this node takes no live migrations)")
+	f.IntVar(&maxMig, "max-migrations", 2, "concurrent outgoing live migrations")
+	f.DurationVar(&shutdownT, "shutdown-timeout", time.Minute, "how long a guest gets to power off through ACPI before it is destroyed")
+	f.DurationVar(&migT, "migration-timeout", 10*time.Minute, "abort a live migration that takes longer")
 	return cmd
 }
 

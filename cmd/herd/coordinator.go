@@ -92,6 +92,7 @@ func coordinatorCmd() *cobra.Command {
 		pools    []string
 		listen   string
 		parallel int
+		maxMig   int
 	)
 	cmd := &cobra.Command{
 		Use:   "coordinator",
@@ -126,7 +127,7 @@ func coordinatorCmd() *cobra.Command {
 			}
 			cfg := coordinator.Config{
 				Client: client, Space: space, Name: name, SessionTTL: ttl, Pools: pools,
-				Scheduler: so, Parallel: parallel, Log: log, Registry: reg,
+				Scheduler: so, Parallel: parallel, Log: log, Registry: reg, MaxMigrationsPerNode: maxMig,
 			}
 			if err := ff.apply(&cfg); err != nil {
 				return err
@@ -158,6 +159,7 @@ func coordinatorCmd() *cobra.Command {
 	f.StringSliceVar(&pools, "pools", []string{"default"}, "disk pools, recorded when this coordinator creates the cluster")
 	f.StringVar(&listen, "listen", ":9481", "status endpoint (metrics, /v1/leader)")
 	f.IntVar(&parallel, "parallel", 64, "leader transactions in flight at once")
+	f.IntVar(&maxMig, "max-migrations-per-node", 2, "open migrations a node may take part in (as source or target)")
 	return cmd
 }
 

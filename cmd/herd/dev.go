@@ -240,7 +240,7 @@ func devAgent(ctx context.Context, c devAgentConfig, admin *clientv3.Client) (*a
 		return nil, nil, err
 	}
 	log := c.log.Named("agent")
-	hv, err := hypervisor.Open(ctx, uri, log)
+	hv, err := hypervisor.Open(ctx, uri, "", log)
 	if err != nil {
 		return nil, nil, err
 	}

@@ -49,10 +49,13 @@ func nodeCordonCmd(e *env, cordon bool) *cobra.Command {
 			ctx, cancel := e.ctx(cmd.Context())
 			defer cancel()
 			changed, err := e.updateNodeState(ctx, id, func(ns *keys.NodeState) bool {
-				if ns.Cordoned == cordon && (!cordon || reason == "" || ns.Reason == reason) {
+				if ns.Cordoned == cordon && !ns.Draining && !ns.Drained && (!cordon || reason == "" || ns.Reason == reason) {
 					return false
 				}
 				ns.Cordoned = cordon
+				if !cordon {
+					ns.Draining, ns.Drained = false, false // uncordon also cancels or ends a drain
+				}
 				ns.Reason = reason
 				ns.Since = time.Now().UTC()
 				if !cordon {

@@ -108,6 +108,12 @@ func (v *clusterView) nodeViews() []*nodeView {
 		if n.State != nil && n.State.Cordoned {
 			st = append(st, "cordoned")
 		}
+		switch {
+		case n.State != nil && n.State.Drained:
+			st = append(st, "drained")
+		case n.State != nil && n.State.Draining:
+			st = append(st, "draining")
+		}
 		n.Status = strings.Join(st, ",")
 		out = append(out, n)
 	}
@@ -117,7 +123,7 @@ func (v *clusterView) nodeViews() []*nodeView {
 
 func nodeCmd(e *env) *cobra.Command {
 	cmd := &cobra.Command{Use: "node", Short: "Inspect hypervisor nodes"}
-	cmd.AddCommand(nodeListCmd(e), nodeGetCmd(e), nodeCordonCmd(e, true), nodeCordonCmd(e, false))
+	cmd.AddCommand(nodeListCmd(e), nodeGetCmd(e), nodeCordonCmd(e, true), nodeCordonCmd(e, false), nodeDrainCmd(e))
 	return cmd
 }
 

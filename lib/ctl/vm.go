@@ -21,7 +21,7 @@ func vmCmd(e *env) *cobra.Command {
 		Use:   "vm",
 		Short: "Create, change, inspect and delete VMs",
 	}
-	cmd.AddCommand(vmCreateCmd(e), vmApplyCmd(e), vmGetCmd(e), vmListCmd(e), vmDeleteCmd(e), vmOrphansCmd(e))
+	cmd.AddCommand(vmCreateCmd(e), vmApplyCmd(e), vmGetCmd(e), vmListCmd(e), vmDeleteCmd(e), vmOrphansCmd(e), vmMigrateCmd(e), vmRestartCmd(e))
 	return cmd
 }
 
@@ -54,6 +54,11 @@ func vmCreateCmd(e *env) *cobra.Command {
 		labels   []string
 		selector []string
 		antiAff  string
+		kernel   string
+		initrd   string
+		cmdline  string
+		networks []string
+		policy   string
 		wait     bool
 		waitFor  time.Duration
 		dryRun   bool
@@ -70,7 +75,14 @@ func vmCreateCmd(e *env) *cobra.Command {
 			if err := keys.ValidateName(name); err != nil {
 				return usagef("vm name: %v", err)
 			}
-			spec := keys.VMSpec{VCPUs: vcpus, Power: power, AntiAffinity: antiAff}
+			spec := keys.VMSpec{VCPUs: vcpus, Power: power, AntiAffinity: antiAff, MigrationPolicy: policy}
+			if kernel != "" {
+				spec.Boot = &keys.KernelBoot{Kernel: kernel, Initrd: initrd, Cmdline: cmdline}
+			}
+			for _, n := range networks {
+				bridge, model, _ := strings.Cut(n, ",")
+				spec.Networks = append(spec.Networks, keys.Network{Bridge: bridge, Model: strings.TrimPrefix(model, "model=")})
+			}
 			var err error
 			if spec.MemoryMiB, err = units.ParseIn(memory, units.MiB); err != nil {
 				return usagef("--memory: %v", err)
@@ -132,6 +144,11 @@ func vmCreateCmd(e *env) *cobra.Command {
 	f.StringSliceVar(&labels, "label", nil, "label key=value (repeatable)")
 	f.StringSliceVar(&selector, "selector", nil, "only nodes whose hardware has label key=value (repeatable)")
 	f.StringVar(&antiAff, "anti-affinity", "", "group name: at most one VM of the group per node")
+	f.StringVar(&kernel, "kernel", "", "boot this kernel directly (a path on the hypervisors)")
+	f.StringVar(&initrd, "initrd", "", "initrd for --kernel")
+	f.StringVar(&cmdline, "cmdline", "", "kernel command line for --kernel")
+	f.StringSliceVar(&networks, "network", nil, "a NIC on a bridge: BRIDGE[,model=virtio] (repeatable)")
+	f.StringVar(&policy, "migration-policy", "", "how the VM leaves a drained node: migrate (default) or restart")
 	f.BoolVar(&wait, "wait", false, "wait until the VM runs (or reports a problem)")
 	f.DurationVar(&waitFor, "wait-timeout", 2*time.Minute, "how long --wait waits")
 	f.BoolVar(&dryRun, "dry-run", false, "validate and print the spec JSON without writing it")

@@ -170,6 +170,9 @@ func (v *clusterView) summarize(vm *vmView) {
 	if vm.Spec != nil && vm.State == keys.StateRunning && !vm.Spec.WantsRunning() {
 		vm.State = keys.StateStopping
 	}
+	if vm.Placement != nil && vm.Placement.Migration != nil && vm.Placement.UID == vm.UID {
+		vm.State = keys.StateMigrating
+	}
 }
 
 // sortedVMs returns the VMs by name.

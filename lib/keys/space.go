@@ -64,6 +64,7 @@ func (s Space) VMDir(name string) string       { return s.VMPrefix() + name + "/
 func (s Space) VMSpec(name string) string      { return s.VMDir(name) + vmSpec }
 func (s Space) VMPlacement(name string) string { return s.VMDir(name) + vmPlacement }
 func (s Space) VMProblem(name string) string   { return s.VMDir(name) + vmProblem }
+func (s Space) VMMigrate(name string) string   { return s.VMDir(name) + vmMigrate }
 
 // AssignRoot lists every node's work list; AssignPrefix is one node's.
 func (s Space) AssignRoot() string              { return s.dir("assign") }
@@ -109,6 +110,7 @@ const (
 	vmSpec      = "spec"
 	vmPlacement = "placement"
 	vmProblem   = "problem"
+	vmMigrate   = "migrate"
 
 	// eventTimeLayout sorts lexicographically in time order (fixed width, UTC).
 	eventTimeLayout = "20060102T150405.000000000Z"
@@ -122,6 +124,7 @@ const (
 	VMPartSpec
 	VMPartPlacement
 	VMPartProblem
+	VMPartMigrate
 )
 
 // ParseVM splits a key under VMPrefix into the VM's name and the part. The name is everything between
@@ -144,6 +147,8 @@ func (s Space) ParseVM(key string) (name string, part VMPart, ok bool) {
 		return name, VMPartPlacement, true
 	case vmProblem:
 		return name, VMPartProblem, true
+	case vmMigrate:
+		return name, VMPartMigrate, true
 	}
 	return name, VMPartUnknown, false
 }

@@ -47,6 +47,8 @@ type Node struct {
 	Started           time.Time `json:"started"`
 	// Status is where the agent serves its own report of its hypervisor (metrics, domains).
 	StatusURL string `json:"status_url,omitempty"`
+	// MigrationURI is the libvirt URI peers migrate to (qemu+tcp://addr/system).
+	MigrationURI string `json:"migration_uri,omitempty"`
 	// Leaving is set by a cleanly stopping agent just before it revokes its lease: the key's
 	// disappearance is then a departure, not a death.
 	Leaving bool `json:"leaving,omitempty"`
@@ -77,8 +79,11 @@ type NodeState struct {
 	Lease     int64      `json:"lease,omitempty"`
 	Addresses *Addresses `json:"addresses,omitempty"`
 	// Left records that this boot's agent stopped cleanly (its VMs were not lost).
-	Left  bool `json:"left,omitempty"`
-	Extra `json:"-"`
+	Left bool `json:"left,omitempty"`
+	// Draining: cordoned, and every VM is being moved away; Drained: none left.
+	Draining bool `json:"draining,omitempty"`
+	Drained  bool `json:"drained,omitempty"`
+	Extra    `json:"-"`
 }
 
 // Power states a spec can ask for.
@@ -100,7 +105,39 @@ type VMSpec struct {
 	NodeSelector map[string]string `json:"node_selector,omitempty"`
 	// AntiAffinity names a group: at most one VM of a group runs on a node.
 	AntiAffinity string `json:"anti_affinity,omitempty"`
-	Extra        `json:"-"`
+	// Networks are the VM's NICs, each on a bridge of the hypervisor.
+	Networks []Network `json:"networks,omitempty"`
+	// Boot, if set, boots a kernel directly (paths on the hypervisor) instead of from the disk.
+	Boot *KernelBoot `json:"boot,omitempty"`
+	// MigrationPolicy says how the VM leaves a node that is drained: migrate (live, the default)
+	// or restart (shut down, start elsewhere) for VMs that cannot migrate.
+	MigrationPolicy string `json:"migration_policy,omitempty"`
+	// Restarts is a generation: raising it (herdctl vm restart) makes the VM shut down and start
+	// again.
+	Restarts int `json:"restarts,omitempty"`
+	Extra    `json:"-"`
+}
+
+// Migration policies.
+const (
+	MigrateLive    = "migrate"
+	MigrateRestart = "restart"
+)
+
+// Network is one NIC.
+type Network struct {
+	Bridge string `json:"bridge"`
+	// Model defaults to virtio.
+	Model string `json:"model,omitempty"`
+	Extra `json:"-"`
+}
+
+// KernelBoot boots a kernel directly.
+type KernelBoot struct {
+	Kernel  string `json:"kernel"`
+	Initrd  string `json:"initrd,omitempty"`
+	Cmdline string `json:"cmdline,omitempty"`
+	Extra   `json:"-"`
 }
 
 // Disk is a VM's root disk in a pool of shared storage.
@@ -134,33 +171,79 @@ type Placement struct {
 	Since        time.Time `json:"since"`
 	// By and Term name the leader that wrote this placement and its term (the election key's
 	// CreateRevision): an audit of which leadership made each decision.
-	By    string `json:"by,omitempty"`
-	Term  int64  `json:"term,omitempty"`
-	Extra `json:"-"`
+	By   string `json:"by,omitempty"`
+	Term int64  `json:"term,omitempty"`
+	// MACs are the NICs' addresses, fixed for the VM's life like the UUID.
+	MACs []string `json:"macs,omitempty"`
+	// Migration, while set, is an open move to another node; nobody starts or resumes the VM.
+	Migration *Migration `json:"migration,omitempty"`
+	Extra     `json:"-"`
+}
+
+// Migration modes.
+const (
+	ModeLive    = "live"    // libvirt live migration, peer to peer, shared storage
+	ModeRestart = "restart" // shut down on the source, start on the target
+)
+
+// Migration is an open move of a VM.
+type Migration struct {
+	ID      string    `json:"id"`
+	To      string    `json:"to"`
+	Mode    string    `json:"mode"`
+	Reason  string    `json:"reason,omitempty"` // drain, operator, rollout
+	Started time.Time `json:"started"`
+	Extra   `json:"-"`
+}
+
+// MigrateRequest is /herd/vms/<name>/migrate: an operator asks the leader to move the VM.
+type MigrateRequest struct {
+	V         int       `json:"v"`
+	To        string    `json:"to,omitempty"`
+	Requested time.Time `json:"requested"`
+	Extra     `json:"-"`
 }
 
 // Assignment is /herd/assign/<hwid>/<name>: one entry of a node's work list. It carries a copy of the
 // spec so that an agent needs to watch nothing but its own prefix (and per-node RBAC can keep it away
 // from every other tenant's spec).
 type Assignment struct {
-	V       int     `json:"v"`
-	UID     int64   `json:"uid"`
-	Epoch   int64   `json:"epoch"`
-	UUID    string  `json:"uuid"`
-	SpecRev int64   `json:"spec_rev"`
-	Spec    *VMSpec `json:"spec"`
+	V       int      `json:"v"`
+	UID     int64    `json:"uid"`
+	Epoch   int64    `json:"epoch"`
+	UUID    string   `json:"uuid"`
+	SpecRev int64    `json:"spec_rev"`
+	Spec    *VMSpec  `json:"spec"`
+	MACs    []string `json:"macs,omitempty"`
+	// Outgoing, on the source of a migration: where to send the VM.
+	Outgoing *Outgoing `json:"outgoing,omitempty"`
+	// Incoming, on the target of a migration, is its id: expect the domain, never start it.
+	Incoming string `json:"incoming,omitempty"`
+	Extra    `json:"-"`
+}
+
+// Outgoing tells a migration's source where the VM goes.
+type Outgoing struct {
+	ID   string `json:"id"`
+	To   string `json:"to"`
+	Mode string `json:"mode"`
+	// PeerURI is the target libvirtd (peer to peer); Address the target's migration address.
+	PeerURI string `json:"peer_uri,omitempty"`
+	Address string `json:"address,omitempty"`
 	Extra   `json:"-"`
 }
 
 // States an agent reports.
 const (
-	StatePending  = "pending"  // assigned, not defined yet
-	StateRunning  = "running"  // the domain is running
-	StateStopped  = "stopped"  // defined, not running, as the spec asks
-	StateStarting = "starting" // asked to run, not running yet
-	StateStopping = "stopping"
-	StateError    = "error"
-	StateOrphan   = "orphan" // runs here without evidence either way; an operator decides
+	StatePending   = "pending"  // assigned, not defined yet
+	StateRunning   = "running"  // the domain is running
+	StateStopped   = "stopped"  // defined, not running, as the spec asks
+	StateStarting  = "starting" // asked to run, not running yet
+	StateStopping  = "stopping"
+	StateError     = "error"
+	StateOrphan    = "orphan"   // runs here without evidence either way; an operator decides
+	StateIncoming  = "incoming" // a migration target waiting for the domain
+	StateMigrating = "migrating"
 )
 
 // VMStatus is /herd/status/<hwid>/<name>: what a node's agent observes of a VM it runs.
@@ -171,8 +254,19 @@ type VMStatus struct {
 	State   string    `json:"state"`
 	Since   time.Time `json:"since"`
 	Message string    `json:"message,omitempty"`
-	Extra   `json:"-"`
+	// Migration is the id of the migration this status reports on (source or target), and
+	// MigrationResult the source's outcome: done, evicted, or failed: why.
+	Migration       string `json:"migration,omitempty"`
+	MigrationResult string `json:"migration_result,omitempty"`
+	Extra           `json:"-"`
 }
+
+// Migration results a source reports.
+const (
+	MigrationDone    = "done"
+	MigrationEvicted = "evicted"
+	MigrationFailed  = "failed"
+)
 
 // Problem kinds.
 const (
@@ -579,3 +673,69 @@ func (x *LossGuard) UnmarshalJSON(b []byte) error {
 	return err
 }
 func (x *LossGuard) version() *int { return &x.V }
+
+func (x Network) MarshalJSON() ([]byte, error) {
+	type plain Network
+	return encodeObject(plain(x), x.Extra)
+}
+func (x *Network) UnmarshalJSON(b []byte) error {
+	type plain Network
+	var p plain
+	e, err := decodeObject(b, &p)
+	*x = Network(p)
+	x.Extra = e
+	return err
+}
+
+func (x KernelBoot) MarshalJSON() ([]byte, error) {
+	type plain KernelBoot
+	return encodeObject(plain(x), x.Extra)
+}
+func (x *KernelBoot) UnmarshalJSON(b []byte) error {
+	type plain KernelBoot
+	var p plain
+	e, err := decodeObject(b, &p)
+	*x = KernelBoot(p)
+	x.Extra = e
+	return err
+}
+
+func (x Migration) MarshalJSON() ([]byte, error) {
+	type plain Migration
+	return encodeObject(plain(x), x.Extra)
+}
+func (x *Migration) UnmarshalJSON(b []byte) error {
+	type plain Migration
+	var p plain
+	e, err := decodeObject(b, &p)
+	*x = Migration(p)
+	x.Extra = e
+	return err
+}
+
+func (x Outgoing) MarshalJSON() ([]byte, error) {
+	type plain Outgoing
+	return encodeObject(plain(x), x.Extra)
+}
+func (x *Outgoing) UnmarshalJSON(b []byte) error {
+	type plain Outgoing
+	var p plain
+	e, err := decodeObject(b, &p)
+	*x = Outgoing(p)
+	x.Extra = e
+	return err
+}
+
+func (x MigrateRequest) MarshalJSON() ([]byte, error) {
+	type plain MigrateRequest
+	return encodeObject(plain(x), x.Extra)
+}
+func (x *MigrateRequest) UnmarshalJSON(b []byte) error {
+	type plain MigrateRequest
+	var p plain
+	e, err := decodeObject(b, &p)
+	*x = MigrateRequest(p)
+	x.Extra = e
+	return err
+}
+func (x *MigrateRequest) version() *int { return &x.V }

@@ -140,6 +140,37 @@ func (s *VMSpec) Validate(pools []string) error {
 	}
 	validateLabels(&fe, "labels", s.Labels)
 	validateLabels(&fe, "node_selector", s.NodeSelector)
+	for i, n := range s.Networks {
+		if n.Bridge == "" || !labelRE.MatchString(n.Bridge) || len(n.Bridge) > 15 {
+			fe.add(fmt.Sprintf("networks[%d].bridge", i), "must name a bridge (at most 15 characters)")
+		}
+		switch n.Model {
+		case "", "virtio", "e1000", "e1000e", "rtl8139":
+		default:
+			fe.add(fmt.Sprintf("networks[%d].model", i), "unknown NIC model %q (virtio, e1000, e1000e, rtl8139)", n.Model)
+		}
+	}
+	if len(s.Networks) > 8 {
+		fe.add("networks", "at most 8 NICs")
+	}
+	if b := s.Boot; b != nil {
+		for field, p := range map[string]string{"boot.kernel": b.Kernel, "boot.initrd": b.Initrd} {
+			if (p != "" || field == "boot.kernel") && !strings.HasPrefix(p, "/") {
+				fe.add(field, "must be an absolute path on the hypervisor")
+			}
+		}
+		if strings.ContainsAny(b.Cmdline, "\n\x00") {
+			fe.add("boot.cmdline", "must be one line")
+		}
+	}
+	switch s.MigrationPolicy {
+	case "", MigrateLive, MigrateRestart:
+	default:
+		fe.add("migration_policy", "must be %q or %q, got %q", MigrateLive, MigrateRestart, s.MigrationPolicy)
+	}
+	if s.Restarts < 0 {
+		fe.add("restarts", "must not be negative")
+	}
 	if s.AntiAffinity != "" && ValidateName(s.AntiAffinity) != nil {
 		fe.add("anti_affinity", "group %q must be a name (lower-case letters, digits, '-', '.')", s.AntiAffinity)
 	}

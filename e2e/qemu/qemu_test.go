@@ -1,0 +1,342 @@
+// Package qemu runs herd on real hypervisors: hosts in network namespaces, each with its own
+// libvirtd, real QEMU guests (TCG) that print a counter on their serial console. Heavy: run alone.
+package qemu
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"libvirt.org/go/libvirt"
+
+	"github.com/herdhq/herd/e2e/rig"
+)
+
+var bin rig.Binaries
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "herd-qemu-bin-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	bin, err = rig.Build(dir)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+type vmRow struct {
+	Name      string `json:"name"`
+	State     string `json:"state"`
+	Placement *struct {
+		Node      string `json:"node"`
+		Epoch     int64  `json:"epoch"`
+		Migration *struct {
+			ID string `json:"id"`
+			To string `json:"to"`
+		} `json:"migration"`
+	} `json:"placement"`
+	Problem *struct {
+		Message string `json:"message"`
+	} `json:"problem"`
+}
+
+func vms(l *rig.Lab) map[string]vmRow {
+	out, err := l.Herdctl("vm", "list", "-o", "json")
+	if err != nil {
+		return nil
+	}
+	var rows []vmRow
+	_ = json.Unmarshal([]byte(out), &rows)
+	m := map[string]vmRow{}
+	for _, r := range rows {
+		m[r.Name] = r
+	}
+	return m
+}
+
+// guest creates a VM booting the test guest.
+func guest(l *rig.Lab, name string, extra ...string) {
+	l.MustHerdctl(append([]string{"vm", "create", name, "--memory", "128MiB", "--kernel", l.Guest.Kernel,
+		"--initrd", l.Guest.Initrd, "--cmdline", "console=ttyS0 quiet herd.guest=" + name}, extra...)...)
+}
+
+// counting waits until each guest has booted and printed a few counters.
+func counting(t *testing.T, l *rig.Lab, names ...string) {
+	t.Helper()
+	rig.Eventually(t, 120*time.Second, "guests counting", func() error {
+		for _, n := range names {
+			if c := l.ReadConsole(n); c.Boots != 1 || c.Last() < 2 {
+				return fmt.Errorf("%s: %d boots, last counter %d", n, c.Boots, c.Last())
+			}
+		}
+		return nil
+	})
+}
+
+// runsOnlyOn checks with libvirt itself that vm runs on host and nowhere else.
+func runsOnlyOn(l *rig.Lab, vm string, host *rig.Host) error {
+	for _, h := range l.Hosts {
+		doms, err := h.Domains()
+		if err != nil {
+			if h.Libvirtd.Running() {
+				return err
+			}
+			continue
+		}
+		st, ok := doms[vm]
+		running := ok && st == libvirt.DOMAIN_RUNNING
+		if h == host && !running {
+			return fmt.Errorf("%s does not run on host %d (%v)", vm, h.N, doms)
+		}
+		if h != host && running {
+			return fmt.Errorf("%s also runs on host %d", vm, h.N)
+		}
+	}
+	return nil
+}
+
+func hostOf(l *rig.Lab, hwid string) *rig.Host {
+	for _, h := range l.Hosts {
+		if h.HWID == hwid {
+			return h
+		}
+	}
+	return nil
+}
+
+// TestDrainLiveMigrationAdoptionPower: four guests on host 1; drain host 1: they move live (the
+// counters go on, each guest booted once) and host 1 ends drained. kill -9 an agent: its guests
+// keep running and the restarted agent adopts them. A stopped power state shuts a guest down through
+// ACPI (its own shutdown), running boots it again; a restart-policy VM leaves a drained node by
+// stop and start.
+func TestDrainLiveMigrationAdoptionPower(t *testing.T) {
+	l := rig.NewLab(t, bin, 1, "--session-ttl", "2s", "--strategy", "binpack")
+	for range 3 {
+		l.AddHost().StartAgent("--shutdown-timeout", "30s")
+	}
+	rig.Eventually(t, 60*time.Second, "three nodes ready", func() error {
+		if n := strings.Count(l.MustHerdctl("node", "list"), " ready "); n != 3 {
+			return fmt.Errorf("%d ready", n)
+		}
+		return nil
+	})
+	h1 := l.Hosts[0]
+	names := []string{"g1", "g2", "g3", "g4"}
+	for _, n := range names {
+		guest(l, n)
+	}
+	counting(t, l, names...)
+	for _, n := range names {
+		if err := runsOnlyOn(l, n, h1); err != nil {
+			t.Fatalf("binpack: %v", err)
+		}
+	}
+	before := map[string]int{}
+	for _, n := range names {
+		before[n] = l.ReadConsole(n).Last()
+	}
+
+	start := time.Now()
+	l.MustHerdctl("node", "drain", h1.HWID, "--wait", "--wait-timeout", "5m")
+	drain := time.Since(start)
+	rows := vms(l)
+	for _, n := range names {
+		r := rows[n]
+		if r.State != "running" || r.Placement == nil || r.Placement.Node == h1.HWID || r.Placement.Epoch != 2 {
+			t.Fatalf("%s after drain: %+v", n, r)
+		}
+		if err := runsOnlyOn(l, n, hostOf(l, r.Placement.Node)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	time.Sleep(2 * time.Second)
+	for _, n := range names {
+		c := l.ReadConsole(n)
+		if c.Boots != 1 || c.Unbroken() != nil || c.Last() <= before[n] {
+			t.Fatalf("%s restarted or stopped during live migration: boots %d, %v, last %d (before %d)", n, c.Boots, c.Unbroken(), c.Last(), before[n])
+		}
+	}
+	if out := l.MustHerdctl("node", "list"); !strings.Contains(out, "cordoned,drained") {
+		t.Fatalf("host 1 not drained:\n%s", out)
+	}
+	t.Logf("drain of 4 live VMs: %s; agent RSS %s", drain.Round(100*time.Millisecond), rss(l.Hosts[1].Agent.Pid()))
+	if ev := l.MustHerdctl("events", "--object", "vm/g1"); !strings.Contains(ev, "migrated") {
+		t.Fatalf("no migration event:\n%s", ev)
+	}
+
+	// kill -9 the agent of a host with guests: they keep running; a new agent adopts them.
+	h2 := hostOf(l, rows["g1"].Placement.Node)
+	var onH2 []string
+	for _, n := range names {
+		if rows[n].Placement.Node == h2.HWID {
+			onH2 = append(onH2, n)
+		}
+	}
+	h2.Agent.Kill()
+	time.Sleep(2 * time.Second)
+	for _, n := range onH2 {
+		if err := runsOnlyOn(l, n, h2); err != nil {
+			t.Fatalf("after the agent died: %v", err)
+		}
+	}
+	h2.StartAgent("--shutdown-timeout", "30s")
+	time.Sleep(5 * time.Second)
+	for _, n := range onH2 {
+		c := l.ReadConsole(n)
+		if c.Boots != 1 || c.Unbroken() != nil {
+			t.Fatalf("%s was restarted by adoption: %d boots, %v", n, c.Boots, c.Unbroken())
+		}
+		if vms(l)[n].State != "running" {
+			t.Fatalf("%s not reported running after adoption", n)
+		}
+	}
+
+	// Power: stopped shuts the guest down through ACPI; running boots it again.
+	_ = os.WriteFile(l.Dir+"/stop.yaml", []byte(fmt.Sprintf("name: g1\nvcpus: 1\nmemory_mib: 128\npower: stopped\nboot: {kernel: %s, initrd: %s, cmdline: \"console=ttyS0 quiet herd.guest=g1\"}\n", l.Guest.Kernel, l.Guest.Initrd)), 0o644)
+	l.MustHerdctl("vm", "apply", "-f", l.Dir+"/stop.yaml")
+	rig.Eventually(t, 60*time.Second, "g1 stopped", func() error {
+		if r := vms(l)["g1"]; r.State != "stopped" {
+			return fmt.Errorf("%+v", r)
+		}
+		return nil
+	})
+	if c := l.ReadConsole("g1"); !c.Clean {
+		b, _ := os.ReadFile(l.Console + "/g1.log")
+		lines := strings.Split(string(b), "\n")
+		t.Fatalf("g1 stopped without its own ACPI shutdown; console ends:\n%s", strings.Join(lines[max(0, len(lines)-15):], "\n"))
+	}
+	if log := rig.Tail(hostOf(l, vms(l)["g1"].Placement.Node).Agent.Log, 200); strings.Contains(log, "fallback") {
+		t.Fatalf("the destroy fallback was used:\n%s", log)
+	}
+	_ = os.WriteFile(l.Dir+"/start.yaml", []byte(strings.Replace(string(must(os.ReadFile(l.Dir+"/stop.yaml"))), "power: stopped", "power: running", 1)), 0o644)
+	l.MustHerdctl("vm", "apply", "-f", l.Dir+"/start.yaml")
+	rig.Eventually(t, 120*time.Second, "g1 booted again", func() error {
+		if c := l.ReadConsole("g1"); c.Boots != 2 {
+			return fmt.Errorf("%d boots", c.Boots)
+		}
+		return nil
+	})
+
+	// A restart-policy VM leaves a drained node by stop and start.
+	l.MustHerdctl("node", "uncordon", h1.HWID)
+	guest(l, "r1", "--migration-policy", "restart")
+	counting(t, l, "r1")
+	rh := hostOf(l, vms(l)["r1"].Placement.Node)
+	l.MustHerdctl("node", "drain", rh.HWID, "--wait", "--wait-timeout", "5m")
+	rig.Eventually(t, 120*time.Second, "r1 restarted elsewhere", func() error {
+		r := vms(l)["r1"]
+		c := l.ReadConsole("r1")
+		if r.State != "running" || r.Placement.Node == rh.HWID || c.Boots != 2 || !c.Clean {
+			return fmt.Errorf("%+v, boots %d, clean %v", r, c.Boots, c.Clean)
+		}
+		return runsOnlyOn(l, "r1", hostOf(l, r.Placement.Node))
+	})
+}
+
+// rss reads a process's resident set size.
+func rss(pid int) string {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return "?"
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if strings.HasPrefix(line, "VmRSS:") {
+			return strings.TrimSpace(strings.TrimPrefix(line, "VmRSS:"))
+		}
+	}
+	return "?"
+}
+
+func must(b []byte, err error) []byte {
+	if err != nil {
+		panic(err)
+	}
+	return b
+}
+
+// TestMigrationFailures: a migration whose destination libvirtd dies leaves the VM running on its
+// source; a leader killed mid-migration leaves the VM on exactly one host, running, counter unbroken.
+func TestMigrationFailures(t *testing.T) {
+	l := rig.NewLab(t, bin, 2, "--session-ttl", "2s", "--strategy", "binpack")
+	for range 3 {
+		l.AddHost().StartAgent()
+	}
+	rig.Eventually(t, 60*time.Second, "three nodes ready", func() error {
+		if n := strings.Count(l.MustHerdctl("node", "list"), " ready "); n != 3 {
+			return fmt.Errorf("%d ready", n)
+		}
+		return nil
+	})
+	guest(l, "f1")
+	guest(l, "f2")
+	counting(t, l, "f1", "f2")
+	h1, h2, h3 := l.Hosts[0], l.Hosts[1], l.Hosts[2]
+	if err := runsOnlyOn(l, "f1", h1); err != nil {
+		t.Fatal(err)
+	}
+
+	// The destination's libvirtd dies as the migration starts.
+	l.MustHerdctl("vm", "migrate", "f1", "--to", h2.HWID)
+	rig.Eventually(t, 30*time.Second, "migration opened", func() error {
+		if r := vms(l)["f1"]; r.Placement == nil || r.Placement.Migration == nil {
+			return fmt.Errorf("%+v", r)
+		}
+		return nil
+	})
+	_ = h2.Libvirtd.Signal(syscall.SIGKILL)
+	rig.Eventually(t, 120*time.Second, "migration aborted, VM stays on its source", func() error {
+		r := vms(l)["f1"]
+		if r.Placement == nil || r.Placement.Migration != nil || r.Placement.Node != h1.HWID || r.State != "running" {
+			return fmt.Errorf("%+v", r)
+		}
+		if r.Problem == nil || !strings.Contains(r.Problem.Message, "migration to") {
+			return fmt.Errorf("no problem recorded: %+v", r)
+		}
+		return nil
+	})
+	if err := runsOnlyOn(l, "f1", h1); err != nil {
+		t.Fatal(err)
+	}
+	if c := l.ReadConsole("f1"); c.Boots != 1 || c.Unbroken() != nil {
+		t.Fatalf("f1 restarted: %+v", c)
+	}
+	if ev := l.MustHerdctl("events", "--object", "vm/f1"); !strings.Contains(ev, "migration-aborted") {
+		t.Fatalf("no event:\n%s", ev)
+	}
+
+	// The leader dies right after opening a migration.
+	leader := l.Coords[0]
+	if !leader.IsLeader() {
+		leader = l.Coords[1]
+	}
+	l.MustHerdctl("vm", "migrate", "f2", "--to", h3.HWID)
+	rig.Eventually(t, 30*time.Second, "migration opened", func() error {
+		if r := vms(l)["f2"]; r.Placement == nil || r.Placement.Migration == nil {
+			return fmt.Errorf("%+v", r)
+		}
+		return nil
+	})
+	leader.Kill()
+	rig.Eventually(t, 120*time.Second, "f2 settled on exactly one host", func() error {
+		r := vms(l)["f2"]
+		if r.Placement == nil || r.Placement.Migration != nil || r.State != "running" {
+			return fmt.Errorf("%+v", r)
+		}
+		return runsOnlyOn(l, "f2", hostOf(l, r.Placement.Node))
+	})
+	time.Sleep(2 * time.Second)
+	if c := l.ReadConsole("f2"); c.Boots != 1 || c.Unbroken() != nil {
+		t.Fatalf("f2 restarted: %+v", c)
+	}
+	t.Logf("f2 ended on %s", vms(l)["f2"].Placement.Node)
+}

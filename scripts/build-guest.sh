@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Builds the tiny test guest the real-hypervisor tests boot under QEMU: Debian's cloud kernel and a
+# busybox initramfs whose init prints "guest <id>: counter N" every 0.5 s on the serial console and
+# powers off cleanly on the ACPI power button (so a test can tell a guest's own shutdown from a
+# destroy). Cached: rebuilt only when this script changes.
+# Usage: scripts/build-guest.sh OUT_DIR     -> OUT_DIR/vmlinuz, OUT_DIR/guest.gz
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:?usage: build-guest.sh OUT_DIR}
+cache=${HERD_CACHE:-$HOME/.cache/herd}
+stamp=$(sha256sum "$0" | cut -c1-16)
+if [ -f "$out/guest.gz" ] && [ "$(cat "$out/stamp" 2>/dev/null)" = "$stamp" ]; then
+  exit 0
+fi
+debs="$cache/debs"
+mkdir -p "$debs" "$out"
+meta=linux-image-cloud-amd64
+(cd "$debs" && ls ${meta}_*.deb >/dev/null 2>&1 || apt-get download "$meta" 2>&1 | grep -v unsandboxed || true)
+kpkg=$(dpkg-deb -f "$(ls "$debs"/${meta}_*.deb | sort | tail -1)" Depends | sed -E 's/^([^ ,]+).*/\1/')
+(cd "$debs" && ls ${kpkg}_*.deb >/dev/null 2>&1 || apt-get download "$kpkg" 2>&1 | grep -v unsandboxed || true)
+kroot="$cache/kernel-$kpkg"
+if [ ! -d "$kroot" ]; then
+  rm -rf "$kroot.tmp" && mkdir -p "$kroot.tmp" && dpkg-deb -x "$(ls "$debs"/${kpkg}_*.deb | sort | tail -1)" "$kroot.tmp" && mv "$kroot.tmp" "$kroot"
+fi
+kver=$(ls "$kroot/lib/modules" | head -1)
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+root="$work/root"
+mkdir -p "$root"/{bin,proc,sys,dev,etc/acpi/PWRF,lib/modules}
+cp /bin/busybox "$root/bin/busybox"
+for a in $("$root/bin/busybox" --list); do [ -e "$root/bin/$a" ] || ln -s busybox "$root/bin/$a"; done
+for m in button evdev; do cp "$(find "$kroot/lib/modules/$kver" -name "$m.ko" | head -1)" "$root/lib/modules/"; done
+# busybox acpid maps the power button to PWRF/00000080, run from its config directory.
+echo "PWRF PWRF/00000080" >"$root/etc/acpid.conf"
+cat >"$root/etc/acpi/PWRF/00000080" <<'S'
+#!/bin/sh
+echo "guest: ACPI power button: shutting down cleanly" >/dev/console
+sync
+poweroff -f
+S
+cat >"$root/init" <<'S'
+#!/bin/sh
+export PATH=/bin
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+insmod /lib/modules/button.ko; insmod /lib/modules/evdev.ko
+id=$(sed -n 's/.*herd.guest=\([^ ]*\).*/\1/p' /proc/cmdline)
+acpid -f -d -c /etc/acpi -a /etc/acpid.conf >/dev/null 2>&1 &  # -d: log to stderr, there is no /var/log
+echo "guest $id: booted"
+i=0
+while true; do echo "guest $id: counter $i"; i=$((i+1)); sleep 0.5; done
+S
+chmod +x "$root/init" "$root/etc/acpi/PWRF/00000080"
+(cd "$root" && find . -print0 | cpio --null -o -H newc --quiet) | gzip -1 >"$out/guest.gz.tmp"
+cp "$kroot/boot/vmlinuz-$kver" "$out/vmlinuz.tmp"
+mv "$out/vmlinuz.tmp" "$out/vmlinuz"
+mv "$out/guest.gz.tmp" "$out/guest.gz"
+echo "$stamp" >"$out/stamp"
