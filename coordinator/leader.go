@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
@@ -30,7 +31,7 @@ func (c *Coordinator) lead(ctx context.Context, g etcdutil.Guard) error {
 		inf.CheckRevision(resp.Header.Revision) // etcd restored or replaced under us?
 	}
 	for _, inf := range c.informers() {
-		if err := inf.WaitRev(ctx, resp.Header.Revision); err != nil {
+		if err := inf.Sync(ctx, resp.Header.Revision); err != nil {
 			return err
 		}
 	}
@@ -244,9 +245,41 @@ func (c *Coordinator) round(ctx context.Context, g etcdutil.Guard) error {
 	if err != nil {
 		return err
 	}
-	for _, inf := range []*etcdutil.Informer{c.vmsInf, c.nodeStateInf, c.fenceInf, c.guardInf, c.statusInf} {
-		if err := inf.WaitRev(ctx, maxRev); err != nil {
+	return c.catchUp(ctx, acts, maxRev)
+}
+
+// catchUp waits until the caches that the round's puts landed in reflect them, so the next round
+// decides from a view that includes this round's decisions. Only caches with a put are waited for
+// (a delete of an absent key makes no event), and Sync lists again rather than wait forever.
+func (c *Coordinator) catchUp(ctx context.Context, acts []action, rev int64) error {
+	touched := map[*etcdutil.Informer]bool{}
+	for _, a := range acts {
+		for _, op := range a.ops {
+			if !op.IsPut() {
+				continue
+			}
+			if inf := c.informerFor(string(op.KeyBytes())); inf != nil {
+				touched[inf] = true
+			}
+		}
+	}
+	for inf := range touched {
+		if err := inf.Sync(ctx, rev); err != nil {
 			return err
+		}
+	}
+	return nil
+}
+
+// informerFor returns the cache a key belongs to.
+func (c *Coordinator) informerFor(key string) *etcdutil.Informer {
+	s := c.space
+	for _, p := range []struct {
+		prefix string
+		inf    *etcdutil.Informer
+	}{{s.VMPrefix(), c.vmsInf}, {s.NodeStatePrefix(), c.nodeStateInf}, {s.FenceRoot(), c.fenceInf}, {s.StatusRoot(), c.statusInf}, {s.LossGuard(), c.guardInf}, {s.Cluster(), c.clusterInf}} {
+		if strings.HasPrefix(key, p.prefix) {
+			return p.inf
 		}
 	}
 	return nil

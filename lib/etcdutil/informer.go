@@ -95,7 +95,7 @@ func (i *Informer) Run(ctx context.Context) {
 		if ctx.Err() != nil {
 			return
 		}
-		if errors.Is(err, rpctypes.ErrCompacted) || errors.Is(err, ErrRevisionWentBack) {
+		if errors.Is(err, rpctypes.ErrCompacted) || errors.Is(err, ErrRevisionWentBack) || errors.Is(err, errResync) {
 			// History we needed is gone, or etcd's history is another one: list again at once
 			// and diff.
 			i.log.Info("listing again", "why", err, "from", rev+1)
@@ -208,6 +208,33 @@ func (i *Informer) CheckRevision(rev int64) {
 	}
 }
 
+// errResync asks the watch to end so that the cache lists again.
+var errResync = errors.New("resync requested")
+
+// Resync makes the cache list again now (at the current revision).
+func (i *Informer) Resync() {
+	i.mu.Lock()
+	cancel := i.cancelWatch
+	i.synced = false
+	i.mu.Unlock()
+	if cancel != nil {
+		cancel(errResync)
+	}
+}
+
+// Sync waits until the cache reflects rev. It first waits briefly for events or a progress
+// notification, then lists again: a prefix with no recent writes may never see rev otherwise.
+func (i *Informer) Sync(ctx context.Context, rev int64) error {
+	wctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	err := i.WaitRev(wctx, rev)
+	cancel()
+	if err == nil || ctx.Err() != nil {
+		return err
+	}
+	i.Resync()
+	return i.WaitRev(ctx, rev)
+}
+
 func (i *Informer) watch(ctx context.Context, from int64) error {
 	wctx, cancel := context.WithCancelCause(clientv3.WithRequireLeader(ctx))
 	defer cancel(nil)
@@ -217,7 +244,7 @@ func (i *Informer) watch(ctx context.Context, from int64) error {
 	wch := i.client.Watch(wctx, i.prefix, clientv3.WithPrefix(), clientv3.WithRev(from))
 	for resp := range wch {
 		if err := resp.Err(); err != nil {
-			if cause := context.Cause(wctx); errors.Is(cause, ErrRevisionWentBack) {
+			if cause := context.Cause(wctx); errors.Is(cause, ErrRevisionWentBack) || errors.Is(cause, errResync) {
 				return cause
 			}
 			return err
@@ -247,7 +274,7 @@ func (i *Informer) watch(ctx context.Context, from int64) error {
 	if ctx.Err() != nil {
 		return ctx.Err()
 	}
-	if cause := context.Cause(wctx); errors.Is(cause, ErrRevisionWentBack) {
+	if cause := context.Cause(wctx); errors.Is(cause, ErrRevisionWentBack) || errors.Is(cause, errResync) {
 		return cause
 	}
 	return errors.New("watch channel closed")
