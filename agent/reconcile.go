@@ -301,7 +301,7 @@ func (a *Agent) ensureDefined(ctx context.Context, name string, asg *keys.Assign
 		spec.NICs = append(spec.NICs, hypervisor.NIC{Bridge: n.Bridge, Model: n.Model, MAC: asg.MACs[i]})
 	}
 	if d := sp.Disk; d != nil {
-		att, err := a.cfg.Volumes.Ensure(ctx, volume.Volume{Pool: d.Pool, VM: name, UID: asg.UID, SizeGiB: d.SizeGiB, From: d.From})
+		att, err := a.cfg.Volumes.Attach(ctx, volume.Volume{Pool: d.Pool, VM: name, UID: asg.UID, SizeGiB: d.SizeGiB, From: d.From})
 		if err != nil {
 			return fmt.Errorf("disk: %w", err)
 		}

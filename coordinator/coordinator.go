@@ -142,6 +142,7 @@ type Coordinator struct {
 	absent      map[string]time.Time // hwid -> when first found absent with a dead lease
 	lostAt      map[string]time.Time // hwid -> when found dead, for the mass-failure window
 	fencing     map[string]bool      // fence keys whose fencer runs now
+	fencedRev   map[string]int64     // fence key -> record revision a fencer already ran for
 	migFailures map[string]time.Time // VM -> last failed migration, to back off
 }
 
@@ -166,6 +167,7 @@ func New(cfg Config) (*Coordinator, error) {
 		absent:      map[string]time.Time{},
 		lostAt:      map[string]time.Time{},
 		fencing:     map[string]bool{},
+		fencedRev:   map[string]int64{},
 		migFailures: map[string]time.Time{},
 		moveLimit:   rate.NewLimiter(rate.Limit(cfg.RescheduleRate), max(1, int(cfg.RescheduleRate))),
 	}

@@ -339,11 +339,14 @@ func (c *Coordinator) startFencer(ctx context.Context, g etcdutil.Guard, s *snap
 		}
 	}
 	c.mu.Lock()
-	if c.fencing[kv.Key] {
+	// One run per record revision: the record changes when a run ends, so a round that still sees
+	// the old revision (its cache not caught up yet) does not start the same run again.
+	if c.fencing[kv.Key] || c.fencedRev[kv.Key] == kv.ModRevision {
 		c.mu.Unlock()
 		return
 	}
 	c.fencing[kv.Key] = true
+	c.fencedRev[kv.Key] = kv.ModRevision
 	c.mu.Unlock()
 
 	t := fence.Target{HWID: f.HWID, BootID: f.BootID, VMs: vms}

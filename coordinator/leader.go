@@ -188,7 +188,7 @@ func (c *Coordinator) round(ctx context.Context, g etcdutil.Guard) error {
 			wants = append(wants, wantMove{name: name, v: v, spec: spec, pl: pl, to: to, reason: reason})
 		case pl != nil && pl.SpecRev != v.spec.ModRevision:
 			acts = append(acts, c.updateSpec(g, name, v, spec, pl))
-		case pl != nil && v.problem != nil:
+		case pl != nil && v.problem != nil && !isProblem(v.problem, keys.ProblemMigration):
 			acts = append(acts, c.clearProblem(name, v.problem))
 		case pl == nil:
 			specs[name] = spec
@@ -568,6 +568,11 @@ func (c *Coordinator) setProblem(name string, uid int64, cur *etcdutil.KV, kind,
 			c.events.Record("vm/"+name, "problem", "%s: %s", kind, msg)
 		},
 	}, true
+}
+
+// isProblem says whether a cached problem record is of kind.
+func isProblem(kv *etcdutil.KV, kind string) bool {
+	return kv.Err == nil && kv.Obj.(*keys.Problem).Kind == kind
 }
 
 func (c *Coordinator) clearProblem(name string, cur *etcdutil.KV) action {

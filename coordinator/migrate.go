@@ -116,7 +116,7 @@ func (c *Coordinator) abortMigration(g etcdutil.Guard, m openMigration, why stri
 	}
 	asg := assignmentFor(&npl, m.spec)
 	ops = append(ops, etcdutil.OpPut(c.space.Assign(src, m.name), keys.MustEncode(&asg)))
-	p := keys.Problem{UID: pl.UID, Kind: keys.ProblemPending, Message: fmt.Sprintf("migration to %s failed: %s", dst, why), Since: time.Now().UTC()}
+	p := keys.Problem{UID: pl.UID, Kind: keys.ProblemMigration, Message: fmt.Sprintf("migration to %s failed: %s", dst, why), Since: time.Now().UTC()}
 	ops = append(ops, etcdutil.OpPut(c.space.VMProblem(m.name), keys.MustEncode(&p)))
 	return action{vm: m.name, what: "abort migration",
 		conds: []etcdutil.Cmp{etcdutil.ModRev(c.space.VMPlacement(m.name), m.v.placement.ModRevision)},

@@ -66,6 +66,10 @@ func (d Dir) Ensure(ctx context.Context, v Volume) (Attachment, error) {
 	return Attachment{Kind: "file", Path: p}, nil
 }
 
+// Attach implements Backend. A directory disk is created on first use by whichever side gets there
+// first, so that `herd dev` and labs need no coordinator-side volume configuration.
+func (d Dir) Attach(ctx context.Context, v Volume) (Attachment, error) { return d.Ensure(ctx, v) }
+
 // Delete implements Backend.
 func (d Dir) Delete(ctx context.Context, v Volume) error {
 	p, err := d.path(v)

@@ -28,6 +28,11 @@ type Attachment struct {
 	Kind string
 	// Path is the file for Kind "file".
 	Path string
+	// Pool, Image, Monitors (host:port) and User (cephx id) reach an RBD image; the key is in a
+	// libvirt secret of usage "ceph" that the agent defines once.
+	Pool, Image string
+	Monitors    []string
+	User        string
 }
 
 // Info describes a disk that exists.
@@ -45,8 +50,12 @@ var ErrShrink = errors.New("volume: refusing to shrink a disk")
 // Backend is shared storage for VM disks. Implementations must be safe for concurrent use and
 // idempotent: Ensure on an existing disk of the right size does nothing.
 type Backend interface {
-	// Ensure creates the disk if missing and grows it to v.SizeGiB if smaller.
+	// Ensure creates the disk if missing (cloning v.From if set) and grows it to v.SizeGiB if
+	// smaller; it refuses to shrink (ErrShrink). The leader calls it before placing a VM.
 	Ensure(ctx context.Context, v Volume) (Attachment, error)
+	// Attach returns how to reach an existing disk; an agent calls it before defining a domain.
+	// Backends whose disks the leader creates never create here.
+	Attach(ctx context.Context, v Volume) (Attachment, error)
 	// Delete removes the disk; a missing disk is not an error.
 	Delete(ctx context.Context, v Volume) error
 	// List returns every disk herd made in the pools the backend serves.

@@ -276,6 +276,9 @@ const (
 	ProblemPending = "pending"
 	// ProblemNodeLost: its node is lost and cannot be fenced yet; the VM stays placed.
 	ProblemNodeLost = "node-lost"
+	// ProblemMigration: the last migration failed; the VM runs on its source. Kept until a move
+	// succeeds, so that an operator sees it.
+	ProblemMigration = "migration-failed"
 )
 
 // Fence phases.
