@@ -64,10 +64,10 @@ type Config struct {
 	ShutdownTimeout time.Duration
 	// MigrationTimeout aborts a migration that takes longer. Default 10 min.
 	MigrationTimeout time.Duration
-	Hostname          string
-	Image             string
-	Version           string
-	StatusURL         string
+	Hostname         string
+	Image            string
+	Version          string
+	StatusURL        string
 
 	Log      hclog.Logger
 	Registry prometheus.Registerer
@@ -157,12 +157,12 @@ func New(cfg Config) (*Agent, error) {
 		return nil, err
 	}
 	a := &Agent{
-		cfg:      cfg,
-		space:    cfg.Space,
-		hwid:     cfg.HWID,
-		log:      cfg.Log.With("node", cfg.HWID),
-		hv:       cfg.Hypervisor,
-		queue:    workqueue.New(),
+		cfg:        cfg,
+		space:      cfg.Space,
+		hwid:       cfg.HWID,
+		log:        cfg.Log.With("node", cfg.HWID),
+		hv:         cfg.Hypervisor,
+		queue:      workqueue.New(),
 		reported:   map[string]keys.VMStatus{},
 		defined:    map[string]int64{},
 		stopping:   map[string]time.Time{},
