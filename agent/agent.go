@@ -64,10 +64,12 @@ type Config struct {
 	ShutdownTimeout time.Duration
 	// MigrationTimeout aborts a migration that takes longer. Default 10 min.
 	MigrationTimeout time.Duration
-	Hostname         string
-	Image            string
-	Version          string
-	StatusURL        string
+	// CephUser and CephKey, when set, become the libvirt secret QEMU reaches RBD disks with.
+	CephUser, CephKey string
+	Hostname          string
+	Image             string
+	Version           string
+	StatusURL         string
 
 	Log      hclog.Logger
 	Registry prometheus.Registerer
@@ -256,6 +258,18 @@ func (a *Agent) currentCluster() (string, bool) {
 // the agent is not stopping the node's guests) and returns nil.
 func (a *Agent) Run(ctx context.Context) error {
 	a.log.Info("agent starting", "libvirt", a.hv.URI(), "boot_id", a.cfg.BootID)
+	if a.cfg.CephKey != "" && a.hv.DomainType() != "test" {
+		for {
+			_, err := a.hv.EnsureCephSecret(ctx, a.cfg.CephUser, a.cfg.CephKey)
+			if err == nil {
+				break
+			}
+			a.log.Warn("cannot define the Ceph secret in libvirt; retrying", "error", err)
+			if !etcdutil.Sleep(ctx, 5*time.Second) {
+				return ctx.Err()
+			}
+		}
+	}
 	if err := a.waitHardware(ctx); err != nil {
 		return err
 	}

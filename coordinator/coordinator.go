@@ -20,6 +20,7 @@ import (
 	"go.etcd.io/etcd/client/v3/concurrency"
 	"golang.org/x/time/rate"
 
+	"github.com/herdhq/herd/agent/volume"
 	"github.com/herdhq/herd/coordinator/fence"
 	"github.com/herdhq/herd/coordinator/scheduler"
 	"github.com/herdhq/herd/lib/etcdutil"
@@ -55,6 +56,9 @@ type Config struct {
 	MassFailureFraction float64
 	MassFailureMin      int
 	MassFailureWindow   time.Duration
+	// Volumes, if set, makes the leader create, clone, grow and purge VM disks before placing
+	// VMs (the rbd backend). Without it, agents create directory disks themselves.
+	Volumes volume.Backend
 	// MaxMigrationsPerNode bounds the open migrations a node takes part in (source or target).
 	// Default 2.
 	MaxMigrationsPerNode int
@@ -130,8 +134,8 @@ type Coordinator struct {
 	events *events.Recorder
 	m      *metrics
 
-	vmsInf, nodesInf, nodeStateInf, hwInf, clusterInf, fenceInf, guardInf, statusInf *etcdutil.Informer
-	moveLimit                                                                        *rate.Limiter
+	vmsInf, nodesInf, nodeStateInf, hwInf, clusterInf, fenceInf, guardInf, statusInf, volInf *etcdutil.Informer
+	moveLimit                                                                                *rate.Limiter
 
 	mu          sync.Mutex
 	vms         map[string]*vmKeys // by VM name
@@ -144,6 +148,9 @@ type Coordinator struct {
 	fencing     map[string]bool      // fence keys whose fencer runs now
 	fencedRev   map[string]int64     // fence key -> record revision a fencer already ran for
 	migFailures map[string]time.Time // VM -> last failed migration, to back off
+	volumeWork  map[string]bool      // volume keys with a backend call under way
+	volumeSem   chan struct{}        // bounds concurrent backend calls
+	lastAdopt   time.Time
 }
 
 // vmKeys are the cached keys of one VM; any may be nil.
@@ -169,6 +176,8 @@ func New(cfg Config) (*Coordinator, error) {
 		fencing:     map[string]bool{},
 		fencedRev:   map[string]int64{},
 		migFailures: map[string]time.Time{},
+		volumeWork:  map[string]bool{},
+		volumeSem:   make(chan struct{}, 4),
 		moveLimit:   rate.NewLimiter(rate.Limit(cfg.RescheduleRate), max(1, int(cfg.RescheduleRate))),
 	}
 	c.events = events.New(cfg.Client, cfg.Space, "coordinator/"+cfg.Name, c.log)
@@ -179,6 +188,7 @@ func New(cfg Config) (*Coordinator, error) {
 	c.fenceInf = etcdutil.NewInformer(cfg.Client, s.FenceRoot(), keys.DecodeAny[keys.Fence], c.poke, c.log)
 	c.guardInf = etcdutil.NewInformer(cfg.Client, s.LossGuard(), keys.DecodeAny[keys.LossGuard], c.poke, c.log)
 	c.statusInf = etcdutil.NewInformer(cfg.Client, s.StatusRoot(), keys.DecodeAny[keys.VMStatus], c.poke, c.log)
+	c.volInf = etcdutil.NewInformer(cfg.Client, s.VolumeRoot(), keys.DecodeAny[keys.VolumeRecord], c.poke, c.log)
 	c.nodeStateInf = etcdutil.NewInformer(cfg.Client, s.NodeStatePrefix(), keys.DecodeAny[keys.NodeState], c.poke, c.log)
 	c.hwInf = etcdutil.NewInformer(cfg.Client, s.HardwarePrefix(), keys.DecodeAny[keys.Hardware], c.poke, c.log)
 	c.clusterInf = etcdutil.NewInformer(cfg.Client, s.Cluster(), keys.DecodeAny[keys.Cluster], c.poke, c.log)

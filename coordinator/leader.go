@@ -61,7 +61,7 @@ func (c *Coordinator) lead(ctx context.Context, g etcdutil.Guard) error {
 }
 
 func (c *Coordinator) informers() []*etcdutil.Informer {
-	return []*etcdutil.Informer{c.clusterInf, c.hwInf, c.nodesInf, c.nodeStateInf, c.vmsInf, c.fenceInf, c.guardInf, c.statusInf}
+	return []*etcdutil.Informer{c.clusterInf, c.hwInf, c.nodesInf, c.nodeStateInf, c.vmsInf, c.fenceInf, c.guardInf, c.statusInf, c.volInf}
 }
 
 // action is one guarded write a round decided on.
@@ -138,6 +138,12 @@ func (c *Coordinator) round(ctx context.Context, g etcdutil.Guard) error {
 			}
 		}
 		spec, invalid := c.checkSpec(name, v.spec, snap.pools)
+		if invalid == nil {
+			invalid = c.checkShrink(&snap, name, uid, spec)
+		}
+		if invalid != nil {
+			spec = nil
+		}
 		var fate nodeFate
 		if pl != nil {
 			fate = fates[pl.Node]
@@ -191,8 +197,20 @@ func (c *Coordinator) round(ctx context.Context, g etcdutil.Guard) error {
 		case pl != nil && v.problem != nil && !isProblem(v.problem, keys.ProblemMigration):
 			acts = append(acts, c.clearProblem(name, v.problem))
 		case pl == nil:
+			// The disk comes first: a VM is placed only once its disk is there.
+			if ready, problem := c.volumeReady(ctx, g, &snap, name, uid, spec); !ready {
+				if problem != "" {
+					if a, ok := c.setProblem(name, uid, v.problem, keys.ProblemPending, problem, nil); ok {
+						acts = append(acts, a)
+					}
+				}
+				continue
+			}
 			specs[name] = spec
 			pending = append(pending, schedVM(name, uid, spec, ""))
+		}
+		if pl != nil && spec != nil && spec.Disk != nil {
+			c.volumeReady(ctx, g, &snap, name, uid, spec) // grows the disk of a placed VM
 		}
 	}
 
@@ -227,6 +245,8 @@ func (c *Coordinator) round(ctx context.Context, g etcdutil.Guard) error {
 	}
 	acts = append(acts, c.startMigrations(g, &snap, wants, placed, busy)...)
 	acts = append(acts, c.drainBookkeeping(&snap, placedOn, busy)...)
+	c.purgeVolumes(ctx, g, &snap)
+	c.adoptVolumes(ctx, g)
 	for _, f := range plan.Failures {
 		msg, kind := f.Message, keys.ProblemPending
 		if pl := moving[f.VM]; pl != nil {
@@ -277,7 +297,7 @@ func (c *Coordinator) informerFor(key string) *etcdutil.Informer {
 	for _, p := range []struct {
 		prefix string
 		inf    *etcdutil.Informer
-	}{{s.VMPrefix(), c.vmsInf}, {s.NodeStatePrefix(), c.nodeStateInf}, {s.FenceRoot(), c.fenceInf}, {s.StatusRoot(), c.statusInf}, {s.LossGuard(), c.guardInf}, {s.Cluster(), c.clusterInf}} {
+	}{{s.VMPrefix(), c.vmsInf}, {s.NodeStatePrefix(), c.nodeStateInf}, {s.VolumeRoot(), c.volInf}, {s.FenceRoot(), c.fenceInf}, {s.StatusRoot(), c.statusInf}, {s.LossGuard(), c.guardInf}, {s.Cluster(), c.clusterInf}} {
 		if strings.HasPrefix(key, p.prefix) {
 			return p.inf
 		}
@@ -351,6 +371,7 @@ type snapshotView struct {
 	hardware map[string]*keys.Hardware
 	guard    *etcdutil.KV
 	statuses map[string]map[string]*etcdutil.KV // hwid -> vm -> status
+	volumes  map[string]*etcdutil.KV            // "pool/image" -> disk record
 }
 
 // draining says whether a node is being drained.
@@ -366,6 +387,12 @@ func (c *Coordinator) snapshot() snapshotView {
 		fences:   map[string][]*etcdutil.KV{},
 		hardware: map[string]*keys.Hardware{},
 		statuses: map[string]map[string]*etcdutil.KV{},
+		volumes:  map[string]*etcdutil.KV{},
+	}
+	for _, kv := range c.volInf.List() {
+		if pool, image, ok := keys.ParseNodeScoped(c.space.VolumeRoot(), kv.Key); ok {
+			s.volumes[pool+"/"+image] = kv
+		}
 	}
 	for _, kv := range c.statusInf.List() {
 		if hwid, name, ok := keys.ParseNodeScoped(c.space.StatusRoot(), kv.Key); ok {
@@ -568,6 +595,22 @@ func (c *Coordinator) setProblem(name string, uid int64, cur *etcdutil.KV, kind,
 			c.events.Record("vm/"+name, "problem", "%s: %s", kind, msg)
 		},
 	}, true
+}
+
+// checkShrink refuses a spec whose disk is smaller than the disk that exists: shrinking would cut
+// the guest's filesystem. The VM keeps running under its last valid spec.
+func (c *Coordinator) checkShrink(s *snapshotView, name string, uid int64, spec *keys.VMSpec) error {
+	if c.cfg.Volumes == nil || spec.Disk == nil {
+		return nil
+	}
+	kv := s.volumeFor(spec.Disk.Pool, keys.VolumeImage(name, uid))
+	if kv == nil || kv.Err != nil {
+		return nil
+	}
+	if rec := kv.Obj.(*keys.VolumeRecord); rec.SizeGiB > spec.Disk.SizeGiB {
+		return keys.FieldErrors{{Field: "disk.size_gib", Message: fmt.Sprintf("refusing to shrink the disk from %d to %d GiB: the guest's filesystem would be cut", rec.SizeGiB, spec.Disk.SizeGiB)}}
+	}
+	return nil
 }
 
 // isProblem says whether a cached problem record is of kind.

@@ -14,6 +14,7 @@ type metrics struct {
 	moves            prometheus.Counter
 	migrations       *prometheus.CounterVec
 	migrationSeconds prometheus.Histogram
+	volumeSeconds    prometheus.Histogram
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -55,7 +56,11 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Buckets: prometheus.ExponentialBuckets(0.5, 2, 10),
 		}),
 	}
-	reg.MustRegister(m.migrations, m.migrationSeconds)
+	m.volumeSeconds = prometheus.NewHistogram(prometheus.HistogramOpts{
+		Name: "herd_coordinator_volume_seconds", Help: "Creating, cloning or growing one disk.",
+		Buckets: prometheus.ExponentialBuckets(0.01, 2.5, 10),
+	})
+	reg.MustRegister(m.migrations, m.migrationSeconds, m.volumeSeconds)
 	reg.MustRegister(m.leader, m.pending, m.placements, m.conflicts, m.placementSeconds, m.roundSeconds, m.nodesLost, m.fenceFailures, m.moves)
 	return m
 }

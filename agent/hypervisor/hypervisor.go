@@ -8,6 +8,7 @@ package hypervisor
 
 import (
 	"context"
+	"encoding/base64"
 	"encoding/xml"
 	"errors"
 	"fmt"
@@ -17,6 +18,9 @@ import (
 	"sync"
 	"time"
 
+	"net"
+
+	"github.com/google/uuid"
 	"github.com/hashicorp/go-hclog"
 	"libvirt.org/go/libvirt"
 	"libvirt.org/go/libvirtxml"
@@ -99,8 +103,9 @@ type Libvirt struct {
 	log     hclog.Logger
 	domType string
 
-	mu   sync.Mutex
-	conn *libvirt.Connect
+	mu      sync.Mutex
+	conn    *libvirt.Connect
+	secrets map[string]string // cephx user -> libvirt secret UUID
 }
 
 // Open connects to uri. A test:/// URI is libvirt's test driver: real libvirt code keeping domains in
@@ -363,6 +368,27 @@ func (h *Libvirt) DomainXML(s Spec) (string, error) {
 			Target: &libvirtxml.DomainDiskTarget{Dev: "vda", Bus: "virtio"},
 		}
 		switch s.Disk.Kind {
+		case "rbd":
+			var hosts []libvirtxml.DomainDiskSourceHost
+			for _, m := range s.Disk.Monitors {
+				host, port, err := net.SplitHostPort(m)
+				if err != nil {
+					return "", fmt.Errorf("domain %s: monitor %q: %w", s.Name, m, err)
+				}
+				hosts = append(hosts, libvirtxml.DomainDiskSourceHost{Name: host, Port: port})
+			}
+			h.mu.Lock()
+			_, defined := h.secrets[s.Disk.User]
+			h.mu.Unlock()
+			if !defined && real {
+				return "", fmt.Errorf("domain %s: no libvirt secret for cephx user %s (agent started without --ceph-keyring?)", s.Name, s.Disk.User)
+			}
+			disk.Driver = &libvirtxml.DomainDiskDriver{Name: "qemu", Type: "raw", Cache: "none"}
+			disk.Source = &libvirtxml.DomainDiskSource{Network: &libvirtxml.DomainDiskSourceNetwork{
+				Protocol: "rbd", Name: s.Disk.Pool + "/" + s.Disk.Image, Hosts: hosts,
+				// By usage name: every node defines the secret under the same usage.
+				Auth: &libvirtxml.DomainDiskAuth{Username: s.Disk.User, Secret: &libvirtxml.DomainDiskSecret{Type: "ceph", Usage: cephSecretUsage(s.Disk.User)}},
+			}}
 		case "file":
 			// cache=none: no host page cache, so a migration or a restart elsewhere never reads
 			// stale data and libvirt accepts live migration on shared storage.
@@ -391,6 +417,47 @@ func (h *Libvirt) DomainXML(s Spec) (string, error) {
 		d.Devices.Consoles = []libvirtxml.DomainConsole{{Source: src, Target: &libvirtxml.DomainConsoleTarget{Type: "serial", Port: &port}}}
 	}
 	return d.Marshal()
+}
+
+func cephSecretUsage(user string) string { return "client." + user + " secret" }
+
+// EnsureCephSecret defines (idempotently) the libvirt secret of usage "ceph" that QEMU authenticates
+// to Ceph with, and sets its value. key is the cephx key as keyrings print it (base64); libvirt
+// stores the decoded bytes. The UUID is derived from the user, so every node names it alike.
+func (h *Libvirt) EnsureCephSecret(ctx context.Context, user, key string) (string, error) {
+	raw, err := base64.StdEncoding.DecodeString(strings.TrimSpace(key))
+	if err != nil {
+		return "", fmt.Errorf("cephx key of %s is not base64: %w", user, err)
+	}
+	id := uuid.NewSHA1(uuid.NameSpaceOID, []byte("herd ceph secret client."+user)).String()
+	c, err := h.connection()
+	if err != nil {
+		return "", err
+	}
+	doc := &libvirtxml.Secret{Ephemeral: "no", Private: "yes", UUID: id,
+		Usage: &libvirtxml.SecretUsage{Type: "ceph", Name: cephSecretUsage(user)}}
+	x, err := doc.Marshal()
+	if err != nil {
+		return "", err
+	}
+	err = h.call(ctx, "define ceph secret", func() error {
+		sec, err := c.SecretDefineXML(x, 0)
+		if err != nil {
+			return err
+		}
+		defer sec.Free()
+		return sec.SetValue(raw, 0)
+	})
+	if err != nil {
+		return "", fmt.Errorf("libvirt secret for client.%s: %w", user, err)
+	}
+	h.mu.Lock()
+	if h.secrets == nil {
+		h.secrets = map[string]string{}
+	}
+	h.secrets[user] = id
+	h.mu.Unlock()
+	return id, nil
 }
 
 // Define creates or updates the persistent definition of a domain. Changes to a running domain

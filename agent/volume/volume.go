@@ -6,7 +6,8 @@ package volume
 import (
 	"context"
 	"errors"
-	"fmt"
+
+	"github.com/herdhq/herd/lib/keys"
 )
 
 // Volume identifies one VM's disk and what it should look like.
@@ -20,7 +21,7 @@ type Volume struct {
 }
 
 // ID is the backend-independent name of the disk: the VM name for humans, the uid for uniqueness.
-func (v Volume) ID() string { return fmt.Sprintf("%s.%d", v.VM, v.UID) }
+func (v Volume) ID() string { return keys.VolumeImage(v.VM, v.UID) }
 
 // Attachment tells the hypervisor how to reach a disk.
 type Attachment struct {

@@ -15,7 +15,6 @@ import (
 
 	"github.com/herdhq/herd/agent"
 	"github.com/herdhq/herd/agent/hypervisor"
-	"github.com/herdhq/herd/agent/volume"
 	"github.com/herdhq/herd/lib/etcdutil"
 	"github.com/herdhq/herd/lib/keys"
 	"github.com/herdhq/herd/lib/logging"
@@ -36,7 +35,7 @@ func agentCmd() *cobra.Command {
 		cpus      int
 		memory    string
 		reserved  string
-		volDir    string
+		storage   storageFlags
 		listen    string
 		image     string
 		addrMgmt  string
@@ -108,10 +107,18 @@ func agentCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
+			vols, err := storage.backend(nil)
+			if err != nil {
+				return err
+			}
+			cephKey, err := storage.key()
+			if err != nil {
+				return err
+			}
 			host, _ := os.Hostname()
 			a, err := agent.New(agent.Config{
 				Client: client, Space: space, HWID: hwid, BootID: bootID,
-				Hypervisor: hv, Volumes: volume.Dir{Root: volDir},
+				Hypervisor: hv, Volumes: vols, CephUser: storage.user, CephKey: cephKey,
 				LeaseTTL: leaseTTL, Resync: resync,
 				CPUs: cpus, MemoryMiB: memMiB, ReservedMemoryMiB: resMiB,
 				Addresses:    keys.Addresses{Management: addrMgmt, Storage: addrStore, Migration: addrMig},
@@ -142,7 +149,7 @@ func agentCmd() *cobra.Command {
 	f.IntVar(&cpus, "cpus", 0, "CPUs to offer (default: what libvirt reports)")
 	f.StringVar(&memory, "memory", "", "memory to offer, e.g. 64GiB (default: what libvirt reports)")
 	f.StringVar(&reserved, "reserved-memory", "", "memory kept for the host, never given to VMs, e.g. 2GiB")
-	f.StringVar(&volDir, "volume-dir", "/var/lib/herd/volumes", "root of the shared directory holding VM disks (dir backend)")
+	storage.add(f, "herd-agent", true)
 	f.StringVar(&listen, "listen", ":9480", "status endpoint (metrics, /v1/domains)")
 	f.StringVar(&image, "image", "", "hypervisor image version this node booted")
 	f.StringVar(&addrMgmt, "address-management", "", "management address to advertise")

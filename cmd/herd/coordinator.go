@@ -93,6 +93,7 @@ func coordinatorCmd() *cobra.Command {
 		listen   string
 		parallel int
 		maxMig   int
+		storage  storageFlags
 	)
 	cmd := &cobra.Command{
 		Use:   "coordinator",
@@ -125,7 +126,11 @@ func coordinatorCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			cfg := coordinator.Config{
+			vols, err := storage.backend(pools)
+			if err != nil {
+				return err
+			}
+			cfg := coordinator.Config{Volumes: vols,
 				Client: client, Space: space, Name: name, SessionTTL: ttl, Pools: pools,
 				Scheduler: so, Parallel: parallel, Log: log, Registry: reg, MaxMigrationsPerNode: maxMig,
 			}
@@ -159,6 +164,7 @@ func coordinatorCmd() *cobra.Command {
 	f.StringSliceVar(&pools, "pools", []string{"default"}, "disk pools, recorded when this coordinator creates the cluster")
 	f.StringVar(&listen, "listen", ":9481", "status endpoint (metrics, /v1/leader)")
 	f.IntVar(&parallel, "parallel", 64, "leader transactions in flight at once")
+	storage.add(f, "herd-coordinator", false)
 	f.IntVar(&maxMig, "max-migrations-per-node", 2, "open migrations a node may take part in (as source or target)")
 	return cmd
 }

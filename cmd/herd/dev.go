@@ -48,6 +48,7 @@ type devOptions struct {
 	leaseTTL     time.Duration
 	sessionTTL   time.Duration
 	prefix       string
+	storage      storageFlags
 }
 
 func init() { extraCmds = append(extraCmds, devCmd()) }
@@ -62,7 +63,8 @@ hypervisor is libvirt's test driver (a real libvirt connection that keeps domain
 its own node file, and all agents share one directory of VM disks, like nodes on shared storage.
 Ctrl-C stops everything; the data directory is removed unless --keep or --data-dir is given.`,
 		Example: `  herd dev
-  herd dev --agents 5 --node-memory 32GiB --data-dir /tmp/herd-dev`,
+  herd dev --agents 5 --node-memory 32GiB --data-dir /tmp/herd-dev
+  herd dev --ceph-conf /etc/ceph/ceph.conf --ceph-keyring /etc/ceph/ceph.client.admin.keyring   # disks on RBD (pool "rbd")`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error { return runDev(cmd.Context(), o) },
 	}
@@ -84,6 +86,7 @@ Ctrl-C stops everything; the data directory is removed unless --keep or --data-d
 	f.DurationVar(&o.leaseTTL, "lease-ttl", 10*time.Second, "node lease TTL")
 	f.DurationVar(&o.sessionTTL, "session-ttl", 5*time.Second, "coordinator election session TTL")
 	f.StringVar(&o.prefix, "prefix", keys.DefaultPrefix, "root of herd's keys")
+	o.storage.add(f, "admin", false)
 	return cmd
 }
 
@@ -160,8 +163,16 @@ func runDev(ctx context.Context, o devOptions) error {
 		}
 		defer c.Close()
 		name := fmt.Sprintf("dev-%d", i)
-		cfg := coordinator.Config{
-			Client: c, Space: space, Name: name, SessionTTL: o.sessionTTL, Pools: []string{"default"},
+		pools := []string{"default"}
+		if o.storage.conf != "" {
+			pools = []string{"rbd"}
+		}
+		vols, err := o.storage.backend(pools)
+		if err != nil {
+			return fail(err)
+		}
+		cfg := coordinator.Config{Volumes: vols,
+			Client: c, Space: space, Name: name, SessionTTL: o.sessionTTL, Pools: pools,
 			Scheduler: so, Log: log.Named("coordinator"),
 			Registry: prometheus.WrapRegistererWith(prometheus.Labels{"coordinator": name}, reg),
 		}
@@ -178,8 +189,15 @@ func runDev(ctx context.Context, o devOptions) error {
 	agents := map[string]*agent.Agent{}
 	for i := 1; i <= o.agents; i++ {
 		hwid := fmt.Sprintf("52:54:00:00:00:%02x", i)
+		vols, err := o.storage.backend(nil)
+		if err != nil {
+			return fail(err)
+		}
+		if vols == nil {
+			vols = volume.Dir{Root: filepath.Join(dir, "volumes")}
+		}
 		a, closeAgent, err := devAgent(gctx, devAgentConfig{
-			space: space, hwid: hwid, index: i, dir: dir, cpus: o.nodeCPUs, memMiB: memMiB,
+			space: space, hwid: hwid, index: i, dir: dir, cpus: o.nodeCPUs, memMiB: memMiB, volumes: vols,
 			leaseTTL: o.leaseTTL, endpoints: endpoints, log: log, reg: reg, statusURL: srv.URL,
 		}, admin)
 		if err != nil {
@@ -219,6 +237,7 @@ type devAgentConfig struct {
 	log       hclog.Logger
 	reg       prometheus.Registerer
 	statusURL string
+	volumes   volume.Backend
 }
 
 // devAgent enrols a simulated node (dev mode alone writes hardware records) and builds its agent.
@@ -251,7 +270,7 @@ func devAgent(ctx context.Context, c devAgentConfig, admin *clientv3.Client) (*a
 	closeAll := func() { client.Close(); hv.Close() }
 	a, err := agent.New(agent.Config{
 		Client: client, Space: c.space, HWID: c.hwid, BootID: uuid.NewString(),
-		Hypervisor: hv, Volumes: volume.Dir{Root: filepath.Join(c.dir, "volumes")},
+		Hypervisor: hv, Volumes: c.volumes,
 		LeaseTTL: c.leaseTTL, Hostname: fmt.Sprintf("dev-node%d", c.index), Version: version.Version,
 		StatusURL: fmt.Sprintf("%s/v1/nodes/%s/domains", c.statusURL, c.hwid),
 		Log:       log, Registry: prometheus.WrapRegistererWith(prometheus.Labels{"node": c.hwid}, c.reg),

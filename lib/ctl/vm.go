@@ -458,6 +458,7 @@ func truncate(s string, n int) string {
 func vmDeleteCmd(e *env) *cobra.Command {
 	var (
 		ignoreMissing bool
+		purge         bool
 		wait          bool
 		waitFor       time.Duration
 	)
@@ -465,7 +466,8 @@ func vmDeleteCmd(e *env) *cobra.Command {
 		Use:   "delete NAME...",
 		Short: "Delete VMs: their nodes destroy the domains",
 		Example: `  herdctl vm delete web1
-  herdctl vm delete web1 web2 --wait`,
+  herdctl vm delete web1 web2 --wait
+  herdctl vm delete web1 --purge        # and its disk`,
 		Args: cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if err := e.connect(); err != nil {
@@ -475,6 +477,11 @@ func vmDeleteCmd(e *env) *cobra.Command {
 			defer cancel()
 			var missing []string
 			for _, name := range args {
+				if purge {
+					if err := e.purgeDisksOf(ctx, name); err != nil {
+						return err
+					}
+				}
 				resp, err := e.client.Delete(ctx, e.space.VMSpec(name))
 				if err != nil {
 					return fmt.Errorf("delete vm %s: %w", name, err)
@@ -497,6 +504,7 @@ func vmDeleteCmd(e *env) *cobra.Command {
 		},
 	}
 	cmd.Flags().BoolVar(&ignoreMissing, "ignore-not-found", false, "succeed when a VM does not exist")
+	cmd.Flags().BoolVar(&purge, "purge", false, "also delete the VM's disk (disks outlive their VM otherwise)")
 	cmd.Flags().BoolVar(&wait, "wait", false, "wait until the VMs' domains are gone")
 	cmd.Flags().DurationVar(&waitFor, "wait-timeout", 2*time.Minute, "how long --wait waits")
 	return cmd
@@ -532,4 +540,26 @@ func (e *env) waitGone(parent context.Context, names []string, timeout time.Dura
 		case <-time.After(200 * time.Millisecond):
 		}
 	}
+}
+
+// purgeDisksOf marks the disk records of the VM's current incarnation for deletion; the leader
+// deletes them once the VM is gone.
+func (e *env) purgeDisksOf(ctx context.Context, name string) error {
+	resp, err := e.client.Get(ctx, e.space.VMSpec(name))
+	if err != nil || len(resp.Kvs) == 0 {
+		return err
+	}
+	uid := resp.Kvs[0].CreateRevision
+	vols, err := e.readVolumes(ctx)
+	if err != nil {
+		return err
+	}
+	for _, v := range vols {
+		if v.Record.VM == name && v.Record.UID == uid {
+			if err := e.markPurge(ctx, v.Pool, v.Image); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
 }

@@ -97,6 +97,14 @@ func (s Space) FencePrefix(hwid string) string   { return s.FenceRoot() + hwid +
 func (s Space) Fence(hwid, bootID string) string { return s.FencePrefix(hwid) + bootID }
 func (s Space) LossGuard() string                { return s.root + "/lossguard" }
 
+// VolumeRoot lists every disk record; Volume names one (pool, image).
+func (s Space) VolumeRoot() string               { return s.dir("volumes") }
+func (s Space) Volume(pool, image string) string { return s.VolumeRoot() + pool + "/" + image }
+
+// VolumeImage is the name of a VM's disk in its pool: the VM name for humans, the uid so that a VM
+// created again under the same name never gets the old disk.
+func VolumeImage(vm string, uid int64) string { return fmt.Sprintf("%s.%d", vm, uid) }
+
 // ImageCurrentName is the key under ImagePrefix that names the default version; it cannot be a
 // version itself.
 const ImageCurrentName = "current"

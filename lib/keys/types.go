@@ -404,6 +404,28 @@ type DHCPLease struct {
 	Extra `json:"-"`
 }
 
+// Volume states.
+const (
+	VolumeReady = "ready"
+	VolumeError = "error"
+)
+
+// VolumeRecord is /herd/volumes/<pool>/<image>: a disk the leader made (or found) in shared
+// storage, and which VM it belongs to. Disks outlive their VM unless purged.
+type VolumeRecord struct {
+	V       int       `json:"v"`
+	VM      string    `json:"vm"`
+	UID     int64     `json:"uid"`
+	SizeGiB int64     `json:"size_gib"`
+	From    string    `json:"from,omitempty"`
+	State   string    `json:"state"`
+	Error   string    `json:"error,omitempty"`
+	Updated time.Time `json:"updated"`
+	// Purge asks the leader to delete the disk once no VM uses it.
+	Purge bool `json:"purge,omitempty"`
+	Extra `json:"-"`
+}
+
 // JSON plumbing: each type marshals through encodeObject/decodeObject so unknown members survive.
 
 func (x Cluster) MarshalJSON() ([]byte, error) {
@@ -742,3 +764,17 @@ func (x *MigrateRequest) UnmarshalJSON(b []byte) error {
 	return err
 }
 func (x *MigrateRequest) version() *int { return &x.V }
+
+func (x VolumeRecord) MarshalJSON() ([]byte, error) {
+	type plain VolumeRecord
+	return encodeObject(plain(x), x.Extra)
+}
+func (x *VolumeRecord) UnmarshalJSON(b []byte) error {
+	type plain VolumeRecord
+	var p plain
+	e, err := decodeObject(b, &p)
+	*x = VolumeRecord(p)
+	x.Extra = e
+	return err
+}
+func (x *VolumeRecord) version() *int { return &x.V }

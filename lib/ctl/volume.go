@@ -1,0 +1,176 @@
+package ctl
+
+import (
+	"context"
+	"fmt"
+	"sort"
+	"strings"
+
+	"github.com/spf13/cobra"
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/herdhq/herd/lib/etcdutil"
+	"github.com/herdhq/herd/lib/events"
+	"github.com/herdhq/herd/lib/keys"
+)
+
+type volumeView struct {
+	Pool   string             `json:"pool"`
+	Image  string             `json:"image"`
+	Record *keys.VolumeRecord `json:"record"`
+	// Owner: "in use" by its VM, or "orphan" (its VM is gone; kept until purged).
+	Owner string `json:"owner"`
+}
+
+func (e *env) readVolumes(ctx context.Context) ([]volumeView, error) {
+	resp, err := e.client.Txn(ctx).Then(
+		clientv3.OpGet(e.space.VolumeRoot(), clientv3.WithPrefix()),
+		clientv3.OpGet(e.space.VMPrefix(), clientv3.WithPrefix(), clientv3.WithKeysOnly()),
+	).Commit()
+	if err != nil {
+		return nil, err
+	}
+	live := map[string]int64{} // vm -> uid
+	for _, kv := range resp.Responses[1].GetResponseRange().Kvs {
+		if name, part, ok := e.space.ParseVM(string(kv.Key)); ok && part == keys.VMPartSpec {
+			live[name] = kv.CreateRevision
+		}
+	}
+	var out []volumeView
+	for _, kv := range resp.Responses[0].GetResponseRange().Kvs {
+		pool, image, ok := keys.ParseNodeScoped(e.space.VolumeRoot(), string(kv.Key))
+		if !ok {
+			continue
+		}
+		rec, err := keys.Decode[keys.VolumeRecord](kv.Value)
+		if err != nil {
+			continue
+		}
+		v := volumeView{Pool: pool, Image: image, Record: rec, Owner: "orphan"}
+		if live[rec.VM] == rec.UID {
+			v.Owner = "in use"
+		}
+		out = append(out, v)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Pool+"/"+out[i].Image < out[j].Pool+"/"+out[j].Image })
+	return out, nil
+}
+
+func volumeCmd(e *env) *cobra.Command {
+	cmd := &cobra.Command{Use: "volume", Short: "VM disks on shared storage: list them, purge orphans"}
+	cmd.AddCommand(volumeListCmd(e), volumeRmCmd(e))
+	return cmd
+}
+
+func volumeListCmd(e *env) *cobra.Command {
+	var o outputFlag
+	cmd := &cobra.Command{
+		Use:     "list",
+		Aliases: []string{"ls"},
+		Short:   "List disks with their VM; orphans are disks whose VM is gone",
+		Example: `  herdctl volume list
+  herdctl volume list -o json | jq '.[] | select(.owner == "orphan")'`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := o.validate(); err != nil {
+				return err
+			}
+			if err := e.connect(); err != nil {
+				return err
+			}
+			ctx, cancel := e.ctx(cmd.Context())
+			defer cancel()
+			vols, err := e.readVolumes(ctx)
+			if err != nil {
+				return err
+			}
+			t := &table{}
+			for _, c := range []string{"POOL", "IMAGE", "VM", "UID", "SIZE", "STATE", "OWNER"} {
+				t.col(c, false)
+			}
+			for _, v := range vols {
+				state := v.Record.State
+				if v.Record.Purge {
+					state += ",purging"
+				}
+				if v.Record.Error != "" {
+					state += ": " + truncate(v.Record.Error, 60)
+				}
+				t.row(v.Pool, v.Image, v.Record.VM, fmt.Sprint(v.Record.UID), fmt.Sprintf("%dGiB", v.Record.SizeGiB), state, v.Owner)
+			}
+			if len(vols) == 0 && o.format == "table" {
+				fmt.Fprintln(e.errOut, "no disk records (directory disks without a coordinator backend are not recorded)")
+				return nil
+			}
+			return o.print(e.out, vols, t)
+		},
+	}
+	o.add(cmd)
+	return cmd
+}
+
+func volumeRmCmd(e *env) *cobra.Command {
+	return &cobra.Command{
+		Use:     "rm POOL/IMAGE",
+		Short:   "Purge an orphaned disk: the leader deletes it from storage",
+		Example: `  herdctl volume rm rbd/web1.16`,
+		Args:    exactArgs("POOL/IMAGE"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			pool, image, ok := strings.Cut(args[0], "/")
+			if !ok || pool == "" || image == "" {
+				return usagef("want POOL/IMAGE, e.g. rbd/web1.16")
+			}
+			if err := e.connect(); err != nil {
+				return err
+			}
+			ctx, cancel := e.ctx(cmd.Context())
+			defer cancel()
+			vols, err := e.readVolumes(ctx)
+			if err != nil {
+				return err
+			}
+			for _, v := range vols {
+				if v.Pool == pool && v.Image == image {
+					if v.Owner != "orphan" {
+						return fmt.Errorf("disk %s belongs to the live VM %s; delete the VM with --purge instead", args[0], v.Record.VM)
+					}
+					return e.markPurge(ctx, pool, image)
+				}
+			}
+			return fmt.Errorf("disk %s: %w", args[0], ErrNotFound)
+		},
+	}
+}
+
+// markPurge sets purge on a disk record by compare-and-swap.
+func (e *env) markPurge(ctx context.Context, pool, image string) error {
+	key := e.space.Volume(pool, image)
+	for attempt := 0; attempt < 5; attempt++ {
+		resp, err := e.client.Get(ctx, key)
+		if err != nil {
+			return err
+		}
+		if len(resp.Kvs) == 0 {
+			return fmt.Errorf("disk %s/%s: %w", pool, image, ErrNotFound)
+		}
+		rec, err := keys.Decode[keys.VolumeRecord](resp.Kvs[0].Value)
+		if err != nil {
+			return err
+		}
+		if rec.Purge {
+			fmt.Fprintf(e.out, "volume/%s/%s already being purged\n", pool, image)
+			return nil
+		}
+		rec.Purge = true
+		tx, err := e.client.Txn(ctx).If(etcdutil.ModRev(key, resp.Kvs[0].ModRevision)).Then(clientv3.OpPut(key, keys.MustEncode(rec))).Commit()
+		if err != nil {
+			return err
+		}
+		if tx.Succeeded {
+			_ = events.RecordNow(ctx, e.client, e.space, actor(), "vm/"+rec.VM, "purge-requested", pool+"/"+image)
+			fmt.Fprintf(e.out, "volume/%s/%s will be deleted\n", pool, image)
+			return nil
+		}
+	}
+	return fmt.Errorf("disk record %s kept changing; try again", key)
+}
