@@ -30,7 +30,10 @@ root="$work/root"
 mkdir -p "$root"/{bin,proc,sys,dev,etc/acpi/PWRF,lib/modules}
 cp /bin/busybox "$root/bin/busybox"
 for a in $("$root/bin/busybox" --list); do [ -e "$root/bin/$a" ] || ln -s busybox "$root/bin/$a"; done
-for m in button evdev; do cp "$(find "$kroot/lib/modules/$kver" -name "$m.ko" | head -1)" "$root/lib/modules/"; done
+# Power button, and virtio-blk for a disk (in dependency order: the init loads them in this order).
+mods="button evdev virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk"
+for m in $mods; do cp "$(find "$kroot/lib/modules/$kver" -name "$m.ko" | head -1)" "$root/lib/modules/"; done
+echo "$mods" >"$root/etc/modules"
 # busybox acpid maps the power button to PWRF/00000080, run from its config directory.
 echo "PWRF PWRF/00000080" >"$root/etc/acpid.conf"
 cat >"$root/etc/acpi/PWRF/00000080" <<'S'
@@ -43,8 +46,19 @@ cat >"$root/init" <<'S'
 #!/bin/sh
 export PATH=/bin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
-insmod /lib/modules/button.ko; insmod /lib/modules/evdev.ko
+for m in $(cat /etc/modules); do insmod /lib/modules/$m.ko 2>/dev/null; done
 id=$(sed -n 's/.*herd.guest=\([^ ]*\).*/\1/p' /proc/cmdline)
+# With a disk: read the marker a previous boot wrote, or write one (the disk-follows-the-VM test).
+if [ -e /sys/block/vda ]; then
+  i=0; while [ ! -b /dev/vda ] && [ $i -lt 20 ]; do sleep 0.1; i=$((i+1)); done
+  m=$(dd if=/dev/vda bs=512 count=1 2>/dev/null | tr -d '\000' | head -c 120)
+  case "$m" in
+    herd-marker*) echo "guest $id: found marker: $m" ;;
+    *) echo "herd-marker $id $(cat /proc/sys/kernel/random/boot_id)" | dd of=/dev/vda bs=512 count=1 conv=sync,fsync 2>/dev/null
+       sync
+       echo "guest $id: wrote marker" ;;
+  esac
+fi
 acpid -f -d -c /etc/acpi -a /etc/acpid.conf >/dev/null 2>&1 &  # -d: log to stderr, there is no /var/log
 echo "guest $id: booted"
 i=0

@@ -340,3 +340,61 @@ func TestMigrationFailures(t *testing.T) {
 	}
 	t.Logf("f2 ended on %s", vms(l)["f2"].Placement.Node)
 }
+
+// TestRBDDiskFollowsTheVM: a guest boots from its RBD disk's host, writes a marker on the disk, is
+// stopped (ACPI), moved to another host and started there, and reads the marker back.
+func TestRBDDiskFollowsTheVM(t *testing.T) {
+	l := rig.NewLab(t, bin, 0)
+	ceph := l.StartCeph()
+	cephArgs := []string{"--ceph-conf", ceph.Conf, "--ceph-user", "admin", "--ceph-keyring", ceph.Keyring}
+	l.StartCoordinator(append([]string{"--session-ttl", "2s", "--strategy", "binpack", "--pools", "rbd"}, cephArgs...)...)
+	for range 2 {
+		l.AddHost().StartAgent(cephArgs...)
+	}
+	rig.Eventually(t, 60*time.Second, "two nodes ready", func() error {
+		if n := strings.Count(l.MustHerdctl("node", "list"), " ready "); n != 2 {
+			return fmt.Errorf("%d ready", n)
+		}
+		return nil
+	})
+	spec := func(power string) string {
+		f := l.Dir + "/d1-" + power + ".yaml"
+		_ = os.WriteFile(f, []byte(fmt.Sprintf("name: d1\nvcpus: 1\nmemory_mib: 128\npower: %s\ndisk: {pool: rbd, size_gib: 1}\nboot: {kernel: %s, initrd: %s, cmdline: \"console=ttyS0 quiet herd.guest=d1\"}\n", power, l.Guest.Kernel, l.Guest.Initrd)), 0o644)
+		return f
+	}
+	l.MustHerdctl("vm", "apply", "-f", spec("running"))
+	rig.Eventually(t, 120*time.Second, "marker written on the RBD disk", func() error {
+		if !l.ConsoleHas("d1", "guest d1: wrote marker") {
+			return fmt.Errorf("no marker yet")
+		}
+		return nil
+	})
+	first := vms(l)["d1"].Placement.Node
+	l.MustHerdctl("vm", "apply", "-f", spec("stopped"))
+	rig.Eventually(t, 60*time.Second, "d1 stopped", func() error {
+		if r := vms(l)["d1"]; r.State != "stopped" {
+			return fmt.Errorf("%+v", r)
+		}
+		return nil
+	})
+	var other *rig.Host
+	for _, h := range l.Hosts {
+		if h.HWID != first {
+			other = h
+		}
+	}
+	l.MustHerdctl("vm", "migrate", "d1", "--to", other.HWID)
+	rig.Eventually(t, 60*time.Second, "d1 moved while stopped", func() error {
+		if r := vms(l)["d1"]; r.Placement == nil || r.Placement.Node != other.HWID || r.Placement.Migration != nil {
+			return fmt.Errorf("%+v", r)
+		}
+		return nil
+	})
+	l.MustHerdctl("vm", "apply", "-f", spec("running"))
+	rig.Eventually(t, 120*time.Second, "marker read back on the other host", func() error {
+		if !l.ConsoleHas("d1", "guest d1: found marker: herd-marker d1") {
+			return fmt.Errorf("not yet")
+		}
+		return runsOnlyOn(l, "d1", other)
+	})
+}

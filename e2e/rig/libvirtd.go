@@ -324,3 +324,29 @@ func (c Console) Unbroken() error {
 	}
 	return nil
 }
+
+// CephConf is the lab's Ceph cluster, once StartCeph ran.
+type CephConf struct {
+	Conf, Keyring string
+}
+
+// StartCeph runs the single-node Ceph rig (scripts/ceph-rig.sh) inside the lab namespace on the
+// bridge address, so every host reaches it over the network with its own address. Stopped at cleanup.
+func (l *Lab) StartCeph() CephConf {
+	t := l.T
+	t.Helper()
+	RequireHost(t, "ceph-mon", "ceph-osd", "rbd", "uuidgen")
+	dir := filepath.Join(l.Dir, "ceph")
+	script := filepath.Join(repoRoot(), "scripts", "ceph-rig.sh")
+	t.Cleanup(func() { _ = l.NS.Command(script, "stop", dir).Run() })
+	if out, err := l.NS.Command(script, "start", dir, "10.97.0.1").CombinedOutput(); err != nil {
+		t.Fatalf("ceph rig: %v\n%s", err, out)
+	}
+	return CephConf{Conf: filepath.Join(dir, "ceph.conf"), Keyring: filepath.Join(dir, "admin.keyring")}
+}
+
+// ConsoleHas reports whether vm's console log contains s.
+func (l *Lab) ConsoleHas(vm, s string) bool {
+	b, _ := os.ReadFile(filepath.Join(l.Console, vm+".log"))
+	return strings.Contains(string(b), s)
+}
