@@ -87,6 +87,7 @@ Ctrl-C stops everything; the data directory is removed unless --keep or --data-d
 	f.DurationVar(&o.sessionTTL, "session-ttl", 5*time.Second, "coordinator election session TTL")
 	f.StringVar(&o.prefix, "prefix", keys.DefaultPrefix, "root of herd's keys")
 	o.storage.add(f, "admin", false)
+	f.StringVar(&o.storage.conf, "ceph", "", "short for --ceph-conf")
 	return cmd
 }
 
