@@ -105,6 +105,9 @@ func (a *Agent) reconcile(ctx context.Context, name string) error {
 
 	switch {
 	case asg.Spec.WantsRunning() && state != hypervisor.Running:
+		if err := a.waitFence(ctx, asg); err != nil {
+			return err
+		}
 		if err := a.preflight(ctx, kv); err != nil {
 			return err
 		}
@@ -244,6 +247,30 @@ func (a *Agent) reconcileOutgoing(ctx context.Context, name string, kv *etcdutil
 	a.events.Record("vm/"+name, "migrated", "from %s to %s in %s", a.hwid, out.To, time.Since(start).Round(time.Millisecond))
 	st.State, st.MigrationResult = keys.StateStopped, keys.MigrationDone
 	return a.reportStatus(ctx, name, kv, st)
+}
+
+// osdmapWaiter is implemented by volume backends that can wait for an osdmap epoch (rbd).
+type osdmapWaiter interface {
+	WaitOSDMap(ctx context.Context, epoch int64) error
+}
+
+// waitFence holds the start of a VM moved off a node fenced by Ceph blocklisting until this node's
+// cluster handle has seen the osdmap epoch of the blocklist entry: only then is the old writer
+// surely locked out of the disk this VM is about to write.
+func (a *Agent) waitFence(ctx context.Context, asg *keys.Assignment) error {
+	if asg.MinOSDMapEpoch == 0 {
+		return nil
+	}
+	w, ok := a.cfg.Volumes.(osdmapWaiter)
+	if !ok {
+		return nil
+	}
+	wctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	if err := w.WaitOSDMap(wctx, asg.MinOSDMapEpoch); err != nil {
+		return fmt.Errorf("%w: waiting for osdmap epoch %d (the fence of the VM's old node): %v", errNotSafe, asg.MinOSDMapEpoch, err)
+	}
+	return nil
 }
 
 func (a *Agent) setOutcome(id, result string) {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"sort"
+	"strconv"
 	"strings"
 	"time"
 
@@ -35,6 +36,8 @@ type nodeFate struct {
 	// fence is the fence record's key and revision the move is conditioned on.
 	fenceKey string
 	fenceRev int64
+	// osdEpoch is the osdmap epoch a Ceph fence came into force at.
+	osdEpoch int64
 	// stranded: the node is lost but not fenced; its VMs stay, with this problem.
 	stranded string
 }
@@ -88,17 +91,6 @@ func (c *Coordinator) bookkeeping(s *snapshotView) []action {
 			ns.BootID, ns.Lease, ns.Left, ns.Addresses = n.BootID, n.Lease, false, &addr
 			return true
 		}, "record registration")
-		for _, f := range s.fences[hwid] {
-			if f.Err == nil && f.Obj.(*keys.Fence).BootID != n.BootID {
-				old := f.Obj.(*keys.Fence)
-				acts = append(acts, action{vm: "node/" + hwid, what: "drop fence of a dead boot",
-					conds: []etcdutil.Cmp{etcdutil.ModRev(f.Key, f.ModRevision)},
-					ops:   []etcdutil.Op{etcdutil.OpDelete(f.Key)},
-					after: func() {
-						c.events.Record("node/"+hwid, "fence-cleared", "node rebooted (boot %s); fence of boot %s (%s) dropped", n.BootID, old.BootID, old.Phase)
-					}})
-			}
-		}
 	}
 	c.mu.Lock()
 	left := make(map[string]string, len(c.left))
@@ -192,12 +184,17 @@ func (c *Coordinator) failover(ctx context.Context, g etcdutil.Guard, s *snapsho
 			}
 			f := kv.Obj.(*keys.Fence)
 			liveKV, alive := s.live[hwid]
-			if alive && liveKV.Obj.(*keys.Node).BootID != f.BootID {
-				continue // rebooted: bookkeeping drops the record
+			if (alive && liveKV.Obj.(*keys.Node).BootID != f.BootID) || f.Phase == keys.FenceClearing {
+				// Rebooted (the old boot is surely dead) or cleared by an operator: undo the
+				// fence (blocklist entries) and drop the record.
+				c.startUnfence(ctx, g, kv, f)
+				continue
 			}
 			switch f.Phase {
 			case keys.FenceFenced:
-				fates[hwid] = nodeFate{move: true, fenceKey: kv.Key, fenceRev: kv.ModRevision}
+				epoch, _ := strconv.ParseInt(f.Details[fence.DetailEpoch], 10, 64)
+				fates[hwid] = nodeFate{move: true, fenceKey: kv.Key, fenceRev: kv.ModRevision, osdEpoch: epoch}
+				c.startRenew(ctx, g, kv, f)
 			case keys.FenceFencing, keys.FenceFailed:
 				if f.Phase == keys.FenceFailed {
 					fates[hwid] = nodeFate{stranded: fmt.Sprintf("node lost; fencing failed (%d attempts): %s; the VM stays placed until fencing succeeds", f.Attempts, f.Error)}
@@ -349,7 +346,7 @@ func (c *Coordinator) startFencer(ctx context.Context, g etcdutil.Guard, s *snap
 	c.fencedRev[kv.Key] = kv.ModRevision
 	c.mu.Unlock()
 
-	t := fence.Target{HWID: f.HWID, BootID: f.BootID, VMs: vms}
+	t := fence.Target{HWID: f.HWID, BootID: f.BootID, VMs: vms, Disks: s.disksOf(vms)}
 	if ns := s.lastSeen(f.HWID); ns != nil && ns.Addresses != nil {
 		t.Addresses = *ns.Addresses
 	}
@@ -397,6 +394,7 @@ func (c *Coordinator) move(g etcdutil.Guard, name string, v vmKeys, spec *keys.V
 	npl.Node, npl.Epoch, npl.Since, npl.By, npl.Term = to, pl.Epoch+1, time.Now().UTC(), c.cfg.Name, g.Rev
 	setSpec(&npl, v.spec.ModRevision, spec)
 	asg := assignmentFor(&npl, spec)
+	asg.MinOSDMapEpoch = fate.osdEpoch
 	from := pl.Node
 	return action{vm: name, what: "move",
 		conds: []etcdutil.Cmp{
@@ -415,4 +413,76 @@ func (c *Coordinator) move(g etcdutil.Guard, name string, v vmKeys, spec *keys.V
 			c.m.moves.Inc()
 			c.events.Record("vm/"+name, "moved", "from fenced %s to %s (epoch %d)", from, to, npl.Epoch)
 		}}
+}
+
+// disksOf lists the shared-storage disks (pool/image) of VMs.
+func (s *snapshotView) disksOf(vms []string) []string {
+	var out []string
+	for _, name := range vms {
+		v, ok := s.vms[name]
+		if !ok || v.spec == nil || v.spec.Err != nil {
+			continue
+		}
+		if d := v.spec.Obj.(*keys.VMSpec).Disk; d != nil {
+			out = append(out, d.Pool+"/"+keys.VolumeImage(name, v.spec.CreateRevision))
+		}
+	}
+	return out
+}
+
+// background runs fn once per key at a time, then pokes a round.
+func (c *Coordinator) background(key string, fn func()) {
+	c.mu.Lock()
+	if c.fencing[key] {
+		c.mu.Unlock()
+		return
+	}
+	c.fencing[key] = true
+	c.mu.Unlock()
+	go func() {
+		defer func() {
+			c.mu.Lock()
+			delete(c.fencing, key)
+			c.mu.Unlock()
+			c.poke("", nil, nil)
+		}()
+		fn()
+	}()
+}
+
+// startUnfence undoes a fence (removes Ceph blocklist entries) and deletes its record.
+func (c *Coordinator) startUnfence(ctx context.Context, g etcdutil.Guard, kv *etcdutil.KV, f *keys.Fence) {
+	c.background(kv.Key+"#unfence", func() {
+		if u, ok := c.cfg.Fencer.(fence.Unfencer); ok && len(f.Details) > 0 {
+			if err := u.Unfence(ctx, f.Details); err != nil {
+				c.log.Warn("could not undo the fence; retrying", "node", f.HWID, "boot_id", f.BootID, "error", err)
+				c.pokeAfter(5 * time.Second)
+				return
+			}
+		}
+		if _, err := etcdutil.GuardedTxn(ctx, c.cfg.Client, g,
+			[]etcdutil.Cmp{etcdutil.ModRev(kv.Key, kv.ModRevision)}, []etcdutil.Op{etcdutil.OpDelete(kv.Key)}); err == nil {
+			c.log.Info("fence cleared", "node", f.HWID, "boot_id", f.BootID)
+			c.events.Record("node/"+f.HWID, "fence-cleared", "fence of boot %s (%s) undone and dropped", f.BootID, f.Phase)
+		}
+	})
+}
+
+// startRenew renews a standing fence (Ceph blocklist entries) before it expires.
+func (c *Coordinator) startRenew(ctx context.Context, g etcdutil.Guard, kv *etcdutil.KV, f *keys.Fence) {
+	r, ok := c.cfg.Fencer.(fence.Renewer)
+	if !ok || !r.RenewDue(f.Details) {
+		return
+	}
+	c.background(kv.Key+"#renew", func() {
+		d, err := r.Renew(ctx, f.Details)
+		if err != nil {
+			c.log.Warn("could not renew the fence", "node", f.HWID, "error", err)
+			return
+		}
+		nf := *f
+		nf.Details, nf.Updated = d, time.Now().UTC()
+		_, _ = etcdutil.GuardedTxn(ctx, c.cfg.Client, g,
+			[]etcdutil.Cmp{etcdutil.ModRev(kv.Key, kv.ModRevision)}, []etcdutil.Op{etcdutil.OpPut(kv.Key, keys.MustEncode(&nf))})
+	})
 }

@@ -18,6 +18,8 @@ import (
 
 // failoverFlags are shared by `herd coordinator` and `herd dev`.
 type failoverFlags struct {
+	fenceCeph     bool
+	cephExpire    time.Duration
 	fenceExec     string
 	fenceTimeout  time.Duration
 	unsafeNoFence bool
@@ -30,6 +32,8 @@ type failoverFlags struct {
 
 func (f *failoverFlags) addFlags(cmd *cobra.Command) {
 	fs := cmd.Flags()
+	fs.BoolVar(&f.fenceCeph, "fence-ceph", false, "fence lost nodes from Ceph: blocklist their storage_ip (needs --ceph-conf with a user allowed 'osd blocklist'); combines with --fence-exec")
+	fs.DurationVar(&f.cephExpire, "fence-ceph-expire", 24*time.Hour, "lifetime of a blocklist entry, renewed while the fence stands")
 	fs.StringVar(&f.fenceExec, "fence-exec", "", "command that fences a lost node (sh -c; HERD_HWID, HERD_BOOT_ID, HERD_MGMT_ADDR, HERD_STORAGE_IP, HERD_LABEL_* in its environment; exit 0 = fenced)")
 	fs.DurationVar(&f.fenceTimeout, "fence-timeout", time.Minute, "how long one fence command may run")
 	fs.BoolVar(&f.unsafeNoFence, "unsafe-no-fencing", false, "move a lost node's VMs without fencing it: a node that is only cut off may still run them (labs only)")
@@ -40,19 +44,24 @@ func (f *failoverFlags) addFlags(cmd *cobra.Command) {
 	fs.DurationVar(&f.massWindow, "mass-failure-window", 10*time.Minute, "window of the mass-failure guard")
 }
 
-// apply fills the failover part of a coordinator config.
-func (f *failoverFlags) apply(c *coordinator.Config) error {
+// apply fills the failover part of a coordinator config. admin is the Ceph connection the ceph
+// fencer uses (the coordinator's volume backend when it is RBD).
+func (f *failoverFlags) apply(c *coordinator.Config, admin fence.CephAdmin) error {
 	var fs fence.All
 	if f.fenceExec != "" {
 		fs = append(fs, fence.Exec{Command: f.fenceExec, Timeout: f.fenceTimeout})
+	}
+	if f.fenceCeph {
+		if admin == nil {
+			return fmt.Errorf("--fence-ceph needs --ceph-conf (and a user allowed 'osd blocklist')")
+		}
+		fs = append(fs, fence.Ceph{Admin: admin, Expire: f.cephExpire})
 	}
 	switch {
 	case f.unsafeNoFence && len(fs) > 0:
 		return fmt.Errorf("--unsafe-no-fencing and --fence-exec contradict each other")
 	case f.unsafeNoFence:
 		c.Fencer = fence.None{}
-	case len(fs) == 1:
-		c.Fencer = fs[0]
 	default:
 		c.Fencer = fs // none configured: lost nodes' VMs stay placed, with a problem
 	}
@@ -134,7 +143,8 @@ func coordinatorCmd() *cobra.Command {
 				Client: client, Space: space, Name: name, SessionTTL: ttl, Pools: pools,
 				Scheduler: so, Parallel: parallel, Log: log, Registry: reg, MaxMigrationsPerNode: maxMig,
 			}
-			if err := ff.apply(&cfg); err != nil {
+			admin, _ := vols.(fence.CephAdmin)
+			if err := ff.apply(&cfg, admin); err != nil {
 				return err
 			}
 			if ff.unsafeNoFence {

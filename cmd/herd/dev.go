@@ -23,6 +23,7 @@ import (
 	"github.com/herdhq/herd/agent/hypervisor"
 	"github.com/herdhq/herd/agent/volume"
 	"github.com/herdhq/herd/coordinator"
+	"github.com/herdhq/herd/coordinator/fence"
 	"github.com/herdhq/herd/lib/etcdembed"
 	"github.com/herdhq/herd/lib/etcdutil"
 	"github.com/herdhq/herd/lib/keys"
@@ -177,7 +178,8 @@ func runDev(ctx context.Context, o devOptions) error {
 			Scheduler: so, Log: log.Named("coordinator"),
 			Registry: prometheus.WrapRegistererWith(prometheus.Labels{"coordinator": name}, reg),
 		}
-		if err := o.ff.apply(&cfg); err != nil {
+		admin, _ := vols.(fence.CephAdmin)
+		if err := o.ff.apply(&cfg, admin); err != nil {
 			return fail(err)
 		}
 		co, err := coordinator.New(cfg)

@@ -26,6 +26,8 @@ type Target struct {
 	StorageIP string
 	Labels    map[string]string
 	VMs       []string
+	// Disks are the node's VMs' shared-storage disks, pool/image.
+	Disks []string
 }
 
 // Fencer fences one boot of one node.

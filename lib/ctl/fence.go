@@ -83,15 +83,34 @@ its fence record by itself.`,
 			}
 			ctx, cancel := e.ctx(cmd.Context())
 			defer cancel()
-			resp, err := e.client.Delete(ctx, e.space.FencePrefix(id), clientv3.WithPrefix())
+			resp, err := e.client.Get(ctx, e.space.FencePrefix(id), clientv3.WithPrefix())
 			if err != nil {
 				return err
 			}
-			if resp.Deleted == 0 {
+			if len(resp.Kvs) == 0 {
 				return fmt.Errorf("node %s has no fence record: %w", id, ErrNotFound)
 			}
-			_ = events.RecordNow(ctx, e.client, e.space, actor(), "node/"+id, "fence-cleared", "by hand")
-			fmt.Fprintf(e.out, "node/%s: %d fence record(s) cleared\n", id, resp.Deleted)
+			// The leader undoes the fence (Ceph blocklist entries) and then deletes the record;
+			// until then the boot stays fenced.
+			for _, kv := range resp.Kvs {
+				f, err := keys.Decode[keys.Fence](kv.Value)
+				if err != nil {
+					return fmt.Errorf("fence record %s is unreadable (%v); delete it with etcdctl", kv.Key, err)
+				}
+				if f.Phase == keys.FenceClearing {
+					continue
+				}
+				f.Phase = keys.FenceClearing
+				tx, err := e.client.Txn(ctx).If(etcdutil.ModRev(string(kv.Key), kv.ModRevision)).Then(clientv3.OpPut(string(kv.Key), keys.MustEncode(f))).Commit()
+				if err != nil {
+					return err
+				}
+				if !tx.Succeeded {
+					return fmt.Errorf("fence record %s changed meanwhile; try again", kv.Key)
+				}
+			}
+			_ = events.RecordNow(ctx, e.client, e.space, actor(), "node/"+id, "fence-clear-requested", "by hand")
+			fmt.Fprintf(e.out, "node/%s: fence being cleared (the leader removes blocklist entries, then the record)\n", id)
 			return nil
 		},
 	}

@@ -219,7 +219,10 @@ type Assignment struct {
 	Outgoing *Outgoing `json:"outgoing,omitempty"`
 	// Incoming, on the target of a migration, is its id: expect the domain, never start it.
 	Incoming string `json:"incoming,omitempty"`
-	Extra    `json:"-"`
+	// MinOSDMapEpoch, after a move off a node fenced by Ceph blocklisting, is the osdmap epoch the
+	// node must have seen before it starts the VM.
+	MinOSDMapEpoch int64 `json:"min_osdmap_epoch,omitempty"`
+	Extra          `json:"-"`
 }
 
 // Outgoing tells a migration's source where the VM goes.
@@ -286,6 +289,9 @@ const (
 	FenceFencing = "fencing" // committed: this boot of the node is dead to the cluster
 	FenceFailed  = "failed"  // the fencer failed; retried with backoff; VMs stay placed
 	FenceFenced  = "fenced"  // fenced: its VMs may run elsewhere
+	// FenceClearing: an operator cleared the fence (or the node rebooted); the leader undoes it
+	// (removes blocklist entries) and deletes the record. Until then the boot stays fenced.
+	FenceClearing = "clearing"
 )
 
 // Fence is /herd/fence/<hwid>/<bootid>: the commit point of one boot of a node's death. Written by

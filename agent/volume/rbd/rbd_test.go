@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -16,6 +17,7 @@ import (
 	"github.com/ceph/go-ceph/rbd"
 
 	"github.com/herdhq/herd/agent/volume"
+	"github.com/herdhq/herd/coordinator/fence"
 )
 
 var confFile string
@@ -194,6 +196,81 @@ func TestCloneAndFreshDiskForRecreatedVM(t *testing.T) {
 	}
 	if _, err := b.Ensure(ctx, volume.Volume{Pool: "rbd", VM: "x", UID: 2, SizeGiB: 1, From: "golden@base"}); err == nil {
 		t.Fatal("a malformed clone source was accepted")
+	}
+}
+
+func TestParseBlocklistStream(t *testing.T) {
+	got, err := ParseBlocklist([]byte("\n[{\"addr\":\"10.0.0.5:0/0\",\"until\":\"x\"}][]"))
+	if err != nil || len(got) != 1 || got[0].Addr != "10.0.0.5:0/0" {
+		t.Fatalf("%+v %v", got, err)
+	}
+	if _, err := ParseBlocklist([]byte("[{")); err == nil {
+		t.Fatal("garbage accepted")
+	}
+	for in, want := range map[string]string{"v1:10.0.0.1:6800/123": "10.0.0.1", "10.0.0.2:0/456": "10.0.0.2", "[::1]:0/0": "::1"} {
+		if got := AddrIP(in); got != want {
+			t.Errorf("AddrIP(%s) = %s", in, got)
+		}
+	}
+}
+
+// TestCephFencerLocksOutTheWriter: a client holds an image's exclusive lock and writes; the ceph
+// fencer blocklists its address (the whole IP, and the lock owner exactly); its next write fails;
+// unfencing removes the entries. Runs before the stopped-cluster test: it blocklists 127.0.0.1.
+func TestCephFencerLocksOutTheWriter(t *testing.T) {
+	b := backend(t)
+	ctx := context.Background()
+	v := volume.Volume{Pool: "rbd", VM: "victim", UID: 50, SizeGiB: 1}
+	if _, err := b.Ensure(ctx, v); err != nil {
+		t.Fatal(err)
+	}
+	// The "old node": its own client, holding the lock by writing.
+	conn, _ := rados.NewConnWithUser("admin")
+	_ = conn.ReadConfigFile(confFile)
+	_ = conn.SetConfigOption("rados_osd_op_timeout", "5")
+	if err := conn.Connect(); err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Shutdown()
+	io, _ := conn.OpenIOContext("rbd")
+	defer io.Destroy()
+	img, err := rbd.OpenImage(io, "victim.50", rbd.NoSnapshot)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer img.Close()
+	if _, err := img.WriteAt([]byte("before"), 0); err != nil {
+		t.Fatal(err)
+	}
+	clients, err := b.ImageClients(ctx, "rbd", "victim.50")
+	if err != nil || len(clients) == 0 {
+		t.Fatalf("lock owners and watchers: %v %v", clients, err)
+	}
+	before, _ := b.OSDMapEpoch(ctx)
+	f := fence.Ceph{Admin: b, Expire: time.Hour}
+	d, err := f.Fence(ctx, fence.Target{HWID: "n1", StorageIP: "127.0.0.1", Disks: []string{"rbd/victim.50"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("fence details: %v", d)
+	if !strings.Contains(d[fence.DetailBlocklist], "127.0.0.1:0/0") || !strings.Contains(d[fence.DetailBlocklist], strings.TrimPrefix(clients[0], "v1:")) {
+		t.Fatalf("blocklisted %s, clients %v", d[fence.DetailBlocklist], clients)
+	}
+	if epoch, _ := strconv.ParseInt(d[fence.DetailEpoch], 10, 64); epoch <= before {
+		t.Fatalf("osdmap epoch %d not after %d", epoch, before)
+	}
+	if _, err := img.WriteAt([]byte("after!"), 512); err == nil {
+		t.Fatal("the fenced writer could still write")
+	}
+	if err := f.Unfence(ctx, d); err != nil {
+		t.Fatal(err)
+	}
+	in, err := b.BlocklistAddrs(ctx)
+	if err != nil || len(in) != 0 {
+		t.Fatalf("entries left after unfence: %v %v", in, err)
+	}
+	if _, err := f.Fence(ctx, fence.Target{HWID: "n2"}); err == nil || !strings.Contains(err.Error(), "storage_ip") {
+		t.Fatalf("a node without a storage IP was fenced: %v", err)
 	}
 }
 
