@@ -48,8 +48,25 @@ export PATH=/bin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 for m in $(cat /etc/modules); do insmod /lib/modules/$m.ko 2>/dev/null; done
 id=$(sed -n 's/.*herd.guest=\([^ ]*\).*/\1/p' /proc/cmdline)
-# With a disk: read the marker a previous boot wrote, or write one (the disk-follows-the-VM test).
-if [ -e /sys/block/vda ]; then
+# herd.writer: append records "herd-rec <writer> <n>" to a log on the disk every 0.5 s, O_DIRECT and
+# fsynced, each after the last record on the disk (re-read before every write, so two writers would
+# alternate): the split-brain test. The writer is this boot.
+if grep -q herd.writer /proc/cmdline && [ -e /sys/block/vda ]; then
+  i=0; while [ ! -b /dev/vda ] && [ $i -lt 20 ]; do sleep 0.1; i=$((i+1)); done
+  w="$id-$(cut -c1-8 /proc/sys/kernel/random/boot_id)"
+  echo "guest $id: writer $w"
+  (s=8; n=0; while true; do
+    while r=$(dd if=/dev/vda bs=512 skip=$s count=1 iflag=direct 2>/dev/null | tr -d '\000'); case "$r" in herd-rec*) true ;; *) false ;; esac; do
+      s=$((s+1))
+    done
+    if echo "herd-rec $w $n" | dd of=/dev/vda bs=512 seek=$s count=1 conv=sync,notrunc,fsync oflag=direct 2>/dev/null; then
+      echo "guest $id: rec $w $n at $s"
+    else
+      echo "guest $id: write error at $s"
+    fi
+    s=$((s+1)); n=$((n+1)); sleep 0.5
+  done) &
+elif [ -e /sys/block/vda ]; then
   i=0; while [ ! -b /dev/vda ] && [ $i -lt 20 ]; do sleep 0.1; i=$((i+1)); done
   m=$(dd if=/dev/vda bs=512 count=1 2>/dev/null | tr -d '\000' | head -c 120)
   case "$m" in

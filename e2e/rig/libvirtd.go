@@ -350,3 +350,56 @@ func (l *Lab) ConsoleHas(vm, s string) bool {
 	b, _ := os.ReadFile(filepath.Join(l.Console, vm+".log"))
 	return strings.Contains(string(b), s)
 }
+
+// Partition cuts the host off from etcd (tcp 2379 to the lab bridge) while its Ceph traffic still
+// flows: the dangerous case, a node that can write its VMs' disks but no longer hears the cluster.
+func (h *Host) Partition() {
+	t := h.lab.T
+	t.Helper()
+	for _, args := range [][]string{
+		{"add", "table", "inet", "herdpart"},
+		{"add", "chain", "inet", "herdpart", "out", "{ type filter hook output priority 0; policy accept; }"},
+		{"add", "rule", "inet", "herdpart", "out", "ip", "daddr", "10.97.0.1", "tcp", "dport", "2379", "drop"},
+	} {
+		if out, err := exec.Command("ip", append([]string{"netns", "exec", h.NS, "nft"}, args...)...).CombinedOutput(); err != nil {
+			t.Fatalf("nft %v: %v: %s", args, err, out)
+		}
+	}
+}
+
+// Heal removes the partition.
+func (h *Host) Heal() {
+	t := h.lab.T
+	t.Helper()
+	if out, err := exec.Command("ip", "netns", "exec", h.NS, "nft", "delete", "table", "inet", "herdpart").CombinedOutput(); err != nil {
+		t.Fatalf("nft delete: %v: %s", err, out)
+	}
+}
+
+// Disk reads the first n bytes of an RBD image with the rbd CLI inside the lab namespace.
+func (l *Lab) Disk(c CephConf, image string, n int) []byte {
+	l.T.Helper()
+	out := filepath.Join(l.Dir, "export-"+strings.ReplaceAll(image, "/", "_"))
+	_ = os.Remove(out)
+	if b, err := l.NS.Command("rbd", "-c", c.Conf, "--keyring", c.Keyring, "export", image, out).CombinedOutput(); err != nil {
+		l.T.Fatalf("rbd export %s: %v: %s", image, err, b)
+	}
+	b, err := os.ReadFile(out)
+	if err != nil {
+		l.T.Fatal(err)
+	}
+	if len(b) > n {
+		b = b[:n]
+	}
+	return b
+}
+
+// Ceph runs the ceph CLI inside the lab namespace.
+func (l *Lab) Ceph(c CephConf, args ...string) string {
+	l.T.Helper()
+	b, err := l.NS.Command("ceph", append([]string{"-c", c.Conf, "--keyring", c.Keyring}, args...)...).CombinedOutput()
+	if err != nil {
+		l.T.Fatalf("ceph %v: %v: %s", args, err, b)
+	}
+	return string(b)
+}
