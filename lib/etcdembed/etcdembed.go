@@ -33,6 +33,9 @@ type Config struct {
 	UnsafeNoFsync bool
 	// LogLevel for etcd's own log, which goes to Dir/etcd.log.
 	LogLevel string
+	// CertFile, KeyFile and TrustedCAFile serve clients over TLS and require a client certificate
+	// signed by the CA (whose CN is the etcd user once auth is on). Client URLs are then https.
+	CertFile, KeyFile, TrustedCAFile string
 }
 
 // Server is a running member.
@@ -100,6 +103,12 @@ func Start(ctx context.Context, c Config, timeout time.Duration) (*Server, error
 		cfg.AutoCompactionRetention = c.AutoCompaction.String()
 	}
 	cfg.UnsafeNoFsync = c.UnsafeNoFsync
+	if c.CertFile != "" {
+		cfg.ClientTLSInfo.CertFile = c.CertFile
+		cfg.ClientTLSInfo.KeyFile = c.KeyFile
+		cfg.ClientTLSInfo.TrustedCAFile = c.TrustedCAFile
+		cfg.ClientTLSInfo.ClientCertAuth = true
+	}
 	cfg.Logger = "zap"
 	cfg.LogLevel = c.LogLevel
 	if cfg.LogLevel == "" {
@@ -129,8 +138,12 @@ func Start(ctx context.Context, c Config, timeout time.Duration) (*Server, error
 		return nil, ctx.Err()
 	}
 	s := &Server{etcd: e}
+	scheme := "http://"
+	if c.CertFile != "" {
+		scheme = "https://"
+	}
 	for _, l := range e.Clients {
-		s.Endpoints = append(s.Endpoints, "http://"+l.Addr().String())
+		s.Endpoints = append(s.Endpoints, scheme+l.Addr().String())
 	}
 	return s, nil
 }

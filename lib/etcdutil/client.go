@@ -5,6 +5,7 @@ package etcdutil
 
 import (
 	"context"
+	"crypto/tls"
 	"fmt"
 	"os"
 	"strings"
@@ -15,6 +16,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/herdhq/herd/lib/keys"
+	"github.com/herdhq/herd/lib/pki"
 )
 
 // Timeout bounds every single etcd request a herd process makes; a reconcile loop never waits on
@@ -26,6 +28,9 @@ type Options struct {
 	Endpoints   []string
 	Prefix      string
 	DialTimeout time.Duration
+	// CACert, Cert and Key enable TLS, like etcdctl's flags: the cluster CA, and a client
+	// certificate whose common name is the etcd user.
+	CACert, Cert, Key string
 }
 
 // AddFlags registers --endpoints and --prefix with their environment defaults.
@@ -41,6 +46,17 @@ func (o *Options) AddFlags(fs *pflag.FlagSet) {
 	fs.StringSliceVar(&o.Endpoints, "endpoints", def, "etcd endpoints, comma-separated (env HERD_ENDPOINTS)")
 	fs.StringVar(&o.Prefix, "prefix", prefix, "root of herd's keys in etcd (env HERD_PREFIX)")
 	fs.DurationVar(&o.DialTimeout, "dial-timeout", 5*time.Second, "how long to wait for an etcd connection")
+	fs.StringVar(&o.CACert, "cacert", os.Getenv("HERD_CACERT"), "CA certificate to verify etcd with (env HERD_CACERT)")
+	fs.StringVar(&o.Cert, "cert", os.Getenv("HERD_CERT"), "client certificate; its CN is the etcd user (env HERD_CERT)")
+	fs.StringVar(&o.Key, "key", os.Getenv("HERD_KEY"), "client key (env HERD_KEY)")
+}
+
+// User is the etcd user the options authenticate as: the client certificate's CN, or "" without TLS.
+func (o Options) User() string {
+	if o.Cert == "" {
+		return ""
+	}
+	return pki.CommonName(o.Cert)
 }
 
 // Space returns the keyspace the --prefix flag names.
@@ -62,7 +78,18 @@ func New(o Options) (*clientv3.Client, error) {
 	if dt == 0 {
 		dt = 5 * time.Second
 	}
+	var tlsCfg *tls.Config
+	if o.CACert != "" || o.Cert != "" {
+		if o.CACert == "" {
+			return nil, fmt.Errorf("--cert needs --cacert")
+		}
+		var err error
+		if tlsCfg, err = pki.ClientTLS(o.CACert, o.Cert, o.Key); err != nil {
+			return nil, err
+		}
+	}
 	c, err := clientv3.New(clientv3.Config{
+		TLS:                  tlsCfg,
 		Endpoints:            eps,
 		DialTimeout:          dt,
 		DialKeepAliveTime:    5 * time.Second,

@@ -97,6 +97,12 @@ func (s Space) FencePrefix(hwid string) string   { return s.FenceRoot() + hwid +
 func (s Space) Fence(hwid, bootID string) string { return s.FencePrefix(hwid) + bootID }
 func (s Space) LossGuard() string                { return s.root + "/lossguard" }
 
+// JoinTokenPrefix holds the hashes of one-time join tokens; NodeCmdPrefix a node's commands.
+func (s Space) JoinTokenPrefix() string          { return s.dir("jointokens") }
+func (s Space) JoinToken(hash string) string     { return s.JoinTokenPrefix() + hash }
+func (s Space) NodeCmdPrefix(hwid string) string { return s.dir("nodecmd") + hwid + "/" }
+func (s Space) Rollout() string                  { return s.root + "/rollout" }
+
 // VolumeRoot lists every disk record; Volume names one (pool, image).
 func (s Space) VolumeRoot() string               { return s.dir("volumes") }
 func (s Space) Volume(pool, image string) string { return s.VolumeRoot() + pool + "/" + image }

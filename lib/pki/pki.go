@@ -1,0 +1,252 @@
+// Package pki is herd's small certificate authority: a cluster CA, certificates whose common name is
+// the etcd user they act as, and signing of node certificate requests at join time.
+//
+// Keys are ECDSA P-256, written with mode 0600; certificates carry both client and server usage so
+// that a coordinator's one certificate serves etcd (as a client) and its join endpoint (as a server).
+package pki
+
+import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/hex"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"math/big"
+	"net"
+	"os"
+	"path/filepath"
+	"time"
+)
+
+// CA is a loaded certificate authority.
+type CA struct {
+	Cert    *x509.Certificate
+	Key     *ecdsa.PrivateKey
+	CertPEM []byte
+}
+
+// Files of a CA directory.
+const (
+	CACert = "ca.crt"
+	CAKey  = "ca.key"
+)
+
+func newKey() (*ecdsa.PrivateKey, []byte, error) {
+	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, nil, err
+	}
+	der, err := x509.MarshalECPrivateKey(k)
+	if err != nil {
+		return nil, nil, err
+	}
+	return k, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: der}), nil
+}
+
+func serial() *big.Int {
+	n, _ := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
+	return n
+}
+
+// InitCA creates a CA in dir; it refuses to overwrite an existing one.
+func InitCA(dir, name string, validity time.Duration) (*CA, error) {
+	if _, err := os.Stat(filepath.Join(dir, CAKey)); err == nil {
+		return nil, fmt.Errorf("a CA already exists in %s; refusing to replace it (see docs/security.md to rotate)", dir)
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, err
+	}
+	key, keyPEM, err := newKey()
+	if err != nil {
+		return nil, err
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber:          serial(),
+		Subject:               pkix.Name{CommonName: name, Organization: []string{"herd"}},
+		NotBefore:             time.Now().Add(-time.Hour),
+		NotAfter:              time.Now().Add(validity),
+		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign | x509.KeyUsageDigitalSignature,
+		BasicConstraintsValid: true,
+		IsCA:                  true,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		return nil, err
+	}
+	certPEM := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})
+	if err := writeFile(filepath.Join(dir, CAKey), keyPEM, 0o600); err != nil {
+		return nil, err
+	}
+	if err := writeFile(filepath.Join(dir, CACert), certPEM, 0o644); err != nil {
+		return nil, err
+	}
+	return LoadCA(dir)
+}
+
+func writeFile(path string, b []byte, mode os.FileMode) error {
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, b, mode); err != nil {
+		return err
+	}
+	return os.Rename(tmp, path)
+}
+
+// LoadCA reads a CA directory.
+func LoadCA(dir string) (*CA, error) {
+	certPEM, err := os.ReadFile(filepath.Join(dir, CACert))
+	if err != nil {
+		return nil, fmt.Errorf("CA certificate: %w", err)
+	}
+	keyPEM, err := os.ReadFile(filepath.Join(dir, CAKey))
+	if err != nil {
+		return nil, fmt.Errorf("CA key: %w", err)
+	}
+	cert, err := ParseCert(certPEM)
+	if err != nil {
+		return nil, err
+	}
+	kb, _ := pem.Decode(keyPEM)
+	if kb == nil {
+		return nil, errors.New("CA key: not PEM")
+	}
+	key, err := x509.ParseECPrivateKey(kb.Bytes)
+	if err != nil {
+		return nil, fmt.Errorf("CA key: %w", err)
+	}
+	return &CA{Cert: cert, Key: key, CertPEM: certPEM}, nil
+}
+
+// ParseCert decodes one PEM certificate.
+func ParseCert(b []byte) (*x509.Certificate, error) {
+	blk, _ := pem.Decode(b)
+	if blk == nil || blk.Type != "CERTIFICATE" {
+		return nil, errors.New("not a PEM certificate")
+	}
+	return x509.ParseCertificate(blk.Bytes)
+}
+
+// Fingerprint is "sha256:<hex>" of a certificate's DER: what a node pins the CA by.
+func Fingerprint(cert *x509.Certificate) string {
+	sum := sha256.Sum256(cert.Raw)
+	return "sha256:" + hex.EncodeToString(sum[:])
+}
+
+func (ca *CA) sign(cn string, hosts []string, pub any, validity time.Duration) ([]byte, error) {
+	tmpl := &x509.Certificate{
+		SerialNumber: serial(),
+		Subject:      pkix.Name{CommonName: cn, Organization: []string{"herd"}},
+		NotBefore:    time.Now().Add(-5 * time.Minute),
+		NotAfter:     time.Now().Add(validity),
+		KeyUsage:     x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth, x509.ExtKeyUsageServerAuth},
+	}
+	for _, h := range hosts {
+		if ip := net.ParseIP(h); ip != nil {
+			tmpl.IPAddresses = append(tmpl.IPAddresses, ip)
+		} else {
+			tmpl.DNSNames = append(tmpl.DNSNames, h)
+		}
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.Cert, pub, ca.Key)
+	if err != nil {
+		return nil, err
+	}
+	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), nil
+}
+
+// Issue makes a key and a certificate for cn (the etcd user) valid for hosts (when it also serves).
+func (ca *CA) Issue(cn string, hosts []string, validity time.Duration) (certPEM, keyPEM []byte, err error) {
+	key, keyPEM, err := newKey()
+	if err != nil {
+		return nil, nil, err
+	}
+	certPEM, err = ca.sign(cn, hosts, &key.PublicKey, validity)
+	return certPEM, keyPEM, err
+}
+
+// IssueFiles writes <dir>/<file>.crt and .key.
+func (ca *CA) IssueFiles(dir, file, cn string, hosts []string, validity time.Duration) (string, string, error) {
+	certPEM, keyPEM, err := ca.Issue(cn, hosts, validity)
+	if err != nil {
+		return "", "", err
+	}
+	crt, key := filepath.Join(dir, file+".crt"), filepath.Join(dir, file+".key")
+	if err := writeFile(key, keyPEM, 0o600); err != nil {
+		return "", "", err
+	}
+	if err := writeFile(crt, certPEM, 0o644); err != nil {
+		return "", "", err
+	}
+	return crt, key, nil
+}
+
+// NewCSR makes a key and a certificate request for cn: the node side of joining.
+func NewCSR(cn string) (csrPEM, keyPEM []byte, err error) {
+	key, keyPEM, err := newKey()
+	if err != nil {
+		return nil, nil, err
+	}
+	der, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{Subject: pkix.Name{CommonName: cn}}, key)
+	if err != nil {
+		return nil, nil, err
+	}
+	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der}), keyPEM, nil
+}
+
+// SignCSR signs a request as cn, whatever name the request asked for: the signer decides who the
+// holder is.
+func (ca *CA) SignCSR(csrPEM []byte, cn string, validity time.Duration) ([]byte, error) {
+	blk, _ := pem.Decode(csrPEM)
+	if blk == nil || blk.Type != "CERTIFICATE REQUEST" {
+		return nil, errors.New("not a PEM certificate request")
+	}
+	csr, err := x509.ParseCertificateRequest(blk.Bytes)
+	if err != nil {
+		return nil, err
+	}
+	if err := csr.CheckSignature(); err != nil {
+		return nil, fmt.Errorf("certificate request signature: %w", err)
+	}
+	return ca.sign(cn, nil, csr.PublicKey, validity)
+}
+
+// ClientTLS builds a TLS configuration from PEM files: the CA to trust, and an optional client
+// certificate and key.
+func ClientTLS(caFile, certFile, keyFile string) (*tls.Config, error) {
+	pool := x509.NewCertPool()
+	b, err := os.ReadFile(caFile)
+	if err != nil {
+		return nil, fmt.Errorf("CA certificate: %w", err)
+	}
+	if !pool.AppendCertsFromPEM(b) {
+		return nil, fmt.Errorf("CA certificate %s: no certificate found", caFile)
+	}
+	cfg := &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
+	if certFile != "" || keyFile != "" {
+		pair, err := tls.LoadX509KeyPair(certFile, keyFile)
+		if err != nil {
+			return nil, fmt.Errorf("client certificate: %w", err)
+		}
+		cfg.Certificates = []tls.Certificate{pair}
+	}
+	return cfg, nil
+}
+
+// CommonName is the CN of the first certificate of a PEM file ("" if unreadable).
+func CommonName(certFile string) string {
+	b, err := os.ReadFile(certFile)
+	if err != nil {
+		return ""
+	}
+	c, err := ParseCert(b)
+	if err != nil {
+		return ""
+	}
+	return c.Subject.CommonName
+}
