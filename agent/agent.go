@@ -32,7 +32,9 @@ import (
 
 // Config is everything an agent needs; cmd/herd fills it from flags, `herd dev` from its own.
 type Config struct {
-	Client     *clientv3.Client
+	Client *clientv3.Client
+	// EtcdUser is the etcd user Client authenticates as (its certificate's CN), recorded in events.
+	EtcdUser   string
 	Space      keys.Space
 	HWID       string
 	BootID     string
@@ -171,7 +173,7 @@ func New(cfg Config) (*Agent, error) {
 		outcomes:   map[string]string{},
 		migrations: make(chan struct{}, cfg.MaxMigrations),
 	}
-	a.events = events.New(cfg.Client, cfg.Space, "agent/"+cfg.HWID, a.log)
+	a.events = events.New(cfg.Client, cfg.Space, "agent/"+cfg.HWID, cfg.EtcdUser, a.log)
 	a.metrics = newMetrics(cfg.Registry)
 	a.assigns = etcdutil.NewInformer(cfg.Client, cfg.Space.AssignPrefix(cfg.HWID), decodeAssignment, a.onAssign, a.log)
 	a.assigns.OnBatch = a.onAssignBatch

@@ -13,6 +13,7 @@ import (
 	"github.com/herdhq/herd/bootserver/httpboot"
 	"github.com/herdhq/herd/bootserver/images"
 	"github.com/herdhq/herd/lib/etcdutil"
+	"github.com/herdhq/herd/lib/join"
 	"github.com/herdhq/herd/lib/keys"
 )
 
@@ -27,6 +28,8 @@ type backend struct {
 	name   string
 	store  *images.Store
 	log    hclog.Logger
+	// tokenTTL is how long a minted join token stays valid.
+	tokenTTL time.Duration
 
 	hw, states, imgs *etcdutil.Informer
 
@@ -36,8 +39,11 @@ type backend struct {
 	changed   chan struct{}
 }
 
-func newBackend(c *clientv3.Client, s keys.Space, name string, store *images.Store, log hclog.Logger) *backend {
-	b := &backend{client: c, space: s, name: name, store: store, log: log, changed: make(chan struct{}, 1)}
+func newBackend(c *clientv3.Client, s keys.Space, name string, store *images.Store, log hclog.Logger, tokenTTL time.Duration) *backend {
+	if tokenTTL == 0 {
+		tokenTTL = join.DefaultTokenTTL
+	}
+	b := &backend{client: c, space: s, name: name, store: store, log: log, tokenTTL: tokenTTL, changed: make(chan struct{}, 1)}
 	poke := func(string, *etcdutil.KV, *etcdutil.KV) {
 		select {
 		case b.changed <- struct{}{}:
@@ -307,4 +313,9 @@ func (b *backend) logVerdicts(v map[string]string) {
 			b.log.Warn("image not served", "version", n, "why", v[n])
 		}
 	}
+}
+
+// JoinToken mints the one-time token a booting node joins with.
+func (b *backend) JoinToken(ctx context.Context, hwid string) (string, error) {
+	return join.Mint(ctx, b.client, b.space, hwid, b.tokenTTL, "bootserver/"+b.name)
 }

@@ -21,6 +21,7 @@ import (
 	"github.com/herdhq/herd/bootserver/httpboot"
 	"github.com/herdhq/herd/bootserver/images"
 	"github.com/herdhq/herd/lib/etcdembed/etcdtest"
+	"github.com/herdhq/herd/lib/join"
 	"github.com/herdhq/herd/lib/keys"
 )
 
@@ -39,7 +40,7 @@ func newRig(t *testing.T) *rig {
 	c := etcdtest.Client(t)
 	dir := t.TempDir()
 	store := images.NewStore(dir)
-	b := newBackend(c, space, "bs1", store, hclog.NewNullLogger())
+	b := newBackend(c, space, "bs1", store, hclog.NewNullLogger(), 0)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { b.run(ctx); close(done) }()
@@ -223,5 +224,50 @@ func TestLeasesSharedThroughEtcd(t *testing.T) {
 	}
 	if _, err := b.Offer(ctx, "52:54:00:00:00:99"); err != nil {
 		t.Fatalf("released address not reused: %v", err)
+	}
+}
+
+// TestBootScriptCarriesJoinToken: with join endpoints configured, each boot script carries a fresh
+// one-time token bound to the machine, whose hash (only) is in etcd under a lease.
+func TestBootScriptCarriesJoinToken(t *testing.T) {
+	r := newRig(t)
+	mux := http.NewServeMux()
+	srv := httptest.NewServer(mux)
+	t.Cleanup(srv.Close)
+	httpboot.New(httpboot.Config{Base: srv.URL, Retry: time.Second, Join: []string{"https://10.99.0.1:9443", "https://10.99.0.2:9443"}, CAHash: "sha256:abcd"},
+		r.b, images.NewStore(r.dir), hclog.NewNullLogger(), nil).Register(mux)
+	r.put(space.Hardware("SVC123"), keys.MustEncode(&keys.Hardware{Serial: "SVC123"}))
+	r.addImage("v1", "K", "I")
+	r.put(space.ImageCurrent(), keys.MustEncode(&keys.ImageCurrent{Version: "v1"}))
+	r.eventually("bootable", func() bool { _, b := r.get(query); return strings.Contains(b, "boot\n") })
+
+	tokens := map[string]bool{}
+	for range 2 {
+		resp, err := http.Get(srv.URL + query)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		body := string(b)
+		if !strings.Contains(body, " herd.join=https://10.99.0.1:9443,https://10.99.0.2:9443 herd.ca=sha256:abcd herd.token=") {
+			t.Fatalf("boot script without join parameters:\n%s", body)
+		}
+		tok := strings.Fields(body[strings.Index(body, "herd.token=")+len("herd.token="):])[0]
+		tokens[tok] = true
+		got, err := r.c.Get(context.Background(), space.JoinToken(join.Hash(tok)))
+		if err != nil || len(got.Kvs) != 1 || got.Kvs[0].Lease == 0 {
+			t.Fatalf("token record: %v %v", got, err)
+		}
+		rec, err := keys.Decode[keys.JoinToken](got.Kvs[0].Value)
+		if err != nil || rec.HWID != "SVC123" || rec.IssuedBy != "bootserver/bs1" {
+			t.Fatalf("token record %+v %v", rec, err)
+		}
+		if strings.Contains(string(got.Kvs[0].Value), tok) {
+			t.Fatal("etcd holds the token itself, not only its hash")
+		}
+	}
+	if len(tokens) != 2 {
+		t.Fatal("two boots got the same token")
 	}
 }

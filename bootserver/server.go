@@ -2,6 +2,7 @@ package bootserver
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -19,6 +20,7 @@ import (
 	"github.com/herdhq/herd/bootserver/images"
 	"github.com/herdhq/herd/bootserver/tftp"
 	"github.com/herdhq/herd/lib/keys"
+	"github.com/herdhq/herd/lib/pki"
 )
 
 // Config of one bootserver replica. Bootservers are stateless: any number can run, everything they
@@ -46,6 +48,17 @@ type Config struct {
 	NodeParams []string
 	Retry      time.Duration
 
+	// Join lists the coordinators' join endpoints; set, every boot script carries a one-time join
+	// token (herd.token=), the endpoints (herd.join=) and the CA fingerprint CAHash (herd.ca=).
+	Join     []string
+	CAHash   string
+	TokenTTL time.Duration
+
+	// HTTPSListen also serves scripts and images over TLS with TLSCert and TLSKey, so the token
+	// does not cross the network in clear (iPXE must trust the cluster CA: docs/security.md).
+	HTTPSListen     string
+	TLSCert, TLSKey string
+
 	Log      hclog.Logger
 	Registry prometheus.Registerer
 }
@@ -68,7 +81,10 @@ func Run(ctx context.Context, cfg Config) error {
 	cfg.Registry.MustRegister(reqs)
 
 	store := images.NewStore(cfg.ImageDir)
-	b := newBackend(cfg.Client, cfg.Space, cfg.Name, store, cfg.Log)
+	if len(cfg.Join) > 0 && cfg.CAHash == "" {
+		return errors.New("bootserver: join endpoints without a CA fingerprint: nodes could not trust them (--cacert or --node-ca-hash)")
+	}
+	b := newBackend(cfg.Client, cfg.Space, cfg.Name, store, cfg.Log, cfg.TokenTTL)
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { b.run(gctx); return nil })
 	if err := b.synced(gctx); err != nil {
@@ -78,7 +94,7 @@ func Run(ctx context.Context, cfg Config) error {
 
 	// HTTP.
 	mux := http.NewServeMux()
-	httpboot.New(httpboot.Config{Base: cfg.Advertise, Params: cfg.NodeParams, Retry: cfg.Retry}, b, store, cfg.Log, reqs).Register(mux)
+	httpboot.New(httpboot.Config{Base: cfg.Advertise, Params: cfg.NodeParams, Retry: cfg.Retry, Join: cfg.Join, CAHash: cfg.CAHash}, b, store, cfg.Log, reqs).Register(mux)
 	hl, err := net.Listen("tcp", cfg.HTTPListen)
 	if err != nil {
 		return fmt.Errorf("bootserver http: %w", err)
@@ -97,6 +113,33 @@ func Run(ctx context.Context, cfg Config) error {
 		return nil
 	})
 	cfg.Log.Info("http serving", "listen", hl.Addr(), "advertise", cfg.Advertise)
+	if cfg.HTTPSListen != "" {
+		kp, err := pki.NewKeyPair(cfg.TLSCert, cfg.TLSKey)
+		if err != nil {
+			return fmt.Errorf("bootserver https: %w", err)
+		}
+		tl, err := net.Listen("tcp", cfg.HTTPSListen)
+		if err != nil {
+			return fmt.Errorf("bootserver https: %w", err)
+		}
+		tsrv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, TLSConfig: &tls.Config{
+			MinVersion:     tls.VersionTLS12,
+			GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return kp.Get() },
+		}}
+		g.Go(func() error {
+			<-gctx.Done()
+			sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			return tsrv.Shutdown(sctx)
+		})
+		g.Go(func() error {
+			if err := tsrv.ServeTLS(tl, "", ""); !errors.Is(err, http.ErrServerClosed) {
+				return err
+			}
+			return nil
+		})
+		cfg.Log.Info("https serving", "listen", tl.Addr())
+	}
 
 	// TFTP.
 	fetched := tftp.NewFetched(10 * time.Minute)

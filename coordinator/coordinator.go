@@ -31,7 +31,9 @@ import (
 // Config is everything a coordinator needs.
 type Config struct {
 	Client *clientv3.Client
-	Space  keys.Space
+	// EtcdUser is the etcd user Client authenticates as (its certificate's CN), recorded in events.
+	EtcdUser string
+	Space    keys.Space
 	// Name identifies this replica in the election and in events.
 	Name string
 	// SessionTTL is how long a dead leader keeps its leadership. Default 5 s.
@@ -62,6 +64,10 @@ type Config struct {
 	// MaxMigrationsPerNode bounds the open migrations a node takes part in (source or target).
 	// Default 2.
 	MaxMigrationsPerNode int
+
+	// RevokeNodeUsers makes the leader delete the etcd user of every node whose hardware record
+	// is gone. It needs user administration (root), so only with TLS and RBAC on.
+	RevokeNodeUsers bool
 
 	Log      hclog.Logger
 	Registry prometheus.Registerer
@@ -180,7 +186,7 @@ func New(cfg Config) (*Coordinator, error) {
 		volumeSem:   make(chan struct{}, 4),
 		moveLimit:   rate.NewLimiter(rate.Limit(cfg.RescheduleRate), max(1, int(cfg.RescheduleRate))),
 	}
-	c.events = events.New(cfg.Client, cfg.Space, "coordinator/"+cfg.Name, c.log)
+	c.events = events.New(cfg.Client, cfg.Space, "coordinator/"+cfg.Name, cfg.EtcdUser, c.log)
 	c.m = newMetrics(cfg.Registry)
 	s := cfg.Space
 	c.vmsInf = etcdutil.NewInformer(cfg.Client, s.VMPrefix(), c.decodeVMKey, c.onVM, c.log)
@@ -272,6 +278,9 @@ func (c *Coordinator) poke(string, *etcdutil.KV, *etcdutil.KV) {
 	default:
 	}
 }
+
+// Events is the coordinator's audit trail, for the endpoints it serves beside its loop.
+func (c *Coordinator) Events() *events.Recorder { return c.events }
 
 // IsLeader reports whether this replica leads now.
 func (c *Coordinator) IsLeader() bool {

@@ -35,6 +35,9 @@ func (c *Coordinator) lead(ctx context.Context, g etcdutil.Guard) error {
 			return err
 		}
 	}
+	if c.cfg.RevokeNodeUsers {
+		go c.revokeLoop(ctx)
+	}
 	t := time.NewTicker(c.cfg.Interval)
 	defer t.Stop()
 	for {

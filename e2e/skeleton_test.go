@@ -36,7 +36,10 @@ var nodeIDs = []string{"52:54:00:00:00:01", "52:54:00:00:00:02", "52:54:00:00:00
 // startSkeleton starts etcd, two coordinators (vCPU overcommit 2) and three agents of 8 CPUs and
 // 16 GiB each.
 func startSkeleton(t *testing.T) *rig.Cluster {
-	c := rig.NewCluster(t, bin)
+	return startSkeletonOn(t, rig.NewCluster(t, bin))
+}
+
+func startSkeletonOn(t *testing.T, c *rig.Cluster) *rig.Cluster {
 	c.AgentArgs = []string{"--lease-ttl", "3s", "--resync", "2s"}
 	c.CoordArgs = []string{"--session-ttl", "2s", "--cpu-overcommit", "2"}
 	c.StartCoordinator()
@@ -66,9 +69,24 @@ func allInState(c *rig.Cluster, names []string, state string) error {
 
 // TestSkeleton is the walking skeleton end to end: 30 VMs through herdctl and 5 through etcdctl on
 // raw JSON all run, spread over the nodes within capacity, as the agents' own libvirt reports show;
-// deleting them removes every domain.
+// deleting them removes every domain. It runs twice: plain, and with TLS and RBAC on as in
+// production (agents join with one-time tokens; herdctl and etcdctl act as an operator).
 func TestSkeleton(t *testing.T) {
-	c := startSkeleton(t)
+	t.Run("plain", func(t *testing.T) { skeleton(t, startSkeleton(t)) })
+	t.Run("tls-rbac", func(t *testing.T) {
+		c := startSkeletonOn(t, rig.NewSecureCluster(t, bin))
+		skeleton(t, c)
+		// Every agent acted as its own node user, and the events say so.
+		out := c.Herdctl("events", "-o", "json")
+		for _, id := range nodeIDs {
+			if !strings.Contains(out, "herd-node:"+id) {
+				t.Fatalf("no event by etcd user herd-node:%s:\n%s", id, out)
+			}
+		}
+	})
+}
+
+func skeleton(t *testing.T, c *rig.Cluster) {
 	var names []string
 	var wg sync.WaitGroup
 	errs := make(chan error, 30)

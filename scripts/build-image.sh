@@ -131,7 +131,8 @@ chmod +x "$root/etc/herd/udhcpc.script"
 cat >"$root/init" <<'EOF'
 #!/bin/sh
 # herd netboot init: everything this node is comes from the kernel command line the bootserver
-# wrote (herd.hwid, herd.endpoints, herd.image, herd.syslog, herd.libvirt); nothing is stored.
+# wrote (herd.hwid, herd.endpoints, herd.image, herd.syslog, herd.libvirt, and with TLS herd.join,
+# herd.ca and the one-time herd.token); nothing is stored, no secret is in the image.
 export PATH=/usr/local/bin:/bin:/sbin:/usr/bin:/usr/sbin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -140,7 +141,7 @@ mount -t tmpfs tmpfs /run
 mount -t tmpfs tmpfs /tmp
 log() { echo "herd-init: $*" >/dev/console; }
 
-HWID= ENDPOINTS= IMAGE=$(cat /etc/herd/image-version) SYSLOG= LIBVIRT=qemu:///system AGENTARGS=
+HWID= ENDPOINTS= IMAGE=$(cat /etc/herd/image-version) SYSLOG= LIBVIRT=qemu:///system AGENTARGS= JOIN= CAHASH= TOKEN=
 for p in $(cat /proc/cmdline); do
   case "$p" in
     herd.hwid=*) HWID=${p#herd.hwid=} ;;
@@ -149,6 +150,9 @@ for p in $(cat /proc/cmdline); do
     herd.syslog=*) SYSLOG=${p#herd.syslog=} ;;
     herd.libvirt=*) LIBVIRT=${p#herd.libvirt=} ;;
     herd.agent=*) AGENTARGS="$AGENTARGS $(echo "${p#herd.agent=}" | tr , ' ')" ;;
+    herd.join=*) JOIN=${p#herd.join=} ;;
+    herd.ca=*) CAHASH=${p#herd.ca=} ;;
+    herd.token=*) TOKEN=${p#herd.token=} ;;
   esac
 done
 log "image $IMAGE, hwid ${HWID:-unknown}"
@@ -188,6 +192,10 @@ XML
 set -- agent --endpoints "$ENDPOINTS" --image "$IMAGE" --libvirt-uri "$LIBVIRT" --volume-dir /var/lib/herd/volumes --listen :9480
 [ -n "$HWID" ] && set -- "$@" --hwid "$HWID"
 [ -n "$SYSLOG" ] && set -- "$@" --syslog "$SYSLOG"
+# The token goes by environment, not argv, so it is not in every `ps`; it is spent at the first
+# join, and restarts of the agent use the certificate in /run/herd/credentials.
+[ -n "$JOIN" ] && set -- "$@" --join "$JOIN" --ca-hash "$CAHASH" --cred-dir /run/herd/credentials
+export HERD_JOIN_TOKEN="$TOKEN"
 while true; do
   log "starting agent"
   herd "$@" $AGENTARGS >/dev/console 2>&1

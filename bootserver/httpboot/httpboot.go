@@ -47,6 +47,8 @@ type Backend interface {
 	Discovered(ctx context.Context, m Machine) error
 	// Image returns a catalogue entry.
 	Image(version string) (*keys.Image, bool)
+	// JoinToken mints a one-time join token for this boot of hwid.
+	JoinToken(ctx context.Context, hwid string) (string, error)
 }
 
 // Config of the HTTP service.
@@ -57,6 +59,10 @@ type Config struct {
 	Params []string
 	// Retry is how long an unknown machine waits before asking again.
 	Retry time.Duration
+	// Join, when set, gives every boot a one-time join token and tells the node where to use it
+	// (herd.join=, comma-separated coordinator URLs) and which CA to trust (herd.ca=CAHash).
+	Join   []string
+	CAHash string
 }
 
 // Handler serves /boot.ipxe, /ipxe and /images/.
@@ -144,7 +150,10 @@ func (m Machine) query() string {
 			q.Set(k, v)
 		}
 	}
-	return q.Encode()
+	// Encode writes spaces as '+', which ipxe.Wait's conservative query check refuses; a literal
+	// '+' is already %2B, so every '+' is a space. (SMBIOS serials of white-box machines say "To
+	// Be Filled By O.E.M.": found by FuzzParseMachine.)
+	return strings.ReplaceAll(q.Encode(), "+", "%20")
 }
 
 func (h *Handler) script(w http.ResponseWriter, r *http.Request) {
@@ -178,6 +187,18 @@ func (h *Handler) script(w http.ResponseWriter, r *http.Request) {
 	params := append([]string{"herd.hwid=" + t.HWID, "herd.image=" + t.Version}, h.cfg.Params...)
 	if t.Image.Cmdline != "" {
 		params = append(params, strings.Fields(t.Image.Cmdline)...)
+	}
+	if len(h.cfg.Join) > 0 {
+		// Minted per script served: every boot, and every retry of a boot, has its own token,
+		// valid once and briefly. Never logged.
+		tok, err := h.backend.JoinToken(ctx, t.HWID)
+		if err != nil {
+			h.count("script", "not_bootable")
+			h.log.Error("cannot mint a join token; the node waits", "mac", m.MAC, "hwid", t.HWID, "error", err)
+			writeScript(w, ipxe.Wait(h.cfg.Base, m.query(), "cannot mint a join token, retrying", h.cfg.Retry))
+			return
+		}
+		params = append(params, "herd.join="+strings.Join(h.cfg.Join, ","), "herd.ca="+h.cfg.CAHash, "herd.token="+tok)
 	}
 	s, err := ipxe.Boot(h.cfg.Base, t.Version, t.Image.Kernel.Name, t.Image.Initrd.Name, params)
 	if err != nil {

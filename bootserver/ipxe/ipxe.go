@@ -24,7 +24,7 @@ func Chain(base string) string {
 }
 
 // Boot is the script of an enrolled machine: its image's kernel and initrd, with a command line
-// that carries no secret.
+// whose only secret is a one-time join token (bound to the machine, valid minutes, used once).
 func Boot(base, version, kernel, initrd string, params []string) (string, error) {
 	for _, v := range append([]string{base, version, kernel, initrd}, params...) {
 		if !Safe(v) {

@@ -47,12 +47,17 @@ func agentCmd() *cobra.Command {
 		maxMig    int
 		shutdownT time.Duration
 		migT      time.Duration
+		jf        joinClientFlags
 	)
 	cmd := &cobra.Command{
 		Use:   "agent",
 		Short: "Run the node agent: register this hypervisor and run the VMs assigned to it",
 		Example: `  # on a hypervisor (hardware id from the kernel command line, the boot NIC or DMI)
   herd agent --endpoints http://10.0.0.5:2379 --libvirt-uri qemu:///system
+
+  # a netbooted node: credentials from a one-time token (the image's init passes these)
+  herd agent --endpoints https://10.0.0.5:2379 --join https://10.0.0.7:9443 \
+    --join-token "$TOKEN" --ca-hash sha256:3f5c...
 
   # a simulated node on libvirt's test driver
   herd agent --hwid 52:54:00:00:00:01 --libvirt-uri test:///tmp/node1.xml --volume-dir /tmp/vols`,
@@ -91,6 +96,10 @@ func agentCmd() *cobra.Command {
 				return err
 			}
 			ctx := cmd.Context()
+			creds, err := jf.bootstrap(ctx, hwid, &eo, &storage, log)
+			if err != nil {
+				return err
+			}
 			client, err := etcdutil.New(eo)
 			if err != nil {
 				return err
@@ -117,7 +126,7 @@ func agentCmd() *cobra.Command {
 			}
 			host, _ := os.Hostname()
 			a, err := agent.New(agent.Config{
-				Client: client, Space: space, HWID: hwid, BootID: bootID,
+				Client: client, EtcdUser: eo.User(), Space: space, HWID: hwid, BootID: bootID,
 				Hypervisor: hv, Volumes: vols, CephUser: storage.user, CephKey: cephKey,
 				LeaseTTL: leaseTTL, Resync: resync,
 				CPUs: cpus, MemoryMiB: memMiB, ReservedMemoryMiB: resMiB,
@@ -134,6 +143,9 @@ func agentCmd() *cobra.Command {
 			g, gctx := errgroup.WithContext(ctx)
 			g.Go(func() error { return srv.Serve(gctx) })
 			g.Go(func() error { return a.Run(gctx) })
+			if creds != nil {
+				g.Go(func() error { creds.RunRenewal(gctx); return nil })
+			}
 			log.Info("status endpoint", "url", srv.URL)
 			return g.Wait()
 		},
@@ -161,6 +173,7 @@ func agentCmd() *cobra.Command {
 	f.IntVar(&maxMig, "max-migrations", 2, "concurrent outgoing live migrations")
 	f.DurationVar(&shutdownT, "shutdown-timeout", time.Minute, "how long a guest gets to power off through ACPI before it is destroyed")
 	f.DurationVar(&migT, "migration-timeout", 10*time.Minute, "abort a live migration that takes longer")
+	jf.add(f)
 	return cmd
 }
 

@@ -13,7 +13,9 @@ import (
 	"github.com/herdhq/herd/bootserver"
 	"github.com/herdhq/herd/bootserver/dhcp"
 	"github.com/herdhq/herd/lib/etcdutil"
+	"github.com/herdhq/herd/lib/join"
 	"github.com/herdhq/herd/lib/logging"
+	"github.com/herdhq/herd/lib/pki"
 	"github.com/herdhq/herd/lib/statusserver"
 )
 
@@ -38,7 +40,12 @@ func bootserverCmd() *cobra.Command {
 
   # an isolated provisioning network: hand out addresses too
   herd bootserver --interface br0 --dhcp-mode full --range 10.99.0.100-10.99.0.200 \
-    --advertise http://10.99.0.1:8080 --node-syslog udp://10.99.0.1:514`,
+    --advertise http://10.99.0.1:8080 --node-syslog udp://10.99.0.1:514
+
+  # with TLS: nodes join with one-time tokens, served over HTTPS (iPXE built to trust the CA)
+  herd bootserver --interface eth1 --endpoints https://10.0.0.5:2379 --cacert /etc/herd/pki/ca.crt \
+    --cert /etc/herd/pki/bs1.crt --key /etc/herd/pki/bs1.key --node-join https://10.0.0.7:9443 \
+    --https :8443 --tls-cert /etc/herd/pki/bs1.crt --tls-key /etc/herd/pki/bs1.key --advertise https://10.0.0.9:8443`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			log, err := lo.New("herd-bootserver", nil)
@@ -95,6 +102,20 @@ func bootserverCmd() *cobra.Command {
 			if syslog != "" {
 				c.NodeParams = append(c.NodeParams, "herd.syslog="+syslog)
 			}
+			if len(c.Join) > 0 && c.CAHash == "" && eo.CACert != "" {
+				b, err := os.ReadFile(eo.CACert)
+				if err != nil {
+					return err
+				}
+				ca, err := pki.ParseCert(b)
+				if err != nil {
+					return fmt.Errorf("--cacert: %w", err)
+				}
+				c.CAHash = pki.Fingerprint(ca)
+			}
+			if c.HTTPSListen != "" && (c.TLSCert == "" || c.TLSKey == "") {
+				return fmt.Errorf("--https needs --tls-cert and --tls-key (issue them: herd pki issue --role bootserver NAME --host ADDR)")
+			}
 			client, err := etcdutil.New(eo)
 			if err != nil {
 				return err
@@ -136,6 +157,12 @@ func bootserverCmd() *cobra.Command {
 	f.StringVar(&syslog, "node-syslog", "", "syslog collector for nodes' logs (herd.syslog=), e.g. udp://10.0.0.5:514")
 	f.StringSliceVar(&params, "node-param", nil, "extra kernel parameter for every node (repeatable)")
 	f.DurationVar(&c.Retry, "retry", 10*time.Second, "how long an unknown machine waits before asking again")
+	f.StringSliceVar(&c.Join, "node-join", nil, "coordinators' join endpoints (herd.join=): every boot gets a one-time join token")
+	f.StringVar(&c.CAHash, "node-ca-hash", "", "CA fingerprint nodes pin (herd.ca=; default: that of --cacert)")
+	f.DurationVar(&c.TokenTTL, "join-token-ttl", join.DefaultTokenTTL, "how long a boot's join token stays valid")
+	f.StringVar(&c.HTTPSListen, "https", "", "also serve scripts and images over HTTPS here, e.g. :8443 (use an https --advertise URL)")
+	f.StringVar(&c.TLSCert, "tls-cert", "", "HTTPS certificate")
+	f.StringVar(&c.TLSKey, "tls-key", "", "HTTPS key")
 	return cmd
 }
 

@@ -10,6 +10,7 @@ import (
 
 	"github.com/herdhq/herd/coordinator"
 	"github.com/herdhq/herd/coordinator/fence"
+	"github.com/herdhq/herd/coordinator/join"
 	"github.com/herdhq/herd/coordinator/scheduler"
 	"github.com/herdhq/herd/lib/etcdutil"
 	"github.com/herdhq/herd/lib/logging"
@@ -103,13 +104,19 @@ func coordinatorCmd() *cobra.Command {
 		parallel int
 		maxMig   int
 		storage  storageFlags
+		jf       joinServerFlags
 	)
 	cmd := &cobra.Command{
 		Use:   "coordinator",
 		Short: "Run a coordinator replica: one leader, elected through etcd, schedules VMs",
 		Example: `  # run two or three, anywhere that reaches etcd
   herd coordinator --endpoints http://10.0.0.5:2379 --session-ttl 5s \
-    --fence-exec 'ipmitool -I lanplus -H "$HERD_LABEL_BMC" -U admin -f /etc/herd/bmc-pass chassis power off'`,
+    --fence-exec 'ipmitool -I lanplus -H "$HERD_LABEL_BMC" -U admin -f /etc/herd/bmc-pass chassis power off'
+
+  # with TLS and RBAC, serving node joins (docs/security.md)
+  herd coordinator --endpoints https://10.0.0.5:2379 --cacert /etc/herd/pki/ca.crt \
+    --cert /etc/herd/pki/coord-a.crt --key /etc/herd/pki/coord-a.key \
+    --ca-dir /etc/herd/pki --join-listen :9443 --node-ceph-keyring /etc/ceph/ceph.client.herd-agent.keyring`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			log, err := lo.New("herd-coordinator", nil)
@@ -142,6 +149,7 @@ func coordinatorCmd() *cobra.Command {
 			cfg := coordinator.Config{Volumes: vols,
 				Client: client, Space: space, Name: name, SessionTTL: ttl, Pools: pools,
 				Scheduler: so, Parallel: parallel, Log: log, Registry: reg, MaxMigrationsPerNode: maxMig,
+				EtcdUser: eo.User(), RevokeNodeUsers: jf.listen != "" && eo.Cert != "",
 			}
 			admin, _ := vols.(fence.CephAdmin)
 			if err := ff.apply(&cfg, admin); err != nil {
@@ -157,8 +165,15 @@ func coordinatorCmd() *cobra.Command {
 			mux.HandleFunc("GET /v1/leader", func(w http.ResponseWriter, _ *http.Request) {
 				fmt.Fprintf(w, "%v\n", c.IsLeader())
 			})
+			js, jln, err := jf.server(eo, join.Config{Client: client, Space: space, Events: c.Events(), Log: log.Named("join"), Registry: reg})
+			if err != nil {
+				return err
+			}
 			log.Info("status endpoint", "url", srv.URL)
 			g, gctx := errgroup.WithContext(cmd.Context())
+			if js != nil {
+				g.Go(func() error { return js.Serve(gctx, jln, jf.cert, jf.key) })
+			}
 			g.Go(func() error { return srv.Serve(gctx) })
 			g.Go(func() error { return c.Run(gctx) })
 			return g.Wait()
@@ -175,6 +190,7 @@ func coordinatorCmd() *cobra.Command {
 	f.StringVar(&listen, "listen", ":9481", "status endpoint (metrics, /v1/leader)")
 	f.IntVar(&parallel, "parallel", 64, "leader transactions in flight at once")
 	storage.add(f, "herd-coordinator", false)
+	jf.add(f)
 	f.IntVar(&maxMig, "max-migrations-per-node", 2, "open migrations a node may take part in (as source or target)")
 	return cmd
 }

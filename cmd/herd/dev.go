@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -24,10 +25,13 @@ import (
 	"github.com/herdhq/herd/agent/volume"
 	"github.com/herdhq/herd/coordinator"
 	"github.com/herdhq/herd/coordinator/fence"
+	"github.com/herdhq/herd/coordinator/join"
 	"github.com/herdhq/herd/lib/etcdembed"
 	"github.com/herdhq/herd/lib/etcdutil"
+	ljoin "github.com/herdhq/herd/lib/join"
 	"github.com/herdhq/herd/lib/keys"
 	"github.com/herdhq/herd/lib/logging"
+	"github.com/herdhq/herd/lib/rbac"
 	"github.com/herdhq/herd/lib/statusserver"
 	"github.com/herdhq/herd/lib/units"
 	"github.com/herdhq/herd/lib/version"
@@ -50,6 +54,7 @@ type devOptions struct {
 	sessionTTL   time.Duration
 	prefix       string
 	storage      storageFlags
+	insecure     bool
 }
 
 func init() { extraCmds = append(extraCmds, devCmd()) }
@@ -62,7 +67,12 @@ func devCmd() *cobra.Command {
 		Long: `herd dev runs an embedded etcd, two coordinators and N agents in one process. Each agent's
 hypervisor is libvirt's test driver (a real libvirt connection that keeps domains in memory) on
 its own node file, and all agents share one directory of VM disks, like nodes on shared storage.
-Ctrl-C stops everything; the data directory is removed unless --keep or --data-dir is given.`,
+Ctrl-C stops everything; the data directory is removed unless --keep or --data-dir is given.
+
+Like production, dev runs with TLS and etcd RBAC on: a CA in <data-dir>/pki, certificates for the
+coordinators, an operator and a viewer, and simulated nodes that join with one-time tokens through
+the coordinators' join endpoints. The banner prints the environment herdctl and etcdctl need.
+--insecure runs plain HTTP without authentication instead.`,
 		Example: `  herd dev
   herd dev --agents 5 --node-memory 32GiB --data-dir /tmp/herd-dev
   herd dev --ceph-conf /etc/ceph/ceph.conf --ceph-keyring /etc/ceph/ceph.client.admin.keyring   # disks on RBD (pool "rbd")`,
@@ -89,6 +99,7 @@ Ctrl-C stops everything; the data directory is removed unless --keep or --data-d
 	f.StringVar(&o.prefix, "prefix", keys.DefaultPrefix, "root of herd's keys")
 	o.storage.add(f, "admin", false)
 	f.StringVar(&o.storage.conf, "ceph", "", "short for --ceph-conf")
+	f.BoolVar(&o.insecure, "insecure", false, "no TLS, no RBAC: anyone reaching etcd may do anything")
 	return cmd
 }
 
@@ -121,25 +132,61 @@ func runDev(ctx context.Context, o devOptions) error {
 			defer os.RemoveAll(dir)
 		}
 	}
-	etcd, err := etcdembed.Start(ctx, etcdembed.Config{
+	ecfg := etcdembed.Config{
 		Name: "herd-dev", Dir: filepath.Join(dir, "etcd"),
 		Clients: []string{o.clientURL}, Peers: []string{o.peerURL},
 		AutoCompaction: 5 * time.Minute, UnsafeNoFsync: true,
-	}, 30*time.Second)
+	}
+	var sec *devPKI
+	if !o.insecure {
+		if sec, err = newDevPKI(filepath.Join(dir, "pki")); err != nil {
+			return err
+		}
+		ecfg.Clients = []string{strings.Replace(o.clientURL, "http://", "https://", 1)}
+		if ecfg.CertFile, ecfg.KeyFile, err = sec.issue("etcd-server", []string{"127.0.0.1", "localhost"}); err != nil {
+			return err
+		}
+		ecfg.TrustedCAFile = sec.caFile()
+	}
+	etcd, err := etcdembed.Start(ctx, ecfg, 30*time.Second)
 	if err != nil {
 		return fmt.Errorf("%w (is another etcd or herd dev running? pick free ports with --etcd-client-url and --etcd-peer-url)", err)
 	}
 	defer etcd.Close()
 	endpoints := etcd.Endpoints
 
-	newClient := func() (*clientv3.Client, error) {
-		return etcdutil.New(etcdutil.Options{Endpoints: endpoints})
+	// newClient connects as user (a certificate issued on the spot), or plainly with --insecure.
+	newClient := func(user string) (*clientv3.Client, etcdutil.Options, error) {
+		eo := etcdutil.Options{Endpoints: endpoints, Prefix: o.prefix}
+		if sec != nil {
+			var err error
+			if eo, err = sec.options(eo, user); err != nil {
+				return nil, eo, err
+			}
+		}
+		c, err := etcdutil.New(eo)
+		return c, eo, err
 	}
-	admin, err := newClient()
+	admin, _, err := newClient(rbac.Root)
 	if err != nil {
 		return err
 	}
 	defer admin.Close()
+	if sec != nil {
+		actx, acancel := context.WithTimeout(ctx, 30*time.Second)
+		err := rbac.Apply(actx, admin, space)
+		acancel()
+		if err != nil {
+			return fmt.Errorf("apply etcd roles: %w", err)
+		}
+		var names []string
+		for i := 1; i <= o.coordinators; i++ {
+			names = append(names, coordinatorName(i))
+		}
+		if err := sec.users(ctx, admin, names); err != nil {
+			return err
+		}
+	}
 
 	reg := statusserver.NewRegistry()
 	mux := http.NewServeMux()
@@ -158,13 +205,14 @@ func runDev(ctx context.Context, o devOptions) error {
 		return err
 	}
 	g.Go(func() error { return srv.Serve(gctx) })
+	var joinURLs []string
 	for i := 1; i <= o.coordinators; i++ {
-		c, err := newClient()
+		name := coordinatorName(i)
+		c, eo, err := newClient(name)
 		if err != nil {
 			return fail(err)
 		}
 		defer c.Close()
-		name := fmt.Sprintf("dev-%d", i)
 		pools := []string{"default"}
 		if o.storage.conf != "" {
 			pools = []string{"rbd"}
@@ -173,10 +221,10 @@ func runDev(ctx context.Context, o devOptions) error {
 		if err != nil {
 			return fail(err)
 		}
+		creg := prometheus.WrapRegistererWith(prometheus.Labels{"coordinator": name}, reg)
 		cfg := coordinator.Config{Volumes: vols,
-			Client: c, Space: space, Name: name, SessionTTL: o.sessionTTL, Pools: pools,
-			Scheduler: so, Log: log.Named("coordinator"),
-			Registry: prometheus.WrapRegistererWith(prometheus.Labels{"coordinator": name}, reg),
+			Client: c, EtcdUser: eo.User(), Space: space, Name: name, SessionTTL: o.sessionTTL, Pools: pools,
+			Scheduler: so, Log: log.Named("coordinator"), Registry: creg, RevokeNodeUsers: sec != nil,
 		}
 		admin, _ := vols.(fence.CephAdmin)
 		if err := o.ff.apply(&cfg, admin); err != nil {
@@ -187,6 +235,15 @@ func runDev(ctx context.Context, o devOptions) error {
 			return fail(err)
 		}
 		g.Go(func() error { return co.Run(gctx) })
+		if sec != nil {
+			js := join.New(join.Config{Client: c, Space: space, CA: sec.ca, Events: co.Events(), Log: log.Named("join"), Registry: creg})
+			ln, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				return fail(err)
+			}
+			joinURLs = append(joinURLs, "https://"+ln.Addr().String())
+			g.Go(func() error { return js.Serve(gctx, ln, eo.Cert, eo.Key) })
+		}
 	}
 
 	agents := map[string]*agent.Agent{}
@@ -202,6 +259,7 @@ func runDev(ctx context.Context, o devOptions) error {
 		a, closeAgent, err := devAgent(gctx, devAgentConfig{
 			space: space, hwid: hwid, index: i, dir: dir, cpus: o.nodeCPUs, memMiB: memMiB, volumes: vols,
 			leaseTTL: o.leaseTTL, endpoints: endpoints, log: log, reg: reg, statusURL: srv.URL,
+			sec: sec, joinURLs: joinURLs, prefix: o.prefix,
 		}, admin)
 		if err != nil {
 			return fail(err)
@@ -219,7 +277,7 @@ func runDev(ctx context.Context, o devOptions) error {
 		domainsHandler(a.Domains)(w, r)
 	})
 
-	printBanner(endpoints[0], o, dir, srv.URL)
+	printBanner(endpoints[0], o, dir, srv.URL, sec)
 	err = g.Wait()
 	log.Info("stopped")
 	if o.keep && o.dataDir == "" {
@@ -227,6 +285,8 @@ func runDev(ctx context.Context, o devOptions) error {
 	}
 	return err
 }
+
+func coordinatorName(i int) string { return fmt.Sprintf("dev-%d", i) }
 
 type devAgentConfig struct {
 	space     keys.Space
@@ -241,6 +301,9 @@ type devAgentConfig struct {
 	reg       prometheus.Registerer
 	statusURL string
 	volumes   volume.Backend
+	sec       *devPKI
+	joinURLs  []string
+	prefix    string
 }
 
 // devAgent enrols a simulated node (dev mode alone writes hardware records) and builds its agent.
@@ -266,13 +329,29 @@ func devAgent(ctx context.Context, c devAgentConfig, admin *clientv3.Client) (*a
 	if err != nil {
 		return nil, nil, err
 	}
-	client, err := etcdutil.New(etcdutil.Options{Endpoints: c.endpoints})
+	eo := etcdutil.Options{Endpoints: c.endpoints, Prefix: c.prefix}
+	if c.sec != nil {
+		// The node's way in, as on real hardware: a one-time token, traded at a coordinator's join
+		// endpoint for a certificate naming the node's own etcd user.
+		tok, err := ljoin.Mint(ctx, admin, c.space, c.hwid, ljoin.DefaultTokenTTL, "herd-dev")
+		if err != nil {
+			return nil, nil, err
+		}
+		jc := &ljoin.Client{URLs: c.joinURLs, CAFile: c.sec.caFile(), Dir: filepath.Join(nodes, "node"+fmt.Sprint(c.index)+"-creds"), HWID: c.hwid, Log: log}
+		if err := jc.Ensure(ctx, tok); err != nil {
+			hv.Close()
+			return nil, nil, fmt.Errorf("node %s join: %w", c.hwid, err)
+		}
+		eo.CACert, eo.Cert, eo.Key = jc.CAPath(), jc.CertPath(), jc.KeyPath()
+	}
+	client, err := etcdutil.New(eo)
 	if err != nil {
+		hv.Close()
 		return nil, nil, err
 	}
 	closeAll := func() { client.Close(); hv.Close() }
 	a, err := agent.New(agent.Config{
-		Client: client, Space: c.space, HWID: c.hwid, BootID: uuid.NewString(),
+		Client: client, EtcdUser: eo.User(), Space: c.space, HWID: c.hwid, BootID: uuid.NewString(),
 		Hypervisor: hv, Volumes: c.volumes,
 		LeaseTTL: c.leaseTTL, Hostname: fmt.Sprintf("dev-node%d", c.index), Version: version.Version,
 		StatusURL: fmt.Sprintf("%s/v1/nodes/%s/domains", c.statusURL, c.hwid),
@@ -285,24 +364,36 @@ func devAgent(ctx context.Context, c devAgentConfig, admin *clientv3.Client) (*a
 	return a, closeAll, nil
 }
 
-func printBanner(endpoint string, o devOptions, dir, status string) {
+func printBanner(endpoint string, o devOptions, dir, status string, sec *devPKI) {
 	b := &strings.Builder{}
+	spec := keys.MustSpace(o.prefix).VMSpec("db1")
 	fmt.Fprintf(b, `
 herd dev is running: embedded etcd, %d coordinators, %d simulated nodes (%d CPUs, %s each).%s
   etcd endpoint   %s
   status/metrics  %s/metrics
   data            %s
-
-In another terminal:
-  export HERD_ENDPOINTS=%s
-  herdctl vm create web1 --vcpus 2 --memory 1GiB --disk 10GiB
+`, o.coordinators, o.agents, o.nodeCPUs, o.nodeMemory, unsafeBanner(o), endpoint, status, dir)
+	etcdctl := "etcdctl --endpoints " + endpoint
+	b.WriteString("\nIn another terminal:\n  export HERD_ENDPOINTS=" + endpoint + "\n")
+	if sec != nil {
+		crt, key := sec.files("dev-operator")
+		fmt.Fprintf(b, "  export HERD_CACERT=%s HERD_CERT=%s HERD_KEY=%s   # user dev-operator\n", sec.caFile(), crt, key)
+		etcdctl += " --cacert $HERD_CACERT --cert $HERD_CERT --key $HERD_KEY"
+	}
+	fmt.Fprintf(b, `  herdctl vm create web1 --vcpus 2 --memory 1GiB --disk 10GiB
   herdctl vm list
   herdctl node list
-  etcdctl --endpoints %s put %s '{"vcpus":1,"memory_mib":512,"disk":{"pool":"default","size_gib":5}}'
+  %s put %s '{"vcpus":1,"memory_mib":512,"disk":{"pool":"default","size_gib":5}}'
   herdctl vm delete web1
-
-Ctrl-C stops everything.
-`, o.coordinators, o.agents, o.nodeCPUs, o.nodeMemory, unsafeBanner(o), endpoint, status, dir, endpoint, endpoint, keys.MustSpace(o.prefix).VMSpec("db1"))
+`, etcdctl, spec)
+	if sec != nil {
+		crt, key := sec.files("dev-viewer")
+		fmt.Fprintf(b, `
+TLS and etcd RBAC are on (--insecure turns them off). Read-only: HERD_CERT=%s HERD_KEY=%s
+Root (keep it for set-up): %s/root.crt
+`, crt, key, sec.dir)
+	}
+	b.WriteString("\nCtrl-C stops everything.\n")
 	fmt.Fprint(os.Stdout, b.String())
 }
 

@@ -33,12 +33,20 @@ func etcdCmd() *cobra.Command {
   # one member of three on loopback
   herd etcd --name m1 --data-dir /tmp/m1 --listen-client http://127.0.0.1:2379 \
     --listen-peer http://127.0.0.1:2380 \
-    --initial-cluster m1=http://127.0.0.1:2380,m2=http://127.0.0.2:2380,m3=http://127.0.0.3:2380`,
+    --initial-cluster m1=http://127.0.0.1:2380,m2=http://127.0.0.2:2380,m3=http://127.0.0.3:2380
+
+  # with TLS and client certificates from herd's CA (herd pki init --dir /etc/herd/pki)
+  herd etcd --data-dir /var/lib/herd/etcd --listen-client https://10.0.0.5:2379 \
+    --cert-file /etc/herd/pki/etcd-server.crt --key-file /etc/herd/pki/etcd-server.key \
+    --trusted-ca-file /etc/herd/pki/ca.crt`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			log, err := lo.New("herd-etcd", nil)
 			if err != nil {
 				return err
+			}
+			if (c.CertFile == "") != (c.TrustedCAFile == "") || (c.CertFile == "") != (c.KeyFile == "") {
+				return fmt.Errorf("--cert-file, --key-file and --trusted-ca-file go together")
 			}
 			c.Existing = existing
 			c.AutoCompaction = compaction
@@ -72,6 +80,9 @@ func etcdCmd() *cobra.Command {
 	f.BoolVar(&existing, "existing", false, "join an existing cluster (a restarted or replaced member)")
 	f.DurationVar(&compaction, "auto-compaction", 5*time.Minute, "history kept before compaction")
 	f.BoolVar(&c.UnsafeNoFsync, "unsafe-no-fsync", false, "skip fsync: faster, loses data on power failure (tests only)")
+	f.StringVar(&c.CertFile, "cert-file", "", "server certificate for client connections (enables TLS; use https:// --listen-client URLs)")
+	f.StringVar(&c.KeyFile, "key-file", "", "server key")
+	f.StringVar(&c.TrustedCAFile, "trusted-ca-file", "", "CA that client certificates must be signed by (required with --cert-file)")
 	_ = cmd.MarkFlagRequired("data-dir")
 	return cmd
 }

@@ -27,7 +27,7 @@ func newRoot() *cobra.Command {
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	root.AddCommand(agentCmd(), coordinatorCmd(), bootserverCmd())
+	root.AddCommand(agentCmd(), coordinatorCmd(), bootserverCmd(), pkiCmd(), rbacCmd())
 	root.AddCommand(extraCmds...)
 	return root
 }

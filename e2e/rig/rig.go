@@ -23,6 +23,7 @@ import (
 	"time"
 
 	"github.com/herdhq/herd/agent/hypervisor"
+	"github.com/herdhq/herd/lib/pki"
 )
 
 // Binaries are the herd and herdctl executables the tests run.
@@ -191,7 +192,17 @@ type Cluster struct {
 	CoordArgs   []string // extra flags for every coordinator
 	agentsOrder []string
 	etcdArgs    []string
+
+	// With TLS and RBAC (NewSecureCluster): the CA's directory, its fingerprint, the coordinators'
+	// join endpoints, and the environment herdctl and etcdctl run with (the operator's certificate).
+	PKI      string
+	CAHash   string
+	JoinURLs []string
+	Env      []string
 }
+
+// Secure reports whether the cluster runs with TLS and RBAC.
+func (c *Cluster) Secure() bool { return c.PKI != "" }
 
 // Coordinator is one coordinator process with its status endpoint.
 type Coordinator struct {
@@ -242,18 +253,75 @@ type Agent struct {
 
 // NewCluster starts a single etcd member (as its own process, `herd etcd`).
 func NewCluster(t testing.TB, bin Binaries) *Cluster {
+	return newCluster(t, bin, false)
+}
+
+// NewSecureCluster is NewCluster the way production runs: the CA made with `herd pki init`, etcd
+// serving TLS and requiring client certificates, `herd rbac apply`, coordinators with their own
+// certificates serving join endpoints, agents that join with one-time tokens, and herdctl and
+// etcdctl acting as an operator.
+func NewSecureCluster(t testing.TB, bin Binaries) *Cluster {
+	return newCluster(t, bin, true)
+}
+
+func newCluster(t testing.TB, bin Binaries, secure bool) *Cluster {
 	t.Helper()
 	dir := t.TempDir()
 	c := &Cluster{T: t, Bin: bin, Dir: dir, Agents: map[string]*Agent{}}
 	cp, pp, mp := FreePort(t), FreePort(t), FreePort(t)
-	c.Endpoint = fmt.Sprintf("http://127.0.0.1:%d", cp)
+	scheme := "http"
+	if secure {
+		scheme = "https"
+		c.PKI = filepath.Join(dir, "pki")
+		c.must(bin.Herd, "pki", "init", "--dir", c.PKI, "--etcd-host", "127.0.0.1")
+		b, err := os.ReadFile(filepath.Join(c.PKI, "ca.crt"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		ca, err := pki.ParseCert(b)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.CAHash = pki.Fingerprint(ca)
+	}
+	c.Endpoint = fmt.Sprintf("%s://127.0.0.1:%d", scheme, cp)
 	c.MetricsURL = fmt.Sprintf("http://127.0.0.1:%d/metrics", mp)
 	c.etcdArgs = []string{"etcd", "--data-dir", filepath.Join(dir, "etcd"),
 		"--listen-client", c.Endpoint, "--listen-peer", fmt.Sprintf("http://127.0.0.1:%d", pp),
 		// Compaction far beyond a test's length: tests replay etcd's history from revision 1.
 		"--listen-metrics", fmt.Sprintf("http://127.0.0.1:%d", mp), "--unsafe-no-fsync", "--auto-compaction", "24h"}
+	if secure {
+		c.etcdArgs = append(c.etcdArgs, "--cert-file", filepath.Join(c.PKI, "etcd-server.crt"),
+			"--key-file", filepath.Join(c.PKI, "etcd-server.key"), "--trusted-ca-file", filepath.Join(c.PKI, "ca.crt"))
+	}
 	c.StartEtcd()
+	if secure {
+		c.must(bin.Herd, append([]string{"rbac", "apply"}, c.tlsArgs("root")...)...)
+		c.must(bin.Herd, append([]string{"pki", "issue", "--dir", c.PKI, "--role", "operator", "rig-operator"}, c.tlsArgs("root")...)...)
+		crt, key := c.certFiles("rig-operator")
+		c.Env = []string{"HERD_CACERT=" + filepath.Join(c.PKI, "ca.crt"), "HERD_CERT=" + crt, "HERD_KEY=" + key,
+			"ETCDCTL_CACERT=" + filepath.Join(c.PKI, "ca.crt"), "ETCDCTL_CERT=" + crt, "ETCDCTL_KEY=" + key}
+	}
 	return c
+}
+
+func (c *Cluster) certFiles(user string) (string, string) {
+	return filepath.Join(c.PKI, user+".crt"), filepath.Join(c.PKI, user+".key")
+}
+
+// tlsArgs are the etcd flags of a herd process acting as user.
+func (c *Cluster) tlsArgs(user string) []string {
+	crt, key := c.certFiles(user)
+	return []string{"--endpoints", c.Endpoint, "--cacert", filepath.Join(c.PKI, "ca.crt"), "--cert", crt, "--key", key}
+}
+
+func (c *Cluster) must(bin string, args ...string) string {
+	c.T.Helper()
+	out, errOut, code := c.Run(bin, args...)
+	if code != 0 {
+		c.T.Fatalf("%s %s: exit %d: %s%s", filepath.Base(bin), strings.Join(args, " "), code, out, errOut)
+	}
+	return out
 }
 
 // StartEtcd starts (or restarts) the single etcd member on its data directory.
@@ -287,6 +355,12 @@ func (c *Cluster) StartCoordinator(extra ...string) *Coordinator {
 	port := FreePort(c.T)
 	args := append([]string{"coordinator", "--endpoints", c.Endpoint, "--name", name,
 		"--listen", fmt.Sprintf("127.0.0.1:%d", port)}, c.CoordArgs...)
+	if c.Secure() {
+		c.must(c.Bin.Herd, append([]string{"pki", "issue", "--dir", c.PKI, "--role", "coordinator", name, "--host", "127.0.0.1"}, c.tlsArgs("root")...)...)
+		jp := FreePort(c.T)
+		args = append(append(args, c.tlsArgs(name)[2:]...), "--ca-dir", c.PKI, "--join-listen", fmt.Sprintf("127.0.0.1:%d", jp))
+		c.JoinURLs = append(c.JoinURLs, fmt.Sprintf("https://127.0.0.1:%d", jp))
+	}
 	p := Start(c.T, c.Dir, name, c.Bin.Herd, append(args, extra...)...)
 	co := &Coordinator{Proc: p, Status: fmt.Sprintf("http://127.0.0.1:%d", port)}
 	c.Coords = append(c.Coords, co)
@@ -308,6 +382,13 @@ func (c *Cluster) StartAgent(hwid string, cpus int, memMiB int64, extra ...strin
 	name := "agent-" + strings.ReplaceAll(hwid, ":", "")
 	args := append([]string{"agent", "--endpoints", c.Endpoint, "--hwid", hwid, "--libvirt-uri", uri,
 		"--volume-dir", filepath.Join(c.Dir, "volumes"), "--listen", fmt.Sprintf("127.0.0.1:%d", port)}, c.AgentArgs...)
+	if c.Secure() {
+		// As the bootserver does for a netboot: a one-time token for this start, the join
+		// endpoints and the CA's fingerprint.
+		tok := strings.TrimSpace(c.Herdctl("hw", "token", hwid, "--ttl", "5m"))
+		args = append(args, "--join", strings.Join(c.JoinURLs, ","), "--join-token", tok, "--ca-hash", c.CAHash,
+			"--cred-dir", filepath.Join(c.Dir, "creds-"+strings.ReplaceAll(hwid, ":", "")))
+	}
 	p := Start(c.T, c.Dir, name, c.Bin.Herd, append(args, extra...)...)
 	a := &Agent{Proc: p, HWID: hwid, Status: fmt.Sprintf("http://127.0.0.1:%d", port), URI: uri}
 	if _, ok := c.Agents[hwid]; !ok {
@@ -323,7 +404,7 @@ func (c *Cluster) Run(bin string, args ...string) (string, string, int) {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, bin, args...)
-	cmd.Env = append(os.Environ(), "HERD_ENDPOINTS="+c.Endpoint, "ETCDCTL_API=3")
+	cmd.Env = append(append(os.Environ(), "HERD_ENDPOINTS="+c.Endpoint, "ETCDCTL_API=3"), c.Env...)
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb
 	err := cmd.Run()

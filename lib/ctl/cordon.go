@@ -71,7 +71,7 @@ func nodeCordonCmd(e *env, cordon bool) *cobra.Command {
 				fmt.Fprintf(e.out, "node/%s already %s\n", id, verb)
 				return nil
 			}
-			_ = events.RecordNow(ctx, e.client, e.space, actor(), "node/"+id, verb, reason)
+			_ = events.RecordNow(ctx, e.client, e.space, actor(), e.opts.User(), "node/"+id, verb, reason)
 			fmt.Fprintf(e.out, "node/%s %s\n", id, verb)
 			return nil
 		},

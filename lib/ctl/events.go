@@ -66,11 +66,24 @@ func eventsCmd(e *env) *cobra.Command {
 					return nil
 				}
 				t := &table{}
-				for _, c := range []string{"TIME", "OBJECT", "ACTION", "ACTOR", "MESSAGE"} {
+				// USER (the etcd user the writer authenticated as) only where TLS is on.
+				users := false
+				for _, ev := range evs {
+					users = users || ev.User != ""
+				}
+				cols := []string{"TIME", "OBJECT", "ACTION", "ACTOR", "MESSAGE"}
+				if users {
+					cols = []string{"TIME", "OBJECT", "ACTION", "ACTOR", "USER", "MESSAGE"}
+				}
+				for _, c := range cols {
 					t.col(c, false)
 				}
 				for _, ev := range evs {
-					t.row(ev.Time.Local().Format("2006-01-02 15:04:05.000"), ev.Object, ev.Action, ev.Actor, ev.Message)
+					row := []string{ev.Time.Local().Format("2006-01-02 15:04:05.000"), ev.Object, ev.Action, ev.Actor}
+					if users {
+						row = append(row, orDash(ev.User))
+					}
+					t.row(append(row, ev.Message)...)
 				}
 				if !header {
 					t.header = nil

@@ -109,7 +109,7 @@ its fence record by itself.`,
 					return fmt.Errorf("fence record %s changed meanwhile; try again", kv.Key)
 				}
 			}
-			_ = events.RecordNow(ctx, e.client, e.space, actor(), "node/"+id, "fence-clear-requested", "by hand")
+			_ = events.RecordNow(ctx, e.client, e.space, actor(), e.opts.User(), "node/"+id, "fence-clear-requested", "by hand")
 			fmt.Fprintf(e.out, "node/%s: fence being cleared (the leader removes blocklist entries, then the record)\n", id)
 			return nil
 		},
@@ -205,7 +205,7 @@ network fault). Confirming lets fencing and rescheduling of the listed nodes pro
 			if !tx.Succeeded {
 				return fmt.Errorf("the guard changed meanwhile; look again with 'herdctl cluster show'")
 			}
-			_ = events.RecordNow(ctx, e.client, e.space, actor(), "cluster", "loss-confirmed", strings.Join(g.Nodes, ", "))
+			_ = events.RecordNow(ctx, e.client, e.space, actor(), e.opts.User(), "cluster", "loss-confirmed", strings.Join(g.Nodes, ", "))
 			fmt.Fprintf(e.out, "confirmed: fencing and rescheduling of %s proceed\n", strings.Join(g.Nodes, ", "))
 			return nil
 		},

@@ -16,7 +16,7 @@ func hwCmd(e *env) *cobra.Command {
 		Use:   "hw",
 		Short: "Enrol hardware: only listed machines boot and join",
 	}
-	cmd.AddCommand(hwAddCmd(e), hwListCmd(e), hwRmCmd(e), hwDiscoveredCmd(e), hwApproveCmd(e), hwPinCmd(e, true), hwPinCmd(e, false))
+	cmd.AddCommand(hwAddCmd(e), hwListCmd(e), hwRmCmd(e), hwDiscoveredCmd(e), hwApproveCmd(e), hwPinCmd(e, true), hwPinCmd(e, false), hwTokenCmd(e))
 	return cmd
 }
 
@@ -311,7 +311,7 @@ func hwApproveCmd(e *env) *cobra.Command {
 			if !tx.Succeeded {
 				return fmt.Errorf("hardware %s is already enrolled", hwid)
 			}
-			_ = events.RecordNow(ctx, e.client, e.space, actor(), "node/"+hwid, "approved", "mac "+mac)
+			_ = events.RecordNow(ctx, e.client, e.space, actor(), e.opts.User(), "node/"+hwid, "approved", "mac "+mac)
 			fmt.Fprintf(e.out, "hardware/%s enrolled; it boots at its next retry\n", hwid)
 			return nil
 		},
@@ -376,10 +376,10 @@ func hwPinCmd(e *env, pin bool) *cobra.Command {
 			case !changed:
 				fmt.Fprintf(e.out, "node/%s not pinned\n", id)
 			case pin:
-				_ = events.RecordNow(ctx, e.client, e.space, actor(), "node/"+id, "pinned", version)
+				_ = events.RecordNow(ctx, e.client, e.space, actor(), e.opts.User(), "node/"+id, "pinned", version)
 				fmt.Fprintf(e.out, "node/%s pinned to %s (takes effect at its next boot)\n", id, version)
 			default:
-				_ = events.RecordNow(ctx, e.client, e.space, actor(), "node/"+id, "unpinned", "")
+				_ = events.RecordNow(ctx, e.client, e.space, actor(), e.opts.User(), "node/"+id, "unpinned", "")
 				fmt.Fprintf(e.out, "node/%s unpinned\n", id)
 			}
 			return nil

@@ -86,7 +86,7 @@ after checking its copy against the catalogue.`,
 				}
 				return fmt.Errorf("image %s already exists with other content; versions are immutable, add a new version", version)
 			}
-			_ = events.RecordNow(ctx, e.client, e.space, actor(), "image/"+version, "added", fmt.Sprintf("kernel %s, initrd %s", im.Kernel.SHA256[:12], im.Initrd.SHA256[:12]))
+			_ = events.RecordNow(ctx, e.client, e.space, actor(), e.opts.User(), "image/"+version, "added", fmt.Sprintf("kernel %s, initrd %s", im.Kernel.SHA256[:12], im.Initrd.SHA256[:12]))
 			fmt.Fprintf(e.out, "image/%s added (kernel %s, initrd %s)\n", version, units.FormatBytes(im.Kernel.Size), units.FormatBytes(im.Initrd.Size))
 			return nil
 		},
@@ -257,7 +257,7 @@ func imageSetCurrentCmd(e *env) *cobra.Command {
 			if !resp.Succeeded {
 				return fmt.Errorf("image %s: %w (add it first with 'herdctl image add')", version, ErrNotFound)
 			}
-			_ = events.RecordNow(ctx, e.client, e.space, actor(), "image/"+version, "set-current", "")
+			_ = events.RecordNow(ctx, e.client, e.space, actor(), e.opts.User(), "image/"+version, "set-current", "")
 			fmt.Fprintf(e.out, "image/%s is current\n", version)
 			return nil
 		},

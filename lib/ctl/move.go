@@ -69,7 +69,7 @@ func vmMigrateCmd(e *env) *cobra.Command {
 			if !resp.Succeeded {
 				return fmt.Errorf("vm %s changed meanwhile; try again", name)
 			}
-			_ = events.RecordNow(ctx, e.client, e.space, actor(), "vm/"+name, "migrate-requested", "from "+from+" to "+orDash(to))
+			_ = events.RecordNow(ctx, e.client, e.space, actor(), e.opts.User(), "vm/"+name, "migrate-requested", "from "+from+" to "+orDash(to))
 			fmt.Fprintf(e.out, "vm/%s migration requested (from %s)\n", name, from)
 			if !wait {
 				return nil
@@ -141,7 +141,7 @@ func vmRestartCmd(e *env) *cobra.Command {
 					return err
 				}
 				if tx.Succeeded {
-					_ = events.RecordNow(ctx, e.client, e.space, actor(), "vm/"+name, "restart-requested", fmt.Sprintf("generation %d", spec.Restarts))
+					_ = events.RecordNow(ctx, e.client, e.space, actor(), e.opts.User(), "vm/"+name, "restart-requested", fmt.Sprintf("generation %d", spec.Restarts))
 					fmt.Fprintf(e.out, "vm/%s restarting (generation %d)\n", name, spec.Restarts)
 					return nil
 				}
@@ -185,7 +185,7 @@ and marks the node drained when none is left. Cancel with 'herdctl node uncordon
 				return true
 			})
 			if err == nil && changed {
-				_ = events.RecordNow(ctx, e.client, e.space, actor(), "node/"+id, "drain", "")
+				_ = events.RecordNow(ctx, e.client, e.space, actor(), e.opts.User(), "node/"+id, "drain", "")
 			}
 			cancel()
 			if err != nil {

@@ -12,9 +12,11 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/herdhq/herd/lib/cli"
@@ -86,6 +88,11 @@ func (e *env) close() {
 
 // NewRoot builds the herdctl command tree writing to out and errOut.
 func NewRoot(out, errOut io.Writer) *cobra.Command {
+	root, _ := newRoot(out, errOut)
+	return root
+}
+
+func newRoot(out, errOut io.Writer) (*cobra.Command, *env) {
 	e := &env{out: out, errOut: errOut}
 	root := &cobra.Command{
 		Use:   "herdctl",
@@ -113,18 +120,43 @@ Exit codes: 0 success, 1 failure, 2 bad usage, 3 the named object does not exist
 	e.opts.AddFlags(root.PersistentFlags())
 	root.PersistentFlags().DurationVar(&e.timeout, "timeout", 10*time.Second, "give up on etcd after this long")
 	root.AddCommand(vmCmd(e), nodeCmd(e), hwCmd(e), imageCmd(e), volumeCmd(e), fenceCmd(e), clusterCmd(e), eventsCmd(e))
-	return root
+	return root, e
 }
 
 // Main runs herdctl with args and returns the exit code; cmd/herdctl is only this.
 func Main(args []string) int {
-	root := NewRoot(os.Stdout, os.Stderr)
+	root, e := newRoot(os.Stdout, os.Stderr)
 	root.SetArgs(cli.NormalizeArgs(root, args))
 	err := root.Execute()
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "herdctl:", err)
+		if h := hint(err, e.opts); h != "" {
+			fmt.Fprintln(os.Stderr, "hint:", h)
+		}
 	}
 	return ExitCode(err)
+}
+
+// hint says what to do about the errors that come from who the caller is rather than what it asked.
+func hint(err error, o etcdutil.Options) string {
+	secure := false
+	for _, ep := range o.Endpoints {
+		secure = secure || strings.HasPrefix(ep, "https://")
+	}
+	switch {
+	case errors.Is(err, rpctypes.ErrPermissionDenied):
+		if u := o.User(); u != "" {
+			return fmt.Sprintf("etcd user %s (from --cert) may not do this: changes need the operator role (herd pki issue --role operator)", u)
+		}
+		return "etcd has authentication on: pass a client certificate (--cacert/--cert/--key or HERD_CACERT/HERD_CERT/HERD_KEY)"
+	case errors.Is(err, rpctypes.ErrUserEmpty), errors.Is(err, rpctypes.ErrInvalidAuthToken):
+		return "etcd has authentication on: pass a client certificate (--cert/--key or HERD_CERT/HERD_KEY)"
+	case errors.Is(err, context.DeadlineExceeded) && secure && o.Cert == "":
+		return "no answer from etcd over TLS: it likely requires a client certificate (--cert/--key or HERD_CERT/HERD_KEY)"
+	case errors.Is(err, context.DeadlineExceeded) && !secure:
+		return "no answer from etcd: is it running at " + strings.Join(o.Endpoints, ",") + "? (an https:// cluster needs https endpoints and --cacert)"
+	}
+	return ""
 }
 
 // exactArgs is cobra.ExactArgs returning a usage error that names what is missing.

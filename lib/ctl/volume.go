@@ -167,7 +167,7 @@ func (e *env) markPurge(ctx context.Context, pool, image string) error {
 			return err
 		}
 		if tx.Succeeded {
-			_ = events.RecordNow(ctx, e.client, e.space, actor(), "vm/"+rec.VM, "purge-requested", pool+"/"+image)
+			_ = events.RecordNow(ctx, e.client, e.space, actor(), e.opts.User(), "vm/"+rec.VM, "purge-requested", pool+"/"+image)
 			fmt.Fprintf(e.out, "volume/%s/%s will be deleted\n", pool, image)
 			return nil
 		}

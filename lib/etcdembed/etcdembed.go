@@ -10,6 +10,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"go.etcd.io/etcd/server/v3/embed"
@@ -104,6 +105,11 @@ func Start(ctx context.Context, c Config, timeout time.Duration) (*Server, error
 	}
 	cfg.UnsafeNoFsync = c.UnsafeNoFsync
 	if c.CertFile != "" {
+		for _, u := range c.Clients {
+			if !strings.HasPrefix(u, "https://") {
+				return nil, fmt.Errorf("client URL %s: with a certificate, client URLs must be https://", u)
+			}
+		}
 		cfg.ClientTLSInfo.CertFile = c.CertFile
 		cfg.ClientTLSInfo.KeyFile = c.KeyFile
 		cfg.ClientTLSInfo.TrustedCAFile = c.TrustedCAFile

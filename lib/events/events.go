@@ -33,6 +33,7 @@ type Recorder struct {
 	client *clientv3.Client
 	space  keys.Space
 	actor  string
+	user   string
 	log    hclog.Logger
 	ch     chan keys.Event
 
@@ -41,9 +42,10 @@ type Recorder struct {
 	dropped atomic.Int64
 }
 
-// New prepares a recorder for actor (e.g. "coordinator/host-a", "agent/52:54:00:..").
-func New(c *clientv3.Client, space keys.Space, actor string, log hclog.Logger) *Recorder {
-	return &Recorder{client: c, space: space, actor: actor, log: log.Named("events"), ch: make(chan keys.Event, 1024)}
+// New prepares a recorder for actor (e.g. "coordinator/host-a", "agent/52:54:00:..") acting as the
+// etcd user user ("" without TLS).
+func New(c *clientv3.Client, space keys.Space, actor, user string, log hclog.Logger) *Recorder {
+	return &Recorder{client: c, space: space, actor: actor, user: user, log: log.Named("events"), ch: make(chan keys.Event, 1024)}
 }
 
 // Record queues one event. object is kind/name, e.g. vm/web1.
@@ -51,7 +53,7 @@ func (r *Recorder) Record(object, action, format string, args ...any) {
 	if r == nil {
 		return
 	}
-	ev := keys.Event{Time: time.Now().UTC(), Actor: r.actor, Object: object, Action: action, Message: fmt.Sprintf(format, args...)}
+	ev := keys.Event{Time: time.Now().UTC(), Actor: r.actor, User: r.user, Object: object, Action: action, Message: fmt.Sprintf(format, args...)}
 	select {
 	case r.ch <- ev:
 	default:
@@ -107,8 +109,8 @@ func randomID() string {
 
 // RecordNow writes one event synchronously under its own lease; for short-lived processes such as
 // herdctl, whose operator actions are rare enough that a lease each costs nothing.
-func RecordNow(ctx context.Context, c *clientv3.Client, space keys.Space, actor, object, action, msg string) error {
-	ev := keys.Event{Time: time.Now().UTC(), Actor: actor, Object: object, Action: action, Message: msg}
+func RecordNow(ctx context.Context, c *clientv3.Client, space keys.Space, actor, user, object, action, msg string) error {
+	ev := keys.Event{Time: time.Now().UTC(), Actor: actor, User: user, Object: object, Action: action, Message: msg}
 	cctx, cancel := etcdutil.WithTimeout(ctx)
 	defer cancel()
 	l, err := c.Grant(cctx, int64(Retention/time.Second))

@@ -346,7 +346,9 @@ type Event struct {
 	Object  string    `json:"object"` // e.g. vm/web1, node/52:54:00:00:00:01
 	Action  string    `json:"action"`
 	Message string    `json:"message,omitempty"`
-	Extra   `json:"-"`
+	// User is the etcd user the writer authenticated as (its certificate's CN), when TLS is on.
+	User  string `json:"user,omitempty"`
+	Extra `json:"-"`
 }
 
 // Discovered is /herd/discovered/<mac>: a machine that tried to boot and is not enrolled. It
@@ -430,6 +432,17 @@ type VolumeRecord struct {
 	// Purge asks the leader to delete the disk once no VM uses it.
 	Purge bool `json:"purge,omitempty"`
 	Extra `json:"-"`
+}
+
+// JoinToken is /herd/jointokens/<sha256 of the token>: a one-time credential that lets the machine
+// with this hardware id join once. Only the hash is stored; the key's lease ends it at Expires.
+type JoinToken struct {
+	V       int       `json:"v"`
+	HWID    string    `json:"hwid"`
+	Expires time.Time `json:"expires"`
+	// IssuedBy is who minted it: bootserver/<name> for a netboot, or the operator's user.
+	IssuedBy string `json:"issued_by"`
+	Extra    `json:"-"`
 }
 
 // JSON plumbing: each type marshals through encodeObject/decodeObject so unknown members survive.
@@ -784,3 +797,17 @@ func (x *VolumeRecord) UnmarshalJSON(b []byte) error {
 	return err
 }
 func (x *VolumeRecord) version() *int { return &x.V }
+
+func (x JoinToken) MarshalJSON() ([]byte, error) {
+	type plain JoinToken
+	return encodeObject(plain(x), x.Extra)
+}
+func (x *JoinToken) UnmarshalJSON(b []byte) error {
+	type plain JoinToken
+	var p plain
+	e, err := decodeObject(b, &p)
+	*x = JoinToken(p)
+	x.Extra = e
+	return err
+}
+func (x *JoinToken) version() *int { return &x.V }

@@ -21,6 +21,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"sync"
 	"time"
 )
 
@@ -29,6 +30,8 @@ type CA struct {
 	Cert    *x509.Certificate
 	Key     *ecdsa.PrivateKey
 	CertPEM []byte
+	// Dir is where the CA's files are.
+	Dir string
 }
 
 // Files of a CA directory.
@@ -119,7 +122,7 @@ func LoadCA(dir string) (*CA, error) {
 	if err != nil {
 		return nil, fmt.Errorf("CA key: %w", err)
 	}
-	return &CA{Cert: cert, Key: key, CertPEM: certPEM}, nil
+	return &CA{Cert: cert, Key: key, CertPEM: certPEM, Dir: dir}, nil
 }
 
 // ParseCert decodes one PEM certificate.
@@ -217,8 +220,26 @@ func (ca *CA) SignCSR(csrPEM []byte, cn string, validity time.Duration) ([]byte,
 }
 
 // ClientTLS builds a TLS configuration from PEM files: the CA to trust, and an optional client
-// certificate and key.
+// certificate and key. The pair is read again whenever the certificate file changes, so a renewed
+// or rotated certificate is used by the next connection without restarting the process.
 func ClientTLS(caFile, certFile, keyFile string) (*tls.Config, error) {
+	pool, err := Pool(caFile)
+	if err != nil {
+		return nil, err
+	}
+	cfg := &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
+	if certFile != "" || keyFile != "" {
+		kp, err := NewKeyPair(certFile, keyFile)
+		if err != nil {
+			return nil, err
+		}
+		cfg.GetClientCertificate = func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return kp.Get() }
+	}
+	return cfg, nil
+}
+
+// Pool reads a CA certificate file into a pool.
+func Pool(caFile string) (*x509.CertPool, error) {
 	pool := x509.NewCertPool()
 	b, err := os.ReadFile(caFile)
 	if err != nil {
@@ -227,15 +248,53 @@ func ClientTLS(caFile, certFile, keyFile string) (*tls.Config, error) {
 	if !pool.AppendCertsFromPEM(b) {
 		return nil, fmt.Errorf("CA certificate %s: no certificate found", caFile)
 	}
-	cfg := &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
-	if certFile != "" || keyFile != "" {
-		pair, err := tls.LoadX509KeyPair(certFile, keyFile)
-		if err != nil {
-			return nil, fmt.Errorf("client certificate: %w", err)
-		}
-		cfg.Certificates = []tls.Certificate{pair}
+	return pool, nil
+}
+
+// KeyPair is a certificate and key on disk, reloaded when the certificate file's modification time
+// or size changes (renewal writes the key first, then the certificate, each by rename).
+type KeyPair struct {
+	certFile, keyFile string
+
+	mu    sync.Mutex
+	stamp string
+	pair  *tls.Certificate
+}
+
+// NewKeyPair loads the pair once, so a bad file is reported at start-up, not at first connection.
+func NewKeyPair(certFile, keyFile string) (*KeyPair, error) {
+	kp := &KeyPair{certFile: certFile, keyFile: keyFile}
+	if _, err := kp.Get(); err != nil {
+		return nil, err
 	}
-	return cfg, nil
+	return kp, nil
+}
+
+// Get returns the current pair, reloading it if the certificate file changed. A reload that fails
+// (a half-written file) keeps serving the previous pair.
+func (kp *KeyPair) Get() (*tls.Certificate, error) {
+	kp.mu.Lock()
+	defer kp.mu.Unlock()
+	fi, err := os.Stat(kp.certFile)
+	if err != nil {
+		if kp.pair != nil {
+			return kp.pair, nil
+		}
+		return nil, fmt.Errorf("certificate: %w", err)
+	}
+	stamp := fmt.Sprint(fi.ModTime().UnixNano(), fi.Size())
+	if kp.pair != nil && stamp == kp.stamp {
+		return kp.pair, nil
+	}
+	pair, err := tls.LoadX509KeyPair(kp.certFile, kp.keyFile)
+	if err != nil {
+		if kp.pair != nil {
+			return kp.pair, nil
+		}
+		return nil, fmt.Errorf("certificate %s: %w", kp.certFile, err)
+	}
+	kp.pair, kp.stamp = &pair, stamp
+	return kp.pair, nil
 }
 
 // CommonName is the CN of the first certificate of a PEM file ("" if unreadable).

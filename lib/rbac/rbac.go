@@ -7,6 +7,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sort"
 	"strings"
 
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
@@ -55,7 +56,7 @@ func Roles(s keys.Space) map[string][]Perm {
 			writeAll(s.VMPrefix()), writeAll(s.HardwarePrefix()), writeAll(s.NodeStatePrefix()),
 			writeAll(s.ImagePrefix()), writeAll(s.DiscoveredPrefix()), writeAll(s.FenceRoot()),
 			write(s.LossGuard()), writeAll(s.VolumeRoot()), writeAll(s.EventPrefix()),
-			write(s.Rollout()),
+			write(s.Rollout()), writeAll(s.JoinTokenPrefix()),
 		},
 		Viewer: {readAll(s.All())},
 	}
@@ -74,7 +75,7 @@ func NodePerms(s keys.Space, hwid string) []Perm {
 		readAll(s.AssignPrefix(hwid)),
 		readAll(s.FencePrefix(hwid)),
 		read(s.Hardware(hwid)),
-		read(s.Cluster()),
+		readAll(s.Cluster()), // watched through an informer, which ranges over a prefix
 		readAll(s.VMPrefix()),
 		writeAll(s.NodeCmdPrefix(hwid)),
 		writeAll(s.EventPrefix()),
@@ -135,6 +136,67 @@ func Apply(ctx context.Context, c *clientv3.Client, s keys.Space) error {
 	}
 	if _, err := c.AuthEnable(ctx); err != nil && !strings.Contains(err.Error(), "already enabled") {
 		return fmt.Errorf("enable auth: %w", err)
+	}
+	return nil
+}
+
+// Script renders Apply as etcdctl commands, for operators who set etcd up by hand. Node roles are
+// made at join time by the coordinators and are not part of it.
+func Script(s keys.Space) string {
+	var b strings.Builder
+	b.WriteString("#!/bin/sh\n# herd's etcd roles (herd rbac script). Run with root's certificate:\n")
+	b.WriteString("#   ETCDCTL_CACERT=ca.crt ETCDCTL_CERT=root.crt ETCDCTL_KEY=root.key ETCDCTL_ENDPOINTS=https://... sh this-file\nset -e\n")
+	roles := Roles(s)
+	names := make([]string, 0, len(roles))
+	for n := range roles {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	for _, n := range names {
+		fmt.Fprintf(&b, "etcdctl role add %s || true\n", n)
+		for _, p := range roles[n] {
+			kind := "read"
+			if p.Type == clientv3.PermissionType(clientv3.PermReadWrite) {
+				kind = "readwrite"
+			}
+			prefix := ""
+			if p.Prefix {
+				prefix = " --prefix"
+			}
+			fmt.Fprintf(&b, "etcdctl role grant-permission %s%s %s '%s'\n", n, prefix, kind, p.Key)
+		}
+	}
+	b.WriteString("etcdctl role add root || true\netcdctl user add root --no-password || true\netcdctl user grant-role root root\n")
+	b.WriteString("etcdctl auth enable\n")
+	return b.String()
+}
+
+// RolesFor are the etcd roles a certificate issued for a herd role gets. A coordinator is also
+// root: it creates each node's user and role when the node joins, which etcd allows only root.
+func RolesFor(role string) ([]string, error) {
+	switch role {
+	case "coordinator":
+		return []string{Coordinator, Root}, nil
+	case "bootserver":
+		return []string{Bootserver}, nil
+	case "operator":
+		return []string{Operator}, nil
+	case "viewer":
+		return []string{Viewer}, nil
+	case "root":
+		return []string{Root}, nil
+	}
+	return nil, fmt.Errorf("role %q: want coordinator, bootserver, operator, viewer or root", role)
+}
+
+// DeleteNode removes a node's user and role: its certificate stops working at once.
+func DeleteNode(ctx context.Context, c *clientv3.Client, hwid string) error {
+	user := NodeUser(hwid)
+	if _, err := c.UserDelete(ctx, user); err != nil && !errors.Is(err, rpctypes.ErrUserNotFound) {
+		return fmt.Errorf("delete user %s: %w", user, err)
+	}
+	if _, err := c.RoleDelete(ctx, user); err != nil && !errors.Is(err, rpctypes.ErrRoleNotFound) {
+		return fmt.Errorf("delete role %s: %w", user, err)
 	}
 	return nil
 }

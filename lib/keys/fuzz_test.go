@@ -1,0 +1,100 @@
+package keys
+
+import (
+	"bytes"
+	"encoding/json"
+	"testing"
+)
+
+// roundTrip decodes data as T; whatever decodes must encode, decode again, and encode to the same
+// bytes (so a value read and written back by herd never drifts), and validation must not panic.
+type decodable interface {
+	json.Marshaler
+	json.Unmarshaler
+	versioned
+}
+
+func roundTrip[T any, P interface {
+	*T
+	decodable
+}](t *testing.T, data []byte, validate func(*T)) {
+	v, err := Decode[T, P](data)
+	if err != nil {
+		return
+	}
+	if validate != nil {
+		validate(v)
+	}
+	b1, err := Encode(P(v))
+	if err != nil {
+		t.Fatalf("%T decoded but does not encode: %v", v, err)
+	}
+	v2, err := Decode[T, P](b1)
+	if err != nil {
+		t.Fatalf("%T: own encoding %s does not decode: %v", v, b1, err)
+	}
+	b2, err := Encode(P(v2))
+	if err != nil || !bytes.Equal(b1, b2) {
+		t.Fatalf("%T: encoding drifts:\n%s\n%s (%v)", v, b1, b2, err)
+	}
+}
+
+// FuzzDecode feeds the same bytes to the decoder of every keyspace value type: etcd holds whatever
+// anyone with write access put there, so no value may crash a daemon that reads it.
+func FuzzDecode(f *testing.F) {
+	for _, s := range []string{
+		`{"v":1,"vcpus":2,"memory_mib":1024,"disk":{"pool":"default","size_gib":10},"labels":{"a":"b"}}`,
+		`{"node":"52:54:00:00:00:01","epoch":3,"uid":7,"spec_rev":9,"migration":{"to":"x","phase":"open"}}`,
+		`{"mac":"52:54:00:00:00:01","labels":{"rack":"r1"},"storage_ip":"10.0.0.1","x":[1,2,{"y":null}]}`,
+		`{"v":99}`, `{"v":-1}`, `[]`, `null`, `{"vcpus":"two"}`, `{"memory_mib":1e400}`, "{\"\xff\":1}",
+		`{"hwid":"52:54:00:00:00:01","expires":"2026-01-01T00:00:00Z","issued_by":"bootserver/a"}`,
+	} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		roundTrip[Cluster](t, data, func(v *Cluster) { _ = v.Validate() })
+		roundTrip[Hardware](t, data, func(v *Hardware) { _ = v.Validate("52:54:00:00:00:01") })
+		roundTrip[Node](t, data, nil)
+		roundTrip[NodeState](t, data, nil)
+		roundTrip[VMSpec](t, data, func(v *VMSpec) { _ = v.Validate([]string{"default"}); _ = v.WantsRunning() })
+		roundTrip[Placement](t, data, nil)
+		roundTrip[Assignment](t, data, nil)
+		roundTrip[VMStatus](t, data, nil)
+		roundTrip[Fence](t, data, nil)
+		roundTrip[LossGuard](t, data, nil)
+		roundTrip[Problem](t, data, nil)
+		roundTrip[Event](t, data, nil)
+		roundTrip[Discovered](t, data, nil)
+		roundTrip[Image](t, data, func(v *Image) { _ = v.Validate() })
+		roundTrip[ImageCurrent](t, data, nil)
+		roundTrip[Bootserver](t, data, nil)
+		roundTrip[DHCPLease](t, data, nil)
+		roundTrip[VolumeRecord](t, data, nil)
+		roundTrip[JoinToken](t, data, nil)
+	})
+}
+
+// FuzzHWID: whatever NormalizeHWID accepts is a fixed point and safe as one path segment of a key.
+func FuzzHWID(f *testing.F) {
+	for _, s := range []string{"52:54:00:00:00:01", "52-54-00-AA-BB-01", "525400aabb01", "7XK2QF2", "../x", "a/b", ""} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		id, err := NormalizeHWID(s)
+		if err != nil {
+			return
+		}
+		again, err := NormalizeHWID(id)
+		if err != nil || again != id {
+			t.Fatalf("NormalizeHWID(%q) = %q, then %q, %v", s, id, again, err)
+		}
+		for _, c := range id {
+			if c == '/' || c < 0x21 || c > 0x7e {
+				t.Fatalf("hwid %q has %q", id, c)
+			}
+		}
+		if id == "." || id == ".." {
+			t.Fatalf("hwid %q", id)
+		}
+	})
+}
