@@ -106,6 +106,10 @@ type Libvirt struct {
 	mu      sync.Mutex
 	conn    *libvirt.Connect
 	secrets map[string]string // cephx user -> libvirt secret UUID
+
+	// MigrateTLS encrypts live migration streams with QEMU's native TLS (VIR_MIGRATE_TLS); both
+	// ends' qemu.conf must name a migrate_tls_x509_cert_dir. Set before use.
+	MigrateTLS bool
 }
 
 // Open connects to uri. A test:/// URI is libvirt's test driver: real libvirt code keeping domains in
@@ -544,6 +548,9 @@ func (h *Libvirt) Migrate(ctx context.Context, name, peerURI, address string) er
 		params.ListenAddressSet, params.ListenAddress = true, address
 	}
 	flags := libvirt.MIGRATE_LIVE | libvirt.MIGRATE_PEER2PEER | libvirt.MIGRATE_PERSIST_DEST | libvirt.MIGRATE_UNDEFINE_SOURCE
+	if h.MigrateTLS {
+		flags |= libvirt.MIGRATE_TLS
+	}
 	done := make(chan error, 1)
 	go func() { done <- dom.MigrateToURI3(peerURI, params, flags) }()
 	select {

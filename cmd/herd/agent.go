@@ -48,6 +48,8 @@ func agentCmd() *cobra.Command {
 		shutdownT time.Duration
 		migT      time.Duration
 		jf        joinClientFlags
+		migTLS    bool
+		migTLSDir string
 	)
 	cmd := &cobra.Command{
 		Use:   "agent",
@@ -96,6 +98,10 @@ func agentCmd() *cobra.Command {
 				return err
 			}
 			ctx := cmd.Context()
+			if migTLS && len(jf.urls) > 0 {
+				// The node certificate, naming the migration address, doubles as QEMU's.
+				jf.hosts, jf.qemuDir = nonEmpty(addrMig), migTLSDir
+			}
 			creds, err := jf.bootstrap(ctx, hwid, &eo, &storage, log)
 			if err != nil {
 				return err
@@ -110,6 +116,7 @@ func agentCmd() *cobra.Command {
 				return err
 			}
 			defer hv.Close()
+			hv.MigrateTLS = migTLS
 			reg := statusserver.NewRegistry()
 			mux := http.NewServeMux()
 			srv, err := statusserver.Listen(listen, reg, mux)
@@ -174,7 +181,19 @@ func agentCmd() *cobra.Command {
 	f.DurationVar(&shutdownT, "shutdown-timeout", time.Minute, "how long a guest gets to power off through ACPI before it is destroyed")
 	f.DurationVar(&migT, "migration-timeout", 10*time.Minute, "abort a live migration that takes longer")
 	jf.add(f)
+	f.BoolVar(&migTLS, "migrate-tls", false, "encrypt live migrations with TLS (VIR_MIGRATE_TLS): qemu.conf must set migrate_tls_x509_cert_dir on every node (docs/security.md)")
+	f.StringVar(&migTLSDir, "migrate-tls-dir", "/etc/pki/qemu", "with --join and --migrate-tls: where to write this node's migration certificate (qemu.conf's migrate_tls_x509_cert_dir)")
 	return cmd
+}
+
+func nonEmpty(s ...string) []string {
+	var out []string
+	for _, v := range s {
+		if v != "" {
+			out = append(out, v)
+		}
+	}
+	return out
 }
 
 func parseOptionalMiB(flag, s string) (int64, error) {

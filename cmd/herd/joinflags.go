@@ -91,6 +91,9 @@ type joinClientFlags struct {
 	urls          []string
 	token, caHash string
 	dir           string
+	// hosts and qemuDir: see ljoin.Client.
+	hosts   []string
+	qemuDir string
 }
 
 func (j *joinClientFlags) add(fs *pflag.FlagSet) {
@@ -110,7 +113,7 @@ func (j *joinClientFlags) bootstrap(ctx context.Context, hwid string, eo *etcdut
 	if err != nil {
 		return nil, err
 	}
-	jc := &ljoin.Client{URLs: j.urls, CAHash: j.caHash, Dir: j.dir, HWID: hwid, Log: log.Named("join")}
+	jc := &ljoin.Client{URLs: j.urls, CAHash: j.caHash, Dir: j.dir, HWID: hwid, Log: log.Named("join"), Hosts: j.hosts, QEMUDir: j.qemuDir}
 	if j.caHash == "" {
 		jc.CAFile = eo.CACert
 	}

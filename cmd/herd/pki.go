@@ -34,7 +34,51 @@ A first cluster:
 		Example: `  herd pki init --dir /etc/herd/pki --etcd-host 10.0.0.5
   herd pki issue --dir /etc/herd/pki --role viewer dashboard --no-user`,
 	}
-	cmd.AddCommand(pkiInitCmd(), pkiIssueCmd())
+	cmd.AddCommand(pkiInitCmd(), pkiIssueCmd(), pkiMigrationCmd())
+	return cmd
+}
+
+func pkiMigrationCmd() *cobra.Command {
+	var (
+		dir, out string
+		hosts    []string
+		validity time.Duration
+	)
+	cmd := &cobra.Command{
+		Use:   "migration",
+		Short: "Write a node's live-migration TLS certificate in QEMU's layout (for nodes that do not join)",
+		Long: `Live migration over TLS (herd agent --migrate-tls) needs, on every node, qemu.conf's
+migrate_tls_x509_cert_dir holding ca-cert.pem, server-cert.pem/-key.pem and client-cert.pem/-key.pem
+from one CA, the server certificate naming the node's migration address. Netbooted nodes that join
+with --migrate-tls get them from the join; this command makes them for any other node.`,
+		Example: `  herd pki migration --dir /etc/herd/pki --host 10.0.0.17 --out /etc/pki/qemu
+  echo 'migrate_tls_x509_cert_dir = "/etc/pki/qemu"' >> /etc/libvirt/qemu.conf`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if len(hosts) == 0 {
+				return fmt.Errorf("--host: the node's migration address is required (QEMU checks it)")
+			}
+			ca, err := pki.LoadCA(dir)
+			if err != nil {
+				return err
+			}
+			crt, key, err := ca.Issue("herd-migration:"+hosts[0], hosts, validity)
+			if err != nil {
+				return err
+			}
+			if err := pki.WriteQEMUDir(out, ca.CertPEM, crt, key); err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "migration certificate for %s in %s\n", strings.Join(hosts, ", "), out)
+			return nil
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&dir, "dir", "", "the CA's directory")
+	f.StringSliceVar(&hosts, "host", nil, "the node's migration address(es)")
+	f.StringVar(&out, "out", "/etc/pki/qemu", "directory to write (qemu.conf's migrate_tls_x509_cert_dir)")
+	f.DurationVar(&validity, "validity", year, "certificate lifetime")
+	_ = cmd.MarkFlagRequired("dir")
 	return cmd
 }
 

@@ -207,7 +207,7 @@ func (s *Server) join(ctx context.Context, req *join.Request) (*join.Response, e
 	if err := s.enrolled(ctx, hwid); err != nil {
 		return nil, err
 	}
-	resp, err := s.issue(ctx, hwid, req.CSR)
+	resp, err := s.issue(ctx, hwid, req)
 	if err != nil {
 		return nil, err
 	}
@@ -239,7 +239,7 @@ func (s *Server) renew(ctx context.Context, r *http.Request, req *join.Request) 
 	if err := s.enrolled(ctx, hwid); err != nil {
 		return nil, err
 	}
-	return s.issue(ctx, hwid, req.CSR)
+	return s.issue(ctx, hwid, req)
 }
 
 func (s *Server) enrolled(ctx context.Context, hwid string) error {
@@ -255,9 +255,17 @@ func (s *Server) enrolled(ctx context.Context, hwid string) error {
 	return nil
 }
 
-func (s *Server) issue(ctx context.Context, hwid, csr string) (*join.Response, error) {
+func (s *Server) issue(ctx context.Context, hwid string, req *join.Request) (*join.Response, error) {
 	user := rbac.NodeUser(hwid)
-	cert, err := s.cfg.CA.SignCSR([]byte(csr), user, s.cfg.CertTTL)
+	if len(req.Hosts) > join.MaxHosts {
+		return nil, refuse(http.StatusBadRequest, "at most %d hosts", join.MaxHosts)
+	}
+	for _, h := range req.Hosts {
+		if net.ParseIP(h) == nil {
+			return nil, refuse(http.StatusBadRequest, "host %q is not an IP address", h)
+		}
+	}
+	cert, err := s.cfg.CA.SignCSR([]byte(req.CSR), user, req.Hosts, s.cfg.CertTTL)
 	if err != nil {
 		return nil, refuse(http.StatusBadRequest, "certificate request: %v", err)
 	}

@@ -398,3 +398,65 @@ func TestRBDDiskFollowsTheVM(t *testing.T) {
 		return runsOnlyOn(l, "d1", other)
 	})
 }
+
+// TestMigrationOverTLS: with --migrate-tls the memory stream is QEMU's native TLS, with
+// certificates from the cluster CA naming each node's migration address (herd pki migration). A
+// guest moves live between two such hosts; a third host whose qemu.conf has no certificates
+// refuses the migration, and the guest stays where it runs: TLS is really required, not optional.
+func TestMigrationOverTLS(t *testing.T) {
+	l := rig.NewLab(t, bin, 1, "--session-ttl", "2s", "--strategy", "binpack")
+	l.MigrationTLS = true
+	h1, h2 := l.AddHost(), l.AddHost()
+	l.MigrationTLS = false
+	h3 := l.AddHost()
+	for _, h := range l.Hosts {
+		h.StartAgent("--migrate-tls")
+	}
+	rig.Eventually(t, 60*time.Second, "three nodes ready", func() error {
+		if n := strings.Count(l.MustHerdctl("node", "list"), " ready "); n != 3 {
+			return fmt.Errorf("%d ready", n)
+		}
+		return nil
+	})
+	l.MustHerdctl("node", "cordon", h2.HWID)
+	l.MustHerdctl("node", "cordon", h3.HWID)
+	guest(l, "tls1")
+	counting(t, l, "tls1")
+	if err := runsOnlyOn(l, "tls1", h1); err != nil {
+		t.Fatal(err)
+	}
+	l.MustHerdctl("node", "uncordon", h2.HWID)
+	l.MustHerdctl("node", "uncordon", h3.HWID)
+
+	// To a host without certificates: refused, the guest keeps running on h1.
+	l.MustHerdctl("vm", "migrate", "tls1", "--to", h3.HWID)
+	rig.Eventually(t, 120*time.Second, "migration to the host without certificates refused", func() error {
+		r := vms(l)["tls1"]
+		if r.Placement == nil || r.Placement.Migration != nil || r.Placement.Node != h1.HWID || r.Problem == nil {
+			return fmt.Errorf("%+v", r)
+		}
+		return nil
+	})
+	if err := runsOnlyOn(l, "tls1", h1); err != nil {
+		t.Fatal(err)
+	}
+	ev := l.MustHerdctl("events", "--object", "vm/tls1")
+	if !strings.Contains(ev, "migration-failed") {
+		t.Fatalf("no migration-failed event:\n%s", ev)
+	}
+	t.Logf("refused: %s", vms(l)["tls1"].Problem.Message)
+
+	// To a host with certificates: live, over TLS.
+	l.MustHerdctl("vm", "migrate", "tls1", "--to", h2.HWID)
+	rig.Eventually(t, 120*time.Second, "tls1 on host 2", func() error {
+		r := vms(l)["tls1"]
+		if r.Placement == nil || r.Placement.Migration != nil || r.Placement.Node != h2.HWID || r.State != "running" {
+			return fmt.Errorf("%+v", r)
+		}
+		return runsOnlyOn(l, "tls1", h2)
+	})
+	time.Sleep(2 * time.Second)
+	if c := l.ReadConsole("tls1"); c.Boots != 1 || c.Unbroken() != nil {
+		t.Fatalf("tls1 restarted: %+v", c)
+	}
+}

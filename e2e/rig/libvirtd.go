@@ -31,6 +31,9 @@ type Lab struct {
 	Console  string // console log directory shared by all hosts
 	Hosts    []*Host
 	Coords   []*Coordinator
+	// MigrationTLS, while true, gives each new host a live-migration certificate from the lab's
+	// CA (herd pki migration) and points its qemu.conf at it.
+	MigrationTLS bool
 }
 
 // GuestImage is the test guest (scripts/build-guest.sh).
@@ -107,6 +110,13 @@ func (l *Lab) StartCoordinator(args ...string) *Coordinator {
 	return co
 }
 
+func (l *Lab) run(bin string, args ...string) {
+	l.T.Helper()
+	if out, err := exec.Command(bin, args...).CombinedOutput(); err != nil {
+		l.T.Fatalf("%s %s: %v\n%s", filepath.Base(bin), strings.Join(args, " "), err, out)
+	}
+}
+
 // Herdctl runs herdctl in the lab namespace.
 func (l *Lab) Herdctl(args ...string) (string, error) {
 	cmd := l.NS.Command(l.Bin.Herdctl, append([]string{"--endpoints", l.Endpoint}, args...)...)
@@ -168,6 +178,15 @@ group = "root"
 dynamic_ownership = 0
 security_driver = "none"
 `
+	if l.MigrationTLS {
+		ca := filepath.Join(l.Dir, "pki")
+		if _, err := os.Stat(filepath.Join(ca, "ca.crt")); err != nil {
+			l.run(l.Bin.Herd, "pki", "init", "--dir", ca)
+		}
+		tlsDir := filepath.Join(h.Dir, "qemu-tls")
+		l.run(l.Bin.Herd, "pki", "migration", "--dir", ca, "--host", h.IP, "--out", tlsDir)
+		qemu += fmt.Sprintf("migrate_tls_x509_cert_dir = %q\nmigrate_tls_x509_verify = 1\n", tlsDir)
+	}
 	_ = os.WriteFile(filepath.Join(h.Dir, "etc", "libvirtd.conf"), []byte(conf), 0o644)
 	_ = os.WriteFile(filepath.Join(h.Dir, "etc", "qemu.conf"), []byte(qemu), 0o644)
 	for _, d := range []string{"/etc/libvirt", "/run/libvirt", "/var/lib/libvirt", "/var/cache/libvirt", "/var/log/libvirt"} {

@@ -41,6 +41,11 @@ type Client struct {
 	Dir            string
 	HWID           string
 	Log            hclog.Logger
+	// Hosts are this node's addresses to name in its certificate (its migration address).
+	Hosts []string
+	// QEMUDir, if set, also receives the credentials in QEMU's migrate_tls_x509_cert_dir layout,
+	// for TLS live migration.
+	QEMUDir string
 	// Now is the clock (tests move it); nil means time.Now.
 	Now func() time.Time
 }
@@ -79,7 +84,7 @@ func (c *Client) Ensure(ctx context.Context, token string) error {
 	switch {
 	case cert != nil && !c.due(cert):
 		c.Log.Info("using existing node certificate", "user", cert.Subject.CommonName, "expires", cert.NotAfter.Format(time.RFC3339))
-		return nil
+		return c.writeQEMU()
 	case cert != nil:
 		if err := c.Renew(ctx); err == nil {
 			return nil
@@ -286,7 +291,7 @@ func (c *Client) exchange(ctx context.Context, hc *http.Client, url, token strin
 	if err != nil {
 		return err
 	}
-	body, _ := json.Marshal(Request{HWID: c.HWID, Token: token, CSR: string(csr)})
+	body, _ := json.Marshal(Request{HWID: c.HWID, Token: token, CSR: string(csr), Hosts: c.Hosts})
 	rctx, cancel := context.WithTimeout(ctx, 20*time.Second)
 	defer cancel()
 	req, err := http.NewRequestWithContext(rctx, http.MethodPost, url, bytes.NewReader(body))
@@ -330,6 +335,11 @@ func (c *Client) exchange(ctx context.Context, hc *http.Client, url, token strin
 	}
 	if err := writeAtomic(c.CertPath(), []byte(out.Cert), 0o644); err != nil {
 		return err
+	}
+	if c.QEMUDir != "" {
+		if err := pki.WriteQEMUDir(c.QEMUDir, []byte(out.CA), []byte(out.Cert), keyPEM); err != nil {
+			return fmt.Errorf("migration TLS credentials: %w", err)
+		}
 	}
 	if out.Ceph != nil {
 		kr := fmt.Sprintf("[client.%s]\n\tkey = %s\n", out.Ceph.User, out.Ceph.Key)
@@ -400,4 +410,19 @@ func (c *Client) CephUser() string {
 		}
 	}
 	return ""
+}
+
+// writeQEMU copies the current credentials into QEMUDir (when set).
+func (c *Client) writeQEMU() error {
+	if c.QEMUDir == "" {
+		return nil
+	}
+	var b [3][]byte
+	for i, p := range []string{c.CAPath(), c.CertPath(), c.KeyPath()} {
+		var err error
+		if b[i], err = os.ReadFile(p); err != nil {
+			return err
+		}
+	}
+	return pki.WriteQEMUDir(c.QEMUDir, b[0], b[1], b[2])
 }

@@ -42,7 +42,13 @@ type Request struct {
 	Token string `json:"token,omitempty"`
 	// CSR is a PEM certificate request; the signer ignores the name it asks for.
 	CSR string `json:"csr"`
+	// Hosts are the node's own addresses (its migration address) to name in the certificate, so
+	// that it can serve TLS live migration. IP addresses only, at most MaxHosts.
+	Hosts []string `json:"hosts,omitempty"`
 }
+
+// MaxHosts bounds Request.Hosts.
+const MaxHosts = 4
 
 // Response carries the node's credentials.
 type Response struct {

@@ -202,9 +202,9 @@ func NewCSR(cn string) (csrPEM, keyPEM []byte, err error) {
 	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der}), keyPEM, nil
 }
 
-// SignCSR signs a request as cn, whatever name the request asked for: the signer decides who the
-// holder is.
-func (ca *CA) SignCSR(csrPEM []byte, cn string, validity time.Duration) ([]byte, error) {
+// SignCSR signs a request as cn, valid for hosts, whatever the request asked for: the signer
+// decides who the holder is.
+func (ca *CA) SignCSR(csrPEM []byte, cn string, hosts []string, validity time.Duration) ([]byte, error) {
 	blk, _ := pem.Decode(csrPEM)
 	if blk == nil || blk.Type != "CERTIFICATE REQUEST" {
 		return nil, errors.New("not a PEM certificate request")
@@ -216,7 +216,29 @@ func (ca *CA) SignCSR(csrPEM []byte, cn string, validity time.Duration) ([]byte,
 	if err := csr.CheckSignature(); err != nil {
 		return nil, fmt.Errorf("certificate request signature: %w", err)
 	}
-	return ca.sign(cn, nil, csr.PublicKey, validity)
+	return ca.sign(cn, hosts, csr.PublicKey, validity)
+}
+
+// WriteQEMUDir lays a certificate out the way QEMU's migrate_tls_x509_cert_dir wants it: the same
+// pair serves as server (incoming migrations) and client (outgoing), both trusting the CA.
+func WriteQEMUDir(dir string, caPEM, certPEM, keyPEM []byte) error {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	for _, f := range []struct {
+		name string
+		b    []byte
+		mode os.FileMode
+	}{
+		{"ca-cert.pem", caPEM, 0o644},
+		{"server-key.pem", keyPEM, 0o600}, {"client-key.pem", keyPEM, 0o600},
+		{"server-cert.pem", certPEM, 0o644}, {"client-cert.pem", certPEM, 0o644},
+	} {
+		if err := writeFile(filepath.Join(dir, f.name), f.b, f.mode); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // ClientTLS builds a TLS configuration from PEM files: the CA to trust, and an optional client
