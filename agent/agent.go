@@ -68,6 +68,8 @@ type Config struct {
 	MigrationTimeout time.Duration
 	// CephUser and CephKey, when set, become the libvirt secret QEMU reaches RBD disks with.
 	CephUser, CephKey string
+	// RebootCommand is what a reboot node command runs (sh -c). Default "systemctl reboot".
+	RebootCommand string
 	Hostname          string
 	Image             string
 	Version           string
@@ -108,6 +110,9 @@ func (c *Config) defaults() error {
 	if c.MigrationTimeout == 0 {
 		c.MigrationTimeout = 10 * time.Minute
 	}
+	if c.RebootCommand == "" {
+		c.RebootCommand = "systemctl reboot"
+	}
 	if c.Log == nil {
 		c.Log = hclog.NewNullLogger()
 	}
@@ -129,6 +134,8 @@ type Agent struct {
 	assigns *etcdutil.Informer
 	cluster *etcdutil.Informer
 	fences  *etcdutil.Informer
+	cmdsInf *etcdutil.Informer
+	cmds    chan etcdutil.KV
 	metrics *metrics
 	// node is the record this agent registers (under its current lease).
 	node atomic.Pointer[keys.Node]
@@ -172,6 +179,7 @@ func New(cfg Config) (*Agent, error) {
 		stopping:   map[string]time.Time{},
 		outcomes:   map[string]string{},
 		migrations: make(chan struct{}, cfg.MaxMigrations),
+		cmds:       make(chan etcdutil.KV, 16),
 	}
 	a.events = events.New(cfg.Client, cfg.Space, "agent/"+cfg.HWID, cfg.EtcdUser, a.log)
 	a.metrics = newMetrics(cfg.Registry)
@@ -179,6 +187,7 @@ func New(cfg Config) (*Agent, error) {
 	a.assigns.OnBatch = a.onAssignBatch
 	a.cluster = etcdutil.NewInformer(cfg.Client, cfg.Space.Cluster(), decodeCluster, a.onCluster, a.log)
 	a.fences = etcdutil.NewInformer(cfg.Client, cfg.Space.FencePrefix(cfg.HWID), keys.DecodeAny[keys.Fence], a.onFence, a.log)
+	a.cmdsInf = etcdutil.NewInformer(cfg.Client, cfg.Space.NodeCmdPrefix(cfg.HWID), keys.DecodeAny[keys.NodeCommand], a.onCommand, a.log)
 	return a, nil
 }
 
@@ -298,6 +307,9 @@ func (a *Agent) Run(ctx context.Context) error {
 		wg.Wait()
 		return nil
 	}
+	// Node commands (a rollout's reboot) name the boot they apply to.
+	run(a.cmdsInf.Run)
+	run(a.runCommands)
 	// Adopt what runs already: every domain herd made is reconciled, assigned or not.
 	a.enqueueAll(ctx)
 	run(a.resyncLoop)

@@ -141,6 +141,7 @@ type Coordinator struct {
 	m      *metrics
 
 	vmsInf, nodesInf, nodeStateInf, hwInf, clusterInf, fenceInf, guardInf, statusInf, volInf *etcdutil.Informer
+	rolloutInf, nodeCmdInf                                                                   *etcdutil.Informer
 	moveLimit                                                                                *rate.Limiter
 
 	mu          sync.Mutex
@@ -198,6 +199,8 @@ func New(cfg Config) (*Coordinator, error) {
 	c.nodeStateInf = etcdutil.NewInformer(cfg.Client, s.NodeStatePrefix(), keys.DecodeAny[keys.NodeState], c.poke, c.log)
 	c.hwInf = etcdutil.NewInformer(cfg.Client, s.HardwarePrefix(), keys.DecodeAny[keys.Hardware], c.poke, c.log)
 	c.clusterInf = etcdutil.NewInformer(cfg.Client, s.Cluster(), keys.DecodeAny[keys.Cluster], c.poke, c.log)
+	c.rolloutInf = etcdutil.NewInformer(cfg.Client, s.Rollout(), keys.DecodeAny[keys.Rollout], c.poke, c.log)
+	c.nodeCmdInf = etcdutil.NewInformer(cfg.Client, s.NodeCmdRoot(), keys.DecodeAny[keys.NodeCommand], c.poke, c.log)
 	return c, nil
 }
 

@@ -64,7 +64,7 @@ func (c *Coordinator) lead(ctx context.Context, g etcdutil.Guard) error {
 }
 
 func (c *Coordinator) informers() []*etcdutil.Informer {
-	return []*etcdutil.Informer{c.clusterInf, c.hwInf, c.nodesInf, c.nodeStateInf, c.vmsInf, c.fenceInf, c.guardInf, c.statusInf, c.volInf}
+	return []*etcdutil.Informer{c.clusterInf, c.hwInf, c.nodesInf, c.nodeStateInf, c.vmsInf, c.fenceInf, c.guardInf, c.statusInf, c.volInf, c.rolloutInf, c.nodeCmdInf}
 }
 
 // action is one guarded write a round decided on.
@@ -248,6 +248,7 @@ func (c *Coordinator) round(ctx context.Context, g etcdutil.Guard) error {
 	}
 	acts = append(acts, c.startMigrations(g, &snap, wants, placed, busy)...)
 	acts = append(acts, c.drainBookkeeping(&snap, placedOn, busy)...)
+	acts = append(acts, c.rolloutRound(g, &snap, placed)...)
 	c.purgeVolumes(ctx, g, &snap)
 	c.adoptVolumes(ctx, g)
 	for _, f := range plan.Failures {
@@ -300,7 +301,7 @@ func (c *Coordinator) informerFor(key string) *etcdutil.Informer {
 	for _, p := range []struct {
 		prefix string
 		inf    *etcdutil.Informer
-	}{{s.VMPrefix(), c.vmsInf}, {s.NodeStatePrefix(), c.nodeStateInf}, {s.VolumeRoot(), c.volInf}, {s.FenceRoot(), c.fenceInf}, {s.StatusRoot(), c.statusInf}, {s.LossGuard(), c.guardInf}, {s.Cluster(), c.clusterInf}} {
+	}{{s.VMPrefix(), c.vmsInf}, {s.NodeStatePrefix(), c.nodeStateInf}, {s.VolumeRoot(), c.volInf}, {s.FenceRoot(), c.fenceInf}, {s.StatusRoot(), c.statusInf}, {s.LossGuard(), c.guardInf}, {s.Cluster(), c.clusterInf}, {s.Rollout(), c.rolloutInf}, {s.NodeCmdRoot(), c.nodeCmdInf}} {
 		if strings.HasPrefix(key, p.prefix) {
 			return p.inf
 		}

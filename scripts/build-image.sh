@@ -189,7 +189,8 @@ cat >/etc/herd/node.xml <<XML
 <node><cpu><mhz>2000</mhz><model>herd</model><active>$CPUS</active><total>$CPUS</total><nodes>1</nodes><sockets>1</sockets><cores>$CPUS</cores><threads>1</threads></cpu><memory>$MEMKB</memory></node>
 XML
 
-set -- agent --endpoints "$ENDPOINTS" --image "$IMAGE" --libvirt-uri "$LIBVIRT" --volume-dir /var/lib/herd/volumes --listen :9480
+set -- agent --endpoints "$ENDPOINTS" --image "$IMAGE" --libvirt-uri "$LIBVIRT" --volume-dir /var/lib/herd/volumes --listen :9480 \
+  --reboot-command 'reboot -f' 
 [ -n "$HWID" ] && set -- "$@" --hwid "$HWID"
 [ -n "$SYSLOG" ] && set -- "$@" --syslog "$SYSLOG"
 # The token goes by environment, not argv, so it is not in every `ps`; it is spent at the first

@@ -50,6 +50,7 @@ func agentCmd() *cobra.Command {
 		jf        joinClientFlags
 		migTLS    bool
 		migTLSDir string
+		rebootCmd string
 	)
 	cmd := &cobra.Command{
 		Use:   "agent",
@@ -139,7 +140,7 @@ func agentCmd() *cobra.Command {
 				CPUs: cpus, MemoryMiB: memMiB, ReservedMemoryMiB: resMiB,
 				Addresses:    keys.Addresses{Management: addrMgmt, Storage: addrStore, Migration: addrMig},
 				MigrationURI: migURI, ConsoleDir: console, MaxMigrations: maxMig,
-				ShutdownTimeout: shutdownT, MigrationTimeout: migT,
+				ShutdownTimeout: shutdownT, MigrationTimeout: migT, RebootCommand: rebootCmd,
 				Hostname: host, Image: image, Version: version.Version,
 				StatusURL: srv.URL, Log: log, Registry: reg,
 			})
@@ -181,6 +182,7 @@ func agentCmd() *cobra.Command {
 	f.DurationVar(&shutdownT, "shutdown-timeout", time.Minute, "how long a guest gets to power off through ACPI before it is destroyed")
 	f.DurationVar(&migT, "migration-timeout", 10*time.Minute, "abort a live migration that takes longer")
 	jf.add(f)
+	f.StringVar(&rebootCmd, "reboot-command", "systemctl reboot", "what a rollout's reboot command runs (sh -c); the netboot image uses 'reboot -f'")
 	f.BoolVar(&migTLS, "migrate-tls", false, "encrypt live migrations with TLS (VIR_MIGRATE_TLS): qemu.conf must set migrate_tls_x509_cert_dir on every node (docs/security.md)")
 	f.StringVar(&migTLSDir, "migrate-tls-dir", "/etc/pki/qemu", "with --join and --migrate-tls: where to write this node's migration certificate (qemu.conf's migrate_tls_x509_cert_dir)")
 	return cmd

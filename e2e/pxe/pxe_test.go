@@ -56,11 +56,26 @@ type lab struct {
 	ns   *rig.Netns
 	dir  string
 	etcd string
+	pki  string
 	bs   *rig.Proc
 }
 
+// tls are the etcd flags of a process acting as user (a certificate in the lab's CA directory).
+func (l *lab) tls(user string) []string {
+	return []string{"--endpoints", l.etcd, "--cacert", filepath.Join(l.pki, "ca.crt"),
+		"--cert", filepath.Join(l.pki, user+".crt"), "--key", filepath.Join(l.pki, user+".key")}
+}
+
+// herd runs a herd subcommand in the lab namespace.
+func (l *lab) herd(args ...string) {
+	l.t.Helper()
+	if out, err := l.ns.Command(bin.Herd, args...).CombinedOutput(); err != nil {
+		l.t.Fatalf("herd %s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+}
+
 func (l *lab) herdctl(args ...string) (string, error) {
-	cmd := l.ns.Command(bin.Herdctl, append([]string{"--endpoints", l.etcd}, args...)...)
+	cmd := l.ns.Command(bin.Herdctl, append(l.tls("pxe-operator"), args...)...)
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb
 	err := cmd.Run()
@@ -80,18 +95,20 @@ func (l *lab) mustHerdctl(args ...string) string {
 }
 
 func (l *lab) startBootserver(chainload string) {
-	l.bs = l.ns.Start(l.dir, "bootserver-"+chainload, bin.Herd, "bootserver", "--endpoints", l.etcd,
+	l.bs = l.ns.Start(l.dir, "bootserver-"+chainload, bin.Herd, append(append([]string{"bootserver"}, l.tls("bs")...),
+		"--node-join", "https://"+l.ns.IP+":9443",
 		"--interface", l.ns.Bridge, "--dhcp-mode", "full", "--range", "10.99.0.100-10.99.0.150",
 		"--http", l.ns.IP+":8080", "--tftp", l.ns.IP+":69", "--listen", l.ns.IP+":9482",
 		"--image-dir", filepath.Join(l.dir, "images"), "--chainload", chainload, "--retry", "2s",
-		"--node-param", "herd.libvirt=test:///etc/herd/node.xml", "--node-param", "herd.agent=--lease-ttl=3s")
+		"--node-param", "herd.libvirt=test:///etc/herd/node.xml", "--node-param", "herd.agent=--lease-ttl=3s")...)
 }
 
-// machine powers on an emulated machine that network-boots from tap with mac.
+// machine powers on an emulated machine that network-boots from tap with mac. A reboot inside it
+// resets it, and it network-boots again, as a server would.
 func (l *lab) machine(name, mac string) *rig.Proc {
 	tap := l.ns.Tap()
 	return l.ns.Start(l.dir, name, "qemu-system-x86_64",
-		"-m", "1024", "-smp", "1", "-display", "none", "-monitor", "none", "-no-reboot",
+		"-m", "1024", "-smp", "1", "-display", "none", "-monitor", "none",
 		"-serial", "file:"+filepath.Join(l.dir, name+".console"),
 		"-boot", "n", "-netdev", "tap,id=n0,ifname="+tap+",script=no,downscript=no",
 		"-device", "virtio-net-pci,netdev=n0,mac="+mac)
@@ -103,6 +120,21 @@ type nodeRow struct {
 	Node   *struct {
 		Image string `json:"image"`
 	} `json:"node"`
+}
+
+func (l *lab) nodeImage(hwid string) string {
+	out, err := l.herdctl("node", "list", "-o", "json")
+	if err != nil {
+		return err.Error()
+	}
+	var rows []nodeRow
+	_ = json.Unmarshal([]byte(out), &rows)
+	for _, r := range rows {
+		if r.HWID == hwid && r.Node != nil {
+			return r.Node.Image
+		}
+	}
+	return ""
 }
 
 func (l *lab) nodeStatus(hwid string) string {
@@ -120,9 +152,12 @@ func (l *lab) nodeStatus(hwid string) string {
 	return "absent"
 }
 
-// TestPXEBootEnrolRunLeave: an unknown machine PXE-boots and waits; approving it boots herd's image
-// over DHCP and HTTP; its agent registers; a VM runs on it; powered off, it leaves when its lease
-// expires. Then a machine made to load the bootserver's own iPXE over TFTP first boots too.
+// TestPXEBootEnrolRunLeave, with TLS and RBAC on as in production: an unknown machine PXE-boots
+// and waits; approving it boots herd's image over DHCP and HTTP; its agent joins with the boot's
+// one-time token and registers as its own etcd user; a rollout reboots it into another image version
+// (it PXE-boots again, is served the pinned version and joins with a fresh token); a VM runs on it;
+// powered off, it leaves when its lease expires. Then a machine made to load the bootserver's own
+// iPXE over TFTP first boots too.
 func TestPXEBootEnrolRunLeave(t *testing.T) {
 	rig.RequireHost(t, "qemu-system-x86_64", "cpio", "gzip")
 	if _, err := os.Stat("/usr/lib/ipxe/undionly.kpxe"); err != nil {
@@ -130,18 +165,30 @@ func TestPXEBootEnrolRunLeave(t *testing.T) {
 	}
 	l := &lab{t: t, dir: t.TempDir()}
 	l.ns = rig.NewNetns(t, "10.99.0.1/24")
-	l.etcd = "http://" + l.ns.IP + ":2379"
+	l.etcd = "https://" + l.ns.IP + ":2379"
+	l.pki = filepath.Join(l.dir, "pki")
 
 	imgStart := time.Now()
 	buildImage(t, filepath.Join(l.dir, "build"), "pxe1")
 	t.Logf("image built in %s", time.Since(imgStart).Round(time.Second))
 
+	// As in production: etcd with TLS and client certificates, RBAC, every process with its own
+	// certificate; the netbooted node joins with the one-time token of each boot.
+	l.herd("pki", "init", "--dir", l.pki, "--etcd-host", l.ns.IP)
 	l.ns.Start(l.dir, "etcd", bin.Herd, "etcd", "--data-dir", filepath.Join(l.dir, "etcd"),
-		"--listen-client", l.etcd, "--listen-peer", "http://127.0.0.1:2380", "--unsafe-no-fsync")
-	rig.Eventually(t, 30*time.Second, "etcd up", func() error { _, err := l.herdctl("hw", "list"); return err })
+		"--listen-client", l.etcd, "--listen-peer", "http://127.0.0.1:2380", "--unsafe-no-fsync",
+		"--cert-file", filepath.Join(l.pki, "etcd-server.crt"), "--key-file", filepath.Join(l.pki, "etcd-server.key"),
+		"--trusted-ca-file", filepath.Join(l.pki, "ca.crt"))
+	rig.Eventually(t, 30*time.Second, "etcd up", func() error {
+		return l.ns.Command(bin.Herd, append([]string{"rbac", "apply"}, l.tls("root")...)...).Run()
+	})
+	for _, u := range [][]string{{"operator", "pxe-operator"}, {"coordinator", "coord"}, {"bootserver", "bs"}} {
+		l.herd(append([]string{"pki", "issue", "--dir", l.pki, "--role", u[0], u[1], "--host", l.ns.IP}, l.tls("root")...)...)
+	}
 	// The test powers machines off itself (kills QEMU): the fence agent has nothing left to do.
-	l.ns.Start(l.dir, "coordinator", bin.Herd, "coordinator", "--endpoints", l.etcd, "--listen", "127.0.0.1:9481", "--session-ttl", "2s",
-		"--grace", "1s", "--fence-exec", "echo QEMU already killed by the test")
+	l.ns.Start(l.dir, "coordinator", bin.Herd, append(append([]string{"coordinator"}, l.tls("coord")...),
+		"--listen", "127.0.0.1:9481", "--session-ttl", "2s", "--ca-dir", l.pki, "--join-listen", l.ns.IP+":9443",
+		"--grace", "1s", "--fence-exec", "echo QEMU already killed by the test")...)
 	l.mustHerdctl("image", "add", "pxe1", "--kernel", filepath.Join(l.dir, "build", "vmlinuz"),
 		"--initrd", filepath.Join(l.dir, "build", "initrd.gz"), "--cmdline", "console=ttyS0 quiet",
 		"--copy-to", filepath.Join(l.dir, "images"))
@@ -182,6 +229,43 @@ func TestPXEBootEnrolRunLeave(t *testing.T) {
 	})
 	ready := time.Since(approved)
 	t.Logf("power-on to discovered: %s; approval to node ready (no power cycle): %s", discovered.Round(time.Second), ready.Round(time.Second))
+
+	// A rollout to image pxe2: the node is pinned to it, its agent runs the image's reboot command
+	// (reboot -f), the machine network-boots again, is served pxe2's kernel and initrd and rejoins
+	// reporting pxe2.
+	l.mustHerdctl("image", "add", "pxe2", "--kernel", filepath.Join(l.dir, "build", "vmlinuz"),
+		"--initrd", filepath.Join(l.dir, "build", "initrd.gz"), "--cmdline", "console=ttyS0 quiet",
+		"--copy-to", filepath.Join(l.dir, "images"))
+	rig.Eventually(t, 30*time.Second, "bootserver verified pxe2", func() error {
+		if out := l.mustHerdctl("image", "list"); strings.Count(out, "=ok") < 2 {
+			return fmt.Errorf("%s", out)
+		}
+		return nil
+	})
+	rolled := time.Now()
+	l.mustHerdctl("rollout", "start", "--image", "pxe2", "--node-timeout", "4m")
+	rig.Eventually(t, 240*time.Second, "rollout done: the node rebooted into pxe2", func() error {
+		out := l.mustHerdctl("rollout", "status")
+		if !strings.Contains(out, ": done,") {
+			return fmt.Errorf("%s", out)
+		}
+		return nil
+	})
+	t.Logf("rollout of the netbooted node (drain, reboot, PXE, rejoin): %s", time.Since(rolled).Round(time.Second))
+	if img := l.nodeImage(macA); img != "pxe2" {
+		t.Fatalf("node runs image %q after the rollout, want pxe2", img)
+	}
+	if log := rig.Tail(l.bs.Log, 400); !strings.Contains(log, "hwid="+macA+" image=pxe2") {
+		t.Fatalf("the bootserver did not serve pxe2 to %s:\n%s", macA, log)
+	}
+	// Each boot joined with its own token, and the agent acted as the node's own etcd user.
+	ev := l.mustHerdctl("events", "--object", "node/"+macA)
+	if n := strings.Count(ev, " joined "); n != 2 {
+		t.Fatalf("%d joins of %s, want one per boot (2):\n%s", n, macA, ev)
+	}
+	if !strings.Contains(ev, "herd-node:"+macA) {
+		t.Fatalf("no event by etcd user herd-node:%s:\n%s", macA, ev)
+	}
 
 	l.mustHerdctl("vm", "create", "pxe-vm", "--memory", "128MiB")
 	rig.Eventually(t, 60*time.Second, "VM running on the netbooted node", func() error {

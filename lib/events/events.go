@@ -120,3 +120,18 @@ func RecordNow(ctx context.Context, c *clientv3.Client, space keys.Space, actor,
 	_, err = c.Put(cctx, space.Event(ev.Time, randomID()), keys.MustEncode(&ev), clientv3.WithLease(l.ID))
 	return err
 }
+
+// Flush waits, at most timeout, until the queue is empty: before an action that may end the
+// process (a reboot), so its record is not lost. Best effort: the last record may still be in flight.
+func (r *Recorder) Flush(ctx context.Context, timeout time.Duration) {
+	if r == nil {
+		return
+	}
+	deadline := time.Now().Add(timeout)
+	for len(r.ch) > 0 && time.Now().Before(deadline) {
+		if !etcdutil.Sleep(ctx, 20*time.Millisecond) {
+			return
+		}
+	}
+	etcdutil.Sleep(ctx, 50*time.Millisecond) // the one being written
+}

@@ -71,6 +71,8 @@ func FuzzDecode(f *testing.F) {
 		roundTrip[DHCPLease](t, data, nil)
 		roundTrip[VolumeRecord](t, data, nil)
 		roundTrip[JoinToken](t, data, nil)
+		roundTrip[Rollout](t, data, func(v *Rollout) { _ = v.Validate() })
+		roundTrip[NodeCommand](t, data, nil)
 	})
 }
 

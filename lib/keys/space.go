@@ -100,7 +100,9 @@ func (s Space) LossGuard() string                { return s.root + "/lossguard" 
 // JoinTokenPrefix holds the hashes of one-time join tokens; NodeCmdPrefix a node's commands.
 func (s Space) JoinTokenPrefix() string          { return s.dir("jointokens") }
 func (s Space) JoinToken(hash string) string     { return s.JoinTokenPrefix() + hash }
-func (s Space) NodeCmdPrefix(hwid string) string { return s.dir("nodecmd") + hwid + "/" }
+func (s Space) NodeCmdRoot() string              { return s.dir("nodecmd") }
+func (s Space) NodeCmdPrefix(hwid string) string { return s.NodeCmdRoot() + hwid + "/" }
+func (s Space) NodeCmd(hwid, id string) string   { return s.NodeCmdPrefix(hwid) + id }
 func (s Space) Rollout() string                  { return s.root + "/rollout" }
 
 // VolumeRoot lists every disk record; Volume names one (pool, image).

@@ -445,6 +445,98 @@ type JoinToken struct {
 	Extra    `json:"-"`
 }
 
+// Rollout is /herd/rollout: the one rolling image upgrade, started by an operator (herdctl rollout
+// start) and carried out by the leader, which records each node's progress here. Operators change
+// State (pause, resume, abort); both sides write by compare-and-swap.
+type Rollout struct {
+	V     int    `json:"v"`
+	ID    string `json:"id"`
+	Image string `json:"image"`
+	// MaxUnavailable bounds the nodes of Nodes that are cordoned by the rollout or not ready.
+	MaxUnavailable int `json:"max_unavailable"`
+	// Nodes is the rollout's fleet, fixed at start, in the order they are upgraded.
+	Nodes []string `json:"nodes"`
+	// Selector is how Nodes was chosen (informational).
+	Selector string `json:"selector,omitempty"`
+	// NodeTimeoutSeconds: a node that has not rejoined on the new image this long after it began
+	// pauses the rollout.
+	NodeTimeoutSeconds int64  `json:"node_timeout_seconds"`
+	State              string `json:"state"`
+	// Reason says why the rollout waits or paused.
+	Reason  string                  `json:"reason,omitempty"`
+	By      string                  `json:"by,omitempty"`
+	Started time.Time               `json:"started"`
+	Updated time.Time               `json:"updated"`
+	Ended   time.Time               `json:"ended,omitzero"`
+	Per     map[string]*RolloutNode `json:"per_node,omitempty"`
+	Extra   `json:"-"`
+}
+
+// Rollout states. Operators write running (resume), paused and aborting; the leader writes the rest.
+const (
+	RolloutRunning  = "running"
+	RolloutPaused   = "paused"
+	RolloutAborting = "aborting"
+	RolloutAborted  = "aborted"
+	RolloutDone     = "done"
+)
+
+// RolloutNode is one node's progress in a rollout.
+type RolloutNode struct {
+	Phase string    `json:"phase"`
+	Since time.Time `json:"since,omitzero"`
+	// Began and Finished time the node's whole upgrade (for the ETA and the report).
+	Began    time.Time `json:"began,omitzero"`
+	Finished time.Time `json:"finished,omitzero"`
+	// BootID is the boot being replaced; the node is back when it registers with another one.
+	BootID string `json:"boot_id,omitempty"`
+	// Attempt numbers the reboot commands sent (the command id is <rollout id>-<attempt>).
+	Attempt int `json:"attempt,omitempty"`
+	// PrevImage and WasCordoned are what abort restores.
+	PrevImage   string `json:"prev_image,omitempty"`
+	WasCordoned bool   `json:"was_cordoned,omitempty"`
+	Error       string `json:"error,omitempty"`
+	Extra       `json:"-"`
+}
+
+// Rollout node phases.
+const (
+	PhasePending   = "pending"
+	PhaseDraining  = "draining"
+	PhaseRebooting = "rebooting"
+	PhaseDone      = "done"
+	PhaseSkipped   = "skipped" // already on the image
+	PhaseAborted   = "aborted"
+)
+
+// NodeCommand is /herd/nodecmd/<hwid>/<id>: something the node's agent does once. It applies only
+// to the boot IfBootID, so a command can never run again after the reboot it asked for. The agent
+// records Result by compare-and-swap before it acts.
+type NodeCommand struct {
+	V        int        `json:"v"`
+	Command  string     `json:"command"` // "reboot"
+	IfBootID string     `json:"if_boot_id"`
+	Issued   time.Time  `json:"issued"`
+	By       string     `json:"by,omitempty"`
+	Result   *CmdResult `json:"result,omitempty"`
+	Extra    `json:"-"`
+}
+
+// CmdResult is what the agent did with a command.
+type CmdResult struct {
+	State string    `json:"state"` // started, done, failed
+	At    time.Time `json:"at"`
+	Error string    `json:"error,omitempty"`
+}
+
+// Node command names and result states.
+const (
+	CmdReboot  = "reboot"
+	CmdStarted = "started"
+	CmdDone    = "done"
+	CmdFailed  = "failed"
+)
+
 // JSON plumbing: each type marshals through encodeObject/decodeObject so unknown members survive.
 
 func (x Cluster) MarshalJSON() ([]byte, error) {
@@ -811,3 +903,44 @@ func (x *JoinToken) UnmarshalJSON(b []byte) error {
 	return err
 }
 func (x *JoinToken) version() *int { return &x.V }
+
+func (x Rollout) MarshalJSON() ([]byte, error) {
+	type plain Rollout
+	return encodeObject(plain(x), x.Extra)
+}
+func (x *Rollout) UnmarshalJSON(b []byte) error {
+	type plain Rollout
+	var p plain
+	e, err := decodeObject(b, &p)
+	*x = Rollout(p)
+	x.Extra = e
+	return err
+}
+
+func (x RolloutNode) MarshalJSON() ([]byte, error) {
+	type plain RolloutNode
+	return encodeObject(plain(x), x.Extra)
+}
+func (x *RolloutNode) UnmarshalJSON(b []byte) error {
+	type plain RolloutNode
+	var p plain
+	e, err := decodeObject(b, &p)
+	*x = RolloutNode(p)
+	x.Extra = e
+	return err
+}
+
+func (x NodeCommand) MarshalJSON() ([]byte, error) {
+	type plain NodeCommand
+	return encodeObject(plain(x), x.Extra)
+}
+func (x *NodeCommand) UnmarshalJSON(b []byte) error {
+	type plain NodeCommand
+	var p plain
+	e, err := decodeObject(b, &p)
+	*x = NodeCommand(p)
+	x.Extra = e
+	return err
+}
+func (x *Rollout) version() *int     { return &x.V }
+func (x *NodeCommand) version() *int { return &x.V }

@@ -252,3 +252,36 @@ func (im *Image) Validate() error {
 	}
 	return fe.err()
 }
+
+// Validate checks a rollout an operator wrote.
+func (r *Rollout) Validate() error {
+	var fe FieldErrors
+	if err := ValidateImageVersion(r.Image); err != nil {
+		fe.add("image", "%v", err)
+	}
+	if r.MaxUnavailable < 1 {
+		fe.add("max_unavailable", "must be at least 1")
+	}
+	if len(r.Nodes) == 0 {
+		fe.add("nodes", "no node to upgrade")
+	}
+	seen := map[string]bool{}
+	for _, n := range r.Nodes {
+		if id, err := NormalizeHWID(n); err != nil || id != n {
+			fe.add("nodes", "%q is not a normalised hardware id", n)
+		}
+		if seen[n] {
+			fe.add("nodes", "%s is listed twice", n)
+		}
+		seen[n] = true
+	}
+	if r.NodeTimeoutSeconds < 1 {
+		fe.add("node_timeout_seconds", "must be positive")
+	}
+	switch r.State {
+	case RolloutRunning, RolloutPaused, RolloutAborting, RolloutAborted, RolloutDone:
+	default:
+		fe.add("state", "must be running, paused, aborting, aborted or done")
+	}
+	return fe.err()
+}

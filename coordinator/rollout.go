@@ -1,0 +1,380 @@
+package coordinator
+
+import (
+	"fmt"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/herdhq/herd/coordinator/scheduler"
+	"github.com/herdhq/herd/lib/etcdutil"
+	"github.com/herdhq/herd/lib/keys"
+)
+
+// Rolling upgrades. The rollout record (/herd/rollout) holds the fleet, fixed at start, and each
+// node's phase; the leader advances it one step per round, in ONE transaction that also carries
+// every node-state and node-command write the step needs, conditioned on the revisions it read.
+// So a leader killed at any point leaves a record that says exactly what was done, and the next
+// leader continues from it.
+//
+// Per node: pending -> draining (cordoned, drained by the ordinary drain, pinned to the image) ->
+// rebooting (a reboot command bound to the node's current boot id) -> done (the node registered
+// with another boot id and the image; its cordon state restored). A node already on the image is
+// skipped. Unavailable = in progress (cordoned by the rollout) or not ready; a node starts only
+// while fewer than max_unavailable are, decided from the state at the start of the round, and only
+// if the other nodes can take its VMs (the scheduler, over the same snapshot).
+
+// rolloutStep collects one round's changes.
+type rolloutStep struct {
+	c      *Coordinator
+	s      *snapshotView
+	ro     *keys.Rollout
+	now    time.Time
+	conds  []etcdutil.Cmp
+	ops    []etcdutil.Op
+	notes  []func()
+	states map[string]*keys.NodeState // node states read (and maybe changed) this step
+	write  map[string]bool            // ... and those to write back, once each, at the end
+	dirty  bool
+}
+
+func (c *Coordinator) rolloutRound(g etcdutil.Guard, s *snapshotView, placed []scheduler.VM) []action {
+	kv := c.rolloutInf.Get(c.space.Rollout())
+	if kv == nil {
+		return nil
+	}
+	if kv.Err != nil {
+		c.log.Error("unreadable rollout record; the rollout is stuck until it is fixed or deleted", "key", kv.Key, "error", kv.Err)
+		return nil
+	}
+	// A private copy: the cached object is shared.
+	ro, err := keys.Decode[keys.Rollout](kv.Value)
+	if err != nil {
+		return nil
+	}
+	if ro.State == keys.RolloutDone || ro.State == keys.RolloutAborted {
+		return nil
+	}
+	if ro.Per == nil {
+		ro.Per = map[string]*keys.RolloutNode{}
+	}
+	st := &rolloutStep{c: c, s: s, ro: ro, now: time.Now().UTC(), states: map[string]*keys.NodeState{}, write: map[string]bool{},
+		conds: []etcdutil.Cmp{etcdutil.ModRev(kv.Key, kv.ModRevision)}}
+	for _, hwid := range ro.Nodes {
+		if ro.Per[hwid] == nil {
+			ro.Per[hwid] = &keys.RolloutNode{Phase: keys.PhasePending}
+			st.dirty = true
+		}
+	}
+	if ro.State == keys.RolloutAborting {
+		st.abort()
+	} else {
+		st.advance()
+		if ro.State == keys.RolloutRunning {
+			st.start(placed)
+			st.finish()
+		}
+	}
+	if !st.dirty {
+		return nil
+	}
+	ro.Updated = st.now
+	for _, hwid := range ro.Nodes {
+		if st.write[hwid] {
+			st.ops = append(st.ops, etcdutil.OpPut(c.space.NodeState(hwid), keys.MustEncode(st.states[hwid])))
+		}
+	}
+	st.ops = append(st.ops, etcdutil.OpPut(kv.Key, keys.MustEncode(ro)))
+	notes := st.notes
+	return []action{{vm: "rollout/" + ro.ID, what: "rollout step", conds: st.conds, ops: st.ops,
+		after: func() {
+			for _, n := range notes {
+				n()
+			}
+		}}}
+}
+
+func (st *rolloutStep) event(object, action, format string, args ...any) {
+	msg := fmt.Sprintf(format, args...)
+	st.notes = append(st.notes, func() {
+		st.c.log.Info("rollout: "+action, "object", object, "rollout", st.ro.ID, "message", msg)
+		st.c.events.Record(object, action, "rollout %s: %s", st.ro.ID, msg)
+	})
+}
+
+// node returns the live node record, or nil.
+func (st *rolloutStep) node(hwid string) *keys.Node {
+	if kv := st.s.live[hwid]; kv != nil && kv.Err == nil {
+		return kv.Obj.(*keys.Node)
+	}
+	return nil
+}
+
+// ready: registered and not fenced.
+func (st *rolloutStep) ready(hwid string) bool {
+	n := st.node(hwid)
+	return n != nil && st.s.fenceFor(hwid, n.BootID) == nil
+}
+
+// state returns the node's state as this step sees it (a copy to modify), recording the revision
+// the write will be conditioned on the first time.
+func (st *rolloutStep) state(hwid string) *keys.NodeState {
+	if ns := st.states[hwid]; ns != nil {
+		return ns
+	}
+	key := st.c.space.NodeState(hwid)
+	ns := &keys.NodeState{}
+	var rev int64
+	if kv := st.s.states[hwid]; kv != nil {
+		rev = kv.ModRevision
+		if kv.Err == nil {
+			if cp, err := keys.Decode[keys.NodeState](kv.Value); err == nil {
+				ns = cp
+			}
+		}
+	}
+	st.conds = append(st.conds, etcdutil.ModRev(key, rev))
+	st.states[hwid] = ns
+	return ns
+}
+
+// putState marks a node state obtained from state() for writing (its final value, at the end).
+func (st *rolloutStep) putState(hwid string) {
+	st.write[hwid] = true
+	st.dirty = true
+}
+
+func (st *rolloutStep) command(hwid string, p *keys.RolloutNode) (*keys.NodeCommand, *etcdutil.KV) {
+	kv := st.c.nodeCmdInf.Get(st.c.space.NodeCmd(hwid, cmdID(st.ro.ID, p.Attempt)))
+	if kv == nil || kv.Err != nil {
+		return nil, kv
+	}
+	return kv.Obj.(*keys.NodeCommand), kv
+}
+
+func cmdID(rollout string, attempt int) string { return fmt.Sprintf("%s-%d", rollout, attempt) }
+
+func (st *rolloutStep) pause(hwid string, p *keys.RolloutNode, why string) {
+	p.Error = why
+	st.ro.State, st.ro.Reason = keys.RolloutPaused, fmt.Sprintf("node %s: %s", hwid, why)
+	st.dirty = true
+	st.event("rollout/"+st.ro.ID, "paused", "node %s: %s; fix it, then 'herdctl rollout resume' (or abort)", hwid, why)
+}
+
+// reboot sends the node a reboot command for its current boot.
+func (st *rolloutStep) reboot(hwid string, p *keys.RolloutNode, n *keys.Node) {
+	p.Attempt++
+	key := st.c.space.NodeCmd(hwid, cmdID(st.ro.ID, p.Attempt))
+	cmd := keys.NodeCommand{Command: keys.CmdReboot, IfBootID: n.BootID, Issued: st.now, By: "rollout/" + st.ro.ID}
+	st.conds = append(st.conds, etcdutil.CreateRev(key, 0))
+	st.ops = append(st.ops, etcdutil.OpPut(key, keys.MustEncode(&cmd)))
+	p.Phase, p.BootID, p.Since, p.Error = keys.PhaseRebooting, n.BootID, st.now, ""
+	st.dirty = true
+	st.event("node/"+hwid, "rollout-rebooting", "drained; reboot into %s requested (boot %s)", st.ro.Image, n.BootID)
+}
+
+// restore gives the node back the cordon state it had before the rollout.
+func (st *rolloutStep) restore(hwid string, p *keys.RolloutNode) {
+	ns := st.state(hwid)
+	ns.Cordoned, ns.Draining, ns.Drained = p.WasCordoned, false, false
+	if !p.WasCordoned {
+		ns.Reason, ns.Since = "", time.Time{}
+	}
+	st.putState(hwid)
+}
+
+// advance moves every node in progress along, in any state but aborting: a paused rollout still
+// lets a node that is back finish (leaving it cordoned would only lose capacity).
+func (st *rolloutStep) advance() {
+	ro := st.ro
+	timeout := time.Duration(ro.NodeTimeoutSeconds) * time.Second
+	for _, hwid := range ro.Nodes {
+		p := ro.Per[hwid]
+		n := st.node(hwid)
+		switch p.Phase {
+		case keys.PhasePending:
+			if ro.State == keys.RolloutRunning && st.ready(hwid) && n.Image == ro.Image {
+				ns := st.state(hwid)
+				if ns.Image != ro.Image {
+					ns.Image = ro.Image
+					st.putState(hwid)
+				}
+				p.Phase, p.Finished = keys.PhaseSkipped, st.now
+				st.dirty = true
+				st.event("node/"+hwid, "rollout-skipped", "already runs %s", ro.Image)
+			}
+		case keys.PhaseDraining:
+			ns := st.state(hwid)
+			switch {
+			case ro.State == keys.RolloutRunning && p.Error != "":
+				p.Error, p.Since = "", st.now // resumed: wait afresh
+				st.dirty = true
+			case !ns.Cordoned || !ns.Draining:
+				if ro.State == keys.RolloutRunning {
+					st.pause(hwid, p, "it was uncordoned during its upgrade")
+				}
+			case ns.Drained && st.ready(hwid):
+				st.reboot(hwid, p, n)
+			case ro.State == keys.RolloutRunning && st.now.Sub(p.Since) > timeout:
+				st.pause(hwid, p, fmt.Sprintf("not drained within %s (see 'herdctl vm list' for VMs that cannot move)", timeout))
+			}
+		case keys.PhaseRebooting:
+			cmd, _ := st.command(hwid, p)
+			switch {
+			case n != nil && n.BootID != p.BootID && n.Image == ro.Image:
+				st.restore(hwid, p)
+				p.Phase, p.Finished, p.Error = keys.PhaseDone, st.now, ""
+				st.dirty = true
+				st.event("node/"+hwid, "rollout-upgraded", "back on %s (boot %s) after %s", ro.Image, n.BootID, st.now.Sub(p.Began).Round(time.Second))
+			case n != nil && n.BootID != p.BootID:
+				if p.Error == "" && ro.State == keys.RolloutRunning {
+					st.pause(hwid, p, fmt.Sprintf("rebooted into image %q, not %s: is %s served ('herdctl image list')?", n.Image, ro.Image, ro.Image))
+				}
+			case ro.State == keys.RolloutRunning && p.Error != "":
+				// Resumed after a failure or a timeout: ask again if the old boot still runs.
+				if n != nil && n.BootID == p.BootID {
+					st.reboot(hwid, p, n)
+				} else {
+					p.Error, p.Since = "", st.now
+					st.dirty = true
+				}
+			case cmd != nil && cmd.Result != nil && cmd.Result.State == keys.CmdFailed && ro.State == keys.RolloutRunning:
+				st.pause(hwid, p, "the reboot command failed: "+cmd.Result.Error)
+			case ro.State == keys.RolloutRunning && st.now.Sub(p.Since) > timeout:
+				st.pause(hwid, p, fmt.Sprintf("did not come back on %s within %s", ro.Image, timeout))
+			}
+		}
+	}
+}
+
+// start begins the next nodes while the unavailability budget and the capacity allow.
+func (st *rolloutStep) start(placed []scheduler.VM) {
+	ro := st.ro
+	unavailable := 0
+	var inProgress []string
+	for _, hwid := range ro.Nodes {
+		p := ro.Per[hwid]
+		switch {
+		case p.Error != "":
+			return // a paused node must be dealt with first
+		case p.Phase == keys.PhaseDraining || p.Phase == keys.PhaseRebooting:
+			unavailable++
+			inProgress = append(inProgress, hwid)
+		case !st.ready(hwid):
+			unavailable++
+		}
+	}
+	slots := ro.MaxUnavailable - unavailable
+	out := map[string]bool{} // nodes whose VMs must find room elsewhere
+	for _, h := range inProgress {
+		out[h] = true
+	}
+	for _, hwid := range ro.Nodes {
+		if slots <= 0 {
+			break
+		}
+		p := ro.Per[hwid]
+		if p.Phase != keys.PhasePending || !st.ready(hwid) {
+			continue
+		}
+		out[hwid] = true
+		if why := st.c.fits(st.s, placed, out); why != "" {
+			delete(out, hwid)
+			reason := fmt.Sprintf("waiting for capacity: the VMs of %s do not fit on the other nodes (%s)", hwid, why)
+			if ro.Reason != reason {
+				ro.Reason = reason
+				st.dirty = true
+				st.event("rollout/"+ro.ID, "waiting", "%s", reason)
+			}
+			return
+		}
+		ns := st.state(hwid)
+		p.Phase, p.Began, p.Since = keys.PhaseDraining, st.now, st.now
+		p.PrevImage, p.WasCordoned = ns.Image, ns.Cordoned
+		ns.Cordoned, ns.Draining, ns.Drained = true, true, false
+		ns.Reason, ns.Since, ns.Image = fmt.Sprintf("rollout %s to %s", ro.ID, ro.Image), st.now, ro.Image
+		st.putState(hwid)
+		ro.Reason = ""
+		slots--
+		st.event("node/"+hwid, "rollout-draining", "cordoned, pinned to %s, draining", ro.Image)
+	}
+}
+
+// fits reports why the VMs on the nodes in out would not fit on the others ("" if they do),
+// asking the scheduler over the round's snapshot.
+func (c *Coordinator) fits(s *snapshotView, placed []scheduler.VM, out map[string]bool) string {
+	var nodes []scheduler.Node
+	for _, n := range s.nodes {
+		if !out[n.HWID] {
+			nodes = append(nodes, n)
+		}
+	}
+	var stay, move []scheduler.VM
+	for _, vm := range placed {
+		if out[vm.Node] {
+			vm.Node = ""
+			move = append(move, vm)
+		} else {
+			stay = append(stay, vm)
+		}
+	}
+	if len(move) == 0 {
+		return ""
+	}
+	sort.Slice(move, func(i, j int) bool { return move[i].UID < move[j].UID })
+	plan := scheduler.Schedule(scheduler.Snapshot{Nodes: nodes, Placed: stay, Pending: move}, c.cfg.Scheduler)
+	if len(plan.Failures) == 0 {
+		return ""
+	}
+	f := plan.Failures[0]
+	return fmt.Sprintf("%d VMs without room, e.g. %s: %s", len(plan.Failures), f.VM, f.Message)
+}
+
+// finish ends a rollout whose every node is done.
+func (st *rolloutStep) finish() {
+	ro := st.ro
+	var took []string
+	for _, hwid := range ro.Nodes {
+		p := ro.Per[hwid]
+		if p.Phase != keys.PhaseDone && p.Phase != keys.PhaseSkipped {
+			return
+		}
+		if p.Phase == keys.PhaseDone {
+			took = append(took, p.Finished.Sub(p.Began).Round(time.Second).String())
+		}
+	}
+	ro.State, ro.Ended, ro.Reason = keys.RolloutDone, st.now, ""
+	st.dirty = true
+	st.event("rollout/"+ro.ID, "done", "%d nodes on %s in %s (per node: %s)", len(ro.Nodes), ro.Image,
+		st.now.Sub(ro.Started).Round(time.Second), strings.Join(took, ", "))
+}
+
+// abort stops the rollout: nodes not yet rebooted get their pin and cordon state back; a node whose
+// reboot is under way keeps its pin (it boots the new image) but is made schedulable again.
+func (st *rolloutStep) abort() {
+	ro := st.ro
+	for _, hwid := range ro.Nodes {
+		p := ro.Per[hwid]
+		switch p.Phase {
+		case keys.PhaseDraining:
+			st.restore(hwid, p)
+			st.states[hwid].Image = p.PrevImage
+		case keys.PhaseRebooting:
+			cmd, kv := st.command(hwid, p)
+			st.restore(hwid, p)
+			if cmd != nil && cmd.Result == nil {
+				// Not picked up yet: withdraw it, and the pin with it.
+				st.conds = append(st.conds, etcdutil.ModRev(kv.Key, kv.ModRevision))
+				st.ops = append(st.ops, etcdutil.OpDelete(kv.Key))
+				st.states[hwid].Image = p.PrevImage
+			}
+		default:
+			continue
+		}
+		p.Phase, p.Finished = keys.PhaseAborted, st.now
+		st.dirty = true
+	}
+	ro.State, ro.Ended = keys.RolloutAborted, st.now
+	st.dirty = true
+	st.event("rollout/"+ro.ID, "aborted", "nodes not yet rebooted keep their image; every node is schedulable")
+}

@@ -1,0 +1,78 @@
+package rig
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"sort"
+	"strings"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/herdhq/herd/lib/keys"
+)
+
+// MostUnavailable replays every write to the node keys and node states from revision 1 and
+// returns the most nodes of ids that were, at any one revision after all of them first registered,
+// cordoned by a rollout or not registered.
+func MostUnavailable(evs []*clientv3.Event, space keys.Space, ids []string) (int, string) {
+	want := map[string]bool{}
+	for _, id := range ids {
+		want[id] = true
+	}
+	alive, rolloutCordon := map[string]bool{}, map[string]bool{}
+	seen := map[string]bool{}
+	worst, when := 0, ""
+	sort.SliceStable(evs, func(i, j int) bool { return evs[i].Kv.ModRevision < evs[j].Kv.ModRevision })
+	for i, ev := range evs {
+		key := string(ev.Kv.Key)
+		if id, ok := keys.ParseLeaf(space.NodePrefix(), key); ok && want[id] {
+			alive[id] = ev.Type == clientv3.EventTypePut
+			seen[id] = true
+		}
+		if id, ok := keys.ParseLeaf(space.NodeStatePrefix(), key); ok && want[id] {
+			ns, err := keys.Decode[keys.NodeState](ev.Kv.Value)
+			rolloutCordon[id] = ev.Type == clientv3.EventTypePut && err == nil && ns.Cordoned && strings.HasPrefix(ns.Reason, "rollout ")
+		}
+		if len(seen) < len(ids) || (i+1 < len(evs) && evs[i+1].Kv.ModRevision == ev.Kv.ModRevision) {
+			continue // judge whole transactions, once every node has registered
+		}
+		n, who := 0, []string{}
+		for _, id := range ids {
+			if !alive[id] || rolloutCordon[id] {
+				n++
+				who = append(who, id)
+			}
+		}
+		if n > worst {
+			worst, when = n, fmt.Sprintf("revision %d: %v", ev.Kv.ModRevision, who)
+		}
+	}
+	return worst, when
+}
+
+// History returns every event under prefix from revision 1, read with etcdctl inside the lab's
+// namespace (its etcd is not reachable from outside): `etcdctl watch --rev 1` replays the history
+// and is stopped after a few seconds, when the replay has long been written out.
+func (l *Lab) History(prefix string) []*clientv3.Event {
+	l.T.Helper()
+	cmd := l.NS.Command("timeout", "10", "etcdctl", "--endpoints", l.Endpoint, "watch", "--prefix", prefix, "--rev", "1", "-w", "json")
+	out, _ := cmd.Output() // timeout's exit status is expected
+	var evs []*clientv3.Event
+	sc := bufio.NewScanner(bytes.NewReader(out))
+	sc.Buffer(make([]byte, 1<<20), 64<<20)
+	for sc.Scan() {
+		var resp struct {
+			Events []*clientv3.Event `json:"Events"`
+		}
+		if err := json.Unmarshal(sc.Bytes(), &resp); err != nil {
+			continue
+		}
+		evs = append(evs, resp.Events...)
+	}
+	if len(evs) == 0 {
+		l.T.Fatalf("no history of %s from etcdctl watch: %s", prefix, out)
+	}
+	return evs
+}

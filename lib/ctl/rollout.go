@@ -1,0 +1,451 @@
+package ctl
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/schollz/progressbar/v3"
+	"github.com/spf13/cobra"
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/herdhq/herd/lib/etcdutil"
+	"github.com/herdhq/herd/lib/events"
+	"github.com/herdhq/herd/lib/keys"
+)
+
+func rolloutCmd(e *env) *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "rollout",
+		Short: "Roll a hypervisor image across the fleet: drain, reboot into it, rejoin, next",
+		Long: `A rollout moves nodes to an image version one small batch at a time: for each node the leader
+checks the other nodes can take its VMs, cordons and drains it (live migration), pins it to the
+image, asks its agent to reboot, waits for it to register again with a new boot and the image, and
+uncordons it. At most --max-unavailable nodes are cordoned by the rollout or not ready at once. The
+state is /herd/rollout in etcd: a coordinator failover continues where it stopped. Rolling back is
+a rollout to the old version.`,
+		Example: `  herdctl rollout start --image 2026.11.2 --max-unavailable 1
+  herdctl rollout status --watch
+  herdctl rollout pause
+  herdctl rollout resume
+  herdctl rollout abort`,
+	}
+	cmd.AddCommand(rolloutStartCmd(e), rolloutStatusCmd(e), rolloutStateCmd(e, "pause"), rolloutStateCmd(e, "resume"), rolloutStateCmd(e, "abort"))
+	return cmd
+}
+
+// readRollout returns the rollout record and its revision (nil, 0 when there is none).
+func (e *env) readRollout(ctx context.Context) (*keys.Rollout, int64, error) {
+	resp, err := e.client.Get(ctx, e.space.Rollout())
+	if err != nil {
+		return nil, 0, err
+	}
+	if len(resp.Kvs) == 0 {
+		return nil, 0, nil
+	}
+	ro, err := keys.Decode[keys.Rollout](resp.Kvs[0].Value)
+	if err != nil {
+		return nil, 0, fmt.Errorf("rollout record %s is unreadable (%v): fix or delete it with etcdctl", e.space.Rollout(), err)
+	}
+	return ro, resp.Kvs[0].ModRevision, nil
+}
+
+func active(ro *keys.Rollout) bool {
+	return ro != nil && (ro.State == keys.RolloutRunning || ro.State == keys.RolloutPaused || ro.State == keys.RolloutAborting)
+}
+
+func rolloutStartCmd(e *env) *cobra.Command {
+	var (
+		image    string
+		maxUnav  int
+		selector string
+		timeout  time.Duration
+		watch    bool
+	)
+	cmd := &cobra.Command{
+		Use:   "start --image VERSION",
+		Short: "Start rolling an image version across the nodes",
+		Example: `  herdctl rollout start --image 2026.11.2
+  herdctl rollout start --image 2026.11.2 --max-unavailable 2 --nodes rack=r1
+  herdctl rollout start --image 2026.11.1 --nodes 52:54:00:00:00:01,52:54:00:00:00:02 --watch`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := keys.ValidateImageVersion(image); err != nil {
+				return usagef("--image: %v", err)
+			}
+			if maxUnav < 1 {
+				return usagef("--max-unavailable must be at least 1")
+			}
+			if err := e.connect(); err != nil {
+				return err
+			}
+			ctx, cancel := e.ctx(cmd.Context())
+			defer cancel()
+			im, err := e.client.Get(ctx, e.space.Image(image), clientv3.WithCountOnly())
+			if err != nil {
+				return err
+			}
+			if im.Count == 0 {
+				return fmt.Errorf("image %s: %w (add it: herdctl image add; see herdctl image list)", image, ErrNotFound)
+			}
+			nodes, err := e.selectNodes(ctx, selector)
+			if err != nil {
+				return err
+			}
+			old, rev, err := e.readRollout(ctx)
+			if err != nil {
+				return err
+			}
+			if active(old) {
+				return fmt.Errorf("rollout %s to %s is %s: wait for it, or 'herdctl rollout abort' first", old.ID, old.Image, old.State)
+			}
+			var b [3]byte
+			_, _ = rand.Read(b[:])
+			now := time.Now().UTC()
+			ro := &keys.Rollout{ID: now.Format("20060102") + "-" + hex.EncodeToString(b[:]), Image: image, MaxUnavailable: maxUnav,
+				Nodes: nodes, Selector: selector, NodeTimeoutSeconds: int64(timeout / time.Second), State: keys.RolloutRunning,
+				By: actor(), Started: now, Updated: now}
+			if err := ro.Validate(); err != nil {
+				return err
+			}
+			tx, err := e.client.Txn(ctx).If(etcdutil.ModRev(e.space.Rollout(), rev)).
+				Then(clientv3.OpPut(e.space.Rollout(), keys.MustEncode(ro))).Commit()
+			if err != nil {
+				return err
+			}
+			if !tx.Succeeded {
+				return errors.New("another rollout was started at the same moment; see 'herdctl rollout status'")
+			}
+			_ = events.RecordNow(ctx, e.client, e.space, actor(), e.opts.User(), "rollout/"+ro.ID, "started",
+				fmt.Sprintf("%d nodes to %s, at most %d unavailable", len(nodes), image, maxUnav))
+			fmt.Fprintf(e.out, "rollout %s started: %d nodes to %s, at most %d unavailable at once\n", ro.ID, len(nodes), image, maxUnav)
+			if !watch {
+				fmt.Fprintln(e.out, "follow it: herdctl rollout status --watch")
+				return nil
+			}
+			return e.watchRollout(cmd.Context())
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&image, "image", "", "image version to roll out (herdctl image list)")
+	f.IntVar(&maxUnav, "max-unavailable", 1, "nodes that may be cordoned by the rollout or not ready at once")
+	f.StringVar(&selector, "nodes", "", "which nodes: label pairs (rack=r1,zone=a) or hardware ids (id1,id2); default all enrolled")
+	f.DurationVar(&timeout, "node-timeout", 15*time.Minute, "pause the rollout when a node has not come back on the image this long after it started")
+	f.BoolVar(&watch, "watch", false, "follow the rollout until it ends (like rollout status --watch)")
+	_ = cmd.MarkFlagRequired("image")
+	return cmd
+}
+
+// selectNodes resolves --nodes against the enrolled hardware, in a stable order.
+func (e *env) selectNodes(ctx context.Context, selector string) ([]string, error) {
+	resp, err := e.client.Get(ctx, e.space.HardwarePrefix(), clientv3.WithPrefix())
+	if err != nil {
+		return nil, err
+	}
+	hw := map[string]*keys.Hardware{}
+	for _, kv := range resp.Kvs {
+		id, ok := keys.ParseLeaf(e.space.HardwarePrefix(), string(kv.Key))
+		if !ok {
+			continue
+		}
+		h, err := keys.Decode[keys.Hardware](kv.Value)
+		if err != nil {
+			continue
+		}
+		hw[id] = h
+	}
+	var out []string
+	switch {
+	case selector == "":
+		for id := range hw {
+			out = append(out, id)
+		}
+	case strings.Contains(selector, "="):
+		want, err := parseLabels("nodes", strings.Split(selector, ","))
+		if err != nil {
+			return nil, err
+		}
+		for id, h := range hw {
+			ok := true
+			for k, v := range want {
+				ok = ok && h.Labels[k] == v
+			}
+			if ok {
+				out = append(out, id)
+			}
+		}
+	default:
+		for _, raw := range strings.Split(selector, ",") {
+			id, err := keys.NormalizeHWID(strings.TrimSpace(raw))
+			if err != nil {
+				return nil, usagef("--nodes: %v", err)
+			}
+			if hw[id] == nil {
+				return nil, fmt.Errorf("--nodes: %s: %w (herdctl hw list)", id, ErrNotFound)
+			}
+			out = append(out, id)
+		}
+	}
+	if len(out) == 0 {
+		return nil, fmt.Errorf("--nodes %q selects no enrolled node", selector)
+	}
+	sort.Strings(out)
+	return out, nil
+}
+
+func rolloutStateCmd(e *env, verb string) *cobra.Command {
+	short := map[string]string{
+		"pause":  "Start no further nodes (nodes under way finish)",
+		"resume": "Continue a paused rollout (a node that failed or timed out is retried)",
+		"abort":  "Stop: nodes not yet rebooted get their image pin and cordon state back",
+	}[verb]
+	return &cobra.Command{
+		Use:     verb,
+		Short:   short,
+		Example: "  herdctl rollout " + verb,
+		Args:    cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := e.connect(); err != nil {
+				return err
+			}
+			ctx, cancel := e.ctx(cmd.Context())
+			defer cancel()
+			for attempt := 0; attempt < 10; attempt++ {
+				ro, rev, err := e.readRollout(ctx)
+				if err != nil {
+					return err
+				}
+				if !active(ro) {
+					return fmt.Errorf("no rollout under way: %w", ErrNotFound)
+				}
+				var to string
+				switch {
+				case verb == "pause" && ro.State == keys.RolloutRunning:
+					to = keys.RolloutPaused
+				case verb == "resume" && ro.State == keys.RolloutPaused:
+					to = keys.RolloutRunning
+				case verb == "abort" && ro.State != keys.RolloutAborting:
+					to = keys.RolloutAborting
+				default:
+					fmt.Fprintf(e.out, "rollout %s is already %s\n", ro.ID, ro.State)
+					return nil
+				}
+				ro.State, ro.Updated = to, time.Now().UTC()
+				if verb == "pause" {
+					ro.Reason = "paused by " + actor()
+				} else {
+					ro.Reason = ""
+				}
+				tx, err := e.client.Txn(ctx).If(etcdutil.ModRev(e.space.Rollout(), rev)).
+					Then(clientv3.OpPut(e.space.Rollout(), keys.MustEncode(ro))).Commit()
+				if err != nil {
+					return err
+				}
+				if tx.Succeeded {
+					_ = events.RecordNow(ctx, e.client, e.space, actor(), e.opts.User(), "rollout/"+ro.ID, verb+"-requested", "")
+					fmt.Fprintf(e.out, "rollout %s %s\n", ro.ID, to)
+					return nil
+				}
+			}
+			return errors.New("the rollout record kept changing under us; try again")
+		},
+	}
+}
+
+func rolloutStatusCmd(e *env) *cobra.Command {
+	var (
+		o     outputFlag
+		watch bool
+	)
+	cmd := &cobra.Command{
+		Use:   "status",
+		Short: "Show the rollout: each node's phase, progress and an ETA",
+		Example: `  herdctl rollout status
+  herdctl rollout status --watch
+  herdctl rollout status -o json`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := o.validate(); err != nil {
+				return err
+			}
+			if err := e.connect(); err != nil {
+				return err
+			}
+			if watch {
+				return e.watchRollout(cmd.Context())
+			}
+			ctx, cancel := e.ctx(cmd.Context())
+			defer cancel()
+			ro, _, err := e.readRollout(ctx)
+			if err != nil {
+				return err
+			}
+			if ro == nil {
+				return fmt.Errorf("no rollout: %w (start one: herdctl rollout start --image VERSION)", ErrNotFound)
+			}
+			if o.format == "json" || o.format == "yaml" {
+				return o.print(e.out, ro, nil)
+			}
+			running, err := e.nodeImages(ctx)
+			if err != nil {
+				return err
+			}
+			fmt.Fprint(e.out, rolloutSummary(ro, time.Now()))
+			t := &table{}
+			for _, c := range []string{"NODE", "PHASE", "RUNNING", "FOR", "NOTE"} {
+				t.col(c, false)
+			}
+			for _, id := range ro.Nodes {
+				p := ro.Per[id]
+				if p == nil {
+					p = &keys.RolloutNode{Phase: keys.PhasePending}
+				}
+				since := "-"
+				switch {
+				case !p.Finished.IsZero() && !p.Began.IsZero():
+					since = p.Finished.Sub(p.Began).Round(time.Second).String()
+				case !p.Since.IsZero():
+					since = time.Since(p.Since).Round(time.Second).String()
+				}
+				t.row(id, p.Phase, orDash(running[id]), since, orDash(p.Error))
+			}
+			return o.print(e.out, nil, t)
+		},
+	}
+	o.add(cmd)
+	cmd.Flags().BoolVar(&watch, "watch", false, "follow with a progress bar until the rollout ends")
+	return cmd
+}
+
+// nodeImages maps live nodes to the image they booted ("down" for enrolled nodes without a key).
+func (e *env) nodeImages(ctx context.Context) (map[string]string, error) {
+	resp, err := e.client.Get(ctx, e.space.NodePrefix(), clientv3.WithPrefix())
+	if err != nil {
+		return nil, err
+	}
+	out := map[string]string{}
+	for _, kv := range resp.Kvs {
+		id, ok := keys.ParseLeaf(e.space.NodePrefix(), string(kv.Key))
+		if !ok {
+			continue
+		}
+		if n, err := keys.Decode[keys.Node](kv.Value); err == nil {
+			out[id] = orDash(n.Image)
+		}
+	}
+	return out, nil
+}
+
+// progress counts finished nodes and estimates the time left from the nodes done so far.
+func progress(ro *keys.Rollout, now time.Time) (done int, eta time.Duration) {
+	var took time.Duration
+	upgraded := 0
+	for _, id := range ro.Nodes {
+		p := ro.Per[id]
+		if p == nil {
+			continue
+		}
+		switch p.Phase {
+		case keys.PhaseDone:
+			done++
+			upgraded++
+			took += p.Finished.Sub(p.Began)
+		case keys.PhaseSkipped, keys.PhaseAborted:
+			done++
+		}
+	}
+	if upgraded == 0 || done == len(ro.Nodes) {
+		return done, 0
+	}
+	per := took / time.Duration(upgraded)
+	batches := (len(ro.Nodes) - done + ro.MaxUnavailable - 1) / ro.MaxUnavailable
+	return done, per * time.Duration(batches)
+}
+
+func rolloutSummary(ro *keys.Rollout, now time.Time) string {
+	done, eta := progress(ro, now)
+	end := now
+	if !ro.Ended.IsZero() {
+		end = ro.Ended
+	}
+	s := fmt.Sprintf("rollout %s to %s: %s, %d/%d nodes, max %d unavailable, %s elapsed", ro.ID, ro.Image, ro.State,
+		done, len(ro.Nodes), ro.MaxUnavailable, end.Sub(ro.Started).Round(time.Second))
+	if eta > 0 && ro.State == keys.RolloutRunning {
+		s += fmt.Sprintf(", about %s left", eta.Round(time.Second))
+	}
+	s += "\n"
+	if ro.Reason != "" {
+		s += "  " + ro.Reason + "\n"
+	}
+	return s
+}
+
+// watchRollout follows the record until the rollout ends: a progress bar on stderr, one line per
+// node phase change on stdout.
+func (e *env) watchRollout(ctx context.Context) error {
+	seen := map[string]string{}
+	var bar *progressbar.ProgressBar
+	lastReason := ""
+	for {
+		rctx, cancel := e.ctx(ctx)
+		ro, rev, err := e.readRollout(rctx)
+		cancel()
+		if err != nil {
+			return err
+		}
+		if ro == nil {
+			return fmt.Errorf("no rollout: %w", ErrNotFound)
+		}
+		if bar == nil {
+			bar = progressbar.NewOptions(len(ro.Nodes), progressbar.OptionSetWriter(e.errOut), progressbar.OptionShowCount(),
+				progressbar.OptionSetElapsedTime(true), progressbar.OptionSetPredictTime(false), progressbar.OptionSetWidth(30))
+		}
+		for _, id := range ro.Nodes {
+			if p := ro.Per[id]; p != nil && seen[id] != p.Phase {
+				seen[id] = p.Phase
+				note := ""
+				if p.Error != "" {
+					note = ": " + p.Error
+				}
+				fmt.Fprintf(e.errOut, "\r\033[K%s  %s %s%s\n", time.Now().Format("15:04:05"), id, p.Phase, note)
+			}
+		}
+		if ro.Reason != lastReason && ro.Reason != "" {
+			fmt.Fprintf(e.errOut, "\r\033[K%s  %s\n", time.Now().Format("15:04:05"), ro.Reason)
+		}
+		lastReason = ro.Reason
+		done, eta := progress(ro, time.Now())
+		desc := fmt.Sprintf("%s to %s (%s)", ro.ID, ro.Image, ro.State)
+		if eta > 0 {
+			desc += fmt.Sprintf(", ~%s left", eta.Round(time.Second))
+		}
+		bar.Describe(desc)
+		_ = bar.Set(done)
+		if ro.State == keys.RolloutDone || ro.State == keys.RolloutAborted {
+			_ = bar.Finish()
+			fmt.Fprintln(e.errOut)
+			fmt.Fprint(e.out, rolloutSummary(ro, time.Now()))
+			if ro.State == keys.RolloutAborted {
+				return errors.New("rollout aborted")
+			}
+			return nil
+		}
+		// Wake on the next change of the record, or after a while to refresh the clock.
+		wctx, wcancel := context.WithTimeout(ctx, 5*time.Second)
+		wch := e.client.Watch(clientv3.WithRequireLeader(wctx), e.space.Rollout(), clientv3.WithRev(rev+1))
+		select {
+		case <-wch:
+		case <-wctx.Done():
+		}
+		wcancel()
+		if ctx.Err() != nil {
+			fmt.Fprintln(e.errOut)
+			return ctx.Err()
+		}
+	}
+}
