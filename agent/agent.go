@@ -70,10 +70,10 @@ type Config struct {
 	CephUser, CephKey string
 	// RebootCommand is what a reboot node command runs (sh -c). Default "systemctl reboot".
 	RebootCommand string
-	Hostname          string
-	Image             string
-	Version           string
-	StatusURL         string
+	Hostname      string
+	Image         string
+	Version       string
+	StatusURL     string
 
 	Log      hclog.Logger
 	Registry prometheus.Registerer
