@@ -122,32 +122,32 @@ type nodeRow struct {
 	} `json:"node"`
 }
 
-func (l *lab) nodeImage(hwid string) string {
+// node returns the machine's row of `herdctl node list`, or nil.
+func (l *lab) node(hwid string) *nodeRow {
 	out, err := l.herdctl("node", "list", "-o", "json")
 	if err != nil {
-		return err.Error()
-	}
-	var rows []nodeRow
-	_ = json.Unmarshal([]byte(out), &rows)
-	for _, r := range rows {
-		if r.HWID == hwid && r.Node != nil {
-			return r.Node.Image
-		}
-	}
-	return ""
-}
-
-func (l *lab) nodeStatus(hwid string) string {
-	out, err := l.herdctl("node", "list", "-o", "json")
-	if err != nil {
-		return err.Error()
+		return nil
 	}
 	var rows []nodeRow
 	_ = json.Unmarshal([]byte(out), &rows)
 	for _, r := range rows {
 		if r.HWID == hwid {
-			return r.Status
+			return &r
 		}
+	}
+	return nil
+}
+
+func (l *lab) nodeImage(hwid string) string {
+	if r := l.node(hwid); r != nil && r.Node != nil {
+		return r.Node.Image
+	}
+	return ""
+}
+
+func (l *lab) nodeStatus(hwid string) string {
+	if r := l.node(hwid); r != nil {
+		return r.Status
 	}
 	return "absent"
 }

@@ -39,14 +39,10 @@ func nodeCordonCmd(e *env, cordon bool) *cobra.Command {
 		Example: example,
 		Args:    exactArgs("HWID"),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			id, err := keys.NormalizeHWID(args[0])
+			id, ctx, cancel, err := e.forNode(cmd, args[0])
 			if err != nil {
-				return usagef("%v", err)
-			}
-			if err := e.connect(); err != nil {
 				return err
 			}
-			ctx, cancel := e.ctx(cmd.Context())
 			defer cancel()
 			changed, err := e.updateNodeState(ctx, id, func(ns *keys.NodeState) bool {
 				if ns.Cordoned == cordon && !ns.Draining && !ns.Drained && (!cordon || reason == "" || ns.Reason == reason) {

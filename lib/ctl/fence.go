@@ -74,14 +74,10 @@ its fence record by itself.`,
 		Example: `  herdctl fence clear 52:54:00:00:00:02`,
 		Args:    exactArgs("NODE"),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			id, err := keys.NormalizeHWID(args[0])
+			id, ctx, cancel, err := e.forNode(cmd, args[0])
 			if err != nil {
-				return usagef("%v", err)
-			}
-			if err := e.connect(); err != nil {
 				return err
 			}
-			ctx, cancel := e.ctx(cmd.Context())
 			defer cancel()
 			resp, err := e.client.Get(ctx, e.space.FencePrefix(id), clientv3.WithPrefix())
 			if err != nil {

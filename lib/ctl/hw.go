@@ -175,14 +175,10 @@ func hwRmCmd(e *env) *cobra.Command {
 		Example: `  herdctl hw rm 52:54:00:12:34:56`,
 		Args:    exactArgs("HWID"),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			id, err := keys.NormalizeHWID(args[0])
+			id, ctx, cancel, err := e.forNode(cmd, args[0])
 			if err != nil {
-				return usagef("%v", err)
-			}
-			if err := e.connect(); err != nil {
 				return err
 			}
-			ctx, cancel := e.ctx(cmd.Context())
 			defer cancel()
 			resp, err := e.client.Delete(ctx, e.space.Hardware(id))
 			if err != nil {

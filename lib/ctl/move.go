@@ -165,14 +165,10 @@ and marks the node drained when none is left. Cancel with 'herdctl node uncordon
   herdctl node uncordon 52:54:00:00:00:01     # cancel, or undo after maintenance`,
 		Args: exactArgs("NODE"),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			id, err := keys.NormalizeHWID(args[0])
+			id, ctx, cancel, err := e.forNode(cmd, args[0])
 			if err != nil {
-				return usagef("%v", err)
-			}
-			if err := e.connect(); err != nil {
 				return err
 			}
-			ctx, cancel := e.ctx(cmd.Context())
 			changed, err := e.updateNodeState(ctx, id, func(ns *keys.NodeState) bool {
 				if ns.Cordoned && ns.Draining {
 					return false

@@ -192,14 +192,10 @@ func nodeGetCmd(e *env) *cobra.Command {
 			if err := o.validate(); err != nil {
 				return err
 			}
-			id, err := keys.NormalizeHWID(args[0])
+			id, ctx, cancel, err := e.forNode(cmd, args[0])
 			if err != nil {
-				return usagef("%v", err)
-			}
-			if err := e.connect(); err != nil {
 				return err
 			}
-			ctx, cancel := e.ctx(cmd.Context())
 			defer cancel()
 			v, err := e.readCluster(ctx)
 			if err != nil {

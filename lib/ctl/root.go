@@ -75,6 +75,20 @@ func (e *env) connect() error {
 	return nil
 }
 
+// forNode starts a command about one node: the normalised hardware id of arg, a connection, and
+// the command's context.
+func (e *env) forNode(cmd *cobra.Command, arg string) (string, context.Context, context.CancelFunc, error) {
+	id, err := keys.NormalizeHWID(arg)
+	if err != nil {
+		return "", nil, nil, usagef("%v", err)
+	}
+	if err := e.connect(); err != nil {
+		return "", nil, nil, err
+	}
+	ctx, cancel := e.ctx(cmd.Context())
+	return id, ctx, cancel, nil
+}
+
 // ctx bounds one command's etcd work by --timeout.
 func (e *env) ctx(parent context.Context) (context.Context, context.CancelFunc) {
 	return context.WithTimeout(parent, e.timeout)

@@ -9,7 +9,6 @@ import (
 
 	"github.com/herdhq/herd/lib/events"
 	"github.com/herdhq/herd/lib/join"
-	"github.com/herdhq/herd/lib/keys"
 )
 
 func hwTokenCmd(e *env) *cobra.Command {
@@ -25,14 +24,10 @@ stored (/herd/jointokens/<sha256>), under a lease of --ttl.`,
   HERD_JOIN_TOKEN=$TOKEN herd agent --join https://10.0.0.7:9443 --ca-hash sha256:... --endpoints https://10.0.0.5:2379`,
 		Args: exactArgs("HWID"),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			id, err := keys.NormalizeHWID(args[0])
+			id, ctx, cancel, err := e.forNode(cmd, args[0])
 			if err != nil {
-				return usagef("%v", err)
-			}
-			if err := e.connect(); err != nil {
 				return err
 			}
-			ctx, cancel := e.ctx(cmd.Context())
 			defer cancel()
 			hw, err := e.client.Get(ctx, e.space.Hardware(id), clientv3.WithCountOnly())
 			if err != nil {
