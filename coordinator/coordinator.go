@@ -300,6 +300,7 @@ func (c *Coordinator) setLeader(v bool) {
 		c.m.leader.Set(1)
 	} else {
 		c.m.leader.Set(0)
+		c.m.rolloutNodes.Reset() // only the leader knows the rollout's progress
 	}
 }
 

@@ -15,6 +15,7 @@ type metrics struct {
 	migrations       *prometheus.CounterVec
 	migrationSeconds prometheus.Histogram
 	volumeSeconds    prometheus.Histogram
+	rolloutNodes     *prometheus.GaugeVec
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -60,7 +61,10 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		Name: "herd_coordinator_volume_seconds", Help: "Creating, cloning or growing one disk.",
 		Buckets: prometheus.ExponentialBuckets(0.01, 2.5, 10),
 	})
-	reg.MustRegister(m.migrations, m.migrationSeconds, m.volumeSeconds)
+	m.rolloutNodes = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Name: "herd_coordinator_rollout_nodes", Help: "Nodes of the rollout under way by phase (leader only; none when no rollout runs).",
+	}, []string{"phase"})
+	reg.MustRegister(m.migrations, m.migrationSeconds, m.volumeSeconds, m.rolloutNodes)
 	reg.MustRegister(m.leader, m.pending, m.placements, m.conflicts, m.placementSeconds, m.roundSeconds, m.nodesLost, m.fenceFailures, m.moves)
 	return m
 }

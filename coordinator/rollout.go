@@ -41,6 +41,7 @@ type rolloutStep struct {
 func (c *Coordinator) rolloutRound(g etcdutil.Guard, s *snapshotView, placed []scheduler.VM) []action {
 	kv := c.rolloutInf.Get(c.space.Rollout())
 	if kv == nil {
+		c.m.rolloutNodes.Reset()
 		return nil
 	}
 	if kv.Err != nil {
@@ -53,6 +54,7 @@ func (c *Coordinator) rolloutRound(g etcdutil.Guard, s *snapshotView, placed []s
 		return nil
 	}
 	if ro.State == keys.RolloutDone || ro.State == keys.RolloutAborted {
+		c.m.rolloutNodes.Reset()
 		return nil
 	}
 	if ro.Per == nil {
@@ -69,12 +71,14 @@ func (c *Coordinator) rolloutRound(g etcdutil.Guard, s *snapshotView, placed []s
 	if ro.State == keys.RolloutAborting {
 		st.abort()
 	} else {
+		st.follow()
 		st.advance()
 		if ro.State == keys.RolloutRunning {
 			st.start(placed)
 			st.finish()
 		}
 	}
+	c.rolloutGauge(ro)
 	if !st.dirty {
 		return nil
 	}
@@ -92,6 +96,17 @@ func (c *Coordinator) rolloutRound(g etcdutil.Guard, s *snapshotView, placed []s
 				n()
 			}
 		}}}
+}
+
+// rolloutGauge publishes the node count per phase; a phase no node is in reads 0, not absent.
+func (c *Coordinator) rolloutGauge(ro *keys.Rollout) {
+	n := map[string]int{}
+	for _, p := range ro.Per {
+		n[p.Phase]++
+	}
+	for _, ph := range []string{keys.PhasePending, keys.PhaseDraining, keys.PhaseRebooting, keys.PhaseDone, keys.PhaseSkipped, keys.PhaseAborted, keys.PhaseRemoved} {
+		c.m.rolloutNodes.WithLabelValues(ph).Set(float64(n[ph]))
+	}
 }
 
 func (st *rolloutStep) event(object, action, format string, args ...any) {
@@ -247,24 +262,39 @@ func (st *rolloutStep) advance() {
 	}
 }
 
-// start begins the next nodes while the unavailability budget and the capacity allow.
+// start begins the next nodes while the unavailability budget and the capacity allow, and says
+// why it waits when it cannot.
 func (st *rolloutStep) start(placed []scheduler.VM) {
 	ro := st.ro
-	unavailable := 0
-	var inProgress []string
+	var inProgress, notReady []string
+	pendingReady := 0
 	for _, hwid := range ro.Nodes {
 		p := ro.Per[hwid]
 		switch {
 		case p.Error != "":
 			return // a paused node must be dealt with first
+		case p.Phase == keys.PhaseRemoved:
 		case p.Phase == keys.PhaseDraining || p.Phase == keys.PhaseRebooting:
-			unavailable++
 			inProgress = append(inProgress, hwid)
 		case !st.ready(hwid):
-			unavailable++
+			notReady = append(notReady, hwid)
+		case p.Phase == keys.PhasePending:
+			pendingReady++
 		}
 	}
-	slots := ro.MaxUnavailable - unavailable
+	slots := ro.MaxUnavailable - len(inProgress) - len(notReady)
+	if len(inProgress) == 0 {
+		switch {
+		case pendingReady > 0 && slots <= 0:
+			st.wait(fmt.Sprintf("waiting: %s not ready, which uses up max-unavailable %d (bring it back, or raise the budget: abort and start again)",
+				strings.Join(notReady, ", "), ro.MaxUnavailable))
+			return
+		case pendingReady == 0 && len(notReady) > 0 && !st.allOver(notReady):
+			st.wait(fmt.Sprintf("waiting for %s to become ready: a node is upgraded while it runs (abort and start again with --nodes to leave it out)",
+				strings.Join(notReady, ", ")))
+			return
+		}
+	}
 	out := map[string]bool{} // nodes whose VMs must find room elsewhere
 	for _, h := range inProgress {
 		out[h] = true
@@ -280,12 +310,7 @@ func (st *rolloutStep) start(placed []scheduler.VM) {
 		out[hwid] = true
 		if why := st.c.fits(st.s, placed, out); why != "" {
 			delete(out, hwid)
-			reason := fmt.Sprintf("waiting for capacity: the VMs of %s do not fit on the other nodes (%s)", hwid, why)
-			if ro.Reason != reason {
-				ro.Reason = reason
-				st.dirty = true
-				st.event("rollout/"+ro.ID, "waiting", "%s", reason)
-			}
+			st.wait(fmt.Sprintf("waiting for capacity: the VMs of %s do not fit on the other nodes (%s)", hwid, why))
 			return
 		}
 		ns := st.state(hwid)
@@ -297,6 +322,57 @@ func (st *rolloutStep) start(placed []scheduler.VM) {
 		ro.Reason = ""
 		slots--
 		st.event("node/"+hwid, "rollout-draining", "cordoned, pinned to %s, draining", ro.Image)
+	}
+}
+
+// wait records why the rollout cannot start a node, with an event when the reason changes.
+func (st *rolloutStep) wait(reason string) {
+	if st.ro.Reason == reason {
+		return
+	}
+	st.ro.Reason = reason
+	st.dirty = true
+	st.event("rollout/"+st.ro.ID, "waiting", "%s", reason)
+}
+
+func (st *rolloutStep) allOver(hwids []string) bool {
+	for _, h := range hwids {
+		if !st.ro.Per[h].Over() {
+			return false
+		}
+	}
+	return true
+}
+
+// follow keeps the fleet in step with the hardware records: a node whose record was deleted before
+// its turn leaves the rollout (it can no longer join); with a selector that follows enrolment,
+// hardware enrolled since the start joins at the end of the order.
+func (st *rolloutStep) follow() {
+	ro := st.ro
+	for _, hwid := range ro.Nodes {
+		p := ro.Per[hwid]
+		if p.Phase == keys.PhasePending && st.c.hwInf.Get(st.c.space.Hardware(hwid)) == nil {
+			p.Phase, p.Finished = keys.PhaseRemoved, st.now
+			st.dirty = true
+			st.event("node/"+hwid, "rollout-removed", "hardware record deleted: left out of the rollout")
+		}
+	}
+	sel, err := keys.ParseNodeSelector(ro.Selector)
+	if err != nil || sel.Fixed() {
+		return // a record edited into nonsense keeps the nodes it has
+	}
+	var added []string
+	for hwid, h := range st.s.hardware {
+		if ro.Per[hwid] == nil && sel.Matches(hwid, h) {
+			added = append(added, hwid)
+		}
+	}
+	sort.Strings(added)
+	for _, hwid := range added {
+		ro.Nodes = append(ro.Nodes, hwid)
+		ro.Per[hwid] = &keys.RolloutNode{Phase: keys.PhasePending}
+		st.dirty = true
+		st.event("node/"+hwid, "rollout-added", "enrolled during the rollout: joins it after the others")
 	}
 }
 
@@ -336,7 +412,7 @@ func (st *rolloutStep) finish() {
 	var took []string
 	for _, hwid := range ro.Nodes {
 		p := ro.Per[hwid]
-		if p.Phase != keys.PhaseDone && p.Phase != keys.PhaseSkipped {
+		if !p.Over() {
 			return
 		}
 		if p.Phase == keys.PhaseDone {

@@ -220,3 +220,86 @@ func pin(t *testing.T, c *rig.Cluster, hwid string) string {
 	}
 	return v.State.Image
 }
+
+// TestRolloutFollowsTheFleet: a rollout of every enrolled node says it waits for a node that is
+// enrolled but down (it uses up the budget) instead of stalling silently; that node's hardware
+// record is deleted and it leaves the rollout; a node enrolled mid-way joins it and is upgraded too.
+func TestRolloutFollowsTheFleet(t *testing.T) {
+	c := rig.NewCluster(t, bin)
+	c.AgentArgs = []string{"--lease-ttl", "3s", "--resync", "2s"}
+	c.CoordArgs = []string{"--session-ttl", "2s"}
+	c.StartCoordinator()
+	addImages(t, c.Herdctl, "v1", "v2")
+	c.Herdctl("image", "set-current", "v1")
+	herdctl := func(args ...string) string {
+		out, errOut, code := c.Run(bin.Herdctl, args...)
+		if code != 0 {
+			t.Errorf("herdctl %v: %s%s", args, out, errOut)
+		}
+		return out
+	}
+	var mu sync.Mutex
+	var fw *rig.Firmware
+	start := func(hwid, image string) {
+		mu.Lock()
+		defer mu.Unlock()
+		c.StartAgent(hwid, 4, 2048, "--image", image, "--reboot-command", fw.Command(hwid))
+	}
+	fw = rig.StartFirmware(t, func(hwid string) {
+		c.Agents[hwid].Stop(10 * time.Second)
+		start(hwid, rig.PinnedImage(t, herdctl, hwid))
+	})
+	a, b, down, late := nodeIDs[0], nodeIDs[1], nodeIDs[2], "52:54:00:00:00:04"
+	start(a, "v1")
+	start(b, "v1")
+	c.Herdctl("hw", "add", down)
+	rig.Eventually(t, 30*time.Second, "two nodes ready", func() error {
+		if n := strings.Count(c.Herdctl("node", "list"), " ready "); n != 2 {
+			return fmt.Errorf("%d ready", n)
+		}
+		return nil
+	})
+
+	c.Herdctl("rollout", "start", "--image", "v2", "--node-timeout", "2m")
+	rig.Eventually(t, 30*time.Second, "rollout says why it waits", func() error {
+		if v := rolloutStatus(c); !strings.Contains(v.Reason, down+" not ready") {
+			return fmt.Errorf("%+v", v)
+		}
+		return nil
+	})
+	if v := rolloutStatus(c); v.Per[a].Phase != keys.PhasePending || v.Per[b].Phase != keys.PhasePending {
+		t.Fatalf("a node started while %s used up the budget: %+v", down, v)
+	}
+	t.Logf("reason: %s", rolloutStatus(c).Reason)
+
+	c.Herdctl("hw", "rm", down)
+	rig.Eventually(t, 60*time.Second, "first node under way", func() error {
+		v := rolloutStatus(c)
+		if v.Per[down].Phase != keys.PhaseRemoved || v.Per[a].Phase == keys.PhasePending {
+			return fmt.Errorf("%+v", v)
+		}
+		return nil
+	})
+	start(late, "v1")
+	rig.Eventually(t, 180*time.Second, "rollout done", func() error {
+		if v := rolloutStatus(c); v.State != keys.RolloutDone {
+			return fmt.Errorf("%+v", v)
+		}
+		return nil
+	})
+	v := rolloutStatus(c)
+	for _, id := range []string{a, b, late} {
+		if v.Per[id].Phase != keys.PhaseDone {
+			t.Fatalf("node %s: %+v", id, v.Per)
+		}
+	}
+	nl := c.Herdctl("node", "list")
+	if strings.Count(nl, " v2 ") != 3 || strings.Contains(nl, "cordoned") {
+		t.Fatalf("not every node on v2 and schedulable:\n%s", nl)
+	}
+	ev := c.Herdctl("events", "--object", "node/"+late)
+	if !strings.Contains(ev, "rollout-added") {
+		t.Fatalf("no rollout-added event for %s:\n%s", late, ev)
+	}
+	t.Logf("%s", c.Herdctl("rollout", "status"))
+}

@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"sort"
-	"strings"
 	"time"
 
 	"github.com/schollz/progressbar/v3"
@@ -81,6 +80,9 @@ func rolloutStartCmd(e *env) *cobra.Command {
 			if maxUnav < 1 {
 				return usagef("--max-unavailable must be at least 1")
 			}
+			if _, err := keys.ParseNodeSelector(selector); err != nil {
+				return usagef("--nodes: %v", err)
+			}
 			if err := e.connect(); err != nil {
 				return err
 			}
@@ -134,7 +136,7 @@ func rolloutStartCmd(e *env) *cobra.Command {
 	f := cmd.Flags()
 	f.StringVar(&image, "image", "", "image version to roll out (herdctl image list)")
 	f.IntVar(&maxUnav, "max-unavailable", 1, "nodes that may be cordoned by the rollout or not ready at once")
-	f.StringVar(&selector, "nodes", "", "which nodes: label pairs (rack=r1,zone=a) or hardware ids (id1,id2); default all enrolled")
+	f.StringVar(&selector, "nodes", "", "which nodes: label pairs (rack=r1,zone=a) or hardware ids (id1,id2); default all enrolled.\nWith pairs or the default, hardware enrolled during the rollout joins it")
 	f.DurationVar(&timeout, "node-timeout", 15*time.Minute, "pause the rollout when a node has not come back on the image this long after it started")
 	f.BoolVar(&watch, "watch", false, "follow the rollout until it ends (like rollout status --watch)")
 	_ = cmd.MarkFlagRequired("image")
@@ -159,35 +161,18 @@ func (e *env) selectNodes(ctx context.Context, selector string) ([]string, error
 		}
 		hw[id] = h
 	}
+	sel, err := keys.ParseNodeSelector(selector)
+	if err != nil {
+		return nil, usagef("--nodes: %v", err)
+	}
+	for _, id := range sel.IDs {
+		if hw[id] == nil {
+			return nil, fmt.Errorf("--nodes: %s: %w (herdctl hw list)", id, ErrNotFound)
+		}
+	}
 	var out []string
-	switch {
-	case selector == "":
-		for id := range hw {
-			out = append(out, id)
-		}
-	case strings.Contains(selector, "="):
-		want, err := parseLabels("nodes", strings.Split(selector, ","))
-		if err != nil {
-			return nil, err
-		}
-		for id, h := range hw {
-			ok := true
-			for k, v := range want {
-				ok = ok && h.Labels[k] == v
-			}
-			if ok {
-				out = append(out, id)
-			}
-		}
-	default:
-		for _, raw := range strings.Split(selector, ",") {
-			id, err := keys.NormalizeHWID(strings.TrimSpace(raw))
-			if err != nil {
-				return nil, usagef("--nodes: %v", err)
-			}
-			if hw[id] == nil {
-				return nil, fmt.Errorf("--nodes: %s: %w (herdctl hw list)", id, ErrNotFound)
-			}
+	for id, h := range hw {
+		if sel.Matches(id, h) {
 			out = append(out, id)
 		}
 	}
@@ -350,13 +335,12 @@ func progress(ro *keys.Rollout, now time.Time) (done int, eta time.Duration) {
 		if p == nil {
 			continue
 		}
-		switch p.Phase {
-		case keys.PhaseDone:
+		if p.Over() {
 			done++
+		}
+		if p.Phase == keys.PhaseDone {
 			upgraded++
 			took += p.Finished.Sub(p.Began)
-		case keys.PhaseSkipped, keys.PhaseAborted:
-			done++
 		}
 	}
 	if upgraded == 0 || done == len(ro.Nodes) {

@@ -454,9 +454,10 @@ type Rollout struct {
 	Image string `json:"image"`
 	// MaxUnavailable bounds the nodes of Nodes that are cordoned by the rollout or not ready.
 	MaxUnavailable int `json:"max_unavailable"`
-	// Nodes is the rollout's fleet, fixed at start, in the order they are upgraded.
+	// Nodes is the rollout's fleet in the order they are upgraded: chosen at start, and extended by
+	// the leader with hardware enrolled later when Selector follows enrolment (see NodeSelector).
 	Nodes []string `json:"nodes"`
-	// Selector is how Nodes was chosen (informational).
+	// Selector is how Nodes is chosen (ParseNodeSelector).
 	Selector string `json:"selector,omitempty"`
 	// NodeTimeoutSeconds: a node that has not rejoined on the new image this long after it began
 	// pauses the rollout.
@@ -507,7 +508,17 @@ const (
 	PhaseDone      = "done"
 	PhaseSkipped   = "skipped" // already on the image
 	PhaseAborted   = "aborted"
+	PhaseRemoved   = "removed" // its hardware record was deleted before its turn
 )
+
+// Over says whether the node has nothing left to do in the rollout.
+func (p *RolloutNode) Over() bool {
+	switch p.Phase {
+	case PhaseDone, PhaseSkipped, PhaseAborted, PhaseRemoved:
+		return true
+	}
+	return false
+}
 
 // NodeCommand is /herd/nodecmd/<hwid>/<id>: something the node's agent does once. It applies only
 // to the boot IfBootID, so a command can never run again after the reboot it asked for. The agent

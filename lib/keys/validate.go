@@ -275,6 +275,9 @@ func (r *Rollout) Validate() error {
 		}
 		seen[n] = true
 	}
+	if _, err := ParseNodeSelector(r.Selector); err != nil {
+		fe.add("selector", "%v", err)
+	}
 	if r.NodeTimeoutSeconds < 1 {
 		fe.add("node_timeout_seconds", "must be positive")
 	}
