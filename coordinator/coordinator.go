@@ -148,6 +148,7 @@ type Coordinator struct {
 	vms         map[string]*vmKeys // by VM name
 	firstSeen   map[string]time.Time
 	trigger     chan struct{}
+	revokeNow   chan struct{} // a hardware record was deleted: revoke its node now, not at the next tick
 	isLeader    bool
 	left        map[string]string    // hwid -> boot id of a clean departure this replica saw
 	absent      map[string]time.Time // hwid -> when first found absent with a dead lease
@@ -177,6 +178,7 @@ func New(cfg Config) (*Coordinator, error) {
 		vms:         map[string]*vmKeys{},
 		firstSeen:   map[string]time.Time{},
 		trigger:     make(chan struct{}, 1),
+		revokeNow:   make(chan struct{}, 1),
 		left:        map[string]string{},
 		absent:      map[string]time.Time{},
 		lostAt:      map[string]time.Time{},
@@ -197,7 +199,7 @@ func New(cfg Config) (*Coordinator, error) {
 	c.statusInf = etcdutil.NewInformer(cfg.Client, s.StatusRoot(), keys.DecodeAny[keys.VMStatus], c.poke, c.log)
 	c.volInf = etcdutil.NewInformer(cfg.Client, s.VolumeRoot(), keys.DecodeAny[keys.VolumeRecord], c.poke, c.log)
 	c.nodeStateInf = etcdutil.NewInformer(cfg.Client, s.NodeStatePrefix(), keys.DecodeAny[keys.NodeState], c.poke, c.log)
-	c.hwInf = etcdutil.NewInformer(cfg.Client, s.HardwarePrefix(), keys.DecodeAny[keys.Hardware], c.poke, c.log)
+	c.hwInf = etcdutil.NewInformer(cfg.Client, s.HardwarePrefix(), keys.DecodeAny[keys.Hardware], c.onHardware, c.log)
 	c.clusterInf = etcdutil.NewInformer(cfg.Client, s.Cluster(), keys.DecodeAny[keys.Cluster], c.poke, c.log)
 	c.rolloutInf = etcdutil.NewInformer(cfg.Client, s.Rollout(), keys.DecodeAny[keys.Rollout], c.poke, c.log)
 	c.nodeCmdInf = etcdutil.NewInformer(cfg.Client, s.NodeCmdRoot(), keys.DecodeAny[keys.NodeCommand], c.poke, c.log)

@@ -36,7 +36,12 @@ func (c *Coordinator) lead(ctx context.Context, g etcdutil.Guard) error {
 		}
 	}
 	if c.cfg.RevokeNodeUsers {
-		go c.revokeLoop(ctx)
+		// Ends with this function, whatever the reason: no revocation outlives the leadership.
+		rctx, stop := context.WithCancel(ctx)
+		var wg sync.WaitGroup
+		wg.Add(1)
+		go func() { defer wg.Done(); c.revokeLoop(rctx) }()
+		defer func() { stop(); wg.Wait() }()
 	}
 	t := time.NewTicker(c.cfg.Interval)
 	defer t.Stop()

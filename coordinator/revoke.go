@@ -12,7 +12,8 @@ import (
 	"github.com/herdhq/herd/lib/rbac"
 )
 
-// revokeInterval is how often the leader looks for node users whose hardware is gone.
+// revokeInterval is how often the leader looks for node users whose hardware is gone, besides at
+// once when it sees a hardware record deleted (the periodic pass catches what a new leader missed).
 const revokeInterval = 30 * time.Second
 
 // revokeLoop deletes the etcd user and role of every node whose hardware record was removed, so
@@ -21,14 +22,37 @@ const revokeInterval = 30 * time.Second
 func (c *Coordinator) revokeLoop(ctx context.Context) {
 	t := time.NewTicker(revokeInterval)
 	defer t.Stop()
+	retry := etcdutil.Backoff{Min: 500 * time.Millisecond, Max: revokeInterval}
 	for {
-		if err := c.revokeOrphanUsers(ctx); err != nil && ctx.Err() == nil {
-			c.log.Warn("cannot check node users", "error", err)
+		if err := c.revokeOrphanUsers(ctx); err != nil {
+			if ctx.Err() != nil {
+				return
+			}
+			// A credential that should be dead must not live a whole interval longer because of
+			// one failed call (a timeout, auth data changing under the token): retry soon.
+			c.log.Warn("cannot check node users; retrying", "error", err)
+			if !retry.Wait(ctx) {
+				return
+			}
+			continue
 		}
+		retry.Reset()
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
+		case <-c.revokeNow:
+		}
+	}
+}
+
+// onHardware wakes the scheduling round on any change and the revocation on a deletion.
+func (c *Coordinator) onHardware(key string, prev, cur *etcdutil.KV) {
+	c.poke(key, prev, cur)
+	if cur == nil {
+		select {
+		case c.revokeNow <- struct{}{}:
+		default:
 		}
 	}
 }

@@ -4,9 +4,11 @@ import (
 	"context"
 	"errors"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
+	"github.com/hashicorp/go-hclog"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 
 	"github.com/herdhq/herd/lib/etcdembed/etcdtest"
@@ -40,7 +42,8 @@ func TestRemovedHardwareRevokesNode(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	co, err := New(Config{Client: root, Space: space, Name: "c1", SessionTTL: 2 * time.Second, Interval: time.Second, RevokeNodeUsers: true})
+	co, err := New(Config{Client: root, Space: space, Name: "c1", SessionTTL: 2 * time.Second, Interval: time.Second, RevokeNodeUsers: true,
+		Log: hclog.New(&hclog.LoggerOptions{Name: "c1", Output: testWriter{t}, Level: hclog.Debug})})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -65,4 +68,28 @@ func TestRemovedHardwareRevokesNode(t *testing.T) {
 	if _, err := gone.Put(ctx, space.Node("52:54:00:00:00:02"), "{}"); err == nil || !(errors.Is(err, rpctypes.ErrPermissionDenied) || errors.Is(err, rpctypes.ErrAuthFailed) || errors.Is(err, rpctypes.ErrUserNotFound)) {
 		t.Fatalf("the revoked node can still write: %v", err)
 	}
+
+	// Removed while the leader runs: revoked when the deletion is seen, well before the periodic
+	// pass (eventually gives up long before revokeInterval).
+	if _, err := root.Delete(ctx, space.Hardware("52:54:00:00:00:01")); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the second removed node's user deleted", func() error {
+		users, err := root.UserList(ctx)
+		if err != nil {
+			return err
+		}
+		if slices.Contains(users.Users, rbac.NodeUser("52:54:00:00:00:01")) {
+			return errors.New("still there")
+		}
+		return nil
+	})
+}
+
+// testWriter sends a daemon's log to the test's, so a failure in CI shows what the daemon saw.
+type testWriter struct{ t *testing.T }
+
+func (w testWriter) Write(p []byte) (int, error) {
+	w.t.Log(strings.TrimRight(string(p), "\n"))
+	return len(p), nil
 }
