@@ -70,6 +70,9 @@ type Config struct {
 	CephUser, CephKey string
 	// RebootCommand is what a reboot node command runs (sh -c). Default "systemctl reboot".
 	RebootCommand string
+	// Reboot, when set, replaces RebootCommand: herd dev's simulated machines reboot in-process
+	// (a developer's rollout must never run `systemctl reboot` on the developer's machine).
+	Reboot func(ctx context.Context) error
 	Hostname      string
 	Image         string
 	Version       string

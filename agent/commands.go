@@ -60,10 +60,14 @@ func (a *Agent) execute(ctx context.Context, kv etcdutil.KV) {
 	var runErr error
 	switch cmd.Command {
 	case keys.CmdReboot:
-		a.log.Warn("rebooting on command", "by", cmd.By, "command", a.cfg.RebootCommand)
-		a.events.Record("node/"+a.hwid, "rebooting", "on command of %s: %s", cmd.By, a.cfg.RebootCommand)
+		how, reboot := a.cfg.RebootCommand, func(ctx context.Context) error { return a.shell(ctx, a.cfg.RebootCommand) }
+		if a.cfg.Reboot != nil {
+			how, reboot = "simulated reboot", a.cfg.Reboot
+		}
+		a.log.Warn("rebooting on command", "by", cmd.By, "command", how)
+		a.events.Record("node/"+a.hwid, "rebooting", "on command of %s: %s", cmd.By, how)
 		a.events.Flush(ctx, 2*time.Second) // the reboot may not leave time to write it later
-		runErr = a.shell(ctx, a.cfg.RebootCommand)
+		runErr = reboot(ctx)
 	default:
 		runErr = fmt.Errorf("unknown command %q", cmd.Command)
 	}

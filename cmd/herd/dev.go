@@ -11,6 +11,8 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/google/uuid"
@@ -246,7 +248,7 @@ func runDev(ctx context.Context, o devOptions) error {
 		}
 	}
 
-	agents := map[string]*agent.Agent{}
+	machines := map[string]*devMachine{}
 	for i := 1; i <= o.agents; i++ {
 		hwid := fmt.Sprintf("52:54:00:00:00:%02x", i)
 		vols, err := o.storage.backend(nil)
@@ -256,25 +258,25 @@ func runDev(ctx context.Context, o devOptions) error {
 		if vols == nil {
 			vols = volume.Dir{Root: filepath.Join(dir, "volumes")}
 		}
-		a, closeAgent, err := devAgent(gctx, devAgentConfig{
+		m := &devMachine{admin: admin, cfg: devAgentConfig{
 			space: space, hwid: hwid, index: i, dir: dir, cpus: o.nodeCPUs, memMiB: memMiB, volumes: vols,
 			leaseTTL: o.leaseTTL, endpoints: endpoints, log: log, reg: reg, statusURL: srv.URL,
 			sec: sec, joinURLs: joinURLs, prefix: o.prefix,
-		}, admin)
+		}}
+		first, err := m.enrolAndBoot(gctx)
 		if err != nil {
 			return fail(err)
 		}
-		defer closeAgent() // deferred calls run after g.Wait below returned
-		agents[hwid] = a
-		g.Go(func() error { return a.Run(gctx) })
+		machines[hwid] = m
+		g.Go(func() error { return m.run(gctx, first) })
 	}
 	mux.HandleFunc("GET /v1/nodes/{hwid}/domains", func(w http.ResponseWriter, r *http.Request) {
-		a := agents[r.PathValue("hwid")]
-		if a == nil {
+		m := machines[r.PathValue("hwid")]
+		if m == nil {
 			http.NotFound(w, r)
 			return
 		}
-		domainsHandler(a.Domains)(w, r)
+		domainsHandler(m.current().Domains)(w, r)
 	})
 
 	printBanner(endpoints[0], o, dir, srv.URL, sec)
@@ -306,16 +308,132 @@ type devAgentConfig struct {
 	prefix    string
 }
 
-// devAgent enrols a simulated node (dev mode alone writes hardware records) and builds its agent.
-// The returned func closes the agent's connections once it has stopped.
-func devAgent(ctx context.Context, c devAgentConfig, admin *clientv3.Client) (*agent.Agent, func(), error) {
+// devMachine plays one simulated node's whole life, as firmware and a netboot would: it enrols the
+// node (dev mode alone writes hardware records), boots it (a fresh libvirt test-driver connection,
+// so nothing runs, and a new boot id), and when the agent executes a reboot command, boots it again
+// on the image the boot server would serve it. So rollouts work in `herd dev` too.
+type devMachine struct {
+	cfg   devAgentConfig
+	admin *clientv3.Client
+
+	mu  sync.Mutex
+	cur *devBoot
+}
+
+// devBoot is one boot of a simulated machine.
+type devBoot struct {
+	agent    *agent.Agent
+	ctx      context.Context
+	stop     context.CancelFunc
+	close    func()
+	rebooted atomic.Bool
+}
+
+func (m *devMachine) current() *agent.Agent {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.cur.agent
+}
+
+func (m *devMachine) enrolAndBoot(ctx context.Context) (*devBoot, error) {
+	c := m.cfg
 	hw := keys.Hardware{MAC: c.hwid, Labels: map[string]string{"zone": fmt.Sprintf("z%d", (c.index-1)%2+1)}}
 	cctx, cancel := etcdutil.WithTimeout(ctx)
-	_, err := admin.Put(cctx, c.space.Hardware(c.hwid), keys.MustEncode(&hw))
+	_, err := m.admin.Put(cctx, c.space.Hardware(c.hwid), keys.MustEncode(&hw))
 	cancel()
 	if err != nil {
-		return nil, nil, fmt.Errorf("enrol %s: %w", c.hwid, err)
+		return nil, fmt.Errorf("enrol %s: %w", c.hwid, err)
 	}
+	return m.boot(ctx)
+}
+
+// run runs boot after boot until ctx ends or an agent stops by itself.
+func (m *devMachine) run(ctx context.Context, b *devBoot) error {
+	for {
+		err := b.agent.Run(b.ctx)
+		b.stop()
+		b.close()
+		if ctx.Err() != nil || !b.rebooted.Load() {
+			return err
+		}
+		if b, err = m.boot(ctx); err != nil {
+			return fmt.Errorf("reboot %s: %w", m.cfg.hwid, err)
+		}
+	}
+}
+
+func (m *devMachine) boot(ctx context.Context) (*devBoot, error) {
+	image, err := devBootImage(ctx, m.admin, m.cfg.space, m.cfg.hwid)
+	if err != nil {
+		return nil, err
+	}
+	b := &devBoot{}
+	b.ctx, b.stop = context.WithCancel(ctx)
+	reboot := func(context.Context) error {
+		b.rebooted.Store(true)
+		// Like `systemctl reboot`, return first (the agent records the result), go down after.
+		time.AfterFunc(500*time.Millisecond, b.stop)
+		return nil
+	}
+	b.agent, b.close, err = devAgent(b.ctx, m.cfg, m.admin, image, reboot)
+	if err != nil {
+		b.stop()
+		return nil, err
+	}
+	m.mu.Lock()
+	m.cur = b
+	m.mu.Unlock()
+	return b, nil
+}
+
+// nextBootRegisterer lets a simulated machine's next boot take over its agent's metrics: the
+// previous boot's collectors are replaced, where registering them again would panic. It must wrap
+// the labelling registerer (the registry reports the existing collector without its labels, and
+// only the labelling registerer can unregister it).
+type nextBootRegisterer struct{ prometheus.Registerer }
+
+func (r nextBootRegisterer) Register(c prometheus.Collector) error {
+	err := r.Registerer.Register(c)
+	if are, ok := errors.AsType[prometheus.AlreadyRegisteredError](err); ok {
+		r.Registerer.Unregister(are.ExistingCollector)
+		return r.Registerer.Register(c)
+	}
+	return err
+}
+
+func (r nextBootRegisterer) MustRegister(cs ...prometheus.Collector) {
+	for _, c := range cs {
+		if err := r.Register(c); err != nil {
+			panic(err)
+		}
+	}
+}
+
+// devBootImage is the image the boot server would serve the node: its pin, else the current one
+// ("" before any image is added).
+func devBootImage(ctx context.Context, c *clientv3.Client, space keys.Space, hwid string) (string, error) {
+	cctx, cancel := etcdutil.WithTimeout(ctx)
+	defer cancel()
+	resp, err := c.Txn(cctx).Then(clientv3.OpGet(space.NodeState(hwid)), clientv3.OpGet(space.ImageCurrent())).Commit()
+	if err != nil {
+		return "", fmt.Errorf("read the image of %s: %w", hwid, err)
+	}
+	if kvs := resp.Responses[0].GetResponseRange().Kvs; len(kvs) > 0 {
+		if ns, err := keys.Decode[keys.NodeState](kvs[0].Value); err == nil && ns.Image != "" {
+			return ns.Image, nil
+		}
+	}
+	if kvs := resp.Responses[1].GetResponseRange().Kvs; len(kvs) > 0 {
+		if cur, err := keys.Decode[keys.ImageCurrent](kvs[0].Value); err == nil {
+			return cur.Version, nil
+		}
+	}
+	return "", nil
+}
+
+// devAgent builds the agent of one boot of a simulated node. The returned func closes the agent's
+// connections once it has stopped.
+func devAgent(ctx context.Context, c devAgentConfig, admin *clientv3.Client, image string, reboot func(context.Context) error) (*agent.Agent, func(), error) {
 	nodes := filepath.Join(c.dir, "nodes")
 	if err := os.MkdirAll(nodes, 0o755); err != nil {
 		return nil, nil, err
@@ -331,13 +449,20 @@ func devAgent(ctx context.Context, c devAgentConfig, admin *clientv3.Client) (*a
 	}
 	eo := etcdutil.Options{Endpoints: c.endpoints, Prefix: c.prefix}
 	if c.sec != nil {
-		// The node's way in, as on real hardware: a one-time token, traded at a coordinator's join
-		// endpoint for a certificate naming the node's own etcd user.
+		// The node's way in, as on real hardware: a one-time token per boot, traded at a
+		// coordinator's join endpoint for a certificate naming the node's own etcd user.
 		tok, err := ljoin.Mint(ctx, admin, c.space, c.hwid, ljoin.DefaultTokenTTL, "herd-dev")
 		if err != nil {
+			hv.Close()
 			return nil, nil, err
 		}
-		jc := &ljoin.Client{URLs: c.joinURLs, CAFile: c.sec.caFile(), Dir: filepath.Join(nodes, "node"+fmt.Sprint(c.index)+"-creds"), HWID: c.hwid, Log: log}
+		// The credentials live in the boot's tmpfs on a real node: a boot starts without them.
+		creds := filepath.Join(nodes, "node"+fmt.Sprint(c.index)+"-creds")
+		if err := os.RemoveAll(creds); err != nil {
+			hv.Close()
+			return nil, nil, err
+		}
+		jc := &ljoin.Client{URLs: c.joinURLs, CAFile: c.sec.caFile(), Dir: creds, HWID: c.hwid, Log: log}
 		if err := jc.Ensure(ctx, tok); err != nil {
 			hv.Close()
 			return nil, nil, fmt.Errorf("node %s join: %w", c.hwid, err)
@@ -352,10 +477,10 @@ func devAgent(ctx context.Context, c devAgentConfig, admin *clientv3.Client) (*a
 	closeAll := func() { client.Close(); hv.Close() }
 	a, err := agent.New(agent.Config{
 		Client: client, EtcdUser: eo.User(), Space: c.space, HWID: c.hwid, BootID: uuid.NewString(),
-		Hypervisor: hv, Volumes: c.volumes,
+		Hypervisor: hv, Volumes: c.volumes, Image: image, Reboot: reboot,
 		LeaseTTL: c.leaseTTL, Hostname: fmt.Sprintf("dev-node%d", c.index), Version: version.Version,
 		StatusURL: fmt.Sprintf("%s/v1/nodes/%s/domains", c.statusURL, c.hwid),
-		Log:       log, Registry: prometheus.WrapRegistererWith(prometheus.Labels{"node": c.hwid}, c.reg),
+		Log:       log, Registry: nextBootRegisterer{prometheus.WrapRegistererWith(prometheus.Labels{"node": c.hwid}, c.reg)},
 	})
 	if err != nil {
 		closeAll()
@@ -385,6 +510,12 @@ herd dev is running: embedded etcd, %d coordinators, %d simulated nodes (%d CPUs
   herdctl node list
   %s put %s '{"vcpus":1,"memory_mib":512,"disk":{"pool":"default","size_gib":5}}'
   herdctl vm delete web1
+
+A rolling upgrade (simulated nodes reboot in-process; libvirt's test driver cannot live-migrate,
+so these VMs move by restart; the image files can be any files, nothing boots them here):
+  herdctl vm create app1 --memory 1GiB --migration-policy restart
+  herdctl image add v2 --kernel /etc/hostname --initrd /etc/hostname
+  herdctl rollout start --image v2 --watch
 `, etcdctl, spec)
 	if sec != nil {
 		crt, key := sec.files("dev-viewer")

@@ -145,6 +145,18 @@ func (p *Proc) Kill() {
 	<-p.done
 }
 
+// Wait waits up to timeout for the process to exit by itself and returns how it exited.
+func (p *Proc) Wait(timeout time.Duration) error {
+	select {
+	case <-p.done:
+	case <-time.After(timeout):
+		return fmt.Errorf("%s still running after %s", p.Name, timeout)
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.err
+}
+
 // Signal sends sig to the process only.
 func (p *Proc) Signal(sig syscall.Signal) error { return syscall.Kill(p.Pid(), sig) }
 

@@ -1,0 +1,123 @@
+package e2e
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/herdhq/herd/e2e/rig"
+	"github.com/herdhq/herd/lib/keys"
+)
+
+// TestDevDemo runs `herd dev` (what `just demo` runs) as a newcomer would: from the banner's
+// exports, herdctl (TLS, as the dev operator) creates a VM, and a rollout reboots every simulated
+// node in-process onto the new image — never running a reboot command on this machine — with the
+// VM moving out of the way; the agents' metrics survive the reboots; Ctrl-C stops everything cleanly.
+func TestDevDemo(t *testing.T) {
+	dir := t.TempDir()
+	// Should a reboot ever reach a shell again, it hits this stand-in, not the machine's systemctl.
+	fake := filepath.Join(dir, "bin")
+	marker := filepath.Join(dir, "systemctl-called")
+	if err := os.MkdirAll(fake, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range []string{"systemctl", "reboot"} {
+		script := fmt.Sprintf("#!/bin/sh\necho \"$0 $*\" >> %s\nexit 1\n", marker)
+		if err := os.WriteFile(filepath.Join(fake, name), []byte(script), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Setenv("PATH", fake+string(os.PathListSeparator)+os.Getenv("PATH"))
+	status := fmt.Sprintf("127.0.0.1:%d", rig.FreePort(t))
+	p := rig.Start(t, dir, "herd-dev", bin.Herd, "dev", "--data-dir", filepath.Join(dir, "data"),
+		"--etcd-client-url", fmt.Sprintf("http://127.0.0.1:%d", rig.FreePort(t)),
+		"--etcd-peer-url", fmt.Sprintf("http://127.0.0.1:%d", rig.FreePort(t)),
+		"--listen", status, "--lease-ttl", "3s", "--session-ttl", "2s")
+
+	// The banner's exports are all a newcomer gets.
+	var env []string
+	rig.Eventually(t, 90*time.Second, "herd dev banner", func() error {
+		b, _ := os.ReadFile(p.Log)
+		env = nil
+		for _, line := range strings.Split(string(b), "\n") {
+			line, _, _ = strings.Cut(strings.TrimSpace(line), "#")
+			if rest, ok := strings.CutPrefix(line, "export "); ok {
+				env = append(env, strings.Fields(rest)...)
+			}
+		}
+		if len(env) < 4 || !strings.Contains(string(b), "Ctrl-C stops everything") {
+			return fmt.Errorf("no banner yet (exports %v)", env)
+		}
+		return nil
+	})
+	herdctl := func(args ...string) string {
+		t.Helper()
+		cmd := exec.Command(bin.Herdctl, args...)
+		cmd.Env = append(os.Environ(), env...)
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			t.Fatalf("herdctl %v: %v\n%s", args, err, out)
+		}
+		return string(out)
+	}
+	rig.Eventually(t, 30*time.Second, "three nodes ready", func() error {
+		if n := strings.Count(herdctl("node", "list"), " ready "); n != 3 {
+			return fmt.Errorf("%d ready", n)
+		}
+		return nil
+	})
+	herdctl("vm", "create", "web1", "--vcpus", "2", "--memory", "1GiB", "--disk", "10GiB", "--migration-policy", "restart")
+	rig.Eventually(t, 30*time.Second, "web1 running", func() error {
+		if out := herdctl("vm", "get", "web1"); !strings.Contains(out, "running") {
+			return fmt.Errorf("%s", out)
+		}
+		return nil
+	})
+
+	addImages(t, func(args ...string) string { return herdctl(args...) }, "v2")
+	herdctl("rollout", "start", "--image", "v2")
+	rig.Eventually(t, 120*time.Second, "rollout done", func() error {
+		out := herdctl("rollout", "status")
+		if strings.Contains(out, ": "+keys.RolloutPaused+",") {
+			t.Fatalf("rollout paused:\n%s", out)
+		}
+		if !strings.Contains(out, ": "+keys.RolloutDone+",") {
+			return fmt.Errorf("%s", out)
+		}
+		return nil
+	})
+	t.Logf("%s", herdctl("rollout", "status"))
+	if nl := herdctl("node", "list"); strings.Count(nl, " v2 ") != 3 || strings.Count(nl, " ready ") != 3 {
+		t.Fatalf("not every node back on v2:\n%s", nl)
+	}
+	if b, err := os.ReadFile(marker); err == nil {
+		t.Fatalf("herd dev ran a reboot command on the host: %s", b)
+	}
+	if ev := herdctl("events"); strings.Count(ev, "simulated reboot") != 3 || strings.Count(ev, "rollout-upgraded") != 3 {
+		t.Fatalf("want 3 simulated reboots and 3 upgraded nodes:\n%s", ev)
+	}
+	rig.Eventually(t, 30*time.Second, "web1 running", func() error {
+		if out := herdctl("vm", "get", "web1"); !strings.Contains(out, "running") {
+			return fmt.Errorf("%s", out)
+		}
+		return nil
+	})
+	for i := 1; i <= 3; i++ {
+		node := fmt.Sprintf(`node="52:54:00:00:00:%02x"`, i)
+		if n, err := rig.Metric("http://"+status+"/metrics", "herd_agent_reconcile_seconds_count", node); err != nil {
+			t.Fatalf("metrics of %s after its reboot: %v (%v)", node, err, n)
+		}
+	}
+
+	if err := p.Signal(syscall.SIGINT); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Wait(30 * time.Second); err != nil {
+		t.Fatalf("herd dev did not stop cleanly on Ctrl-C: %v\n%s", err, rig.Tail(p.Log, 20))
+	}
+}
