@@ -72,11 +72,11 @@ type Config struct {
 	RebootCommand string
 	// Reboot, when set, replaces RebootCommand: herd dev's simulated machines reboot in-process
 	// (a developer's rollout must never run `systemctl reboot` on the developer's machine).
-	Reboot func(ctx context.Context) error
-	Hostname      string
-	Image         string
-	Version       string
-	StatusURL     string
+	Reboot    func(ctx context.Context) error
+	Hostname  string
+	Image     string
+	Version   string
+	StatusURL string
 
 	Log      hclog.Logger
 	Registry prometheus.Registerer
