@@ -514,7 +514,7 @@ herd dev is running: embedded etcd, %d coordinators, %d simulated nodes (%d CPUs
 A rolling upgrade (simulated nodes reboot in-process; libvirt's test driver cannot live-migrate,
 so these VMs move by restart; the image files can be any files, nothing boots them here):
   herdctl vm create app1 --memory 1GiB --migration-policy restart
-  herdctl image add v2 --kernel /etc/hostname --initrd /etc/hostname
+  herdctl image add v2 --kernel /etc/hostname --initrd /etc/os-release
   herdctl rollout start --image v2 --watch
 `, etcdctl, spec)
 	if sec != nil {

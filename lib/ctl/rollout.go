@@ -389,6 +389,7 @@ func (e *env) watchRollout(ctx context.Context) error {
 			bar = progressbar.NewOptions(len(ro.Nodes), progressbar.OptionSetWriter(e.errOut), progressbar.OptionShowCount(),
 				progressbar.OptionSetElapsedTime(true), progressbar.OptionSetPredictTime(false), progressbar.OptionSetWidth(30))
 		}
+		bar.ChangeMax(len(ro.Nodes)) // hardware enrolled meanwhile joins the rollout
 		for _, id := range ro.Nodes {
 			if p := ro.Per[id]; p != nil && seen[id] != p.Phase {
 				seen[id] = p.Phase
