@@ -3,6 +3,7 @@ package coordinator
 import (
 	"context"
 	"errors"
+	"fmt"
 	"slices"
 	"strings"
 	"testing"
@@ -52,19 +53,26 @@ func TestRemovedHardwareRevokesNode(t *testing.T) {
 	go func() { _ = co.Run(rctx); close(done) }()
 	defer func() { rcancel(); <-done }()
 
-	eventually(t, "the removed node's user deleted", func() error {
+	// hasUser reports whether the node's etcd user exists.
+	hasUser := func(hwid string) (bool, error) {
 		users, err := root.UserList(ctx)
 		if err != nil {
-			return err
+			return false, err
 		}
-		if slices.Contains(users.Users, rbac.NodeUser("52:54:00:00:00:02")) {
-			return errors.New("still there")
+		return slices.Contains(users.Users, rbac.NodeUser(hwid)), nil
+	}
+	goneUser := func(hwid string) func() error {
+		return func() error {
+			if has, err := hasUser(hwid); err != nil || has {
+				return fmt.Errorf("still there (%v)", err)
+			}
+			return nil
 		}
-		if !slices.Contains(users.Users, rbac.NodeUser("52:54:00:00:00:01")) {
-			t.Fatal("the enrolled node's user was deleted too")
-		}
-		return nil
-	})
+	}
+	eventually(t, "the removed node's user deleted", goneUser("52:54:00:00:00:02"))
+	if has, err := hasUser("52:54:00:00:00:01"); err != nil || !has {
+		t.Fatalf("the enrolled node's user was deleted too (%v)", err)
+	}
 	if _, err := gone.Put(ctx, space.Node("52:54:00:00:00:02"), "{}"); err == nil || !(errors.Is(err, rpctypes.ErrPermissionDenied) || errors.Is(err, rpctypes.ErrAuthFailed) || errors.Is(err, rpctypes.ErrUserNotFound)) {
 		t.Fatalf("the revoked node can still write: %v", err)
 	}
@@ -74,16 +82,7 @@ func TestRemovedHardwareRevokesNode(t *testing.T) {
 	if _, err := root.Delete(ctx, space.Hardware("52:54:00:00:00:01")); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "the second removed node's user deleted", func() error {
-		users, err := root.UserList(ctx)
-		if err != nil {
-			return err
-		}
-		if slices.Contains(users.Users, rbac.NodeUser("52:54:00:00:00:01")) {
-			return errors.New("still there")
-		}
-		return nil
-	})
+	eventually(t, "the second removed node's user deleted", goneUser("52:54:00:00:00:01"))
 }
 
 // testWriter sends a daemon's log to the test's, so a failure in CI shows what the daemon saw.
