@@ -223,9 +223,7 @@ func (e *env) waitDrained(parent context.Context, id string, timeout time.Durati
 			sort.Strings(moving)
 			if total < 0 {
 				total = len(left)
-				bar = progressbar.NewOptions(max(total, 1), progressbar.OptionSetWriter(e.errOut), progressbar.OptionShowCount(),
-					progressbar.OptionSetElapsedTime(true), progressbar.OptionSetPredictTime(false), progressbar.OptionSetWidth(30),
-					progressbar.OptionSetDescription("draining "+id))
+				bar = e.newBar(max(total, 1), "draining "+id)
 			}
 			if len(left) > total {
 				total = len(left)
@@ -238,18 +236,19 @@ func (e *env) waitDrained(parent context.Context, id string, timeout time.Durati
 			bar.Describe(desc)
 			_ = bar.Set(total - len(left))
 			if st, ok := v.states[id]; ok && !st.Draining {
-				fmt.Fprintln(e.errOut)
+				e.endBar()
 				return fmt.Errorf("node %s is no longer draining (uncordoned?)", id)
 			}
 			if st, ok := v.states[id]; ok && st.Drained {
 				_ = bar.Finish()
-				fmt.Fprintf(e.errOut, "\nnode/%s drained\n", id)
+				e.endBar()
+				fmt.Fprintf(e.errOut, "node/%s drained\n", id)
 				return nil
 			}
 		}
 		select {
 		case <-ctx.Done():
-			fmt.Fprintln(e.errOut)
+			e.endBar()
 			return fmt.Errorf("node %s not drained after %s (see 'herdctl node get %s' and 'herdctl events --object node/%s')", id, timeout, id, id)
 		case <-time.After(500 * time.Millisecond):
 		}

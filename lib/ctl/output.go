@@ -4,11 +4,14 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"os"
 	"strings"
 	"text/tabwriter"
 	"time"
 
+	"github.com/schollz/progressbar/v3"
 	"github.com/spf13/cobra"
+	"golang.org/x/term"
 	"sigs.k8s.io/yaml"
 )
 
@@ -137,4 +140,32 @@ func parseLabels(flag string, in []string) (map[string]string, error) {
 		out[k] = v
 	}
 	return out, nil
+}
+
+// newBar is herdctl's progress bar, on stderr and drawn only on a terminal: scripts and logs get
+// just the one line per change that the commands print beside it.
+func (e *env) newBar(max int, desc string) *progressbar.ProgressBar {
+	return progressbar.NewOptions(max, progressbar.OptionSetWriter(e.errOut), progressbar.OptionShowCount(),
+		progressbar.OptionSetElapsedTime(true), progressbar.OptionSetPredictTime(false), progressbar.OptionSetWidth(30),
+		progressbar.OptionSetDescription(desc), progressbar.OptionSetVisibility(e.errTTY()))
+}
+
+// lineStart begins a line printed while a bar may be drawn: it clears the bar's line first.
+func (e *env) lineStart() string {
+	if e.errTTY() {
+		return "\r\033[K"
+	}
+	return ""
+}
+
+// endBar ends the bar's line (on a terminal; elsewhere there is none).
+func (e *env) endBar() {
+	if e.errTTY() {
+		fmt.Fprintln(e.errOut)
+	}
+}
+
+func (e *env) errTTY() bool {
+	f, ok := e.errOut.(*os.File)
+	return ok && term.IsTerminal(int(f.Fd()))
 }

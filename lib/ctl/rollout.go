@@ -386,8 +386,7 @@ func (e *env) watchRollout(ctx context.Context) error {
 			return fmt.Errorf("no rollout: %w", ErrNotFound)
 		}
 		if bar == nil {
-			bar = progressbar.NewOptions(len(ro.Nodes), progressbar.OptionSetWriter(e.errOut), progressbar.OptionShowCount(),
-				progressbar.OptionSetElapsedTime(true), progressbar.OptionSetPredictTime(false), progressbar.OptionSetWidth(30))
+			bar = e.newBar(len(ro.Nodes), "")
 		}
 		bar.ChangeMax(len(ro.Nodes)) // hardware enrolled meanwhile joins the rollout
 		for _, id := range ro.Nodes {
@@ -397,11 +396,11 @@ func (e *env) watchRollout(ctx context.Context) error {
 				if p.Error != "" {
 					note = ": " + p.Error
 				}
-				fmt.Fprintf(e.errOut, "\r\033[K%s  %s %s%s\n", time.Now().Format("15:04:05"), id, p.Phase, note)
+				fmt.Fprintf(e.errOut, "%s%s  %s %s%s\n", e.lineStart(), time.Now().Format("15:04:05"), id, p.Phase, note)
 			}
 		}
 		if ro.Reason != lastReason && ro.Reason != "" {
-			fmt.Fprintf(e.errOut, "\r\033[K%s  %s\n", time.Now().Format("15:04:05"), ro.Reason)
+			fmt.Fprintf(e.errOut, "%s%s  %s\n", e.lineStart(), time.Now().Format("15:04:05"), ro.Reason)
 		}
 		lastReason = ro.Reason
 		done, eta := progress(ro, time.Now())
@@ -413,7 +412,7 @@ func (e *env) watchRollout(ctx context.Context) error {
 		_ = bar.Set(done)
 		if ro.State == keys.RolloutDone || ro.State == keys.RolloutAborted {
 			_ = bar.Finish()
-			fmt.Fprintln(e.errOut)
+			e.endBar()
 			fmt.Fprint(e.out, rolloutSummary(ro, time.Now()))
 			if ro.State == keys.RolloutAborted {
 				return errors.New("rollout aborted")
@@ -429,7 +428,7 @@ func (e *env) watchRollout(ctx context.Context) error {
 		}
 		wcancel()
 		if ctx.Err() != nil {
-			fmt.Fprintln(e.errOut)
+			e.endBar()
 			return ctx.Err()
 		}
 	}
