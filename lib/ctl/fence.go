@@ -217,15 +217,7 @@ func vmOrphansCmd(e *env) *cobra.Command {
   herdctl vm orphans -o json`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if err := o.validate(); err != nil {
-				return err
-			}
-			if err := e.connect(); err != nil {
-				return err
-			}
-			ctx, cancel := e.ctx(cmd.Context())
-			defer cancel()
-			v, err := e.readCluster(ctx)
+			v, err := e.readView(cmd, &o)
 			if err != nil {
 				return err
 			}

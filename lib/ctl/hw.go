@@ -123,15 +123,7 @@ func hwListCmd(e *env) *cobra.Command {
   herdctl hw list -o json`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if err := o.validate(); err != nil {
-				return err
-			}
-			if err := e.connect(); err != nil {
-				return err
-			}
-			ctx, cancel := e.ctx(cmd.Context())
-			defer cancel()
-			v, err := e.readCluster(ctx)
+			v, err := e.readView(cmd, &o)
 			if err != nil {
 				return err
 			}

@@ -137,15 +137,7 @@ func nodeListCmd(e *env) *cobra.Command {
   herdctl node list -o wide`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if err := o.validate(); err != nil {
-				return err
-			}
-			if err := e.connect(); err != nil {
-				return err
-			}
-			ctx, cancel := e.ctx(cmd.Context())
-			defer cancel()
-			v, err := e.readCluster(ctx)
+			v, err := e.readView(cmd, &o)
 			if err != nil {
 				return err
 			}

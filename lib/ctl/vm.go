@@ -306,15 +306,7 @@ func vmGetCmd(e *env) *cobra.Command {
   herdctl vm get web1 -o json`,
 		Args: exactArgs("NAME"),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if err := o.validate(); err != nil {
-				return err
-			}
-			if err := e.connect(); err != nil {
-				return err
-			}
-			ctx, cancel := e.ctx(cmd.Context())
-			defer cancel()
-			v, err := e.readCluster(ctx)
+			v, err := e.readView(cmd, &o)
 			if err != nil {
 				return err
 			}
@@ -398,15 +390,7 @@ func vmListCmd(e *env) *cobra.Command {
   herdctl vm list -o json | jq '.[] | select(.state != "running") | .name'`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if err := o.validate(); err != nil {
-				return err
-			}
-			if err := e.connect(); err != nil {
-				return err
-			}
-			ctx, cancel := e.ctx(cmd.Context())
-			defer cancel()
-			v, err := e.readCluster(ctx)
+			v, err := e.readView(cmd, &o)
 			if err != nil {
 				return err
 			}

@@ -5,6 +5,7 @@ import (
 	"sort"
 	"time"
 
+	"github.com/spf13/cobra"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/herdhq/herd/lib/keys"
@@ -42,6 +43,20 @@ func sortStrings(s []string) { sort.Strings(s) }
 
 // readCluster reads VMs, nodes, node states, hardware and statuses in one transaction, so every
 // table herdctl prints is one revision of the cluster.
+// readView starts a read-only listing: the -o flag checked, a connection, and the cluster read
+// once under --timeout.
+func (e *env) readView(cmd *cobra.Command, o *outputFlag) (*clusterView, error) {
+	if err := o.validate(); err != nil {
+		return nil, err
+	}
+	if err := e.connect(); err != nil {
+		return nil, err
+	}
+	ctx, cancel := e.ctx(cmd.Context())
+	defer cancel()
+	return e.readCluster(ctx)
+}
+
 func (e *env) readCluster(ctx context.Context) (*clusterView, error) {
 	s := e.space
 	resp, err := e.client.Txn(ctx).Then(
