@@ -28,23 +28,17 @@ func fenceListCmd(e *env) *cobra.Command {
 		Example: `  herdctl fence list`,
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if err := o.validate(); err != nil {
+			ctx, cancel, err := e.startRead(cmd, &o)
+			if err != nil {
 				return err
 			}
-			if err := e.connect(); err != nil {
-				return err
-			}
-			ctx, cancel := e.ctx(cmd.Context())
 			defer cancel()
 			resp, err := e.client.Get(ctx, e.space.FenceRoot(), clientv3.WithPrefix())
 			if err != nil {
 				return err
 			}
 			var list []*keys.Fence
-			t := &table{}
-			for _, c := range []string{"NODE", "BOOT-ID", "PHASE", "METHOD", "ATTEMPTS", "STARTED", "ERROR"} {
-				t.col(c, false)
-			}
+			t := newTable("NODE", "BOOT-ID", "PHASE", "METHOD", "ATTEMPTS", "STARTED", "ERROR")
 			for _, kv := range resp.Kvs {
 				f, err := keys.Decode[keys.Fence](kv.Value)
 				if err != nil {
@@ -240,10 +234,7 @@ func vmOrphansCmd(e *env) *cobra.Command {
 				}
 				return list[i].VM < list[j].VM
 			})
-			t := &table{}
-			for _, c := range []string{"NODE", "VM", "UID", "EPOCH", "SINCE", "WHY"} {
-				t.col(c, false)
-			}
+			t := newTable("NODE", "VM", "UID", "EPOCH", "SINCE", "WHY")
 			for _, x := range list {
 				t.row(x.Node, x.VM, fmt.Sprint(x.Status.UID), fmt.Sprint(x.Status.Epoch), age(x.Status.Since), x.Status.Message)
 			}

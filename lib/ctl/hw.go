@@ -133,10 +133,7 @@ func hwListCmd(e *env) *cobra.Command {
 				Live     bool           `json:"live"`
 			}
 			var rows []hwView
-			t := &table{}
-			for _, c := range []string{"HWID", "MAC", "SERIAL", "STORAGE-IP", "LABELS", "NODE"} {
-				t.col(c, false)
-			}
+			t := newTable("HWID", "MAC", "SERIAL", "STORAGE-IP", "LABELS", "NODE")
 			for _, n := range v.nodeViews() {
 				if n.Hardware == nil {
 					continue
@@ -201,23 +198,17 @@ func hwDiscoveredCmd(e *env) *cobra.Command {
 		Example: `  herdctl hw discovered`,
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if err := o.validate(); err != nil {
+			ctx, cancel, err := e.startRead(cmd, &o)
+			if err != nil {
 				return err
 			}
-			if err := e.connect(); err != nil {
-				return err
-			}
-			ctx, cancel := e.ctx(cmd.Context())
 			defer cancel()
 			resp, err := e.client.Get(ctx, e.space.DiscoveredPrefix(), clientv3.WithPrefix())
 			if err != nil {
 				return err
 			}
 			var list []*keys.Discovered
-			t := &table{}
-			for _, c := range []string{"MAC", "SERIAL", "UUID", "ARCH", "ATTEMPTS", "FIRST-SEEN", "LAST-SEEN", "BOOTSERVER"} {
-				t.col(c, false)
-			}
+			t := newTable("MAC", "SERIAL", "UUID", "ARCH", "ATTEMPTS", "FIRST-SEEN", "LAST-SEEN", "BOOTSERVER")
 			for _, kv := range resp.Kvs {
 				d, err := keys.Decode[keys.Discovered](kv.Value)
 				if err != nil {

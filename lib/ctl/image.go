@@ -141,22 +141,16 @@ func imageListCmd(e *env) *cobra.Command {
   herdctl image list -o yaml`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if err := o.validate(); err != nil {
+			ctx, cancel, err := e.startRead(cmd, &o)
+			if err != nil {
 				return err
 			}
-			if err := e.connect(); err != nil {
-				return err
-			}
-			ctx, cancel := e.ctx(cmd.Context())
 			defer cancel()
 			views, err := e.readImages(ctx)
 			if err != nil {
 				return err
 			}
-			t := &table{}
-			for _, c := range []string{"VERSION", "CURRENT", "KERNEL", "INITRD", "CREATED", "BOOTSERVERS"} {
-				t.col(c, false)
-			}
+			t := newTable("VERSION", "CURRENT", "KERNEL", "INITRD", "CREATED", "BOOTSERVERS")
 			for _, v := range views {
 				cur := ""
 				if v.Current {

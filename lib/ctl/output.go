@@ -37,6 +37,15 @@ type table struct {
 	rows   [][]string
 }
 
+// newTable makes a table of plain (not -o wide only) columns.
+func newTable(cols ...string) *table {
+	t := &table{}
+	for _, c := range cols {
+		t.col(c, false)
+	}
+	return t
+}
+
 func (t *table) col(name string, wide bool) {
 	t.header = append(t.header, name)
 	t.wide = append(t.wide, wide)

@@ -281,10 +281,7 @@ func rolloutStatusCmd(e *env) *cobra.Command {
 				return err
 			}
 			fmt.Fprint(e.out, rolloutSummary(ro, time.Now()))
-			t := &table{}
-			for _, c := range []string{"NODE", "PHASE", "RUNNING", "FOR", "NOTE"} {
-				t.col(c, false)
-			}
+			t := newTable("NODE", "PHASE", "RUNNING", "FOR", "NOTE")
 			for _, id := range ro.Nodes {
 				p := ro.Per[id]
 				if p == nil {

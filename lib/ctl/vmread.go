@@ -46,15 +46,24 @@ func sortStrings(s []string) { sort.Strings(s) }
 // readView starts a read-only listing: the -o flag checked, a connection, and the cluster read
 // once under --timeout.
 func (e *env) readView(cmd *cobra.Command, o *outputFlag) (*clusterView, error) {
-	if err := o.validate(); err != nil {
+	ctx, cancel, err := e.startRead(cmd, o)
+	if err != nil {
 		return nil, err
 	}
-	if err := e.connect(); err != nil {
-		return nil, err
-	}
-	ctx, cancel := e.ctx(cmd.Context())
 	defer cancel()
 	return e.readCluster(ctx)
+}
+
+// startRead starts a read command: the -o flag checked, a connection, and the command's context.
+func (e *env) startRead(cmd *cobra.Command, o *outputFlag) (context.Context, context.CancelFunc, error) {
+	if err := o.validate(); err != nil {
+		return nil, nil, err
+	}
+	if err := e.connect(); err != nil {
+		return nil, nil, err
+	}
+	ctx, cancel := e.ctx(cmd.Context())
+	return ctx, cancel, nil
 }
 
 func (e *env) readCluster(ctx context.Context) (*clusterView, error) {

@@ -72,22 +72,16 @@ func volumeListCmd(e *env) *cobra.Command {
   herdctl volume list -o json | jq '.[] | select(.owner == "orphan")'`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if err := o.validate(); err != nil {
+			ctx, cancel, err := e.startRead(cmd, &o)
+			if err != nil {
 				return err
 			}
-			if err := e.connect(); err != nil {
-				return err
-			}
-			ctx, cancel := e.ctx(cmd.Context())
 			defer cancel()
 			vols, err := e.readVolumes(ctx)
 			if err != nil {
 				return err
 			}
-			t := &table{}
-			for _, c := range []string{"POOL", "IMAGE", "VM", "UID", "SIZE", "STATE", "OWNER"} {
-				t.col(c, false)
-			}
+			t := newTable("POOL", "IMAGE", "VM", "UID", "SIZE", "STATE", "OWNER")
 			for _, v := range vols {
 				state := v.Record.State
 				if v.Record.Purge {
