@@ -112,16 +112,18 @@ func (b *backend) lookup(m httpboot.Machine) (string, *keys.Hardware) {
 
 // version is the image a node boots: its pin, else the current one.
 func (b *backend) version(hwid string) (string, error) {
+	var ns *keys.NodeState
+	var cur *keys.ImageCurrent
 	if kv := b.states.Get(b.space.NodeState(hwid)); kv != nil && kv.Err == nil {
-		if pin := kv.Obj.(*keys.NodeState).Image; pin != "" {
-			return pin, nil
-		}
+		ns = kv.Obj.(*keys.NodeState)
 	}
-	kv := b.imgs.Get(b.space.ImageCurrent())
-	if kv == nil || kv.Err != nil {
-		return "", fmt.Errorf("no current image: set one with 'herdctl image set-current VERSION'")
+	if kv := b.imgs.Get(b.space.ImageCurrent()); kv != nil && kv.Err == nil {
+		cur = kv.Obj.(*keys.ImageCurrent)
 	}
-	return kv.Obj.(*keys.ImageCurrent).Version, nil
+	if v := keys.BootImage(ns, cur); v != "" {
+		return v, nil
+	}
+	return "", fmt.Errorf("no current image: set one with 'herdctl image set-current VERSION'")
 }
 
 // Resolve implements httpboot.Backend.

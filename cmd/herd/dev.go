@@ -418,17 +418,15 @@ func devBootImage(ctx context.Context, c *clientv3.Client, space keys.Space, hwi
 	if err != nil {
 		return "", fmt.Errorf("read the image of %s: %w", hwid, err)
 	}
+	var ns *keys.NodeState
+	var cur *keys.ImageCurrent
 	if kvs := resp.Responses[0].GetResponseRange().Kvs; len(kvs) > 0 {
-		if ns, err := keys.Decode[keys.NodeState](kvs[0].Value); err == nil && ns.Image != "" {
-			return ns.Image, nil
-		}
+		ns, _ = keys.Decode[keys.NodeState](kvs[0].Value) // unreadable: as if unpinned, like the boot server
 	}
 	if kvs := resp.Responses[1].GetResponseRange().Kvs; len(kvs) > 0 {
-		if cur, err := keys.Decode[keys.ImageCurrent](kvs[0].Value); err == nil {
-			return cur.Version, nil
-		}
+		cur, _ = keys.Decode[keys.ImageCurrent](kvs[0].Value)
 	}
-	return "", nil
+	return keys.BootImage(ns, cur), nil
 }
 
 // devAgent builds the agent of one boot of a simulated node. The returned func closes the agent's

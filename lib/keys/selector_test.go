@@ -40,3 +40,22 @@ func TestNodeSelector(t *testing.T) {
 		}
 	}
 }
+
+func TestBootImage(t *testing.T) {
+	cur := &ImageCurrent{Version: "v1"}
+	for _, tc := range []struct {
+		ns   *NodeState
+		cur  *ImageCurrent
+		want string
+	}{
+		{nil, nil, ""},
+		{nil, cur, "v1"},
+		{&NodeState{}, cur, "v1"},
+		{&NodeState{Image: "v2"}, cur, "v2"},
+		{&NodeState{Image: "v2"}, nil, "v2"},
+	} {
+		if got := BootImage(tc.ns, tc.cur); got != tc.want {
+			t.Errorf("BootImage(%+v, %+v) = %q, want %q", tc.ns, tc.cur, got, tc.want)
+		}
+	}
+}

@@ -392,6 +392,18 @@ type ImageCurrent struct {
 	Extra   `json:"-"`
 }
 
+// BootImage is the image version a node boots next: its pin (state.Image), else the current
+// version; "" when there is neither. Either argument may be nil.
+func BootImage(state *NodeState, current *ImageCurrent) string {
+	if state != nil && state.Image != "" {
+		return state.Image
+	}
+	if current != nil {
+		return current.Version
+	}
+	return ""
+}
+
 // Bootserver is /herd/bootservers/<name>, under the bootserver's lease: where it serves and which
 // image versions it verified.
 type Bootserver struct {
