@@ -246,6 +246,25 @@ func (h *Host) destroyGuests() {
 			_ = syscall.Kill(pid, syscall.SIGKILL)
 		}
 	}
+	// libvirtd probes QEMU's capabilities with a daemonized `qemu -machine none` that leaves its
+	// process group; a libvirtd stopped mid-probe leaves it running. Its pid file sits in a
+	// qmp-XXXXXX dir under this host's /var/lib/libvirt; the dir's name is on its command line,
+	// which guards against a reused pid.
+	probes, _ := filepath.Glob(filepath.Join(h.Dir, "lib", "qemu", "qmp-*", "qmp.pid"))
+	for _, p := range probes {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			continue
+		}
+		pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+		if err != nil || pid <= 1 {
+			continue
+		}
+		if cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid)); err == nil &&
+			strings.Contains(string(cmdline), filepath.Base(filepath.Dir(p))) {
+			_ = syscall.Kill(pid, syscall.SIGKILL)
+		}
+	}
 }
 
 // StartAgent starts the host's agent, enrolling the host first.
