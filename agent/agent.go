@@ -56,6 +56,9 @@ type Config struct {
 	Addresses         keys.Addresses
 	// MigrationURI is the libvirt URI other nodes' libvirtd reach this one at (qemu+tcp://addr/system).
 	MigrationURI string
+	// BootDir is the only directory direct kernel boot files may come from (symlinks resolved);
+	// "" allows no direct kernel boot.
+	BootDir string
 	// ConsoleDir holds each VM's serial console log, <dir>/<vm>.log; keep the path the same on every
 	// node (a shared filesystem) and a console survives migrations in one file.
 	ConsoleDir string
@@ -184,7 +187,7 @@ func New(cfg Config) (*Agent, error) {
 		migrations: make(chan struct{}, cfg.MaxMigrations),
 		cmds:       make(chan etcdutil.KV, 16),
 	}
-	a.events = events.New(cfg.Client, cfg.Space, "agent/"+cfg.HWID, cfg.EtcdUser, a.log)
+	a.events = events.New(cfg.Client, cfg.Space, keys.EventsByNode(cfg.HWID), "agent/"+cfg.HWID, cfg.EtcdUser, a.log)
 	a.metrics = newMetrics(cfg.Registry)
 	a.assigns = etcdutil.NewInformer(cfg.Client, cfg.Space.AssignPrefix(cfg.HWID), decodeAssignment, a.onAssign, a.log)
 	a.assigns.OnBatch = a.onAssignBatch

@@ -92,7 +92,7 @@ func (h *harness) place(name string, epoch int64, node string) int64 {
 		uid = put(h.t, h.c, space.VMSpec(name), keys.MustEncode(&spec))
 	}
 	pl := keys.Placement{UID: uid, Node: node, Epoch: epoch, UUID: fmt.Sprintf("00000000-0000-4000-8000-%012d", uid), SpecRev: uid}
-	put(h.t, h.c, space.VMPlacement(name), keys.MustEncode(&pl))
+	put(h.t, h.c, space.Placement(name), keys.MustEncode(&pl))
 	if node == hwid {
 		asg := keys.Assignment{UID: uid, Epoch: epoch, UUID: pl.UUID, SpecRev: uid, Spec: &spec}
 		put(h.t, h.c, space.Assign(hwid, name), keys.MustEncode(&asg))
@@ -256,7 +256,7 @@ func TestClusterChangeIsNoEvidence(t *testing.T) {
 	put(t, h.c, space.Cluster(), keys.MustEncode(&keys.Cluster{ID: "cluster-b", Pools: []string{"default"}}))
 	del(t, h.c, space.Assign(hwid, "web1"))
 	del(t, h.c, space.VMSpec("web1"))
-	del(t, h.c, space.VMPlacement("web1"))
+	del(t, h.c, space.Placement("web1"))
 	h.eventually("orphan reported", func() error {
 		if st := h.status("web1"); st == nil || st.State != keys.StateOrphan {
 			return fmt.Errorf("status %+v", st)

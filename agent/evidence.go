@@ -27,7 +27,7 @@ func (a *Agent) evidence(ctx context.Context, name string, dom *hypervisor.Domai
 	resp, err := a.cfg.Client.Txn(cctx).Then(
 		clientv3.OpGet(a.space.Cluster()),
 		clientv3.OpGet(a.space.VMSpec(name)),
-		clientv3.OpGet(a.space.VMPlacement(name)),
+		clientv3.OpGet(a.space.Placement(name)),
 	).Commit()
 	if err != nil {
 		return false, "", fmt.Errorf("read spec and placement for evidence: %w", err)

@@ -67,6 +67,9 @@ func (a *Agent) reconcile(ctx context.Context, name string) error {
 		a.events.Record("vm/"+name, "removed", "domain of uid %d removed from %s: %s", dom.UID, a.hwid, why)
 		dom = nil
 	}
+	if asg.Withdraw {
+		return a.reconcileWithdrawn(ctx, name, kv, asg, dom)
+	}
 	if asg.Incoming != "" {
 		return a.reconcileIncoming(ctx, name, kv, asg, dom)
 	}
@@ -172,6 +175,25 @@ func (a *Agent) powerOff(ctx context.Context, name string) (bool, error) {
 	a.log.Warn("guest ignored the ACPI shutdown: destroyed (fallback)", "vm", name, "waited", a.cfg.ShutdownTimeout)
 	a.events.Record("vm/"+name, "destroyed", "guest did not power off within %s of the ACPI request; destroyed", a.cfg.ShutdownTimeout)
 	return true, nil
+}
+
+// reconcileWithdrawn gives a VM back to the leader: its uid may be running elsewhere (the leader's
+// records disagreed, someone deleted or wrote them by hand), so the domain is stopped at once, with
+// no ACPI grace (two writers on one disk do harm by the second), and undefined; nothing is started.
+// The disk stays: it lives on shared storage and belongs to the VM wherever it runs.
+func (a *Agent) reconcileWithdrawn(ctx context.Context, name string, kv *etcdutil.KV, asg *keys.Assignment, dom *hypervisor.Domain) error {
+	if dom != nil && dom.UID == asg.UID {
+		if err := a.hv.Remove(ctx, name); err != nil {
+			return fmt.Errorf("remove withdrawn domain: %w", err)
+		}
+		a.mu.Lock()
+		delete(a.defined, name)
+		delete(a.stopping, name)
+		a.mu.Unlock()
+		a.log.Warn("domain withdrawn by the leader: stopped and removed", "vm", name, "uid", dom.UID, "epoch", dom.Epoch, "state", dom.State)
+		a.events.Record("vm/"+name, "withdrawn", "domain epoch %d (%s) stopped and removed from %s at the leader's request", dom.Epoch, dom.State, a.hwid)
+	}
+	return a.reportStatus(ctx, name, kv, keys.VMStatus{UID: asg.UID, Epoch: asg.Epoch, UUID: asg.UUID, State: keys.StateWithdrawn})
 }
 
 // reconcileIncoming handles a migration target: expect the domain, never define or start it, and
@@ -319,7 +341,16 @@ func (a *Agent) ensureDefined(ctx context.Context, name string, asg *keys.Assign
 		spec.Console = filepath.Join(a.cfg.ConsoleDir, name+".log")
 	}
 	if b := sp.Boot; b != nil {
-		spec.Kernel, spec.Initrd, spec.Cmdline = b.Kernel, b.Initrd, b.Cmdline
+		var err error
+		if spec.Kernel, err = a.bootFile(b.Kernel); err != nil {
+			return fmt.Errorf("boot.kernel: %w", err)
+		}
+		if b.Initrd != "" {
+			if spec.Initrd, err = a.bootFile(b.Initrd); err != nil {
+				return fmt.Errorf("boot.initrd: %w", err)
+			}
+		}
+		spec.Cmdline = b.Cmdline
 	}
 	for i, n := range sp.Networks {
 		if i >= len(asg.MACs) {
@@ -341,6 +372,30 @@ func (a *Agent) ensureDefined(ctx context.Context, name string, asg *keys.Assign
 	a.defined[name] = asg.SpecRev
 	a.mu.Unlock()
 	return nil
+}
+
+// bootFile resolves a direct kernel boot path and refuses it unless it lies in the node's boot
+// directory once every symlink is resolved: a spec must not be able to load any file of the
+// hypervisor (its credentials, say) into a guest.
+func (a *Agent) bootFile(p string) (string, error) {
+	if err := keys.ValidateBootPath(p); err != nil {
+		return "", err
+	}
+	if a.cfg.BootDir == "" {
+		return "", fmt.Errorf("refused: this node allows no direct kernel boot (no --boot-dir)")
+	}
+	dir, err := filepath.EvalSymlinks(a.cfg.BootDir)
+	if err != nil {
+		return "", fmt.Errorf("refused: boot directory %s: %w", a.cfg.BootDir, err)
+	}
+	real, err := filepath.EvalSymlinks(p)
+	if err != nil {
+		return "", fmt.Errorf("refused: %w", err)
+	}
+	if !keys.InDir(real, dir) {
+		return "", fmt.Errorf("refused: %s resolves to %s, outside this node's boot directory %s", p, real, a.cfg.BootDir)
+	}
+	return real, nil
 }
 
 // preflight proves, just before a domain starts, that this node may start it: the node's lease is

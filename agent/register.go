@@ -73,6 +73,7 @@ func (a *Agent) register(ctx context.Context) (clientv3.LeaseID, error) {
 		Started:           time.Now().UTC(),
 		StatusURL:         a.cfg.StatusURL,
 		MigrationURI:      a.cfg.MigrationURI,
+		BootDir:           a.cfg.BootDir,
 	}
 	b, err := keys.Encode(&node)
 	if err != nil {

@@ -18,25 +18,28 @@ func (a *Agent) report(ctx context.Context, name string, kv *etcdutil.KV, state,
 	asg, _ := kv.Obj.(*keys.Assignment)
 	st := keys.VMStatus{State: state, Message: msg}
 	if asg != nil {
-		st.UID, st.Epoch = asg.UID, asg.Epoch
+		st.UID, st.Epoch, st.UUID = asg.UID, asg.Epoch, asg.UUID
 	}
 	return a.reportStatus(ctx, name, kv, st)
 }
 
 // reportStatus writes st guarded by the assignment kv.
 func (a *Agent) reportStatus(ctx context.Context, name string, kv *etcdutil.KV, st keys.VMStatus) error {
+	if asg, ok := kv.Obj.(*keys.Assignment); ok && st.UUID == "" {
+		st.UUID = asg.UUID // the leader can restore a placement from reports alone
+	}
 	return a.writeStatus(ctx, name, etcdutil.ModRev(kv.Key, kv.ModRevision), st)
 }
 
 // reportOrphan records a domain kept without an assignment, guarded by the assignment's absence.
 func (a *Agent) reportOrphan(ctx context.Context, name string, dom *hypervisor.Domain, why string) error {
-	st := keys.VMStatus{UID: dom.UID, Epoch: dom.Epoch, State: keys.StateOrphan, Message: fmt.Sprintf("domain %s kept: %s", dom.State, why)}
+	st := keys.VMStatus{UID: dom.UID, Epoch: dom.Epoch, UUID: dom.UUID, Domain: string(dom.State), State: keys.StateOrphan, Message: fmt.Sprintf("domain %s kept: %s", dom.State, why)}
 	return a.writeStatus(ctx, name, etcdutil.CreateRev(a.space.Assign(a.hwid, name), 0), st)
 }
 
 func sameStatus(a, b keys.VMStatus) bool {
-	return a.UID == b.UID && a.Epoch == b.Epoch && a.State == b.State && a.Message == b.Message &&
-		a.Migration == b.Migration && a.MigrationResult == b.MigrationResult
+	return a.UID == b.UID && a.Epoch == b.Epoch && a.State == b.State && a.Message == b.Message && a.UUID == b.UUID &&
+		a.Domain == b.Domain && a.Migration == b.Migration && a.MigrationResult == b.MigrationResult
 }
 
 func (a *Agent) writeStatus(ctx context.Context, name string, guard clientv3.Cmp, st keys.VMStatus) error {

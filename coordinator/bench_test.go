@@ -68,11 +68,11 @@ func BenchmarkPlacementThroughput(b *testing.B) {
 		var placed atomic.Int64
 		done := make(chan time.Time, 1)
 		wctx, cancel := context.WithCancel(ctx)
-		wch := c.Watch(wctx, space.VMPrefix(), clientv3.WithPrefix())
+		wch := c.Watch(wctx, space.PlacementPrefix(), clientv3.WithPrefix())
 		go func() {
 			for resp := range wch {
 				for _, ev := range resp.Events {
-					if _, part, _ := space.ParseVM(string(ev.Kv.Key)); part == keys.VMPartPlacement && ev.IsCreate() {
+					if ev.IsCreate() {
 						if placed.Add(1) == benchVMs {
 							done <- time.Now()
 						}

@@ -141,14 +141,18 @@ type Coordinator struct {
 	m      *metrics
 
 	vmsInf, nodesInf, nodeStateInf, hwInf, clusterInf, fenceInf, guardInf, statusInf, volInf *etcdutil.Informer
-	rolloutInf, nodeCmdInf                                                                   *etcdutil.Informer
+	rolloutInf, nodeCmdInf, placementInf, problemInf, assignInf, nodeSpecInf, requestInf     *etcdutil.Informer
+	eventInf                                                                                 *etcdutil.Informer
 	moveLimit                                                                                *rate.Limiter
 
 	mu          sync.Mutex
-	vms         map[string]*vmKeys // by VM name
+	vms         map[string]*vmKeys         // by VM name
+	vanished    map[string]*keys.Placement // VM -> its last placement, deleted by someone
+	leaseTTLs   map[int64]int64            // lease -> granted TTL (s), asked once per lease
 	firstSeen   map[string]time.Time
 	trigger     chan struct{}
 	revokeNow   chan struct{} // a hardware record was deleted: revoke its node now, not at the next tick
+	sweepNow    chan struct{} // an event record was written: check the audit trail's rules
 	isLeader    bool
 	left        map[string]string    // hwid -> boot id of a clean departure this replica saw
 	absent      map[string]time.Time // hwid -> when first found absent with a dead lease
@@ -176,9 +180,12 @@ func New(cfg Config) (*Coordinator, error) {
 		space:       cfg.Space,
 		log:         cfg.Log.With("coordinator", cfg.Name),
 		vms:         map[string]*vmKeys{},
+		vanished:    map[string]*keys.Placement{},
+		leaseTTLs:   map[int64]int64{},
 		firstSeen:   map[string]time.Time{},
 		trigger:     make(chan struct{}, 1),
 		revokeNow:   make(chan struct{}, 1),
+		sweepNow:    make(chan struct{}, 1),
 		left:        map[string]string{},
 		absent:      map[string]time.Time{},
 		lostAt:      map[string]time.Time{},
@@ -189,10 +196,17 @@ func New(cfg Config) (*Coordinator, error) {
 		volumeSem:   make(chan struct{}, 4),
 		moveLimit:   rate.NewLimiter(rate.Limit(cfg.RescheduleRate), max(1, int(cfg.RescheduleRate))),
 	}
-	c.events = events.New(cfg.Client, cfg.Space, "coordinator/"+cfg.Name, cfg.EtcdUser, c.log)
+	c.events = events.New(cfg.Client, cfg.Space, keys.EventsByCoordinator, "coordinator/"+cfg.Name, cfg.EtcdUser, c.log)
 	c.m = newMetrics(cfg.Registry)
 	s := cfg.Space
 	c.vmsInf = etcdutil.NewInformer(cfg.Client, s.VMPrefix(), c.decodeVMKey, c.onVM, c.log)
+	c.placementInf = etcdutil.NewInformer(cfg.Client, s.PlacementPrefix(), keys.DecodeAny[keys.Placement], c.onDecision(s.PlacementPrefix(), partPlacement), c.log)
+	c.problemInf = etcdutil.NewInformer(cfg.Client, s.ProblemPrefix(), keys.DecodeAny[keys.Problem], c.onDecision(s.ProblemPrefix(), partProblem), c.log)
+	c.assignInf = etcdutil.NewInformer(cfg.Client, s.AssignRoot(), keys.DecodeAny[keys.Assignment], c.poke, c.log)
+	c.nodeSpecInf = etcdutil.NewInformer(cfg.Client, s.NodeSpecPrefix(), keys.DecodeAny[keys.NodeSpec], c.poke, c.log)
+	c.requestInf = etcdutil.NewInformer(cfg.Client, s.RequestPrefix(), keys.DecodeAny[keys.Request], c.poke, c.log)
+	c.eventInf = etcdutil.NewInformer(cfg.Client, s.EventPrefix(), nil, c.onEvent, c.log)
+	c.eventInf.DropValues = true // only sizes and leases matter to the janitor
 	c.nodesInf = etcdutil.NewInformer(cfg.Client, s.NodePrefix(), keys.DecodeAny[keys.Node], c.onNode, c.log)
 	c.fenceInf = etcdutil.NewInformer(cfg.Client, s.FenceRoot(), keys.DecodeAny[keys.Fence], c.poke, c.log)
 	c.guardInf = etcdutil.NewInformer(cfg.Client, s.LossGuard(), keys.DecodeAny[keys.LossGuard], c.poke, c.log)
@@ -201,7 +215,8 @@ func New(cfg Config) (*Coordinator, error) {
 	c.nodeStateInf = etcdutil.NewInformer(cfg.Client, s.NodeStatePrefix(), keys.DecodeAny[keys.NodeState], c.poke, c.log)
 	c.hwInf = etcdutil.NewInformer(cfg.Client, s.HardwarePrefix(), keys.DecodeAny[keys.Hardware], c.onHardware, c.log)
 	c.clusterInf = etcdutil.NewInformer(cfg.Client, s.Cluster(), keys.DecodeAny[keys.Cluster], c.poke, c.log)
-	c.rolloutInf = etcdutil.NewInformer(cfg.Client, s.Rollout(), keys.DecodeAny[keys.Rollout], c.poke, c.log)
+	// One watch covers both rollout keys: the operator's request and the leader's progress.
+	c.rolloutInf = etcdutil.NewInformer(cfg.Client, s.Rollout(), c.decodeRolloutKey, c.poke, c.log)
 	c.nodeCmdInf = etcdutil.NewInformer(cfg.Client, s.NodeCmdRoot(), keys.DecodeAny[keys.NodeCommand], c.poke, c.log)
 	return c, nil
 }
@@ -214,21 +229,49 @@ func (c *Coordinator) decodeVMKey(key string, v []byte) (any, error) {
 	switch part {
 	case keys.VMPartSpec:
 		return keys.Decode[keys.VMSpec](v)
-	case keys.VMPartPlacement:
-		return keys.Decode[keys.Placement](v)
-	case keys.VMPartProblem:
-		return keys.Decode[keys.Problem](v)
 	case keys.VMPartMigrate:
 		return keys.Decode[keys.MigrateRequest](v)
 	}
 	return nil, fmt.Errorf("unknown VM key")
 }
 
-func (c *Coordinator) onVM(key string, _, cur *etcdutil.KV) {
+func (c *Coordinator) decodeRolloutKey(key string, v []byte) (any, error) {
+	switch key {
+	case c.space.Rollout():
+		return keys.Decode[keys.Rollout](v)
+	case c.space.RolloutStatus():
+		return keys.Decode[keys.RolloutStatus](v)
+	}
+	return nil, fmt.Errorf("not a rollout key")
+}
+
+// Parts of a VM the caches track, besides those under VMPrefix.
+const (
+	partPlacement = keys.VMPart(100 + iota)
+	partProblem
+)
+
+// onDecision routes a leader record of a VM (placement or problem, each under its own prefix)
+// into the VM's cached keys.
+func (c *Coordinator) onDecision(prefix string, part keys.VMPart) etcdutil.ChangeFunc {
+	return func(key string, prev, cur *etcdutil.KV) {
+		name, ok := keys.ParseVMName(prefix, key)
+		if !ok {
+			return
+		}
+		c.onVMPart(name, part, prev, cur)
+	}
+}
+
+func (c *Coordinator) onVM(key string, prev, cur *etcdutil.KV) {
 	name, part, ok := c.space.ParseVM(key)
 	if !ok {
 		return
 	}
+	c.onVMPart(name, part, prev, cur)
+}
+
+func (c *Coordinator) onVMPart(name string, part keys.VMPart, prev, cur *etcdutil.KV) {
 	c.mu.Lock()
 	v := c.vms[name]
 	if v == nil {
@@ -244,15 +287,24 @@ func (c *Coordinator) onVM(key string, _, cur *etcdutil.KV) {
 			delete(c.firstSeen, name)
 		}
 		v.spec = cur
-	case keys.VMPartPlacement:
+	case partPlacement:
 		v.placement = cur
-	case keys.VMPartProblem:
+		if cur != nil {
+			delete(c.vanished, name)
+		}
+		if cur == nil && prev != nil && prev.Err == nil {
+			// Remembered so that a placement deleted by anyone but the leader (root with etcdctl,
+			// a restored backup) is restored rather than made anew while the VM may still run.
+			c.vanished[name] = prev.Obj.(*keys.Placement)
+		}
+	case partProblem:
 		v.problem = cur
 	case keys.VMPartMigrate:
 		v.migrate = cur
 	}
 	if v.spec == nil && v.placement == nil && v.problem == nil && v.migrate == nil {
 		delete(c.vms, name)
+		delete(c.vanished, name)
 	}
 	c.mu.Unlock()
 	c.poke("", nil, nil)
@@ -335,7 +387,7 @@ func (c *Coordinator) Run(ctx context.Context) error {
 
 // newClusterRecord is the write that creates /herd/cluster if it is absent.
 func (c *Coordinator) newClusterRecord() action {
-	cl := keys.Cluster{ID: uuid.NewString(), Created: time.Now().UTC(), Pools: c.cfg.Pools}
+	cl := keys.Cluster{ID: uuid.NewString(), Created: time.Now().UTC(), Pools: c.cfg.Pools, Schema: keys.SchemaVersion}
 	return action{vm: "cluster", what: "create cluster record",
 		conds: []etcdutil.Cmp{etcdutil.CreateRev(c.space.Cluster(), 0)},
 		ops:   []etcdutil.Op{etcdutil.OpPut(c.space.Cluster(), keys.MustEncode(&cl))},
@@ -348,7 +400,7 @@ func (c *Coordinator) newClusterRecord() action {
 // initCluster writes /herd/cluster if no coordinator ever did. Losing the race to another
 // coordinator is success.
 func (c *Coordinator) initCluster(ctx context.Context) error {
-	cl := keys.Cluster{ID: uuid.NewString(), Created: time.Now().UTC(), Pools: c.cfg.Pools}
+	cl := keys.Cluster{ID: uuid.NewString(), Created: time.Now().UTC(), Pools: c.cfg.Pools, Schema: keys.SchemaVersion}
 	if err := cl.Validate(); err != nil {
 		return fmt.Errorf("cluster record: %w", err)
 	}

@@ -1,8 +1,11 @@
 package coordinator
 
 import (
+	"os"
+
 	"context"
 	"fmt"
+	"github.com/hashicorp/go-hclog"
 	"strings"
 	"testing"
 	"time"
@@ -34,7 +37,7 @@ type replica struct {
 func startReplica(t testing.TB, endpoints []string, name string) *replica {
 	t.Helper()
 	cl := etcdtest.NewClient(t, endpoints)
-	co, err := New(Config{Client: cl, Space: space, Name: name, SessionTTL: 2 * time.Second, Interval: time.Second})
+	co, err := New(Config{Client: cl, Space: space, Name: name, SessionTTL: 2 * time.Second, Interval: time.Second, Log: testLog(t)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -116,7 +119,7 @@ func TestPlaceUpdateAndUnplace(t *testing.T) {
 	}
 	var pl *keys.Placement
 	eventually(t, "web1 placed with its assignment", func() error {
-		v := get(t, c, space.VMPlacement("web1"))
+		v := get(t, c, space.Placement("web1"))
 		if v == nil {
 			return fmt.Errorf("no placement")
 		}
@@ -156,7 +159,7 @@ func TestPlaceUpdateAndUnplace(t *testing.T) {
 		t.Fatal(err)
 	}
 	eventually(t, "problem recorded", func() error {
-		p, err := keys.Decode[keys.Problem](get(t, c, space.VMProblem("web1")))
+		p, err := keys.Decode[keys.Problem](get(t, c, space.Problem("web1")))
 		if err != nil {
 			return err
 		}
@@ -178,7 +181,7 @@ func TestPlaceUpdateAndUnplace(t *testing.T) {
 		if err != nil {
 			return err
 		}
-		if resp.Count != 0 || get(t, c, space.Assign("n2", "web1")) != nil {
+		if resp.Count != 0 || get(t, c, space.Assign("n2", "web1")) != nil || get(t, c, space.Placement("web1")) != nil || get(t, c, space.Problem("web1")) != nil {
 			return fmt.Errorf("%d keys left", resp.Count)
 		}
 		return nil
@@ -195,7 +198,7 @@ func TestPendingWithReasonThenPlaced(t *testing.T) {
 		t.Fatal(err)
 	}
 	eventually(t, "pending problem", func() error {
-		p, err := keys.Decode[keys.Problem](get(t, c, space.VMProblem("big")))
+		p, err := keys.Decode[keys.Problem](get(t, c, space.Problem("big")))
 		if err != nil {
 			return err
 		}
@@ -205,16 +208,16 @@ func TestPendingWithReasonThenPlaced(t *testing.T) {
 		return nil
 	})
 	// Cordon the only node, add a bigger one: the VM goes to the new node, the problem is cleared.
-	if _, err := c.Put(ctx, space.NodeState("n1"), `{"cordoned":true}`); err != nil {
+	if _, err := c.Put(ctx, space.NodeSpec("n1"), `{"cordoned":true}`); err != nil {
 		t.Fatal(err)
 	}
 	addNode(t, c, "n2", 2, 8192, nil)
 	eventually(t, "placed on n2", func() error {
-		pl, err := keys.Decode[keys.Placement](get(t, c, space.VMPlacement("big")))
+		pl, err := keys.Decode[keys.Placement](get(t, c, space.Placement("big")))
 		if err != nil {
 			return err
 		}
-		if pl.Node != "n2" || get(t, c, space.VMProblem("big")) != nil {
+		if pl.Node != "n2" || get(t, c, space.Problem("big")) != nil {
 			return fmt.Errorf("placement %+v", pl)
 		}
 		return nil
@@ -265,9 +268,17 @@ func TestFailoverAndDeletedElectionKey(t *testing.T) {
 		t.Fatal(err)
 	}
 	eventually(t, "new leader places", func() error {
-		if get(t, c, space.VMPlacement("after")) == nil {
+		if get(t, c, space.Placement("after")) == nil {
 			return fmt.Errorf("not placed")
 		}
 		return nil
 	})
+}
+
+// testLog shows the coordinator's log in the test's output when HERD_TEST_LOG is set.
+func testLog(t testing.TB) hclog.Logger {
+	if os.Getenv("HERD_TEST_LOG") == "" {
+		return hclog.NewNullLogger()
+	}
+	return hclog.New(&hclog.LoggerOptions{Name: t.Name(), Level: hclog.Debug, Output: os.Stderr})
 }

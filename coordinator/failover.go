@@ -60,37 +60,48 @@ func (s *snapshotView) fenceFor(hwid, boot string) *etcdutil.KV {
 	return nil
 }
 
-// bookkeeping records each live node's boot and lease in its node state, marks clean departures,
-// and drops fence records of boots that a reboot has proven dead.
+// bookkeeping keeps each node's state (the leader's record) in step: the live registration (boot,
+// the lease etcd says the key hangs on, addresses), a clean departure, the capacity the node may
+// offer, the migration address the leader vouches for, why a present key is not trusted, and the
+// operator's image pin. One write per node, conditioned on the state as read.
 func (c *Coordinator) bookkeeping(s *snapshotView) []action {
-	var acts []action
-	update := func(hwid string, mutate func(*keys.NodeState) bool, why string) {
-		ns := keys.NodeState{}
-		var rev int64
-		if kv := s.states[hwid]; kv != nil {
-			if kv.Err != nil {
-				return // an operator must fix it; never overwrite what we cannot read
-			}
-			ns = *kv.Obj.(*keys.NodeState)
-			rev = kv.ModRevision
-		}
-		if !mutate(&ns) {
-			return
-		}
-		acts = append(acts, action{vm: "node/" + hwid, what: why,
-			conds: []etcdutil.Cmp{etcdutil.ModRev(c.space.NodeState(hwid), rev)},
-			ops:   []etcdutil.Op{etcdutil.OpPut(c.space.NodeState(hwid), keys.MustEncode(&ns))}})
-	}
+	muts := map[string][]func(*keys.NodeState) bool{}
+	add := func(hwid string, f func(*keys.NodeState) bool) { muts[hwid] = append(muts[hwid], f) }
 	for hwid, kv := range s.live {
-		n := kv.Obj.(*keys.Node)
-		update(hwid, func(ns *keys.NodeState) bool {
+		n, lease := kv.Obj.(*keys.Node), kv.Lease
+		vouched := s.vouchMigration(hwid, n)
+		add(hwid, func(ns *keys.NodeState) bool {
+			changed := false
 			addr := n.Addresses
-			if ns.BootID == n.BootID && ns.Lease == n.Lease && !ns.Left && ns.Addresses != nil && ns.Addresses.Management == addr.Management && ns.Addresses.Storage == addr.Storage {
+			if ns.BootID != n.BootID || ns.Lease != lease || ns.Left || ns.Addresses == nil || ns.Addresses.Management != addr.Management || ns.Addresses.Storage != addr.Storage || ns.Addresses.Migration != addr.Migration {
+				ns.BootID, ns.Lease, ns.Left, ns.Addresses = n.BootID, lease, false, &addr
+				changed = true
+			}
+			if ns.Capacity == nil {
+				// Trust on first use: what the node says at its first registration (unless the
+				// hardware record says what to expect) is what it may offer from then on.
+				ns.Capacity = &keys.Capacity{CPUs: n.CPUs, MemoryMiB: n.MemoryMiB}
+				changed = true
+			}
+			if ns.MigrationIP != vouched {
+				ns.MigrationIP = vouched
+				changed = true
+			}
+			if ns.Capped != s.capped[hwid] || ns.Doubt != "" {
+				ns.Capped, ns.Doubt = s.capped[hwid], ""
+				changed = true
+			}
+			return changed
+		})
+	}
+	for hwid, why := range s.untrusted {
+		add(hwid, func(ns *keys.NodeState) bool {
+			if ns.Doubt == why {
 				return false
 			}
-			ns.BootID, ns.Lease, ns.Left, ns.Addresses = n.BootID, n.Lease, false, &addr
+			ns.Doubt = why
 			return true
-		}, "record registration")
+		})
 	}
 	c.mu.Lock()
 	left := make(map[string]string, len(c.left))
@@ -102,15 +113,127 @@ func (c *Coordinator) bookkeeping(s *snapshotView) []action {
 		if _, alive := s.live[hwid]; alive {
 			continue
 		}
-		update(hwid, func(ns *keys.NodeState) bool {
+		add(hwid, func(ns *keys.NodeState) bool {
 			if ns.BootID != boot || ns.Left {
 				return false
 			}
 			ns.Left = true
 			return true
-		}, "record departure")
+		})
+	}
+	for hwid, kv := range s.specs {
+		if kv.Err != nil {
+			continue
+		}
+		pin := kv.Obj.(*keys.NodeSpec).Image
+		add(hwid, func(ns *keys.NodeState) bool {
+			if ns.PinApplied == pin {
+				return false
+			}
+			// The operator changed the pin: it takes over from whatever a rollout set.
+			ns.Image, ns.PinApplied = pin, pin
+			return true
+		})
+	}
+	var acts []action
+	for hwid, fs := range muts {
+		ns := keys.NodeState{}
+		var rev int64
+		if kv := s.states[hwid]; kv != nil {
+			if kv.Err != nil {
+				continue // an operator must fix it; never overwrite what we cannot read
+			}
+			cp, err := keys.Decode[keys.NodeState](kv.Value) // a copy: the cached object is shared
+			if err != nil {
+				continue
+			}
+			ns, rev = *cp, kv.ModRevision
+		}
+		prev := ns
+		changed := false
+		for _, f := range fs {
+			if f(&ns) {
+				changed = true
+			}
+		}
+		if !changed {
+			continue
+		}
+		id, after := hwid, ns
+		acts = append(acts, action{vm: "node/" + hwid, what: "record node state",
+			conds: []etcdutil.Cmp{etcdutil.ModRev(c.space.NodeState(hwid), rev)},
+			ops:   []etcdutil.Op{etcdutil.OpPut(c.space.NodeState(hwid), keys.MustEncode(&ns))},
+			after: func() { c.noteNodeState(id, &prev, &after) }})
 	}
 	return acts
+}
+
+// noteNodeState logs and records what changed in a node's state that an operator should know of.
+func (c *Coordinator) noteNodeState(hwid string, prev, cur *keys.NodeState) {
+	if cur.Doubt != "" && cur.Doubt != prev.Doubt {
+		c.log.Warn("node key not trusted: the node counts as absent", "node", hwid, "why", cur.Doubt)
+		c.events.Record("node/"+hwid, "untrusted", "%s: the node counts as absent", cur.Doubt)
+	}
+	if cur.Capped != "" && cur.Capped != prev.Capped {
+		c.log.Warn("node capacity capped", "node", hwid, "why", cur.Capped)
+		c.events.Record("node/"+hwid, "capacity-capped", "%s", cur.Capped)
+	}
+	if cur.Addresses != nil && cur.Addresses.Migration != "" && cur.MigrationIP == "" &&
+		(prev.Addresses == nil || prev.Addresses.Migration != cur.Addresses.Migration || prev.MigrationIP != "") {
+		c.log.Warn("migration address not vouched for: the node gets no migration certificate", "node", hwid, "address", cur.Addresses.Migration)
+		c.events.Record("node/"+hwid, "migration-address-refused", "%s is held by another node or not the hardware record's migration_ip", cur.Addresses.Migration)
+	}
+	if cur.PinApplied != prev.PinApplied {
+		c.events.Record("node/"+hwid, "pin-applied", "boots %q next (\"\" = the current image)", cur.Image)
+	}
+}
+
+// vouchMigration is the live-migration address the leader vouches for on a node's behalf (the name
+// its migration certificate may carry): the address the node registers, if it is the hardware
+// record's migration_ip when that is set, and if no other node holds it.
+func (s *snapshotView) vouchMigration(hwid string, n *keys.Node) string {
+	addr := n.Addresses.Migration
+	if addr == "" {
+		return ""
+	}
+	if hw := s.hardware[hwid]; hw != nil && hw.MigrationIP != "" && hw.MigrationIP != addr {
+		return ""
+	}
+	if s.migrationHolders()[addr] != hwid {
+		return ""
+	}
+	return addr
+}
+
+// migrationHolders maps each migration address to the one node it may be vouched for: the node
+// whose hardware record names it, else the node whose state holds it, else (nobody holds it yet)
+// the first by id of the live nodes that register it. Computed once per round.
+func (s *snapshotView) migrationHolders() map[string]string {
+	if s.migHolders != nil {
+		return s.migHolders
+	}
+	s.migHolders = map[string]string{}
+	claims := map[string]string{}
+	for hwid, kv := range s.live {
+		ip := kv.Obj.(*keys.Node).Addresses.Migration
+		if first, ok := claims[ip]; ip != "" && (!ok || hwid < first) {
+			claims[ip] = hwid
+		}
+	}
+	for hwid, kv := range s.states {
+		if kv.Err == nil {
+			if ip := kv.Obj.(*keys.NodeState).MigrationIP; ip != "" {
+				claims[ip] = hwid
+			}
+		}
+	}
+	for hwid, hw := range s.hardware {
+		if hw.MigrationIP != "" {
+			claims[hw.MigrationIP] = hwid
+		}
+	}
+	s.migHolders = claims
+	return claims
 }
 
 // failover decides, per absent node, between waiting, holding, committing a fence, fencing and
@@ -305,13 +428,18 @@ func (c *Coordinator) leaseAlive(ctx context.Context, id int64) bool {
 }
 
 // commitFence writes the fence record: the commit point of the boot's death. It holds only while
-// the node key is absent, so a node that came back in time is never fenced.
+// the node has no trusted registration: its key absent, or exactly the untrusted key the round
+// judged (no lease, or a lease too long), so a node that came back in time is never fenced.
 func (c *Coordinator) commitFence(g etcdutil.Guard, s *snapshotView, hwid, boot string) action {
 	f := keys.Fence{HWID: hwid, BootID: boot, Phase: keys.FenceFencing, Method: c.cfg.Fencer.Name(),
 		Started: time.Now().UTC(), Updated: time.Now().UTC(), By: c.cfg.Name}
 	key := c.space.Fence(hwid, boot)
+	nodeCond := etcdutil.CreateRev(c.space.Node(hwid), 0)
+	if kv := s.keys[hwid]; kv != nil && s.untrusted[hwid] != "" {
+		nodeCond = etcdutil.ModRev(kv.Key, kv.ModRevision)
+	}
 	return action{vm: "node/" + hwid, what: "commit fence",
-		conds: []etcdutil.Cmp{etcdutil.CreateRev(c.space.Node(hwid), 0), etcdutil.CreateRev(key, 0)},
+		conds: []etcdutil.Cmp{nodeCond, etcdutil.CreateRev(key, 0)},
 		ops:   []etcdutil.Op{etcdutil.OpPut(key, keys.MustEncode(&f))},
 		after: func() {
 			c.log.Warn("node lost: fencing", "node", hwid, "boot_id", boot, "method", f.Method)
@@ -398,16 +526,16 @@ func (c *Coordinator) move(g etcdutil.Guard, name string, v vmKeys, spec *keys.V
 	from := pl.Node
 	return action{vm: name, what: "move",
 		conds: []etcdutil.Cmp{
-			etcdutil.ModRev(c.space.VMPlacement(name), v.placement.ModRevision),
+			etcdutil.ModRev(c.space.Placement(name), v.placement.ModRevision),
 			etcdutil.ModRev(c.space.VMSpec(name), v.spec.ModRevision),
 			etcdutil.ModRev(fate.fenceKey, fate.fenceRev),
 		},
 		ops: []etcdutil.Op{
-			etcdutil.OpPut(c.space.VMPlacement(name), keys.MustEncode(&npl)),
+			etcdutil.OpPut(c.space.Placement(name), keys.MustEncode(&npl)),
 			etcdutil.OpPut(c.space.Assign(to, name), keys.MustEncode(&asg)),
 			etcdutil.OpDelete(c.space.Assign(from, name)),
 			etcdutil.OpDelete(c.space.Status(from, name)),
-			etcdutil.OpDelete(c.space.VMProblem(name)),
+			etcdutil.OpDelete(c.space.Problem(name)),
 		},
 		after: func() {
 			c.m.moves.Inc()

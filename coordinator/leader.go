@@ -12,8 +12,10 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/herdhq/herd/coordinator/scheduler"
+	"github.com/herdhq/herd/coordinator/schema"
 	"github.com/herdhq/herd/lib/etcdutil"
 	"github.com/herdhq/herd/lib/keys"
+	"github.com/herdhq/herd/lib/units"
 )
 
 // lead runs scheduling rounds until ctx ends or leadership is lost.
@@ -21,17 +23,16 @@ func (c *Coordinator) lead(ctx context.Context, g etcdutil.Guard) error {
 	// The caches may lag the previous leader's last writes. A linearizable read after winning gives
 	// a revision past anything it could still write (its key is gone by now); act only once every
 	// cache has caught up to it.
-	cctx, cancel := etcdutil.WithTimeout(ctx)
-	resp, err := c.cfg.Client.Get(cctx, c.space.Cluster())
-	cancel()
-	if err != nil {
-		return fmt.Errorf("leader barrier read: %w", err)
+	if err := c.barrier(ctx, true); err != nil {
+		return err
 	}
-	for _, inf := range c.informers() {
-		inf.CheckRevision(resp.Header.Revision) // etcd restored or replaced under us?
-	}
-	for _, inf := range c.informers() {
-		if err := inf.Sync(ctx, resp.Header.Revision); err != nil {
+	// A keyspace an older herd wrote is brought to this herd's layout before anything is decided
+	// from it; the caches then catch up with the rewrites.
+	if n, err := schema.Upgrade(ctx, c.cfg.Client, c.space, g, c.log); err != nil {
+		return fmt.Errorf("keyspace upgrade: %w", err)
+	} else if n > 0 {
+		c.events.Record("cluster", "keyspace-upgraded", "to schema %d: %d keys rewritten", keys.SchemaVersion, n)
+		if err := c.barrier(ctx, false); err != nil {
 			return err
 		}
 	}
@@ -41,6 +42,13 @@ func (c *Coordinator) lead(ctx context.Context, g etcdutil.Guard) error {
 		var wg sync.WaitGroup
 		wg.Add(1)
 		go func() { defer wg.Done(); c.revokeLoop(rctx) }()
+		defer func() { stop(); wg.Wait() }()
+	}
+	{
+		jctx, stop := context.WithCancel(ctx)
+		var wg sync.WaitGroup
+		wg.Add(1)
+		go func() { defer wg.Done(); c.eventJanitor(jctx, g) }()
 		defer func() { stop(); wg.Wait() }()
 	}
 	t := time.NewTicker(c.cfg.Interval)
@@ -68,8 +76,38 @@ func (c *Coordinator) lead(ctx context.Context, g etcdutil.Guard) error {
 	}
 }
 
+// barrier reads etcd linearizably and waits until every cache reflects that revision. With check,
+// a revision older than a cache held before the read means etcd was restored or replaced under
+// us: those caches list again.
+func (c *Coordinator) barrier(ctx context.Context, check bool) error {
+	before := map[*etcdutil.Informer]int64{}
+	for _, inf := range c.informers() {
+		before[inf] = inf.Rev()
+	}
+	cctx, cancel := etcdutil.WithTimeout(ctx)
+	resp, err := c.cfg.Client.Get(cctx, c.space.Cluster())
+	cancel()
+	if err != nil {
+		return fmt.Errorf("leader barrier read: %w", err)
+	}
+	for _, inf := range c.informers() {
+		// Only a revision older than what the cache held before the read says etcd went back: a
+		// cache that moved on meanwhile saw newer writes, nothing more.
+		if check && resp.Header.Revision < before[inf] {
+			inf.CheckRevision(resp.Header.Revision)
+		}
+	}
+	for _, inf := range c.informers() {
+		if err := inf.Sync(ctx, resp.Header.Revision); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 func (c *Coordinator) informers() []*etcdutil.Informer {
-	return []*etcdutil.Informer{c.clusterInf, c.hwInf, c.nodesInf, c.nodeStateInf, c.vmsInf, c.fenceInf, c.guardInf, c.statusInf, c.volInf, c.rolloutInf, c.nodeCmdInf}
+	return []*etcdutil.Informer{c.clusterInf, c.hwInf, c.nodesInf, c.nodeStateInf, c.nodeSpecInf, c.vmsInf, c.placementInf, c.problemInf,
+		c.assignInf, c.fenceInf, c.guardInf, c.statusInf, c.volInf, c.rolloutInf, c.nodeCmdInf, c.requestInf, c.eventInf}
 }
 
 // action is one guarded write a round decided on.
@@ -87,7 +125,7 @@ type action struct {
 // writes, so the next round never decides from a view older than this one's decisions.
 func (c *Coordinator) round(ctx context.Context, g etcdutil.Guard) error {
 	start := time.Now()
-	snap := c.snapshot()
+	snap := c.snapshot(ctx)
 	acts := c.bookkeeping(&snap)
 	if c.clusterInf.Get(c.space.Cluster()) == nil {
 		// etcd was replaced by an empty one: this is a new cluster, with a new id, which tells
@@ -95,15 +133,31 @@ func (c *Coordinator) round(ctx context.Context, g etcdutil.Guard) error {
 		acts = append(acts, c.newClusterRecord())
 	}
 
-	placedOn := map[string][]string{} // node -> VMs placed there
+	// Nodes with anything of a VM: its placement, or any assignment (strays and migration targets
+	// included). A node that is lost with any of them is fenced before they are given up.
+	placedOn := map[string][]string{}
 	for name, v := range snap.vms {
+		on := map[string]bool{}
 		if v.placement != nil && v.placement.Err == nil {
-			n := v.placement.Obj.(*keys.Placement).Node
-			placedOn[n] = append(placedOn[n], name)
+			on[v.placement.Obj.(*keys.Placement).Node] = true
+		}
+		for hwid := range snap.assigns[name] {
+			on[hwid] = true
+		}
+		for hwid := range on {
+			placedOn[hwid] = append(placedOn[hwid], name)
+		}
+	}
+	for name, byNode := range snap.assigns {
+		if _, known := snap.vms[name]; !known {
+			for hwid := range byNode {
+				placedOn[hwid] = append(placedOn[hwid], name)
+			}
 		}
 	}
 	fo, fates := c.failover(ctx, g, &snap, placedOn)
 	acts = append(acts, fo...)
+	acts = append(acts, c.handleRequests(&snap)...)
 
 	var pending []scheduler.VM
 	var placed []scheduler.VM
@@ -113,15 +167,19 @@ func (c *Coordinator) round(ctx context.Context, g etcdutil.Guard) error {
 	var wants []wantMove
 	busy := map[string]int{} // open migrations per node
 
+	// Assignments of VMs with neither spec nor placement record (deleted while their placement was
+	// gone): nodes remove the domains on the evidence that the spec is gone.
+	for name, byNode := range snap.assigns {
+		if _, known := snap.vms[name]; known {
+			continue
+		}
+		for hwid, kv := range byNode {
+			acts = append(acts, c.dropAssignment(name, hwid, kv, "the VM was deleted"))
+		}
+	}
 	for name, v := range snap.vms {
 		if v.spec == nil {
-			if v.placement != nil {
-				if a, ok := c.unplace(name, v, "the VM was deleted"); ok {
-					acts = append(acts, a)
-				}
-			} else if v.problem != nil {
-				acts = append(acts, c.clearProblem(name, v.problem))
-			}
+			acts = append(acts, c.unplace(&snap, name, v, "the VM was deleted")...)
 			continue
 		}
 		uid := v.spec.CreateRevision
@@ -139,9 +197,7 @@ func (c *Coordinator) round(ctx context.Context, g etcdutil.Guard) error {
 			pl = v.placement.Obj.(*keys.Placement)
 			if pl.UID != uid {
 				// The placement belongs to an earlier VM of the same name; clear it first.
-				if a, ok := c.unplace(name, v, "the VM was re-created"); ok {
-					acts = append(acts, a)
-				}
+				acts = append(acts, c.unplace(&snap, name, v, "the VM was re-created")...)
 				continue
 			}
 		}
@@ -151,6 +207,20 @@ func (c *Coordinator) round(ctx context.Context, g etcdutil.Guard) error {
 		}
 		if invalid != nil {
 			spec = nil
+		}
+		auth, aacts := c.reconcileVM(g, &snap, name, v, uid, spec)
+		acts = append(acts, aacts...)
+		if auth.restored != nil {
+			// Accounted where it is kept; everything else waits for the records to agree.
+			r := auth.restored
+			placed = append(placed, scheduler.VM{Name: name, UID: uid, VCPUs: r.VCPUs, MemoryMiB: r.MemoryMiB, AntiAffinity: r.AntiAffinity, Node: r.Node})
+			continue
+		}
+		if pl == nil && auth.blocked != "" {
+			if a, ok := c.setProblem(name, uid, v.problem, keys.ProblemPending, "not placed anew: "+auth.blocked, nil); ok {
+				acts = append(acts, a)
+			}
+			continue
 		}
 		var fate nodeFate
 		if pl != nil {
@@ -306,7 +376,7 @@ func (c *Coordinator) informerFor(key string) *etcdutil.Informer {
 	for _, p := range []struct {
 		prefix string
 		inf    *etcdutil.Informer
-	}{{s.VMPrefix(), c.vmsInf}, {s.NodeStatePrefix(), c.nodeStateInf}, {s.VolumeRoot(), c.volInf}, {s.FenceRoot(), c.fenceInf}, {s.StatusRoot(), c.statusInf}, {s.LossGuard(), c.guardInf}, {s.Cluster(), c.clusterInf}, {s.Rollout(), c.rolloutInf}, {s.NodeCmdRoot(), c.nodeCmdInf}} {
+	}{{s.VMPrefix(), c.vmsInf}, {s.PlacementPrefix(), c.placementInf}, {s.ProblemPrefix(), c.problemInf}, {s.AssignRoot(), c.assignInf}, {s.NodeStatePrefix(), c.nodeStateInf}, {s.VolumeRoot(), c.volInf}, {s.FenceRoot(), c.fenceInf}, {s.StatusRoot(), c.statusInf}, {s.LossGuard(), c.guardInf}, {s.Cluster(), c.clusterInf}, {s.Rollout(), c.rolloutInf}, {s.NodeCmdRoot(), c.nodeCmdInf}} {
 		if strings.HasPrefix(key, p.prefix) {
 			return p.inf
 		}
@@ -374,29 +444,60 @@ type snapshotView struct {
 	vms      map[string]vmKeys
 	nodes    []scheduler.Node // live nodes as the scheduler sees them
 	pools    []string
-	live     map[string]*etcdutil.KV // hwid -> node key (decoded)
-	states   map[string]*etcdutil.KV // hwid -> node state
+	live     map[string]*etcdutil.KV // hwid -> node key (decoded), only nodes trusted as alive
+	states   map[string]*etcdutil.KV // hwid -> node state (the leader's)
+	specs    map[string]*etcdutil.KV // hwid -> node spec (the operators')
 	fences   map[string][]*etcdutil.KV
 	hardware map[string]*keys.Hardware
 	guard    *etcdutil.KV
 	statuses map[string]map[string]*etcdutil.KV // hwid -> vm -> status
+	reports  map[string]map[string]*etcdutil.KV // vm -> hwid -> status (the same, by VM)
+	assigns  map[string]map[string]*etcdutil.KV // vm -> hwid -> assignment
 	volumes  map[string]*etcdutil.KV            // "pool/image" -> disk record
+	requests map[string]*etcdutil.KV            // key -> operator request
+	vanished map[string]*keys.Placement         // vm -> last placement, deleted by someone
+	// untrusted are node keys present but not trusted as a live registration, with why; keys
+	// holds every node key present, trusted or not.
+	untrusted map[string]string
+	keys      map[string]*etcdutil.KV
+	// capped are live nodes whose reported capacity exceeds what they may offer.
+	capped map[string]string
+	// migHolders: see migrationHolders.
+	migHolders map[string]string
+}
+
+// admin is a node's administrative state (operator's spec and leader's state combined).
+func (s *snapshotView) admin(hwid string) keys.NodeAdmin {
+	var spec *keys.NodeSpec
+	if kv := s.specs[hwid]; kv != nil && kv.Err == nil {
+		spec = kv.Obj.(*keys.NodeSpec)
+	}
+	return keys.AdminOf(spec, s.lastSeen(hwid))
 }
 
 // draining says whether a node is being drained.
-func (s *snapshotView) draining(hwid string) bool {
-	kv := s.states[hwid]
-	return kv != nil && kv.Err == nil && kv.Obj.(*keys.NodeState).Draining
-}
+func (s *snapshotView) draining(hwid string) bool { return s.admin(hwid).Draining }
 
-func (c *Coordinator) snapshot() snapshotView {
+// maxNodeLeaseTTL bounds the lease a node key may hang on: a node that took a longer one could hide
+// its death for that long.
+const maxNodeLeaseTTL = 120 * time.Second
+
+func (c *Coordinator) snapshot(ctx context.Context) snapshotView {
 	s := snapshotView{
-		live:     map[string]*etcdutil.KV{},
-		states:   map[string]*etcdutil.KV{},
-		fences:   map[string][]*etcdutil.KV{},
-		hardware: map[string]*keys.Hardware{},
-		statuses: map[string]map[string]*etcdutil.KV{},
-		volumes:  map[string]*etcdutil.KV{},
+		live:      map[string]*etcdutil.KV{},
+		states:    map[string]*etcdutil.KV{},
+		specs:     map[string]*etcdutil.KV{},
+		fences:    map[string][]*etcdutil.KV{},
+		hardware:  map[string]*keys.Hardware{},
+		statuses:  map[string]map[string]*etcdutil.KV{},
+		reports:   map[string]map[string]*etcdutil.KV{},
+		assigns:   map[string]map[string]*etcdutil.KV{},
+		volumes:   map[string]*etcdutil.KV{},
+		requests:  map[string]*etcdutil.KV{},
+		vanished:  map[string]*keys.Placement{},
+		untrusted: map[string]string{},
+		keys:      map[string]*etcdutil.KV{},
+		capped:    map[string]string{},
 	}
 	for _, kv := range c.volInf.List() {
 		if pool, image, ok := keys.ParseNodeScoped(c.space.VolumeRoot(), kv.Key); ok {
@@ -409,12 +510,30 @@ func (c *Coordinator) snapshot() snapshotView {
 				s.statuses[hwid] = map[string]*etcdutil.KV{}
 			}
 			s.statuses[hwid][name] = kv
+			if s.reports[name] == nil {
+				s.reports[name] = map[string]*etcdutil.KV{}
+			}
+			s.reports[name][hwid] = kv
 		}
+	}
+	for _, kv := range c.assignInf.List() {
+		if hwid, name, ok := keys.ParseNodeScoped(c.space.AssignRoot(), kv.Key); ok {
+			if s.assigns[name] == nil {
+				s.assigns[name] = map[string]*etcdutil.KV{}
+			}
+			s.assigns[name][hwid] = kv
+		}
+	}
+	for _, kv := range c.requestInf.List() {
+		s.requests[kv.Key] = kv
 	}
 	c.mu.Lock()
 	s.vms = make(map[string]vmKeys, len(c.vms))
 	for n, v := range c.vms {
 		s.vms[n] = *v
+	}
+	for n, p := range c.vanished {
+		s.vanished[n] = p
 	}
 	c.mu.Unlock()
 	if kv := c.clusterInf.Get(c.space.Cluster()); kv != nil && kv.Err == nil {
@@ -430,6 +549,11 @@ func (c *Coordinator) snapshot() snapshotView {
 			s.states[hwid] = kv
 		}
 	}
+	for _, kv := range c.nodeSpecInf.List() {
+		if hwid, ok := keys.ParseLeaf(c.space.NodeSpecPrefix(), kv.Key); ok {
+			s.specs[hwid] = kv
+		}
+	}
 	for _, kv := range c.fenceInf.List() {
 		if hwid, _, ok := keys.ParseNodeScoped(c.space.FenceRoot(), kv.Key); ok {
 			s.fences[hwid] = append(s.fences[hwid], kv)
@@ -440,23 +564,48 @@ func (c *Coordinator) snapshot() snapshotView {
 	}
 	for _, kv := range c.nodesInf.List() {
 		hwid, ok := keys.ParseLeaf(c.space.NodePrefix(), kv.Key)
-		if !ok || kv.Err != nil {
+		if !ok {
+			continue
+		}
+		s.keys[hwid] = kv
+		if kv.Err != nil {
+			s.untrusted[hwid] = "its key is unreadable: " + kv.Err.Error()
+			continue
+		}
+		// A node is alive exactly while its key hangs on a live lease of a sane length: a key put
+		// without one (or with a lease of days) would keep a dead node "ready".
+		if why := c.leaseDoubt(ctx, kv); why != "" {
+			s.untrusted[hwid] = why
 			continue
 		}
 		s.live[hwid] = kv
 		n := kv.Obj.(*keys.Node)
-		sn := scheduler.Node{HWID: hwid, CPUs: n.CPUs, MemoryMiB: n.MemoryMiB, ReservedMemoryMiB: n.ReservedMemoryMiB}
+		sn := scheduler.Node{HWID: hwid, CPUs: n.CPUs, MemoryMiB: n.MemoryMiB, ReservedMemoryMiB: n.ReservedMemoryMiB, BootDir: n.BootDir}
+		if allowed := s.allowedCapacity(hwid); allowed != nil {
+			var over []string
+			if n.CPUs > allowed.CPUs {
+				over = append(over, fmt.Sprintf("%d CPUs (allowed %d)", n.CPUs, allowed.CPUs))
+				sn.CPUs = allowed.CPUs
+			}
+			if n.MemoryMiB > allowed.MemoryMiB {
+				over = append(over, fmt.Sprintf("%s memory (allowed %s)", units.FormatMiB(n.MemoryMiB), units.FormatMiB(allowed.MemoryMiB)))
+				sn.MemoryMiB = allowed.MemoryMiB
+			}
+			if len(over) > 0 {
+				s.capped[hwid] = fmt.Sprintf("reports %s: capped; if the hardware really grew, approve it with 'herdctl hw set-capacity %s --from-node'", strings.Join(over, " and "), hwid)
+			}
+		}
 		if hw := s.hardware[hwid]; hw == nil {
 			sn.Unschedulable = "not enrolled (no readable hardware record)"
 		} else {
 			sn.Labels = hw.Labels
 		}
-		if st := s.states[hwid]; st != nil {
-			if st.Err != nil {
-				sn.Unschedulable = "unreadable node state: " + st.Err.Error()
-			} else if ns := st.Obj.(*keys.NodeState); ns.Cordoned {
-				sn.Unschedulable = "cordoned"
-			}
+		if st := s.states[hwid]; st != nil && st.Err != nil {
+			sn.Unschedulable = "unreadable node state: " + st.Err.Error()
+		} else if sp := s.specs[hwid]; sp != nil && sp.Err != nil {
+			sn.Unschedulable = "unreadable node spec: " + sp.Err.Error()
+		} else if a := s.admin(hwid); a.Cordoned {
+			sn.Unschedulable = "cordoned"
 		}
 		if s.fenceFor(hwid, n.BootID) != nil {
 			sn.Unschedulable = "fenced: reboot it or run 'herdctl fence clear " + hwid + "'"
@@ -464,6 +613,50 @@ func (c *Coordinator) snapshot() snapshotView {
 		s.nodes = append(s.nodes, sn)
 	}
 	return s
+}
+
+// allowedCapacity is what a node may offer: the operator's expected capacity from the hardware
+// record, else what the leader recorded at its first registration; nil before either exists.
+func (s *snapshotView) allowedCapacity(hwid string) *keys.Capacity {
+	if hw := s.hardware[hwid]; hw != nil && (hw.CPUs > 0 || hw.MemoryMiB > 0) {
+		c := keys.Capacity{CPUs: hw.CPUs, MemoryMiB: hw.MemoryMiB}
+		if ns := s.lastSeen(hwid); ns != nil && ns.Capacity != nil {
+			// Half an expectation leaves the other half to the first registration.
+			if c.CPUs == 0 {
+				c.CPUs = ns.Capacity.CPUs
+			}
+			if c.MemoryMiB == 0 {
+				c.MemoryMiB = ns.Capacity.MemoryMiB
+			}
+		}
+		if c.CPUs == 0 || c.MemoryMiB == 0 {
+			return nil
+		}
+		return &c
+	}
+	if ns := s.lastSeen(hwid); ns != nil && ns.Capacity != nil {
+		return ns.Capacity
+	}
+	return nil
+}
+
+// leaseDoubt says why a node key is not trusted as a live registration ("" when it is): it must be
+// attached to a lease, and that lease must have been granted for at most maxNodeLeaseTTL. A lease's
+// granted TTL never changes, so each lease is asked about once.
+func (c *Coordinator) leaseDoubt(ctx context.Context, kv *etcdutil.KV) string {
+	if kv.Lease == 0 {
+		return "its key was written without a lease"
+	}
+	ttl, err := c.grantedTTL(ctx, kv.Lease)
+	if err != nil {
+		// Not knowing is no reason to call a node dead: it counts as live until a round can ask.
+		c.log.Warn("lease check failed", "key", kv.Key, "error", err)
+		return ""
+	}
+	if ttl > maxNodeLeaseTTL {
+		return fmt.Sprintf("its lease was granted for %s, more than the %s a node may take", ttl, maxNodeLeaseTTL)
+	}
+	return ""
 }
 
 // checkSpec decodes and validates a spec; a nil spec with an error means it cannot be used.
@@ -485,7 +678,14 @@ func (c *Coordinator) checkSpec(name string, kv *etcdutil.KV, pools []string) (*
 }
 
 func schedVM(name string, uid int64, s *keys.VMSpec, node string) scheduler.VM {
-	return scheduler.VM{Name: name, UID: uid, VCPUs: s.VCPUs, MemoryMiB: s.MemoryMiB, Selector: s.NodeSelector, AntiAffinity: s.AntiAffinity, Node: node}
+	vm := scheduler.VM{Name: name, UID: uid, VCPUs: s.VCPUs, MemoryMiB: s.MemoryMiB, Selector: s.NodeSelector, AntiAffinity: s.AntiAffinity, Node: node}
+	if b := s.Boot; b != nil {
+		vm.BootPaths = append(vm.BootPaths, b.Kernel)
+		if b.Initrd != "" {
+			vm.BootPaths = append(vm.BootPaths, b.Initrd)
+		}
+	}
+	return vm
 }
 
 // place commits a first placement: placement and the node's assignment in one transaction, which
@@ -499,13 +699,14 @@ func (c *Coordinator) place(g etcdutil.Guard, name string, specKV *etcdutil.KV, 
 		vm:   name,
 		what: "place",
 		conds: []etcdutil.Cmp{
-			etcdutil.ModRev(c.space.VMPlacement(name), 0),
+			etcdutil.ModRev(c.space.Placement(name), 0),
 			etcdutil.ModRev(c.space.VMSpec(name), specKV.ModRevision),
+			etcdutil.CreateRev(c.space.Assign(node, name), 0),
 		},
 		ops: []etcdutil.Op{
-			etcdutil.OpPut(c.space.VMPlacement(name), keys.MustEncode(&pl)),
+			etcdutil.OpPut(c.space.Placement(name), keys.MustEncode(&pl)),
 			etcdutil.OpPut(c.space.Assign(node, name), keys.MustEncode(&asg)),
-			etcdutil.OpDelete(c.space.VMProblem(name)),
+			etcdutil.OpDelete(c.space.Problem(name)),
 		},
 		after: func() {
 			if !seen.IsZero() {
@@ -553,37 +754,47 @@ func (c *Coordinator) updateSpec(g etcdutil.Guard, name string, v vmKeys, spec *
 		vm:   name,
 		what: "update spec",
 		conds: []etcdutil.Cmp{
-			etcdutil.ModRev(c.space.VMPlacement(name), v.placement.ModRevision),
+			etcdutil.ModRev(c.space.Placement(name), v.placement.ModRevision),
 			etcdutil.ModRev(c.space.VMSpec(name), v.spec.ModRevision),
 		},
 		ops: []etcdutil.Op{
-			etcdutil.OpPut(c.space.VMPlacement(name), keys.MustEncode(&npl)),
+			etcdutil.OpPut(c.space.Placement(name), keys.MustEncode(&npl)),
 			etcdutil.OpPut(c.space.Assign(pl.Node, name), keys.MustEncode(&asg)),
-			etcdutil.OpDelete(c.space.VMProblem(name)),
+			etcdutil.OpDelete(c.space.Problem(name)),
 		},
 	}
 }
 
-// unplace removes a placement whose VM is gone, with the node's assignment and the problem record.
-func (c *Coordinator) unplace(name string, v vmKeys, why string) (action, bool) {
-	if v.placement.Err != nil {
-		c.log.Error("unreadable placement of a deleted VM; remove it by hand", "vm", name, "key", v.placement.Key, "error", v.placement.Err)
-		return action{}, false
+// unplace removes what the leader recorded for a VM that is gone (or gone as this uid): its
+// placement, every assignment of the name, its problem record. The nodes remove the domains on the
+// evidence that the spec is gone or belongs to a newer uid.
+func (c *Coordinator) unplace(s *snapshotView, name string, v vmKeys, why string) []action {
+	var acts []action
+	if v.placement != nil {
+		if v.placement.Err != nil {
+			c.log.Error("unreadable placement of a deleted VM; remove it by hand", "vm", name, "key", v.placement.Key, "error", v.placement.Err)
+			return nil
+		}
+		pl := v.placement.Obj.(*keys.Placement)
+		acts = append(acts, action{
+			vm:    name,
+			what:  "unplace",
+			conds: []etcdutil.Cmp{etcdutil.ModRev(c.space.Placement(name), v.placement.ModRevision)},
+			ops:   []etcdutil.Op{etcdutil.OpDelete(c.space.Placement(name)), etcdutil.OpDelete(c.space.Problem(name))},
+			after: func() {
+				c.events.Record("vm/"+name, "unplaced", "uid %d removed from %s: %s", pl.UID, pl.Node, why)
+			},
+		})
+	} else if v.problem != nil {
+		acts = append(acts, c.clearProblem(name, v.problem))
 	}
-	pl := v.placement.Obj.(*keys.Placement)
-	return action{
-		vm:    name,
-		what:  "unplace",
-		conds: []etcdutil.Cmp{etcdutil.ModRev(c.space.VMPlacement(name), v.placement.ModRevision)},
-		ops: []etcdutil.Op{
-			etcdutil.OpDelete(c.space.VMPlacement(name)),
-			etcdutil.OpDelete(c.space.Assign(pl.Node, name)),
-			etcdutil.OpDelete(c.space.VMProblem(name)),
-		},
-		after: func() {
-			c.events.Record("vm/"+name, "unplaced", "uid %d removed from %s: %s", pl.UID, pl.Node, why)
-		},
-	}, true
+	for hwid, kv := range s.assigns[name] {
+		if v.spec != nil && kv.Err == nil && kv.Obj.(*keys.Assignment).UID == v.spec.CreateRevision {
+			continue // the new incarnation's
+		}
+		acts = append(acts, c.dropAssignment(name, hwid, kv, why))
+	}
+	return acts
 }
 
 // setProblem records why a VM is not where it should be, unless the same problem is recorded.
@@ -598,7 +809,7 @@ func (c *Coordinator) setProblem(name string, uid int64, cur *etcdutil.KV, kind,
 		vm:    name,
 		what:  "record problem",
 		conds: []etcdutil.Cmp{etcdutil.CreateRev(c.space.VMSpec(name), uid)},
-		ops:   []etcdutil.Op{etcdutil.OpPut(c.space.VMProblem(name), keys.MustEncode(&p))},
+		ops:   []etcdutil.Op{etcdutil.OpPut(c.space.Problem(name), keys.MustEncode(&p))},
 		after: func() {
 			c.log.Info("vm problem", "vm", name, "kind", kind, "message", msg)
 			c.events.Record("vm/"+name, "problem", "%s: %s", kind, msg)

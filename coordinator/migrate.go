@@ -87,13 +87,13 @@ func (c *Coordinator) finishMigration(g etcdutil.Guard, m openMigration, how str
 	asg := assignmentFor(&npl, m.spec)
 	src, dst, took := pl.Node, pl.Migration.To, time.Since(pl.Migration.Started)
 	return action{vm: m.name, what: "commit migration",
-		conds: []etcdutil.Cmp{etcdutil.ModRev(c.space.VMPlacement(m.name), m.v.placement.ModRevision)},
+		conds: []etcdutil.Cmp{etcdutil.ModRev(c.space.Placement(m.name), m.v.placement.ModRevision)},
 		ops: []etcdutil.Op{
-			etcdutil.OpPut(c.space.VMPlacement(m.name), keys.MustEncode(&npl)),
+			etcdutil.OpPut(c.space.Placement(m.name), keys.MustEncode(&npl)),
 			etcdutil.OpPut(c.space.Assign(dst, m.name), keys.MustEncode(&asg)),
 			etcdutil.OpDelete(c.space.Assign(src, m.name)),
 			etcdutil.OpDelete(c.space.Status(src, m.name)),
-			etcdutil.OpDelete(c.space.VMProblem(m.name)),
+			etcdutil.OpDelete(c.space.Problem(m.name)),
 		},
 		after: func() {
 			c.m.migrations.WithLabelValues("done").Inc()
@@ -110,16 +110,16 @@ func (c *Coordinator) abortMigration(g etcdutil.Guard, m openMigration, why stri
 	npl.Migration, npl.By, npl.Term = nil, c.cfg.Name, g.Rev
 	src, dst := pl.Node, pl.Migration.To
 	ops := []etcdutil.Op{
-		etcdutil.OpPut(c.space.VMPlacement(m.name), keys.MustEncode(&npl)),
+		etcdutil.OpPut(c.space.Placement(m.name), keys.MustEncode(&npl)),
 		etcdutil.OpDelete(c.space.Assign(dst, m.name)),
 		etcdutil.OpDelete(c.space.Status(dst, m.name)),
 	}
 	asg := assignmentFor(&npl, m.spec)
 	ops = append(ops, etcdutil.OpPut(c.space.Assign(src, m.name), keys.MustEncode(&asg)))
 	p := keys.Problem{UID: pl.UID, Kind: keys.ProblemMigration, Message: fmt.Sprintf("migration to %s failed: %s", dst, why), Since: time.Now().UTC()}
-	ops = append(ops, etcdutil.OpPut(c.space.VMProblem(m.name), keys.MustEncode(&p)))
+	ops = append(ops, etcdutil.OpPut(c.space.Problem(m.name), keys.MustEncode(&p)))
 	return action{vm: m.name, what: "abort migration",
-		conds: []etcdutil.Cmp{etcdutil.ModRev(c.space.VMPlacement(m.name), m.v.placement.ModRevision)},
+		conds: []etcdutil.Cmp{etcdutil.ModRev(c.space.Placement(m.name), m.v.placement.ModRevision)},
 		ops:   ops,
 		after: func() {
 			c.m.migrations.WithLabelValues("failed").Inc()
@@ -225,11 +225,11 @@ func (c *Coordinator) openMigration(g etcdutil.Guard, w wantMove, dst, mode stri
 	dstAsg := assignmentFor(&npl, w.spec)
 	dstAsg.Incoming = mig.ID
 	conds := []etcdutil.Cmp{
-		etcdutil.ModRev(c.space.VMPlacement(w.name), w.v.placement.ModRevision),
+		etcdutil.ModRev(c.space.Placement(w.name), w.v.placement.ModRevision),
 		etcdutil.ModRev(c.space.VMSpec(w.name), w.v.spec.ModRevision),
 	}
 	ops := []etcdutil.Op{
-		etcdutil.OpPut(c.space.VMPlacement(w.name), keys.MustEncode(&npl)),
+		etcdutil.OpPut(c.space.Placement(w.name), keys.MustEncode(&npl)),
 		etcdutil.OpPut(c.space.Assign(w.pl.Node, w.name), keys.MustEncode(&srcAsg)),
 		etcdutil.OpPut(c.space.Assign(dst, w.name), keys.MustEncode(&dstAsg)),
 	}
@@ -246,7 +246,8 @@ func (c *Coordinator) openMigration(g etcdutil.Guard, w wantMove, dst, mode stri
 		}}
 }
 
-// drainBookkeeping marks draining nodes drained once nothing is placed on or moving to them.
+// drainBookkeeping marks draining nodes drained once nothing is placed on or moving to them, and
+// forgets a drain that is no longer asked for (uncordoned, or the rollout moved on).
 func (c *Coordinator) drainBookkeeping(s *snapshotView, placedOn map[string][]string, busy map[string]int) []action {
 	var acts []action
 	for hwid, kv := range s.states {
@@ -254,18 +255,27 @@ func (c *Coordinator) drainBookkeeping(s *snapshotView, placedOn map[string][]st
 			continue
 		}
 		ns := kv.Obj.(*keys.NodeState)
-		if !ns.Draining || ns.Drained || len(placedOn[hwid]) > 0 || busy[hwid] > 0 {
+		a := s.admin(hwid)
+		var drained bool
+		switch {
+		case !a.Draining && ns.Drained:
+			drained = false
+		case a.Draining && !ns.Drained && len(placedOn[hwid]) == 0 && busy[hwid] == 0:
+			drained = true
+		default:
 			continue
 		}
 		n := *ns
-		n.Drained = true
+		n.Drained = drained
 		id := hwid
 		acts = append(acts, action{vm: "node/" + hwid, what: "mark drained",
 			conds: []etcdutil.Cmp{etcdutil.ModRev(kv.Key, kv.ModRevision)},
 			ops:   []etcdutil.Op{etcdutil.OpPut(kv.Key, keys.MustEncode(&n))},
 			after: func() {
-				c.log.Info("node drained", "node", id)
-				c.events.Record("node/"+id, "drained", "no VM left")
+				if drained {
+					c.log.Info("node drained", "node", id)
+					c.events.Record("node/"+id, "drained", "no VM left")
+				}
 			}})
 	}
 	return acts

@@ -11,16 +11,18 @@ import (
 	"github.com/herdhq/herd/lib/keys"
 )
 
-// Rolling upgrades. The rollout record (/herd/rollout) holds the fleet, fixed at start, and each
-// node's phase; the leader advances it one step per round, in ONE transaction that also carries
-// every node-state and node-command write the step needs, conditioned on the revisions it read.
-// So a leader killed at any point leaves a record that says exactly what was done, and the next
-// leader continues from it.
+// Rolling upgrades. The operator's request (/herd/rollout) names the image, the fleet, the budget
+// and whether to run, pause or abort; the leader's progress (/herd/rolloutstatus) holds each node's
+// phase. The leader advances it one step per round, in ONE transaction that also carries every
+// node-state and node-command write the step needs, conditioned on the revisions it read. So a
+// leader killed at any point leaves a record that says exactly what was done, and the next leader
+// continues from it.
 //
-// Per node: pending -> draining (cordoned, drained by the ordinary drain, pinned to the image) ->
-// rebooting (a reboot command bound to the node's current boot id) -> done (the node registered
-// with another boot id and the image; its cordon state restored). A node already on the image is
-// skipped. Unavailable = in progress (cordoned by the rollout) or not ready; a node starts only
+// Per node: pending -> draining (cordoned and drained by the rollout, pinned to the image: the
+// node state names the rollout) -> rebooting (a reboot command bound to the node's current boot
+// id) -> done (the node registered with another boot id and the image; the rollout's cordon
+// lifted). A node already on the image is skipped. The operator's own cordon (the node spec) is
+// never touched. Unavailable = in progress (cordoned by the rollout) or not ready; a node starts only
 // while fewer than max_unavailable are, decided from the state at the start of the round, and only
 // if the other nodes can take its VMs (the scheduler, over the same snapshot).
 
@@ -28,69 +30,81 @@ import (
 type rolloutStep struct {
 	c      *Coordinator
 	s      *snapshotView
-	ro     *keys.Rollout
+	req    *keys.Rollout
+	ro     *keys.RolloutStatus
 	now    time.Time
 	conds  []etcdutil.Cmp
 	ops    []etcdutil.Op
 	notes  []func()
+	placed []scheduler.VM             // what the round's snapshot has placed, for the capacity check
 	states map[string]*keys.NodeState // node states read (and maybe changed) this step
 	write  map[string]bool            // ... and those to write back, once each, at the end
 	dirty  bool
 }
 
 func (c *Coordinator) rolloutRound(g etcdutil.Guard, s *snapshotView, placed []scheduler.VM) []action {
-	kv := c.rolloutInf.Get(c.space.Rollout())
-	if kv == nil {
-		c.m.rolloutNodes.Reset()
+	rkv, skv := c.rolloutInf.Get(c.space.Rollout()), c.rolloutInf.Get(c.space.RolloutStatus())
+	if rkv != nil && rkv.Err != nil {
+		c.log.Error("unreadable rollout request; the rollout is stuck until it is fixed or deleted", "key", rkv.Key, "error", rkv.Err)
 		return nil
 	}
-	if kv.Err != nil {
-		c.log.Error("unreadable rollout record; the rollout is stuck until it is fixed or deleted", "key", kv.Key, "error", kv.Err)
+	if skv != nil && skv.Err != nil {
+		c.log.Error("unreadable rollout status; delete it to let the leader start it again", "key", skv.Key, "error", skv.Err)
 		return nil
 	}
-	// A private copy: the cached object is shared.
-	ro, err := keys.Decode[keys.Rollout](kv.Value)
-	if err != nil {
-		return nil
-	}
-	if ro.State == keys.RolloutDone || ro.State == keys.RolloutAborted {
-		c.m.rolloutNodes.Reset()
-		return nil
-	}
-	if ro.Per == nil {
-		ro.Per = map[string]*keys.RolloutNode{}
-	}
-	st := &rolloutStep{c: c, s: s, ro: ro, now: time.Now().UTC(), states: map[string]*keys.NodeState{}, write: map[string]bool{},
-		conds: []etcdutil.Cmp{etcdutil.ModRev(kv.Key, kv.ModRevision)}}
-	for _, hwid := range ro.Nodes {
-		if ro.Per[hwid] == nil {
-			ro.Per[hwid] = &keys.RolloutNode{Phase: keys.PhasePending}
-			st.dirty = true
+	// Private copies: the cached objects are shared.
+	var req *keys.Rollout
+	var ro *keys.RolloutStatus
+	if rkv != nil {
+		req, _ = keys.Decode[keys.Rollout](rkv.Value)
+		if err := req.Validate(); err != nil {
+			c.log.Error("invalid rollout request; nothing is done until it is fixed", "key", rkv.Key, "error", err)
+			return nil
 		}
 	}
-	if ro.State == keys.RolloutAborting {
-		st.abort()
-	} else {
-		st.follow()
-		st.advance()
-		if ro.State == keys.RolloutRunning {
-			st.start(placed)
-			st.finish()
-		}
+	if skv != nil {
+		ro, _ = keys.Decode[keys.RolloutStatus](skv.Value)
 	}
-	c.rolloutGauge(ro)
+	st := &rolloutStep{c: c, s: s, req: req, ro: ro, placed: placed, now: time.Now().UTC(), states: map[string]*keys.NodeState{}, write: map[string]bool{}}
+	st.conds = append(st.conds, etcdutil.ModRev(c.space.Rollout(), modRev(rkv)), etcdutil.ModRev(c.space.RolloutStatus(), modRev(skv)))
+	switch {
+	case ro != nil && ro.Ended.IsZero() && (req == nil || req.ID != ro.ID):
+		// The request of a rollout under way was deleted or replaced (etcdctl): stop it as an
+		// abort would, so that no node stays cordoned by a rollout nobody follows.
+		if req == nil {
+			req = &keys.Rollout{ID: ro.ID}
+		} else {
+			req = &keys.Rollout{ID: ro.ID, Image: req.Image}
+		}
+		st.req = req
+		st.abort("its request was deleted or replaced")
+	case req == nil:
+		st.releaseStale("")
+		c.m.rolloutNodes.Reset()
+	case ro == nil || ro.ID != req.ID:
+		st.ro = &keys.RolloutStatus{ID: req.ID, State: keys.RolloutRunning, Nodes: append([]string(nil), req.Nodes...), Resumes: req.Resumes, Per: map[string]*keys.RolloutNode{}}
+		st.dirty = true
+		st.step()
+	case !ro.Ended.IsZero():
+		st.releaseStale(ro.ID)
+		c.m.rolloutNodes.Reset()
+	default:
+		st.step()
+	}
 	if !st.dirty {
 		return nil
 	}
-	ro.Updated = st.now
-	for _, hwid := range ro.Nodes {
-		if st.write[hwid] {
-			st.ops = append(st.ops, etcdutil.OpPut(c.space.NodeState(hwid), keys.MustEncode(st.states[hwid])))
-		}
+	for hwid := range st.write {
+		st.ops = append(st.ops, etcdutil.OpPut(c.space.NodeState(hwid), keys.MustEncode(st.states[hwid])))
 	}
-	st.ops = append(st.ops, etcdutil.OpPut(kv.Key, keys.MustEncode(ro)))
+	what := "rollout/-"
+	if ro = st.ro; ro != nil {
+		ro.Updated = st.now
+		st.ops = append(st.ops, etcdutil.OpPut(c.space.RolloutStatus(), keys.MustEncode(ro)))
+		what = "rollout/" + ro.ID
+	}
 	notes := st.notes
-	return []action{{vm: "rollout/" + ro.ID, what: "rollout step", conds: st.conds, ops: st.ops,
+	return []action{{vm: what, what: "rollout step", conds: st.conds, ops: st.ops,
 		after: func() {
 			for _, n := range notes {
 				n()
@@ -98,8 +112,77 @@ func (c *Coordinator) rolloutRound(g etcdutil.Guard, s *snapshotView, placed []s
 		}}}
 }
 
+func modRev(kv *etcdutil.KV) int64 {
+	if kv == nil {
+		return 0
+	}
+	return kv.ModRevision
+}
+
+// step moves an active rollout along as its request asks.
+func (st *rolloutStep) step() {
+	ro, req := st.ro, st.req
+	if ro.Per == nil {
+		ro.Per = map[string]*keys.RolloutNode{}
+	}
+	for _, hwid := range ro.Nodes {
+		if ro.Per[hwid] == nil {
+			ro.Per[hwid] = &keys.RolloutNode{Phase: keys.PhasePending}
+			st.dirty = true
+		}
+	}
+	switch {
+	case req.State == keys.RolloutAborting:
+		st.abort("aborted by " + orSomeone(req.By))
+		return
+	case req.State == keys.RolloutPaused && ro.State != keys.RolloutPaused:
+		ro.State, ro.Reason = keys.RolloutPaused, "paused by an operator"
+		st.dirty = true
+	case req.State == keys.RolloutRunning && ro.State == keys.RolloutPaused && (req.Resumes > ro.Resumes || ro.Reason == "paused by an operator"):
+		// Resumed: a node the rollout paused on is retried (advance clears its error).
+		ro.State, ro.Reason, ro.Resumes = keys.RolloutRunning, "", req.Resumes
+		st.dirty = true
+		st.event("rollout/"+ro.ID, "resumed", "by %s", orSomeone(req.By))
+	}
+	if req.Resumes > ro.Resumes {
+		ro.Resumes = req.Resumes
+		st.dirty = true
+	}
+	st.releaseStale(ro.ID)
+	st.follow()
+	st.advance()
+	if ro.State == keys.RolloutRunning {
+		st.start()
+		st.finish()
+	}
+	st.c.rolloutGauge(ro)
+}
+
+func orSomeone(by string) string {
+	if by == "" {
+		return "an operator"
+	}
+	return by
+}
+
+// releaseStale lifts the cordon of nodes that name a rollout other than the current one (its
+// status gone, say, with etcdctl): nothing else would ever lift it.
+func (st *rolloutStep) releaseStale(current string) {
+	for hwid, kv := range st.s.states {
+		if kv.Err != nil {
+			continue
+		}
+		if id := kv.Obj.(*keys.NodeState).Rollout; id != "" && id != current {
+			ns := st.state(hwid)
+			ns.Rollout, ns.Drained = "", false
+			st.putState(hwid)
+			st.event("node/"+hwid, "rollout-released", "cordoned by rollout %s, which is no longer under way: schedulable again", id)
+		}
+	}
+}
+
 // rolloutGauge publishes the node count per phase; a phase no node is in reads 0, not absent.
-func (c *Coordinator) rolloutGauge(ro *keys.Rollout) {
+func (c *Coordinator) rolloutGauge(ro *keys.RolloutStatus) {
 	n := map[string]int{}
 	for _, p := range ro.Per {
 		n[p.Phase]++
@@ -185,67 +268,84 @@ func (st *rolloutStep) reboot(hwid string, p *keys.RolloutNode, n *keys.Node) {
 	st.ops = append(st.ops, etcdutil.OpPut(key, keys.MustEncode(&cmd)))
 	p.Phase, p.BootID, p.Since, p.Error = keys.PhaseRebooting, n.BootID, st.now, ""
 	st.dirty = true
-	st.event("node/"+hwid, "rollout-rebooting", "drained; reboot into %s requested (boot %s)", st.ro.Image, n.BootID)
+	st.event("node/"+hwid, "rollout-rebooting", "drained; reboot into %s requested (boot %s)", st.req.Image, n.BootID)
 }
 
-// restore gives the node back the cordon state it had before the rollout.
-func (st *rolloutStep) restore(hwid string, p *keys.RolloutNode) {
+// release lifts the rollout's cordon of a node (the operator's own cordon, if any, stays).
+func (st *rolloutStep) release(hwid string) {
 	ns := st.state(hwid)
-	ns.Cordoned, ns.Draining, ns.Drained = p.WasCordoned, false, false
-	if !p.WasCordoned {
-		ns.Reason, ns.Since = "", time.Time{}
-	}
+	ns.Rollout, ns.Drained = "", false
 	st.putState(hwid)
+}
+
+// specRev is the ModRevision of the node's spec (0 without one).
+func (st *rolloutStep) specRev(hwid string) int64 { return modRev(st.s.specs[hwid]) }
+
+// uncordoned says whether an operator uncordoned the node after its upgrade began.
+func (st *rolloutStep) uncordoned(hwid string, p *keys.RolloutNode) bool {
+	kv := st.s.specs[hwid]
+	return kv != nil && kv.Err == nil && kv.ModRevision > p.SpecRev && !kv.Obj.(*keys.NodeSpec).Cordoned
 }
 
 // advance moves every node in progress along, in any state but aborting: a paused rollout still
 // lets a node that is back finish (leaving it cordoned would only lose capacity).
 func (st *rolloutStep) advance() {
-	ro := st.ro
-	timeout := time.Duration(ro.NodeTimeoutSeconds) * time.Second
+	ro, req := st.ro, st.req
+	running := ro.State == keys.RolloutRunning
+	timeout := time.Duration(req.NodeTimeoutSeconds) * time.Second
 	for _, hwid := range ro.Nodes {
 		p := ro.Per[hwid]
 		n := st.node(hwid)
 		switch p.Phase {
 		case keys.PhasePending:
-			if ro.State == keys.RolloutRunning && st.ready(hwid) && n.Image == ro.Image {
+			if running && st.ready(hwid) && n.Image == req.Image {
 				ns := st.state(hwid)
-				if ns.Image != ro.Image {
-					ns.Image = ro.Image
+				if ns.Image != req.Image {
+					ns.Image = req.Image
 					st.putState(hwid)
 				}
 				p.Phase, p.Finished = keys.PhaseSkipped, st.now
 				st.dirty = true
-				st.event("node/"+hwid, "rollout-skipped", "already runs %s", ro.Image)
+				st.event("node/"+hwid, "rollout-skipped", "already runs %s", req.Image)
 			}
 		case keys.PhaseDraining:
 			ns := st.state(hwid)
 			switch {
-			case ro.State == keys.RolloutRunning && p.Error != "":
-				p.Error, p.Since = "", st.now // resumed: wait afresh
-				st.dirty = true
-			case !ns.Cordoned || !ns.Draining:
-				if ro.State == keys.RolloutRunning {
+			case st.uncordoned(hwid, p):
+				// The operator wants the node in service: the rollout lets go of it and waits.
+				p.SpecRev = st.specRev(hwid)
+				st.release(hwid)
+				if running {
 					st.pause(hwid, p, "it was uncordoned during its upgrade")
 				}
+				st.dirty = true
+			case running && p.Error != "":
+				p.Error, p.Since = "", st.now // resumed: take the node again and wait afresh
+				if ns.Rollout != ro.ID {
+					ns.Rollout, ns.Drained = ro.ID, false
+					st.putState(hwid)
+				}
+				st.dirty = true
+			case ns.Rollout != ro.ID:
+				// Let go of (uncordoned, paused): nothing to do until resumed.
 			case ns.Drained && st.ready(hwid):
 				st.reboot(hwid, p, n)
-			case ro.State == keys.RolloutRunning && st.now.Sub(p.Since) > timeout:
+			case running && st.now.Sub(p.Since) > timeout:
 				st.pause(hwid, p, fmt.Sprintf("not drained within %s (see 'herdctl vm list' for VMs that cannot move)", timeout))
 			}
 		case keys.PhaseRebooting:
 			cmd, _ := st.command(hwid, p)
 			switch {
-			case n != nil && n.BootID != p.BootID && n.Image == ro.Image:
-				st.restore(hwid, p)
+			case n != nil && n.BootID != p.BootID && n.Image == req.Image:
+				st.release(hwid)
 				p.Phase, p.Finished, p.Error = keys.PhaseDone, st.now, ""
 				st.dirty = true
-				st.event("node/"+hwid, "rollout-upgraded", "back on %s (boot %s) after %s", ro.Image, n.BootID, st.now.Sub(p.Began).Round(time.Second))
+				st.event("node/"+hwid, "rollout-upgraded", "back on %s (boot %s) after %s", req.Image, n.BootID, st.now.Sub(p.Began).Round(time.Second))
 			case n != nil && n.BootID != p.BootID:
-				if p.Error == "" && ro.State == keys.RolloutRunning {
-					st.pause(hwid, p, fmt.Sprintf("rebooted into image %q, not %s: is %s served ('herdctl image list')?", n.Image, ro.Image, ro.Image))
+				if p.Error == "" && running {
+					st.pause(hwid, p, fmt.Sprintf("rebooted into image %q, not %s: is %s served ('herdctl image list')?", n.Image, req.Image, req.Image))
 				}
-			case ro.State == keys.RolloutRunning && p.Error != "":
+			case running && p.Error != "":
 				// Resumed after a failure or a timeout: ask again if the old boot still runs.
 				if n != nil && n.BootID == p.BootID {
 					st.reboot(hwid, p, n)
@@ -253,10 +353,10 @@ func (st *rolloutStep) advance() {
 					p.Error, p.Since = "", st.now
 					st.dirty = true
 				}
-			case cmd != nil && cmd.Result != nil && cmd.Result.State == keys.CmdFailed && ro.State == keys.RolloutRunning:
+			case cmd != nil && cmd.Result != nil && cmd.Result.State == keys.CmdFailed && running:
 				st.pause(hwid, p, "the reboot command failed: "+cmd.Result.Error)
-			case ro.State == keys.RolloutRunning && st.now.Sub(p.Since) > timeout:
-				st.pause(hwid, p, fmt.Sprintf("did not come back on %s within %s", ro.Image, timeout))
+			case running && st.now.Sub(p.Since) > timeout:
+				st.pause(hwid, p, fmt.Sprintf("did not come back on %s within %s", req.Image, timeout))
 			}
 		}
 	}
@@ -264,8 +364,8 @@ func (st *rolloutStep) advance() {
 
 // start begins the next nodes while the unavailability budget and the capacity allow, and says
 // why it waits when it cannot.
-func (st *rolloutStep) start(placed []scheduler.VM) {
-	ro := st.ro
+func (st *rolloutStep) start() {
+	ro, req := st.ro, st.req
 	var inProgress, notReady []string
 	pendingReady := 0
 	for _, hwid := range ro.Nodes {
@@ -282,12 +382,12 @@ func (st *rolloutStep) start(placed []scheduler.VM) {
 			pendingReady++
 		}
 	}
-	slots := ro.MaxUnavailable - len(inProgress) - len(notReady)
+	slots := req.MaxUnavailable - len(inProgress) - len(notReady)
 	if len(inProgress) == 0 {
 		switch {
 		case pendingReady > 0 && slots <= 0:
 			st.wait(fmt.Sprintf("waiting: %s not ready, which uses up max-unavailable %d (bring it back, or raise the budget: abort and start again)",
-				strings.Join(notReady, ", "), ro.MaxUnavailable))
+				strings.Join(notReady, ", "), req.MaxUnavailable))
 			return
 		case pendingReady == 0 && len(notReady) > 0 && !st.allOver(notReady):
 			st.wait(fmt.Sprintf("waiting for %s to become ready: a node is upgraded while it runs (abort and start again with --nodes to leave it out)",
@@ -308,20 +408,19 @@ func (st *rolloutStep) start(placed []scheduler.VM) {
 			continue
 		}
 		out[hwid] = true
-		if why := st.c.fits(st.s, placed, out); why != "" {
+		if why := st.c.fits(st.s, st.placed, out); why != "" {
 			delete(out, hwid)
 			st.wait(fmt.Sprintf("waiting for capacity: the VMs of %s do not fit on the other nodes (%s)", hwid, why))
 			return
 		}
 		ns := st.state(hwid)
 		p.Phase, p.Began, p.Since = keys.PhaseDraining, st.now, st.now
-		p.PrevImage, p.WasCordoned = ns.Image, ns.Cordoned
-		ns.Cordoned, ns.Draining, ns.Drained = true, true, false
-		ns.Reason, ns.Since, ns.Image = fmt.Sprintf("rollout %s to %s", ro.ID, ro.Image), st.now, ro.Image
+		p.PrevImage, p.SpecRev = ns.Image, st.specRev(hwid)
+		ns.Rollout, ns.Drained, ns.Image = ro.ID, false, req.Image
 		st.putState(hwid)
 		ro.Reason = ""
 		slots--
-		st.event("node/"+hwid, "rollout-draining", "cordoned, pinned to %s, draining", ro.Image)
+		st.event("node/"+hwid, "rollout-draining", "cordoned, pinned to %s, draining", req.Image)
 	}
 }
 
@@ -357,7 +456,7 @@ func (st *rolloutStep) follow() {
 			st.event("node/"+hwid, "rollout-removed", "hardware record deleted: left out of the rollout")
 		}
 	}
-	sel, err := keys.ParseNodeSelector(ro.Selector)
+	sel, err := keys.ParseNodeSelector(st.req.Selector)
 	if err != nil || sel.Fixed() {
 		return // a record edited into nonsense keeps the nodes it has
 	}
@@ -421,23 +520,26 @@ func (st *rolloutStep) finish() {
 	}
 	ro.State, ro.Ended, ro.Reason = keys.RolloutDone, st.now, ""
 	st.dirty = true
-	st.event("rollout/"+ro.ID, "done", "%d nodes on %s in %s (per node: %s)", len(ro.Nodes), ro.Image,
-		st.now.Sub(ro.Started).Round(time.Second), strings.Join(took, ", "))
+	st.event("rollout/"+ro.ID, "done", "%d nodes on %s in %s (per node: %s)", len(ro.Nodes), st.req.Image,
+		st.now.Sub(st.req.Started).Round(time.Second), strings.Join(took, ", "))
 }
 
-// abort stops the rollout: nodes not yet rebooted get their pin and cordon state back; a node whose
-// reboot is under way keeps its pin (it boots the new image) but is made schedulable again.
-func (st *rolloutStep) abort() {
+// abort stops the rollout: nodes not yet rebooted get their pin back; a node whose reboot is under
+// way keeps its pin (it boots the new image); every node the rollout cordoned is released.
+func (st *rolloutStep) abort(why string) {
 	ro := st.ro
 	for _, hwid := range ro.Nodes {
 		p := ro.Per[hwid]
+		if p == nil {
+			continue
+		}
 		switch p.Phase {
 		case keys.PhaseDraining:
-			st.restore(hwid, p)
+			st.release(hwid)
 			st.states[hwid].Image = p.PrevImage
 		case keys.PhaseRebooting:
 			cmd, kv := st.command(hwid, p)
-			st.restore(hwid, p)
+			st.release(hwid)
 			if cmd != nil && cmd.Result == nil {
 				// Not picked up yet: withdraw it, and the pin with it.
 				st.conds = append(st.conds, etcdutil.ModRev(kv.Key, kv.ModRevision))
@@ -450,7 +552,9 @@ func (st *rolloutStep) abort() {
 		p.Phase, p.Finished = keys.PhaseAborted, st.now
 		st.dirty = true
 	}
-	ro.State, ro.Ended = keys.RolloutAborted, st.now
+	st.releaseStale(ro.ID)
+	ro.State, ro.Ended, ro.Reason = keys.RolloutAborted, st.now, why
 	st.dirty = true
-	st.event("rollout/"+ro.ID, "aborted", "nodes not yet rebooted keep their image; every node is schedulable")
+	st.event("rollout/"+ro.ID, "aborted", "%s: nodes not yet rebooted keep their image; every node is schedulable", why)
+	st.c.rolloutGauge(ro)
 }

@@ -109,15 +109,16 @@ func (c *Coordinator) purgeVolumes(ctx context.Context, g etcdutil.Guard, s *sna
 			continue
 		}
 		rec := kv.Obj.(*keys.VolumeRecord)
-		if !rec.Purge {
+		pool, image, ok := keys.ParseNodeScoped(c.space.VolumeRoot(), kv.Key)
+		if !ok {
+			continue
+		}
+		req := s.purgeRequested(c.space, pool, image, kv)
+		if req == nil {
 			continue
 		}
 		if v, ok := s.vms[rec.VM]; ok && v.spec != nil && v.spec.CreateRevision == rec.UID {
 			continue // still in use: purge waits for the VM to go
-		}
-		pool, image, ok := keys.ParseNodeScoped(c.space.VolumeRoot(), kv.Key)
-		if !ok {
-			continue
 		}
 		c.mu.Lock()
 		busy := c.volumeWork[kv.Key]
@@ -129,7 +130,7 @@ func (c *Coordinator) purgeVolumes(ctx context.Context, g etcdutil.Guard, s *sna
 			continue
 		}
 		vol := volume.Volume{Pool: pool, VM: rec.VM, UID: rec.UID}
-		key, rev := kv.Key, kv.ModRevision
+		key, rev, reqKey, reqRev := kv.Key, kv.ModRevision, req.Key, req.ModRevision
 		go func() {
 			defer func() {
 				c.mu.Lock()
@@ -143,7 +144,8 @@ func (c *Coordinator) purgeVolumes(ctx context.Context, g etcdutil.Guard, s *sna
 				return
 			}
 			if _, err := etcdutil.GuardedTxn(ctx, c.cfg.Client, g,
-				[]etcdutil.Cmp{etcdutil.ModRev(key, rev)}, []etcdutil.Op{etcdutil.OpDelete(key)}); err == nil {
+				[]etcdutil.Cmp{etcdutil.ModRev(key, rev), etcdutil.ModRev(reqKey, reqRev)},
+				[]etcdutil.Op{etcdutil.OpDelete(key), etcdutil.OpDelete(reqKey)}); err == nil {
 				c.log.Info("disk purged", "image", pool+"/"+image)
 				c.events.Record("vm/"+rec.VM, "purged", "%s/%s deleted", pool, image)
 			}

@@ -27,7 +27,7 @@ func BenchmarkLeaderFailover(b *testing.B) {
 		cl := c.Client()
 		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 		name := fmt.Sprintf("fo%d", i)
-		wch := cl.Watch(ctx, space.VMPlacement(name))
+		wch := cl.Watch(ctx, space.Placement(name))
 		time.Sleep(time.Second) // standby caches warm, nothing pending
 		killed := time.Now()
 		leader.Kill()

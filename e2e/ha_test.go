@@ -66,44 +66,15 @@ func createVMs(t *testing.T, c *rig.Cluster, prefix string, n, par, at int, afte
 // epoch.
 func assertNeverPlacedTwice(t *testing.T, c *rig.Cluster) (placements int) {
 	t.Helper()
-	assigned := map[string]map[string]bool{} // vm -> nodes holding an assignment
-	// One transaction is one revision: check the state after each revision, not between the
-	// operations of a move (which puts the new assignment and deletes the old one together).
-	check := func(rev int64) {
-		for name, nodes := range assigned {
-			if len(nodes) > 1 {
-				t.Fatalf("at revision %d vm %s was assigned to %v at once", rev, name, nodes)
-			}
-		}
-	}
-	var rev int64
-	for _, ev := range c.History(space.AssignRoot()) {
-		if ev.Kv.ModRevision != rev {
-			check(rev)
-			rev = ev.Kv.ModRevision
-		}
-		hwid, name, ok := keys.ParseNodeScoped(space.AssignRoot(), string(ev.Kv.Key))
-		if !ok {
-			continue
-		}
-		if assigned[name] == nil {
-			assigned[name] = map[string]bool{}
-		}
-		if ev.Type == clientv3.EventTypeDelete {
-			delete(assigned[name], hwid)
-			continue
-		}
-		assigned[name][hwid] = true
-	}
-	check(rev)
+	assertAssignedOnce(t, c, "was assigned to", func(*keys.Assignment) bool { return true })
 	type where struct {
 		node  string
 		epoch int64
 	}
 	last := map[string]map[int64]where{} // vm -> uid -> placement
-	for _, ev := range c.History(space.VMPrefix()) {
-		name, part, ok := space.ParseVM(string(ev.Kv.Key))
-		if !ok || part != keys.VMPartPlacement || ev.Type != clientv3.EventTypePut {
+	for _, ev := range c.History(space.PlacementPrefix()) {
+		name, ok := keys.ParseVMName(space.PlacementPrefix(), string(ev.Kv.Key))
+		if !ok || ev.Type != clientv3.EventTypePut {
 			continue
 		}
 		pl, err := keys.Decode[keys.Placement](ev.Kv.Value)
@@ -219,9 +190,8 @@ func TestStoppedLeaderCannotWrite(t *testing.T) {
 	var takeover int64
 	oldName := old.Name
 	var oldTerm int64
-	for _, ev := range c.History(space.VMPrefix()) {
-		_, part, ok := space.ParseVM(string(ev.Kv.Key))
-		if !ok || part != keys.VMPartPlacement || ev.Type != clientv3.EventTypePut {
+	for _, ev := range c.History(space.PlacementPrefix()) {
+		if ev.Type != clientv3.EventTypePut {
 			continue
 		}
 		pl, err := keys.Decode[keys.Placement](ev.Kv.Value)
@@ -276,8 +246,8 @@ func TestEtcdLeaderKilled(t *testing.T) {
 			return fmt.Errorf("%s not healthy", killed.Name)
 		}
 		// A serializable read answered from the member's own copy proves it caught up.
-		out, errOut, code := c.Run("etcdctl", "--endpoints", killed.ClientURL, "--consistency", "s", "get", "--prefix", "--keys-only", "/herd/vms/et29/")
-		if code != 0 || !strings.Contains(out, "/herd/vms/et29/placement") {
+		out, errOut, code := c.Run("etcdctl", "--endpoints", killed.ClientURL, "--consistency", "s", "get", "--keys-only", "/herd/placements/et29")
+		if code != 0 || !strings.Contains(out, "/herd/placements/et29") {
 			return fmt.Errorf("member data: %s%s", out, errOut)
 		}
 		return nil

@@ -12,6 +12,7 @@ save=${2:-}
 targets=(
   "./lib/keys FuzzDecode"
   "./lib/keys FuzzHWID"
+  "./lib/keys FuzzBootPath"
   "./bootserver/dhcp FuzzReply"
   "./bootserver/tftp FuzzParsePath"
   "./bootserver/httpboot FuzzParseMachine"

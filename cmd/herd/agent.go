@@ -43,6 +43,7 @@ func agentCmd() *cobra.Command {
 		addrMig   string
 		domType   string
 		console   string
+		bootDir   string
 		migURI    string
 		maxMig    int
 		shutdownT time.Duration
@@ -100,8 +101,9 @@ func agentCmd() *cobra.Command {
 			}
 			ctx := cmd.Context()
 			if migTLS && len(jf.urls) > 0 {
-				// The node certificate, naming the migration address, doubles as QEMU's.
-				jf.hosts, jf.qemuDir = nonEmpty(addrMig), migTLSDir
+				// QEMU's certificate names the migration address the leader vouches for; the node
+				// asks for it once registered (RunMigrationCert).
+				jf.qemuDir = migTLSDir
 			}
 			creds, err := jf.bootstrap(ctx, hwid, &eo, &storage, log)
 			if err != nil {
@@ -139,7 +141,7 @@ func agentCmd() *cobra.Command {
 				LeaseTTL: leaseTTL, Resync: resync,
 				CPUs: cpus, MemoryMiB: memMiB, ReservedMemoryMiB: resMiB,
 				Addresses:    keys.Addresses{Management: addrMgmt, Storage: addrStore, Migration: addrMig},
-				MigrationURI: migURI, ConsoleDir: console, MaxMigrations: maxMig,
+				MigrationURI: migURI, ConsoleDir: console, BootDir: bootDir, MaxMigrations: maxMig,
 				ShutdownTimeout: shutdownT, MigrationTimeout: migT, RebootCommand: rebootCmd,
 				Hostname: host, Image: image, Version: version.Version,
 				StatusURL: srv.URL, Log: log, Registry: reg,
@@ -153,6 +155,7 @@ func agentCmd() *cobra.Command {
 			g.Go(func() error { return a.Run(gctx) })
 			if creds != nil {
 				g.Go(func() error { creds.RunRenewal(gctx); return nil })
+				g.Go(func() error { creds.RunMigrationCert(gctx); return nil })
 			}
 			log.Info("status endpoint", "url", srv.URL)
 			return g.Wait()
@@ -176,6 +179,7 @@ func agentCmd() *cobra.Command {
 	f.StringVar(&addrStore, "address-storage", "", "storage network address to advertise")
 	f.StringVar(&addrMig, "address-migration", "", "live-migration address to advertise")
 	f.StringVar(&domType, "domain-type", "auto", "libvirt domain type: auto (kvm if /dev/kvm opens, else qemu), kvm, or qemu (TCG)")
+	f.StringVar(&bootDir, "boot-dir", "/var/lib/herd/boot", "the only directory direct kernel boot files (a spec's boot.kernel, boot.initrd) may come from, symlinks resolved; empty: none")
 	f.StringVar(&console, "console-dir", "/var/log/herd/console", "serial console logs, <dir>/<vm>.log (same path on every node to keep one log across migrations)")
 	f.StringVar(&migURI, "migration-uri", "", "libvirt URI other nodes migrate to, e.g. qemu+tcp://10.0.0.17/system (empty: this node takes no live migrations)")
 	f.IntVar(&maxMig, "max-migrations", 2, "concurrent outgoing live migrations")

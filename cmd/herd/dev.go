@@ -33,6 +33,7 @@ import (
 	ljoin "github.com/herdhq/herd/lib/join"
 	"github.com/herdhq/herd/lib/keys"
 	"github.com/herdhq/herd/lib/logging"
+	"github.com/herdhq/herd/lib/pki"
 	"github.com/herdhq/herd/lib/rbac"
 	"github.com/herdhq/herd/lib/statusserver"
 	"github.com/herdhq/herd/lib/units"
@@ -145,7 +146,7 @@ func runDev(ctx context.Context, o devOptions) error {
 			return err
 		}
 		ecfg.Clients = []string{strings.Replace(o.clientURL, "http://", "https://", 1)}
-		if ecfg.CertFile, ecfg.KeyFile, err = sec.issue("etcd-server", []string{"127.0.0.1", "localhost"}); err != nil {
+		if ecfg.CertFile, ecfg.KeyFile, err = sec.issue("etcd-server", pki.RoleEtcd, []string{"127.0.0.1", "localhost"}); err != nil {
 			return err
 		}
 		ecfg.TrustedCAFile = sec.caFile()
@@ -157,19 +158,20 @@ func runDev(ctx context.Context, o devOptions) error {
 	defer etcd.Close()
 	endpoints := etcd.Endpoints
 
-	// newClient connects as user (a certificate issued on the spot), or plainly with --insecure.
-	newClient := func(user string) (*clientv3.Client, etcdutil.Options, error) {
+	// newClient connects as user in role (a certificate issued on the spot), or plainly with
+	// --insecure.
+	newClient := func(user string, role pki.Role) (*clientv3.Client, etcdutil.Options, error) {
 		eo := etcdutil.Options{Endpoints: endpoints, Prefix: o.prefix}
 		if sec != nil {
 			var err error
-			if eo, err = sec.options(eo, user); err != nil {
+			if eo, err = sec.options(eo, user, role); err != nil {
 				return nil, eo, err
 			}
 		}
 		c, err := etcdutil.New(eo)
 		return c, eo, err
 	}
-	admin, _, err := newClient(rbac.Root)
+	admin, _, err := newClient(rbac.Root, pki.RoleRoot)
 	if err != nil {
 		return err
 	}
@@ -210,7 +212,7 @@ func runDev(ctx context.Context, o devOptions) error {
 	var joinURLs []string
 	for i := 1; i <= o.coordinators; i++ {
 		name := coordinatorName(i)
-		c, eo, err := newClient(name)
+		c, eo, err := newClient(name, pki.RoleCoordinator)
 		if err != nil {
 			return fail(err)
 		}
@@ -433,8 +435,10 @@ func devBootImage(ctx context.Context, c *clientv3.Client, space keys.Space, hwi
 // connections once it has stopped.
 func devAgent(ctx context.Context, c devAgentConfig, admin *clientv3.Client, image string, reboot func(context.Context) error) (*agent.Agent, func(), error) {
 	nodes := filepath.Join(c.dir, "nodes")
-	if err := os.MkdirAll(nodes, 0o755); err != nil {
-		return nil, nil, err
+	for _, d := range []string{nodes, filepath.Join(c.dir, "boot")} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			return nil, nil, err
+		}
 	}
 	uri, err := hypervisor.WriteTestNode(nodes, fmt.Sprintf("node%d", c.index), c.cpus, c.memMiB)
 	if err != nil {
@@ -475,7 +479,7 @@ func devAgent(ctx context.Context, c devAgentConfig, admin *clientv3.Client, ima
 	closeAll := func() { client.Close(); hv.Close() }
 	a, err := agent.New(agent.Config{
 		Client: client, EtcdUser: eo.User(), Space: c.space, HWID: c.hwid, BootID: uuid.NewString(),
-		Hypervisor: hv, Volumes: c.volumes, Image: image, Reboot: reboot,
+		Hypervisor: hv, Volumes: c.volumes, Image: image, Reboot: reboot, BootDir: filepath.Join(c.dir, "boot"),
 		LeaseTTL: c.leaseTTL, Hostname: fmt.Sprintf("dev-node%d", c.index), Version: version.Version,
 		StatusURL: fmt.Sprintf("%s/v1/nodes/%s/domains", c.statusURL, c.hwid),
 		Log:       log, Registry: nextBootRegisterer{prometheus.WrapRegistererWith(prometheus.Labels{"node": c.hwid}, c.reg)},

@@ -40,15 +40,19 @@ func (p *devPKI) files(name string) (string, string) {
 	return filepath.Join(p.dir, name+".crt"), filepath.Join(p.dir, name+".key")
 }
 
-// issue writes a fresh certificate for name, valid long enough for any dev session.
-func (p *devPKI) issue(name string, hosts []string) (string, string, error) {
-	return p.ca.IssueFiles(p.dir, name, name, hosts, 30*24*time.Hour)
+// issue writes a fresh certificate for name in role, valid long enough for any dev session.
+func (p *devPKI) issue(name string, role pki.Role, hosts []string) (string, string, error) {
+	return p.ca.IssueFiles(p.dir, name, name, role, hosts, 30*24*time.Hour)
 }
 
-// options points eo at a certificate for user (issued now; it also serves loopback, for the
-// coordinators' join endpoints).
-func (p *devPKI) options(eo etcdutil.Options, user string) (etcdutil.Options, error) {
-	crt, key, err := p.issue(user, []string{"127.0.0.1", "localhost"})
+// options points eo at a certificate for user in role (issued now; a coordinator's also serves
+// loopback, for its join endpoint).
+func (p *devPKI) options(eo etcdutil.Options, user string, role pki.Role) (etcdutil.Options, error) {
+	var hosts []string
+	if role == pki.RoleCoordinator {
+		hosts = []string{"127.0.0.1", "localhost"}
+	}
+	crt, key, err := p.issue(user, role, hosts)
 	if err != nil {
 		return eo, err
 	}
@@ -70,8 +74,8 @@ func (p *devPKI) users(ctx context.Context, root *clientv3.Client, coordinators 
 			return err
 		}
 	}
-	for _, u := range []string{"dev-operator", "dev-viewer"} {
-		if _, _, err := p.issue(u, nil); err != nil {
+	for u, role := range map[string]pki.Role{"dev-operator": pki.RoleOperator, "dev-viewer": pki.RoleViewer} {
+		if _, _, err := p.issue(u, role, nil); err != nil {
 			return err
 		}
 	}

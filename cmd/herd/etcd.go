@@ -83,6 +83,8 @@ func etcdCmd() *cobra.Command {
 	f.StringVar(&c.CertFile, "cert-file", "", "server certificate for client connections (enables TLS; use https:// --listen-client URLs)")
 	f.StringVar(&c.KeyFile, "key-file", "", "server key")
 	f.StringVar(&c.TrustedCAFile, "trusted-ca-file", "", "CA that client certificates must be signed by (required with --cert-file)")
+	f.UintVar(&c.MaxRequestBytes, "max-request-bytes", etcdembed.DefaultMaxRequestBytes, "largest request (value, transaction) etcd accepts")
+	f.Int64Var(&c.QuotaBackendBytes, "quota-backend-bytes", etcdembed.DefaultQuotaBackendBytes, "database size at which etcd refuses writes")
 	_ = cmd.MarkFlagRequired("data-dir")
 	return cmd
 }

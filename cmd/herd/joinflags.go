@@ -91,8 +91,7 @@ type joinClientFlags struct {
 	urls          []string
 	token, caHash string
 	dir           string
-	// hosts and qemuDir: see ljoin.Client.
-	hosts   []string
+	// qemuDir: see ljoin.Client.
 	qemuDir string
 }
 
@@ -113,7 +112,7 @@ func (j *joinClientFlags) bootstrap(ctx context.Context, hwid string, eo *etcdut
 	if err != nil {
 		return nil, err
 	}
-	jc := &ljoin.Client{URLs: j.urls, CAHash: j.caHash, Dir: j.dir, HWID: hwid, Log: log.Named("join"), Hosts: j.hosts, QEMUDir: j.qemuDir}
+	jc := &ljoin.Client{URLs: j.urls, CAHash: j.caHash, Dir: j.dir, HWID: hwid, Log: log.Named("join"), QEMUDir: j.qemuDir}
 	if j.caHash == "" {
 		jc.CAFile = eo.CACert
 	}

@@ -62,7 +62,7 @@ with --migrate-tls get them from the join; this command makes them for any other
 			if err != nil {
 				return err
 			}
-			crt, key, err := ca.Issue("herd-migration:"+hosts[0], hosts, validity)
+			crt, key, err := ca.Issue("herd-migration:"+hosts[0], pki.RoleMigration, hosts, validity)
 			if err != nil {
 				return err
 			}
@@ -99,10 +99,10 @@ func pkiInitCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			if _, _, err := ca.IssueFiles(dir, "etcd-server", "etcd-server", hosts, validity); err != nil {
+			if _, _, err := ca.IssueFiles(dir, "etcd-server", "etcd-server", pki.RoleEtcd, hosts, validity); err != nil {
 				return err
 			}
-			if _, _, err := ca.IssueFiles(dir, "root", rbac.Root, nil, validity); err != nil {
+			if _, _, err := ca.IssueFiles(dir, "root", rbac.Root, pki.RoleRoot, nil, validity); err != nil {
 				return err
 			}
 			out := cmd.OutOrStdout()
@@ -139,7 +139,9 @@ role's etcd roles; without, it prints the etcdctl commands that do.
 
 Roles: coordinator (all of herd's keys, and user administration for node joins), bootserver,
 operator (specs, hardware, images, rollout; read all), viewer (read all), root.
-Nodes get no certificate from here: they join with a one-time token (docs/security.md).`,
+Only coordinator and bootserver certificates serve TLS (--host names their addresses); the others
+are client-only. Nodes get no certificate from here: they join with a one-time token
+(docs/security.md).`,
 		Example: `  herd pki issue --dir /etc/herd/pki --role coordinator coord-a --host 10.0.0.7,coord-a.example
   herd pki issue --dir /etc/herd/pki --role operator alice --validity 720h \
     --endpoints https://10.0.0.5:2379 --cacert /etc/herd/pki/ca.crt \
@@ -164,7 +166,7 @@ Nodes get no certificate from here: they join with a one-time token (docs/securi
 			if outD == "" {
 				outD = dir
 			}
-			crt, _, err := ca.IssueFiles(outD, name, name, hosts, validity)
+			crt, _, err := ca.IssueFiles(outD, name, name, pki.Role(role), hosts, validity)
 			if err != nil {
 				return err
 			}

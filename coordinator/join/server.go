@@ -49,7 +49,7 @@ type Config struct {
 	Now func() time.Time
 }
 
-// Server handles /v1/ca, /v1/join and /v1/renew.
+// Server handles /v1/ca, /v1/join, /v1/renew and /v1/migration.
 type Server struct {
 	cfg  Config
 	reqs *prometheus.CounterVec
@@ -81,6 +81,7 @@ func (s *Server) Handler() http.Handler {
 	})
 	mux.HandleFunc("POST "+join.PathJoin, func(w http.ResponseWriter, r *http.Request) { s.serve(w, r, "join") })
 	mux.HandleFunc("POST "+join.PathRenew, func(w http.ResponseWriter, r *http.Request) { s.serve(w, r, "renew") })
+	mux.HandleFunc("POST "+join.PathMigration, func(w http.ResponseWriter, r *http.Request) { s.serve(w, r, "migration") })
 	return mux
 }
 
@@ -150,10 +151,15 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request, kind string) {
 	var resp *join.Response
 	if err != nil {
 		err = refuse(http.StatusBadRequest, "bad request: %v", err)
-	} else if kind == "join" {
-		resp, err = s.join(ctx, &req)
 	} else {
-		resp, err = s.renew(ctx, r, &req)
+		switch kind {
+		case "join":
+			resp, err = s.join(ctx, &req)
+		case "renew":
+			resp, err = s.renew(ctx, r, &req)
+		default:
+			resp, err = s.migration(ctx, r, &req)
+		}
 	}
 	w.Header().Set("Content-Type", "application/json")
 	if err != nil {
@@ -224,16 +230,26 @@ func (s *Server) join(ctx context.Context, req *join.Request) (*join.Response, e
 	return resp, nil
 }
 
+// caller is the node a request's verified client certificate names: a node certificate (role and
+// user both), and nothing else.
+func caller(r *http.Request) (string, error) {
+	if r.TLS == nil || len(r.TLS.VerifiedChains) == 0 {
+		return "", refuse(http.StatusUnauthorized, "this needs the node's current certificate; an expired node must reboot to join again")
+	}
+	leaf := r.TLS.VerifiedChains[0][0]
+	hwid, ok := strings.CutPrefix(leaf.Subject.CommonName, rbac.NodeUser(""))
+	if !ok || pki.RoleOf(leaf) != pki.RoleNode {
+		return "", refuse(http.StatusForbidden, "%s is not a node certificate", leaf.Subject.CommonName)
+	}
+	return hwid, nil
+}
+
 // renew re-signs for the node the verified client certificate names, while its hardware stays
 // enrolled. Removing the hardware record is how a node is revoked.
 func (s *Server) renew(ctx context.Context, r *http.Request, req *join.Request) (*join.Response, error) {
-	if r.TLS == nil || len(r.TLS.VerifiedChains) == 0 {
-		return nil, refuse(http.StatusUnauthorized, "renewal needs the node's current certificate; an expired node must reboot to join again")
-	}
-	cn := r.TLS.VerifiedChains[0][0].Subject.CommonName
-	hwid, ok := strings.CutPrefix(cn, rbac.NodeUser(""))
-	if !ok {
-		return nil, refuse(http.StatusForbidden, "%s is not a node certificate", cn)
+	hwid, err := caller(r)
+	if err != nil {
+		return nil, err
 	}
 	req.HWID = hwid
 	if err := s.enrolled(ctx, hwid); err != nil {
@@ -241,6 +257,45 @@ func (s *Server) renew(ctx context.Context, r *http.Request, req *join.Request) 
 	}
 	return s.issue(ctx, hwid, req)
 }
+
+// migration signs a node's live-migration certificate: QEMU serves incoming migrations with it,
+// so it names an address, and only the one the leader vouches for (/herd/nodestate/<hwid>
+// migration_ip: the hardware record's, or the node's own if no other node holds it). A node can
+// thus never obtain a certificate for another node's address.
+func (s *Server) migration(ctx context.Context, r *http.Request, req *join.Request) (*join.Response, error) {
+	hwid, err := caller(r)
+	if err != nil {
+		return nil, err
+	}
+	if err := s.enrolled(ctx, hwid); err != nil {
+		return nil, err
+	}
+	cctx, cancel := etcdutil.WithTimeout(ctx)
+	defer cancel()
+	got, err := s.cfg.Client.Get(cctx, s.cfg.Space.NodeState(hwid))
+	if err != nil {
+		return nil, fmt.Errorf("read node state: %w", err)
+	}
+	ip := ""
+	if len(got.Kvs) > 0 {
+		if ns, err := keys.Decode[keys.NodeState](got.Kvs[0].Value); err == nil {
+			ip = ns.MigrationIP
+		}
+	}
+	if ip == "" {
+		return nil, refuse(http.StatusConflict, "no migration address is vouched for %s yet: the leader records it once the node registers with --address-migration, unless another node holds it or the hardware record's migration_ip differs ('herdctl node get %s', 'herdctl events --object node/%s')", hwid, hwid, hwid)
+	}
+	cert, err := s.cfg.CA.SignCSR([]byte(req.CSR), MigrationUser(hwid), pki.RoleMigration, []string{ip}, s.cfg.CertTTL)
+	if err != nil {
+		return nil, refuse(http.StatusBadRequest, "certificate request: %v", err)
+	}
+	s.cfg.Log.Info("migration certificate issued", "hwid", hwid, "address", ip)
+	return &join.Response{User: MigrationUser(hwid), Cert: string(cert), CA: string(s.cfg.CA.CertPEM)}, nil
+}
+
+// MigrationUser is the common name of a node's migration certificate. It is no etcd user: the
+// certificate opens nothing in etcd.
+func MigrationUser(hwid string) string { return "herd-migration:" + hwid }
 
 func (s *Server) enrolled(ctx context.Context, hwid string) error {
 	cctx, cancel := etcdutil.WithTimeout(ctx)
@@ -255,17 +310,11 @@ func (s *Server) enrolled(ctx context.Context, hwid string) error {
 	return nil
 }
 
+// issue signs a node certificate: client-only, naming no address (whatever the request asks),
+// so that it can authenticate the node and never serve as anything.
 func (s *Server) issue(ctx context.Context, hwid string, req *join.Request) (*join.Response, error) {
 	user := rbac.NodeUser(hwid)
-	if len(req.Hosts) > join.MaxHosts {
-		return nil, refuse(http.StatusBadRequest, "at most %d hosts", join.MaxHosts)
-	}
-	for _, h := range req.Hosts {
-		if net.ParseIP(h) == nil {
-			return nil, refuse(http.StatusBadRequest, "host %q is not an IP address", h)
-		}
-	}
-	cert, err := s.cfg.CA.SignCSR([]byte(req.CSR), user, req.Hosts, s.cfg.CertTTL)
+	cert, err := s.cfg.CA.SignCSR([]byte(req.CSR), user, pki.RoleNode, nil, s.cfg.CertTTL)
 	if err != nil {
 		return nil, refuse(http.StatusBadRequest, "certificate request: %v", err)
 	}

@@ -3,11 +3,17 @@ package join
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"net"
+	"net/http"
+	"net/http/httptest"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -65,7 +71,7 @@ func newRig(t *testing.T) *rig {
 			t.Fatal(err)
 		}
 	}
-	crt, key, err := r.m.CA.IssueFiles(r.m.Dir, "coord", "coord", []string{"127.0.0.1"}, time.Hour)
+	crt, key, err := r.m.CA.IssueFiles(r.m.Dir, "coord", "coord", pki.RoleCoordinator, []string{"127.0.0.1"}, time.Hour)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -105,7 +111,7 @@ func (r *rig) client(hwid string) *join.Client {
 }
 
 func (r *rig) etcdAs(c *join.Client) *clientv3.Client {
-	tlsCfg, err := pki.ClientTLS(c.CAPath(), c.CertPath(), c.KeyPath())
+	tlsCfg, err := pki.ClientTLS(c.CAPath(), c.CertPath(), c.KeyPath(), pki.EtcdServer)
 	if err != nil {
 		r.t.Fatal(err)
 	}
@@ -222,5 +228,88 @@ func TestJoinRefusals(t *testing.T) {
 		if !strings.Contains(r.logs.String(), want) {
 			t.Fatalf("log does not say %q:\n%s", want, r.logs)
 		}
+	}
+}
+
+// TestNodeCertificatesCannotServe is the impersonation attack: node A's certificate (and later its
+// migration certificate) serves a fake join endpoint on the very address the real one had. A real
+// agent of node B, pinned to the cluster CA, refuses the TLS handshake, so its one-time token never
+// leaves it, and the token still works at the real endpoint. A node certificate is client-only and
+// names no address, whatever its request asked for; a migration certificate names only the address
+// the leader vouched for.
+func TestNodeCertificatesCannotServe(t *testing.T) {
+	r := newRig(t)
+	ctx := context.Background()
+	a := r.client("52:54:00:00:00:0a")
+	if err := a.Ensure(ctx, r.mint(a.HWID)); err != nil {
+		t.Fatal(err)
+	}
+	cb, err := os.ReadFile(a.CertPath())
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, err := pki.ParseCert(cb)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(cert.IPAddresses)+len(cert.DNSNames) > 0 || pki.RoleOf(cert) != pki.RoleNode {
+		t.Fatalf("node certificate names %v %v, role %q", cert.IPAddresses, cert.DNSNames, pki.RoleOf(cert))
+	}
+	for _, u := range cert.ExtKeyUsage {
+		if u != x509.ExtKeyUsageClientAuth {
+			t.Fatalf("node certificate has usage %v besides client auth", u)
+		}
+	}
+
+	// The leader vouches for A's migration address; A gets a certificate naming that one only.
+	a.QEMUDir = t.TempDir()
+	refused(t, a.MigrationCert(ctx), "no migration address is vouched")
+	if _, err := r.root.Put(ctx, space.NodeState(a.HWID), `{"migration_ip":"127.0.0.1"}`); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.MigrationCert(ctx); err != nil {
+		t.Fatal(err)
+	}
+	mb, _ := os.ReadFile(filepath.Join(a.QEMUDir, "server-cert.pem"))
+	mcert, err := pki.ParseCert(mb)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(mcert.IPAddresses) != 1 || mcert.IPAddresses[0].String() != "127.0.0.1" || pki.RoleOf(mcert) != pki.RoleMigration {
+		t.Fatalf("migration certificate names %v, role %q", mcert.IPAddresses, pki.RoleOf(mcert))
+	}
+
+	tokB := r.mint("52:54:00:00:00:0b")
+	for _, stolen := range []struct{ what, crt, key string }{
+		{"node certificate", a.CertPath(), a.KeyPath()},
+		{"migration certificate", filepath.Join(a.QEMUDir, "server-cert.pem"), filepath.Join(a.QEMUDir, "server-key.pem")},
+	} {
+		pair, err := tls.LoadX509KeyPair(stolen.crt, stolen.key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got atomic.Int32
+		fake := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+			if req.URL.Path == join.PathCA {
+				_, _ = w.Write(r.m.CA.CertPEM) // the real CA: the pin matches
+				return
+			}
+			got.Add(1) // a join request: the token would be the attacker's now
+			w.WriteHeader(http.StatusForbidden)
+		}))
+		fake.TLS = &tls.Config{Certificates: []tls.Certificate{pair}}
+		fake.StartTLS()
+		b := r.client("52:54:00:00:00:0b")
+		b.URLs = []string{fake.URL}
+		err = b.Join(ctx, tokB)
+		fake.Close()
+		if err == nil || got.Load() != 0 {
+			t.Fatalf("%s served a join endpoint: err %v, %d join requests reached it", stolen.what, err, got.Load())
+		}
+		t.Logf("agent refused a fake join endpoint with a %s: %v", stolen.what, err)
+	}
+	b := r.client("52:54:00:00:00:0b")
+	if err := b.Ensure(ctx, tokB); err != nil {
+		t.Fatalf("the token does not work at the real endpoint after the attempts: %v", err)
 	}
 }

@@ -12,6 +12,7 @@ import (
 	"sort"
 	"strings"
 
+	"github.com/herdhq/herd/lib/keys"
 	"github.com/herdhq/herd/lib/units"
 )
 
@@ -22,6 +23,8 @@ type Node struct {
 	MemoryMiB         int64
 	ReservedMemoryMiB int64
 	Labels            map[string]string
+	// BootDir is where the node allows direct kernel boot files ("" allows none).
+	BootDir string
 	// Unschedulable, when set, says why no new VM may go here (cordoned, not enrolled, ...).
 	Unschedulable string
 }
@@ -34,7 +37,9 @@ type VM struct {
 	MemoryMiB    int64
 	Selector     map[string]string
 	AntiAffinity string
-	Node         string
+	// BootPaths are the direct kernel boot files the VM needs on its node (clean, absolute).
+	BootPaths []string
+	Node      string
 }
 
 // Snapshot is everything a decision depends on.
@@ -91,6 +96,7 @@ const (
 	ReasonMemory        = "insufficient memory"
 	ReasonCPU           = "insufficient vCPUs"
 	ReasonUnschedulable = "unschedulable"
+	ReasonBootDir       = "kernel boot path outside the node's boot directory"
 )
 
 // nodeUse tracks one node's capacity as the round proceeds.
@@ -161,6 +167,11 @@ func feasible(n *nodeUse, vm VM) string {
 	for k, v := range vm.Selector {
 		if n.Labels[k] != v {
 			return ReasonSelector
+		}
+	}
+	for _, p := range vm.BootPaths {
+		if n.BootDir == "" || !keys.InDir(p, n.BootDir) {
+			return ReasonBootDir
 		}
 	}
 	if vm.AntiAffinity != "" && n.groups[vm.AntiAffinity] > 0 {

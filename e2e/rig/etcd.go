@@ -11,6 +11,8 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
+
+	"github.com/herdhq/herd/lib/pki"
 )
 
 // Member is one etcd member process of a multi-member cluster.
@@ -87,10 +89,30 @@ func (m *Member) Healthy() bool {
 	return resp.StatusCode == 200
 }
 
-// Client returns a client to the cluster's endpoints, closed at cleanup.
+// Client returns a client to the cluster's endpoints (as root when the cluster runs with TLS and
+// RBAC), closed at cleanup.
 func (c *Cluster) Client() *clientv3.Client {
 	c.T.Helper()
-	cl, err := clientv3.New(clientv3.Config{Endpoints: strings.Split(c.Endpoint, ","), DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
+	crt, key := "", ""
+	if c.Secure() {
+		crt, key = c.RootCert()
+	}
+	return c.ClientAs(crt, key)
+}
+
+// ClientAs returns a client that authenticates with a certificate of the cluster's CA (none on a
+// plain cluster), closed at cleanup.
+func (c *Cluster) ClientAs(crt, key string) *clientv3.Client {
+	c.T.Helper()
+	cfg := clientv3.Config{Endpoints: strings.Split(c.Endpoint, ","), DialTimeout: 5 * time.Second, Logger: zap.NewNop()}
+	if c.Secure() {
+		tlsCfg, err := pki.ClientTLS(filepath.Join(c.PKI, "ca.crt"), crt, key, pki.EtcdServer)
+		if err != nil {
+			c.T.Fatal(err)
+		}
+		cfg.TLS = tlsCfg
+	}
+	cl, err := clientv3.New(cfg)
 	if err != nil {
 		c.T.Fatal(err)
 	}

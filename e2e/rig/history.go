@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"sort"
-	"strings"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
@@ -33,7 +32,7 @@ func MostUnavailable(evs []*clientv3.Event, space keys.Space, ids []string) (int
 		}
 		if id, ok := keys.ParseLeaf(space.NodeStatePrefix(), key); ok && want[id] {
 			ns, err := keys.Decode[keys.NodeState](ev.Kv.Value)
-			rolloutCordon[id] = ev.Type == clientv3.EventTypePut && err == nil && ns.Cordoned && strings.HasPrefix(ns.Reason, "rollout ")
+			rolloutCordon[id] = ev.Type == clientv3.EventTypePut && err == nil && ns.Rollout != ""
 		}
 		if len(seen) < len(ids) || (i+1 < len(evs) && evs[i+1].Kv.ModRevision == ev.Kv.ModRevision) {
 			continue // judge whole transactions, once every node has registered

@@ -281,7 +281,8 @@ func (h *Host) StartAgent(extra ...string) *Proc {
 	args := append([]string{"agent", "--endpoints", l.Endpoint, "--hwid", h.HWID, "--libvirt-uri", h.URI,
 		"--migration-uri", h.PeerURI, "--address-migration", h.IP, "--address-management", h.IP,
 		"--listen", h.IP + ":9480", "--console-dir", l.Console, "--domain-type", "qemu",
-		"--volume-dir", filepath.Join(l.Dir, "volumes"), "--cpus", "4", "--memory", "4GiB"}, extra...)
+		"--volume-dir", filepath.Join(l.Dir, "volumes"), "--cpus", "4", "--memory", "4GiB",
+		"--boot-dir", filepath.Dir(l.Guest.Kernel)}, extra...)
 	h.Agent = Start(l.T, h.Dir, "agent", "ip", append([]string{"netns", "exec", h.NS, l.Bin.Herd}, args...)...)
 	return h.Agent
 }

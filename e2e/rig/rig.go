@@ -431,6 +431,42 @@ func (c *Cluster) Run(bin string, args ...string) (string, string, int) {
 	return out.String(), errb.String(), code
 }
 
+// EtcdctlAs runs Debian's etcdctl with a certificate of the cluster's CA (crt, key) instead of the
+// operator's, and returns stdout, stderr and the exit code: for tests that act as root, or as a node
+// with its own credentials.
+func (c *Cluster) EtcdctlAs(crt, key string, args ...string) (string, string, int) {
+	c.T.Helper()
+	bin, err := exec.LookPath("etcdctl")
+	if err != nil {
+		c.T.Fatalf("etcdctl not found: install Debian's etcd-client package (just deps)")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, bin, append([]string{"--endpoints", c.Endpoint}, args...)...)
+	cmd.Env = append(os.Environ(), "ETCDCTL_API=3", "ETCDCTL_CACERT="+filepath.Join(c.PKI, "ca.crt"), "ETCDCTL_CERT="+crt, "ETCDCTL_KEY="+key)
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	err = cmd.Run()
+	code := 0
+	if err != nil {
+		ee, ok := err.(*exec.ExitError)
+		if !ok {
+			c.T.Fatalf("etcdctl %v: %v", args, err)
+		}
+		code = ee.ExitCode()
+	}
+	return out.String(), errb.String(), code
+}
+
+// RootCert is root's certificate and key (made by herd pki init).
+func (c *Cluster) RootCert() (string, string) { return c.certFiles("root") }
+
+// NodeCert is the certificate and key the agent of hwid joined with.
+func (c *Cluster) NodeCert(hwid string) (string, string) {
+	dir := filepath.Join(c.Dir, "creds-"+strings.ReplaceAll(hwid, ":", ""))
+	return filepath.Join(dir, "node.crt"), filepath.Join(dir, "node.key")
+}
+
 // Herdctl runs herdctl and fails the test unless it succeeds.
 func (c *Cluster) Herdctl(args ...string) string {
 	c.T.Helper()

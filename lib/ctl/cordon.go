@@ -25,6 +25,11 @@ func actor() string {
 	return "herdctl/" + name + "@" + host
 }
 
+// record writes an audit event of this operator's action. Best effort: the action itself is done.
+func (e *env) record(ctx context.Context, object, action, msg string) error {
+	return events.RecordNow(ctx, e.client, e.space, keys.EventsByOperator, actor(), e.opts.User(), object, action, msg)
+}
+
 func nodeCordonCmd(e *env, cordon bool) *cobra.Command {
 	var reason string
 	use, short := "cordon HWID", "Stop placing new VMs on a node (its VMs keep running)"
@@ -44,13 +49,13 @@ func nodeCordonCmd(e *env, cordon bool) *cobra.Command {
 				return err
 			}
 			defer cancel()
-			changed, err := e.updateNodeState(ctx, id, func(ns *keys.NodeState) bool {
-				if ns.Cordoned == cordon && !ns.Draining && !ns.Drained && (!cordon || reason == "" || ns.Reason == reason) {
+			changed, err := e.updateNodeSpec(ctx, id, func(ns *keys.NodeSpec) bool {
+				if ns.Cordoned == cordon && !ns.Drain && (!cordon || reason == "" || ns.Reason == reason) {
 					return false
 				}
 				ns.Cordoned = cordon
 				if !cordon {
-					ns.Draining, ns.Drained = false, false // uncordon also cancels or ends a drain
+					ns.Drain = false // uncordon also cancels or ends a drain
 				}
 				ns.Reason = reason
 				ns.Since = time.Now().UTC()
@@ -67,7 +72,7 @@ func nodeCordonCmd(e *env, cordon bool) *cobra.Command {
 				fmt.Fprintf(e.out, "node/%s already %s\n", id, verb)
 				return nil
 			}
-			_ = events.RecordNow(ctx, e.client, e.space, actor(), e.opts.User(), "node/"+id, verb, reason)
+			_ = e.record(ctx, "node/"+id, verb, reason)
 			fmt.Fprintf(e.out, "node/%s %s\n", id, verb)
 			return nil
 		},
@@ -78,36 +83,58 @@ func nodeCordonCmd(e *env, cordon bool) *cobra.Command {
 	return cmd
 }
 
-// updateNodeState applies mutate to the node's state by compare-and-swap, retrying on conflicts.
-// The node must be enrolled. mutate returns false when nothing needs writing.
-func (e *env) updateNodeState(ctx context.Context, hwid string, mutate func(*keys.NodeState) bool) (bool, error) {
-	key := e.space.NodeState(hwid)
-	for attempt := 0; attempt < 10; attempt++ {
-		resp, err := e.client.Txn(ctx).Then(clientv3.OpGet(e.space.Hardware(hwid)), clientv3.OpGet(key)).Commit()
-		if err != nil {
-			return false, err
-		}
-		if len(resp.Responses[0].GetResponseRange().Kvs) == 0 {
-			return false, fmt.Errorf("node %s is not enrolled (see 'herdctl hw list'): %w", hwid, ErrNotFound)
-		}
-		ns := &keys.NodeState{}
-		var modRev int64
-		if kvs := resp.Responses[1].GetResponseRange().Kvs; len(kvs) > 0 {
-			modRev = kvs[0].ModRevision
-			if ns, err = keys.Decode[keys.NodeState](kvs[0].Value); err != nil {
-				return false, fmt.Errorf("node state %s is unreadable (%v); fix or delete it with etcdctl", key, err)
+// updateNodeSpec applies mutate to the node's spec (what operators want of it) by
+// compare-and-swap, retrying on conflicts. The node must be enrolled. mutate returns false when
+// nothing needs writing. The leader acts on the spec and records what it did in the node's state.
+func (e *env) updateNodeSpec(ctx context.Context, hwid string, mutate func(*keys.NodeSpec) bool) (bool, error) {
+	hw, err := e.client.Get(ctx, e.space.Hardware(hwid), clientv3.WithCountOnly())
+	if err != nil {
+		return false, err
+	}
+	if hw.Count == 0 {
+		return false, fmt.Errorf("node %s is not enrolled (see 'herdctl hw list'): %w", hwid, ErrNotFound)
+	}
+	key := e.space.NodeSpec(hwid)
+	res, err := e.casPut(ctx, key, func(old []byte) (string, bool, error) {
+		ns := &keys.NodeSpec{}
+		if old != nil {
+			var err error
+			if ns, err = keys.Decode[keys.NodeSpec](old); err != nil {
+				return "", false, fmt.Errorf("node spec %s is unreadable (%v); fix or delete it with etcdctl", key, err)
 			}
 		}
 		if !mutate(ns) {
+			return "", false, nil
+		}
+		if err := ns.Validate(); err != nil {
+			return "", false, usagef("%v", err)
+		}
+		return keys.MustEncode(ns), true, nil
+	})
+	return res == casCreated || res == casUpdated, err
+}
+
+// request writes an operator request about the record created at revision of (see keys.Request).
+// It reports false when the same request is there already.
+func (e *env) request(ctx context.Context, key string, of int64) (bool, error) {
+	resp, err := e.client.Get(ctx, key)
+	if err != nil {
+		return false, err
+	}
+	var rev int64
+	if len(resp.Kvs) > 0 {
+		rev = resp.Kvs[0].ModRevision
+		if r, err := keys.Decode[keys.Request](resp.Kvs[0].Value); err == nil && r.Of == of {
 			return false, nil
 		}
-		tx, err := e.client.Txn(ctx).If(etcdutil.ModRev(key, modRev)).Then(clientv3.OpPut(key, keys.MustEncode(ns))).Commit()
-		if err != nil {
-			return false, err
-		}
-		if tx.Succeeded {
-			return true, nil
-		}
 	}
-	return false, fmt.Errorf("node state %s kept changing under us; try again", hwid)
+	req := keys.Request{Of: of, By: actor(), At: time.Now().UTC()}
+	tx, err := e.client.Txn(ctx).If(etcdutil.ModRev(key, rev)).Then(clientv3.OpPut(key, keys.MustEncode(&req))).Commit()
+	if err != nil {
+		return false, err
+	}
+	if !tx.Succeeded {
+		return false, fmt.Errorf("request %s changed meanwhile; try again", key)
+	}
+	return true, nil
 }

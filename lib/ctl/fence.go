@@ -8,8 +8,6 @@ import (
 	"github.com/spf13/cobra"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
-	"github.com/herdhq/herd/lib/etcdutil"
-	"github.com/herdhq/herd/lib/events"
 	"github.com/herdhq/herd/lib/keys"
 )
 
@@ -61,10 +59,11 @@ func fenceListCmd(e *env) *cobra.Command {
 func fenceClearCmd(e *env) *cobra.Command {
 	return &cobra.Command{
 		Use:   "clear NODE",
-		Short: "Delete a node's fence records: a fenced node that came back is schedulable again",
-		Long: `clear deletes /herd/fence/NODE/*. Do it only once you know the node's old boot no longer runs any
-VM that now runs elsewhere (e.g. you checked it, or you power-cycled it). A node that reboots clears
-its fence record by itself.`,
+		Short: "Clear a node's fence records: a fenced node that came back is schedulable again",
+		Long: `clear asks the leader (a request under /herd/requests/fence-clear/NODE/) to undo the node's fences
+(Ceph blocklist entries) and delete its records under /herd/fence/NODE/. Do it only once you know the
+node's old boot no longer runs any VM that now runs elsewhere (e.g. you checked it, or you
+power-cycled it). A node that reboots clears its fence record by itself.`,
 		Example: `  herdctl fence clear 52:54:00:00:00:02`,
 		Args:    exactArgs("NODE"),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -81,25 +80,27 @@ its fence record by itself.`,
 				return fmt.Errorf("node %s has no fence record: %w", id, ErrNotFound)
 			}
 			// The leader undoes the fence (Ceph blocklist entries) and then deletes the record;
-			// until then the boot stays fenced.
+			// until then the boot stays fenced. Operators only ask: the record is the leader's.
+			asked := 0
 			for _, kv := range resp.Kvs {
 				f, err := keys.Decode[keys.Fence](kv.Value)
 				if err != nil {
-					return fmt.Errorf("fence record %s is unreadable (%v); delete it with etcdctl", kv.Key, err)
+					return fmt.Errorf("fence record %s is unreadable (%v); ask root to delete it with etcdctl", kv.Key, err)
 				}
 				if f.Phase == keys.FenceClearing {
 					continue
 				}
-				f.Phase = keys.FenceClearing
-				tx, err := e.client.Txn(ctx).If(etcdutil.ModRev(string(kv.Key), kv.ModRevision)).Then(clientv3.OpPut(string(kv.Key), keys.MustEncode(f))).Commit()
+				created, err := e.request(ctx, e.space.FenceClearRequest(id, f.BootID), kv.CreateRevision)
 				if err != nil {
 					return err
 				}
-				if !tx.Succeeded {
-					return fmt.Errorf("fence record %s changed meanwhile; try again", kv.Key)
+				if created {
+					asked++
 				}
 			}
-			_ = events.RecordNow(ctx, e.client, e.space, actor(), e.opts.User(), "node/"+id, "fence-clear-requested", "by hand")
+			if asked > 0 {
+				_ = e.record(ctx, "node/"+id, "fence-clear-requested", "by hand")
+			}
 			fmt.Fprintf(e.out, "node/%s: fence being cleared (the leader removes blocklist entries, then the record)\n", id)
 			return nil
 		},
@@ -187,16 +188,16 @@ network fault). Confirming lets fencing and rescheduling of the listed nodes pro
 				fmt.Fprintln(e.out, "already confirmed")
 				return nil
 			}
-			g.Confirmed, g.By = true, actor()
-			tx, err := e.client.Txn(ctx).If(etcdutil.ModRev(key, resp.Kvs[0].ModRevision)).Then(clientv3.OpPut(key, keys.MustEncode(g))).Commit()
+			created, err := e.request(ctx, e.space.ConfirmLossRequest(), resp.Kvs[0].CreateRevision)
 			if err != nil {
 				return err
 			}
-			if !tx.Succeeded {
-				return fmt.Errorf("the guard changed meanwhile; look again with 'herdctl cluster show'")
+			if !created {
+				fmt.Fprintln(e.out, "already confirmed; the leader acts on it")
+				return nil
 			}
-			_ = events.RecordNow(ctx, e.client, e.space, actor(), e.opts.User(), "cluster", "loss-confirmed", strings.Join(g.Nodes, ", "))
-			fmt.Fprintf(e.out, "confirmed: fencing and rescheduling of %s proceed\n", strings.Join(g.Nodes, ", "))
+			_ = e.record(ctx, "cluster", "loss-confirmed", strings.Join(g.Nodes, ", "))
+			fmt.Fprintf(e.out, "confirmed: the leader lets fencing and rescheduling of %s proceed\n", strings.Join(g.Nodes, ", "))
 			return nil
 		},
 	}

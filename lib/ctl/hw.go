@@ -1,14 +1,15 @@
 package ctl
 
 import (
+	"context"
 	"fmt"
 
 	"github.com/spf13/cobra"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/herdhq/herd/lib/etcdutil"
-	"github.com/herdhq/herd/lib/events"
 	"github.com/herdhq/herd/lib/keys"
+	"github.com/herdhq/herd/lib/units"
 )
 
 func hwCmd(e *env) *cobra.Command {
@@ -16,14 +17,15 @@ func hwCmd(e *env) *cobra.Command {
 		Use:   "hw",
 		Short: "Enrol hardware: only listed machines boot and join",
 	}
-	cmd.AddCommand(hwAddCmd(e), hwListCmd(e), hwRmCmd(e), hwDiscoveredCmd(e), hwApproveCmd(e), hwPinCmd(e, true), hwPinCmd(e, false), hwTokenCmd(e))
+	cmd.AddCommand(hwAddCmd(e), hwListCmd(e), hwRmCmd(e), hwDiscoveredCmd(e), hwApproveCmd(e), hwPinCmd(e, true), hwPinCmd(e, false), hwTokenCmd(e), hwSetCapacityCmd(e))
 	return cmd
 }
 
 func hwAddCmd(e *env) *cobra.Command {
 	var (
-		mac, serial, storageIP string
-		labels                 []string
+		mac, serial, storageIP, migrationIP, memory string
+		cpus                                        int
+		labels                                      []string
 	)
 	cmd := &cobra.Command{
 		Use:   "add HWID",
@@ -32,7 +34,8 @@ func hwAddCmd(e *env) *cobra.Command {
 serial number. Running it again updates the record: flags given replace those fields, --label
 replaces all labels; fields this herdctl does not know are kept.`,
 		Example: `  herdctl hw add 52:54:00:12:34:56 --label rack=r1 --storage-ip 10.1.0.21
-  herdctl hw add 7XK2QF2 --mac 52:54:00:12:34:57`,
+  herdctl hw add 7XK2QF2 --mac 52:54:00:12:34:57
+  herdctl hw add 52:54:00:12:34:56 --cpus 64 --memory 512GiB --migration-ip 10.2.0.21`,
 		Args: exactArgs("HWID"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			id, err := keys.NormalizeHWID(args[0])
@@ -48,26 +51,18 @@ replaces all labels; fields this herdctl does not know are kept.`,
 					return usagef("--mac: %v", err)
 				}
 			}
+			var memMiB int64
+			if memory != "" {
+				if memMiB, err = units.ParseIn(memory, units.MiB); err != nil {
+					return usagef("--memory: %v", err)
+				}
+			}
 			if err := e.connect(); err != nil {
 				return err
 			}
 			ctx, cancel := e.ctx(cmd.Context())
 			defer cancel()
-			key := e.space.Hardware(id)
-			for attempt := 0; attempt < 5; attempt++ {
-				resp, err := e.client.Get(ctx, key)
-				if err != nil {
-					return err
-				}
-				hw := &keys.Hardware{}
-				var modRev int64
-				result := "enrolled"
-				if len(resp.Kvs) > 0 {
-					modRev, result = resp.Kvs[0].ModRevision, "updated"
-					if hw, err = keys.Decode[keys.Hardware](resp.Kvs[0].Value); err != nil {
-						return fmt.Errorf("existing record %s is unreadable (%v); remove it with 'herdctl hw rm %s' first", key, err, id)
-					}
-				}
+			result, err := e.updateHardware(ctx, id, true, func(hw *keys.Hardware) {
 				if _, err := keys.NormalizeMAC(id); err == nil && hw.MAC == "" {
 					hw.MAC = id
 				} else if err != nil && hw.Serial == "" {
@@ -82,32 +77,32 @@ replaces all labels; fields this herdctl does not know are kept.`,
 				if storageIP != "" {
 					hw.StorageIP = storageIP
 				}
+				if migrationIP != "" {
+					hw.MigrationIP = migrationIP
+				}
+				if cpus > 0 {
+					hw.CPUs = cpus
+				}
+				if memMiB > 0 {
+					hw.MemoryMiB = memMiB
+				}
 				if cmd.Flags().Changed("label") {
 					hw.Labels = lbl
 				}
-				if err := hw.Validate(id); err != nil {
-					return usagef("hardware %s: %v", id, err)
-				}
-				val := keys.MustEncode(hw)
-				if len(resp.Kvs) > 0 && string(resp.Kvs[0].Value) == val {
-					fmt.Fprintf(e.out, "hardware/%s unchanged\n", id)
-					return nil
-				}
-				tx, err := e.client.Txn(ctx).If(etcdutil.ModRev(key, modRev)).Then(clientv3.OpPut(key, val)).Commit()
-				if err != nil {
-					return err
-				}
-				if tx.Succeeded {
-					fmt.Fprintf(e.out, "hardware/%s %s\n", id, result)
-					return nil
-				}
+			})
+			if err != nil {
+				return err
 			}
-			return fmt.Errorf("hardware %s kept changing under us; try again", id)
+			fmt.Fprintf(e.out, "hardware/%s %s\n", id, result)
+			return nil
 		},
 	}
 	f := cmd.Flags()
 	f.StringVar(&mac, "mac", "", "boot NIC MAC (when HWID is a serial)")
 	f.StringVar(&serial, "serial", "", "serial number / service tag (when HWID is a MAC)")
+	f.IntVar(&cpus, "cpus", 0, "CPUs the machine is expected to have: a node reporting more is capped (default: what it reports at its first join)")
+	f.StringVar(&memory, "memory", "", "memory the machine is expected to have, e.g. 512GiB (as --cpus)")
+	f.StringVar(&migrationIP, "migration-ip", "", "the only live-migration address this node's migration certificate may name")
 	f.StringVar(&storageIP, "storage-ip", "", "static storage-network IP (needed for Ceph fencing)")
 	f.StringSliceVar(&labels, "label", nil, "label key=value for node selectors (repeatable; replaces all labels)")
 	return cmd
@@ -290,7 +285,7 @@ func hwApproveCmd(e *env) *cobra.Command {
 			if !tx.Succeeded {
 				return fmt.Errorf("hardware %s is already enrolled", hwid)
 			}
-			_ = events.RecordNow(ctx, e.client, e.space, actor(), e.opts.User(), "node/"+hwid, "approved", "mac "+mac)
+			_ = e.record(ctx, "node/"+hwid, "approved", "mac "+mac)
 			fmt.Fprintf(e.out, "hardware/%s enrolled; it boots at its next retry\n", hwid)
 			return nil
 		},
@@ -298,6 +293,104 @@ func hwApproveCmd(e *env) *cobra.Command {
 	cmd.Flags().StringSliceVar(&labels, "label", nil, "label key=value (repeatable)")
 	cmd.Flags().BoolVar(&bySerial, "by-serial", false, "enrol under the serial number the machine reported")
 	cmd.Flags().StringVar(&storageIP, "storage-ip", "", "static storage-network IP")
+	return cmd
+}
+
+// updateHardware applies mutate to a hardware record by compare-and-swap (creating it when create
+// is set) and says what happened: enrolled, updated or unchanged. Members this herdctl does not
+// know are kept.
+func (e *env) updateHardware(ctx context.Context, id string, create bool, mutate func(*keys.Hardware)) (string, error) {
+	key := e.space.Hardware(id)
+	res, err := e.casPut(ctx, key, func(old []byte) (string, bool, error) {
+		hw := &keys.Hardware{}
+		if old != nil {
+			var err error
+			if hw, err = keys.Decode[keys.Hardware](old); err != nil {
+				return "", false, fmt.Errorf("existing record %s is unreadable (%v); remove it with 'herdctl hw rm %s' first", key, err, id)
+			}
+		} else if !create {
+			return "", false, fmt.Errorf("hardware %s is not enrolled: %w (herdctl hw add %s)", id, ErrNotFound, id)
+		}
+		mutate(hw)
+		if err := hw.Validate(id); err != nil {
+			return "", false, usagef("hardware %s: %v", id, err)
+		}
+		return keys.MustEncode(hw), true, nil
+	})
+	if res == casCreated {
+		res = "enrolled"
+	}
+	return res, err
+}
+
+func hwSetCapacityCmd(e *env) *cobra.Command {
+	var (
+		cpus     int
+		memory   string
+		fromNode bool
+	)
+	cmd := &cobra.Command{
+		Use:   "set-capacity HWID (--cpus N --memory SIZE | --from-node)",
+		Short: "Approve the capacity a node may offer (a node reporting more than approved is capped)",
+		Long: `The leader offers the scheduler at most what a node was approved for: the CPUs and memory in its
+hardware record, or else what the node reported at its first join. A node that later reports more
+(new DIMMs, or a node lying to draw VMs) is capped and shows "capped" in 'herdctl node list'.
+set-capacity writes the expected capacity into the hardware record; --from-node takes what the node
+reports now.`,
+		Example: `  herdctl hw set-capacity 52:54:00:12:34:56 --from-node
+  herdctl hw set-capacity 52:54:00:12:34:56 --cpus 64 --memory 512GiB`,
+		Args: exactArgs("HWID"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if fromNode == (cpus > 0 || memory != "") {
+				return usagef("give --cpus and --memory, or --from-node")
+			}
+			var memMiB int64
+			if memory != "" {
+				var err error
+				if memMiB, err = units.ParseIn(memory, units.MiB); err != nil {
+					return usagef("--memory: %v", err)
+				}
+			}
+			id, ctx, cancel, err := e.forNode(cmd, args[0])
+			if err != nil {
+				return err
+			}
+			defer cancel()
+			if fromNode {
+				resp, err := e.client.Get(ctx, e.space.Node(id))
+				if err != nil {
+					return err
+				}
+				if len(resp.Kvs) == 0 {
+					return fmt.Errorf("node %s is not registered now: %w", id, ErrNotFound)
+				}
+				n, err := keys.Decode[keys.Node](resp.Kvs[0].Value)
+				if err != nil {
+					return fmt.Errorf("node record %s is unreadable: %v", id, err)
+				}
+				cpus, memMiB = n.CPUs, n.MemoryMiB
+			}
+			result, err := e.updateHardware(ctx, id, false, func(hw *keys.Hardware) {
+				if cpus > 0 {
+					hw.CPUs = cpus
+				}
+				if memMiB > 0 {
+					hw.MemoryMiB = memMiB
+				}
+			})
+			if err != nil {
+				return err
+			}
+			if result != "unchanged" {
+				_ = e.record(ctx, "node/"+id, "capacity-approved", fmt.Sprintf("%d CPUs, %s", cpus, units.FormatMiB(memMiB)))
+			}
+			fmt.Fprintf(e.out, "hardware/%s %s: %d CPUs, %s\n", id, result, cpus, units.FormatMiB(memMiB))
+			return nil
+		},
+	}
+	cmd.Flags().IntVar(&cpus, "cpus", 0, "CPUs the node may offer")
+	cmd.Flags().StringVar(&memory, "memory", "", "memory the node may offer, e.g. 512GiB")
+	cmd.Flags().BoolVar(&fromNode, "from-node", false, "approve what the node reports now")
 	return cmd
 }
 
@@ -339,7 +432,7 @@ func hwPinCmd(e *env, pin bool) *cobra.Command {
 					return fmt.Errorf("image %s: %w (see 'herdctl image list')", version, ErrNotFound)
 				}
 			}
-			changed, err := e.updateNodeState(ctx, id, func(ns *keys.NodeState) bool {
+			changed, err := e.updateNodeSpec(ctx, id, func(ns *keys.NodeSpec) bool {
 				if ns.Image == version {
 					return false
 				}
@@ -355,10 +448,10 @@ func hwPinCmd(e *env, pin bool) *cobra.Command {
 			case !changed:
 				fmt.Fprintf(e.out, "node/%s not pinned\n", id)
 			case pin:
-				_ = events.RecordNow(ctx, e.client, e.space, actor(), e.opts.User(), "node/"+id, "pinned", version)
-				fmt.Fprintf(e.out, "node/%s pinned to %s (takes effect at its next boot)\n", id, version)
+				_ = e.record(ctx, "node/"+id, "pinned", version)
+				fmt.Fprintf(e.out, "node/%s pinned to %s (the leader applies it; takes effect at the node's next boot)\n", id, version)
 			default:
-				_ = events.RecordNow(ctx, e.client, e.space, actor(), e.opts.User(), "node/"+id, "unpinned", "")
+				_ = e.record(ctx, "node/"+id, "unpinned", "")
 				fmt.Fprintf(e.out, "node/%s unpinned\n", id)
 			}
 			return nil

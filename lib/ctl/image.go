@@ -15,7 +15,6 @@ import (
 
 	"github.com/herdhq/herd/bootserver/images"
 	"github.com/herdhq/herd/lib/etcdutil"
-	"github.com/herdhq/herd/lib/events"
 	"github.com/herdhq/herd/lib/keys"
 	"github.com/herdhq/herd/lib/units"
 )
@@ -86,7 +85,7 @@ after checking its copy against the catalogue.`,
 				}
 				return fmt.Errorf("image %s already exists with other content; versions are immutable, add a new version", version)
 			}
-			_ = events.RecordNow(ctx, e.client, e.space, actor(), e.opts.User(), "image/"+version, "added", fmt.Sprintf("kernel %s, initrd %s", im.Kernel.SHA256[:12], im.Initrd.SHA256[:12]))
+			_ = e.record(ctx, "image/"+version, "added", fmt.Sprintf("kernel %s, initrd %s", im.Kernel.SHA256[:12], im.Initrd.SHA256[:12]))
 			fmt.Fprintf(e.out, "image/%s added (kernel %s, initrd %s)\n", version, units.FormatBytes(im.Kernel.Size), units.FormatBytes(im.Initrd.Size))
 			return nil
 		},
@@ -251,7 +250,7 @@ func imageSetCurrentCmd(e *env) *cobra.Command {
 			if !resp.Succeeded {
 				return fmt.Errorf("image %s: %w (add it first with 'herdctl image add')", version, ErrNotFound)
 			}
-			_ = events.RecordNow(ctx, e.client, e.space, actor(), e.opts.User(), "image/"+version, "set-current", "")
+			_ = e.record(ctx, "image/"+version, "set-current", "")
 			fmt.Fprintf(e.out, "image/%s is current\n", version)
 			return nil
 		},

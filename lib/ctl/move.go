@@ -12,7 +12,6 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/herdhq/herd/lib/etcdutil"
-	"github.com/herdhq/herd/lib/events"
 	"github.com/herdhq/herd/lib/keys"
 )
 
@@ -69,7 +68,7 @@ func vmMigrateCmd(e *env) *cobra.Command {
 			if !resp.Succeeded {
 				return fmt.Errorf("vm %s changed meanwhile; try again", name)
 			}
-			_ = events.RecordNow(ctx, e.client, e.space, actor(), e.opts.User(), "vm/"+name, "migrate-requested", "from "+from+" to "+orDash(to))
+			_ = e.record(ctx, "vm/"+name, "migrate-requested", "from "+from+" to "+orDash(to))
 			fmt.Fprintf(e.out, "vm/%s migration requested (from %s)\n", name, from)
 			if !wait {
 				return nil
@@ -141,7 +140,7 @@ func vmRestartCmd(e *env) *cobra.Command {
 					return err
 				}
 				if tx.Succeeded {
-					_ = events.RecordNow(ctx, e.client, e.space, actor(), e.opts.User(), "vm/"+name, "restart-requested", fmt.Sprintf("generation %d", spec.Restarts))
+					_ = e.record(ctx, "vm/"+name, "restart-requested", fmt.Sprintf("generation %d", spec.Restarts))
 					fmt.Fprintf(e.out, "vm/%s restarting (generation %d)\n", name, spec.Restarts)
 					return nil
 				}
@@ -169,11 +168,11 @@ and marks the node drained when none is left. Cancel with 'herdctl node uncordon
 			if err != nil {
 				return err
 			}
-			changed, err := e.updateNodeState(ctx, id, func(ns *keys.NodeState) bool {
-				if ns.Cordoned && ns.Draining {
+			changed, err := e.updateNodeSpec(ctx, id, func(ns *keys.NodeSpec) bool {
+				if ns.Drain {
 					return false
 				}
-				ns.Cordoned, ns.Draining, ns.Drained = true, true, false
+				ns.Drain = true
 				if ns.Reason == "" {
 					ns.Reason = "drain"
 				}
@@ -181,7 +180,7 @@ and marks the node drained when none is left. Cancel with 'herdctl node uncordon
 				return true
 			})
 			if err == nil && changed {
-				_ = events.RecordNow(ctx, e.client, e.space, actor(), e.opts.User(), "node/"+id, "drain", "")
+				_ = e.record(ctx, "node/"+id, "drain", "")
 			}
 			cancel()
 			if err != nil {
@@ -235,11 +234,10 @@ func (e *env) waitDrained(parent context.Context, id string, timeout time.Durati
 			}
 			bar.Describe(desc)
 			_ = bar.Set(total - len(left))
-			if st, ok := v.states[id]; ok && !st.Draining {
+			if a := v.admin(id); !a.Draining {
 				e.endBar()
 				return fmt.Errorf("node %s is no longer draining (uncordoned?)", id)
-			}
-			if st, ok := v.states[id]; ok && st.Drained {
+			} else if a.Drained {
 				_ = bar.Finish()
 				e.endBar()
 				fmt.Fprintf(e.errOut, "node/%s drained\n", id)

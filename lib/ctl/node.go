@@ -20,6 +20,8 @@ type nodeView struct {
 	Node      *keys.Node      `json:"node,omitempty"`
 	NodeError string          `json:"node_error,omitempty"`
 	State     *keys.NodeState `json:"state,omitempty"`
+	Spec      *keys.NodeSpec  `json:"spec,omitempty"`
+	Admin     keys.NodeAdmin  `json:"admin"`
 	VMs       []string        `json:"vms"`
 	UsedVCPUs int             `json:"used_vcpus"`
 	UsedMiB   int64           `json:"used_memory_mib"`
@@ -49,6 +51,14 @@ func (v *clusterView) nodeViews() []*nodeView {
 		if n := byID[id]; n != nil {
 			n.State = st
 		}
+	}
+	for id, sp := range v.specs {
+		if n := byID[id]; n != nil {
+			n.Spec = sp
+		}
+	}
+	for id, n := range byID {
+		n.Admin = v.admin(id)
 	}
 	for _, vm := range v.vms {
 		if p := vm.Placement; p != nil && p.UID == vm.UID {
@@ -105,14 +115,20 @@ func (v *clusterView) nodeViews() []*nodeView {
 				st = append(st, "fencing")
 			}
 		}
-		if n.State != nil && n.State.Cordoned {
+		if n.Admin.Cordoned {
 			st = append(st, "cordoned")
 		}
 		switch {
-		case n.State != nil && n.State.Drained:
+		case n.Admin.Drained:
 			st = append(st, "drained")
-		case n.State != nil && n.State.Draining:
+		case n.Admin.Draining:
 			st = append(st, "draining")
+		}
+		if n.State != nil && n.State.Doubt != "" {
+			st = append(st, "untrusted")
+		}
+		if n.State != nil && n.State.Capped != "" {
+			st = append(st, "capped")
 		}
 		n.Status = strings.Join(st, ",")
 		out = append(out, n)
@@ -222,8 +238,23 @@ func nodeGetCmd(e *env) *cobra.Command {
 			if n.NodeError != "" {
 				fmt.Fprintf(w, "Error:      %s\n", n.NodeError)
 			}
-			if st := n.State; st != nil && st.Cordoned {
-				fmt.Fprintf(w, "Cordoned:   since %s ago: %s\n", age(st.Since), orDash(st.Reason))
+			if a := n.Admin; a.Cordoned {
+				since := "-"
+				if n.Spec != nil && (n.Spec.Cordoned || n.Spec.Drain) {
+					since = age(n.Spec.Since)
+				}
+				fmt.Fprintf(w, "Cordoned:   since %s ago: %s\n", since, orDash(a.Reason))
+			}
+			if st := n.State; st != nil {
+				if st.Doubt != "" {
+					fmt.Fprintf(w, "Untrusted:  %s (the node counts as absent)\n", st.Doubt)
+				}
+				if st.Capped != "" {
+					fmt.Fprintf(w, "Capped:     %s\n", st.Capped)
+				}
+				if st.Image != "" {
+					fmt.Fprintf(w, "Pinned:     %s (boots it next)\n", st.Image)
+				}
 			}
 			fmt.Fprintf(w, "VMs:        %s\n", orDash(strings.Join(n.VMs, ", ")))
 			return nil

@@ -152,29 +152,29 @@ func parseLabels(flag string, in []string) (map[string]string, error) {
 }
 
 // newBar is herdctl's progress bar, on stderr and drawn only on a terminal: scripts and logs get
-// just the one line per change that the commands print beside it.
+// just the one line per change that the commands print beside it. It writes to the terminal itself
+// (its own escape codes); its description is made terminal-safe here.
 func (e *env) newBar(max int, desc string) *progressbar.ProgressBar {
-	return progressbar.NewOptions(max, progressbar.OptionSetWriter(e.errOut), progressbar.OptionShowCount(),
+	return progressbar.NewOptions(max, progressbar.OptionSetWriter(e.rawErr), progressbar.OptionShowCount(),
 		progressbar.OptionSetElapsedTime(true), progressbar.OptionSetPredictTime(false), progressbar.OptionSetWidth(30),
 		progressbar.OptionSetDescription(desc), progressbar.OptionSetVisibility(e.errTTY()))
 }
 
-// lineStart begins a line printed while a bar may be drawn: it clears the bar's line first.
-func (e *env) lineStart() string {
+// clearLine begins a line printed while a bar may be drawn: it clears the bar's line first.
+func (e *env) clearLine() {
 	if e.errTTY() {
-		return "\r\033[K"
+		fmt.Fprint(e.rawErr, "\r\033[K")
 	}
-	return ""
 }
 
 // endBar ends the bar's line (on a terminal; elsewhere there is none).
 func (e *env) endBar() {
 	if e.errTTY() {
-		fmt.Fprintln(e.errOut)
+		fmt.Fprintln(e.rawErr)
 	}
 }
 
 func (e *env) errTTY() bool {
-	f, ok := e.errOut.(*os.File)
+	f, ok := e.rawErr.(*os.File)
 	return ok && term.IsTerminal(int(f.Fd()))
 }

@@ -14,7 +14,6 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/herdhq/herd/lib/etcdutil"
-	"github.com/herdhq/herd/lib/events"
 	"github.com/herdhq/herd/lib/keys"
 )
 
@@ -38,24 +37,67 @@ a rollout to the old version.`,
 	return cmd
 }
 
-// readRollout returns the rollout record and its revision (nil, 0 when there is none).
-func (e *env) readRollout(ctx context.Context) (*keys.Rollout, int64, error) {
-	resp, err := e.client.Get(ctx, e.space.Rollout())
+// rolloutView is a rollout as herdctl shows it (and its -o json/yaml document): the operator's
+// request and the leader's progress in one object. State is the leader's (the request's until the
+// leader has taken it up); Requested is what the operator asked for.
+type rolloutView struct {
+	ID                 string                       `json:"id"`
+	Image              string                       `json:"image"`
+	MaxUnavailable     int                          `json:"max_unavailable"`
+	Selector           string                       `json:"selector,omitempty"`
+	NodeTimeoutSeconds int64                        `json:"node_timeout_seconds"`
+	State              string                       `json:"state"`
+	Requested          string                       `json:"requested"`
+	Reason             string                       `json:"reason,omitempty"`
+	Nodes              []string                     `json:"nodes"`
+	Per                map[string]*keys.RolloutNode `json:"per_node,omitempty"`
+	By                 string                       `json:"by,omitempty"`
+	Started            time.Time                    `json:"started"`
+	Updated            time.Time                    `json:"updated,omitzero"`
+	Ended              time.Time                    `json:"ended,omitzero"`
+
+	req    *keys.Rollout
+	reqRev int64
+}
+
+// readRollout reads the request and the leader's progress in one transaction. It returns nil when
+// there is no rollout, and the revision it read at.
+func (e *env) readRollout(ctx context.Context) (*rolloutView, int64, error) {
+	resp, err := e.client.Txn(ctx).Then(clientv3.OpGet(e.space.Rollout()), clientv3.OpGet(e.space.RolloutStatus())).Commit()
 	if err != nil {
 		return nil, 0, err
 	}
-	if len(resp.Kvs) == 0 {
-		return nil, 0, nil
+	var req *keys.Rollout
+	var st *keys.RolloutStatus
+	v := &rolloutView{}
+	if kvs := resp.Responses[0].GetResponseRange().Kvs; len(kvs) > 0 {
+		if req, err = keys.Decode[keys.Rollout](kvs[0].Value); err != nil {
+			return nil, 0, fmt.Errorf("rollout request %s is unreadable (%v): fix or delete it with etcdctl", e.space.Rollout(), err)
+		}
+		v.reqRev = kvs[0].ModRevision
 	}
-	ro, err := keys.Decode[keys.Rollout](resp.Kvs[0].Value)
-	if err != nil {
-		return nil, 0, fmt.Errorf("rollout record %s is unreadable (%v): fix or delete it with etcdctl", e.space.Rollout(), err)
+	if kvs := resp.Responses[1].GetResponseRange().Kvs; len(kvs) > 0 {
+		if st, err = keys.Decode[keys.RolloutStatus](kvs[0].Value); err != nil {
+			return nil, 0, fmt.Errorf("rollout status %s is unreadable (%v)", e.space.RolloutStatus(), err)
+		}
 	}
-	return ro, resp.Kvs[0].ModRevision, nil
+	switch {
+	case req == nil && st == nil:
+		return nil, resp.Header.Revision, nil
+	case req != nil:
+		v.req = req
+		v.ID, v.Image, v.MaxUnavailable, v.Selector, v.NodeTimeoutSeconds = req.ID, req.Image, req.MaxUnavailable, req.Selector, req.NodeTimeoutSeconds
+		v.State, v.Requested, v.Nodes, v.By, v.Started = req.State, req.State, req.Nodes, req.By, req.Started
+	}
+	if st != nil && (req == nil || st.ID == req.ID) {
+		v.ID, v.State, v.Reason, v.Nodes, v.Per, v.Updated, v.Ended = st.ID, st.State, st.Reason, st.Nodes, st.Per, st.Updated, st.Ended
+	}
+	return v, resp.Header.Revision, nil
 }
 
-func active(ro *keys.Rollout) bool {
-	return ro != nil && (ro.State == keys.RolloutRunning || ro.State == keys.RolloutPaused || ro.State == keys.RolloutAborting)
+// active says whether a rollout is under way (or asked for and not yet taken up).
+func active(ro *rolloutView) bool {
+	return ro != nil && ro.req != nil && ro.Ended.IsZero()
 }
 
 func rolloutStartCmd(e *env) *cobra.Command {
@@ -99,19 +141,23 @@ func rolloutStartCmd(e *env) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			old, rev, err := e.readRollout(ctx)
+			old, _, err := e.readRollout(ctx)
 			if err != nil {
 				return err
 			}
 			if active(old) {
 				return fmt.Errorf("rollout %s to %s is %s: wait for it, or 'herdctl rollout abort' first", old.ID, old.Image, old.State)
 			}
+			var rev int64
+			if old != nil {
+				rev = old.reqRev
+			}
 			var b [3]byte
 			_, _ = rand.Read(b[:])
 			now := time.Now().UTC()
 			ro := &keys.Rollout{ID: now.Format("20060102") + "-" + hex.EncodeToString(b[:]), Image: image, MaxUnavailable: maxUnav,
 				Nodes: nodes, Selector: selector, NodeTimeoutSeconds: int64(timeout / time.Second), State: keys.RolloutRunning,
-				By: actor(), Started: now, Updated: now}
+				By: actor(), Started: now}
 			if err := ro.Validate(); err != nil {
 				return err
 			}
@@ -123,7 +169,7 @@ func rolloutStartCmd(e *env) *cobra.Command {
 			if !tx.Succeeded {
 				return errors.New("another rollout was started at the same moment; see 'herdctl rollout status'")
 			}
-			_ = events.RecordNow(ctx, e.client, e.space, actor(), e.opts.User(), "rollout/"+ro.ID, "started",
+			_ = e.record(ctx, "rollout/"+ro.ID, "started",
 				fmt.Sprintf("%d nodes to %s, at most %d unavailable", len(nodes), image, maxUnav))
 			fmt.Fprintf(e.out, "rollout %s started: %d nodes to %s, at most %d unavailable at once\n", ro.ID, len(nodes), image, maxUnav)
 			if !watch {
@@ -201,43 +247,40 @@ func rolloutStateCmd(e *env, verb string) *cobra.Command {
 			ctx, cancel := e.ctx(cmd.Context())
 			defer cancel()
 			for attempt := 0; attempt < 10; attempt++ {
-				ro, rev, err := e.readRollout(ctx)
+				ro, _, err := e.readRollout(ctx)
 				if err != nil {
 					return err
 				}
 				if !active(ro) {
 					return fmt.Errorf("no rollout under way: %w", ErrNotFound)
 				}
-				var to string
+				req := ro.req
 				switch {
-				case verb == "pause" && ro.State == keys.RolloutRunning:
-					to = keys.RolloutPaused
-				case verb == "resume" && ro.State == keys.RolloutPaused:
-					to = keys.RolloutRunning
-				case verb == "abort" && ro.State != keys.RolloutAborting:
-					to = keys.RolloutAborting
+				case verb == "pause" && req.State == keys.RolloutRunning:
+					req.State = keys.RolloutPaused
+				case verb == "resume" && (req.State == keys.RolloutPaused || ro.State == keys.RolloutPaused):
+					// Resuming also retries a node the leader paused the rollout on.
+					req.State = keys.RolloutRunning
+					req.Resumes++
+				case verb == "abort" && req.State != keys.RolloutAborting:
+					req.State = keys.RolloutAborting
 				default:
 					fmt.Fprintf(e.out, "rollout %s is already %s\n", ro.ID, ro.State)
 					return nil
 				}
-				ro.State, ro.Updated = to, time.Now().UTC()
-				if verb == "pause" {
-					ro.Reason = "paused by " + actor()
-				} else {
-					ro.Reason = ""
-				}
-				tx, err := e.client.Txn(ctx).If(etcdutil.ModRev(e.space.Rollout(), rev)).
-					Then(clientv3.OpPut(e.space.Rollout(), keys.MustEncode(ro))).Commit()
+				req.By = actor()
+				tx, err := e.client.Txn(ctx).If(etcdutil.ModRev(e.space.Rollout(), ro.reqRev)).
+					Then(clientv3.OpPut(e.space.Rollout(), keys.MustEncode(req))).Commit()
 				if err != nil {
 					return err
 				}
 				if tx.Succeeded {
-					_ = events.RecordNow(ctx, e.client, e.space, actor(), e.opts.User(), "rollout/"+ro.ID, verb+"-requested", "")
-					fmt.Fprintf(e.out, "rollout %s %s\n", ro.ID, to)
+					_ = e.record(ctx, "rollout/"+ro.ID, verb+"-requested", "")
+					fmt.Fprintf(e.out, "rollout %s: %s requested\n", ro.ID, verb)
 					return nil
 				}
 			}
-			return errors.New("the rollout record kept changing under us; try again")
+			return errors.New("the rollout request kept changing under us; try again")
 		},
 	}
 }
@@ -324,7 +367,7 @@ func (e *env) nodeImages(ctx context.Context) (map[string]string, error) {
 }
 
 // progress counts finished nodes and estimates the time left from the nodes done so far.
-func progress(ro *keys.Rollout, now time.Time) (done int, eta time.Duration) {
+func progress(ro *rolloutView, now time.Time) (done int, eta time.Duration) {
 	var took time.Duration
 	upgraded := 0
 	for _, id := range ro.Nodes {
@@ -344,11 +387,11 @@ func progress(ro *keys.Rollout, now time.Time) (done int, eta time.Duration) {
 		return done, 0
 	}
 	per := took / time.Duration(upgraded)
-	batches := (len(ro.Nodes) - done + ro.MaxUnavailable - 1) / ro.MaxUnavailable
+	batches := (len(ro.Nodes) - done + max(ro.MaxUnavailable, 1) - 1) / max(ro.MaxUnavailable, 1)
 	return done, per * time.Duration(batches)
 }
 
-func rolloutSummary(ro *keys.Rollout, now time.Time) string {
+func rolloutSummary(ro *rolloutView, now time.Time) string {
 	done, eta := progress(ro, now)
 	end := now
 	if !ro.Ended.IsZero() {
@@ -393,11 +436,13 @@ func (e *env) watchRollout(ctx context.Context) error {
 				if p.Error != "" {
 					note = ": " + p.Error
 				}
-				fmt.Fprintf(e.errOut, "%s%s  %s %s%s\n", e.lineStart(), time.Now().Format("15:04:05"), id, p.Phase, note)
+				e.clearLine()
+				fmt.Fprintf(e.errOut, "%s  %s %s%s\n", time.Now().Format("15:04:05"), id, p.Phase, note)
 			}
 		}
 		if ro.Reason != lastReason && ro.Reason != "" {
-			fmt.Fprintf(e.errOut, "%s%s  %s\n", e.lineStart(), time.Now().Format("15:04:05"), ro.Reason)
+			e.clearLine()
+			fmt.Fprintf(e.errOut, "%s  %s\n", time.Now().Format("15:04:05"), ro.Reason)
 		}
 		lastReason = ro.Reason
 		done, eta := progress(ro, time.Now())
@@ -418,7 +463,8 @@ func (e *env) watchRollout(ctx context.Context) error {
 		}
 		// Wake on the next change of the record, or after a while to refresh the clock.
 		wctx, wcancel := context.WithTimeout(ctx, 5*time.Second)
-		wch := e.client.Watch(clientv3.WithRequireLeader(wctx), e.space.Rollout(), clientv3.WithRev(rev+1))
+		// Both keys: the request and the leader's progress (a prefix of one is the other's).
+		wch := e.client.Watch(clientv3.WithRequireLeader(wctx), e.space.Rollout(), clientv3.WithPrefix(), clientv3.WithRev(rev+1))
 		select {
 		case <-wch:
 		case <-wctx.Done():

@@ -22,6 +22,7 @@ import (
 	"github.com/herdhq/herd/lib/cli"
 	"github.com/herdhq/herd/lib/etcdutil"
 	"github.com/herdhq/herd/lib/keys"
+	"github.com/herdhq/herd/lib/termsafe"
 	"github.com/herdhq/herd/lib/version"
 )
 
@@ -47,12 +48,15 @@ func ExitCode(err error) int {
 	return cli.ExitError
 }
 
-// env is what every command needs once flags are parsed.
+// env is what every command needs once flags are parsed. out and errOut escape control characters
+// (whatever herdctl prints may come from etcd, where anyone with write access may have put escape
+// sequences); rawErr is the terminal itself, for the progress bar alone.
 type env struct {
 	opts    etcdutil.Options
 	timeout time.Duration
 	out     io.Writer
 	errOut  io.Writer
+	rawErr  io.Writer
 
 	client *clientv3.Client
 	space  keys.Space
@@ -107,7 +111,7 @@ func NewRoot(out, errOut io.Writer) *cobra.Command {
 }
 
 func newRoot(out, errOut io.Writer) (*cobra.Command, *env) {
-	e := &env{out: out, errOut: errOut}
+	e := &env{out: termsafe.NewWriter(out), errOut: termsafe.NewWriter(errOut), rawErr: errOut}
 	root := &cobra.Command{
 		Use:   "herdctl",
 		Short: "Operate a herd cluster: VMs, nodes, hardware",
@@ -143,9 +147,9 @@ func Main(args []string) int {
 	root.SetArgs(cli.NormalizeArgs(root, args))
 	err := root.Execute()
 	if err != nil {
-		fmt.Fprintln(os.Stderr, "herdctl:", err)
+		fmt.Fprintln(e.errOut, "herdctl:", err)
 		if h := hint(err, e.opts); h != "" {
-			fmt.Fprintln(os.Stderr, "hint:", h)
+			fmt.Fprintln(e.errOut, "hint:", h)
 		}
 	}
 	return ExitCode(err)

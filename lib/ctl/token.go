@@ -7,7 +7,6 @@ import (
 	"github.com/spf13/cobra"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
-	"github.com/herdhq/herd/lib/events"
 	"github.com/herdhq/herd/lib/join"
 )
 
@@ -40,7 +39,7 @@ stored (/herd/jointokens/<sha256>), under a lease of --ttl.`,
 			if err != nil {
 				return err
 			}
-			_ = events.RecordNow(ctx, e.client, e.space, actor(), e.opts.User(), "node/"+id, "join-token-minted", "valid "+ttl.String())
+			_ = e.record(ctx, "node/"+id, "join-token-minted", "valid "+ttl.String())
 			fmt.Fprintln(e.out, tok)
 			return nil
 		},

@@ -2,7 +2,6 @@ package ctl
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"os"
 	"strings"
@@ -260,41 +259,23 @@ herdctl does not know and the file does not mention are kept from the stored spe
 // applySpec writes spec as name's spec by compare-and-swap, keeping unknown members of the stored
 // value that spec does not set.
 func (e *env) applySpec(ctx context.Context, name string, spec *keys.VMSpec) (string, error) {
-	key := e.space.VMSpec(name)
-	for attempt := 0; attempt < 5; attempt++ {
-		resp, err := e.client.Get(ctx, key)
-		if err != nil {
-			return "", err
-		}
-		var modRev int64
-		result := "created"
-		if len(resp.Kvs) > 0 {
-			modRev = resp.Kvs[0].ModRevision
-			result = "configured"
-			if old, err := keys.Decode[keys.VMSpec](resp.Kvs[0].Value); err == nil {
-				for k, v := range old.Extra {
-					if _, set := spec.Extra[k]; !set {
-						if spec.Extra == nil {
-							spec.Extra = keys.Extra{}
-						}
-						spec.Extra[k] = v
+	res, err := e.casPut(ctx, e.space.VMSpec(name), func(old []byte) (string, bool, error) {
+		if prev, err := keys.Decode[keys.VMSpec](old); old != nil && err == nil {
+			for k, v := range prev.Extra {
+				if _, set := spec.Extra[k]; !set {
+					if spec.Extra == nil {
+						spec.Extra = keys.Extra{}
 					}
+					spec.Extra[k] = v
 				}
 			}
 		}
-		val := keys.MustEncode(spec)
-		if len(resp.Kvs) > 0 && string(resp.Kvs[0].Value) == val {
-			return "unchanged", nil
-		}
-		tx, err := e.client.Txn(ctx).If(etcdutil.ModRev(key, modRev)).Then(clientv3.OpPut(key, val)).Commit()
-		if err != nil {
-			return "", err
-		}
-		if tx.Succeeded {
-			return result, nil
-		}
+		return keys.MustEncode(spec), true, nil
+	})
+	if res == casUpdated {
+		res = "configured"
 	}
-	return "", errors.New("the spec kept changing under us; try again")
+	return res, err
 }
 
 func vmGetCmd(e *env) *cobra.Command {
@@ -540,7 +521,7 @@ func (e *env) purgeDisksOf(ctx context.Context, name string) error {
 	}
 	for _, v := range vols {
 		if v.Record.VM == name && v.Record.UID == uid {
-			if err := e.markPurge(ctx, v.Pool, v.Image); err != nil {
+			if err := e.markPurge(ctx, v); err != nil {
 				return err
 			}
 		}

@@ -33,6 +33,7 @@ type clusterView struct {
 	nodes    map[string]*keys.Node
 	nodeErrs map[string]error
 	states   map[string]*keys.NodeState
+	specs    map[string]*keys.NodeSpec
 	hardware map[string]*keys.Hardware
 	statuses map[string]map[string]*keys.VMStatus // hwid -> vm -> status
 	fences   map[string][]*keys.Fence             // hwid -> fence records
@@ -40,6 +41,11 @@ type clusterView struct {
 }
 
 func sortStrings(s []string) { sort.Strings(s) }
+
+// admin is a node's administrative state: the operator's spec and the leader's rollout combined.
+func (v *clusterView) admin(hwid string) keys.NodeAdmin {
+	return keys.AdminOf(v.specs[hwid], v.states[hwid])
+}
 
 // readCluster reads VMs, nodes, node states, hardware and statuses in one transaction, so every
 // table herdctl prints is one revision of the cluster.
@@ -76,6 +82,9 @@ func (e *env) readCluster(ctx context.Context) (*clusterView, error) {
 		clientv3.OpGet(s.StatusRoot(), clientv3.WithPrefix()),
 		clientv3.OpGet(s.FenceRoot(), clientv3.WithPrefix()),
 		clientv3.OpGet(s.LossGuard()),
+		clientv3.OpGet(s.PlacementPrefix(), clientv3.WithPrefix()),
+		clientv3.OpGet(s.ProblemPrefix(), clientv3.WithPrefix()),
+		clientv3.OpGet(s.NodeSpecPrefix(), clientv3.WithPrefix()),
 	).Commit()
 	if err != nil {
 		return nil, err
@@ -86,6 +95,7 @@ func (e *env) readCluster(ctx context.Context) (*clusterView, error) {
 		nodes:    map[string]*keys.Node{},
 		nodeErrs: map[string]error{},
 		states:   map[string]*keys.NodeState{},
+		specs:    map[string]*keys.NodeSpec{},
 		hardware: map[string]*keys.Hardware{},
 		statuses: map[string]map[string]*keys.VMStatus{},
 		fences:   map[string][]*keys.Fence{},
@@ -98,29 +108,43 @@ func (e *env) readCluster(ctx context.Context) (*clusterView, error) {
 	if kvs := resp.Responses[6].GetResponseRange().Kvs; len(kvs) > 0 {
 		v.guard, _ = keys.Decode[keys.LossGuard](kvs[0].Value)
 	}
-	for _, kv := range resp.Responses[0].GetResponseRange().Kvs {
-		name, part, ok := s.ParseVM(string(kv.Key))
-		if !ok {
-			continue
-		}
+	vmOf := func(name string) *vmView {
 		vm := v.vms[name]
 		if vm == nil {
 			vm = &vmView{Name: name}
 			v.vms[name] = vm
 		}
-		switch part {
-		case keys.VMPartSpec:
-			vm.UID = kv.CreateRevision
-			spec, err := keys.Decode[keys.VMSpec](kv.Value)
-			if err != nil {
-				vm.SpecError = err.Error()
-			} else {
-				vm.Spec = spec
+		return vm
+	}
+	for _, kv := range resp.Responses[0].GetResponseRange().Kvs {
+		name, part, ok := s.ParseVM(string(kv.Key))
+		if !ok || part != keys.VMPartSpec {
+			continue
+		}
+		vm := vmOf(name)
+		vm.UID = kv.CreateRevision
+		spec, err := keys.Decode[keys.VMSpec](kv.Value)
+		if err != nil {
+			vm.SpecError = err.Error()
+		} else {
+			vm.Spec = spec
+		}
+	}
+	for _, kv := range resp.Responses[7].GetResponseRange().Kvs {
+		if name, ok := keys.ParseVMName(s.PlacementPrefix(), string(kv.Key)); ok {
+			vmOf(name).Placement, _ = keys.Decode[keys.Placement](kv.Value)
+		}
+	}
+	for _, kv := range resp.Responses[8].GetResponseRange().Kvs {
+		if name, ok := keys.ParseVMName(s.ProblemPrefix(), string(kv.Key)); ok {
+			vmOf(name).Problem, _ = keys.Decode[keys.Problem](kv.Value)
+		}
+	}
+	for _, kv := range resp.Responses[9].GetResponseRange().Kvs {
+		if hwid, ok := keys.ParseLeaf(s.NodeSpecPrefix(), string(kv.Key)); ok {
+			if ns, err := keys.Decode[keys.NodeSpec](kv.Value); err == nil {
+				v.specs[hwid] = ns
 			}
-		case keys.VMPartPlacement:
-			vm.Placement, _ = keys.Decode[keys.Placement](kv.Value)
-		case keys.VMPartProblem:
-			vm.Problem, _ = keys.Decode[keys.Problem](kv.Value)
 		}
 	}
 	for _, kv := range resp.Responses[1].GetResponseRange().Kvs {

@@ -9,8 +9,6 @@ import (
 	"github.com/spf13/cobra"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
-	"github.com/herdhq/herd/lib/etcdutil"
-	"github.com/herdhq/herd/lib/events"
 	"github.com/herdhq/herd/lib/keys"
 )
 
@@ -20,12 +18,17 @@ type volumeView struct {
 	Record *keys.VolumeRecord `json:"record"`
 	// Owner: "in use" by its VM, or "orphan" (its VM is gone; kept until purged).
 	Owner string `json:"owner"`
+	// Purging: an operator asked the leader to delete it.
+	Purging bool `json:"purging,omitempty"`
+
+	rev int64 // the record's CreateRevision, which a purge request names
 }
 
 func (e *env) readVolumes(ctx context.Context) ([]volumeView, error) {
 	resp, err := e.client.Txn(ctx).Then(
 		clientv3.OpGet(e.space.VolumeRoot(), clientv3.WithPrefix()),
 		clientv3.OpGet(e.space.VMPrefix(), clientv3.WithPrefix(), clientv3.WithKeysOnly()),
+		clientv3.OpGet(e.space.PurgeRequestPrefix(), clientv3.WithPrefix()),
 	).Commit()
 	if err != nil {
 		return nil, err
@@ -34,6 +37,14 @@ func (e *env) readVolumes(ctx context.Context) ([]volumeView, error) {
 	for _, kv := range resp.Responses[1].GetResponseRange().Kvs {
 		if name, part, ok := e.space.ParseVM(string(kv.Key)); ok && part == keys.VMPartSpec {
 			live[name] = kv.CreateRevision
+		}
+	}
+	purges := map[string]int64{} // pool/image -> the record revision a purge request names
+	for _, kv := range resp.Responses[2].GetResponseRange().Kvs {
+		if pool, image, ok := keys.ParseNodeScoped(e.space.PurgeRequestPrefix(), string(kv.Key)); ok {
+			if r, err := keys.Decode[keys.Request](kv.Value); err == nil {
+				purges[pool+"/"+image] = r.Of
+			}
 		}
 	}
 	var out []volumeView
@@ -46,10 +57,11 @@ func (e *env) readVolumes(ctx context.Context) ([]volumeView, error) {
 		if err != nil {
 			continue
 		}
-		v := volumeView{Pool: pool, Image: image, Record: rec, Owner: "orphan"}
+		v := volumeView{Pool: pool, Image: image, Record: rec, Owner: "orphan", rev: kv.CreateRevision}
 		if live[rec.VM] == rec.UID {
 			v.Owner = "in use"
 		}
+		v.Purging = purges[pool+"/"+image] == kv.CreateRevision
 		out = append(out, v)
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Pool+"/"+out[i].Image < out[j].Pool+"/"+out[j].Image })
@@ -84,7 +96,7 @@ func volumeListCmd(e *env) *cobra.Command {
 			t := newTable("POOL", "IMAGE", "VM", "UID", "SIZE", "STATE", "OWNER")
 			for _, v := range vols {
 				state := v.Record.State
-				if v.Record.Purge {
+				if v.Purging {
 					state += ",purging"
 				}
 				if v.Record.Error != "" {
@@ -128,7 +140,7 @@ func volumeRmCmd(e *env) *cobra.Command {
 					if v.Owner != "orphan" {
 						return fmt.Errorf("disk %s belongs to the live VM %s; delete the VM with --purge instead", args[0], v.Record.VM)
 					}
-					return e.markPurge(ctx, pool, image)
+					return e.markPurge(ctx, v)
 				}
 			}
 			return fmt.Errorf("disk %s: %w", args[0], ErrNotFound)
@@ -136,35 +148,17 @@ func volumeRmCmd(e *env) *cobra.Command {
 	}
 }
 
-// markPurge sets purge on a disk record by compare-and-swap.
-func (e *env) markPurge(ctx context.Context, pool, image string) error {
-	key := e.space.Volume(pool, image)
-	for attempt := 0; attempt < 5; attempt++ {
-		resp, err := e.client.Get(ctx, key)
-		if err != nil {
-			return err
-		}
-		if len(resp.Kvs) == 0 {
-			return fmt.Errorf("disk %s/%s: %w", pool, image, ErrNotFound)
-		}
-		rec, err := keys.Decode[keys.VolumeRecord](resp.Kvs[0].Value)
-		if err != nil {
-			return err
-		}
-		if rec.Purge {
-			fmt.Fprintf(e.out, "volume/%s/%s already being purged\n", pool, image)
-			return nil
-		}
-		rec.Purge = true
-		tx, err := e.client.Txn(ctx).If(etcdutil.ModRev(key, resp.Kvs[0].ModRevision)).Then(clientv3.OpPut(key, keys.MustEncode(rec))).Commit()
-		if err != nil {
-			return err
-		}
-		if tx.Succeeded {
-			_ = events.RecordNow(ctx, e.client, e.space, actor(), e.opts.User(), "vm/"+rec.VM, "purge-requested", pool+"/"+image)
-			fmt.Fprintf(e.out, "volume/%s/%s will be deleted\n", pool, image)
-			return nil
-		}
+// markPurge asks the leader to delete a disk (a request naming the disk record's incarnation).
+func (e *env) markPurge(ctx context.Context, v volumeView) error {
+	created, err := e.request(ctx, e.space.PurgeRequest(v.Pool, v.Image), v.rev)
+	if err != nil {
+		return err
 	}
-	return fmt.Errorf("disk record %s kept changing; try again", key)
+	if !created {
+		fmt.Fprintf(e.out, "volume/%s/%s already being purged\n", v.Pool, v.Image)
+		return nil
+	}
+	_ = e.record(ctx, "vm/"+v.Record.VM, "purge-requested", v.Pool+"/"+v.Image)
+	fmt.Fprintf(e.out, "volume/%s/%s will be deleted\n", v.Pool, v.Image)
+	return nil
 }

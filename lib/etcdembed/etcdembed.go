@@ -37,7 +37,20 @@ type Config struct {
 	// CertFile, KeyFile and TrustedCAFile serve clients over TLS and require a client certificate
 	// signed by the CA (whose CN is the etcd user once auth is on). Client URLs are then https.
 	CertFile, KeyFile, TrustedCAFile string
+	// MaxRequestBytes bounds one request (a value, a transaction); 0 means DefaultMaxRequestBytes.
+	MaxRequestBytes uint
+	// QuotaBackendBytes is the size at which etcd refuses writes; 0 means DefaultQuotaBackendBytes.
+	QuotaBackendBytes int64
 }
+
+// Limits herd runs etcd with (docs/security.md says how to set them on an etcd run by hand). No
+// herd value comes near MaxRequestBytes, so a writer that fills it is refused by etcd itself; the
+// quota is etcd's own recommended maximum, so that a flood of small writes is refused long
+// before the disk fills.
+const (
+	DefaultMaxRequestBytes   = 1 << 20 // 1 MiB (etcd's own default is 1.5 MiB)
+	DefaultQuotaBackendBytes = 8 << 30 // 8 GiB
+)
 
 // Server is a running member.
 type Server struct {
@@ -104,6 +117,14 @@ func Start(ctx context.Context, c Config, timeout time.Duration) (*Server, error
 		cfg.AutoCompactionRetention = c.AutoCompaction.String()
 	}
 	cfg.UnsafeNoFsync = c.UnsafeNoFsync
+	cfg.MaxRequestBytes = c.MaxRequestBytes
+	if cfg.MaxRequestBytes == 0 {
+		cfg.MaxRequestBytes = DefaultMaxRequestBytes
+	}
+	cfg.QuotaBackendBytes = c.QuotaBackendBytes
+	if cfg.QuotaBackendBytes == 0 {
+		cfg.QuotaBackendBytes = DefaultQuotaBackendBytes
+	}
 	if c.CertFile != "" {
 		for _, u := range c.Clients {
 			if !strings.HasPrefix(u, "https://") {

@@ -84,7 +84,7 @@ func New(o Options) (*clientv3.Client, error) {
 			return nil, fmt.Errorf("--cert needs --cacert")
 		}
 		var err error
-		if tlsCfg, err = pki.ClientTLS(o.CACert, o.Cert, o.Key); err != nil {
+		if tlsCfg, err = pki.ClientTLS(o.CACert, o.Cert, o.Key, pki.EtcdServer); err != nil {
 			return nil, err
 		}
 	}

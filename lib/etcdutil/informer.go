@@ -23,6 +23,8 @@ type KV struct {
 	ModRevision    int64
 	Version        int64
 	Lease          int64
+	// Size is the value's length in bytes, also when the informer drops values (DropValues).
+	Size int
 	// Obj and Err are the Informer's Decode result, computed once per revision.
 	Obj any
 	Err error
@@ -49,6 +51,9 @@ type Informer struct {
 	// OnBatch, if set, is told after each list and each watch response how many keys it deleted
 	// and how many remain: a way to notice things vanishing wholesale.
 	OnBatch func(deleted, remaining int)
+	// DropValues keeps only each key's metadata (revisions, lease, size) once it is decoded: for
+	// prefixes that are large and whose contents the holder never reads (the audit trail).
+	DropValues bool
 
 	mu      sync.RWMutex
 	items   map[string]*KV
@@ -318,9 +323,13 @@ func (i *Informer) newKV(kv *mvccpb.KeyValue) *KV {
 		ModRevision:    kv.ModRevision,
 		Version:        kv.Version,
 		Lease:          kv.Lease,
+		Size:           len(kv.Value),
 	}
 	if i.decode != nil {
 		out.Obj, out.Err = i.decode(out.Key, out.Value)
+	}
+	if i.DropValues {
+		out.Value = nil
 	}
 	return out
 }

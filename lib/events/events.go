@@ -3,7 +3,10 @@
 //
 // Every record is attached to a shared lease that lives Retention; a new lease is taken every
 // Rotation, so records expire in batches without one lease per record (etcd's lease table stays
-// small) and without a janitor.
+// small). Each writer appends under its own prefix (/herd/events/<writer>/), which etcd's RBAC
+// confines it to: a node can add and remove its own records only. The leader removes records that
+// break the rules (no lease, a lease longer than Retention, larger than MaxBytes, too many from one
+// writer), because etcd itself cannot refuse them.
 package events
 
 import (
@@ -13,6 +16,7 @@ import (
 	"fmt"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
 
 	"github.com/hashicorp/go-hclog"
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -25,6 +29,10 @@ import (
 const (
 	Retention = 7 * 24 * time.Hour
 	Rotation  = 24 * time.Hour
+	// MaxBytes bounds one record as stored; messages are cut to fit.
+	MaxBytes = 4096
+	// MaxPerWriter bounds the records one writer keeps; beyond it the oldest are removed.
+	MaxPerWriter = 20000
 )
 
 // Recorder queues records and writes them in the background, so a reconcile loop never waits on
@@ -32,6 +40,7 @@ const (
 type Recorder struct {
 	client *clientv3.Client
 	space  keys.Space
+	writer keys.EventWriter
 	actor  string
 	user   string
 	log    hclog.Logger
@@ -42,10 +51,24 @@ type Recorder struct {
 	dropped atomic.Int64
 }
 
-// New prepares a recorder for actor (e.g. "coordinator/host-a", "agent/52:54:00:..") acting as the
-// etcd user user ("" without TLS).
-func New(c *clientv3.Client, space keys.Space, actor, user string, log hclog.Logger) *Recorder {
-	return &Recorder{client: c, space: space, actor: actor, user: user, log: log.Named("events"), ch: make(chan keys.Event, 1024)}
+// New prepares a recorder writing under writer's prefix for actor (e.g. "coordinator/host-a",
+// "agent/52:54:00:..") acting as the etcd user user ("" without TLS).
+func New(c *clientv3.Client, space keys.Space, writer keys.EventWriter, actor, user string, log hclog.Logger) *Recorder {
+	return &Recorder{client: c, space: space, writer: writer, actor: actor, user: user, log: log.Named("events"), ch: make(chan keys.Event, 1024)}
+}
+
+// encode stamps and encodes an event, cutting its message so that the record fits MaxBytes.
+func encode(ev *keys.Event) string {
+	b := keys.MustEncode(ev)
+	for len(b) > MaxBytes && len(ev.Message) > 0 {
+		cut := max(0, len(ev.Message)-(len(b)-MaxBytes)-len("…"))
+		for cut > 0 && !utf8.RuneStart(ev.Message[cut]) {
+			cut--
+		}
+		ev.Message = ev.Message[:cut] + "…"
+		b = keys.MustEncode(ev)
+	}
+	return b
 }
 
 // Record queues one event. object is kind/name, e.g. vm/web1.
@@ -88,13 +111,9 @@ func (r *Recorder) write(ctx context.Context, ev keys.Event) error {
 		}
 		r.lease, r.leaseAt = l.ID, time.Now()
 	}
-	b, err := keys.Encode(&ev)
-	if err != nil {
-		return err
-	}
 	cctx, cancel := etcdutil.WithTimeout(ctx)
 	defer cancel()
-	_, err = r.client.Put(cctx, r.space.Event(ev.Time, randomID()), string(b), clientv3.WithLease(r.lease))
+	_, err := r.client.Put(cctx, r.space.Event(r.writer, ev.Time, randomID()), encode(&ev), clientv3.WithLease(r.lease))
 	if err != nil {
 		r.lease = 0 // the lease may have expired (etcd restored, clock jump): take a new one
 	}
@@ -109,7 +128,7 @@ func randomID() string {
 
 // RecordNow writes one event synchronously under its own lease; for short-lived processes such as
 // herdctl, whose operator actions are rare enough that a lease each costs nothing.
-func RecordNow(ctx context.Context, c *clientv3.Client, space keys.Space, actor, user, object, action, msg string) error {
+func RecordNow(ctx context.Context, c *clientv3.Client, space keys.Space, writer keys.EventWriter, actor, user, object, action, msg string) error {
 	ev := keys.Event{Time: time.Now().UTC(), Actor: actor, User: user, Object: object, Action: action, Message: msg}
 	cctx, cancel := etcdutil.WithTimeout(ctx)
 	defer cancel()
@@ -117,7 +136,7 @@ func RecordNow(ctx context.Context, c *clientv3.Client, space keys.Space, actor,
 	if err != nil {
 		return fmt.Errorf("grant event lease: %w", err)
 	}
-	_, err = c.Put(cctx, space.Event(ev.Time, randomID()), keys.MustEncode(&ev), clientv3.WithLease(l.ID))
+	_, err = c.Put(cctx, space.Event(writer, ev.Time, randomID()), encode(&ev), clientv3.WithLease(l.ID))
 	return err
 }
 

@@ -41,10 +41,8 @@ type Client struct {
 	Dir            string
 	HWID           string
 	Log            hclog.Logger
-	// Hosts are this node's addresses to name in its certificate (its migration address).
-	Hosts []string
-	// QEMUDir, if set, also receives the credentials in QEMU's migrate_tls_x509_cert_dir layout,
-	// for TLS live migration.
+	// QEMUDir, if set, receives a live-migration certificate in QEMU's migrate_tls_x509_cert_dir
+	// layout (RunMigrationCert), for TLS live migration.
 	QEMUDir string
 	// Now is the clock (tests move it); nil means time.Now.
 	Now func() time.Time
@@ -84,7 +82,7 @@ func (c *Client) Ensure(ctx context.Context, token string) error {
 	switch {
 	case cert != nil && !c.due(cert):
 		c.Log.Info("using existing node certificate", "user", cert.Subject.CommonName, "expires", cert.NotAfter.Format(time.RFC3339))
-		return c.writeQEMU()
+		return nil
 	case cert != nil:
 		if err := c.Renew(ctx); err == nil {
 			return nil
@@ -270,7 +268,7 @@ func (c *Client) httpClient(withCert bool) (*http.Client, error) {
 	if withCert {
 		certFile, keyFile = c.CertPath(), c.KeyPath()
 	}
-	cfg, err := pki.ClientTLS(c.CAPath(), certFile, keyFile)
+	cfg, err := pki.ClientTLS(c.CAPath(), certFile, keyFile, pki.CoordinatorServer)
 	if err != nil {
 		return nil, err
 	}
@@ -291,36 +289,9 @@ func (c *Client) exchange(ctx context.Context, hc *http.Client, url, token strin
 	if err != nil {
 		return err
 	}
-	body, _ := json.Marshal(Request{HWID: c.HWID, Token: token, CSR: string(csr), Hosts: c.Hosts})
-	rctx, cancel := context.WithTimeout(ctx, 20*time.Second)
-	defer cancel()
-	req, err := http.NewRequestWithContext(rctx, http.MethodPost, url, bytes.NewReader(body))
+	out, err := c.post(ctx, hc, url, Request{HWID: c.HWID, Token: token, CSR: string(csr)})
 	if err != nil {
 		return err
-	}
-	req.Header.Set("Content-Type", "application/json")
-	resp, err := hc.Do(req)
-	if err != nil {
-		return err
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
-	if err != nil {
-		return err
-	}
-	if resp.StatusCode != http.StatusOK {
-		var e Error
-		if json.Unmarshal(b, &e) != nil || e.Error == "" {
-			e.Error = string(b)
-		}
-		if resp.StatusCode >= 400 && resp.StatusCode < 500 {
-			return &RefusedError{Status: resp.StatusCode, Message: e.Error}
-		}
-		return fmt.Errorf("status %d: %s", resp.StatusCode, e.Error)
-	}
-	var out Response
-	if err := json.Unmarshal(b, &out); err != nil {
-		return fmt.Errorf("join response: %w", err)
 	}
 	cert, err := pki.ParseCert([]byte(out.Cert))
 	if err != nil {
@@ -336,11 +307,6 @@ func (c *Client) exchange(ctx context.Context, hc *http.Client, url, token strin
 	if err := writeAtomic(c.CertPath(), []byte(out.Cert), 0o644); err != nil {
 		return err
 	}
-	if c.QEMUDir != "" {
-		if err := pki.WriteQEMUDir(c.QEMUDir, []byte(out.CA), []byte(out.Cert), keyPEM); err != nil {
-			return fmt.Errorf("migration TLS credentials: %w", err)
-		}
-	}
 	if out.Ceph != nil {
 		kr := fmt.Sprintf("[client.%s]\n\tkey = %s\n", out.Ceph.User, out.Ceph.Key)
 		if err := writeAtomic(filepath.Join(c.Dir, FileCephKR), []byte(kr), 0o600); err != nil {
@@ -354,6 +320,118 @@ func (c *Client) exchange(ctx context.Context, hc *http.Client, url, token strin
 	}
 	c.Log.Info("node certificate issued", "user", out.User, "expires", cert.NotAfter.Format(time.RFC3339), "endpoint", url)
 	return nil
+}
+
+// post sends one request to a join endpoint and decodes its answer.
+func (c *Client) post(ctx context.Context, hc *http.Client, url string, r Request) (*Response, error) {
+	body, _ := json.Marshal(r)
+	rctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(rctx, http.MethodPost, url, bytes.NewReader(body))
+	if err != nil {
+		return nil, err
+	}
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := hc.Do(req)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	if err != nil {
+		return nil, err
+	}
+	if resp.StatusCode != http.StatusOK {
+		var e Error
+		if json.Unmarshal(b, &e) != nil || e.Error == "" {
+			e.Error = string(b)
+		}
+		if resp.StatusCode >= 400 && resp.StatusCode < 500 {
+			return nil, &RefusedError{Status: resp.StatusCode, Message: e.Error}
+		}
+		return nil, fmt.Errorf("status %d: %s", resp.StatusCode, e.Error)
+	}
+	var out Response
+	if err := json.Unmarshal(b, &out); err != nil {
+		return nil, fmt.Errorf("join response: %w", err)
+	}
+	return &out, nil
+}
+
+// MigrationCert asks for a live-migration certificate (authenticated by the node certificate) and
+// writes it, with the CA, into QEMUDir. The coordinator names in it only the migration address the
+// leader vouches for.
+func (c *Client) MigrationCert(ctx context.Context) error {
+	csr, keyPEM, err := pki.NewCSR("herd-migration:" + c.HWID)
+	if err != nil {
+		return err
+	}
+	return c.each(ctx, func(base string) error {
+		hc, err := c.httpClient(true)
+		if err != nil {
+			return err
+		}
+		out, err := c.post(ctx, hc, base+PathMigration, Request{HWID: c.HWID, CSR: string(csr)})
+		if err != nil {
+			return err
+		}
+		cert, err := pki.ParseCert([]byte(out.Cert))
+		if err != nil {
+			return fmt.Errorf("migration certificate: %w", err)
+		}
+		if pki.RoleOf(cert) != pki.RoleMigration {
+			return fmt.Errorf("migration certificate has role %q", pki.RoleOf(cert))
+		}
+		if err := pki.WriteQEMUDir(c.QEMUDir, []byte(out.CA), []byte(out.Cert), keyPEM); err != nil {
+			return fmt.Errorf("migration TLS credentials: %w", err)
+		}
+		c.Log.Info("migration certificate issued", "addresses", cert.IPAddresses, "expires", cert.NotAfter.Format(time.RFC3339), "dir", c.QEMUDir)
+		return nil
+	})
+}
+
+// migrationCert is the migration certificate in QEMUDir, or nil.
+func (c *Client) migrationCert() *x509.Certificate {
+	b, err := os.ReadFile(filepath.Join(c.QEMUDir, "server-cert.pem"))
+	if err != nil {
+		return nil
+	}
+	cert, err := pki.ParseCert(b)
+	if err != nil || pki.RoleOf(cert) != pki.RoleMigration || c.now().After(cert.NotAfter) {
+		return nil
+	}
+	return cert
+}
+
+// RunMigrationCert keeps a live-migration certificate in QEMUDir until ctx ends: at first as soon
+// as the leader vouches for the node's migration address (retried until then), then renewed at two
+// thirds of its life.
+func (c *Client) RunMigrationCert(ctx context.Context) {
+	if c.QEMUDir == "" {
+		return
+	}
+	bo := etcdutil.Backoff{Min: 2 * time.Second, Max: time.Minute}
+	for {
+		wait := time.Duration(0)
+		if cert := c.migrationCert(); cert != nil {
+			wait = time.Until(RenewAt(cert))
+		}
+		if wait > 0 && !etcdutil.Sleep(ctx, wait) {
+			return
+		}
+		if err := c.MigrationCert(ctx); err != nil {
+			if ctx.Err() != nil {
+				return
+			}
+			d := bo.Next()
+			c.Log.Warn("no live-migration certificate yet; TLS migrations to and from this node fail until there is one", "error", err, "retry_in", d)
+			if !etcdutil.Sleep(ctx, d) {
+				return
+			}
+			continue
+		}
+		bo.Reset()
+	}
 }
 
 // RunRenewal renews the certificate when it is due until ctx ends, retrying with backoff; the
@@ -410,19 +488,4 @@ func (c *Client) CephUser() string {
 		}
 	}
 	return ""
-}
-
-// writeQEMU copies the current credentials into QEMUDir (when set).
-func (c *Client) writeQEMU() error {
-	if c.QEMUDir == "" {
-		return nil
-	}
-	var b [3][]byte
-	for i, p := range []string{c.CAPath(), c.CertPath(), c.KeyPath()} {
-		var err error
-		if b[i], err = os.ReadFile(p); err != nil {
-			return err
-		}
-	}
-	return pki.WriteQEMUDir(c.QEMUDir, b[0], b[1], b[2])
 }

@@ -33,6 +33,9 @@ const (
 	PathCA    = "/v1/ca"
 	PathJoin  = "/v1/join"
 	PathRenew = "/v1/renew"
+	// PathMigration signs a node's live-migration certificate (for QEMU's TLS), naming the
+	// address the leader vouches for.
+	PathMigration = "/v1/migration"
 )
 
 // Request is the body of a join (token set) or a renewal (token empty, the client certificate
@@ -40,15 +43,9 @@ const (
 type Request struct {
 	HWID  string `json:"hwid"`
 	Token string `json:"token,omitempty"`
-	// CSR is a PEM certificate request; the signer ignores the name it asks for.
+	// CSR is a PEM certificate request; the signer ignores the name and addresses it asks for.
 	CSR string `json:"csr"`
-	// Hosts are the node's own addresses (its migration address) to name in the certificate, so
-	// that it can serve TLS live migration. IP addresses only, at most MaxHosts.
-	Hosts []string `json:"hosts,omitempty"`
 }
-
-// MaxHosts bounds Request.Hosts.
-const MaxHosts = 4
 
 // Response carries the node's credentials.
 type Response struct {

@@ -8,3 +8,5 @@
 //
 // The layout is documented for operators in docs/keyspace.md; keep the two in step.
 package keys
+
+//go:generate go run ./internal/jsongen/cmd/jsongen .

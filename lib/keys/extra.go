@@ -237,6 +237,13 @@ func MustEncode[P interface {
 
 type versioned interface{ version() *int }
 
+// Decodable is what pointers to every versioned keyspace type satisfy: a constraint for generic
+// helpers outside this package (func f[T any, P interface{ *T; keys.Decodable }]).
+type Decodable interface {
+	json.Unmarshaler
+	versioned
+}
+
 // DecodeAny is Decode shaped as an informer's decode hook: etcdutil.NewInformer(c, prefix,
 // keys.DecodeAny[keys.Node], ...).
 func DecodeAny[T any, P interface {

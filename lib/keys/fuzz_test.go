@@ -3,6 +3,8 @@ package keys
 import (
 	"bytes"
 	"encoding/json"
+	"path"
+	"strings"
 	"testing"
 )
 
@@ -73,6 +75,9 @@ func FuzzDecode(f *testing.F) {
 		roundTrip[JoinToken](t, data, nil)
 		roundTrip[Rollout](t, data, func(v *Rollout) { _ = v.Validate() })
 		roundTrip[NodeCommand](t, data, nil)
+		roundTrip[NodeSpec](t, data, nil)
+		roundTrip[RolloutStatus](t, data, nil)
+		roundTrip[Request](t, data, nil)
 	})
 }
 
@@ -97,6 +102,37 @@ func FuzzHWID(f *testing.F) {
 		}
 		if id == "." || id == ".." {
 			t.Fatalf("hwid %q", id)
+		}
+	})
+}
+
+// FuzzBootPath: whatever ValidateBootPath accepts is absolute, already clean (no "..", no "//"),
+// free of control characters, and InDir never lets such a path out of a directory by a prefix
+// trick (/var/lib/herd/bootX is not inside /var/lib/herd/boot).
+func FuzzBootPath(f *testing.F) {
+	for _, s := range []string{"/var/lib/herd/boot/vmlinuz", "/run/herd/credentials/node.key", "/var/lib/herd/boot/../../../etc/shadow",
+		"/var/lib/herd/boot//vmlinuz", "/var/lib/herd/boot/", "/var/lib/herd/bootX/vmlinuz", "relative/vmlinuz", "/var/lib/herd/boot/a\x00b",
+		"/var/lib/herd/boot/\x1b[2J", "/var/lib/herd/boot/.", "/", "/proc/self/root/etc/shadow", "/var/lib/herd/boot/\u202ekernel"} {
+		f.Add(s)
+	}
+	const dir = "/var/lib/herd/boot"
+	f.Fuzz(func(t *testing.T, p string) {
+		if ValidateBootPath(p) != nil {
+			return
+		}
+		if !strings.HasPrefix(p, "/") || path.Clean(p) != p {
+			t.Fatalf("accepted %q, which is not absolute and clean", p)
+		}
+		for _, r := range p {
+			if r < 0x20 || r == 0x7f {
+				t.Fatalf("accepted %q with a control character", p)
+			}
+		}
+		if InDir(p, dir) && !strings.HasPrefix(p, dir+"/") {
+			t.Fatalf("%q counted inside %s", p, dir)
+		}
+		if InDir(p, dir) && strings.Contains(p, "/../") {
+			t.Fatalf("%q escapes %s", p, dir)
 		}
 	})
 }

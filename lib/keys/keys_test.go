@@ -179,8 +179,8 @@ func TestKeys(t *testing.T) {
 		ok   bool
 	}{
 		"/herd/vms/web1/spec":      {"web1", VMPartSpec, true},
-		"/herd/vms/web1/placement": {"web1", VMPartPlacement, true},
-		"/herd/vms/web1/problem":   {"web1", VMPartProblem, true},
+		"/herd/vms/web1/migrate":   {"web1", VMPartMigrate, true},
+		"/herd/vms/web1/placement": {"web1", VMPartUnknown, false},
 		"/herd/vms/a/b/spec":       {"a/b", VMPartSpec, true},
 		"/herd/vms/web1/other":     {"web1", VMPartUnknown, false},
 		"/herd/vms/web1":           {"", VMPartUnknown, false},
@@ -199,8 +199,21 @@ func TestKeys(t *testing.T) {
 		t.Fatal(leaf)
 	}
 	t1 := time.Date(2026, 1, 2, 3, 4, 5, 6, time.UTC)
-	if a, b := s.Event(t1, "a"), s.Event(t1.Add(time.Nanosecond), "a"); a >= b {
+	if a, b := s.Event(EventsByCoordinator, t1, "a"), s.Event(EventsByCoordinator, t1.Add(time.Nanosecond), "a"); a >= b {
 		t.Fatalf("event keys must sort by time: %s %s", a, b)
+	}
+	for _, w := range []EventWriter{EventsByCoordinator, EventsByOperator, EventsByBootserver, EventsByNode("52:54:00:00:00:01")} {
+		key := s.Event(w, t1, "ab12")
+		got, at, ok := s.ParseEvent(key)
+		if !ok || got != w || !at.Equal(t1) {
+			t.Errorf("ParseEvent(%q) = %q %v %v", key, got, at, ok)
+		}
+	}
+	for _, bad := range []string{"/herd/events/20260102T030405.000000006Z-ab12", "/herd/events/someone/20260102T030405.000000006Z-ab12",
+		"/herd/events/node/a/b/20260102T030405.000000006Z-x", "/herd/events/coordinator/notatime-x", "/herd/events/node//20260102T030405.000000006Z-x"} {
+		if w, _, ok := s.ParseEvent(bad); ok {
+			t.Errorf("ParseEvent(%q) accepted as %q", bad, w)
+		}
 	}
 	for _, bad := range []string{"", "herd", "/", "/herd/"} {
 		if _, err := NewSpace(bad); err == nil {

@@ -58,13 +58,32 @@ func (s Space) NodeState(hwid string) string {
 	return s.NodeStatePrefix() + hwid
 }
 
-// VMPrefix lists every VM's spec, placement and problem.
-func (s Space) VMPrefix() string               { return s.dir("vms") }
-func (s Space) VMDir(name string) string       { return s.VMPrefix() + name + "/" }
-func (s Space) VMSpec(name string) string      { return s.VMDir(name) + vmSpec }
-func (s Space) VMPlacement(name string) string { return s.VMDir(name) + vmPlacement }
-func (s Space) VMProblem(name string) string   { return s.VMDir(name) + vmProblem }
-func (s Space) VMMigrate(name string) string   { return s.VMDir(name) + vmMigrate }
+// VMPrefix lists what operators write about VMs: each VM's spec and move request. Nothing the
+// leader decides lives under it, so etcd's prefix RBAC can let operators write all of it.
+func (s Space) VMPrefix() string             { return s.dir("vms") }
+func (s Space) VMDir(name string) string     { return s.VMPrefix() + name + "/" }
+func (s Space) VMSpec(name string) string    { return s.VMDir(name) + vmSpec }
+func (s Space) VMMigrate(name string) string { return s.VMDir(name) + vmMigrate }
+
+// PlacementPrefix and ProblemPrefix hold the leader's decisions about VMs: where each runs, and why
+// one is not where it should be. Only the leader (and root) may write them.
+func (s Space) PlacementPrefix() string      { return s.dir("placements") }
+func (s Space) Placement(name string) string { return s.PlacementPrefix() + name }
+func (s Space) ProblemPrefix() string        { return s.dir("problems") }
+func (s Space) Problem(name string) string   { return s.ProblemPrefix() + name }
+func (s Space) NodeSpecPrefix() string       { return s.dir("nodespec") }
+func (s Space) NodeSpec(hwid string) string  { return s.NodeSpecPrefix() + hwid }
+func (s Space) RolloutStatus() string        { return s.root + "/rolloutstatus" }
+func (s Space) RequestPrefix() string        { return s.dir("requests") }
+func (s Space) ConfirmLossRequest() string   { return s.RequestPrefix() + "confirm-loss" }
+func (s Space) FenceClearPrefix() string     { return s.RequestPrefix() + "fence-clear/" }
+func (s Space) PurgeRequestPrefix() string   { return s.RequestPrefix() + "purge/" }
+func (s Space) FenceClearRequest(hwid, bootID string) string {
+	return s.FenceClearPrefix() + hwid + "/" + bootID
+}
+func (s Space) PurgeRequest(pool, image string) string {
+	return s.PurgeRequestPrefix() + pool + "/" + image
+}
 
 // AssignRoot lists every node's work list; AssignPrefix is one node's.
 func (s Space) AssignRoot() string              { return s.dir("assign") }
@@ -78,6 +97,10 @@ func (s Space) Status(hwid, name string) string { return s.StatusPrefix(hwid) + 
 // are /herd/leader/<lease id>.
 func (s Space) Election() string    { return s.root + "/leader" }
 func (s Space) EventPrefix() string { return s.dir("events") }
+
+// EventWriterPrefix is where one writer appends its events: each writer class (and each node) has
+// its own prefix, so etcd's RBAC lets it add and remove only its own records.
+func (s Space) EventWriterPrefix(w EventWriter) string { return s.EventPrefix() + string(w) + "/" }
 
 // DiscoveredPrefix lists unknown machines that tried to boot.
 func (s Space) DiscoveredPrefix() string      { return s.dir("discovered") }
@@ -117,16 +140,55 @@ func VolumeImage(vm string, uid int64) string { return fmt.Sprintf("%s.%d", vm, 
 // version itself.
 const ImageCurrentName = "current"
 
-// Event names an audit record; the time comes first so keys sort by time.
-func (s Space) Event(t time.Time, id string) string {
-	return s.EventPrefix() + t.UTC().Format(eventTimeLayout) + "-" + id
+// EventWriter names who wrote an event, and so the prefix it lives under: "coordinator",
+// "bootserver", "operator", or "node/<hwid>".
+type EventWriter string
+
+// Event writers other than nodes.
+const (
+	EventsByCoordinator EventWriter = "coordinator"
+	EventsByBootserver  EventWriter = "bootserver"
+	EventsByOperator    EventWriter = "operator"
+)
+
+// EventsByNode is the writer of one node's events.
+func EventsByNode(hwid string) EventWriter { return EventWriter("node/" + hwid) }
+
+// Event names an audit record of writer; within a writer's prefix the time comes first so keys
+// sort by time.
+func (s Space) Event(w EventWriter, t time.Time, id string) string {
+	return s.EventWriterPrefix(w) + t.UTC().Format(eventTimeLayout) + "-" + id
+}
+
+// ParseEvent splits an event key into its writer and time. ok is false for keys of any other
+// shape (written by hand, or by a herd older than per-writer prefixes).
+func (s Space) ParseEvent(key string) (w EventWriter, t time.Time, ok bool) {
+	rest, found := strings.CutPrefix(key, s.EventPrefix())
+	if !found {
+		return "", time.Time{}, false
+	}
+	i := strings.LastIndexByte(rest, '/')
+	if i <= 0 {
+		return "", time.Time{}, false
+	}
+	writer, leaf := rest[:i], rest[i+1:]
+	switch {
+	case writer == string(EventsByCoordinator), writer == string(EventsByBootserver), writer == string(EventsByOperator):
+	case strings.HasPrefix(writer, "node/") && len(writer) > len("node/") && !strings.Contains(writer[len("node/"):], "/"):
+	default:
+		return "", time.Time{}, false
+	}
+	stamp, _, _ := strings.Cut(leaf, "-")
+	t, err := time.Parse(eventTimeLayout, stamp)
+	if err != nil {
+		return "", time.Time{}, false
+	}
+	return EventWriter(writer), t, true
 }
 
 const (
-	vmSpec      = "spec"
-	vmPlacement = "placement"
-	vmProblem   = "problem"
-	vmMigrate   = "migrate"
+	vmSpec    = "spec"
+	vmMigrate = "migrate"
 
 	// eventTimeLayout sorts lexicographically in time order (fixed width, UTC).
 	eventTimeLayout = "20060102T150405.000000000Z"
@@ -138,8 +200,6 @@ type VMPart int
 const (
 	VMPartUnknown VMPart = iota
 	VMPartSpec
-	VMPartPlacement
-	VMPartProblem
 	VMPartMigrate
 )
 
@@ -159,10 +219,6 @@ func (s Space) ParseVM(key string) (name string, part VMPart, ok bool) {
 	switch rest[i+1:] {
 	case vmSpec:
 		return name, VMPartSpec, true
-	case vmPlacement:
-		return name, VMPartPlacement, true
-	case vmProblem:
-		return name, VMPartProblem, true
 	case vmMigrate:
 		return name, VMPartMigrate, true
 	}
@@ -179,6 +235,17 @@ func ParseLeaf(prefix, key string) (leaf string, ok bool) {
 	return rest, true
 }
 
+// ParseVMName returns the VM name a key under a per-VM prefix (PlacementPrefix, ProblemPrefix)
+// names: everything after the prefix, so that a hand-written name with a '/' still maps to one VM
+// (whose name then fails validation) instead of being lost.
+func ParseVMName(prefix, key string) (name string, ok bool) {
+	rest, found := strings.CutPrefix(key, prefix)
+	if !found || rest == "" {
+		return "", false
+	}
+	return rest, true
+}
+
 // ParseNodeScoped splits a key under a per-node root (AssignRoot, StatusRoot) into hwid and VM name.
 func ParseNodeScoped(root, key string) (hwid, name string, ok bool) {
 	rest, found := strings.CutPrefix(key, root)
@@ -190,4 +257,27 @@ func ParseNodeScoped(root, key string) (hwid, name string, ok bool) {
 		return "", "", false
 	}
 	return hwid, name, true
+}
+
+// Schema-1 keys (herd before the authority split), read and removed only by the keyspace upgrade:
+// the leader's placement and problem records used to live beside the operator's spec.
+func (s Space) V1Placement(name string) string { return s.VMDir(name) + "placement" }
+func (s Space) V1Problem(name string) string   { return s.VMDir(name) + "problem" }
+
+// ParseV1VMRecord splits a schema-1 key under VMPrefix into the VM's name and "placement" or
+// "problem" ("" for any other key).
+func ParseV1VMRecord(s Space, key string) (name, part string) {
+	rest, ok := strings.CutPrefix(key, s.VMPrefix())
+	if !ok {
+		return "", ""
+	}
+	i := strings.LastIndexByte(rest, '/')
+	if i <= 0 {
+		return "", ""
+	}
+	switch rest[i+1:] {
+	case "placement", "problem":
+		return rest[:i], rest[i+1:]
+	}
+	return "", ""
 }

@@ -13,8 +13,16 @@ type Cluster struct {
 	Created time.Time `json:"created"`
 	// Pools are the disk pools a VM spec may name.
 	Pools []string `json:"pools"`
-	Extra `json:"-"`
+	// Schema is the keyspace layout the cluster's keys follow (SchemaVersion): the leader upgrades
+	// older layouts in place when it is elected.
+	Schema int `json:"schema,omitempty"`
+	Extra  `json:"-"`
 }
+
+// SchemaVersion is the keyspace layout this herd writes. 1: leader decisions beside operator
+// specs; 2: every prefix has one kind of writer (operators' intents, the leader's decisions, each
+// node's reports), so etcd's prefix RBAC can enforce who decides what.
+const SchemaVersion = 2
 
 // Hardware is /herd/hardware/<hwid>: the operator's allow-list entry. Only listed hardware boots
 // and joins.
@@ -24,7 +32,15 @@ type Hardware struct {
 	Serial    string            `json:"serial,omitempty"`
 	Labels    map[string]string `json:"labels,omitempty"`
 	StorageIP string            `json:"storage_ip,omitempty"`
-	Extra     `json:"-"`
+	// CPUs and MemoryMiB are the capacity the operator expects of this hardware: a node reporting
+	// more is capped to it. Zero: the leader records what the node reports at its first join.
+	CPUs      int   `json:"cpus,omitempty"`
+	MemoryMiB int64 `json:"memory_mib,omitempty"`
+	// MigrationIP, if set, is the only live-migration address the node's migration certificate
+	// may name; otherwise the leader vouches for the address the node registers if no other node
+	// holds it.
+	MigrationIP string `json:"migration_ip,omitempty"`
+	Extra       `json:"-"`
 }
 
 // Node is /herd/nodes/<hwid>, attached to the agent's lease: the node is alive exactly as long as
@@ -52,6 +68,8 @@ type Node struct {
 	// Leaving is set by a cleanly stopping agent just before it revokes its lease: the key's
 	// disappearance is then a departure, not a death.
 	Leaving bool `json:"leaving,omitempty"`
+	// BootDir is the directory on this hypervisor that direct kernel boot paths must lie in.
+	BootDir string `json:"boot_dir,omitempty"`
 	Extra   `json:"-"`
 }
 
@@ -63,27 +81,90 @@ type Addresses struct {
 	Extra      `json:"-"`
 }
 
-// NodeState is /herd/nodestate/<hwid>: durable administrative state, written by operators and the
-// leader, always by compare-and-swap on its ModRevision.
-type NodeState struct {
-	V        int       `json:"v"`
+// NodeSpec is /herd/nodespec/<hwid>: what operators want of a node. Only operators write it; the
+// leader acts on it and records what it did in the node's NodeState.
+type NodeSpec struct {
+	V int `json:"v"`
+	// Cordoned: no new VM is placed on the node; its VMs keep running.
 	Cordoned bool      `json:"cordoned,omitempty"`
 	Reason   string    `json:"reason,omitempty"`
 	Since    time.Time `json:"since,omitzero"`
-	// Image pins the hypervisor image version the node boots next; empty means the current one.
-	// It lives here, not in the hardware record, so re-enrolling hardware never loses it.
+	// Drain: cordoned, and every VM is moved away (live migration, or restart for VMs that
+	// cannot migrate).
+	Drain bool `json:"drain,omitempty"`
+	// Image pins the image version the node boots next; "" means the current one.
 	Image string `json:"image,omitempty"`
-	// BootID and Lease are the last registration the leader saw, kept so that a leader which
-	// never saw the node alive can still tell, after a restart, which boot died and check its lease.
+	Extra `json:"-"`
+}
+
+// Capacity is what a node may offer the scheduler.
+type Capacity struct {
+	CPUs      int   `json:"cpus"`
+	MemoryMiB int64 `json:"memory_mib"`
+	Extra     `json:"-"`
+}
+
+// NodeState is /herd/nodestate/<hwid>: what the leader knows and decided about a node. Only the
+// leader writes it, always by compare-and-swap on its ModRevision; operators say what they want in
+// /herd/nodespec/<hwid>.
+type NodeState struct {
+	V int `json:"v"`
+	// Image is the version the node boots next ("" = the current one): the operator's pin as the
+	// leader applied it, or the version a rollout moved the node to. It lives here, not in the
+	// hardware record, so re-enrolling hardware never loses it.
+	Image string `json:"image,omitempty"`
+	// PinApplied is the operator's pin (NodeSpec.Image) the leader last applied: a later change of
+	// it overrides a rollout's pin, and a later rollout overrides it.
+	PinApplied string `json:"pin_applied,omitempty"`
+	// BootID and Lease are the last registration the leader saw (Lease is the lease etcd says the
+	// node key is attached to, not what the node claims), kept so that a leader which never saw
+	// the node alive can still tell which boot died and check its lease.
 	BootID    string     `json:"boot_id,omitempty"`
 	Lease     int64      `json:"lease,omitempty"`
 	Addresses *Addresses `json:"addresses,omitempty"`
+	// MigrationIP is the live-migration address the leader vouches for: the only name the node's
+	// migration certificate may carry. No two nodes hold the same one.
+	MigrationIP string `json:"migration_ip,omitempty"`
 	// Left records that this boot's agent stopped cleanly (its VMs were not lost).
 	Left bool `json:"left,omitempty"`
-	// Draining: cordoned, and every VM is being moved away; Drained: none left.
-	Draining bool `json:"draining,omitempty"`
-	Drained  bool `json:"drained,omitempty"`
-	Extra    `json:"-"`
+	// Drained: the drain the node is under (the operator's or a rollout's) has moved every VM away.
+	Drained bool `json:"drained,omitempty"`
+	// Rollout is the rollout that has the node cordoned and draining, until it is back on the image.
+	Rollout string `json:"rollout,omitempty"`
+	// Capacity is what the node may offer: the hardware record's expected capacity, else what the
+	// node reported at its first registration. A node reporting more is capped to it, and Capped
+	// says so.
+	Capacity *Capacity `json:"capacity,omitempty"`
+	Capped   string    `json:"capped,omitempty"`
+	// Doubt says why the node's key is not trusted as a live registration (no lease, a lease too
+	// long): the node counts as absent while it lasts.
+	Doubt string `json:"doubt,omitempty"`
+	Extra `json:"-"`
+}
+
+// NodeAdmin is a node's administrative state as the operator's wishes and the leader's rollout
+// combine: whether it takes new VMs, whether its VMs are being moved away, and why.
+type NodeAdmin struct {
+	Cordoned, Draining, Drained bool
+	Reason                      string
+}
+
+// AdminOf combines a node's spec and state (either may be nil).
+func AdminOf(spec *NodeSpec, state *NodeState) NodeAdmin {
+	var a NodeAdmin
+	if spec != nil {
+		a.Cordoned, a.Draining, a.Reason = spec.Cordoned || spec.Drain, spec.Drain, spec.Reason
+	}
+	if state != nil && state.Rollout != "" {
+		a.Cordoned, a.Draining = true, true
+		if a.Reason == "" {
+			a.Reason = "rollout " + state.Rollout
+		}
+	}
+	if state != nil {
+		a.Drained = a.Draining && state.Drained
+	}
+	return a
 }
 
 // Power states a spec can ask for.
@@ -222,7 +303,10 @@ type Assignment struct {
 	// MinOSDMapEpoch, after a move off a node fenced by Ceph blocklisting, is the osdmap epoch the
 	// node must have seen before it starts the VM.
 	MinOSDMapEpoch int64 `json:"min_osdmap_epoch,omitempty"`
-	Extra          `json:"-"`
+	// Withdraw: the leader takes the VM back from this node (it runs, or may run, elsewhere): stop
+	// and undefine the domain at once, start nothing, and report "withdrawn".
+	Withdraw bool `json:"withdraw,omitempty"`
+	Extra    `json:"-"`
 }
 
 // Outgoing tells a migration's source where the VM goes.
@@ -247,6 +331,7 @@ const (
 	StateOrphan    = "orphan"   // runs here without evidence either way; an operator decides
 	StateIncoming  = "incoming" // a migration target waiting for the domain
 	StateMigrating = "migrating"
+	StateWithdrawn = "withdrawn" // the leader withdrew the assignment; the domain is gone from here
 )
 
 // VMStatus is /herd/status/<hwid>/<name>: what a node's agent observes of a VM it runs.
@@ -257,11 +342,20 @@ type VMStatus struct {
 	State   string    `json:"state"`
 	Since   time.Time `json:"since"`
 	Message string    `json:"message,omitempty"`
+	// UUID is the domain's UUID, and Domain its state in libvirt (running, stopped, ...; "" when
+	// there is no domain), so that the leader can tell where a VM runs from reports alone.
+	UUID   string `json:"uuid,omitempty"`
+	Domain string `json:"domain,omitempty"`
 	// Migration is the id of the migration this status reports on (source or target), and
 	// MigrationResult the source's outcome: done, evicted, or failed: why.
 	Migration       string `json:"migration,omitempty"`
 	MigrationResult string `json:"migration_result,omitempty"`
 	Extra           `json:"-"`
+}
+
+// DomainRunning says whether the report is of a domain that runs.
+func (st *VMStatus) DomainRunning() bool {
+	return st.Domain == StateRunning || (st.Domain == "" && (st.State == StateRunning || st.State == StateMigrating || st.State == StateStopping))
 }
 
 // Migration results a source reports.
@@ -441,9 +535,7 @@ type VolumeRecord struct {
 	State   string    `json:"state"`
 	Error   string    `json:"error,omitempty"`
 	Updated time.Time `json:"updated"`
-	// Purge asks the leader to delete the disk once no VM uses it.
-	Purge bool `json:"purge,omitempty"`
-	Extra `json:"-"`
+	Extra   `json:"-"`
 }
 
 // JoinToken is /herd/jointokens/<sha256 of the token>: a one-time credential that lets the machine
@@ -457,35 +549,53 @@ type JoinToken struct {
 	Extra    `json:"-"`
 }
 
-// Rollout is /herd/rollout: the one rolling image upgrade, started by an operator (herdctl rollout
-// start) and carried out by the leader, which records each node's progress here. Operators change
-// State (pause, resume, abort); both sides write by compare-and-swap.
+// Rollout is /herd/rollout: the rolling image upgrade an operator asked for (herdctl rollout start).
+// Operators write it by compare-and-swap; the leader carries it out and records its progress in
+// /herd/rolloutstatus, never here.
 type Rollout struct {
 	V     int    `json:"v"`
 	ID    string `json:"id"`
 	Image string `json:"image"`
-	// MaxUnavailable bounds the nodes of Nodes that are cordoned by the rollout or not ready.
+	// MaxUnavailable bounds the nodes of the fleet that are cordoned by the rollout or not ready.
 	MaxUnavailable int `json:"max_unavailable"`
-	// Nodes is the rollout's fleet in the order they are upgraded: chosen at start, and extended by
-	// the leader with hardware enrolled later when Selector follows enrolment (see NodeSelector).
+	// Nodes is the fleet chosen at start, in the order they are upgraded; the leader extends it
+	// with hardware enrolled later when Selector follows enrolment (see NodeSelector).
 	Nodes []string `json:"nodes"`
 	// Selector is how Nodes is chosen (ParseNodeSelector).
 	Selector string `json:"selector,omitempty"`
 	// NodeTimeoutSeconds: a node that has not rejoined on the new image this long after it began
 	// pauses the rollout.
-	NodeTimeoutSeconds int64  `json:"node_timeout_seconds"`
-	State              string `json:"state"`
+	NodeTimeoutSeconds int64 `json:"node_timeout_seconds"`
+	// State is what the operator wants: running, paused or aborting.
+	State string `json:"state"`
+	// Resumes is raised by 'herdctl rollout resume': the leader retries a node the rollout
+	// paused on.
+	Resumes int       `json:"resumes,omitempty"`
+	By      string    `json:"by,omitempty"`
+	Started time.Time `json:"started"`
+	Extra   `json:"-"`
+}
+
+// RolloutStatus is /herd/rolloutstatus: the leader's progress of the rollout whose ID it names.
+type RolloutStatus struct {
+	V  int    `json:"v"`
+	ID string `json:"id"`
+	// State is running, paused, done or aborted.
+	State string `json:"state"`
 	// Reason says why the rollout waits or paused.
-	Reason  string                  `json:"reason,omitempty"`
-	By      string                  `json:"by,omitempty"`
-	Started time.Time               `json:"started"`
+	Reason string `json:"reason,omitempty"`
+	// Nodes is the fleet as the leader follows it (the request's, extended by enrolment).
+	Nodes []string `json:"nodes"`
+	// Resumes is the request's Resumes the leader last acted on.
+	Resumes int                     `json:"resumes,omitempty"`
 	Updated time.Time               `json:"updated"`
 	Ended   time.Time               `json:"ended,omitzero"`
 	Per     map[string]*RolloutNode `json:"per_node,omitempty"`
 	Extra   `json:"-"`
 }
 
-// Rollout states. Operators write running (resume), paused and aborting; the leader writes the rest.
+// Rollout states. Operators ask for running, paused and aborting; the leader reports running,
+// paused, done and aborted.
 const (
 	RolloutRunning  = "running"
 	RolloutPaused   = "paused"
@@ -505,11 +615,13 @@ type RolloutNode struct {
 	BootID string `json:"boot_id,omitempty"`
 	// Attempt numbers the reboot commands sent (the command id is <rollout id>-<attempt>).
 	Attempt int `json:"attempt,omitempty"`
-	// PrevImage and WasCordoned are what abort restores.
-	PrevImage   string `json:"prev_image,omitempty"`
-	WasCordoned bool   `json:"was_cordoned,omitempty"`
-	Error       string `json:"error,omitempty"`
-	Extra       `json:"-"`
+	// PrevImage is the pin abort restores.
+	PrevImage string `json:"prev_image,omitempty"`
+	// SpecRev is the node spec's revision when the node began: an operator who uncordons the node
+	// after that pauses the rollout on it.
+	SpecRev int64  `json:"spec_rev,omitempty"`
+	Error   string `json:"error,omitempty"`
+	Extra   `json:"-"`
 }
 
 // Rollout node phases.
@@ -560,410 +672,15 @@ const (
 	CmdFailed  = "failed"
 )
 
-// JSON plumbing: each type marshals through encodeObject/decodeObject so unknown members survive.
-
-func (x Cluster) MarshalJSON() ([]byte, error) {
-	type plain Cluster
-	return encodeObject(plain(x), x.Extra)
+// Request is an operator's one-shot request under /herd/requests/: clear a fence
+// (fence-clear/<hwid>/<boot id>), confirm a mass loss (confirm-loss), purge a disk
+// (purge/<pool>/<image>). Of is the CreateRevision of the record it concerns (the fence record, the
+// loss guard, the disk record), so a request can never apply to a later record at the same key.
+// The leader acts on it, records the outcome in its own keys, and deletes the request.
+type Request struct {
+	V     int       `json:"v"`
+	Of    int64     `json:"of"`
+	By    string    `json:"by,omitempty"`
+	At    time.Time `json:"at"`
+	Extra `json:"-"`
 }
-func (x *Cluster) UnmarshalJSON(b []byte) error {
-	type plain Cluster
-	var p plain
-	e, err := decodeObject(b, &p)
-	*x = Cluster(p)
-	x.Extra = e
-	return err
-}
-func (x *Cluster) version() *int { return &x.V }
-
-func (x Hardware) MarshalJSON() ([]byte, error) {
-	type plain Hardware
-	return encodeObject(plain(x), x.Extra)
-}
-func (x *Hardware) UnmarshalJSON(b []byte) error {
-	type plain Hardware
-	var p plain
-	e, err := decodeObject(b, &p)
-	*x = Hardware(p)
-	x.Extra = e
-	return err
-}
-func (x *Hardware) version() *int { return &x.V }
-
-func (x Node) MarshalJSON() ([]byte, error) { type plain Node; return encodeObject(plain(x), x.Extra) }
-func (x *Node) UnmarshalJSON(b []byte) error {
-	type plain Node
-	var p plain
-	e, err := decodeObject(b, &p)
-	*x = Node(p)
-	x.Extra = e
-	return err
-}
-func (x *Node) version() *int { return &x.V }
-
-func (x Addresses) MarshalJSON() ([]byte, error) {
-	type plain Addresses
-	return encodeObject(plain(x), x.Extra)
-}
-func (x *Addresses) UnmarshalJSON(b []byte) error {
-	type plain Addresses
-	var p plain
-	e, err := decodeObject(b, &p)
-	*x = Addresses(p)
-	x.Extra = e
-	return err
-}
-
-func (x NodeState) MarshalJSON() ([]byte, error) {
-	type plain NodeState
-	return encodeObject(plain(x), x.Extra)
-}
-func (x *NodeState) UnmarshalJSON(b []byte) error {
-	type plain NodeState
-	var p plain
-	e, err := decodeObject(b, &p)
-	*x = NodeState(p)
-	x.Extra = e
-	return err
-}
-func (x *NodeState) version() *int { return &x.V }
-
-func (x VMSpec) MarshalJSON() ([]byte, error) {
-	type plain VMSpec
-	return encodeObject(plain(x), x.Extra)
-}
-func (x *VMSpec) UnmarshalJSON(b []byte) error {
-	type plain VMSpec
-	var p plain
-	e, err := decodeObject(b, &p)
-	*x = VMSpec(p)
-	x.Extra = e
-	return err
-}
-func (x *VMSpec) version() *int { return &x.V }
-
-func (x Disk) MarshalJSON() ([]byte, error) { type plain Disk; return encodeObject(plain(x), x.Extra) }
-func (x *Disk) UnmarshalJSON(b []byte) error {
-	type plain Disk
-	var p plain
-	e, err := decodeObject(b, &p)
-	*x = Disk(p)
-	x.Extra = e
-	return err
-}
-
-func (x Placement) MarshalJSON() ([]byte, error) {
-	type plain Placement
-	return encodeObject(plain(x), x.Extra)
-}
-func (x *Placement) UnmarshalJSON(b []byte) error {
-	type plain Placement
-	var p plain
-	e, err := decodeObject(b, &p)
-	*x = Placement(p)
-	x.Extra = e
-	return err
-}
-func (x *Placement) version() *int { return &x.V }
-
-func (x Assignment) MarshalJSON() ([]byte, error) {
-	type plain Assignment
-	return encodeObject(plain(x), x.Extra)
-}
-func (x *Assignment) UnmarshalJSON(b []byte) error {
-	type plain Assignment
-	var p plain
-	e, err := decodeObject(b, &p)
-	*x = Assignment(p)
-	x.Extra = e
-	return err
-}
-func (x *Assignment) version() *int { return &x.V }
-
-func (x VMStatus) MarshalJSON() ([]byte, error) {
-	type plain VMStatus
-	return encodeObject(plain(x), x.Extra)
-}
-func (x *VMStatus) UnmarshalJSON(b []byte) error {
-	type plain VMStatus
-	var p plain
-	e, err := decodeObject(b, &p)
-	*x = VMStatus(p)
-	x.Extra = e
-	return err
-}
-func (x *VMStatus) version() *int { return &x.V }
-
-func (x Problem) MarshalJSON() ([]byte, error) {
-	type plain Problem
-	return encodeObject(plain(x), x.Extra)
-}
-func (x *Problem) UnmarshalJSON(b []byte) error {
-	type plain Problem
-	var p plain
-	e, err := decodeObject(b, &p)
-	*x = Problem(p)
-	x.Extra = e
-	return err
-}
-func (x *Problem) version() *int { return &x.V }
-
-func (x Event) MarshalJSON() ([]byte, error) {
-	type plain Event
-	return encodeObject(plain(x), x.Extra)
-}
-func (x *Event) UnmarshalJSON(b []byte) error {
-	type plain Event
-	var p plain
-	e, err := decodeObject(b, &p)
-	*x = Event(p)
-	x.Extra = e
-	return err
-}
-func (x *Event) version() *int { return &x.V }
-
-func (x Discovered) MarshalJSON() ([]byte, error) {
-	type plain Discovered
-	return encodeObject(plain(x), x.Extra)
-}
-func (x *Discovered) UnmarshalJSON(b []byte) error {
-	type plain Discovered
-	var p plain
-	e, err := decodeObject(b, &p)
-	*x = Discovered(p)
-	x.Extra = e
-	return err
-}
-func (x *Discovered) version() *int { return &x.V }
-
-func (x ImageFile) MarshalJSON() ([]byte, error) {
-	type plain ImageFile
-	return encodeObject(plain(x), x.Extra)
-}
-func (x *ImageFile) UnmarshalJSON(b []byte) error {
-	type plain ImageFile
-	var p plain
-	e, err := decodeObject(b, &p)
-	*x = ImageFile(p)
-	x.Extra = e
-	return err
-}
-
-func (x Image) MarshalJSON() ([]byte, error) {
-	type plain Image
-	return encodeObject(plain(x), x.Extra)
-}
-func (x *Image) UnmarshalJSON(b []byte) error {
-	type plain Image
-	var p plain
-	e, err := decodeObject(b, &p)
-	*x = Image(p)
-	x.Extra = e
-	return err
-}
-func (x *Image) version() *int { return &x.V }
-
-func (x ImageCurrent) MarshalJSON() ([]byte, error) {
-	type plain ImageCurrent
-	return encodeObject(plain(x), x.Extra)
-}
-func (x *ImageCurrent) UnmarshalJSON(b []byte) error {
-	type plain ImageCurrent
-	var p plain
-	e, err := decodeObject(b, &p)
-	*x = ImageCurrent(p)
-	x.Extra = e
-	return err
-}
-func (x *ImageCurrent) version() *int { return &x.V }
-
-func (x Bootserver) MarshalJSON() ([]byte, error) {
-	type plain Bootserver
-	return encodeObject(plain(x), x.Extra)
-}
-func (x *Bootserver) UnmarshalJSON(b []byte) error {
-	type plain Bootserver
-	var p plain
-	e, err := decodeObject(b, &p)
-	*x = Bootserver(p)
-	x.Extra = e
-	return err
-}
-func (x *Bootserver) version() *int { return &x.V }
-
-func (x DHCPLease) MarshalJSON() ([]byte, error) {
-	type plain DHCPLease
-	return encodeObject(plain(x), x.Extra)
-}
-func (x *DHCPLease) UnmarshalJSON(b []byte) error {
-	type plain DHCPLease
-	var p plain
-	e, err := decodeObject(b, &p)
-	*x = DHCPLease(p)
-	x.Extra = e
-	return err
-}
-func (x *DHCPLease) version() *int { return &x.V }
-
-func (x Fence) MarshalJSON() ([]byte, error) {
-	type plain Fence
-	return encodeObject(plain(x), x.Extra)
-}
-func (x *Fence) UnmarshalJSON(b []byte) error {
-	type plain Fence
-	var p plain
-	e, err := decodeObject(b, &p)
-	*x = Fence(p)
-	x.Extra = e
-	return err
-}
-func (x *Fence) version() *int { return &x.V }
-
-func (x LossGuard) MarshalJSON() ([]byte, error) {
-	type plain LossGuard
-	return encodeObject(plain(x), x.Extra)
-}
-func (x *LossGuard) UnmarshalJSON(b []byte) error {
-	type plain LossGuard
-	var p plain
-	e, err := decodeObject(b, &p)
-	*x = LossGuard(p)
-	x.Extra = e
-	return err
-}
-func (x *LossGuard) version() *int { return &x.V }
-
-func (x Network) MarshalJSON() ([]byte, error) {
-	type plain Network
-	return encodeObject(plain(x), x.Extra)
-}
-func (x *Network) UnmarshalJSON(b []byte) error {
-	type plain Network
-	var p plain
-	e, err := decodeObject(b, &p)
-	*x = Network(p)
-	x.Extra = e
-	return err
-}
-
-func (x KernelBoot) MarshalJSON() ([]byte, error) {
-	type plain KernelBoot
-	return encodeObject(plain(x), x.Extra)
-}
-func (x *KernelBoot) UnmarshalJSON(b []byte) error {
-	type plain KernelBoot
-	var p plain
-	e, err := decodeObject(b, &p)
-	*x = KernelBoot(p)
-	x.Extra = e
-	return err
-}
-
-func (x Migration) MarshalJSON() ([]byte, error) {
-	type plain Migration
-	return encodeObject(plain(x), x.Extra)
-}
-func (x *Migration) UnmarshalJSON(b []byte) error {
-	type plain Migration
-	var p plain
-	e, err := decodeObject(b, &p)
-	*x = Migration(p)
-	x.Extra = e
-	return err
-}
-
-func (x Outgoing) MarshalJSON() ([]byte, error) {
-	type plain Outgoing
-	return encodeObject(plain(x), x.Extra)
-}
-func (x *Outgoing) UnmarshalJSON(b []byte) error {
-	type plain Outgoing
-	var p plain
-	e, err := decodeObject(b, &p)
-	*x = Outgoing(p)
-	x.Extra = e
-	return err
-}
-
-func (x MigrateRequest) MarshalJSON() ([]byte, error) {
-	type plain MigrateRequest
-	return encodeObject(plain(x), x.Extra)
-}
-func (x *MigrateRequest) UnmarshalJSON(b []byte) error {
-	type plain MigrateRequest
-	var p plain
-	e, err := decodeObject(b, &p)
-	*x = MigrateRequest(p)
-	x.Extra = e
-	return err
-}
-func (x *MigrateRequest) version() *int { return &x.V }
-
-func (x VolumeRecord) MarshalJSON() ([]byte, error) {
-	type plain VolumeRecord
-	return encodeObject(plain(x), x.Extra)
-}
-func (x *VolumeRecord) UnmarshalJSON(b []byte) error {
-	type plain VolumeRecord
-	var p plain
-	e, err := decodeObject(b, &p)
-	*x = VolumeRecord(p)
-	x.Extra = e
-	return err
-}
-func (x *VolumeRecord) version() *int { return &x.V }
-
-func (x JoinToken) MarshalJSON() ([]byte, error) {
-	type plain JoinToken
-	return encodeObject(plain(x), x.Extra)
-}
-func (x *JoinToken) UnmarshalJSON(b []byte) error {
-	type plain JoinToken
-	var p plain
-	e, err := decodeObject(b, &p)
-	*x = JoinToken(p)
-	x.Extra = e
-	return err
-}
-func (x *JoinToken) version() *int { return &x.V }
-
-func (x Rollout) MarshalJSON() ([]byte, error) {
-	type plain Rollout
-	return encodeObject(plain(x), x.Extra)
-}
-func (x *Rollout) UnmarshalJSON(b []byte) error {
-	type plain Rollout
-	var p plain
-	e, err := decodeObject(b, &p)
-	*x = Rollout(p)
-	x.Extra = e
-	return err
-}
-
-func (x RolloutNode) MarshalJSON() ([]byte, error) {
-	type plain RolloutNode
-	return encodeObject(plain(x), x.Extra)
-}
-func (x *RolloutNode) UnmarshalJSON(b []byte) error {
-	type plain RolloutNode
-	var p plain
-	e, err := decodeObject(b, &p)
-	*x = RolloutNode(p)
-	x.Extra = e
-	return err
-}
-
-func (x NodeCommand) MarshalJSON() ([]byte, error) {
-	type plain NodeCommand
-	return encodeObject(plain(x), x.Extra)
-}
-func (x *NodeCommand) UnmarshalJSON(b []byte) error {
-	type plain NodeCommand
-	var p plain
-	e, err := decodeObject(b, &p)
-	*x = NodeCommand(p)
-	x.Extra = e
-	return err
-}
-func (x *Rollout) version() *int     { return &x.V }
-func (x *NodeCommand) version() *int { return &x.V }

@@ -3,9 +3,11 @@ package keys
 import (
 	"fmt"
 	"net"
+	"path"
 	"regexp"
 	"slices"
 	"strings"
+	"unicode"
 )
 
 // FieldError says which member of a value is wrong and why, in words an operator can act on.
@@ -155,8 +157,11 @@ func (s *VMSpec) Validate(pools []string) error {
 	}
 	if b := s.Boot; b != nil {
 		for field, p := range map[string]string{"boot.kernel": b.Kernel, "boot.initrd": b.Initrd} {
-			if (p != "" || field == "boot.kernel") && !strings.HasPrefix(p, "/") {
-				fe.add(field, "must be an absolute path on the hypervisor")
+			if p == "" && field == "boot.initrd" {
+				continue
+			}
+			if err := ValidateBootPath(p); err != nil {
+				fe.add(field, "%v", err)
 			}
 		}
 		if strings.ContainsAny(b.Cmdline, "\n\x00") {
@@ -177,6 +182,35 @@ func (s *VMSpec) Validate(pools []string) error {
 	return fe.err()
 }
 
+// ValidateBootPath checks a direct kernel boot path as a spec may name it: absolute, already clean
+// (no "..", no "//", no trailing "/"), printable. Which directory it must lie in is each
+// hypervisor's to say (its boot directory); this only refuses what no hypervisor should resolve.
+func ValidateBootPath(p string) error {
+	switch {
+	case !strings.HasPrefix(p, "/"):
+		return fmt.Errorf("must be an absolute path on the hypervisor (inside its boot directory, e.g. /var/lib/herd/boot/...)")
+	case len(p) > 4096:
+		return fmt.Errorf("is longer than 4096 bytes")
+	case path.Clean(p) != p:
+		return fmt.Errorf("%q must be written clean, as %q", p, path.Clean(p))
+	}
+	for _, r := range p {
+		if r < 0x20 || r == 0x7f || !unicode.IsPrint(r) {
+			return fmt.Errorf("%q holds a control character", p)
+		}
+	}
+	return nil
+}
+
+// InDir reports whether the clean absolute path p lies strictly inside the clean directory dir.
+func InDir(p, dir string) bool {
+	dir = path.Clean(dir)
+	if dir == "/" {
+		return p != "/"
+	}
+	return strings.HasPrefix(p, dir+"/")
+}
+
 // WantsRunning says whether the spec asks for a running VM.
 func (s *VMSpec) WantsRunning() bool { return s.Power == "" || s.Power == PowerRunning }
 
@@ -193,6 +227,15 @@ func (h *Hardware) Validate(hwid string) error {
 	}
 	if h.StorageIP != "" && net.ParseIP(h.StorageIP) == nil {
 		fe.add("storage_ip", "%q is not an IP address", h.StorageIP)
+	}
+	if h.MigrationIP != "" && net.ParseIP(h.MigrationIP) == nil {
+		fe.add("migration_ip", "%q is not an IP address", h.MigrationIP)
+	}
+	if h.CPUs < 0 {
+		fe.add("cpus", "must not be negative")
+	}
+	if h.MemoryMiB < 0 {
+		fe.add("memory_mib", "must not be negative")
 	}
 	if norm, err := NormalizeHWID(hwid); err != nil {
 		fe.add("hwid", "%v", err)
@@ -282,9 +325,26 @@ func (r *Rollout) Validate() error {
 		fe.add("node_timeout_seconds", "must be positive")
 	}
 	switch r.State {
-	case RolloutRunning, RolloutPaused, RolloutAborting, RolloutAborted, RolloutDone:
+	case RolloutRunning, RolloutPaused, RolloutAborting:
 	default:
-		fe.add("state", "must be running, paused, aborting, aborted or done")
+		fe.add("state", "must be running, paused or aborting")
+	}
+	if r.Resumes < 0 {
+		fe.add("resumes", "must not be negative")
+	}
+	return fe.err()
+}
+
+// Validate checks a node spec an operator wrote.
+func (n *NodeSpec) Validate() error {
+	var fe FieldErrors
+	if n.Image != "" {
+		if err := ValidateImageVersion(n.Image); err != nil {
+			fe.add("image", "%v", err)
+		}
+	}
+	if len(n.Reason) > 256 {
+		fe.add("reason", "at most 256 characters")
 	}
 	return fe.err()
 }

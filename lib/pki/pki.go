@@ -1,8 +1,14 @@
 // Package pki is herd's small certificate authority: a cluster CA, certificates whose common name is
 // the etcd user they act as, and signing of node certificate requests at join time.
 //
-// Keys are ECDSA P-256, written with mode 0600; certificates carry both client and server usage so
-// that a coordinator's one certificate serves etcd (as a client) and its join endpoint (as a server).
+// Certificates are issued by purpose. Every one names its herd role in a URI SAN (urn:herd:role:R).
+// Only server roles (etcd, coordinator, bootserver) and live-migration certificates may serve TLS:
+// they alone carry server-auth usage and addresses; everything else, nodes included, is client-only
+// and names no address, so a stolen node certificate cannot pose as any server. Clients check the
+// role of the server they reach (ServerRole): an agent joins only at a coordinator's endpoint, and
+// herd's etcd clients reach only an etcd server.
+//
+// Keys are ECDSA P-256, written with mode 0600.
 package pki
 
 import (
@@ -19,8 +25,10 @@ import (
 	"fmt"
 	"math/big"
 	"net"
+	"net/url"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 )
@@ -140,14 +148,76 @@ func Fingerprint(cert *x509.Certificate) string {
 	return "sha256:" + hex.EncodeToString(sum[:])
 }
 
-func (ca *CA) sign(cn string, hosts []string, pub any, validity time.Duration) ([]byte, error) {
+// Role is what a certificate is for.
+type Role string
+
+// Roles. Servers: etcd, coordinator (its join endpoint), bootserver (its HTTPS). Migration: a
+// node's QEMU live-migration endpoint, naming only the address the leader vouches for. The rest
+// are clients.
+const (
+	RoleEtcd        Role = "etcd"
+	RoleCoordinator Role = "coordinator"
+	RoleBootserver  Role = "bootserver"
+	RoleMigration   Role = "migration"
+	RoleOperator    Role = "operator"
+	RoleViewer      Role = "viewer"
+	RoleRoot        Role = "root"
+	RoleNode        Role = "node"
+)
+
+// serves says whether a role's certificates may serve TLS (server-auth usage, addresses).
+func (r Role) serves() bool {
+	switch r {
+	case RoleEtcd, RoleCoordinator, RoleBootserver, RoleMigration:
+		return true
+	}
+	return false
+}
+
+// ParseRole checks a role name.
+func ParseRole(s string) (Role, error) {
+	switch r := Role(s); r {
+	case RoleEtcd, RoleCoordinator, RoleBootserver, RoleMigration, RoleOperator, RoleViewer, RoleRoot, RoleNode:
+		return r, nil
+	}
+	return "", fmt.Errorf("certificate role %q: want etcd, coordinator, bootserver, migration, operator, viewer, root or node", s)
+}
+
+const roleURIPrefix = "urn:herd:role:"
+
+// RoleOf is the herd role a certificate names ("" when it names none: not issued by herd).
+func RoleOf(c *x509.Certificate) Role {
+	for _, u := range c.URIs {
+		if r, ok := strings.CutPrefix(u.String(), roleURIPrefix); ok {
+			return Role(r)
+		}
+	}
+	return ""
+}
+
+func (ca *CA) sign(cn string, role Role, hosts []string, pub any, validity time.Duration) ([]byte, error) {
+	if _, err := ParseRole(string(role)); err != nil {
+		return nil, err
+	}
+	if len(hosts) > 0 && !role.serves() {
+		return nil, fmt.Errorf("%s certificates are client-only and name no address (got %s): drop --host", role, strings.Join(hosts, ", "))
+	}
+	roleURI, err := url.Parse(roleURIPrefix + string(role))
+	if err != nil {
+		return nil, err
+	}
 	tmpl := &x509.Certificate{
 		SerialNumber: serial(),
-		Subject:      pkix.Name{CommonName: cn, Organization: []string{"herd"}},
+		Subject:      pkix.Name{CommonName: cn, Organization: []string{"herd"}, OrganizationalUnit: []string{string(role)}},
 		NotBefore:    time.Now().Add(-5 * time.Minute),
 		NotAfter:     time.Now().Add(validity),
-		KeyUsage:     x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth, x509.ExtKeyUsageServerAuth},
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+		URIs:         []*url.URL{roleURI},
+	}
+	if role.serves() {
+		tmpl.ExtKeyUsage = append(tmpl.ExtKeyUsage, x509.ExtKeyUsageServerAuth)
+		tmpl.KeyUsage |= x509.KeyUsageKeyEncipherment
 	}
 	for _, h := range hosts {
 		if ip := net.ParseIP(h); ip != nil {
@@ -163,19 +233,20 @@ func (ca *CA) sign(cn string, hosts []string, pub any, validity time.Duration) (
 	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), nil
 }
 
-// Issue makes a key and a certificate for cn (the etcd user) valid for hosts (when it also serves).
-func (ca *CA) Issue(cn string, hosts []string, validity time.Duration) (certPEM, keyPEM []byte, err error) {
+// Issue makes a key and a certificate for cn (the etcd user) in role, valid for hosts (server
+// roles only).
+func (ca *CA) Issue(cn string, role Role, hosts []string, validity time.Duration) (certPEM, keyPEM []byte, err error) {
 	key, keyPEM, err := newKey()
 	if err != nil {
 		return nil, nil, err
 	}
-	certPEM, err = ca.sign(cn, hosts, &key.PublicKey, validity)
+	certPEM, err = ca.sign(cn, role, hosts, &key.PublicKey, validity)
 	return certPEM, keyPEM, err
 }
 
 // IssueFiles writes <dir>/<file>.crt and .key.
-func (ca *CA) IssueFiles(dir, file, cn string, hosts []string, validity time.Duration) (string, string, error) {
-	certPEM, keyPEM, err := ca.Issue(cn, hosts, validity)
+func (ca *CA) IssueFiles(dir, file, cn string, role Role, hosts []string, validity time.Duration) (string, string, error) {
+	certPEM, keyPEM, err := ca.Issue(cn, role, hosts, validity)
 	if err != nil {
 		return "", "", err
 	}
@@ -202,9 +273,9 @@ func NewCSR(cn string) (csrPEM, keyPEM []byte, err error) {
 	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der}), keyPEM, nil
 }
 
-// SignCSR signs a request as cn, valid for hosts, whatever the request asked for: the signer
-// decides who the holder is.
-func (ca *CA) SignCSR(csrPEM []byte, cn string, hosts []string, validity time.Duration) ([]byte, error) {
+// SignCSR signs a request as cn in role, valid for hosts, whatever the request asked for: the
+// signer decides who the holder is and what it may do.
+func (ca *CA) SignCSR(csrPEM []byte, cn string, role Role, hosts []string, validity time.Duration) ([]byte, error) {
 	blk, _ := pem.Decode(csrPEM)
 	if blk == nil || blk.Type != "CERTIFICATE REQUEST" {
 		return nil, errors.New("not a PEM certificate request")
@@ -216,7 +287,7 @@ func (ca *CA) SignCSR(csrPEM []byte, cn string, hosts []string, validity time.Du
 	if err := csr.CheckSignature(); err != nil {
 		return nil, fmt.Errorf("certificate request signature: %w", err)
 	}
-	return ca.sign(cn, hosts, csr.PublicKey, validity)
+	return ca.sign(cn, role, hosts, csr.PublicKey, validity)
 }
 
 // WriteQEMUDir lays a certificate out the way QEMU's migrate_tls_x509_cert_dir wants it: the same
@@ -243,13 +314,14 @@ func WriteQEMUDir(dir string, caPEM, certPEM, keyPEM []byte) error {
 
 // ClientTLS builds a TLS configuration from PEM files: the CA to trust, and an optional client
 // certificate and key. The pair is read again whenever the certificate file changes, so a renewed
-// or rotated certificate is used by the next connection without restarting the process.
-func ClientTLS(caFile, certFile, keyFile string) (*tls.Config, error) {
+// or rotated certificate is used by the next connection without restarting the process. The server
+// must show a certificate of role server (see ServerRole).
+func ClientTLS(caFile, certFile, keyFile string, server ServerRole) (*tls.Config, error) {
 	pool, err := Pool(caFile)
 	if err != nil {
 		return nil, err
 	}
-	cfg := &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
+	cfg := &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12, VerifyConnection: server.verify}
 	if certFile != "" || keyFile != "" {
 		kp, err := NewKeyPair(certFile, keyFile)
 		if err != nil {
@@ -330,4 +402,38 @@ func CommonName(certFile string) string {
 		return ""
 	}
 	return c.Subject.CommonName
+}
+
+// ServerRole is the role a client requires of the server it reaches. Go's verification has
+// already checked the chain, the server-auth usage and the name; this adds the role, so that one
+// kind of herd server cannot pose as another.
+type ServerRole struct {
+	Role Role
+	// Foreign accepts a certificate that names no herd role at all (an etcd cluster whose server
+	// certificates come from another CA tool). A certificate that names another herd role is
+	// refused all the same.
+	Foreign bool
+}
+
+// Server roles clients require.
+var (
+	EtcdServer        = ServerRole{Role: RoleEtcd, Foreign: true}
+	CoordinatorServer = ServerRole{Role: RoleCoordinator}
+	BootServer        = ServerRole{Role: RoleBootserver}
+)
+
+func (sr ServerRole) verify(cs tls.ConnectionState) error {
+	if sr.Role == "" || len(cs.PeerCertificates) == 0 {
+		return nil
+	}
+	got := RoleOf(cs.PeerCertificates[0])
+	switch {
+	case got == sr.Role:
+		return nil
+	case got == "" && sr.Foreign:
+		return nil
+	case got == "":
+		return fmt.Errorf("pki: the server's certificate (%s) names no herd role; a %s is expected", cs.PeerCertificates[0].Subject.CommonName, sr.Role)
+	}
+	return fmt.Errorf("pki: the server's certificate (%s) is a %s certificate, not a %s's: refusing to talk to it", cs.PeerCertificates[0].Subject.CommonName, got, sr.Role)
 }

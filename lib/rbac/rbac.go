@@ -1,6 +1,11 @@
-// Package rbac defines herd's etcd roles and applies them: who may read and write which keys. A
-// node's credentials reach only keys under prefixes that name the node, so a compromised hypervisor
-// cannot change another node's keys, any spec, or any placement: etcd itself refuses.
+// Package rbac defines herd's etcd roles and applies them: who may read and write which keys.
+// Authority follows the keyspace (keys.SchemaVersion 2): operators write intents under their own
+// prefixes, the leader writes its decisions under prefixes only it (and root) may touch, and a
+// node's credentials reach only keys under prefixes that name the node. So etcd itself refuses an
+// operator who writes a placement and a node that writes another node's keys.
+//
+// Matrix (matrix.go) states the intended permissions in one table; a test applies Roles to a real
+// etcd and tries every cell of it, and docs/security.md carries it as generated.
 package rbac
 
 import (
@@ -32,6 +37,14 @@ func writeAll(p string) Perm {
 	return Perm{Key: p, Prefix: true, Type: clientv3.PermissionType(clientv3.PermReadWrite)}
 }
 
+// end is the permission's range end as etcd stores it ("" for a single key).
+func (p Perm) end() string {
+	if p.Prefix {
+		return clientv3.GetPrefixRangeEnd(p.Key)
+	}
+	return ""
+}
+
 // Role names. Certificates name the etcd user (CN); users get these roles.
 const (
 	Coordinator = "herd-coordinator"
@@ -44,19 +57,19 @@ const (
 // Roles are the fixed roles, by name.
 func Roles(s keys.Space) map[string][]Perm {
 	return map[string][]Perm{
-		// The leader writes everything under the prefix.
+		// The leader decides: everything under the prefix.
 		Coordinator: {writeAll(s.All())},
 		Bootserver: {
 			readAll(s.HardwarePrefix()), readAll(s.ImagePrefix()), readAll(s.NodeStatePrefix()),
 			writeAll(s.DiscoveredPrefix()), writeAll(s.Root() + "/dhcp/"), writeAll(s.BootserverPrefix()),
-			writeAll(s.JoinTokenPrefix()), writeAll(s.EventPrefix()),
+			writeAll(s.JoinTokenPrefix()), writeAll(s.EventWriterPrefix(keys.EventsByBootserver)),
 		},
+		// Operators say what they want; none of these prefixes holds a decision of the leader.
 		Operator: {
 			readAll(s.All()),
-			writeAll(s.VMPrefix()), writeAll(s.HardwarePrefix()), writeAll(s.NodeStatePrefix()),
-			writeAll(s.ImagePrefix()), writeAll(s.DiscoveredPrefix()), writeAll(s.FenceRoot()),
-			write(s.LossGuard()), writeAll(s.VolumeRoot()), writeAll(s.EventPrefix()),
-			write(s.Rollout()), writeAll(s.JoinTokenPrefix()),
+			writeAll(s.VMPrefix()), writeAll(s.HardwarePrefix()), writeAll(s.NodeSpecPrefix()),
+			writeAll(s.ImagePrefix()), writeAll(s.DiscoveredPrefix()), write(s.Rollout()),
+			writeAll(s.RequestPrefix()), writeAll(s.JoinTokenPrefix()), writeAll(s.EventWriterPrefix(keys.EventsByOperator)),
 		},
 		Viewer: {readAll(s.All())},
 	}
@@ -65,9 +78,9 @@ func Roles(s keys.Space) map[string][]Perm {
 // NodeUser is the etcd user (and certificate CN) of a node.
 func NodeUser(hwid string) string { return "herd-node:" + hwid }
 
-// NodePerms are what one node may touch: write its own node key and statuses (and its command
-// results), read its own assignments, fence records, hardware record and commands, and read what
-// the evidence rule needs (specs, placements, the cluster record). Events are shared.
+// NodePerms are what one node may touch: write its own node key, statuses, command results and
+// events; read its own assignments, fence records, hardware record and commands, and what the
+// evidence rule needs (specs, placements, the cluster record).
 func NodePerms(s keys.Space, hwid string) []Perm {
 	return []Perm{
 		write(s.Node(hwid)),
@@ -77,22 +90,39 @@ func NodePerms(s keys.Space, hwid string) []Perm {
 		read(s.Hardware(hwid)),
 		readAll(s.Cluster()), // watched through an informer, which ranges over a prefix
 		readAll(s.VMPrefix()),
+		readAll(s.PlacementPrefix()),
 		writeAll(s.NodeCmdPrefix(hwid)),
-		writeAll(s.EventPrefix()),
+		writeAll(s.EventWriterPrefix(keys.EventsByNode(hwid))),
 	}
 }
 
-func grant(ctx context.Context, c *clientv3.Client, role string, perms []Perm) error {
+// converge makes role hold exactly perms: it creates the role, revokes what it holds beyond perms
+// (a grant an older herd made, or one added by hand) and grants perms. Idempotent.
+func converge(ctx context.Context, c *clientv3.Client, role string, perms []Perm) error {
 	if _, err := c.RoleAdd(ctx, role); err != nil && !errors.Is(err, rpctypes.ErrRoleAlreadyExist) {
 		return fmt.Errorf("role %s: %w", role, err)
 	}
+	want := map[[2]string]clientv3.PermissionType{}
 	for _, p := range perms {
-		end := ""
-		if p.Prefix {
-			end = clientv3.GetPrefixRangeEnd(p.Key)
+		want[[2]string{p.Key, p.end()}] = p.Type
+	}
+	got, err := c.RoleGet(ctx, role)
+	if err != nil {
+		return fmt.Errorf("role %s: %w", role, err)
+	}
+	for _, p := range got.Perm {
+		k := [2]string{string(p.Key), string(p.RangeEnd)}
+		if t, ok := want[k]; ok && t == clientv3.PermissionType(p.PermType) {
+			delete(want, k)
+			continue
 		}
-		if _, err := c.RoleGrantPermission(ctx, role, p.Key, end, p.Type); err != nil {
-			return fmt.Errorf("role %s on %s: %w", role, p.Key, err)
+		if _, err := c.RoleRevokePermission(ctx, role, k[0], k[1]); err != nil && !errors.Is(err, rpctypes.ErrPermissionNotGranted) {
+			return fmt.Errorf("role %s: revoke %s: %w", role, k[0], err)
+		}
+	}
+	for k, t := range want {
+		if _, err := c.RoleGrantPermission(ctx, role, k[0], k[1], t); err != nil {
+			return fmt.Errorf("role %s on %s: %w", role, k[0], err)
 		}
 	}
 	return nil
@@ -111,20 +141,22 @@ func EnsureUser(ctx context.Context, c *clientv3.Client, user string, roles ...s
 	return nil
 }
 
-// EnsureNode makes the node's role and user: called by a coordinator when a node joins.
+// EnsureNode makes the node's role (exactly NodePerms) and user: called by a coordinator when a
+// node joins or renews, so a node's permissions follow the herd that serves it.
 func EnsureNode(ctx context.Context, c *clientv3.Client, s keys.Space, hwid string) (string, error) {
 	user := NodeUser(hwid)
-	if err := grant(ctx, c, user, NodePerms(s, hwid)); err != nil {
+	if err := converge(ctx, c, user, NodePerms(s, hwid)); err != nil {
 		return "", err
 	}
 	return user, EnsureUser(ctx, c, user, user)
 }
 
-// Apply creates the fixed roles and a root user, and enables authentication. Run it once per
-// cluster with a root client certificate (or before auth is on). Idempotent.
+// Apply makes the fixed roles hold exactly their permissions (revoking what an older herd granted),
+// converges every node's role, creates a root user and enables authentication. Run it with a root
+// client certificate (or before auth is on), at set-up and after every herd upgrade. Idempotent.
 func Apply(ctx context.Context, c *clientv3.Client, s keys.Space) error {
 	for name, perms := range Roles(s) {
-		if err := grant(ctx, c, name, perms); err != nil {
+		if err := converge(ctx, c, name, perms); err != nil {
 			return err
 		}
 	}
@@ -134,6 +166,17 @@ func Apply(ctx context.Context, c *clientv3.Client, s keys.Space) error {
 	if err := EnsureUser(ctx, c, Root, Root); err != nil {
 		return err
 	}
+	roles, err := c.RoleList(ctx)
+	if err != nil {
+		return fmt.Errorf("list roles: %w", err)
+	}
+	for _, r := range roles.Roles {
+		if hwid, ok := strings.CutPrefix(r, NodeUser("")); ok {
+			if err := converge(ctx, c, r, NodePerms(s, hwid)); err != nil {
+				return err
+			}
+		}
+	}
 	if _, err := c.AuthEnable(ctx); err != nil && !strings.Contains(err.Error(), "already enabled") {
 		return fmt.Errorf("enable auth: %w", err)
 	}
@@ -141,7 +184,8 @@ func Apply(ctx context.Context, c *clientv3.Client, s keys.Space) error {
 }
 
 // Script renders Apply as etcdctl commands, for operators who set etcd up by hand. Node roles are
-// made at join time by the coordinators and are not part of it.
+// made at join time by the coordinators and are not part of it. Upgrading from a herd whose
+// operators could write leader records, it first revokes those grants.
 func Script(s keys.Space) string {
 	var b strings.Builder
 	b.WriteString("#!/bin/sh\n# herd's etcd roles (herd rbac script). Run with root's certificate:\n")
@@ -152,6 +196,10 @@ func Script(s keys.Space) string {
 		names = append(names, n)
 	}
 	sort.Strings(names)
+	b.WriteString("# Grants of schema-1 herd that let operators write leader records, and nodes all events:\n")
+	for _, o := range obsolete(s) {
+		fmt.Fprintf(&b, "etcdctl role revoke-permission %s%s '%s' 2>/dev/null || true\n", o.role, prefixFlag(o.perm), o.perm.Key)
+	}
 	for _, n := range names {
 		fmt.Fprintf(&b, "etcdctl role add %s || true\n", n)
 		for _, p := range roles[n] {
@@ -159,16 +207,32 @@ func Script(s keys.Space) string {
 			if p.Type == clientv3.PermissionType(clientv3.PermReadWrite) {
 				kind = "readwrite"
 			}
-			prefix := ""
-			if p.Prefix {
-				prefix = " --prefix"
-			}
-			fmt.Fprintf(&b, "etcdctl role grant-permission %s%s %s '%s'\n", n, prefix, kind, p.Key)
+			fmt.Fprintf(&b, "etcdctl role grant-permission %s%s %s '%s'\n", n, prefixFlag(p), kind, p.Key)
 		}
 	}
 	b.WriteString("etcdctl role add root || true\netcdctl user add root --no-password || true\netcdctl user grant-role root root\n")
 	b.WriteString("etcdctl auth enable\n")
 	return b.String()
+}
+
+func prefixFlag(p Perm) string {
+	if p.Prefix {
+		return " --prefix"
+	}
+	return ""
+}
+
+type roleGrant struct {
+	role string
+	perm Perm
+}
+
+// obsolete are the grants of schema 1 that schema 2 no longer makes.
+func obsolete(s keys.Space) []roleGrant {
+	return []roleGrant{
+		{Operator, writeAll(s.NodeStatePrefix())}, {Operator, writeAll(s.FenceRoot())}, {Operator, write(s.LossGuard())},
+		{Operator, writeAll(s.VolumeRoot())}, {Operator, writeAll(s.EventPrefix())}, {Bootserver, writeAll(s.EventPrefix())},
+	}
 }
 
 // RolesFor are the etcd roles a certificate issued for a herd role gets. A coordinator is also

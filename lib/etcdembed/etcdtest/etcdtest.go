@@ -80,7 +80,7 @@ func StartTLS(t testing.TB) *TLSMember {
 	if err != nil {
 		t.Fatal(err)
 	}
-	crt, key, err := ca.IssueFiles(dir, "server", "etcd-server", []string{"127.0.0.1", "localhost"}, 24*time.Hour)
+	crt, key, err := ca.IssueFiles(dir, "server", "etcd-server", pki.RoleEtcd, []string{"127.0.0.1", "localhost"}, 24*time.Hour)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -101,11 +101,15 @@ func StartTLS(t testing.TB) *TLSMember {
 // ClientAs connects as the etcd user cn (a certificate issued on the spot); closed at cleanup.
 func (m *TLSMember) ClientAs(t testing.TB, cn string) *clientv3.Client {
 	t.Helper()
-	crt, key, err := m.CA.IssueFiles(m.Dir, strings.NewReplacer(":", "_", "/", "_").Replace(cn), cn, nil, time.Hour)
+	role := pki.RoleOperator
+	if strings.HasPrefix(cn, "herd-node:") {
+		role = pki.RoleNode
+	}
+	crt, key, err := m.CA.IssueFiles(m.Dir, strings.NewReplacer(":", "_", "/", "_").Replace(cn), cn, role, nil, time.Hour)
 	if err != nil {
 		t.Fatal(err)
 	}
-	tlsCfg, err := pki.ClientTLS(filepath.Join(m.Dir, pki.CACert), crt, key)
+	tlsCfg, err := pki.ClientTLS(filepath.Join(m.Dir, pki.CACert), crt, key, pki.EtcdServer)
 	if err != nil {
 		t.Fatal(err)
 	}
