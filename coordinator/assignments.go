@@ -212,8 +212,8 @@ func (c *Coordinator) restoreTarget(s *snapshotView, name string, uid int64, pl 
 	if hwid, kv := bestAssignment(run); kv != nil {
 		a := kv.Obj.(*keys.Assignment)
 		p := keys.Placement{UID: uid, Node: hwid, Epoch: a.Epoch, UUID: a.UUID, SpecRev: a.SpecRev, MACs: a.MACs, Since: now}
-		if a.Spec != nil {
-			p.VCPUs, p.MemoryMiB, p.AntiAffinity = a.Spec.VCPUs, a.Spec.MemoryMiB, a.Spec.AntiAffinity
+		if sp, err := a.SpecCopy(); err == nil {
+			p.VCPUs, p.MemoryMiB, p.AntiAffinity = sp.VCPUs, sp.MemoryMiB, sp.AntiAffinity
 		}
 		if out := a.Outgoing; out != nil {
 			// A migration was open: keep it open, so that the ordinary settling decides from

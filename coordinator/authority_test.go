@@ -10,6 +10,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/herdhq/herd/lib/etcdembed/etcdtest"
+	"github.com/herdhq/herd/lib/etcdutil"
 	"github.com/herdhq/herd/lib/events"
 	"github.com/herdhq/herd/lib/keys"
 )
@@ -413,4 +414,25 @@ func TestMigrationAddressVouching(t *testing.T) {
 	put(t, c, space.Hardware("b"), `{"migration_ip":"10.2.0.1"}`)
 	vouched("b", "10.2.0.1")
 	vouched("a", "")
+}
+
+// TestTrimWriter: a writer past its cap loses its oldest records, and only those.
+func TestTrimWriter(t *testing.T) {
+	w := keys.EventsByNode("n1")
+	start := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	var list []*etcdutil.KV
+	for i := range events.MaxPerWriter + 3 {
+		list = append(list, &etcdutil.KV{Key: space.Event(w, start.Add(time.Duration(i)*time.Second), "x"), Lease: 1})
+	}
+	// Out of order, as a cache lists them.
+	list[0], list[len(list)-1] = list[len(list)-1], list[0]
+	junk := trimWriter(w, list)
+	if len(junk) != 3 {
+		t.Fatalf("trimmed %d records, want 3", len(junk))
+	}
+	for i := range 3 {
+		if _, ok := junk[space.Event(w, start.Add(time.Duration(i)*time.Second), "x")]; !ok {
+			t.Fatalf("record %d is not among the trimmed: %v", i, junk)
+		}
+	}
 }

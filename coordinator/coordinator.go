@@ -142,7 +142,6 @@ type Coordinator struct {
 
 	vmsInf, nodesInf, nodeStateInf, hwInf, clusterInf, fenceInf, guardInf, statusInf, volInf *etcdutil.Informer
 	rolloutInf, nodeCmdInf, placementInf, problemInf, assignInf, nodeSpecInf, requestInf     *etcdutil.Informer
-	eventInf                                                                                 *etcdutil.Informer
 	moveLimit                                                                                *rate.Limiter
 
 	mu          sync.Mutex
@@ -152,7 +151,6 @@ type Coordinator struct {
 	firstSeen   map[string]time.Time
 	trigger     chan struct{}
 	revokeNow   chan struct{} // a hardware record was deleted: revoke its node now, not at the next tick
-	sweepNow    chan struct{} // an event record was written: check the audit trail's rules
 	isLeader    bool
 	left        map[string]string    // hwid -> boot id of a clean departure this replica saw
 	absent      map[string]time.Time // hwid -> when first found absent with a dead lease
@@ -185,7 +183,6 @@ func New(cfg Config) (*Coordinator, error) {
 		firstSeen:   map[string]time.Time{},
 		trigger:     make(chan struct{}, 1),
 		revokeNow:   make(chan struct{}, 1),
-		sweepNow:    make(chan struct{}, 1),
 		left:        map[string]string{},
 		absent:      map[string]time.Time{},
 		lostAt:      map[string]time.Time{},
@@ -202,11 +199,10 @@ func New(cfg Config) (*Coordinator, error) {
 	c.vmsInf = etcdutil.NewInformer(cfg.Client, s.VMPrefix(), c.decodeVMKey, c.onVM, c.log)
 	c.placementInf = etcdutil.NewInformer(cfg.Client, s.PlacementPrefix(), keys.DecodeAny[keys.Placement], c.onDecision(s.PlacementPrefix(), partPlacement), c.log)
 	c.problemInf = etcdutil.NewInformer(cfg.Client, s.ProblemPrefix(), keys.DecodeAny[keys.Problem], c.onDecision(s.ProblemPrefix(), partProblem), c.log)
-	c.assignInf = etcdutil.NewInformer(cfg.Client, s.AssignRoot(), keys.DecodeAny[keys.Assignment], c.poke, c.log)
+	// The leader reads every assignment every round, their spec copies almost never.
+	c.assignInf = etcdutil.NewInformer(cfg.Client, s.AssignRoot(), func(_ string, v []byte) (any, error) { return keys.DecodeAssignmentHead(v) }, c.poke, c.log)
 	c.nodeSpecInf = etcdutil.NewInformer(cfg.Client, s.NodeSpecPrefix(), keys.DecodeAny[keys.NodeSpec], c.poke, c.log)
 	c.requestInf = etcdutil.NewInformer(cfg.Client, s.RequestPrefix(), keys.DecodeAny[keys.Request], c.poke, c.log)
-	c.eventInf = etcdutil.NewInformer(cfg.Client, s.EventPrefix(), nil, c.onEvent, c.log)
-	c.eventInf.DropValues = true // only sizes and leases matter to the janitor
 	c.nodesInf = etcdutil.NewInformer(cfg.Client, s.NodePrefix(), keys.DecodeAny[keys.Node], c.onNode, c.log)
 	c.fenceInf = etcdutil.NewInformer(cfg.Client, s.FenceRoot(), keys.DecodeAny[keys.Fence], c.poke, c.log)
 	c.guardInf = etcdutil.NewInformer(cfg.Client, s.LossGuard(), keys.DecodeAny[keys.LossGuard], c.poke, c.log)

@@ -48,7 +48,7 @@ func (c *Coordinator) lead(ctx context.Context, g etcdutil.Guard) error {
 		jctx, stop := context.WithCancel(ctx)
 		var wg sync.WaitGroup
 		wg.Add(1)
-		go func() { defer wg.Done(); c.eventJanitor(jctx, g) }()
+		go func() { defer wg.Done(); c.runEventJanitor(jctx, g) }()
 		defer func() { stop(); wg.Wait() }()
 	}
 	t := time.NewTicker(c.cfg.Interval)
@@ -107,7 +107,7 @@ func (c *Coordinator) barrier(ctx context.Context, check bool) error {
 
 func (c *Coordinator) informers() []*etcdutil.Informer {
 	return []*etcdutil.Informer{c.clusterInf, c.hwInf, c.nodesInf, c.nodeStateInf, c.nodeSpecInf, c.vmsInf, c.placementInf, c.problemInf,
-		c.assignInf, c.fenceInf, c.guardInf, c.statusInf, c.volInf, c.rolloutInf, c.nodeCmdInf, c.requestInf, c.eventInf}
+		c.assignInf, c.fenceInf, c.guardInf, c.statusInf, c.volInf, c.rolloutInf, c.nodeCmdInf, c.requestInf}
 }
 
 // action is one guarded write a round decided on.

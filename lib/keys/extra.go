@@ -51,7 +51,10 @@ func fieldsOf(t reflect.Type) map[string]int {
 // field with the full path (disk.size_gib). Member names match case-sensitively, unlike
 // encoding/json's default, because herd always writes lower-case names: a case-folded match would
 // make "Memory_MiB" silently mean memory_mib while a rewrite dropped the original spelling.
-func decodeObject(data []byte, plain any) (Extra, error) {
+func decodeObject(data []byte, plain any) (Extra, error) { return decodeObjectSkipping(data, plain, "") }
+
+// decodeObjectSkipping is decodeObject that leaves the member skip undecoded, raw in Extra.
+func decodeObjectSkipping(data []byte, plain any, skip string) (Extra, error) {
 	var raw map[string]json.RawMessage
 	if err := json.Unmarshal(data, &raw); err != nil {
 		return nil, describeJSONError(err)
@@ -65,7 +68,7 @@ func decodeObject(data []byte, plain any) (Extra, error) {
 	var fe FieldErrors
 	for k, v := range raw {
 		idx, ok := known[k]
-		if !ok {
+		if !ok || k == skip {
 			if extra == nil {
 				extra = Extra{}
 			}

@@ -1,6 +1,7 @@
 package keys
 
 import (
+	"errors"
 	"time"
 )
 
@@ -307,6 +308,37 @@ type Assignment struct {
 	// and undefine the domain at once, start nothing, and report "withdrawn".
 	Withdraw bool `json:"withdraw,omitempty"`
 	Extra    `json:"-"`
+}
+
+// DecodeAssignmentHead decodes an assignment but its copy of the spec, which stays raw (in Extra,
+// so that the value still encodes whole): for the leader, which reads every assignment every round
+// and needs a spec only when it restores a placement. SpecCopy decodes it.
+func DecodeAssignmentHead(data []byte) (*Assignment, error) {
+	var a Assignment
+	type plain Assignment
+	var p plain
+	extra, err := decodeObjectSkipping(data, &p, "spec")
+	a = Assignment(p)
+	a.Extra = extra
+	if err != nil {
+		return nil, err
+	}
+	if err := checkVersion(&a.V); err != nil {
+		return nil, err
+	}
+	return &a, nil
+}
+
+// SpecCopy is the assignment's copy of the spec, decoded from the raw member a head decode left.
+func (a *Assignment) SpecCopy() (*VMSpec, error) {
+	if a.Spec != nil {
+		return a.Spec, nil
+	}
+	raw, ok := a.Extra["spec"]
+	if !ok || string(raw) == "null" {
+		return nil, errors.New("the assignment carries no spec")
+	}
+	return Decode[VMSpec](raw)
 }
 
 // Outgoing tells a migration's source where the VM goes.
