@@ -11,7 +11,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/herdhq/herd/agent/hypervisor"
-	"github.com/herdhq/herd/agent/volume"
+	"github.com/herdhq/herd/lib/volume"
 	"github.com/herdhq/herd/lib/etcdembed/etcdtest"
 	"github.com/herdhq/herd/lib/keys"
 )

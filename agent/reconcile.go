@@ -8,7 +8,7 @@ import (
 	"time"
 
 	"github.com/herdhq/herd/agent/hypervisor"
-	"github.com/herdhq/herd/agent/volume"
+	"github.com/herdhq/herd/lib/volume"
 	"github.com/herdhq/herd/lib/etcdutil"
 	"github.com/herdhq/herd/lib/keys"
 )

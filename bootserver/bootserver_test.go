@@ -19,7 +19,7 @@ import (
 
 	"github.com/herdhq/herd/bootserver/dhcp"
 	"github.com/herdhq/herd/bootserver/httpboot"
-	"github.com/herdhq/herd/bootserver/images"
+	"github.com/herdhq/herd/lib/images"
 	"github.com/herdhq/herd/lib/etcdembed/etcdtest"
 	"github.com/herdhq/herd/lib/join"
 	"github.com/herdhq/herd/lib/keys"

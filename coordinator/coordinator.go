@@ -20,7 +20,7 @@ import (
 	"go.etcd.io/etcd/client/v3/concurrency"
 	"golang.org/x/time/rate"
 
-	"github.com/herdhq/herd/agent/volume"
+	"github.com/herdhq/herd/lib/volume"
 	"github.com/herdhq/herd/coordinator/fence"
 	"github.com/herdhq/herd/coordinator/scheduler"
 	"github.com/herdhq/herd/lib/etcdutil"

@@ -5,7 +5,7 @@ import (
 	"errors"
 	"time"
 
-	"github.com/herdhq/herd/agent/volume"
+	"github.com/herdhq/herd/lib/volume"
 	"github.com/herdhq/herd/lib/etcdutil"
 	"github.com/herdhq/herd/lib/keys"
 )

@@ -7,7 +7,7 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 
-	"github.com/herdhq/herd/agent/volume"
+	"github.com/herdhq/herd/lib/volume"
 )
 
 func TestLibvirtTestDriverLifecycle(t *testing.T) {

@@ -24,7 +24,7 @@ import (
 
 	"github.com/herdhq/herd/agent"
 	"github.com/herdhq/herd/agent/hypervisor"
-	"github.com/herdhq/herd/agent/volume"
+	"github.com/herdhq/herd/lib/volume"
 	"github.com/herdhq/herd/coordinator"
 	"github.com/herdhq/herd/coordinator/fence"
 	"github.com/herdhq/herd/coordinator/join"

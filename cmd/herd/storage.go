@@ -7,8 +7,8 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/herdhq/herd/agent"
-	"github.com/herdhq/herd/agent/volume"
-	"github.com/herdhq/herd/agent/volume/rbd"
+	"github.com/herdhq/herd/lib/volume"
+	"github.com/herdhq/herd/lib/volume/rbd"
 )
 
 // storageFlags choose the volume backend: Ceph RBD with --ceph-conf, else a directory.

@@ -10,7 +10,7 @@ import (
 	"time"
 )
 
-// CephAdmin is what the ceph fencer needs of a cluster (agent/volume/rbd.Backend implements it).
+// CephAdmin is what the ceph fencer needs of a cluster (lib/volume/rbd.Backend implements it).
 type CephAdmin interface {
 	Blocklist(ctx context.Context, addr string, expire time.Duration) error
 	Unblocklist(ctx context.Context, addr string) error

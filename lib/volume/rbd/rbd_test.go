@@ -16,7 +16,7 @@ import (
 	"github.com/ceph/go-ceph/rados"
 	"github.com/ceph/go-ceph/rbd"
 
-	"github.com/herdhq/herd/agent/volume"
+	"github.com/herdhq/herd/lib/volume"
 	"github.com/herdhq/herd/coordinator/fence"
 )
 
