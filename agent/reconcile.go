@@ -45,6 +45,9 @@ func (a *Agent) reconcile(ctx context.Context, name string) error {
 		return nil
 	}
 	asg := kv.Obj.(*keys.Assignment)
+	if asg.Withdraw && (dom == nil || dom.UID == asg.UID) {
+		return a.reconcileWithdrawn(ctx, name, kv, asg, dom) // needs no spec
+	}
 	if asg.Spec == nil {
 		a.log.Error("assignment without a spec", "vm", name)
 		return nil

@@ -18,9 +18,9 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/client/v3/concurrency"
-	"golang.org/x/time/rate"
 
 	"github.com/herdhq/herd/lib/volume"
+	"github.com/herdhq/herd/coordinator/decide"
 	"github.com/herdhq/herd/coordinator/fence"
 	"github.com/herdhq/herd/coordinator/scheduler"
 	"github.com/herdhq/herd/lib/etcdutil"
@@ -132,7 +132,9 @@ func (c *Config) defaults() error {
 	return nil
 }
 
-// Coordinator is one replica.
+// Coordinator is one replica: the caches every replica keeps warm, and the election. What a
+// leadership term does lives in a term (term.go), created when the term starts and gone when it
+// ends, so nothing a term decided or started can outlive it.
 type Coordinator struct {
 	cfg    Config
 	space  keys.Space
@@ -140,32 +142,36 @@ type Coordinator struct {
 	events *events.Recorder
 	m      *metrics
 
-	vmsInf, nodesInf, nodeStateInf, hwInf, clusterInf, fenceInf, guardInf, statusInf, volInf *etcdutil.Informer
-	rolloutInf, nodeCmdInf, placementInf, problemInf, assignInf, nodeSpecInf, requestInf     *etcdutil.Informer
-	moveLimit                                                                                *rate.Limiter
+	// The caches. vmInf holds both parts under a VM's key (spec and migrate request) and
+	// rolloutInf both rollout keys (the operator's request and the leader's progress): they are
+	// read as typed records through etcdutil.Record.
+	vmInf, rolloutInf *etcdutil.Informer
+	clusterInf        *etcdutil.Typed[keys.Cluster]
+	hwInf             *etcdutil.Typed[keys.Hardware]
+	nodeInf           *etcdutil.Typed[keys.Node]
+	nodeStateInf      *etcdutil.Typed[keys.NodeState]
+	nodeSpecInf       *etcdutil.Typed[keys.NodeSpec]
+	placementInf      *etcdutil.Typed[keys.Placement]
+	problemInf        *etcdutil.Typed[keys.Problem]
+	assignInf         *etcdutil.Typed[keys.Assignment]
+	statusInf         *etcdutil.Typed[keys.VMStatus]
+	fenceInf          *etcdutil.Typed[keys.Fence]
+	guardInf          *etcdutil.Typed[keys.LossGuard]
+	volInf            *etcdutil.Typed[keys.VolumeRecord]
+	requestInf        *etcdutil.Typed[keys.Request]
+	nodeCmdInf        *etcdutil.Typed[keys.NodeCommand]
 
-	mu          sync.Mutex
-	vms         map[string]*vmKeys         // by VM name
-	vanished    map[string]*keys.Placement // VM -> its last placement, deleted by someone
-	leaseTTLs   map[int64]int64            // lease -> granted TTL (s), asked once per lease
-	firstSeen   map[string]time.Time
-	trigger     chan struct{}
-	revokeNow   chan struct{} // a hardware record was deleted: revoke its node now, not at the next tick
-	isLeader    bool
-	left        map[string]string    // hwid -> boot id of a clean departure this replica saw
-	absent      map[string]time.Time // hwid -> when first found absent with a dead lease
-	lostAt      map[string]time.Time // hwid -> when found dead, for the mass-failure window
-	fencing     map[string]bool      // fence keys whose fencer runs now
-	fencedRev   map[string]int64     // fence key -> record revision a fencer already ran for
-	migFailures map[string]time.Time // VM -> last failed migration, to back off
-	volumeWork  map[string]bool      // volume keys with a backend call under way
-	volumeSem   chan struct{}        // bounds concurrent backend calls
-	lastAdopt   time.Time
-}
+	trigger   chan struct{} // a cache changed, or side work ended: decide again
+	revokeNow chan struct{} // a hardware record was deleted: revoke its node now, not at the next tick
 
-// vmKeys are the cached keys of one VM; any may be nil.
-type vmKeys struct {
-	spec, placement, problem, migrate *etcdutil.KV
+	mu        sync.Mutex
+	isLeader  bool
+	vms       map[string]*decide.VM      // by VM name; each value is replaced, never modified
+	vanished  map[string]*keys.Placement // VM -> its last placement, deleted by someone
+	firstSeen map[string]time.Time       // VM -> when its spec was first seen, for the placement latency
+	left      map[string]string          // hwid -> boot id of a clean departure this replica saw
+	leaseTTLs map[int64]time.Duration    // lease -> granted TTL, asked once per lease
+	deadLease map[int64]bool             // leases etcd said are gone: a lease never comes back
 }
 
 // New prepares a coordinator; Run starts it.
@@ -174,47 +180,48 @@ func New(cfg Config) (*Coordinator, error) {
 		return nil, err
 	}
 	c := &Coordinator{
-		cfg:         cfg,
-		space:       cfg.Space,
-		log:         cfg.Log.With("coordinator", cfg.Name),
-		vms:         map[string]*vmKeys{},
-		vanished:    map[string]*keys.Placement{},
-		leaseTTLs:   map[int64]int64{},
-		firstSeen:   map[string]time.Time{},
-		trigger:     make(chan struct{}, 1),
-		revokeNow:   make(chan struct{}, 1),
-		left:        map[string]string{},
-		absent:      map[string]time.Time{},
-		lostAt:      map[string]time.Time{},
-		fencing:     map[string]bool{},
-		fencedRev:   map[string]int64{},
-		migFailures: map[string]time.Time{},
-		volumeWork:  map[string]bool{},
-		volumeSem:   make(chan struct{}, 4),
-		moveLimit:   rate.NewLimiter(rate.Limit(cfg.RescheduleRate), max(1, int(cfg.RescheduleRate))),
+		cfg:       cfg,
+		space:     cfg.Space,
+		log:       cfg.Log.With("coordinator", cfg.Name),
+		trigger:   make(chan struct{}, 1),
+		revokeNow: make(chan struct{}, 1),
+		vms:       map[string]*decide.VM{},
+		vanished:  map[string]*keys.Placement{},
+		firstSeen: map[string]time.Time{},
+		left:      map[string]string{},
+		leaseTTLs: map[int64]time.Duration{},
+		deadLease: map[int64]bool{},
 	}
 	c.events = events.New(cfg.Client, cfg.Space, keys.EventsByCoordinator, "coordinator/"+cfg.Name, cfg.EtcdUser, c.log)
 	c.m = newMetrics(cfg.Registry)
-	s := cfg.Space
-	c.vmsInf = etcdutil.NewInformer(cfg.Client, s.VMPrefix(), c.decodeVMKey, c.onVM, c.log)
-	c.placementInf = etcdutil.NewInformer(cfg.Client, s.PlacementPrefix(), keys.DecodeAny[keys.Placement], c.onDecision(s.PlacementPrefix(), partPlacement), c.log)
-	c.problemInf = etcdutil.NewInformer(cfg.Client, s.ProblemPrefix(), keys.DecodeAny[keys.Problem], c.onDecision(s.ProblemPrefix(), partProblem), c.log)
-	// The leader reads every assignment every round, their spec copies almost never.
-	c.assignInf = etcdutil.NewInformer(cfg.Client, s.AssignRoot(), func(_ string, v []byte) (any, error) { return keys.DecodeAssignmentHead(v) }, c.poke, c.log)
-	c.nodeSpecInf = etcdutil.NewInformer(cfg.Client, s.NodeSpecPrefix(), keys.DecodeAny[keys.NodeSpec], c.poke, c.log)
-	c.requestInf = etcdutil.NewInformer(cfg.Client, s.RequestPrefix(), keys.DecodeAny[keys.Request], c.poke, c.log)
-	c.nodesInf = etcdutil.NewInformer(cfg.Client, s.NodePrefix(), keys.DecodeAny[keys.Node], c.onNode, c.log)
-	c.fenceInf = etcdutil.NewInformer(cfg.Client, s.FenceRoot(), keys.DecodeAny[keys.Fence], c.poke, c.log)
-	c.guardInf = etcdutil.NewInformer(cfg.Client, s.LossGuard(), keys.DecodeAny[keys.LossGuard], c.poke, c.log)
-	c.statusInf = etcdutil.NewInformer(cfg.Client, s.StatusRoot(), keys.DecodeAny[keys.VMStatus], c.poke, c.log)
-	c.volInf = etcdutil.NewInformer(cfg.Client, s.VolumeRoot(), keys.DecodeAny[keys.VolumeRecord], c.poke, c.log)
-	c.nodeStateInf = etcdutil.NewInformer(cfg.Client, s.NodeStatePrefix(), keys.DecodeAny[keys.NodeState], c.poke, c.log)
-	c.hwInf = etcdutil.NewInformer(cfg.Client, s.HardwarePrefix(), keys.DecodeAny[keys.Hardware], c.onHardware, c.log)
-	c.clusterInf = etcdutil.NewInformer(cfg.Client, s.Cluster(), keys.DecodeAny[keys.Cluster], c.poke, c.log)
+	s, cl, poke := cfg.Space, cfg.Client, c.poke
+	c.vmInf = etcdutil.NewInformer(cl, s.VMPrefix(), c.decodeVMKey, c.onVM, c.log)
 	// One watch covers both rollout keys: the operator's request and the leader's progress.
-	c.rolloutInf = etcdutil.NewInformer(cfg.Client, s.Rollout(), c.decodeRolloutKey, c.poke, c.log)
-	c.nodeCmdInf = etcdutil.NewInformer(cfg.Client, s.NodeCmdRoot(), keys.DecodeAny[keys.NodeCommand], c.poke, c.log)
+	c.rolloutInf = etcdutil.NewInformer(cl, s.Rollout(), c.decodeRolloutKey, poke, c.log)
+	c.placementInf = etcdutil.NewTyped[keys.Placement](cl, s.PlacementPrefix(), c.onPlacement, c.log)
+	c.problemInf = etcdutil.NewTyped[keys.Problem](cl, s.ProblemPrefix(), c.onProblem, c.log)
+	// The leader reads every assignment every round, their spec copies almost never.
+	c.assignInf = etcdutil.WithDecode(cl, s.AssignRoot(), keys.DecodeAssignmentHead, poke, c.log)
+	c.clusterInf = etcdutil.NewTyped[keys.Cluster](cl, s.Cluster(), poke, c.log)
+	c.hwInf = etcdutil.NewTyped[keys.Hardware](cl, s.HardwarePrefix(), c.onHardware, c.log)
+	c.nodeInf = etcdutil.NewTyped[keys.Node](cl, s.NodePrefix(), c.onNode, c.log)
+	c.nodeStateInf = etcdutil.NewTyped[keys.NodeState](cl, s.NodeStatePrefix(), poke, c.log)
+	c.nodeSpecInf = etcdutil.NewTyped[keys.NodeSpec](cl, s.NodeSpecPrefix(), poke, c.log)
+	c.statusInf = etcdutil.NewTyped[keys.VMStatus](cl, s.StatusRoot(), poke, c.log)
+	c.fenceInf = etcdutil.NewTyped[keys.Fence](cl, s.FenceRoot(), poke, c.log)
+	c.guardInf = etcdutil.NewTyped[keys.LossGuard](cl, s.LossGuard(), poke, c.log)
+	c.volInf = etcdutil.NewTyped[keys.VolumeRecord](cl, s.VolumeRoot(), poke, c.log)
+	c.requestInf = etcdutil.NewTyped[keys.Request](cl, s.RequestPrefix(), poke, c.log)
+	c.nodeCmdInf = etcdutil.NewTyped[keys.NodeCommand](cl, s.NodeCmdRoot(), poke, c.log)
 	return c, nil
+}
+
+// informers are every cache, each with the key prefix it holds.
+func (c *Coordinator) informers() []*etcdutil.Informer {
+	return []*etcdutil.Informer{c.clusterInf.Informer, c.hwInf.Informer, c.nodeInf.Informer, c.nodeStateInf.Informer,
+		c.nodeSpecInf.Informer, c.vmInf, c.placementInf.Informer, c.problemInf.Informer, c.assignInf.Informer,
+		c.fenceInf.Informer, c.guardInf.Informer, c.statusInf.Informer, c.volInf.Informer, c.rolloutInf,
+		c.nodeCmdInf.Informer, c.requestInf.Informer}
 }
 
 func (c *Coordinator) decodeVMKey(key string, v []byte) (any, error) {
@@ -241,66 +248,64 @@ func (c *Coordinator) decodeRolloutKey(key string, v []byte) (any, error) {
 	return nil, fmt.Errorf("not a rollout key")
 }
 
-// Parts of a VM the caches track, besides those under VMPrefix.
-const (
-	partPlacement = keys.VMPart(100 + iota)
-	partProblem
-)
-
-// onDecision routes a leader record of a VM (placement or problem, each under its own prefix)
-// into the VM's cached keys.
-func (c *Coordinator) onDecision(prefix string, part keys.VMPart) etcdutil.ChangeFunc {
-	return func(key string, prev, cur *etcdutil.KV) {
-		name, ok := keys.ParseVMName(prefix, key)
-		if !ok {
-			return
-		}
-		c.onVMPart(name, part, prev, cur)
-	}
-}
-
-func (c *Coordinator) onVM(key string, prev, cur *etcdutil.KV) {
+func (c *Coordinator) onVM(key string, _, cur *etcdutil.KV) {
 	name, part, ok := c.space.ParseVM(key)
 	if !ok {
 		return
 	}
-	c.onVMPart(name, part, prev, cur)
+	c.updateVM(name, func(v *decide.VM) {
+		switch part {
+		case keys.VMPartSpec:
+			if cur != nil && (v.Spec == nil || v.Spec.CreateRevision != cur.CreateRevision) {
+				c.firstSeen[name] = time.Now()
+			}
+			if cur == nil {
+				delete(c.firstSeen, name)
+			}
+			v.Spec = etcdutil.Record[keys.VMSpec](cur)
+		case keys.VMPartMigrate:
+			v.Migrate = etcdutil.Record[keys.MigrateRequest](cur)
+		}
+	})
 }
 
-func (c *Coordinator) onVMPart(name string, part keys.VMPart, prev, cur *etcdutil.KV) {
-	c.mu.Lock()
-	v := c.vms[name]
-	if v == nil {
-		v = &vmKeys{}
-		c.vms[name] = v
+func (c *Coordinator) onPlacement(key string, prev, cur *etcdutil.KV) {
+	name, ok := keys.ParseVMName(c.space.PlacementPrefix(), key)
+	if !ok {
+		return
 	}
-	switch part {
-	case keys.VMPartSpec:
-		if cur != nil && (v.spec == nil || v.spec.CreateRevision != cur.CreateRevision) {
-			c.firstSeen[name] = time.Now()
-		}
-		if cur == nil {
-			delete(c.firstSeen, name)
-		}
-		v.spec = cur
-	case partPlacement:
-		v.placement = cur
+	c.updateVM(name, func(v *decide.VM) {
+		v.Placement = etcdutil.Record[keys.Placement](cur)
 		if cur != nil {
 			delete(c.vanished, name)
+		} else if p := etcdutil.Record[keys.Placement](prev); p.OK() {
+			// Remembered so that a placement deleted by anyone but the leader (root with
+			// etcdctl, a restored backup) is restored rather than made anew while the VM may
+			// still run.
+			c.vanished[name] = p.Value
 		}
-		if cur == nil && prev != nil && prev.Err == nil {
-			// Remembered so that a placement deleted by anyone but the leader (root with etcdctl,
-			// a restored backup) is restored rather than made anew while the VM may still run.
-			c.vanished[name] = prev.Obj.(*keys.Placement)
-		}
-	case partProblem:
-		v.problem = cur
-	case keys.VMPartMigrate:
-		v.migrate = cur
+	})
+}
+
+func (c *Coordinator) onProblem(key string, _, cur *etcdutil.KV) {
+	if name, ok := keys.ParseVMName(c.space.ProblemPrefix(), key); ok {
+		c.updateVM(name, func(v *decide.VM) { v.Problem = etcdutil.Record[keys.Problem](cur) })
 	}
-	if v.spec == nil && v.placement == nil && v.problem == nil && v.migrate == nil {
+}
+
+// updateVM replaces a VM's records with a changed copy (a round may be reading the old one).
+func (c *Coordinator) updateVM(name string, change func(*decide.VM)) {
+	c.mu.Lock()
+	var v decide.VM
+	if old := c.vms[name]; old != nil {
+		v = *old
+	}
+	change(&v)
+	if v.Spec == nil && v.Placement == nil && v.Problem == nil && v.Migrate == nil {
 		delete(c.vms, name)
 		delete(c.vanished, name)
+	} else {
+		c.vms[name] = &v
 	}
 	c.mu.Unlock()
 	c.poke("", nil, nil)
@@ -309,18 +314,15 @@ func (c *Coordinator) onVMPart(name string, part keys.VMPart, prev, cur *etcduti
 // onNode notices clean departures: the agent marks its key leaving before it revokes the lease.
 // Every replica records them, so a new leader knows too.
 func (c *Coordinator) onNode(key string, prev, cur *etcdutil.KV) {
-	if cur == nil && prev != nil && prev.Err == nil {
-		if n := prev.Obj.(*keys.Node); n.Leaving {
-			c.mu.Lock()
-			c.left[n.HWID] = n.BootID
-			c.mu.Unlock()
-		}
+	p, n := etcdutil.Record[keys.Node](prev), etcdutil.Record[keys.Node](cur)
+	c.mu.Lock()
+	if cur == nil && p.OK() && p.Value.Leaving {
+		c.left[p.Value.HWID] = p.Value.BootID
 	}
-	if cur != nil && cur.Err == nil {
-		c.mu.Lock()
-		delete(c.left, cur.Obj.(*keys.Node).HWID)
-		c.mu.Unlock()
+	if n.OK() {
+		delete(c.left, n.Value.HWID)
 	}
+	c.mu.Unlock()
 	c.poke(key, prev, cur)
 }
 
@@ -379,18 +381,6 @@ func (c *Coordinator) Run(ctx context.Context) error {
 		b.Reset()
 	}
 	return nil
-}
-
-// newClusterRecord is the write that creates /herd/cluster if it is absent.
-func (c *Coordinator) newClusterRecord() action {
-	cl := keys.Cluster{ID: uuid.NewString(), Created: time.Now().UTC(), Pools: c.cfg.Pools, Schema: keys.SchemaVersion}
-	return action{vm: "cluster", what: "create cluster record",
-		conds: []etcdutil.Cmp{etcdutil.CreateRev(c.space.Cluster(), 0)},
-		ops:   []etcdutil.Op{etcdutil.OpPut(c.space.Cluster(), keys.MustEncode(&cl))},
-		after: func() {
-			c.log.Warn("the cluster record was missing (etcd replaced?): created a new cluster", "cluster", cl.ID)
-			c.events.Record("cluster/"+cl.ID, "created", "the cluster record was missing; pools %v", cl.Pools)
-		}}
 }
 
 // initCluster writes /herd/cluster if no coordinator ever did. Losing the race to another
@@ -468,7 +458,7 @@ func (c *Coordinator) campaign(ctx context.Context) error {
 	c.log.Info("elected leader", "key", guard.Key, "rev", guard.Rev)
 	c.events.Record("coordinator/"+c.cfg.Name, "elected", "leader at revision %d", guard.Rev)
 	c.setLeader(true)
-	err = c.lead(lctx, guard)
+	err = c.newTerm(lctx, guard).run()
 	c.setLeader(false)
 	cancel()
 	if ctx.Err() != nil {

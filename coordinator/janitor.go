@@ -8,7 +8,6 @@ import (
 	"sync"
 	"time"
 
-	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/herdhq/herd/lib/etcdutil"
 	"github.com/herdhq/herd/lib/events"
@@ -210,24 +209,4 @@ func (j *janitor) remove(ctx context.Context, junk map[string]string) error {
 		j.c.events.Record("cluster", "events-removed", "%d records of %s", n, what)
 	}
 	return nil
-}
-
-// grantedTTL is how long a lease was granted for, asked of etcd once per lease.
-func (c *Coordinator) grantedTTL(ctx context.Context, lease int64) (time.Duration, error) {
-	c.mu.Lock()
-	ttl, known := c.leaseTTLs[lease]
-	c.mu.Unlock()
-	if !known {
-		cctx, cancel := etcdutil.WithTimeout(ctx)
-		resp, err := c.cfg.Client.TimeToLive(cctx, clientv3.LeaseID(lease))
-		cancel()
-		if err != nil {
-			return 0, err
-		}
-		ttl = resp.GrantedTTL
-		c.mu.Lock()
-		c.leaseTTLs[lease] = ttl
-		c.mu.Unlock()
-	}
-	return time.Duration(ttl) * time.Second, nil
 }

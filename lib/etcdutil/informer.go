@@ -28,6 +28,8 @@ type KV struct {
 	// Obj and Err are the Informer's Decode result, computed once per revision.
 	Obj any
 	Err error
+	// rec is the typed record a Typed informer builds once per revision.
+	rec any
 }
 
 // DecodeFunc turns a raw value into a typed object once, when it arrives.
@@ -51,6 +53,8 @@ type Informer struct {
 	// OnBatch, if set, is told after each list and each watch response how many keys it deleted
 	// and how many remain: a way to notice things vanishing wholesale.
 	OnBatch func(deleted, remaining int)
+	// wrap, set by a Typed informer, builds each key's typed record once as it arrives.
+	wrap func(*KV) any
 	// DropValues keeps only each key's metadata (revisions, lease, size) once it is decoded: for
 	// prefixes that are large and whose contents the holder never reads (the audit trail).
 	DropValues bool
@@ -331,6 +335,9 @@ func (i *Informer) newKV(kv *mvccpb.KeyValue) *KV {
 	if i.DropValues {
 		out.Value = nil
 	}
+	if i.wrap != nil {
+		out.rec = i.wrap(out)
+	}
 	return out
 }
 
@@ -407,3 +414,6 @@ func (i *Informer) WaitRev(ctx context.Context, rev int64) error {
 		}
 	}
 }
+
+// Prefix is the key prefix the informer caches.
+func (i *Informer) Prefix() string { return i.prefix }

@@ -51,7 +51,9 @@ func fieldsOf(t reflect.Type) map[string]int {
 // field with the full path (disk.size_gib). Member names match case-sensitively, unlike
 // encoding/json's default, because herd always writes lower-case names: a case-folded match would
 // make "Memory_MiB" silently mean memory_mib while a rewrite dropped the original spelling.
-func decodeObject(data []byte, plain any) (Extra, error) { return decodeObjectSkipping(data, plain, "") }
+func decodeObject(data []byte, plain any) (Extra, error) {
+	return decodeObjectSkipping(data, plain, "")
+}
 
 // decodeObjectSkipping is decodeObject that leaves the member skip undecoded, raw in Extra.
 func decodeObjectSkipping(data []byte, plain any, skip string) (Extra, error) {
@@ -256,3 +258,20 @@ func DecodeAny[T any, P interface {
 }](_ string, data []byte) (any, error) {
 	return Decode[T, P](data)
 }
+
+// Record is one key as a cache holds it: its value decoded (Value) or why not (Err), with the
+// revisions, lease and size etcd gave it. Value is shared by every reader: never modify it.
+type Record[T any] struct {
+	Key   string
+	Value *T
+	Err   error
+	// Raw is the value as etcd holds it: decode it again for a private copy to modify.
+	Raw            []byte
+	CreateRevision int64
+	ModRevision    int64
+	Lease          int64
+	Size           int
+}
+
+// OK says whether the record decoded.
+func (r *Record[T]) OK() bool { return r != nil && r.Err == nil && r.Value != nil }

@@ -1,11 +1,9 @@
-package coordinator
+package decide
 
 import (
 	"fmt"
 	"sort"
-	"time"
 
-	"github.com/herdhq/herd/lib/etcdutil"
 	"github.com/herdhq/herd/lib/keys"
 )
 
@@ -41,13 +39,13 @@ func runnable(a *keys.Assignment) bool { return a.Incoming == "" && !a.Withdraw 
 
 // bestAssignment picks the assignment a VM's placement is restored to: the highest epoch, then the
 // oldest key.
-func bestAssignment(cands map[string]*etcdutil.KV) (string, *etcdutil.KV) {
+func bestAssignment(cands map[string]*rec[keys.Assignment]) (string, *rec[keys.Assignment]) {
 	var bestNode string
-	var best *etcdutil.KV
+	var best *rec[keys.Assignment]
 	for hwid, kv := range cands {
-		a, b := kv.Obj.(*keys.Assignment), (*keys.Assignment)(nil)
+		a, b := kv.Value, (*keys.Assignment)(nil)
 		if best != nil {
-			b = best.Obj.(*keys.Assignment)
+			b = best.Value
 		}
 		switch {
 		case best == nil, a.Epoch > b.Epoch,
@@ -60,58 +58,41 @@ func bestAssignment(cands map[string]*etcdutil.KV) (string, *etcdutil.KV) {
 }
 
 // reportsOf returns, per node, the status reports of a VM's uid that say a domain of it is there.
-func (s *snapshotView) reportsOf(name string, uid int64) map[string]*keys.VMStatus {
+func (s *view) reportsOf(name string, uid int64) map[string]*keys.VMStatus {
 	out := map[string]*keys.VMStatus{}
-	for hwid, kv := range s.reports[name] {
-		if kv.Err != nil {
-			continue
-		}
-		if st := kv.Obj.(*keys.VMStatus); st.UID == uid && st.State != keys.StateWithdrawn {
-			out[hwid] = st
+	for hwid, r := range s.Reports[name] {
+		if r.OK() && r.Value.UID == uid && r.Value.State != keys.StateWithdrawn {
+			out[hwid] = r.Value
 		}
 	}
 	return out
 }
 
-// nodeFenced says whether the node's last known boot is fenced (its VMs may run elsewhere).
-func (s *snapshotView) nodeFenced(hwid string) bool {
-	ns := s.lastSeen(hwid)
-	if ns == nil || ns.BootID == "" {
-		return false
-	}
-	if _, alive := s.live[hwid]; alive && s.live[hwid].Obj.(*keys.Node).BootID != ns.BootID {
-		return false
-	}
-	kv := s.fenceFor(hwid, ns.BootID)
-	return kv != nil && kv.Obj.(*keys.Fence).Phase == keys.FenceFenced
-}
-
 // reconcileVM makes a VM's placement and assignments agree (see the comment at the top of the
 // file). spec is the VM's valid spec, or nil when it has none; uid is its spec's CreateRevision.
-func (c *Coordinator) reconcileVM(g etcdutil.Guard, s *snapshotView, name string, v vmKeys, uid int64, spec *keys.VMSpec) (authority, []action) {
-	var acts []action
+func (s *view) reconcileVM(name string, v *VM, uid int64, spec *keys.VMSpec) (authority, []Action) {
+	var acts []Action
 	var pl *keys.Placement
-	if v.placement != nil && v.placement.Err == nil {
-		if p := v.placement.Obj.(*keys.Placement); p.UID == uid {
-			pl = p
-		}
+	if v.Placement.OK() && v.Placement.Value.UID == uid {
+		pl = v.Placement.Value
 	}
-	mine := map[string]*etcdutil.KV{} // this uid's readable assignments, by node
-	run := map[string]*etcdutil.KV{}  // ... those the node may run the VM under
+	mine := map[string]*rec[keys.Assignment]{} // this uid's readable assignments, by node
+	run := map[string]*rec[keys.Assignment]{}  // ... those the node may run the VM under
 	unreadable := ""
-	for hwid, kv := range s.assigns[name] {
+	for _, hwid := range sortedNames(s.Assigns[name]) {
+		kv := s.Assigns[name][hwid]
 		if kv.Err != nil {
 			// Written by a newer herd, or by hand: the node cannot read it either. Whose it is
 			// cannot be told, so it blocks everything for this VM until someone fixes it.
 			unreadable = hwid
-			c.log.Error("unreadable assignment; the VM is left alone until it is fixed or deleted", "key", kv.Key, "error", kv.Err)
+			s.log(Error, "unreadable assignment; the VM is left alone until it is fixed or deleted", "key", kv.Key, "error", kv.Err)
 			continue
 		}
-		a := kv.Obj.(*keys.Assignment)
+		a := kv.Value
 		if a.UID != uid {
 			// An earlier VM of the same name: its node removes the domain on the evidence that
 			// the name belongs to a newer uid.
-			acts = append(acts, c.dropAssignment(name, hwid, kv, "it belongs to an earlier VM of the same name"))
+			acts = append(acts, dropAssignment(name, hwid, kv, "it belongs to an earlier VM of the same name"))
 			continue
 		}
 		mine[hwid] = kv
@@ -124,14 +105,14 @@ func (c *Coordinator) reconcileVM(g etcdutil.Guard, s *snapshotView, name string
 	}
 	reports := s.reportsOf(name, uid)
 	for hwid := range reports {
-		if kv := mine[hwid]; kv != nil && kv.Obj.(*keys.Assignment).Withdraw {
+		if kv := mine[hwid]; kv != nil && kv.Value.Withdraw {
 			delete(reports, hwid) // being taken back: no place to keep the VM
 		}
 	}
 
 	// Where the uid is kept, and whether the records must be restored to say so.
 	if pl == nil || run[pl.Node] == nil {
-		restore, source := c.restoreTarget(s, name, uid, pl, run, reports)
+		restore, source := s.restoreTarget(name, uid, pl, run, reports)
 		switch {
 		case restore == nil && pl == nil:
 			if why := presenceWhy(mine, reports); why != "" {
@@ -146,49 +127,48 @@ func (c *Coordinator) reconcileVM(g etcdutil.Guard, s *snapshotView, name string
 			// Re-issuing an assignment needs a valid spec to hand the node.
 			return authority{blocked: "it must be restored on " + restore.pl.Node + " from " + source + ", which needs a valid spec"}, acts
 		}
-		acts = append(acts, c.restorePlacement(g, s, name, v, uid, spec, restore, run, source))
+		acts = append(acts, s.restorePlacement(name, v, uid, spec, restore, run, source))
 		return authority{restored: restore.pl}, acts
 	}
 
 	// The placement stands: every other assignment of the uid is withdrawn, and a domain of the uid
 	// reported from a node that has no assignment is taken back the same way.
-	for hwid, kv := range mine {
-		a := kv.Obj.(*keys.Assignment)
+	for _, hwid := range sortedNames(mine) {
+		kv := mine[hwid]
+		a := kv.Value
 		if hwid == pl.Node && runnable(a) {
 			continue
 		}
 		if m := pl.Migration; m != nil && hwid == m.To && a.Incoming == m.ID {
 			continue
 		}
-		acts = append(acts, c.withdraw(s, name, hwid, kv, a)...)
+		acts = append(acts, s.withdraw(name, hwid, kv, a)...)
 	}
-	for hwid, st := range reports {
+	for _, hwid := range sortedNames(reports) {
+		st := reports[hwid]
 		if mine[hwid] != nil || hwid == pl.Node {
 			continue
 		}
-		skv := s.statuses[hwid][name]
+		skv := s.Reports[name][hwid]
 		if s.nodeFenced(hwid) {
-			acts = append(acts, action{vm: name, what: "drop status of a fenced node",
-				conds: []etcdutil.Cmp{etcdutil.ModRev(skv.Key, skv.ModRevision)},
-				ops:   []etcdutil.Op{etcdutil.OpDelete(skv.Key)}})
+			acts = append(acts, Action{Object: "vm/" + name, What: "drop status of a fenced node",
+				Conds: []Cond{ModRev(skv.Key, skv.ModRevision)}, Writes: []Write{Del(skv.Key)}})
 			continue
 		}
 		wa := keys.Assignment{UID: uid, Epoch: st.Epoch, UUID: st.UUID, Withdraw: true}
-		node := hwid
-		acts = append(acts, action{vm: name, what: "take back a domain that runs without assignment",
-			conds: []etcdutil.Cmp{etcdutil.CreateRev(c.space.Assign(hwid, name), 0), etcdutil.ModRev(skv.Key, skv.ModRevision)},
-			ops:   []etcdutil.Op{etcdutil.OpPut(c.space.Assign(hwid, name), keys.MustEncode(&wa))},
-			after: func() {
-				c.log.Warn("a domain of this VM runs where it is not placed: withdrawing it", "vm", name, "node", node, "placed_on", pl.Node)
-				c.events.Record("vm/"+name, "withdrawing", "%s reports uid %d (%s) but the VM is placed on %s: its domain is stopped and removed there", node, uid, st.State, pl.Node)
-			}})
+		key := s.cfg.Space.Assign(hwid, name)
+		acts = append(acts, Action{Object: "vm/" + name, What: "take back a domain that runs without assignment",
+			Conds:  []Cond{CreateRev(key, 0), ModRev(skv.Key, skv.ModRevision)},
+			Writes: []Write{Put(key, keys.MustEncode(&wa))},
+			Notes: []Note{{Level: Warn, Log: "a domain of this VM runs where it is not placed: withdrawing it", Args: []any{"vm", name, "node", hwid, "placed_on", pl.Node},
+				Object: "vm/" + name, Event: "withdrawing", Message: fmt.Sprintf("%s reports uid %d (%s) but the VM is placed on %s: its domain is stopped and removed there", hwid, uid, st.State, pl.Node)}}})
 	}
 	return authority{}, acts
 }
 
 // presenceWhy says why a VM without placement must not be placed anew ("" when nothing of its uid
 // is anywhere).
-func presenceWhy(mine map[string]*etcdutil.KV, reports map[string]*keys.VMStatus) string {
+func presenceWhy(mine map[string]*rec[keys.Assignment], reports map[string]*keys.VMStatus) string {
 	for hwid := range mine {
 		return "its assignment on " + hwid + " is being withdrawn"
 	}
@@ -202,15 +182,15 @@ func presenceWhy(mine map[string]*etcdutil.KV, reports map[string]*keys.VMStatus
 // assignment must be re-issued).
 type restoring struct {
 	pl  *keys.Placement
-	asg *etcdutil.KV
+	asg *rec[keys.Assignment]
 }
 
 // restoreTarget finds where a VM whose placement is missing, or not where its node's assignment is,
 // is kept. It returns nil when there is nowhere to restore it to.
-func (c *Coordinator) restoreTarget(s *snapshotView, name string, uid int64, pl *keys.Placement, run map[string]*etcdutil.KV, reports map[string]*keys.VMStatus) (*restoring, string) {
-	now := time.Now().UTC()
+func (s *view) restoreTarget(name string, uid int64, pl *keys.Placement, run map[string]*rec[keys.Assignment], reports map[string]*keys.VMStatus) (*restoring, string) {
+	now := s.Now.UTC()
 	if hwid, kv := bestAssignment(run); kv != nil {
-		a := kv.Obj.(*keys.Assignment)
+		a := kv.Value
 		p := keys.Placement{UID: uid, Node: hwid, Epoch: a.Epoch, UUID: a.UUID, SpecRev: a.SpecRev, MACs: a.MACs, Since: now}
 		if sp, err := a.SpecCopy(); err == nil {
 			p.VCPUs, p.MemoryMiB, p.AntiAffinity = sp.VCPUs, sp.MemoryMiB, sp.AntiAffinity
@@ -218,7 +198,7 @@ func (c *Coordinator) restoreTarget(s *snapshotView, name string, uid int64, pl 
 		if out := a.Outgoing; out != nil {
 			// A migration was open: keep it open, so that the ordinary settling decides from
 			// both nodes' reports whether the VM now lives on the target.
-			if in := s.assigns[name][out.To]; in != nil && in.Err == nil && in.Obj.(*keys.Assignment).Incoming == out.ID {
+			if in := s.Assigns[name][out.To]; in.OK() && in.Value.Incoming == out.ID {
 				p.Migration = &keys.Migration{ID: out.ID, To: out.To, Mode: out.Mode, Reason: "restored", Started: now}
 			}
 		}
@@ -235,13 +215,13 @@ func (c *Coordinator) restoreTarget(s *snapshotView, name string, uid int64, pl 
 		return nil, ""
 	}
 	if pl != nil {
-		if a := s.assigns[name][pl.Node]; a != nil {
+		if a := s.Assigns[name][pl.Node]; a != nil {
 			return nil, "" // a withdrawal is under way there
 		}
 		p := *pl
 		return &restoring{pl: &p}, "its placement"
 	}
-	if p := s.vanished[name]; p != nil && p.UID == uid {
+	if p := s.Vanished[name]; p != nil && p.UID == uid {
 		cp := *p
 		cp.Migration = nil
 		return &restoring{pl: &cp}, "its placement as last seen before it was deleted"
@@ -277,76 +257,73 @@ func bestReport(reports map[string]*keys.VMStatus) (string, *keys.VMStatus) {
 
 // restorePlacement writes the restored placement and, unless the node already runs the VM under
 // an assignment, the node's assignment: one transaction, conditioned on the records as read.
-func (c *Coordinator) restorePlacement(g etcdutil.Guard, s *snapshotView, name string, v vmKeys, uid int64, spec *keys.VMSpec, r *restoring, run map[string]*etcdutil.KV, source string) action {
+func (s *view) restorePlacement(name string, v *VM, uid int64, spec *keys.VMSpec, r *restoring, run map[string]*rec[keys.Assignment], source string) Action {
+	sp := s.cfg.Space
 	p := r.pl
-	p.By, p.Term = c.cfg.Name, g.Rev
+	p.By, p.Term = s.cfg.Name, s.cfg.Term
 	var prev int64
-	if v.placement != nil {
-		prev = v.placement.ModRevision
+	if v.Placement != nil {
+		prev = v.Placement.ModRevision
 	}
-	conds := []etcdutil.Cmp{etcdutil.ModRev(c.space.Placement(name), prev), etcdutil.CreateRev(c.space.VMSpec(name), uid)}
-	var ops []etcdutil.Op
+	conds := []Cond{ModRev(sp.Placement(name), prev), CreateRev(sp.VMSpec(name), uid)}
+	var writes []Write
 	if run[p.Node] == nil {
 		// Re-issued from the spec: the node gets what the spec says now, with the VM's identity.
-		setSpec(p, v.spec.ModRevision, spec)
+		s.setSpec(p, v.Spec.ModRevision, spec)
 		asg := assignmentFor(p, spec)
 		var rev int64
-		if kv := s.assigns[name][p.Node]; kv != nil {
+		if kv := s.Assigns[name][p.Node]; kv != nil {
 			rev = kv.ModRevision
 		}
-		conds = append(conds, etcdutil.ModRev(c.space.Assign(p.Node, name), rev), etcdutil.ModRev(c.space.VMSpec(name), v.spec.ModRevision))
-		ops = append(ops, etcdutil.OpPut(c.space.Assign(p.Node, name), keys.MustEncode(&asg)))
+		conds = append(conds, ModRev(sp.Assign(p.Node, name), rev), ModRev(sp.VMSpec(name), v.Spec.ModRevision))
+		writes = append(writes, Put(sp.Assign(p.Node, name), keys.MustEncode(&asg)))
 	} else {
-		conds = append(conds, etcdutil.ModRev(r.asg.Key, r.asg.ModRevision))
+		conds = append(conds, ModRev(r.asg.Key, r.asg.ModRevision))
 	}
-	ops = append(ops, etcdutil.OpPut(c.space.Placement(name), keys.MustEncode(p)))
-	return action{vm: name, what: "restore placement", conds: conds, ops: ops,
-		after: func() {
-			c.log.Warn("placement restored: the records did not say where the VM runs", "vm", name, "node", p.Node, "epoch", p.Epoch, "from", source)
-			c.events.Record("vm/"+name, "restored", "placement restored from %s: %s epoch %d", source, p.Node, p.Epoch)
-		}}
+	writes = append(writes, Put(sp.Placement(name), keys.MustEncode(p)))
+	return Action{Object: "vm/" + name, What: "restore placement", Conds: conds, Writes: writes,
+		Notes: []Note{{Level: Warn, Log: "placement restored: the records did not say where the VM runs", Args: []any{"vm", name, "node", p.Node, "epoch", p.Epoch, "from", source},
+			Object: "vm/" + name, Event: "restored", Message: fmt.Sprintf("placement restored from %s: %s epoch %d", source, p.Node, p.Epoch)}}}
 }
 
 // withdraw takes an assignment back: first it becomes a withdrawal (the node stops and undefines
 // the domain, starts nothing, and reports "withdrawn"), then, once the node says so or is fenced,
 // it is deleted with the node's status.
-func (c *Coordinator) withdraw(s *snapshotView, name, hwid string, kv *etcdutil.KV, a *keys.Assignment) []action {
-	skv := s.statuses[hwid][name]
+func (s *view) withdraw(name, hwid string, kv *rec[keys.Assignment], a *keys.Assignment) []Action {
+	skv := s.Reports[name][hwid]
 	done := s.nodeFenced(hwid)
-	if skv != nil && skv.Err == nil {
-		if st := skv.Obj.(*keys.VMStatus); st.State == keys.StateWithdrawn && st.UID == a.UID && a.Withdraw {
+	if skv.OK() {
+		if st := skv.Value; st.State == keys.StateWithdrawn && st.UID == a.UID && a.Withdraw {
 			done = true
 		}
 	}
 	if done {
-		conds := []etcdutil.Cmp{etcdutil.ModRev(kv.Key, kv.ModRevision)}
-		ops := []etcdutil.Op{etcdutil.OpDelete(kv.Key)}
+		conds := []Cond{ModRev(kv.Key, kv.ModRevision)}
+		writes := []Write{Del(kv.Key)}
 		if skv != nil {
-			conds = append(conds, etcdutil.ModRev(skv.Key, skv.ModRevision))
-			ops = append(ops, etcdutil.OpDelete(skv.Key))
+			conds = append(conds, ModRev(skv.Key, skv.ModRevision))
+			writes = append(writes, Del(skv.Key))
 		}
-		return []action{{vm: name, what: "drop withdrawn assignment", conds: conds, ops: ops,
-			after: func() { c.events.Record("vm/"+name, "withdrawn", "assignment on %s withdrawn", hwid) }}}
+		return []Action{{Object: "vm/" + name, What: "drop withdrawn assignment", Conds: conds, Writes: writes,
+			Notes: []Note{event("vm/"+name, "withdrawn", "assignment on "+hwid+" withdrawn")}}}
 	}
 	if a.Withdraw {
 		return nil // the node has not answered yet
 	}
 	wa := *a
 	wa.Withdraw, wa.Outgoing, wa.Incoming = true, nil, ""
-	return []action{{vm: name, what: "withdraw assignment",
-		conds: []etcdutil.Cmp{etcdutil.ModRev(kv.Key, kv.ModRevision)},
-		ops:   []etcdutil.Op{etcdutil.OpPut(kv.Key, keys.MustEncode(&wa))},
-		after: func() {
-			c.log.Warn("withdrawing an assignment the placement does not name", "vm", name, "node", hwid, "epoch", a.Epoch)
-			c.events.Record("vm/"+name, "withdrawing", "assignment on %s (epoch %d) is not the placement's: its domain is stopped and removed there", hwid, a.Epoch)
-		}}}
+	// The head decode left the spec copy raw: the rewrite carries it unchanged.
+	wa.Spec, _ = a.SpecCopy()
+	return []Action{{Object: "vm/" + name, What: "withdraw assignment",
+		Conds: []Cond{ModRev(kv.Key, kv.ModRevision)}, Writes: []Write{Put(kv.Key, keys.MustEncode(&wa))},
+		Notes: []Note{{Level: Warn, Log: "withdrawing an assignment the placement does not name", Args: []any{"vm", name, "node", hwid, "epoch", a.Epoch},
+			Object: "vm/" + name, Event: "withdrawing", Message: fmt.Sprintf("assignment on %s (epoch %d) is not the placement's: its domain is stopped and removed there", hwid, a.Epoch)}}}}
 }
 
 // dropAssignment deletes an assignment at once: for VMs that no longer exist (or exist as a newer
 // uid), whose nodes remove the domain on their own evidence.
-func (c *Coordinator) dropAssignment(name, hwid string, kv *etcdutil.KV, why string) action {
-	return action{vm: name, what: "drop assignment",
-		conds: []etcdutil.Cmp{etcdutil.ModRev(kv.Key, kv.ModRevision)},
-		ops:   []etcdutil.Op{etcdutil.OpDelete(kv.Key)},
-		after: func() { c.log.Info("assignment dropped", "vm", name, "node", hwid, "why", why) }}
+func dropAssignment(name, hwid string, kv *rec[keys.Assignment], why string) Action {
+	return Action{Object: "vm/" + name, What: "drop assignment",
+		Conds: []Cond{ModRev(kv.Key, kv.ModRevision)}, Writes: []Write{Del(kv.Key)},
+		Notes: []Note{info("assignment dropped", "vm", name, "node", hwid, "why", why)}}
 }

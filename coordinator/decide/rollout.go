@@ -1,4 +1,4 @@
-package coordinator
+package decide
 
 import (
 	"fmt"
@@ -7,7 +7,6 @@ import (
 	"time"
 
 	"github.com/herdhq/herd/coordinator/scheduler"
-	"github.com/herdhq/herd/lib/etcdutil"
 	"github.com/herdhq/herd/lib/keys"
 )
 
@@ -28,45 +27,45 @@ import (
 
 // rolloutStep collects one round's changes.
 type rolloutStep struct {
-	c      *Coordinator
-	s      *snapshotView
+	s      *view
 	req    *keys.Rollout
 	ro     *keys.RolloutStatus
 	now    time.Time
-	conds  []etcdutil.Cmp
-	ops    []etcdutil.Op
-	notes  []func()
+	conds  []Cond
+	ops    []Write
+	notes  []Note
 	placed []scheduler.VM             // what the round's snapshot has placed, for the capacity check
 	states map[string]*keys.NodeState // node states read (and maybe changed) this step
 	write  map[string]bool            // ... and those to write back, once each, at the end
 	dirty  bool
 }
 
-func (c *Coordinator) rolloutRound(g etcdutil.Guard, s *snapshotView, placed []scheduler.VM) []action {
-	rkv, skv := c.rolloutInf.Get(c.space.Rollout()), c.rolloutInf.Get(c.space.RolloutStatus())
+func (s *view) rolloutRound(placed []scheduler.VM) []Action {
+	sp := s.cfg.Space
+	rkv, skv := s.Rollout, s.Progress
 	if rkv != nil && rkv.Err != nil {
-		c.log.Error("unreadable rollout request; the rollout is stuck until it is fixed or deleted", "key", rkv.Key, "error", rkv.Err)
+		s.log(Error, "unreadable rollout request; the rollout is stuck until it is fixed or deleted", "key", rkv.Key, "error", rkv.Err)
 		return nil
 	}
 	if skv != nil && skv.Err != nil {
-		c.log.Error("unreadable rollout status; delete it to let the leader start it again", "key", skv.Key, "error", skv.Err)
+		s.log(Error, "unreadable rollout status; delete it to let the leader start it again", "key", skv.Key, "error", skv.Err)
 		return nil
 	}
 	// Private copies: the cached objects are shared.
 	var req *keys.Rollout
 	var ro *keys.RolloutStatus
 	if rkv != nil {
-		req, _ = keys.Decode[keys.Rollout](rkv.Value)
+		req, _ = keys.Decode[keys.Rollout](rkv.Raw)
 		if err := req.Validate(); err != nil {
-			c.log.Error("invalid rollout request; nothing is done until it is fixed", "key", rkv.Key, "error", err)
+			s.log(Error, "invalid rollout request; nothing is done until it is fixed", "key", rkv.Key, "error", err)
 			return nil
 		}
 	}
 	if skv != nil {
-		ro, _ = keys.Decode[keys.RolloutStatus](skv.Value)
+		ro, _ = keys.Decode[keys.RolloutStatus](skv.Raw)
 	}
-	st := &rolloutStep{c: c, s: s, req: req, ro: ro, placed: placed, now: time.Now().UTC(), states: map[string]*keys.NodeState{}, write: map[string]bool{}}
-	st.conds = append(st.conds, etcdutil.ModRev(c.space.Rollout(), modRev(rkv)), etcdutil.ModRev(c.space.RolloutStatus(), modRev(skv)))
+	st := &rolloutStep{s: s, req: req, ro: ro, placed: placed, now: s.Now.UTC(), states: map[string]*keys.NodeState{}, write: map[string]bool{}}
+	st.conds = append(st.conds, ModRev(sp.Rollout(), modRev(rkv)), ModRev(sp.RolloutStatus(), modRev(skv)))
 	switch {
 	case ro != nil && ro.Ended.IsZero() && (req == nil || req.ID != ro.ID):
 		// The request of a rollout under way was deleted or replaced (etcdctl): stop it as an
@@ -80,39 +79,31 @@ func (c *Coordinator) rolloutRound(g etcdutil.Guard, s *snapshotView, placed []s
 		st.abort("its request was deleted or replaced")
 	case req == nil:
 		st.releaseStale("")
-		c.m.rolloutNodes.Reset()
 	case ro == nil || ro.ID != req.ID:
 		st.ro = &keys.RolloutStatus{ID: req.ID, State: keys.RolloutRunning, Nodes: append([]string(nil), req.Nodes...), Resumes: req.Resumes, Per: map[string]*keys.RolloutNode{}}
 		st.dirty = true
 		st.step()
 	case !ro.Ended.IsZero():
 		st.releaseStale(ro.ID)
-		c.m.rolloutNodes.Reset()
 	default:
 		st.step()
 	}
 	if !st.dirty {
 		return nil
 	}
-	for hwid := range st.write {
-		st.ops = append(st.ops, etcdutil.OpPut(c.space.NodeState(hwid), keys.MustEncode(st.states[hwid])))
+	for _, hwid := range sortedNames(st.write) {
+		st.ops = append(st.ops, Put(sp.NodeState(hwid), keys.MustEncode(st.states[hwid])))
 	}
 	what := "rollout/-"
 	if ro = st.ro; ro != nil {
 		ro.Updated = st.now
-		st.ops = append(st.ops, etcdutil.OpPut(c.space.RolloutStatus(), keys.MustEncode(ro)))
+		st.ops = append(st.ops, Put(sp.RolloutStatus(), keys.MustEncode(ro)))
 		what = "rollout/" + ro.ID
 	}
-	notes := st.notes
-	return []action{{vm: what, what: "rollout step", conds: st.conds, ops: st.ops,
-		after: func() {
-			for _, n := range notes {
-				n()
-			}
-		}}}
+	return []Action{{Object: what, What: "rollout step", Conds: st.conds, Writes: st.ops, Notes: st.notes}}
 }
 
-func modRev(kv *etcdutil.KV) int64 {
+func modRev[T any](kv *rec[T]) int64 {
 	if kv == nil {
 		return 0
 	}
@@ -155,7 +146,7 @@ func (st *rolloutStep) step() {
 		st.start()
 		st.finish()
 	}
-	st.c.rolloutGauge(ro)
+	st.gauge()
 }
 
 func orSomeone(by string) string {
@@ -168,11 +159,12 @@ func orSomeone(by string) string {
 // releaseStale lifts the cordon of nodes that name a rollout other than the current one (its
 // status gone, say, with etcdctl): nothing else would ever lift it.
 func (st *rolloutStep) releaseStale(current string) {
-	for hwid, kv := range st.s.states {
+	for _, hwid := range sortedNames(st.s.States) {
+		kv := st.s.States[hwid]
 		if kv.Err != nil {
 			continue
 		}
-		if id := kv.Obj.(*keys.NodeState).Rollout; id != "" && id != current {
+		if id := kv.Value.Rollout; id != "" && id != current {
 			ns := st.state(hwid)
 			ns.Rollout, ns.Drained = "", false
 			st.putState(hwid)
@@ -181,29 +173,28 @@ func (st *rolloutStep) releaseStale(current string) {
 	}
 }
 
-// rolloutGauge publishes the node count per phase; a phase no node is in reads 0, not absent.
-func (c *Coordinator) rolloutGauge(ro *keys.RolloutStatus) {
+// gauge publishes the node count per phase; a phase no node is in reads 0, not absent.
+func (st *rolloutStep) gauge() {
 	n := map[string]int{}
-	for _, p := range ro.Per {
+	for _, ph := range []string{keys.PhasePending, keys.PhaseDraining, keys.PhaseRebooting, keys.PhaseDone, keys.PhaseSkipped, keys.PhaseAborted, keys.PhaseRemoved} {
+		n[ph] = 0
+	}
+	for _, p := range st.ro.Per {
 		n[p.Phase]++
 	}
-	for _, ph := range []string{keys.PhasePending, keys.PhaseDraining, keys.PhaseRebooting, keys.PhaseDone, keys.PhaseSkipped, keys.PhaseAborted, keys.PhaseRemoved} {
-		c.m.rolloutNodes.WithLabelValues(ph).Set(float64(n[ph]))
-	}
+	st.s.plan.Rollout = n
 }
 
 func (st *rolloutStep) event(object, action, format string, args ...any) {
 	msg := fmt.Sprintf(format, args...)
-	st.notes = append(st.notes, func() {
-		st.c.log.Info("rollout: "+action, "object", object, "rollout", st.ro.ID, "message", msg)
-		st.c.events.Record(object, action, "rollout %s: %s", st.ro.ID, msg)
-	})
+	st.notes = append(st.notes, Note{Level: Info, Log: "rollout: " + action, Args: []any{"object", object, "rollout", st.ro.ID, "message", msg},
+		Object: object, Event: action, Message: "rollout " + st.ro.ID + ": " + msg})
 }
 
 // node returns the live node record, or nil.
 func (st *rolloutStep) node(hwid string) *keys.Node {
-	if kv := st.s.live[hwid]; kv != nil && kv.Err == nil {
-		return kv.Obj.(*keys.Node)
+	if r := st.s.live[hwid]; r != nil {
+		return r.Value
 	}
 	return nil
 }
@@ -220,18 +211,18 @@ func (st *rolloutStep) state(hwid string) *keys.NodeState {
 	if ns := st.states[hwid]; ns != nil {
 		return ns
 	}
-	key := st.c.space.NodeState(hwid)
+	key := st.s.cfg.Space.NodeState(hwid)
 	ns := &keys.NodeState{}
 	var rev int64
-	if kv := st.s.states[hwid]; kv != nil {
+	if kv := st.s.States[hwid]; kv != nil {
 		rev = kv.ModRevision
 		if kv.Err == nil {
-			if cp, err := keys.Decode[keys.NodeState](kv.Value); err == nil {
+			if cp, err := keys.Decode[keys.NodeState](kv.Raw); err == nil {
 				ns = cp
 			}
 		}
 	}
-	st.conds = append(st.conds, etcdutil.ModRev(key, rev))
+	st.conds = append(st.conds, ModRev(key, rev))
 	st.states[hwid] = ns
 	return ns
 }
@@ -242,12 +233,12 @@ func (st *rolloutStep) putState(hwid string) {
 	st.dirty = true
 }
 
-func (st *rolloutStep) command(hwid string, p *keys.RolloutNode) (*keys.NodeCommand, *etcdutil.KV) {
-	kv := st.c.nodeCmdInf.Get(st.c.space.NodeCmd(hwid, cmdID(st.ro.ID, p.Attempt)))
-	if kv == nil || kv.Err != nil {
+func (st *rolloutStep) command(hwid string, p *keys.RolloutNode) (*keys.NodeCommand, *rec[keys.NodeCommand]) {
+	kv := st.s.NodeCmds[st.s.cfg.Space.NodeCmd(hwid, cmdID(st.ro.ID, p.Attempt))]
+	if !kv.OK() {
 		return nil, kv
 	}
-	return kv.Obj.(*keys.NodeCommand), kv
+	return kv.Value, kv
 }
 
 func cmdID(rollout string, attempt int) string { return fmt.Sprintf("%s-%d", rollout, attempt) }
@@ -262,10 +253,10 @@ func (st *rolloutStep) pause(hwid string, p *keys.RolloutNode, why string) {
 // reboot sends the node a reboot command for its current boot.
 func (st *rolloutStep) reboot(hwid string, p *keys.RolloutNode, n *keys.Node) {
 	p.Attempt++
-	key := st.c.space.NodeCmd(hwid, cmdID(st.ro.ID, p.Attempt))
+	key := st.s.cfg.Space.NodeCmd(hwid, cmdID(st.ro.ID, p.Attempt))
 	cmd := keys.NodeCommand{Command: keys.CmdReboot, IfBootID: n.BootID, Issued: st.now, By: "rollout/" + st.ro.ID}
-	st.conds = append(st.conds, etcdutil.CreateRev(key, 0))
-	st.ops = append(st.ops, etcdutil.OpPut(key, keys.MustEncode(&cmd)))
+	st.conds = append(st.conds, CreateRev(key, 0))
+	st.ops = append(st.ops, Put(key, keys.MustEncode(&cmd)))
 	p.Phase, p.BootID, p.Since, p.Error = keys.PhaseRebooting, n.BootID, st.now, ""
 	st.dirty = true
 	st.event("node/"+hwid, "rollout-rebooting", "drained; reboot into %s requested (boot %s)", st.req.Image, n.BootID)
@@ -279,12 +270,12 @@ func (st *rolloutStep) release(hwid string) {
 }
 
 // specRev is the ModRevision of the node's spec (0 without one).
-func (st *rolloutStep) specRev(hwid string) int64 { return modRev(st.s.specs[hwid]) }
+func (st *rolloutStep) specRev(hwid string) int64 { return modRev(st.s.Specs[hwid]) }
 
 // uncordoned says whether an operator uncordoned the node after its upgrade began.
 func (st *rolloutStep) uncordoned(hwid string, p *keys.RolloutNode) bool {
-	kv := st.s.specs[hwid]
-	return kv != nil && kv.Err == nil && kv.ModRevision > p.SpecRev && !kv.Obj.(*keys.NodeSpec).Cordoned
+	kv := st.s.Specs[hwid]
+	return kv.OK() && kv.ModRevision > p.SpecRev && !kv.Value.Cordoned
 }
 
 // advance moves every node in progress along, in any state but aborting: a paused rollout still
@@ -408,7 +399,7 @@ func (st *rolloutStep) start() {
 			continue
 		}
 		out[hwid] = true
-		if why := st.c.fits(st.s, st.placed, out); why != "" {
+		if why := st.s.fits(st.placed, out); why != "" {
 			delete(out, hwid)
 			st.wait(fmt.Sprintf("waiting for capacity: the VMs of %s do not fit on the other nodes (%s)", hwid, why))
 			return
@@ -450,7 +441,7 @@ func (st *rolloutStep) follow() {
 	ro := st.ro
 	for _, hwid := range ro.Nodes {
 		p := ro.Per[hwid]
-		if p.Phase == keys.PhasePending && st.c.hwInf.Get(st.c.space.Hardware(hwid)) == nil {
+		if p.Phase == keys.PhasePending && st.s.Hardware[hwid] == nil {
 			p.Phase, p.Finished = keys.PhaseRemoved, st.now
 			st.dirty = true
 			st.event("node/"+hwid, "rollout-removed", "hardware record deleted: left out of the rollout")
@@ -461,7 +452,7 @@ func (st *rolloutStep) follow() {
 		return // a record edited into nonsense keeps the nodes it has
 	}
 	var added []string
-	for hwid, h := range st.s.hardware {
+	for hwid, h := range st.s.Hardware {
 		if ro.Per[hwid] == nil && sel.Matches(hwid, h) {
 			added = append(added, hwid)
 		}
@@ -477,13 +468,7 @@ func (st *rolloutStep) follow() {
 
 // fits reports why the VMs on the nodes in out would not fit on the others ("" if they do),
 // asking the scheduler over the round's snapshot.
-func (c *Coordinator) fits(s *snapshotView, placed []scheduler.VM, out map[string]bool) string {
-	var nodes []scheduler.Node
-	for _, n := range s.nodes {
-		if !out[n.HWID] {
-			nodes = append(nodes, n)
-		}
-	}
+func (s *view) fits(placed []scheduler.VM, out map[string]bool) string {
 	var stay, move []scheduler.VM
 	for _, vm := range placed {
 		if out[vm.Node] {
@@ -497,12 +482,13 @@ func (c *Coordinator) fits(s *snapshotView, placed []scheduler.VM, out map[strin
 		return ""
 	}
 	sort.Slice(move, func(i, j int) bool { return move[i].UID < move[j].UID })
-	plan := scheduler.Schedule(scheduler.Snapshot{Nodes: nodes, Placed: stay, Pending: move}, c.cfg.Scheduler)
-	if len(plan.Failures) == 0 {
+	checks := append(scheduler.Placement(), scheduler.Excluding("taken out by the rollout", out))
+	sched := scheduler.Schedule(scheduler.Snapshot{Nodes: s.nodes, Placed: stay, Pending: move, Checkers: checks}, s.cfg.Scheduler)
+	if len(sched.Failures) == 0 {
 		return ""
 	}
-	f := plan.Failures[0]
-	return fmt.Sprintf("%d VMs without room, e.g. %s: %s", len(plan.Failures), f.VM, f.Message)
+	f := sched.Failures[0]
+	return fmt.Sprintf("%d VMs without room, e.g. %s: %s", len(sched.Failures), f.VM, f.Message)
 }
 
 // finish ends a rollout whose every node is done.
@@ -542,8 +528,8 @@ func (st *rolloutStep) abort(why string) {
 			st.release(hwid)
 			if cmd != nil && cmd.Result == nil {
 				// Not picked up yet: withdraw it, and the pin with it.
-				st.conds = append(st.conds, etcdutil.ModRev(kv.Key, kv.ModRevision))
-				st.ops = append(st.ops, etcdutil.OpDelete(kv.Key))
+				st.conds = append(st.conds, ModRev(kv.Key, kv.ModRevision))
+				st.ops = append(st.ops, Del(kv.Key))
 				st.states[hwid].Image = p.PrevImage
 			}
 		default:
@@ -556,5 +542,5 @@ func (st *rolloutStep) abort(why string) {
 	ro.State, ro.Ended, ro.Reason = keys.RolloutAborted, st.now, why
 	st.dirty = true
 	st.event("rollout/"+ro.ID, "aborted", "%s: nodes not yet rebooted keep their image; every node is schedulable", why)
-	st.c.rolloutGauge(ro)
+	st.gauge()
 }

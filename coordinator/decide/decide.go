@@ -1,0 +1,488 @@
+package decide
+
+import (
+	"fmt"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/google/uuid"
+
+	"github.com/herdhq/herd/coordinator/scheduler"
+	"github.com/herdhq/herd/lib/keys"
+	"github.com/herdhq/herd/lib/units"
+)
+
+// Decide is one round: it compares every VM's spec with its placement and problem, makes the
+// records agree with where VMs run, handles lost nodes, schedules what is unplaced or must move,
+// moves migrations and the rollout along, and returns the writes and side work that follow. It
+// updates st (the term's memory) as it goes.
+func Decide(snap *Snapshot, st *State, cfg Config) Plan {
+	var plan Plan
+	s := &view{Snapshot: snap, cfg: &cfg, st: st, plan: &plan}
+	s.trust()
+	acts := s.bookkeeping()
+	if snap.Cluster == nil {
+		// etcd was replaced by an empty one: this is a new cluster, with a new id, which tells
+		// every agent that the keyspace says nothing about the domains it runs.
+		acts = append(acts, s.newClusterRecord())
+	}
+
+	// Nodes with anything of a VM: its placement, or any assignment (strays and migration targets
+	// included). A node that is lost with any of them is fenced before they are given up.
+	placedOn := map[string][]string{}
+	for name, v := range snap.VMs {
+		on := map[string]bool{}
+		if v.Placement.OK() {
+			on[v.Placement.Value.Node] = true
+		}
+		for hwid := range snap.Assigns[name] {
+			on[hwid] = true
+		}
+		for hwid := range on {
+			placedOn[hwid] = append(placedOn[hwid], name)
+		}
+	}
+	for name, byNode := range snap.Assigns {
+		if _, known := snap.VMs[name]; !known {
+			for hwid := range byNode {
+				placedOn[hwid] = append(placedOn[hwid], name)
+			}
+		}
+	}
+	fo, fates := s.failover(placedOn)
+	acts = append(acts, fo...)
+	acts = append(acts, s.handleRequests()...)
+
+	var pending, placed []scheduler.VM
+	specs := map[string]*keys.VMSpec{}
+	moving := map[string]*keys.Placement{}
+	var open []openMigration
+	var wants []wantMove
+	busy := map[string]int{} // open migrations per node
+
+	// Assignments of VMs with neither spec nor placement record (deleted while their placement was
+	// gone): nodes remove the domains on the evidence that the spec is gone.
+	for name, byNode := range snap.Assigns {
+		if _, known := snap.VMs[name]; known {
+			continue
+		}
+		for hwid, r := range byNode {
+			acts = append(acts, dropAssignment(name, hwid, r, "the VM was deleted"))
+		}
+	}
+	for _, name := range sortedNames(snap.VMs) {
+		v := snap.VMs[name]
+		if v.Spec == nil {
+			acts = append(acts, s.unplace(name, v, "the VM was deleted")...)
+			continue
+		}
+		uid := v.Spec.CreateRevision
+		if v.Migrate != nil && v.Placement == nil {
+			acts = append(acts, Action{Object: "vm/" + name, What: "drop migrate request of an unplaced VM",
+				Conds: []Cond{ModRev(v.Migrate.Key, v.Migrate.ModRevision)}, Writes: []Write{Del(v.Migrate.Key)}})
+		}
+		var pl *keys.Placement
+		if v.Placement != nil {
+			if v.Placement.Err != nil {
+				s.log(Error, "unreadable placement; leaving the VM alone", "vm", name, "error", v.Placement.Err)
+				continue
+			}
+			pl = v.Placement.Value
+			if pl.UID != uid {
+				// The placement belongs to an earlier VM of the same name; clear it first.
+				acts = append(acts, s.unplace(name, v, "the VM was re-created")...)
+				continue
+			}
+		}
+		spec, invalid := checkSpec(name, v.Spec, s.pools())
+		if invalid == nil {
+			invalid = s.checkShrink(name, uid, spec)
+		}
+		if invalid != nil {
+			spec = nil
+		}
+		auth, aacts := s.reconcileVM(name, v, uid, spec)
+		acts = append(acts, aacts...)
+		if r := auth.restored; r != nil {
+			// Accounted where it is kept; everything else waits for the records to agree.
+			placed = append(placed, scheduler.VM{Name: name, UID: uid, VCPUs: r.VCPUs, MemoryMiB: r.MemoryMiB, AntiAffinity: r.AntiAffinity, Node: r.Node})
+			continue
+		}
+		if pl == nil && auth.blocked != "" {
+			if a, ok := s.setProblem(name, uid, v.Problem, keys.ProblemPending, "not placed anew: "+auth.blocked, nil); ok {
+				acts = append(acts, a)
+			}
+			continue
+		}
+		var fate nodeFate
+		if pl != nil {
+			fate = fates[pl.Node]
+			reserved := scheduler.VM{Name: name, UID: uid, VCPUs: pl.VCPUs, MemoryMiB: pl.MemoryMiB, AntiAffinity: pl.AntiAffinity, Node: pl.Node}
+			if !fate.move {
+				placed = append(placed, reserved)
+			}
+			if mig := pl.Migration; mig != nil {
+				// An open migration holds capacity on both nodes until it is settled.
+				reserved.Node = mig.To
+				placed = append(placed, reserved)
+				busy[pl.Node]++
+				busy[mig.To]++
+				if invalid == nil {
+					open = append(open, openMigration{name: name, v: v, spec: spec, pl: pl})
+				} else if a, ok := s.setProblem(name, uid, v.Problem, keys.ProblemInvalid, invalid.Error()+"; a migration is open: fix the spec to finish it", nil); ok {
+					acts = append(acts, a)
+				}
+				continue
+			}
+		}
+		switch {
+		case invalid != nil:
+			// A placed VM keeps running under the last valid spec its node was given.
+			msg := invalid.Error()
+			if fate.move {
+				msg += "; its node is fenced: fix the spec to restart it elsewhere"
+			}
+			if a, ok := s.setProblem(name, uid, v.Problem, keys.ProblemInvalid, msg, nil); ok {
+				acts = append(acts, a)
+			}
+		case pl != nil && fate.stranded != "":
+			if a, ok := s.setProblem(name, uid, v.Problem, keys.ProblemNodeLost, fate.stranded, nil); ok {
+				acts = append(acts, a)
+			}
+		case pl != nil && fate.move:
+			specs[name], moving[name] = spec, pl
+			pending = append(pending, schedVM(name, uid, spec, ""))
+		case pl != nil && (v.Migrate != nil || s.draining(pl.Node)):
+			reason, to := "drain", ""
+			if v.Migrate != nil {
+				reason = "operator"
+				if v.Migrate.OK() {
+					to = v.Migrate.Value.To
+				}
+			}
+			wants = append(wants, wantMove{name: name, v: v, spec: spec, pl: pl, to: to, reason: reason})
+		case pl != nil && pl.SpecRev != v.Spec.ModRevision:
+			acts = append(acts, s.updateSpec(name, v, spec, pl))
+		case pl != nil && v.Problem != nil && !isProblem(v.Problem, keys.ProblemMigration):
+			acts = append(acts, clearProblem(name, v.Problem))
+		case pl == nil:
+			// The disk comes first: a VM is placed only once its disk is there.
+			if ready, problem := s.volumeReady(name, uid, spec); !ready {
+				if problem != "" {
+					if a, ok := s.setProblem(name, uid, v.Problem, keys.ProblemPending, problem, nil); ok {
+						acts = append(acts, a)
+					}
+				}
+				continue
+			}
+			specs[name] = spec
+			pending = append(pending, schedVM(name, uid, spec, ""))
+		}
+		if pl != nil && spec != nil && spec.Disk != nil {
+			s.volumeReady(name, uid, spec) // grows the disk of a placed VM
+		}
+	}
+
+	// First come, first served: the oldest VM is considered first.
+	sort.Slice(pending, func(i, j int) bool { return pending[i].UID < pending[j].UID })
+	sched := scheduler.Schedule(scheduler.Snapshot{Nodes: s.nodes, Placed: placed, Pending: pending}, cfg.Scheduler)
+	budget, deferred := snap.MoveBudget, 0
+	for _, d := range sched.Placements {
+		v := snap.VMs[d.VM]
+		if pl := moving[d.VM]; pl != nil {
+			// Moves are rate-limited so that a large node's loss does not start every VM at once.
+			if budget <= 0 {
+				deferred++
+				continue
+			}
+			budget--
+			acts = append(acts, s.move(d.VM, v, specs[d.VM], pl, d.Node, fates[pl.Node]))
+			continue
+		}
+		acts = append(acts, s.place(d.VM, v.Spec, specs[d.VM], d.Node))
+	}
+	if deferred > 0 {
+		s.after(time.Second)
+	}
+	for _, d := range sched.Placements {
+		placed = append(placed, schedVM(d.VM, d.UID, specs[d.VM], d.Node))
+	}
+	for _, m := range open {
+		if a, ok := s.settle(m, fates); ok {
+			acts = append(acts, a)
+		}
+	}
+	acts = append(acts, s.startMigrations(wants, placed, busy)...)
+	acts = append(acts, s.drainBookkeeping(placedOn, busy)...)
+	acts = append(acts, s.rolloutRound(placed)...)
+	s.purgeVolumes()
+	s.adoptVolumes()
+	for _, f := range sched.Failures {
+		msg, kind := f.Message, keys.ProblemPending
+		if pl := moving[f.VM]; pl != nil {
+			msg, kind = fmt.Sprintf("node %s is fenced; no other node can take the VM: %s", pl.Node, f.Message), keys.ProblemNodeLost
+		}
+		if a, ok := s.setProblem(f.VM, f.UID, snap.VMs[f.VM].Problem, kind, msg, f.Reasons); ok {
+			acts = append(acts, a)
+		}
+	}
+	plan.Pending = len(sched.Failures)
+	plan.Actions = append(plan.Actions, acts...)
+	return plan
+}
+
+func sortedNames[T any](m map[string]T) []string {
+	out := make([]string, 0, len(m))
+	for k := range m {
+		out = append(out, k)
+	}
+	sort.Strings(out)
+	return out
+}
+
+func (s *view) pools() []string {
+	if s.Cluster.OK() {
+		return s.Cluster.Value.Pools
+	}
+	return nil
+}
+
+// newClusterRecord creates /herd/cluster when it is missing.
+func (s *view) newClusterRecord() Action {
+	cl := keys.Cluster{ID: s.cfg.id(), Created: s.Now.UTC(), Pools: s.cfg.Pools, Schema: keys.SchemaVersion}
+	return Action{Object: "cluster", What: "create cluster record",
+		Conds:  []Cond{CreateRev(s.cfg.Space.Cluster(), 0)},
+		Writes: []Write{Put(s.cfg.Space.Cluster(), keys.MustEncode(&cl))},
+		Notes: []Note{{Level: Warn, Log: "the cluster record was missing (etcd replaced?): created a new cluster", Args: []any{"cluster", cl.ID},
+			Object: "cluster/" + cl.ID, Event: "created", Message: fmt.Sprintf("the cluster record was missing; pools %v", cl.Pools)}}}
+}
+
+// trust splits the node keys present into trusted registrations and doubted ones, and builds the
+// scheduler's view of the live nodes: at most the capacity each may offer.
+func (s *view) trust() {
+	s.live, s.doubt, s.capped = map[string]*rec[keys.Node]{}, map[string]string{}, map[string]string{}
+	for _, hwid := range sortedNames(s.Nodes) {
+		r := s.Nodes[hwid]
+		if why := s.leaseDoubt(r); why != "" {
+			s.doubt[hwid] = why
+			continue
+		}
+		s.live[hwid] = r
+		n := r.Value
+		sn := scheduler.Node{HWID: hwid, CPUs: n.CPUs, MemoryMiB: n.MemoryMiB, ReservedMemoryMiB: n.ReservedMemoryMiB, BootDir: n.BootDir}
+		if allowed := s.allowedCapacity(hwid); allowed != nil {
+			var over []string
+			if n.CPUs > allowed.CPUs {
+				over = append(over, fmt.Sprintf("%d CPUs (allowed %d)", n.CPUs, allowed.CPUs))
+				sn.CPUs = allowed.CPUs
+			}
+			if n.MemoryMiB > allowed.MemoryMiB {
+				over = append(over, fmt.Sprintf("%s memory (allowed %s)", units.FormatMiB(n.MemoryMiB), units.FormatMiB(allowed.MemoryMiB)))
+				sn.MemoryMiB = allowed.MemoryMiB
+			}
+			if len(over) > 0 {
+				s.capped[hwid] = fmt.Sprintf("reports %s: capped; if the hardware really grew, approve it with 'herdctl hw set-capacity %s --from-node'", strings.Join(over, " and "), hwid)
+			}
+		}
+		if hw := s.Hardware[hwid]; hw == nil {
+			sn.Unschedulable = "not enrolled (no readable hardware record)"
+		} else {
+			sn.Labels = hw.Labels
+		}
+		if st := s.States[hwid]; st != nil && st.Err != nil {
+			sn.Unschedulable = "unreadable node state: " + st.Err.Error()
+		} else if sp := s.Specs[hwid]; sp != nil && sp.Err != nil {
+			sn.Unschedulable = "unreadable node spec: " + sp.Err.Error()
+		} else if a := s.admin(hwid); a.Cordoned {
+			sn.Unschedulable = "cordoned"
+		}
+		if s.fenceFor(hwid, n.BootID) != nil {
+			sn.Unschedulable = "fenced: reboot it or run 'herdctl fence clear " + hwid + "'"
+		}
+		s.nodes = append(s.nodes, sn)
+	}
+}
+
+// leaseDoubt says why a node key is not trusted as a live registration ("" when it is): it must
+// decode, hang on a lease, and that lease must have been granted for at most MaxNodeLeaseTTL. A
+// lease etcd could not tell about counts as sane: not knowing is no reason to call a node dead.
+func (s *view) leaseDoubt(r *rec[keys.Node]) string {
+	switch {
+	case r.Err != nil:
+		return "its key is unreadable: " + r.Err.Error()
+	case r.Lease == 0:
+		return "its key was written without a lease"
+	}
+	if ttl, known := s.LeaseTTL[r.Lease]; known && ttl > MaxNodeLeaseTTL {
+		return fmt.Sprintf("its lease was granted for %s, more than the %s a node may take", ttl, MaxNodeLeaseTTL)
+	}
+	return ""
+}
+
+// allowedCapacity is what a node may offer: the operator's expected capacity from the hardware
+// record, else what the leader recorded at its first registration; nil before either exists.
+func (s *view) allowedCapacity(hwid string) *keys.Capacity {
+	if hw := s.Hardware[hwid]; hw != nil && (hw.CPUs > 0 || hw.MemoryMiB > 0) {
+		c := keys.Capacity{CPUs: hw.CPUs, MemoryMiB: hw.MemoryMiB}
+		if ns := s.lastSeen(hwid); ns != nil && ns.Capacity != nil {
+			// Half an expectation leaves the other half to the first registration.
+			if c.CPUs == 0 {
+				c.CPUs = ns.Capacity.CPUs
+			}
+			if c.MemoryMiB == 0 {
+				c.MemoryMiB = ns.Capacity.MemoryMiB
+			}
+		}
+		if c.CPUs == 0 || c.MemoryMiB == 0 {
+			return nil
+		}
+		return &c
+	}
+	if ns := s.lastSeen(hwid); ns != nil && ns.Capacity != nil {
+		return ns.Capacity
+	}
+	return nil
+}
+
+// checkSpec decodes and validates a spec; a nil spec with an error means it cannot be used.
+func checkSpec(name string, r *rec[keys.VMSpec], pools []string) (*keys.VMSpec, error) {
+	if err := keys.ValidateName(name); err != nil {
+		return nil, fmt.Errorf("vm name: %w", err)
+	}
+	if r.Err != nil {
+		return nil, r.Err
+	}
+	if pools == nil {
+		pools = []string{}
+	}
+	if err := r.Value.Validate(pools); err != nil {
+		return nil, err
+	}
+	return r.Value, nil
+}
+
+// checkShrink refuses a spec whose disk is smaller than the disk that exists: shrinking would cut
+// the guest's filesystem. The VM keeps running under its last valid spec.
+func (s *view) checkShrink(name string, uid int64, spec *keys.VMSpec) error {
+	if !s.cfg.ManagedDisks || spec.Disk == nil {
+		return nil
+	}
+	r := s.Volumes[spec.Disk.Pool+"/"+keys.VolumeImage(name, uid)]
+	if !r.OK() {
+		return nil
+	}
+	if r.Value.SizeGiB > spec.Disk.SizeGiB {
+		return keys.FieldErrors{{Field: "disk.size_gib", Message: fmt.Sprintf("refusing to shrink the disk from %d to %d GiB: the guest's filesystem would be cut", r.Value.SizeGiB, spec.Disk.SizeGiB)}}
+	}
+	return nil
+}
+
+func schedVM(name string, uid int64, s *keys.VMSpec, node string) scheduler.VM {
+	vm := scheduler.VM{Name: name, UID: uid, VCPUs: s.VCPUs, MemoryMiB: s.MemoryMiB, Selector: s.NodeSelector, AntiAffinity: s.AntiAffinity, Node: node}
+	if b := s.Boot; b != nil {
+		vm.BootPaths = append(vm.BootPaths, b.Kernel)
+		if b.Initrd != "" {
+			vm.BootPaths = append(vm.BootPaths, b.Initrd)
+		}
+	}
+	return vm
+}
+
+// place commits a first placement: placement and the node's assignment in one transaction, which
+// holds only if the VM is still unplaced and its spec is the one scheduled.
+func (s *view) place(name string, specRec *rec[keys.VMSpec], spec *keys.VMSpec, node string) Action {
+	sp := s.cfg.Space
+	pl := keys.Placement{UID: specRec.CreateRevision, Node: node, Epoch: 1, UUID: s.cfg.id(), Since: s.Now.UTC(), By: s.cfg.Name, Term: s.cfg.Term}
+	s.setSpec(&pl, specRec.ModRevision, spec)
+	asg := assignmentFor(&pl, spec)
+	return Action{Object: "vm/" + name, What: "place",
+		Conds: []Cond{ModRev(sp.Placement(name), 0), ModRev(sp.VMSpec(name), specRec.ModRevision), CreateRev(sp.Assign(node, name), 0)},
+		Writes: []Write{Put(sp.Placement(name), keys.MustEncode(&pl)), Put(sp.Assign(node, name), keys.MustEncode(&asg)),
+			Del(sp.Problem(name))},
+		Notes:   []Note{event("vm/"+name, "placed", fmt.Sprintf("on %s (uid %d)", node, pl.UID))},
+		Metrics: []Metric{MetricPlacement}, Since: s.FirstSeen[name]}
+}
+
+// setSpec records in a placement which spec its node is given and what that reserves.
+func (s *view) setSpec(pl *keys.Placement, rev int64, spec *keys.VMSpec) {
+	pl.SpecRev, pl.VCPUs, pl.MemoryMiB, pl.AntiAffinity = rev, spec.VCPUs, spec.MemoryMiB, spec.AntiAffinity
+	// A VM's NICs keep their MACs for its life, like its UUID.
+	for len(pl.MACs) < len(spec.Networks) {
+		b, err := uuid.Parse(s.cfg.id())
+		if err != nil {
+			b = uuid.New()
+		}
+		// 52:54:00 is the prefix QEMU/KVM guests conventionally use.
+		pl.MACs = append(pl.MACs, fmt.Sprintf("52:54:00:%02x:%02x:%02x", b[0], b[1], b[2]))
+	}
+}
+
+func assignmentFor(pl *keys.Placement, spec *keys.VMSpec) keys.Assignment {
+	return keys.Assignment{UID: pl.UID, Epoch: pl.Epoch, UUID: pl.UUID, SpecRev: pl.SpecRev, Spec: spec, MACs: pl.MACs}
+}
+
+// updateSpec hands a changed spec to the node running the VM.
+func (s *view) updateSpec(name string, v *VM, spec *keys.VMSpec, pl *keys.Placement) Action {
+	sp := s.cfg.Space
+	npl := *pl
+	s.setSpec(&npl, v.Spec.ModRevision, spec)
+	npl.By, npl.Term = s.cfg.Name, s.cfg.Term
+	asg := assignmentFor(&npl, spec)
+	return Action{Object: "vm/" + name, What: "update spec",
+		Conds: []Cond{ModRev(sp.Placement(name), v.Placement.ModRevision), ModRev(sp.VMSpec(name), v.Spec.ModRevision)},
+		Writes: []Write{Put(sp.Placement(name), keys.MustEncode(&npl)), Put(sp.Assign(pl.Node, name), keys.MustEncode(&asg)),
+			Del(sp.Problem(name))}}
+}
+
+// unplace removes what the leader recorded for a VM that is gone (or gone as this uid): its
+// placement, every assignment of the name, its problem record. The nodes remove the domains on the
+// evidence that the spec is gone or belongs to a newer uid.
+func (s *view) unplace(name string, v *VM, why string) []Action {
+	sp := s.cfg.Space
+	var acts []Action
+	switch {
+	case v.Placement != nil && v.Placement.Err != nil:
+		s.log(Error, "unreadable placement of a deleted VM; remove it by hand", "vm", name, "key", v.Placement.Key, "error", v.Placement.Err)
+		return nil
+	case v.Placement != nil:
+		pl := v.Placement.Value
+		acts = append(acts, Action{Object: "vm/" + name, What: "unplace",
+			Conds:  []Cond{ModRev(sp.Placement(name), v.Placement.ModRevision)},
+			Writes: []Write{Del(sp.Placement(name)), Del(sp.Problem(name))},
+			Notes:  []Note{event("vm/"+name, "unplaced", fmt.Sprintf("uid %d removed from %s: %s", pl.UID, pl.Node, why))}})
+	case v.Problem != nil:
+		acts = append(acts, clearProblem(name, v.Problem))
+	}
+	for _, hwid := range sortedNames(s.Assigns[name]) {
+		r := s.Assigns[name][hwid]
+		if v.Spec != nil && r.OK() && r.Value.UID == v.Spec.CreateRevision {
+			continue // the new incarnation's
+		}
+		acts = append(acts, dropAssignment(name, hwid, r, why))
+	}
+	return acts
+}
+
+// setProblem records why a VM is not where it should be, unless the same problem is recorded.
+func (s *view) setProblem(name string, uid int64, cur *rec[keys.Problem], kind, msg string, reasons map[string]int) (Action, bool) {
+	if cur.OK() {
+		if p := cur.Value; p.UID == uid && p.Kind == kind && p.Message == msg {
+			return Action{}, false
+		}
+	}
+	p := keys.Problem{UID: uid, Kind: kind, Message: msg, Reasons: reasons, Since: s.Now.UTC()}
+	return Action{Object: "vm/" + name, What: "record problem",
+		Conds:  []Cond{CreateRev(s.cfg.Space.VMSpec(name), uid)},
+		Writes: []Write{Put(s.cfg.Space.Problem(name), keys.MustEncode(&p))},
+		Notes: []Note{{Level: Info, Log: "vm problem", Args: []any{"vm", name, "kind", kind, "message", msg},
+			Object: "vm/" + name, Event: "problem", Message: kind + ": " + msg}}}, true
+}
+
+// isProblem says whether a cached problem record is of kind.
+func isProblem(r *rec[keys.Problem], kind string) bool { return r.OK() && r.Value.Kind == kind }
+
+func clearProblem(name string, cur *rec[keys.Problem]) Action {
+	return Action{Object: "vm/" + name, What: "clear problem",
+		Conds: []Cond{ModRev(cur.Key, cur.ModRevision)}, Writes: []Write{Del(cur.Key)}}
+}

@@ -1,0 +1,213 @@
+package coordinator
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/herdhq/herd/coordinator/decide"
+	"github.com/herdhq/herd/lib/etcdutil"
+	"github.com/herdhq/herd/lib/keys"
+)
+
+// observe builds a round's snapshot: the caches as one view, and what etcd says about the leases
+// the decision needs (a node key's granted TTL, whether an absent node's lease still lives). Those
+// are the only etcd calls a round makes before it decides, and each lease is asked about once
+// where the answer cannot change (a granted TTL, a lease that is gone).
+func (c *Coordinator) observe(ctx context.Context) *decide.Snapshot {
+	sp := c.space
+	s := &decide.Snapshot{
+		Now:        time.Now(),
+		Cluster:    c.clusterInf.Get(sp.Cluster()),
+		Assigns:    map[string]map[string]*keys.Record[keys.Assignment]{},
+		Reports:    map[string]map[string]*keys.Record[keys.VMStatus]{},
+		Nodes:      map[string]*keys.Record[keys.Node]{},
+		LeaseTTL:   map[int64]time.Duration{},
+		LeaseAlive: map[int64]bool{},
+		States:     map[string]*keys.Record[keys.NodeState]{},
+		Specs:      map[string]*keys.Record[keys.NodeSpec]{},
+		Hardware:   map[string]*keys.Hardware{},
+		Fences:     map[string][]*keys.Record[keys.Fence]{},
+		Guard:      c.guardInf.Get(sp.LossGuard()),
+		Volumes:    map[string]*keys.Record[keys.VolumeRecord]{},
+		Requests:   map[string]*keys.Record[keys.Request]{},
+		NodeCmds:   map[string]*keys.Record[keys.NodeCommand]{},
+		Rollout:    etcdutil.Record[keys.Rollout](c.rolloutInf.Get(sp.Rollout())),
+		Progress:   etcdutil.Record[keys.RolloutStatus](c.rolloutInf.Get(sp.RolloutStatus())),
+	}
+	byNodeVM(sp.AssignRoot(), c.assignInf.List(), s.Assigns)
+	byNodeVM(sp.StatusRoot(), c.statusInf.List(), s.Reports)
+	for _, r := range c.volInf.List() {
+		if pool, image, ok := keys.ParseNodeScoped(sp.VolumeRoot(), r.Key); ok {
+			s.Volumes[pool+"/"+image] = r
+		}
+	}
+	for _, r := range c.requestInf.List() {
+		s.Requests[r.Key] = r
+	}
+	for _, r := range c.nodeCmdInf.List() {
+		s.NodeCmds[r.Key] = r
+	}
+	for _, r := range c.hwInf.List() {
+		if hwid, ok := keys.ParseLeaf(sp.HardwarePrefix(), r.Key); ok && r.OK() {
+			s.Hardware[hwid] = r.Value
+		}
+	}
+	leaf(sp.NodeStatePrefix(), c.nodeStateInf.List(), s.States)
+	leaf(sp.NodeSpecPrefix(), c.nodeSpecInf.List(), s.Specs)
+	leaf(sp.NodePrefix(), c.nodeInf.List(), s.Nodes)
+	for _, r := range c.fenceInf.List() {
+		if hwid, _, ok := keys.ParseNodeScoped(sp.FenceRoot(), r.Key); ok {
+			s.Fences[hwid] = append(s.Fences[hwid], r)
+		}
+	}
+	c.mu.Lock()
+	s.VMs = make(map[string]*decide.VM, len(c.vms))
+	for n, v := range c.vms {
+		s.VMs[n] = v // replaced on change, never modified: sharing is safe
+	}
+	s.Vanished = make(map[string]*keys.Placement, len(c.vanished))
+	for n, p := range c.vanished {
+		s.Vanished[n] = p
+	}
+	s.Left = make(map[string]string, len(c.left))
+	for h, b := range c.left {
+		s.Left[h] = b
+	}
+	s.FirstSeen = make(map[string]time.Time, len(c.firstSeen))
+	for n, t := range c.firstSeen {
+		s.FirstSeen[n] = t
+	}
+	c.mu.Unlock()
+
+	// A node key is trusted only on a lease of a sane length; a lease's granted TTL never changes.
+	trusted := map[string]bool{}
+	for hwid, r := range s.Nodes {
+		if !r.OK() || r.Lease == 0 {
+			continue
+		}
+		ttl, err := c.grantedTTL(ctx, r.Lease)
+		if err != nil {
+			c.log.Warn("lease check failed", "key", r.Key, "error", err)
+			continue // unknown counts as sane: not knowing is no reason to call a node dead
+		}
+		s.LeaseTTL[r.Lease] = ttl
+		trusted[hwid] = ttl <= decide.MaxNodeLeaseTTL
+	}
+	// Whether the last recorded lease of each node without a trusted key still lives: a key deleted
+	// by hand (lease alive) is no death. Only nodes the leader might fence are asked about.
+	for hwid, r := range s.States {
+		if !r.OK() || trusted[hwid] {
+			continue
+		}
+		ns := r.Value
+		if ns.BootID == "" || ns.Left || ns.Lease == 0 || hasFence(s.Fences[hwid], ns.BootID) {
+			continue
+		}
+		if alive, known := c.leaseAlive(ctx, ns.Lease); known {
+			s.LeaseAlive[ns.Lease] = alive
+		}
+	}
+	c.forgetLeases(s)
+	return s
+}
+
+// forgetLeases drops what the replica knows about leases nothing refers to any more, so the
+// memory follows the cluster's size rather than its history of boots.
+func (c *Coordinator) forgetLeases(s *decide.Snapshot) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if len(c.leaseTTLs) > 2*len(s.Nodes)+64 {
+		c.leaseTTLs = map[int64]time.Duration{}
+		for id, ttl := range s.LeaseTTL {
+			c.leaseTTLs[id] = ttl
+		}
+	}
+	if len(c.deadLease) > 2*len(s.States)+64 {
+		keep := map[int64]bool{}
+		for _, r := range s.States {
+			if r.OK() && c.deadLease[r.Value.Lease] {
+				keep[r.Value.Lease] = true
+			}
+		}
+		c.deadLease = keep
+	}
+}
+
+func hasFence(fs []*keys.Record[keys.Fence], boot string) bool {
+	for _, f := range fs {
+		if f.OK() && f.Value.BootID == boot {
+			return true
+		}
+	}
+	return false
+}
+
+// byNodeVM files per-node, per-VM records (/<root>/<hwid>/<vm>) by VM, then node.
+func byNodeVM[T any](root string, rs []*keys.Record[T], out map[string]map[string]*keys.Record[T]) {
+	for _, r := range rs {
+		if hwid, name, ok := keys.ParseNodeScoped(root, r.Key); ok {
+			if out[name] == nil {
+				out[name] = map[string]*keys.Record[T]{}
+			}
+			out[name][hwid] = r
+		}
+	}
+}
+
+// leaf files per-node records (/<prefix>/<hwid>) by node.
+func leaf[T any](prefix string, rs []*keys.Record[T], out map[string]*keys.Record[T]) {
+	for _, r := range rs {
+		if hwid, ok := keys.ParseLeaf(prefix, r.Key); ok {
+			out[hwid] = r
+		}
+	}
+}
+
+// grantedTTL is how long a lease was granted for, asked of etcd once per lease.
+func (c *Coordinator) grantedTTL(ctx context.Context, lease int64) (time.Duration, error) {
+	c.mu.Lock()
+	ttl, known := c.leaseTTLs[lease]
+	c.mu.Unlock()
+	if known {
+		return ttl, nil
+	}
+	cctx, cancel := etcdutil.WithTimeout(ctx)
+	resp, err := c.cfg.Client.TimeToLive(cctx, clientv3.LeaseID(lease))
+	cancel()
+	if err != nil {
+		return 0, fmt.Errorf("lease %x: %w", lease, err)
+	}
+	ttl = time.Duration(resp.GrantedTTL) * time.Second
+	c.mu.Lock()
+	c.leaseTTLs[lease] = ttl
+	c.mu.Unlock()
+	return ttl, nil
+}
+
+// leaseAlive asks etcd whether a lease still lives; known is false when etcd could not say. A lease
+// found gone is remembered: it never comes back.
+func (c *Coordinator) leaseAlive(ctx context.Context, id int64) (alive, known bool) {
+	c.mu.Lock()
+	dead := c.deadLease[id]
+	c.mu.Unlock()
+	if dead {
+		return false, true
+	}
+	cctx, cancel := etcdutil.WithTimeout(ctx)
+	defer cancel()
+	resp, err := c.cfg.Client.TimeToLive(cctx, clientv3.LeaseID(id))
+	if err != nil {
+		c.log.Warn("lease check failed; assuming alive", "lease", fmt.Sprintf("%x", id), "error", err)
+		return false, false
+	}
+	if resp.TTL <= 0 {
+		c.mu.Lock()
+		c.deadLease[id] = true
+		c.mu.Unlock()
+		return false, true
+	}
+	return true, true
+}

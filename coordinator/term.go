@@ -1,0 +1,188 @@
+package coordinator
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"golang.org/x/time/rate"
+
+	"github.com/herdhq/herd/coordinator/decide"
+	"github.com/herdhq/herd/coordinator/schema"
+	"github.com/herdhq/herd/lib/etcdutil"
+	"github.com/herdhq/herd/lib/keys"
+)
+
+// A term is one leadership term. Everything the leader remembers between rounds (grace periods,
+// losses in the mass-failure window, migration backoffs), everything it starts (fencers, disk
+// work, the audit-trail janitor, the revocation loop) and the rate limit of moves belong to it:
+// made when the election is won, torn down when the term ends. A replica that loses and wins
+// again starts from etcd's state alone, as any other replica would.
+//
+// Each round is: observe (the caches and a few lease questions), decide (decide.Decide, pure),
+// apply (the plan's guarded writes, then its side work into the term's queues), catch up (the
+// caches reflect the round's own writes before the next round decides).
+type term struct {
+	c     *Coordinator
+	ctx   context.Context
+	stop  context.CancelFunc
+	guard etcdutil.Guard
+	log   hclog.Logger
+	cfg   decide.Config
+	state *decide.State
+	moves *rate.Limiter
+	side  *sideWork
+	wg    sync.WaitGroup
+}
+
+// abandonAfter bounds how long a term's end waits for its goroutines: side work that ignores its
+// cancelled context (a fencer stuck in a syscall) is left to finish alone. It can write nothing:
+// every write it would make is guarded by the ended term's election key.
+const abandonAfter = 10 * time.Second
+
+func (c *Coordinator) newTerm(ctx context.Context, g etcdutil.Guard) *term {
+	ctx, stop := context.WithCancel(ctx)
+	t := &term{c: c, ctx: ctx, stop: stop, guard: g, log: c.log.With("term", g.Rev), state: decide.NewState(),
+		moves: rate.NewLimiter(rate.Limit(c.cfg.RescheduleRate), max(1, int(c.cfg.RescheduleRate)))}
+	t.cfg = decide.Config{
+		Space: c.space, Name: c.cfg.Name, Term: g.Rev, Pools: c.cfg.Pools, Scheduler: c.cfg.Scheduler,
+		Grace: c.cfg.Grace, MassFailureFraction: c.cfg.MassFailureFraction, MassFailureMin: c.cfg.MassFailureMin,
+		MassFailureWindow: c.cfg.MassFailureWindow, FencerName: c.cfg.Fencer.Name(),
+		MaxMigrationsPerNode: c.cfg.MaxMigrationsPerNode, ManagedDisks: c.cfg.Volumes != nil,
+	}
+	t.side = newSideWork(t)
+	return t
+}
+
+// goroutine runs fn for the rest of the term.
+func (t *term) goroutine(fn func(ctx context.Context)) {
+	t.wg.Add(1)
+	go func() { defer t.wg.Done(); fn(t.ctx) }()
+}
+
+// end cancels everything the term started and waits for it, within abandonAfter.
+func (t *term) end() {
+	t.stop()
+	done := make(chan struct{})
+	go func() { t.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(abandonAfter):
+		t.log.Warn("side work still running after the term ended; leaving it (its writes are refused)", "running", t.side.running())
+	}
+}
+
+// run leads until the term's context ends or a guarded write is refused.
+func (t *term) run() error {
+	defer t.end()
+	c := t.c
+	// The caches may lag the previous leader's last writes. A linearizable read after winning gives
+	// a revision past anything it could still write (its key is gone by now); act only once every
+	// cache has caught up to it.
+	if err := c.barrier(t.ctx, true); err != nil {
+		return err
+	}
+	// A keyspace an older herd wrote is brought to this herd's layout before anything is decided
+	// from it; the caches then catch up with the rewrites.
+	if n, err := schema.Upgrade(t.ctx, c.cfg.Client, c.space, t.guard, c.log); err != nil {
+		return fmt.Errorf("keyspace upgrade: %w", err)
+	} else if n > 0 {
+		c.events.Record("cluster", "keyspace-upgraded", "to schema %d: %d keys rewritten", keys.SchemaVersion, n)
+		if err := c.barrier(t.ctx, false); err != nil {
+			return err
+		}
+	}
+	if c.cfg.RevokeNodeUsers {
+		t.goroutine(c.revokeLoop)
+	}
+	t.goroutine(func(ctx context.Context) { c.runEventJanitor(ctx, t.guard) })
+	t.side.run()
+
+	timer := time.NewTimer(c.cfg.Interval)
+	defer timer.Stop()
+	for {
+		after, err := t.round()
+		switch {
+		case errors.Is(err, etcdutil.ErrNotLeader):
+			return err
+		case t.ctx.Err() != nil:
+			return t.ctx.Err()
+		case err != nil:
+			t.log.Warn("round failed", "error", err)
+			after = 500 * time.Millisecond
+		}
+		wait := c.cfg.Interval
+		if after > 0 && after < wait {
+			wait = after
+		}
+		timer.Reset(wait)
+		select {
+		case <-t.ctx.Done():
+			return t.ctx.Err()
+		case <-c.trigger:
+		case <-timer.C:
+		}
+	}
+}
+
+// round observes, decides and applies once. It returns once the caches reflect its own writes, so
+// the next round never decides from a view older than this one's decisions, and says when the
+// next round must come at the latest (0: no sooner than the interval).
+func (t *term) round() (time.Duration, error) {
+	start := time.Now()
+	snap := t.c.observe(t.ctx)
+	snap.MoveBudget = int(t.moves.TokensAt(snap.Now))
+	plan := decide.Decide(snap, t.state, t.cfg)
+	if n := plan.Count(decide.MetricMove); n > 0 {
+		// Moves are rate-limited so that a large node's loss does not start every VM at once.
+		t.moves.AllowN(snap.Now, n)
+	}
+	t.c.m.pending.Set(float64(plan.Pending))
+	t.c.m.rolloutNodes.Reset()
+	for phase, n := range plan.Rollout {
+		t.c.m.rolloutNodes.WithLabelValues(phase).Set(float64(n))
+	}
+	t.say(plan.Logs)
+	t.side.add(plan.Work)
+	if len(plan.Actions) == 0 {
+		return plan.After, nil
+	}
+	rev, err := t.apply(plan.Actions)
+	t.c.m.roundSeconds.Observe(time.Since(start).Seconds())
+	if err != nil {
+		return plan.After, err
+	}
+	return plan.After, t.c.catchUp(t.ctx, plan.Actions, rev)
+}
+
+// barrier reads etcd linearizably and waits until every cache reflects that revision. With check,
+// a revision older than a cache held before the read means etcd was restored or replaced under
+// us: those caches list again.
+func (c *Coordinator) barrier(ctx context.Context, check bool) error {
+	before := map[*etcdutil.Informer]int64{}
+	for _, inf := range c.informers() {
+		before[inf] = inf.Rev()
+	}
+	cctx, cancel := etcdutil.WithTimeout(ctx)
+	resp, err := c.cfg.Client.Get(cctx, c.space.Cluster())
+	cancel()
+	if err != nil {
+		return fmt.Errorf("leader barrier read: %w", err)
+	}
+	for _, inf := range c.informers() {
+		// Only a revision older than what the cache held before the read says etcd went back: a
+		// cache that moved on meanwhile saw newer writes, nothing more.
+		if check && resp.Header.Revision < before[inf] {
+			inf.CheckRevision(resp.Header.Revision)
+		}
+	}
+	for _, inf := range c.informers() {
+		if err := inf.Sync(ctx, resp.Header.Revision); err != nil {
+			return err
+		}
+	}
+	return nil
+}
