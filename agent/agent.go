@@ -23,10 +23,10 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/herdhq/herd/agent/hypervisor"
-	"github.com/herdhq/herd/lib/volume"
 	"github.com/herdhq/herd/lib/etcdutil"
 	"github.com/herdhq/herd/lib/events"
 	"github.com/herdhq/herd/lib/keys"
+	"github.com/herdhq/herd/lib/volume"
 	"github.com/herdhq/herd/lib/workqueue"
 )
 

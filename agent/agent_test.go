@@ -11,9 +11,9 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/herdhq/herd/agent/hypervisor"
-	"github.com/herdhq/herd/lib/volume"
 	"github.com/herdhq/herd/lib/etcdembed/etcdtest"
 	"github.com/herdhq/herd/lib/keys"
+	"github.com/herdhq/herd/lib/volume"
 )
 
 const hwid = "52:54:00:00:00:01"

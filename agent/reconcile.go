@@ -8,9 +8,9 @@ import (
 	"time"
 
 	"github.com/herdhq/herd/agent/hypervisor"
-	"github.com/herdhq/herd/lib/volume"
 	"github.com/herdhq/herd/lib/etcdutil"
 	"github.com/herdhq/herd/lib/keys"
+	"github.com/herdhq/herd/lib/volume"
 )
 
 // errNotSafe means the agent could not prove it may act (lease not confirmed, assignment changed):

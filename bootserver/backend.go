@@ -11,8 +11,8 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/herdhq/herd/bootserver/httpboot"
-	"github.com/herdhq/herd/lib/images"
 	"github.com/herdhq/herd/lib/etcdutil"
+	"github.com/herdhq/herd/lib/images"
 	"github.com/herdhq/herd/lib/join"
 	"github.com/herdhq/herd/lib/keys"
 )

@@ -19,8 +19,8 @@ import (
 
 	"github.com/herdhq/herd/bootserver/dhcp"
 	"github.com/herdhq/herd/bootserver/httpboot"
-	"github.com/herdhq/herd/lib/images"
 	"github.com/herdhq/herd/lib/etcdembed/etcdtest"
+	"github.com/herdhq/herd/lib/images"
 	"github.com/herdhq/herd/lib/join"
 	"github.com/herdhq/herd/lib/keys"
 )

@@ -17,8 +17,8 @@ import (
 
 	"github.com/herdhq/herd/bootserver/dhcp"
 	"github.com/herdhq/herd/bootserver/httpboot"
-	"github.com/herdhq/herd/lib/images"
 	"github.com/herdhq/herd/bootserver/tftp"
+	"github.com/herdhq/herd/lib/images"
 	"github.com/herdhq/herd/lib/keys"
 	"github.com/herdhq/herd/lib/pki"
 )

@@ -19,13 +19,13 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/client/v3/concurrency"
 
-	"github.com/herdhq/herd/lib/volume"
 	"github.com/herdhq/herd/coordinator/decide"
 	"github.com/herdhq/herd/coordinator/fence"
 	"github.com/herdhq/herd/coordinator/scheduler"
 	"github.com/herdhq/herd/lib/etcdutil"
 	"github.com/herdhq/herd/lib/events"
 	"github.com/herdhq/herd/lib/keys"
+	"github.com/herdhq/herd/lib/volume"
 )
 
 // Config is everything a coordinator needs.

@@ -8,7 +8,6 @@ import (
 	"sync"
 	"time"
 
-
 	"github.com/herdhq/herd/lib/etcdutil"
 	"github.com/herdhq/herd/lib/events"
 	"github.com/herdhq/herd/lib/keys"

@@ -15,8 +15,8 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/herdhq/herd/lib/images"
 	"github.com/herdhq/herd/bootserver/ipxe"
+	"github.com/herdhq/herd/lib/images"
 	"github.com/herdhq/herd/lib/keys"
 )
 

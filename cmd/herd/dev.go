@@ -24,7 +24,6 @@ import (
 
 	"github.com/herdhq/herd/agent"
 	"github.com/herdhq/herd/agent/hypervisor"
-	"github.com/herdhq/herd/lib/volume"
 	"github.com/herdhq/herd/coordinator"
 	"github.com/herdhq/herd/coordinator/fence"
 	"github.com/herdhq/herd/coordinator/join"
@@ -38,6 +37,7 @@ import (
 	"github.com/herdhq/herd/lib/statusserver"
 	"github.com/herdhq/herd/lib/units"
 	"github.com/herdhq/herd/lib/version"
+	"github.com/herdhq/herd/lib/volume"
 )
 
 type devOptions struct {

@@ -25,8 +25,8 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 
-	"github.com/herdhq/herd/lib/images"
 	"github.com/herdhq/herd/e2e/rig"
+	"github.com/herdhq/herd/lib/images"
 	"github.com/herdhq/herd/lib/keys"
 )
 

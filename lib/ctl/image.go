@@ -13,8 +13,8 @@ import (
 	"github.com/spf13/cobra"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
-	"github.com/herdhq/herd/lib/images"
 	"github.com/herdhq/herd/lib/etcdutil"
+	"github.com/herdhq/herd/lib/images"
 	"github.com/herdhq/herd/lib/keys"
 	"github.com/herdhq/herd/lib/units"
 )

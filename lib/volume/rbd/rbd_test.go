@@ -16,8 +16,8 @@ import (
 	"github.com/ceph/go-ceph/rados"
 	"github.com/ceph/go-ceph/rbd"
 
-	"github.com/herdhq/herd/lib/volume"
 	"github.com/herdhq/herd/coordinator/fence"
+	"github.com/herdhq/herd/lib/volume"
 )
 
 var confFile string
