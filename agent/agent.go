@@ -137,11 +137,11 @@ type Agent struct {
 	hv      *hypervisor.Libvirt
 	events  *events.Recorder
 	queue   *workqueue.Queue
-	assigns *etcdutil.Informer
-	cluster *etcdutil.Informer
-	fences  *etcdutil.Informer
-	cmdsInf *etcdutil.Informer
-	cmds    chan etcdutil.KV
+	assigns *etcdutil.Typed[keys.Assignment]
+	cluster *etcdutil.Typed[keys.Cluster]
+	fences  *etcdutil.Typed[keys.Fence]
+	cmdsInf *etcdutil.Typed[keys.NodeCommand]
+	cmds    chan *cmdRec
 	metrics *metrics
 	// node is the record this agent registers (under its current lease).
 	node atomic.Pointer[keys.Node]
@@ -185,24 +185,30 @@ func New(cfg Config) (*Agent, error) {
 		stopping:   map[string]time.Time{},
 		outcomes:   map[string]string{},
 		migrations: make(chan struct{}, cfg.MaxMigrations),
-		cmds:       make(chan etcdutil.KV, 16),
+		cmds:       make(chan *cmdRec, 16),
 	}
 	a.events = events.New(cfg.Client, cfg.Space, keys.EventsByNode(cfg.HWID), "agent/"+cfg.HWID, cfg.EtcdUser, a.log)
 	a.metrics = newMetrics(cfg.Registry)
-	a.assigns = etcdutil.NewInformer(cfg.Client, cfg.Space.AssignPrefix(cfg.HWID), decodeAssignment, a.onAssign, a.log)
+	a.assigns = etcdutil.NewTyped[keys.Assignment](cfg.Client, cfg.Space.AssignPrefix(cfg.HWID), a.onAssign, a.log)
 	a.assigns.OnBatch = a.onAssignBatch
-	a.cluster = etcdutil.NewInformer(cfg.Client, cfg.Space.Cluster(), decodeCluster, a.onCluster, a.log)
-	a.fences = etcdutil.NewInformer(cfg.Client, cfg.Space.FencePrefix(cfg.HWID), keys.DecodeAny[keys.Fence], a.onFence, a.log)
-	a.cmdsInf = etcdutil.NewInformer(cfg.Client, cfg.Space.NodeCmdPrefix(cfg.HWID), keys.DecodeAny[keys.NodeCommand], a.onCommand, a.log)
+	a.cluster = etcdutil.NewTyped[keys.Cluster](cfg.Client, cfg.Space.Cluster(), a.onCluster, a.log)
+	a.fences = etcdutil.NewTyped[keys.Fence](cfg.Client, cfg.Space.FencePrefix(cfg.HWID), a.onFence, a.log)
+	a.cmdsInf = etcdutil.NewTyped[keys.NodeCommand](cfg.Client, cfg.Space.NodeCmdPrefix(cfg.HWID), a.onCommand, a.log)
 	return a, nil
 }
 
-func decodeAssignment(_ string, v []byte) (any, error) { return keys.Decode[keys.Assignment](v) }
-func decodeCluster(_ string, v []byte) (any, error)    { return keys.Decode[keys.Cluster](v) }
+// The cached records the agent reads.
+type (
+	assignRec = keys.Record[keys.Assignment]
+	cmdRec    = keys.Record[keys.NodeCommand]
+)
 
-func (a *Agent) onAssign(key string, _, cur *etcdutil.KV) {
+func (a *Agent) onAssign(key string, _, cur *etcdutil.KV) { a.assigned(key, cur != nil) }
+
+// assigned queues the VM of an assignment key; present says the key exists now.
+func (a *Agent) assigned(key string, present bool) {
 	if name, ok := keys.ParseLeaf(a.space.AssignPrefix(a.hwid), key); ok {
-		if cur != nil && a.hold.CompareAndSwap(true, false) {
+		if present && a.hold.CompareAndSwap(true, false) {
 			a.log.Info("a new assignment arrived: the leader is working normally; lifting the hold on removals")
 		}
 		a.queue.Add(name)
@@ -233,8 +239,8 @@ func (a *Agent) onAssignBatch(deleted, remaining int) {
 // onFence requeues everything when this node's fence records change: entering or leaving fenced
 // mode affects every domain.
 func (a *Agent) onFence(key string, _, cur *etcdutil.KV) {
-	if cur != nil && cur.Err == nil && cur.Obj.(*keys.Fence).BootID == a.cfg.BootID {
-		a.log.Error("this boot of the node is fenced: stopping its domains and serving nothing until it reboots or 'herdctl fence clear'", "phase", cur.Obj.(*keys.Fence).Phase)
+	if f := etcdutil.Record[keys.Fence](cur); f.OK() && f.Value.BootID == a.cfg.BootID {
+		a.log.Error("this boot of the node is fenced: stopping its domains and serving nothing until it reboots or 'herdctl fence clear'", "phase", f.Value.Phase)
 	}
 	a.enqueueAll(context.Background())
 }
@@ -245,10 +251,11 @@ func (a *Agent) fenced() bool {
 }
 
 func (a *Agent) onCluster(key string, _, cur *etcdutil.KV) {
-	if key != a.space.Cluster() || cur == nil || cur.Err != nil {
+	cl := etcdutil.Record[keys.Cluster](cur)
+	if key != a.space.Cluster() || !cl.OK() {
 		return
 	}
-	id := cur.Obj.(*keys.Cluster).ID
+	id := cl.Value.ID
 	if a.clusterID.CompareAndSwap(nil, &id) {
 		a.log.Info("cluster identified", "cluster", id)
 		return
@@ -262,12 +269,12 @@ func (a *Agent) onCluster(key string, _, cur *etcdutil.KV) {
 // currentCluster returns the id of the cluster as etcd says now and whether it is the one this
 // agent joined.
 func (a *Agent) currentCluster() (string, bool) {
-	kv := a.cluster.Get(a.space.Cluster())
+	cl := a.cluster.Get(a.space.Cluster())
 	first := a.clusterID.Load()
-	if kv == nil || kv.Err != nil || first == nil {
+	if !cl.OK() || first == nil {
 		return "", false
 	}
-	id := kv.Obj.(*keys.Cluster).ID
+	id := cl.Value.ID
 	return id, id == *first
 }
 
@@ -386,8 +393,8 @@ func (a *Agent) resyncLoop(ctx context.Context) {
 
 // enqueueAll queues every VM that is assigned here or has a domain here.
 func (a *Agent) enqueueAll(ctx context.Context) {
-	for _, kv := range a.assigns.List() {
-		a.onAssign(kv.Key, nil, kv)
+	for _, r := range a.assigns.List() {
+		a.assigned(r.Key, true)
 	}
 	doms, err := a.hv.List(ctx)
 	if err != nil {

@@ -26,11 +26,11 @@ func (a *Agent) onCommand(key string, _, cur *etcdutil.KV) {
 		a.log.Warn("unreadable node command; ignoring it", "key", key, "error", cur.Err)
 		return
 	}
-	cmd := cur.Obj.(*keys.NodeCommand)
-	if cmd.Result != nil || cmd.IfBootID != a.cfg.BootID {
+	r := etcdutil.Record[keys.NodeCommand](cur)
+	if cmd := r.Value; cmd == nil || cmd.Result != nil || cmd.IfBootID != a.cfg.BootID {
 		return // done already, or meant for another boot of this machine
 	}
-	a.cmds <- *cur
+	a.cmds <- r
 }
 
 // runCommands executes claimed commands one at a time, off the informer's goroutine.
@@ -45,8 +45,8 @@ func (a *Agent) runCommands(ctx context.Context) {
 	}
 }
 
-func (a *Agent) execute(ctx context.Context, kv etcdutil.KV) {
-	cmd := *kv.Obj.(*keys.NodeCommand)
+func (a *Agent) execute(ctx context.Context, kv *cmdRec) {
+	cmd := *kv.Value
 	claimed := cmd
 	claimed.Result = &keys.CmdResult{State: keys.CmdStarted, At: time.Now().UTC()}
 	cctx, cancel := etcdutil.WithTimeout(ctx)

@@ -44,7 +44,7 @@ func (a *Agent) reconcile(ctx context.Context, name string) error {
 		a.log.Error("unreadable assignment", "vm", name, "error", kv.Err)
 		return nil
 	}
-	asg := kv.Obj.(*keys.Assignment)
+	asg := kv.Value
 	if asg.Withdraw && (dom == nil || dom.UID == asg.UID) {
 		return a.reconcileWithdrawn(ctx, name, kv, asg, dom) // needs no spec
 	}
@@ -184,7 +184,7 @@ func (a *Agent) powerOff(ctx context.Context, name string) (bool, error) {
 // records disagreed, someone deleted or wrote them by hand), so the domain is stopped at once, with
 // no ACPI grace (two writers on one disk do harm by the second), and undefined; nothing is started.
 // The disk stays: it lives on shared storage and belongs to the VM wherever it runs.
-func (a *Agent) reconcileWithdrawn(ctx context.Context, name string, kv *etcdutil.KV, asg *keys.Assignment, dom *hypervisor.Domain) error {
+func (a *Agent) reconcileWithdrawn(ctx context.Context, name string, kv *assignRec, asg *keys.Assignment, dom *hypervisor.Domain) error {
 	if dom != nil && dom.UID == asg.UID {
 		if err := a.hv.Remove(ctx, name); err != nil {
 			return fmt.Errorf("remove withdrawn domain: %w", err)
@@ -201,7 +201,7 @@ func (a *Agent) reconcileWithdrawn(ctx context.Context, name string, kv *etcduti
 
 // reconcileIncoming handles a migration target: expect the domain, never define or start it, and
 // say whether it has arrived and runs.
-func (a *Agent) reconcileIncoming(ctx context.Context, name string, kv *etcdutil.KV, asg *keys.Assignment, dom *hypervisor.Domain) error {
+func (a *Agent) reconcileIncoming(ctx context.Context, name string, kv *assignRec, asg *keys.Assignment, dom *hypervisor.Domain) error {
 	st := keys.VMStatus{UID: asg.UID, Epoch: asg.Epoch, State: keys.StateIncoming, Migration: asg.Incoming}
 	if dom != nil && dom.UID == asg.UID && dom.State == hypervisor.Running {
 		st.State, st.Epoch = keys.StateRunning, dom.Epoch
@@ -211,7 +211,7 @@ func (a *Agent) reconcileIncoming(ctx context.Context, name string, kv *etcdutil
 
 // reconcileOutgoing handles a migration source: move the domain (live, or by shutting it down for
 // a restart elsewhere) once, and report the outcome. Nothing is started here while it is set.
-func (a *Agent) reconcileOutgoing(ctx context.Context, name string, kv *etcdutil.KV, asg *keys.Assignment, dom *hypervisor.Domain) error {
+func (a *Agent) reconcileOutgoing(ctx context.Context, name string, kv *assignRec, asg *keys.Assignment, dom *hypervisor.Domain) error {
 	out := asg.Outgoing
 	st := keys.VMStatus{UID: asg.UID, Epoch: asg.Epoch, Migration: out.ID}
 	a.mu.Lock()
@@ -404,7 +404,7 @@ func (a *Agent) bootFile(p string) (string, error) {
 // preflight proves, just before a domain starts, that this node may start it: the node's lease is
 // alive and a linearizable read shows the very assignment the decision was made from. A node cut off
 // from etcd fails here and starts nothing.
-func (a *Agent) preflight(ctx context.Context, kv *etcdutil.KV) error {
+func (a *Agent) preflight(ctx context.Context, kv *assignRec) error {
 	if !a.leaseAlive() {
 		return fmt.Errorf("%w: node lease not confirmed", errNotSafe)
 	}

@@ -143,7 +143,7 @@ func (a *Agent) keepAlive(ctx context.Context, lease clientv3.LeaseID) {
 // checkRevision hands a revision etcd answered with to every cache: one older than a cache means
 // etcd was restored or replaced (see etcdutil.Informer.CheckRevision).
 func (a *Agent) checkRevision(rev int64) {
-	for _, inf := range []*etcdutil.Informer{a.assigns, a.cluster, a.fences} {
+	for _, inf := range []*etcdutil.Informer{a.assigns.Informer, a.cluster.Informer, a.fences.Informer, a.cmdsInf.Informer} {
 		inf.CheckRevision(rev)
 	}
 }

@@ -14,8 +14,8 @@ import (
 
 // report writes the VM's status, guarded by the assignment it was computed from: if the leader
 // changed the assignment meanwhile, the write is dropped and the new assignment is reconciled.
-func (a *Agent) report(ctx context.Context, name string, kv *etcdutil.KV, state, msg string) error {
-	asg, _ := kv.Obj.(*keys.Assignment)
+func (a *Agent) report(ctx context.Context, name string, kv *assignRec, state, msg string) error {
+	asg := kv.Value
 	st := keys.VMStatus{State: state, Message: msg}
 	if asg != nil {
 		st.UID, st.Epoch, st.UUID = asg.UID, asg.Epoch, asg.UUID
@@ -24,8 +24,8 @@ func (a *Agent) report(ctx context.Context, name string, kv *etcdutil.KV, state,
 }
 
 // reportStatus writes st guarded by the assignment kv.
-func (a *Agent) reportStatus(ctx context.Context, name string, kv *etcdutil.KV, st keys.VMStatus) error {
-	if asg, ok := kv.Obj.(*keys.Assignment); ok && st.UUID == "" {
+func (a *Agent) reportStatus(ctx context.Context, name string, kv *assignRec, st keys.VMStatus) error {
+	if asg := kv.Value; asg != nil && st.UUID == "" {
 		st.UUID = asg.UUID // the leader can restore a placement from reports alone
 	}
 	return a.writeStatus(ctx, name, etcdutil.ModRev(kv.Key, kv.ModRevision), st)

@@ -31,7 +31,9 @@ type backend struct {
 	// tokenTTL is how long a minted join token stays valid.
 	tokenTTL time.Duration
 
-	hw, states, imgs *etcdutil.Informer
+	hw     *etcdutil.Typed[keys.Hardware]
+	states *etcdutil.Typed[keys.NodeState]
+	imgs   *etcdutil.Informer // the catalogue and the current pointer: two types
 
 	mu        sync.Mutex
 	discLease clientv3.LeaseID
@@ -50,8 +52,8 @@ func newBackend(c *clientv3.Client, s keys.Space, name string, store *images.Sto
 		default:
 		}
 	}
-	b.hw = etcdutil.NewInformer(c, s.HardwarePrefix(), keys.DecodeAny[keys.Hardware], nil, log)
-	b.states = etcdutil.NewInformer(c, s.NodeStatePrefix(), keys.DecodeAny[keys.NodeState], nil, log)
+	b.hw = etcdutil.NewTyped[keys.Hardware](c, s.HardwarePrefix(), nil, log)
+	b.states = etcdutil.NewTyped[keys.NodeState](c, s.NodeStatePrefix(), nil, log)
 	b.imgs = etcdutil.NewInformer(c, s.ImagePrefix(), func(key string, v []byte) (any, error) {
 		if key == s.ImageCurrent() {
 			return keys.Decode[keys.ImageCurrent](v)
@@ -67,7 +69,7 @@ func newBackend(c *clientv3.Client, s keys.Space, name string, store *images.Sto
 
 func (b *backend) run(ctx context.Context) {
 	var wg sync.WaitGroup
-	for _, inf := range []*etcdutil.Informer{b.hw, b.states, b.imgs} {
+	for _, inf := range []*etcdutil.Informer{b.hw.Informer, b.states.Informer, b.imgs} {
 		wg.Add(1)
 		go func() { defer wg.Done(); inf.Run(ctx) }()
 	}
@@ -75,7 +77,7 @@ func (b *backend) run(ctx context.Context) {
 }
 
 func (b *backend) synced(ctx context.Context) error {
-	for _, inf := range []*etcdutil.Informer{b.hw, b.states, b.imgs} {
+	for _, inf := range []*etcdutil.Informer{b.hw.Informer, b.states.Informer, b.imgs} {
 		if err := inf.WaitRev(ctx, 0); err != nil {
 			return err
 		}
@@ -86,20 +88,17 @@ func (b *backend) synced(ctx context.Context) error {
 // lookup finds the enrolled hwid of a machine: the record named by its MAC, a record whose mac field
 // is its MAC, or one named by or listing its serial number.
 func (b *backend) lookup(m httpboot.Machine) (string, *keys.Hardware) {
-	if kv := b.hw.Get(b.space.Hardware(m.MAC)); kv != nil && kv.Err == nil {
-		return m.MAC, kv.Obj.(*keys.Hardware)
+	if r := b.hw.Get(b.space.Hardware(m.MAC)); r.OK() {
+		return m.MAC, r.Value
 	}
 	var bySerial string
 	var bySerialHW *keys.Hardware
-	for _, kv := range b.hw.List() {
-		if kv.Err != nil {
+	for _, r := range b.hw.List() {
+		hwid, ok := keys.ParseLeaf(b.space.HardwarePrefix(), r.Key)
+		if !ok || !r.OK() {
 			continue
 		}
-		hwid, ok := keys.ParseLeaf(b.space.HardwarePrefix(), kv.Key)
-		if !ok {
-			continue
-		}
-		hw := kv.Obj.(*keys.Hardware)
+		hw := r.Value
 		if hw.MAC == m.MAC {
 			return hwid, hw
 		}
@@ -114,11 +113,11 @@ func (b *backend) lookup(m httpboot.Machine) (string, *keys.Hardware) {
 func (b *backend) version(hwid string) (string, error) {
 	var ns *keys.NodeState
 	var cur *keys.ImageCurrent
-	if kv := b.states.Get(b.space.NodeState(hwid)); kv != nil && kv.Err == nil {
-		ns = kv.Obj.(*keys.NodeState)
+	if r := b.states.Get(b.space.NodeState(hwid)); r.OK() {
+		ns = r.Value
 	}
-	if kv := b.imgs.Get(b.space.ImageCurrent()); kv != nil && kv.Err == nil {
-		cur = kv.Obj.(*keys.ImageCurrent)
+	if r := etcdutil.Record[keys.ImageCurrent](b.imgs.Get(b.space.ImageCurrent())); r.OK() {
+		cur = r.Value
 	}
 	if v := keys.BootImage(ns, cur); v != "" {
 		return v, nil
@@ -151,11 +150,11 @@ func (b *backend) Image(version string) (*keys.Image, bool) {
 	if keys.ValidateImageVersion(version) != nil {
 		return nil, false
 	}
-	kv := b.imgs.Get(b.space.Image(version))
-	if kv == nil || kv.Err != nil {
+	r := etcdutil.Record[keys.Image](b.imgs.Get(b.space.Image(version)))
+	if !r.OK() {
 		return nil, false
 	}
-	return kv.Obj.(*keys.Image), true
+	return r.Value, true
 }
 
 // Discovered implements httpboot.Backend: first/last seen and attempts, under a shared lease rotated
@@ -237,7 +236,9 @@ func (b *backend) verdicts() map[string]string {
 			out[v] = "unreadable catalogue entry: " + kv.Err.Error()
 			continue
 		}
-		out[v] = b.store.Check(v, kv.Obj.(*keys.Image))
+		if im := etcdutil.Record[keys.Image](kv); im.OK() {
+			out[v] = b.store.Check(v, im.Value)
+		}
 	}
 	return out
 }
@@ -291,7 +292,7 @@ func (b *backend) advertise(ctx context.Context, url string) {
 				if !ok {
 					break loop
 				}
-				for _, inf := range []*etcdutil.Informer{b.hw, b.states, b.imgs} {
+				for _, inf := range []*etcdutil.Informer{b.hw.Informer, b.states.Informer, b.imgs} {
 					inf.CheckRevision(r.Revision)
 				}
 			case <-b.changed:
