@@ -2,8 +2,6 @@
 set shell := ["bash", "-euo", "pipefail", "-c"]
 
 export PATH := env_var("PATH") + ":/usr/local/go/bin"
-# go-ceph needs a tag naming an older Ceph release than its default (pacific on Debian 12).
-export GOFLAGS := `scripts/goflags.sh`
 version := `git describe --always --dirty 2>/dev/null || echo dev`
 ldflags := "-X github.com/herdhq/herd/lib/version.Version=" + version
 

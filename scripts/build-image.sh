@@ -46,12 +46,8 @@ kver=$(ls "$kroot/lib/modules" | head -1)
 mkdir -p "$out"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-# agentonly leaves out the embedded etcd server (herd dev, herd etcd): half the size. The Ceph
-# release tag (scripts/goflags.sh) must join it: a -tags flag replaces GOFLAGS' tags.
-tags=agentonly
-cephtag=$(scripts/goflags.sh)
-[ -n "$cephtag" ] && tags="$tags,${cephtag#-tags=}"
-GOFLAGS= go build -trimpath -tags "$tags" -ldflags "-s -w -X github.com/herdhq/herd/lib/version.Version=$version" -o "$work/herd" ./cmd/herd
+# agentonly leaves out the embedded etcd server (herd dev, herd etcd): half the size.
+go build -trimpath -tags agentonly -ldflags "-s -w -X github.com/herdhq/herd/lib/version.Version=$version" -o "$work/herd" ./cmd/herd
 
 root="$work/root"
 mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,usr/local/bin,etc/herd,proc,sys,dev,run,tmp,var/lib/herd,var/log,lib/modules/"$kver",root}

@@ -37,16 +37,10 @@ func Build(dir string) (Binaries, error) {
 	_, file, _, _ := runtime.Caller(0)
 	root := filepath.Join(filepath.Dir(file), "..", "..")
 	b := Binaries{Herd: filepath.Join(dir, "herd"), Herdctl: filepath.Join(dir, "herdctl")}
-	// The Ceph release tag go-ceph needs (see scripts/goflags.sh), also when go test was run
-	// without the Justfile's GOFLAGS.
-	flags, err := exec.Command(filepath.Join(root, "scripts", "goflags.sh")).Output()
-	if err != nil {
-		return b, fmt.Errorf("scripts/goflags.sh: %v", err)
-	}
 	for _, c := range []struct{ out, pkg, cgo string }{{b.Herd, "./cmd/herd", "1"}, {b.Herdctl, "./cmd/herdctl", "0"}} {
 		cmd := exec.Command("go", "build", "-o", c.out, c.pkg)
 		cmd.Dir = root
-		cmd.Env = append(os.Environ(), "CGO_ENABLED="+c.cgo, "GOFLAGS="+strings.TrimSpace(string(flags)))
+		cmd.Env = append(os.Environ(), "CGO_ENABLED="+c.cgo)
 		if out, err := cmd.CombinedOutput(); err != nil {
 			return b, fmt.Errorf("go build %s: %v\n%s", c.pkg, err, out)
 		}
