@@ -25,7 +25,9 @@ demo *ARGS: build
 
 # vet, unit tests, then end-to-end tests (heavy rigs one package at a time)
 test: deps
+    @test -z "$(gofmt -l $(git ls-files '*.go'))" || { echo "gofmt needed: just fmt"; gofmt -l $(git ls-files '*.go'); exit 1; }
     go vet ./...
+    go tool staticcheck ./...
     CGO_ENABLED=0 go build -o /dev/null ./cmd/herdctl
     go test -count=1 -timeout 15m $(go list ./... | grep -v /e2e)
     scripts/fuzz.sh 10s

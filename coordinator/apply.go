@@ -148,12 +148,11 @@ func (c *Coordinator) catchUp(ctx context.Context, acts []decide.Action, rev int
 			}
 		}
 	}
+	infs := make([]*etcdutil.Informer, 0, len(touched))
 	for inf := range touched {
-		if err := inf.Sync(ctx, rev); err != nil {
-			return err
-		}
+		infs = append(infs, inf)
 	}
-	return nil
+	return syncAll(ctx, infs, rev)
 }
 
 // informerFor returns the cache a key belongs to.

@@ -11,20 +11,13 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.uber.org/goleak"
 
 	"github.com/herdhq/herd/lib/etcdembed/etcdtest"
+	"github.com/herdhq/herd/lib/leaktest"
 	"github.com/herdhq/herd/lib/keys"
 )
 
-func TestMain(m *testing.M) {
-	goleak.VerifyTestMain(m,
-		// etcd's embedded server and gRPC keep a few process-wide goroutines.
-		goleak.IgnoreTopFunction("go.opencensus.io/stats/view.(*worker).start"),
-		goleak.IgnoreAnyFunction("google.golang.org/grpc/internal/grpcsync.(*CallbackSerializer).run"),
-		goleak.IgnoreAnyFunction("go.etcd.io/etcd/pkg/v3/schedule.(*fifo).run"),
-	)
-}
+func TestMain(m *testing.M) { leaktest.Main(m) }
 
 var space = keys.MustSpace("/herd")
 

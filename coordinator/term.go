@@ -179,10 +179,17 @@ func (c *Coordinator) barrier(ctx context.Context, check bool) error {
 			inf.CheckRevision(resp.Header.Revision)
 		}
 	}
-	for _, inf := range c.informers() {
-		if err := inf.Sync(ctx, resp.Header.Revision); err != nil {
-			return err
-		}
+	return syncAll(ctx, c.informers(), resp.Header.Revision)
+}
+
+// syncAll waits, in parallel, until every cache reflects rev.
+func syncAll(ctx context.Context, infs []*etcdutil.Informer, rev int64) error {
+	errs := make([]error, len(infs))
+	var wg sync.WaitGroup
+	for i, inf := range infs {
+		wg.Add(1)
+		go func() { defer wg.Done(); errs[i] = inf.Sync(ctx, rev) }()
 	}
-	return nil
+	wg.Wait()
+	return errors.Join(errs...)
 }

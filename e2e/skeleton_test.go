@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/herdhq/herd/e2e/rig"
+	"github.com/herdhq/herd/lib/leaktest"
 )
 
 var bin rig.Binaries
@@ -28,7 +29,7 @@ func TestMain(m *testing.M) {
 	}
 	code := m.Run()
 	os.RemoveAll(dir)
-	os.Exit(code)
+	os.Exit(leaktest.Check(code))
 }
 
 var nodeIDs = []string{"52:54:00:00:00:01", "52:54:00:00:00:02", "52:54:00:00:00:03"}

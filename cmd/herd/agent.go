@@ -192,16 +192,6 @@ func agentCmd() *cobra.Command {
 	return cmd
 }
 
-func nonEmpty(s ...string) []string {
-	var out []string
-	for _, v := range s {
-		if v != "" {
-			out = append(out, v)
-		}
-	}
-	return out
-}
-
 func parseOptionalMiB(flag, s string) (int64, error) {
 	if s == "" {
 		return 0, nil

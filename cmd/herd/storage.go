@@ -18,7 +18,6 @@ type storageFlags struct {
 	user    string
 	keyring string
 	timeout time.Duration
-	pools   []string
 }
 
 func (s *storageFlags) add(fs *pflag.FlagSet, defaultUser string, withDir bool) {

@@ -70,7 +70,9 @@ func TestMigration(t *testing.T) {
 		}},
 		{"a failed migration is aborted: the VM stays on its source with a problem, and backs off", func(t *testing.T, w *world, name, src, dst string) {
 			id := get[keys.Placement](w, w.sp.Placement(name)).Migration.ID
-			w.report(src, name, keys.StateRunning, func(st *keys.VMStatus) { st.Migration, st.MigrationResult = id, keys.MigrationFailed+": connection refused" })
+			w.report(src, name, keys.StateRunning, func(st *keys.VMStatus) {
+				st.Migration, st.MigrationResult = id, keys.MigrationFailed+": connection refused"
+			})
 			w.round()
 			pl := get[keys.Placement](w, w.sp.Placement(name))
 			if pl.Node != src || pl.Migration != nil || w.has(w.sp.Assign(dst, name)) || !strings.HasPrefix(w.problem(name), keys.ProblemMigration) {

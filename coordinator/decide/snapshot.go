@@ -194,7 +194,6 @@ func (s *view) log(level Level, msg string, args ...any) {
 
 // note helpers.
 func info(log string, args ...any) Note { return Note{Level: Info, Log: log, Args: args} }
-func warn(log string, args ...any) Note { return Note{Level: Warn, Log: log, Args: args} }
 
 // event is an audit record (and no log line).
 func event(object, action, message string) Note {

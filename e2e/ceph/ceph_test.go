@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/herdhq/herd/e2e/rig"
+	"github.com/herdhq/herd/lib/leaktest"
 )
 
 var (
@@ -51,7 +52,7 @@ func TestMain(m *testing.M) {
 	code := m.Run()
 	_ = exec.Command(script, "stop", cephDir).Run()
 	os.RemoveAll(dir)
-	os.Exit(code)
+	os.Exit(leaktest.Check(code))
 }
 
 func rbd(t *testing.T, args ...string) string {

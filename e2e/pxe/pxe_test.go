@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/herdhq/herd/e2e/rig"
+	"github.com/herdhq/herd/lib/leaktest"
 )
 
 var bin rig.Binaries
@@ -32,7 +33,7 @@ func TestMain(m *testing.M) {
 	}
 	code := m.Run()
 	os.RemoveAll(dir)
-	os.Exit(code)
+	os.Exit(leaktest.Check(code))
 }
 
 func repoRoot() string {

@@ -16,6 +16,7 @@ import (
 
 	"github.com/herdhq/herd/e2e/rig"
 	"github.com/herdhq/herd/lib/keys"
+	"github.com/herdhq/herd/lib/leaktest"
 )
 
 var bin rig.Binaries
@@ -33,7 +34,7 @@ func TestMain(m *testing.M) {
 	}
 	code := m.Run()
 	os.RemoveAll(dir)
-	os.Exit(code)
+	os.Exit(leaktest.Check(code))
 }
 
 type vmRow struct {

@@ -133,6 +133,7 @@ Exit codes: 0 success, 1 failure, 2 bad usage, 3 the named object does not exist
 	root.SetOut(out)
 	root.SetErr(errOut)
 	root.SetFlagErrorFunc(func(c *cobra.Command, err error) error {
+		//lint:ignore ST1005 cobra prints this as the whole message: the hint is its last line, as git and kubectl end theirs
 		return usageError{fmt.Errorf("%w\nSee '%s --help'.", err, c.CommandPath())}
 	})
 	e.opts.AddFlags(root.PersistentFlags())

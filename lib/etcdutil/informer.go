@@ -231,17 +231,59 @@ func (i *Informer) Resync() {
 	}
 }
 
-// Sync waits until the cache reflects rev. It first waits briefly for events or a progress
-// notification, then lists again: a prefix with no recent writes may never see rev otherwise.
+// Sync waits until the cache reflects rev. A revision that touched no key of the prefix brings no
+// event, so after a short wait for events it asks etcd whether anything of the prefix changed
+// between the cache's revision and rev; if nothing did, the cache is current at rev. Otherwise it
+// waits for the events, and lists again if they do not come.
 func (i *Informer) Sync(ctx context.Context, rev int64) error {
-	wctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	wctx, cancel := context.WithTimeout(ctx, 100*time.Millisecond)
 	err := i.WaitRev(wctx, rev)
+	cancel()
+	if err == nil || ctx.Err() != nil {
+		return err
+	}
+	if ok, err := i.unchangedUntil(ctx, rev); err == nil && ok {
+		return nil
+	}
+	wctx, cancel = context.WithTimeout(ctx, 2*time.Second)
+	err = i.WaitRev(wctx, rev)
 	cancel()
 	if err == nil || ctx.Err() != nil {
 		return err
 	}
 	i.Resync()
 	return i.WaitRev(ctx, rev)
+}
+
+// unchangedUntil asks etcd whether the prefix at rev holds exactly what the cache holds, judged by
+// its revision and size: no key put after the cache's revision, and as many keys as cached (so no
+// delete either). If so, the cache is advanced to rev.
+func (i *Informer) unchangedUntil(ctx context.Context, rev int64) (bool, error) {
+	i.mu.RLock()
+	cur, n, synced := i.rev, len(i.items), i.synced
+	i.mu.RUnlock()
+	if !synced || cur >= rev {
+		return synced, nil
+	}
+	cctx, cancel := WithTimeout(ctx)
+	defer cancel()
+	// Count is the range's size at rev; Kvs only the keys modified since the cache's revision
+	// (etcd filters by modification revision after counting).
+	resp, err := i.client.Get(cctx, i.prefix, clientv3.WithPrefix(), clientv3.WithKeysOnly(), clientv3.WithRev(rev),
+		clientv3.WithMinModRev(cur+1))
+	if err != nil {
+		return false, err
+	}
+	if len(resp.Kvs) > 0 || resp.Count != int64(n) {
+		return false, nil
+	}
+	i.mu.Lock()
+	defer i.mu.Unlock()
+	if i.rev != cur || len(i.items) != n {
+		return false, nil // events arrived meanwhile: let WaitRev judge
+	}
+	i.advance(rev)
+	return true, nil
 }
 
 func (i *Informer) watch(ctx context.Context, from int64) error {

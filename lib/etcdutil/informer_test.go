@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
+	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/herdhq/herd/lib/etcdembed/etcdtest"
 )
@@ -152,5 +153,53 @@ func TestGuardedTxn(t *testing.T) {
 	got, _ := c.Get(ctx, "/obj")
 	if string(got.Kvs[0].Value) != "1" {
 		t.Fatalf("a failed guarded write changed the object: %s", got.Kvs[0].Value)
+	}
+}
+
+// TestSyncWithoutEvents: a revision that touched nothing of a prefix is confirmed by asking etcd,
+// not by listing again; one that touched it (a put, a delete) is not.
+func TestSyncWithoutEvents(t *testing.T) {
+	srv := etcdtest.Start(t)
+	c := etcdtest.NewClient(t, srv.Endpoints)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	for _, k := range []string{"/p/a", "/p/b"} {
+		if _, err := c.Put(ctx, k, "1"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	inf := NewInformer(c, "/p/", nil, nil, nil)
+	done := make(chan struct{})
+	go func() { inf.Run(ctx); close(done) }()
+	defer func() { cancel(); <-done }()
+	if err := inf.WaitRev(ctx, 0); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := c.Put(ctx, "/other", "x")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ok, err := inf.unchangedUntil(ctx, resp.Header.Revision); err != nil || !ok {
+		t.Fatalf("an unrelated write: unchanged %v, %v", ok, err)
+	}
+	if inf.Rev() != resp.Header.Revision || inf.Relists() != 1 {
+		t.Fatalf("rev %d relists %d", inf.Rev(), inf.Relists())
+	}
+	// A delete and a put in the prefix are changes, whether or not their events arrived.
+	for _, op := range []clientv3.Op{clientv3.OpDelete("/p/a"), clientv3.OpPut("/p/b", "2")} {
+		before := inf.Rev()
+		tr, err := c.Txn(ctx).Then(op).Commit()
+		if err != nil {
+			t.Fatal(err)
+		}
+		inf.mu.Lock()
+		inf.rev = before // as if the event had not arrived yet
+		if _, ok := inf.items["/p/a"]; !ok {
+			inf.items["/p/a"] = &KV{Key: "/p/a"}
+		}
+		inf.mu.Unlock()
+		if ok, _ := inf.unchangedUntil(ctx, tr.Header.Revision); ok {
+			t.Fatalf("%v: taken for unchanged", op)
+		}
 	}
 }

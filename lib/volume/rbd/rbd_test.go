@@ -17,6 +17,7 @@ import (
 	"github.com/ceph/go-ceph/rbd"
 
 	"github.com/herdhq/herd/coordinator/fence"
+	"github.com/herdhq/herd/lib/leaktest"
 	"github.com/herdhq/herd/lib/volume"
 )
 
@@ -53,7 +54,7 @@ func TestMain(m *testing.M) {
 	}
 	_ = exec.Command(script, "stop", dir).Run()
 	os.RemoveAll(dir)
-	os.Exit(code)
+	os.Exit(leaktest.Check(code))
 }
 
 func backend(t *testing.T) *Backend {

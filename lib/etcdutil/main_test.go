@@ -1,0 +1,9 @@
+package etcdutil
+
+import (
+	"testing"
+
+	"github.com/herdhq/herd/lib/leaktest"
+)
+
+func TestMain(m *testing.M) { leaktest.Main(m) }
