@@ -7,7 +7,6 @@ import (
 	"net/http"
 	"os"
 	"strings"
-	"time"
 
 	"github.com/google/uuid"
 	"github.com/spf13/cobra"
@@ -16,7 +15,6 @@ import (
 	"github.com/herdhq/herd/agent"
 	"github.com/herdhq/herd/agent/hypervisor"
 	"github.com/herdhq/herd/lib/etcdutil"
-	"github.com/herdhq/herd/lib/keys"
 	"github.com/herdhq/herd/lib/logging"
 	"github.com/herdhq/herd/lib/statusserver"
 	"github.com/herdhq/herd/lib/units"
@@ -25,33 +23,13 @@ import (
 
 func agentCmd() *cobra.Command {
 	var (
-		eo        etcdutil.Options
-		lo        logging.Options
-		hwid      string
-		bootID    string
-		uri       string
-		leaseTTL  time.Duration
-		resync    time.Duration
-		cpus      int
-		memory    string
-		reserved  string
-		storage   storageFlags
-		listen    string
-		image     string
-		addrMgmt  string
-		addrStore string
-		addrMig   string
-		domType   string
-		console   string
-		bootDir   string
-		migURI    string
-		maxMig    int
-		shutdownT time.Duration
-		migT      time.Duration
-		jf        joinClientFlags
-		migTLS    bool
-		migTLSDir string
-		rebootCmd string
+		eo     etcdutil.Options
+		lo     logging.Options
+		p      agentParams
+		hwid   string
+		bootID string
+		uri    string
+		jf     joinClientFlags
 	)
 	cmd := &cobra.Command{
 		Use:   "agent",
@@ -91,21 +69,13 @@ func agentCmd() *cobra.Command {
 					return err
 				}
 			}
-			memMiB, err := parseOptionalMiB("--memory", memory)
-			if err != nil {
-				return err
-			}
-			resMiB, err := parseOptionalMiB("--reserved-memory", reserved)
-			if err != nil {
-				return err
-			}
 			ctx := cmd.Context()
-			if migTLS && len(jf.urls) > 0 {
+			if p.migTLS && len(jf.urls) > 0 {
 				// QEMU's certificate names the migration address the leader vouches for; the node
 				// asks for it once registered (RunMigrationCert).
-				jf.qemuDir = migTLSDir
+				jf.qemuDir = p.migTLSDir
 			}
-			creds, err := jf.bootstrap(ctx, hwid, &eo, &storage, log)
+			creds, err := jf.bootstrap(ctx, hwid, &eo, &p.storage, log)
 			if err != nil {
 				return err
 			}
@@ -114,38 +84,34 @@ func agentCmd() *cobra.Command {
 				return err
 			}
 			defer client.Close()
-			hv, err := hypervisor.Open(ctx, uri, domType, log)
+			hv, err := hypervisor.Open(ctx, uri, p.domType, log)
 			if err != nil {
 				return err
 			}
 			defer hv.Close()
-			hv.MigrateTLS = migTLS
+			hv.MigrateTLS = p.migTLS
 			reg := statusserver.NewRegistry()
 			mux := http.NewServeMux()
-			srv, err := statusserver.Listen(listen, reg, mux)
+			srv, err := statusserver.Listen(p.listen, reg, mux)
 			if err != nil {
 				return err
 			}
-			vols, err := storage.backend(nil)
+			vols, err := p.storage.backend(nil)
 			if err != nil {
 				return err
 			}
-			cephKey, err := storage.key()
+			cephKey, err := p.storage.key()
 			if err != nil {
 				return err
 			}
 			host, _ := os.Hostname()
-			a, err := agent.New(agent.Config{
-				Client: client, EtcdUser: eo.User(), Space: space, HWID: hwid, BootID: bootID,
-				Hypervisor: hv, Volumes: vols, CephUser: storage.user, CephKey: cephKey,
-				LeaseTTL: leaseTTL, Resync: resync,
-				CPUs: cpus, MemoryMiB: memMiB, ReservedMemoryMiB: resMiB,
-				Addresses:    keys.Addresses{Management: addrMgmt, Storage: addrStore, Migration: addrMig},
-				MigrationURI: migURI, ConsoleDir: console, BootDir: bootDir, MaxMigrations: maxMig,
-				ShutdownTimeout: shutdownT, MigrationTimeout: migT, RebootCommand: rebootCmd,
-				Hostname: host, Image: image, Version: version.Version,
-				StatusURL: srv.URL, Log: log, Registry: reg,
-			})
+			cfg, err := p.config(agentConns{client: client, user: eo.User(), space: space, hwid: hwid, bootID: bootID,
+				hypervisor: hv, volumes: vols, cephKey: cephKey, hostname: host, version: version.Version,
+				statusURL: srv.URL, log: log, registry: reg})
+			if err != nil {
+				return err
+			}
+			a, err := agent.New(cfg)
 			if err != nil {
 				return err
 			}
@@ -167,28 +133,8 @@ func agentCmd() *cobra.Command {
 	f.StringVar(&hwid, "hwid", "", "hardware id (MAC or serial) this node is enrolled under; default: detect")
 	f.StringVar(&bootID, "boot-id", "", "id of this boot; default: the kernel's (random for test:// URIs)")
 	f.StringVar(&uri, "libvirt-uri", "qemu:///system", "libvirt connection URI")
-	f.DurationVar(&leaseTTL, "lease-ttl", 10*time.Second, "node lease TTL: how long the node outlives a silent agent")
-	f.DurationVar(&resync, "resync", 30*time.Second, "period of the full libvirt/etcd comparison")
-	f.IntVar(&cpus, "cpus", 0, "CPUs to offer (default: what libvirt reports)")
-	f.StringVar(&memory, "memory", "", "memory to offer, e.g. 64GiB (default: what libvirt reports)")
-	f.StringVar(&reserved, "reserved-memory", "", "memory kept for the host, never given to VMs, e.g. 2GiB")
-	storage.add(f, "herd-agent", true)
-	f.StringVar(&listen, "listen", ":9480", "status endpoint (metrics, /v1/domains)")
-	f.StringVar(&image, "image", "", "hypervisor image version this node booted")
-	f.StringVar(&addrMgmt, "address-management", "", "management address to advertise")
-	f.StringVar(&addrStore, "address-storage", "", "storage network address to advertise")
-	f.StringVar(&addrMig, "address-migration", "", "live-migration address to advertise")
-	f.StringVar(&domType, "domain-type", "auto", "libvirt domain type: auto (kvm if /dev/kvm opens, else qemu), kvm, or qemu (TCG)")
-	f.StringVar(&bootDir, "boot-dir", "/var/lib/herd/boot", "the only directory direct kernel boot files (a spec's boot.kernel, boot.initrd) may come from, symlinks resolved; empty: none")
-	f.StringVar(&console, "console-dir", "/var/log/herd/console", "serial console logs, <dir>/<vm>.log (same path on every node to keep one log across migrations)")
-	f.StringVar(&migURI, "migration-uri", "", "libvirt URI other nodes migrate to, e.g. qemu+tcp://10.0.0.17/system (empty: this node takes no live migrations)")
-	f.IntVar(&maxMig, "max-migrations", 2, "concurrent outgoing live migrations")
-	f.DurationVar(&shutdownT, "shutdown-timeout", time.Minute, "how long a guest gets to power off through ACPI before it is destroyed")
-	f.DurationVar(&migT, "migration-timeout", 10*time.Minute, "abort a live migration that takes longer")
+	p.addFlags(f)
 	jf.add(f)
-	f.StringVar(&rebootCmd, "reboot-command", "systemctl reboot", "what a rollout's reboot command runs (sh -c); the netboot image uses 'reboot -f'")
-	f.BoolVar(&migTLS, "migrate-tls", false, "encrypt live migrations with TLS (VIR_MIGRATE_TLS): qemu.conf must set migrate_tls_x509_cert_dir on every node (docs/security.md)")
-	f.StringVar(&migTLSDir, "migrate-tls-dir", "/etc/pki/qemu", "with --join and --migrate-tls: where to write this node's migration certificate (qemu.conf's migrate_tls_x509_cert_dir)")
 	return cmd
 }
 

@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 	"golang.org/x/sync/errgroup"
 
 	"github.com/herdhq/herd/coordinator"
@@ -31,8 +32,7 @@ type failoverFlags struct {
 	massWindow    time.Duration
 }
 
-func (f *failoverFlags) addFlags(cmd *cobra.Command) {
-	fs := cmd.Flags()
+func (f *failoverFlags) addFlags(fs *pflag.FlagSet) {
 	fs.BoolVar(&f.fenceCeph, "fence-ceph", false, "fence lost nodes from Ceph: blocklist their storage_ip (needs --ceph-conf with a user allowed 'osd blocklist'); combines with --fence-exec")
 	fs.DurationVar(&f.cephExpire, "fence-ceph-expire", 24*time.Hour, "lifetime of a blocklist entry, renewed while the fence stands")
 	fs.StringVar(&f.fenceExec, "fence-exec", "", "command that fences a lost node (sh -c; HERD_HWID, HERD_BOOT_ID, HERD_MGMT_ADDR, HERD_STORAGE_IP, HERD_LABEL_* in its environment; exit 0 = fenced)")
@@ -93,18 +93,10 @@ func (s *schedulerFlags) options() (scheduler.Options, error) {
 
 func coordinatorCmd() *cobra.Command {
 	var (
-		eo       etcdutil.Options
-		lo       logging.Options
-		sf       schedulerFlags
-		ff       failoverFlags
-		name     string
-		ttl      time.Duration
-		pools    []string
-		listen   string
-		parallel int
-		maxMig   int
-		storage  storageFlags
-		jf       joinServerFlags
+		eo etcdutil.Options
+		lo logging.Options
+		p  coordinatorParams
+		jf joinServerFlags
 	)
 	cmd := &cobra.Command{
 		Use:   "coordinator",
@@ -127,10 +119,6 @@ func coordinatorCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			so, err := sf.options()
-			if err != nil {
-				return err
-			}
 			client, err := etcdutil.New(eo)
 			if err != nil {
 				return err
@@ -138,24 +126,20 @@ func coordinatorCmd() *cobra.Command {
 			defer client.Close()
 			reg := statusserver.NewRegistry()
 			mux := http.NewServeMux()
-			srv, err := statusserver.Listen(listen, reg, mux)
+			srv, err := statusserver.Listen(p.listen, reg, mux)
 			if err != nil {
 				return err
 			}
-			vols, err := storage.backend(pools)
+			vols, err := p.storage.backend(p.pools)
 			if err != nil {
 				return err
 			}
-			cfg := coordinator.Config{Volumes: vols,
-				Client: client, Space: space, Name: name, SessionTTL: ttl, Pools: pools,
-				Scheduler: so, Parallel: parallel, Log: log, Registry: reg, MaxMigrationsPerNode: maxMig,
-				EtcdUser: eo.User(), RevokeNodeUsers: jf.listen != "" && eo.Cert != "",
-			}
-			admin, _ := vols.(fence.CephAdmin)
-			if err := ff.apply(&cfg, admin); err != nil {
+			cfg, err := p.config(coordinatorConns{client: client, user: eo.User(), space: space, volumes: vols,
+				revoke: jf.listen != "" && eo.Cert != "", log: log, registry: reg})
+			if err != nil {
 				return err
 			}
-			if ff.unsafeNoFence {
+			if p.failover.unsafeNoFence {
 				log.Warn("UNSAFE: --unsafe-no-fencing: lost nodes' VMs move without fencing; a partitioned node may run them twice")
 			}
 			c, err := coordinator.New(cfg)
@@ -181,21 +165,12 @@ func coordinatorCmd() *cobra.Command {
 	}
 	eo.AddFlags(cmd.Flags())
 	lo.AddFlags(cmd.Flags())
-	sf.addFlags(cmd)
-	ff.addFlags(cmd)
-	f := cmd.Flags()
-	f.StringVar(&name, "name", "", "this replica's name in the election and events (default host-pid)")
-	f.DurationVar(&ttl, "session-ttl", 5*time.Second, "election session TTL: how long a dead leader blocks a new one")
-	f.StringSliceVar(&pools, "pools", []string{"default"}, "disk pools, recorded when this coordinator creates the cluster")
-	f.StringVar(&listen, "listen", ":9481", "status endpoint (metrics, /v1/leader)")
-	f.IntVar(&parallel, "parallel", 64, "leader transactions in flight at once")
-	storage.add(f, "herd-coordinator", false)
-	jf.add(f)
-	f.IntVar(&maxMig, "max-migrations-per-node", 2, "open migrations a node may take part in (as source or target)")
+	p.addFlags(cmd.Flags())
+	jf.add(cmd.Flags())
 	return cmd
 }
 
-func (s *schedulerFlags) addFlags(cmd *cobra.Command) {
-	cmd.Flags().StringVar(&s.strategy, "strategy", "spread", "placement strategy: spread or binpack")
-	cmd.Flags().Float64Var(&s.overcommit, "cpu-overcommit", 4, "vCPUs allowed per host CPU")
+func (s *schedulerFlags) addFlags(fs *pflag.FlagSet) {
+	fs.StringVar(&s.strategy, "strategy", "spread", "placement strategy: spread or binpack")
+	fs.Float64Var(&s.overcommit, "cpu-overcommit", 4, "vCPUs allowed per host CPU")
 }

@@ -19,13 +19,13 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"golang.org/x/sync/errgroup"
 
 	"github.com/herdhq/herd/agent"
 	"github.com/herdhq/herd/agent/hypervisor"
 	"github.com/herdhq/herd/coordinator"
-	"github.com/herdhq/herd/coordinator/fence"
 	"github.com/herdhq/herd/coordinator/join"
 	"github.com/herdhq/herd/lib/etcdembed"
 	"github.com/herdhq/herd/lib/etcdutil"
@@ -82,12 +82,18 @@ the coordinators' join endpoints. The banner prints the environment herdctl and 
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error { return runDev(cmd.Context(), o) },
 	}
-	o.lo.AddFlags(cmd.Flags())
-	o.sf.addFlags(cmd)
-	o.ff.addFlags(cmd)
+	o.addFlags(cmd.Flags())
+	return cmd
+}
+
+func (o *devOptions) addFlags(fs *pflag.FlagSet) {
+	o.lo.AddFlags(fs)
+	o.sf.addFlags(fs)
+	o.ff.addFlags(fs)
 	// A laptop has no BMCs: dev mode moves VMs without fencing unless told otherwise.
-	_ = cmd.Flags().Set("unsafe-no-fencing", "true")
-	f := cmd.Flags()
+	_ = fs.Set("unsafe-no-fencing", "true")
+	fs.Lookup("unsafe-no-fencing").DefValue = "true"
+	f := fs
 	f.IntVar(&o.agents, "agents", 3, "simulated nodes")
 	f.IntVar(&o.coordinators, "coordinators", 2, "coordinator replicas")
 	f.StringVar(&o.dataDir, "data-dir", "", "where etcd data, node files and disks live (default: a temporary directory)")
@@ -97,13 +103,18 @@ the coordinators' join endpoints. The banner prints the environment herdctl and 
 	f.StringVar(&o.listen, "listen", "127.0.0.1:9480", "status endpoint: /metrics, /v1/nodes/HWID/domains")
 	f.IntVar(&o.nodeCPUs, "node-cpus", 16, "CPUs of each simulated node")
 	f.StringVar(&o.nodeMemory, "node-memory", "64GiB", "memory of each simulated node")
-	f.DurationVar(&o.leaseTTL, "lease-ttl", 10*time.Second, "node lease TTL")
-	f.DurationVar(&o.sessionTTL, "session-ttl", 5*time.Second, "coordinator election session TTL")
+	f.DurationVar(&o.leaseTTL, "lease-ttl", defaultAgentParams().leaseTTL, "node lease TTL")
+	f.DurationVar(&o.sessionTTL, "session-ttl", defaultCoordinatorParams().sessionTTL, "coordinator election session TTL")
 	f.StringVar(&o.prefix, "prefix", keys.DefaultPrefix, "root of herd's keys")
 	o.storage.add(f, "admin", false)
 	f.StringVar(&o.storage.conf, "ceph", "", "short for --ceph-conf")
 	f.BoolVar(&o.insecure, "insecure", false, "no TLS, no RBAC: anyone reaching etcd may do anything")
-	return cmd
+}
+
+func defaultDevOptions() devOptions {
+	var o devOptions
+	o.addFlags(pflag.NewFlagSet("dev", pflag.ContinueOnError))
+	return o
 }
 
 func runDev(ctx context.Context, o devOptions) error {
@@ -115,8 +126,7 @@ func runDev(ctx context.Context, o devOptions) error {
 	if err != nil {
 		return err
 	}
-	so, err := o.sf.options()
-	if err != nil {
+	if _, err := o.sf.options(); err != nil {
 		return err
 	}
 	memMiB, err := units.ParseIn(o.nodeMemory, units.MiB)
@@ -217,21 +227,15 @@ func runDev(ctx context.Context, o devOptions) error {
 			return fail(err)
 		}
 		defer c.Close()
-		pools := []string{"default"}
-		if o.storage.conf != "" {
-			pools = []string{"rbd"}
-		}
-		vols, err := o.storage.backend(pools)
+		p := devCoordinatorParams(o, i)
+		vols, err := p.storage.backend(p.pools)
 		if err != nil {
 			return fail(err)
 		}
 		creg := prometheus.WrapRegistererWith(prometheus.Labels{"coordinator": name}, reg)
-		cfg := coordinator.Config{Volumes: vols,
-			Client: c, EtcdUser: eo.User(), Space: space, Name: name, SessionTTL: o.sessionTTL, Pools: pools,
-			Scheduler: so, Log: log.Named("coordinator"), Registry: creg, RevokeNodeUsers: sec != nil,
-		}
-		admin, _ := vols.(fence.CephAdmin)
-		if err := o.ff.apply(&cfg, admin); err != nil {
+		cfg, err := p.config(coordinatorConns{client: c, user: eo.User(), space: space, volumes: vols,
+			revoke: sec != nil, log: log.Named("coordinator"), registry: creg})
+		if err != nil {
 			return fail(err)
 		}
 		co, err := coordinator.New(cfg)
@@ -262,7 +266,7 @@ func runDev(ctx context.Context, o devOptions) error {
 		}
 		m := &devMachine{admin: admin, cfg: devAgentConfig{
 			space: space, hwid: hwid, index: i, dir: dir, cpus: o.nodeCPUs, memMiB: memMiB, volumes: vols,
-			leaseTTL: o.leaseTTL, endpoints: endpoints, log: log, reg: reg, statusURL: srv.URL,
+			params: devAgentParams(o, dir), endpoints: endpoints, log: log, reg: reg, statusURL: srv.URL,
 			sec: sec, joinURLs: joinURLs, prefix: o.prefix,
 		}}
 		first, err := m.enrolAndBoot(gctx)
@@ -292,6 +296,29 @@ func runDev(ctx context.Context, o devOptions) error {
 
 func coordinatorName(i int) string { return fmt.Sprintf("dev-%d", i) }
 
+// devCoordinatorParams are a coordinator's defaults with what dev changes: its name, the session
+// TTL, scheduling and failover as dev's flags say (dev moves VMs without fencing by default: a
+// laptop has no BMCs), and dev's storage (pool "rbd" on Ceph).
+func devCoordinatorParams(o devOptions, i int) coordinatorParams {
+	p := defaultCoordinatorParams()
+	p.name, p.sessionTTL = coordinatorName(i), o.sessionTTL
+	p.sched, p.failover, p.storage = o.sf, o.ff, o.storage
+	if o.storage.conf != "" {
+		p.pools = []string{"rbd"}
+	}
+	return p
+}
+
+// devAgentParams are an agent's defaults with what dev changes: the lease TTL dev's flag says, and
+// boot files in the data directory. No console logs: the test driver runs no guest to log.
+func devAgentParams(o devOptions, dir string) agentParams {
+	p := defaultAgentParams()
+	p.leaseTTL = o.leaseTTL
+	p.bootDir = filepath.Join(dir, "boot")
+	p.console = ""
+	return p
+}
+
 type devAgentConfig struct {
 	space     keys.Space
 	hwid      string
@@ -299,7 +326,7 @@ type devAgentConfig struct {
 	dir       string
 	cpus      int
 	memMiB    int64
-	leaseTTL  time.Duration
+	params    agentParams
 	endpoints []string
 	log       hclog.Logger
 	reg       prometheus.Registerer
@@ -445,7 +472,7 @@ func devAgent(ctx context.Context, c devAgentConfig, admin *clientv3.Client, ima
 		return nil, nil, err
 	}
 	log := c.log.Named("agent")
-	hv, err := hypervisor.Open(ctx, uri, "", log)
+	hv, err := hypervisor.Open(ctx, uri, c.params.domType, log)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -477,13 +504,18 @@ func devAgent(ctx context.Context, c devAgentConfig, admin *clientv3.Client, ima
 		return nil, nil, err
 	}
 	closeAll := func() { client.Close(); hv.Close() }
-	a, err := agent.New(agent.Config{
-		Client: client, EtcdUser: eo.User(), Space: c.space, HWID: c.hwid, BootID: uuid.NewString(),
-		Hypervisor: hv, Volumes: c.volumes, Image: image, Reboot: reboot, BootDir: filepath.Join(c.dir, "boot"),
-		LeaseTTL: c.leaseTTL, Hostname: fmt.Sprintf("dev-node%d", c.index), Version: version.Version,
-		StatusURL: fmt.Sprintf("%s/v1/nodes/%s/domains", c.statusURL, c.hwid),
-		Log:       log, Registry: nextBootRegisterer{prometheus.WrapRegistererWith(prometheus.Labels{"node": c.hwid}, c.reg)},
-	})
+	p := c.params
+	p.image = image
+	cfg, err := p.config(agentConns{client: client, user: eo.User(), space: c.space, hwid: c.hwid, bootID: uuid.NewString(),
+		hypervisor: hv, volumes: c.volumes, hostname: fmt.Sprintf("dev-node%d", c.index), version: version.Version,
+		statusURL: fmt.Sprintf("%s/v1/nodes/%s/domains", c.statusURL, c.hwid),
+		log:       log, registry: nextBootRegisterer{prometheus.WrapRegistererWith(prometheus.Labels{"node": c.hwid}, c.reg)}})
+	if err != nil {
+		closeAll()
+		return nil, nil, err
+	}
+	cfg.Reboot = reboot
+	a, err := agent.New(cfg)
 	if err != nil {
 		closeAll()
 		return nil, nil, err
