@@ -29,16 +29,7 @@ type replica struct {
 
 func startReplica(t testing.TB, endpoints []string, name string) *replica {
 	t.Helper()
-	cl := etcdtest.NewClient(t, endpoints)
-	co, err := New(Config{Client: cl, Space: space, Name: name, SessionTTL: 2 * time.Second, Interval: time.Second, Log: testLog(t)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	r := &replica{c: co, cancel: cancel, done: make(chan struct{})}
-	go func() { _ = co.Run(ctx); close(r.done) }()
-	t.Cleanup(r.stop)
-	return r
+	return startReplicaWith(t, endpoints, name, func(*Config) {})
 }
 
 func (r *replica) stop() {
