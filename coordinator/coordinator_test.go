@@ -13,8 +13,8 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/herdhq/herd/lib/etcdembed/etcdtest"
-	"github.com/herdhq/herd/lib/leaktest"
 	"github.com/herdhq/herd/lib/keys"
+	"github.com/herdhq/herd/lib/leaktest"
 )
 
 func TestMain(m *testing.M) { leaktest.Main(m) }
