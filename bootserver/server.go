@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"os"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -41,8 +43,10 @@ type Config struct {
 	// Interface enables DHCP on that interface; empty disables DHCP.
 	Interface string
 	DHCP      dhcp.Config
-	// RangeStart and RangeEnd bound full mode's address pool.
+	// RangeStart and RangeEnd bound full mode's address pool; NewClientRate bounds how many new
+	// clients per second take an address from it (default 50).
 	RangeStart, RangeEnd net.IP
+	NewClientRate        float64
 
 	// NodeParams are kernel parameters every node gets: herd.endpoints=..., herd.syslog=...
 	NodeParams []string
@@ -142,6 +146,7 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 
 	// TFTP.
+	checkIPXEBinaries(cfg)
 	fetched := tftp.NewFetched(10 * time.Minute)
 	if cfg.TFTPListen != "" {
 		conn, err := net.ListenPacket("udp4", cfg.TFTPListen)
@@ -160,8 +165,15 @@ func Run(ctx context.Context, cfg Config) error {
 		dc.ScriptURL = cfg.Advertise + "/boot.ipxe"
 		var ls dhcp.Leases
 		if dc.Mode == dhcp.Full {
-			l, err := newLeases(cfg.Client, cfg.Space, cfg.RangeStart, cfg.RangeEnd, dc.LeaseTime)
+			if cfg.NewClientRate == 0 {
+				cfg.NewClientRate = 50
+			}
+			l, err := newLeases(cfg.Client, cfg.Space, cfg.Name, cfg.RangeStart, cfg.RangeEnd, dc.LeaseTime, cfg.NewClientRate, cfg.Log.Named("dhcp"))
 			if err != nil {
+				return err
+			}
+			g.Go(func() error { l.run(gctx); return nil })
+			if err := l.synced(gctx); err != nil {
 				return err
 			}
 			ls = l
@@ -170,11 +182,9 @@ func Run(ctx context.Context, cfg Config) error {
 		if err != nil {
 			return err
 		}
-		ports := []int{67}
-		if dc.Mode == dhcp.Proxy {
-			ports = append(ports, 4011)
-		}
-		for _, port := range ports {
+		// Port 4011 in both modes: PXE firmware asks there for the boot file when an offer sends it to
+		// boot server discovery.
+		for _, port := range []int{67, 4011} {
 			conn, err := dhcp.Listen(cfg.Interface, port)
 			if err != nil {
 				return err
@@ -185,4 +195,26 @@ func Run(ctx context.Context, cfg Config) error {
 		cfg.Log.Info("dhcp serving", "interface", cfg.Interface, "mode", dc.Mode, "server_ip", dc.ServerIP.String(), "chainload", dc.Chainload)
 	}
 	return g.Wait()
+}
+
+// checkIPXEBinaries says, once at start, which firmware families cannot boot because their iPXE
+// binary is not in the iPXE directory (Debian's ipxe package has no arm64 build, for one).
+func checkIPXEBinaries(cfg Config) {
+	if cfg.TFTPListen == "" {
+		return
+	}
+	for _, b := range []struct{ file, def, firmware, flag string }{
+		{cfg.DHCP.BIOSFile, dhcp.DefaultBIOSFile, "legacy BIOS", "--ipxe-bios"},
+		{cfg.DHCP.EFIx64File, dhcp.DefaultEFIx64File, "x86-64 UEFI", "--ipxe-efi"},
+		{cfg.DHCP.EFIArm64File, dhcp.DefaultEFIArm64File, "arm64 UEFI", "--ipxe-efi-arm64"},
+	} {
+		f := b.file
+		if f == "" {
+			f = b.def
+		}
+		if _, err := os.Stat(filepath.Join(cfg.IPXEDir, f)); err != nil {
+			cfg.Log.Warn("iPXE binary missing: "+b.firmware+" machines cannot PXE-boot from this server until it is there (or "+b.flag+" names another)",
+				"file", filepath.Join(cfg.IPXEDir, f))
+		}
+	}
 }

@@ -44,10 +44,23 @@ type Leases interface {
 	Confirm(ctx context.Context, mac string, ip net.IP) error
 	// Release ends mac's lease.
 	Release(ctx context.Context, mac string) error
+	// Decline ends mac's hold on ip and keeps ip from being offered for a while: the client found it
+	// in use (DHCPDECLINE).
+	Decline(ctx context.Context, mac string, ip net.IP) error
 }
 
 // ErrNotOurs refuses a request for an address this pool did not give the client.
 var ErrNotOurs = errors.New("dhcp: address not leased to this client")
+
+// ErrBusy: the pool declines to answer now (too many new clients at once); the client retries.
+var ErrBusy = errors.New("dhcp: busy")
+
+// Debian ipxe's file names: the first-stage binary per firmware family.
+const (
+	DefaultBIOSFile     = "undionly.kpxe"
+	DefaultEFIx64File   = "ipxe.efi"
+	DefaultEFIArm64File = "snp.efi"
+)
 
 // Fetches says whether a machine recently loaded the bootserver's iPXE over TFTP.
 type Fetches interface {
@@ -100,13 +113,13 @@ func NewHandler(cfg Config, leases Leases, fetches Fetches) (*Handler, error) {
 		return nil, fmt.Errorf("dhcp: chainload %q: want auto or always", cfg.Chainload)
 	}
 	if cfg.BIOSFile == "" {
-		cfg.BIOSFile = "undionly.kpxe"
+		cfg.BIOSFile = DefaultBIOSFile
 	}
 	if cfg.EFIx64File == "" {
-		cfg.EFIx64File = "ipxe.efi"
+		cfg.EFIx64File = DefaultEFIx64File
 	}
 	if cfg.EFIArm64File == "" {
-		cfg.EFIArm64File = "snp.efi"
+		cfg.EFIArm64File = DefaultEFIArm64File
 	}
 	if cfg.LeaseTime == 0 {
 		cfg.LeaseTime = time.Hour
@@ -164,17 +177,29 @@ func (h *Handler) Reply(ctx context.Context, req *dhcpv4.DHCPv4, port int) (*dhc
 	c.PXE = strings.HasPrefix(req.ClassIdentifier(), "PXEClient")
 	c.IPXE = isIPXE(req)
 	mt := req.MessageType()
+	if gi := req.GatewayIPAddr; gi != nil && !gi.IsUnspecified() && !gi.IsGlobalUnicast() {
+		// A reply goes to the relay: only a unicast relay address may be one (never a broadcast,
+		// multicast or loopback address a forged request names).
+		c.Reason = fmt.Sprintf("relay address %v is not a unicast address", gi)
+		return nil, c, nil
+	}
+	if port == 4011 {
+		// PXE boot server discovery (both modes): the client has its address and asks, unicast,
+		// for the boot file. The answer carries no address and keeps the client's own.
+		if !c.PXE || mt != dhcpv4.MessageTypeRequest {
+			c.Reason = fmt.Sprintf("%s on port 4011 from a client that is not PXE", mt)
+			return nil, c, nil
+		}
+		return h.bootReply(req, dhcpv4.MessageTypeAck, nil, &c)
+	}
 
 	if h.cfg.Mode == Proxy {
 		if !c.PXE {
 			c.Reason = "not a PXE client (proxy mode answers PXE clients only)"
 			return nil, c, nil
 		}
-		switch {
-		case port == 67 && mt == dhcpv4.MessageTypeDiscover:
+		if mt == dhcpv4.MessageTypeDiscover {
 			return h.bootReply(req, dhcpv4.MessageTypeOffer, nil, &c)
-		case port == 4011 && mt == dhcpv4.MessageTypeRequest:
-			return h.bootReply(req, dhcpv4.MessageTypeAck, nil, &c)
 		}
 		c.Reason = fmt.Sprintf("%s on port %d is for the network's DHCP server", mt, port)
 		return nil, c, nil
@@ -215,6 +240,14 @@ func (h *Handler) Reply(ctx context.Context, req *dhcpv4.DHCPv4, port int) (*dhc
 	case dhcpv4.MessageTypeRelease:
 		c.Reason = "released"
 		return nil, c, h.leases.Release(ctx, mac)
+	case dhcpv4.MessageTypeDecline:
+		ip := req.RequestedIPAddress()
+		if ip == nil || ip.IsUnspecified() {
+			c.Reason = "decline without an address"
+			return nil, c, nil
+		}
+		c.IP, c.Reason = ip, "declined: the address is in use on the network"
+		return nil, c, h.leases.Decline(ctx, mac, ip)
 	case dhcpv4.MessageTypeInform:
 		return h.bootReply(req, dhcpv4.MessageTypeAck, nil, &c)
 	}
@@ -265,12 +298,19 @@ func (h *Handler) bootReply(req *dhcpv4.DHCPv4, mt dhcpv4.MessageType, ip net.IP
 				dhcpv4.WithOption(dhcpv4.OptTFTPServerName(h.cfg.ServerIP.String())),
 				dhcpv4.WithOption(dhcpv4.OptBootFileName(c.File)),
 			)
-			if h.cfg.Mode == Proxy && !c.IPXE {
-				// PXE vendor options: discovery control 8 = boot from the file name given here,
-				// skip boot server discovery.
+			if !c.IPXE {
+				// PXE vendor options (option 43), in both modes: discovery control 8 = boot from
+				// the file name given here, skip boot server discovery. Without them an offer
+				// with option 60 "PXEClient" sends EDK2's PXE (most UEFI firmware) to port 4011
+				// instead of booting the file.
 				mods = append(mods, dhcpv4.WithGeneric(dhcpv4.OptionVendorSpecificInformation, []byte{6, 1, 8, 255}))
 			}
 		}
+	}
+	if ip == nil && req.ClientIPAddr != nil && !req.ClientIPAddr.IsUnspecified() {
+		// An answer without an address (port 4011, INFORM) keeps the client's own (RFC 2131:
+		// ciaddr as the client sent it).
+		mods = append(mods, dhcpv4.WithClientIP(req.ClientIPAddr))
 	}
 	reply, err := dhcpv4.NewReplyFromRequest(req, mods...)
 	if err != nil {

@@ -43,7 +43,8 @@ func (p *poolOfOne) Confirm(_ context.Context, mac string, ip net.IP) error {
 	}
 	return nil
 }
-func (p *poolOfOne) Release(context.Context, string) error { return nil }
+func (p *poolOfOne) Release(context.Context, string) error         { return nil }
+func (p *poolOfOne) Decline(context.Context, string, net.IP) error { return nil }
 
 type fetchSet map[string]bool
 
@@ -213,5 +214,86 @@ func TestServerSurvivesGarbage(t *testing.T) {
 	cancel()
 	if err := <-done; err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestFirmwareNeeds: what PXE firmware needs in either mode. EDK2's PXE (UEFI) boots the file of an
+// offer only with the PXE vendor options (43: discovery control 8), else asks port 4011, which both
+// modes answer, keeping the client's address; iPXE gets no vendor options.
+func TestFirmwareNeeds(t *testing.T) {
+	ctx := context.Background()
+	for _, mode := range []string{Proxy, Full} {
+		h := handler(t, mode, ChainAuto, nil)
+		offer, _, err := h.Reply(ctx, request(t, dhcpv4.MessageTypeDiscover, pxe, efiX64), 67)
+		if err != nil || offer == nil {
+			t.Fatalf("%s: %v %v", mode, offer, err)
+		}
+		if v := offer.GetOneOption(dhcpv4.OptionVendorSpecificInformation); string(v) != "\x06\x01\x08\xff" {
+			t.Fatalf("%s: option 43 %x", mode, v)
+		}
+		ipxeOffer, _, _ := h.Reply(ctx, request(t, dhcpv4.MessageTypeDiscover, pxe, efiX64, ipxeUC), 67)
+		if v := ipxeOffer.GetOneOption(dhcpv4.OptionVendorSpecificInformation); len(v) != 0 {
+			t.Fatalf("%s: option 43 for iPXE: %x", mode, v)
+		}
+		ciaddr := net.IPv4(10, 99, 0, 150).To4()
+		ack, cl, err := h.Reply(ctx, request(t, dhcpv4.MessageTypeRequest, pxe, efiX64, dhcpv4.WithClientIP(ciaddr)), 4011)
+		if err != nil || ack == nil {
+			t.Fatalf("%s: port 4011: %v %v (%s)", mode, ack, err, cl.Reason)
+		}
+		if ack.MessageType() != dhcpv4.MessageTypeAck || ack.BootFileName != "ipxe.efi" || !ack.ClientIPAddr.Equal(ciaddr) || !ack.YourIPAddr.IsUnspecified() {
+			t.Fatalf("%s: port 4011 ack %s", mode, ack.Summary())
+		}
+		if r, _, _ := h.Reply(ctx, request(t, dhcpv4.MessageTypeDiscover, efiX64), 4011); r != nil {
+			t.Fatalf("%s: port 4011 answered a non-PXE discover", mode)
+		}
+	}
+}
+
+// TestRelayAddressMustBeUnicast: a reply goes to giaddr, so a request naming a broadcast,
+// multicast or loopback relay is ignored rather than answered there.
+func TestRelayAddressMustBeUnicast(t *testing.T) {
+	h := handler(t, Full, ChainAuto, nil)
+	for _, gi := range []net.IP{net.IPv4bcast, net.IPv4(224, 0, 0, 1), net.IPv4(127, 0, 0, 1), net.IPv4(0, 0, 0, 0)} {
+		r, c, err := h.Reply(context.Background(), request(t, dhcpv4.MessageTypeDiscover, pxe, dhcpv4.WithGatewayIP(gi)), 67)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if gi.IsUnspecified() {
+			if r == nil {
+				t.Fatalf("no relay: not answered (%s)", c.Reason)
+			}
+			continue
+		}
+		if r != nil || !strings.Contains(c.Reason, "not a unicast") {
+			t.Fatalf("giaddr %v: answered (%v)", gi, c.Reason)
+		}
+	}
+	r, _, _ := h.Reply(context.Background(), request(t, dhcpv4.MessageTypeDiscover, pxe, dhcpv4.WithGatewayIP(net.IPv4(10, 1, 2, 3))), 67)
+	if r == nil || replyAddr(r, &net.UDPAddr{IP: net.IPv4(10, 1, 2, 3), Port: 67}).String() != "10.1.2.3:67" {
+		t.Fatal("a unicast relay is answered at the relay")
+	}
+}
+
+// declines records what the handler declined.
+type declines struct {
+	poolOfOne
+	got []string
+}
+
+func (d *declines) Decline(_ context.Context, mac string, ip net.IP) error {
+	d.got = append(d.got, mac+" "+ip.String())
+	return nil
+}
+
+func TestDeclineReachesThePool(t *testing.T) {
+	pool := &declines{poolOfOne: poolOfOne{ips: map[string]net.IP{}}}
+	h, err := NewHandler(Config{Mode: Full, ServerIP: serverIP, ScriptURL: scriptTo, Netmask: net.CIDRMask(24, 32)}, pool, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ip := net.IPv4(10, 99, 0, 100).To4()
+	r, c, err := h.Reply(context.Background(), request(t, dhcpv4.MessageTypeDecline, dhcpv4.WithOption(dhcpv4.OptRequestedIPAddress(ip))), 67)
+	if err != nil || r != nil || len(pool.got) != 1 || pool.got[0] != mac.String()+" 10.99.0.100" {
+		t.Fatalf("reply %v err %v declines %v (%s)", r, err, pool.got, c.Reason)
 	}
 }

@@ -95,6 +95,11 @@ func (s *Server) handle(ctx context.Context, conn net.PacketConn, p packet, port
 		}
 	}()
 	reply, c, err := s.Handler.Reply(ctx, p.req, port)
+	if errors.Is(err, ErrBusy) {
+		s.count("busy")
+		s.Log.Debug("not answered now", "mac", c.MAC, "why", err)
+		return
+	}
 	if err != nil {
 		s.count("error")
 		s.Log.Warn("request failed", "mac", c.MAC, "type", p.req.MessageType(), "error", err)

@@ -110,9 +110,11 @@ func (s Space) Image(version string) string   { return s.ImagePrefix() + version
 func (s Space) ImageCurrent() string          { return s.ImagePrefix() + ImageCurrentName }
 func (s Space) BootserverPrefix() string      { return s.dir("bootservers") }
 func (s Space) Bootserver(name string) string { return s.BootserverPrefix() + name }
+func (s Space) DHCPPrefix() string            { return s.dir("dhcp") }
 func (s Space) DHCPLeasePrefix() string       { return s.dir("dhcp/leases") }
+func (s Space) DHCPAddressPrefix() string     { return s.dir("dhcp/ips") }
 func (s Space) DHCPLease(mac string) string   { return s.DHCPLeasePrefix() + mac }
-func (s Space) DHCPAddress(ip string) string  { return s.dir("dhcp/ips") + ip }
+func (s Space) DHCPAddress(ip string) string  { return s.DHCPAddressPrefix() + ip }
 
 // FenceRoot lists every fence record; FencePrefix one node's.
 func (s Space) FenceRoot() string                { return s.dir("fence") }

@@ -544,11 +544,26 @@ type Bootserver struct {
 // DHCPLease is /herd/dhcp/leases/<mac> (and /herd/dhcp/ips/<ip> names the same holder), under an
 // etcd lease as long as the DHCP lease: full-mode bootservers share their address pool through it.
 type DHCPLease struct {
-	V     int    `json:"v"`
-	MAC   string `json:"mac"`
-	IP    string `json:"ip"`
+	V   int    `json:"v"`
+	MAC string `json:"mac"`
+	IP  string `json:"ip"`
+	// State: offered (held for the client's REQUEST), bound (leased), declined (a client found the
+	// address in use: not offered until Expires).
+	State string `json:"state,omitempty"`
+	// Expires ends the record's hold: after it the address is free, whether or not etcd has removed
+	// the key yet (keys hang on a lease shared by many records).
+	Expires time.Time `json:"expires,omitzero"`
+	// By is the bootserver replica that wrote the record.
+	By    string `json:"by,omitempty"`
 	Extra `json:"-"`
 }
+
+// DHCP lease states.
+const (
+	DHCPOffered  = "offered"
+	DHCPBound    = "bound"
+	DHCPDeclined = "declined"
+)
 
 // Volume states.
 const (

@@ -2,8 +2,11 @@
 package etcdtest
 
 import (
+	"bufio"
 	"context"
+	"net/http"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -119,4 +122,35 @@ func (m *TLSMember) ClientAs(t testing.TB, cn string) *clientv3.Client {
 	}
 	t.Cleanup(func() { c.Close() })
 	return c
+}
+
+// Metric sums the samples of one metric etcd exports at endpoint/metrics (plain HTTP).
+func Metric(t testing.TB, endpoint, name string) float64 {
+	t.Helper()
+	resp, err := http.Get(strings.TrimRight(endpoint, "/") + "/metrics")
+	if err != nil {
+		t.Fatalf("etcd metrics: %v", err)
+	}
+	defer resp.Body.Close()
+	var sum float64
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	found := false
+	for sc.Scan() {
+		line := sc.Text()
+		if !strings.HasPrefix(line, name) || (len(line) > len(name) && line[len(name)] != ' ' && line[len(name)] != '{') {
+			continue
+		}
+		f := strings.Fields(line)
+		v, err := strconv.ParseFloat(f[len(f)-1], 64)
+		if err != nil {
+			t.Fatalf("etcd metric %q: %v", line, err)
+		}
+		sum += v
+		found = true
+	}
+	if !found {
+		t.Fatalf("etcd exports no %s", name)
+	}
+	return sum
 }
