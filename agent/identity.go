@@ -61,6 +61,19 @@ func (h Host) HWID() (string, string, error) {
 	return "", "", fmt.Errorf("no hardware id: no herd.hwid= or BOOTIF= on the kernel command line, no physical NIC, no DMI serial; pass --hwid")
 }
 
+// BootMAC is the MAC of the NIC this machine booted from, as the kernel command line says
+// (herd.mac=, which herd's boot script writes, else BOOTIF=); "" when it does not say.
+func (h Host) BootMAC() string {
+	for _, p := range []string{"herd.mac", "BOOTIF"} {
+		if v, ok := h.CmdlineParam(p); ok {
+			if mac, err := keys.NormalizeMAC(strings.TrimPrefix(v, "01-")); err == nil {
+				return mac
+			}
+		}
+	}
+	return ""
+}
+
 func (h Host) firstPhysicalMAC() string {
 	entries, err := os.ReadDir(filepath.Join(h.SysRoot, "class/net"))
 	if err != nil {

@@ -4,21 +4,21 @@ import (
 	"context"
 	"fmt"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/prometheus/client_golang/prometheus"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/herdhq/herd/bootserver/httpboot"
 	"github.com/herdhq/herd/lib/etcdutil"
+	"github.com/herdhq/herd/lib/events"
 	"github.com/herdhq/herd/lib/images"
 	"github.com/herdhq/herd/lib/join"
 	"github.com/herdhq/herd/lib/keys"
 )
-
-// discoveredTTL is how long an unknown machine stays listed after its last attempt (about).
-const discoveredTTL = 24 * time.Hour
 
 // backend answers boot questions from watch-fed caches of etcd; only recording an unknown machine
 // writes.
@@ -35,17 +35,30 @@ type backend struct {
 	states *etcdutil.Typed[keys.NodeState]
 	imgs   *etcdutil.Informer // the catalogue and the current pointer: two types
 
-	mu        sync.Mutex
-	discLease clientv3.LeaseID
-	discAt    time.Time
-	changed   chan struct{}
+	disc    *discovery
+	events  *events.Recorder
+	changed chan struct{}
 }
 
-func newBackend(c *clientv3.Client, s keys.Space, name string, store *images.Store, log hclog.Logger, tokenTTL time.Duration) *backend {
-	if tokenTTL == 0 {
-		tokenTTL = join.DefaultTokenTTL
+// backendConfig is what a backend needs besides etcd.
+type backendConfig struct {
+	name     string
+	user     string
+	store    *images.Store
+	tokenTTL time.Duration
+	limits   DiscoveryLimits
+	log      hclog.Logger
+	registry prometheus.Registerer
+}
+
+func newBackend(c *clientv3.Client, s keys.Space, bc backendConfig) *backend {
+	if bc.tokenTTL == 0 {
+		bc.tokenTTL = join.DefaultTokenTTL
 	}
-	b := &backend{client: c, space: s, name: name, store: store, log: log, tokenTTL: tokenTTL, changed: make(chan struct{}, 1)}
+	log := bc.log
+	b := &backend{client: c, space: s, name: bc.name, store: bc.store, log: log, tokenTTL: bc.tokenTTL, changed: make(chan struct{}, 1)}
+	b.events = events.New(c, s, keys.EventsByBootserver, "bootserver/"+bc.name, bc.user, log)
+	b.disc = newDiscovery(c, s, bc.name, bc.limits, b.events, log, bc.registry)
 	poke := func(string, *etcdutil.KV, *etcdutil.KV) {
 		select {
 		case b.changed <- struct{}{}:
@@ -69,15 +82,17 @@ func newBackend(c *clientv3.Client, s keys.Space, name string, store *images.Sto
 
 func (b *backend) run(ctx context.Context) {
 	var wg sync.WaitGroup
-	for _, inf := range []*etcdutil.Informer{b.hw.Informer, b.states.Informer, b.imgs} {
+	for _, inf := range []*etcdutil.Informer{b.hw.Informer, b.states.Informer, b.imgs, b.disc.inf.Informer} {
 		wg.Add(1)
 		go func() { defer wg.Done(); inf.Run(ctx) }()
 	}
+	wg.Add(1)
+	go func() { defer wg.Done(); b.events.Run(ctx) }()
 	wg.Wait()
 }
 
 func (b *backend) synced(ctx context.Context) error {
-	for _, inf := range []*etcdutil.Informer{b.hw.Informer, b.states.Informer, b.imgs} {
+	for _, inf := range []*etcdutil.Informer{b.hw.Informer, b.states.Informer, b.imgs, b.disc.inf.Informer} {
 		if err := inf.WaitRev(ctx, 0); err != nil {
 			return err
 		}
@@ -85,28 +100,49 @@ func (b *backend) synced(ctx context.Context) error {
 	return nil
 }
 
-// lookup finds the enrolled hwid of a machine: the record named by its MAC, a record whose mac field
-// is its MAC, or one named by or listing its serial number.
-func (b *backend) lookup(m httpboot.Machine) (string, *keys.Hardware) {
+// lookup finds the enrolled hwid of a machine. Its MAC comes first: the record named by it, or a
+// record whose mac field is it. A serial number identifies a machine only when it can: not a
+// firmware placeholder, named by exactly one record, and that record bound to no other MAC;
+// white-box machines share placeholder serials, and a shared serial must never lend one machine
+// another's identity. When the serial cannot identify the machine, reason says why.
+func (b *backend) lookup(m httpboot.Machine) (hwid string, hw *keys.Hardware, reason string) {
 	if r := b.hw.Get(b.space.Hardware(m.MAC)); r.OK() {
-		return m.MAC, r.Value
+		return m.MAC, r.Value, ""
 	}
-	var bySerial string
-	var bySerialHW *keys.Hardware
+	type match struct {
+		hwid string
+		hw   *keys.Hardware
+	}
+	var bySerial []match
 	for _, r := range b.hw.List() {
-		hwid, ok := keys.ParseLeaf(b.space.HardwarePrefix(), r.Key)
+		id, ok := keys.ParseLeaf(b.space.HardwarePrefix(), r.Key)
 		if !ok || !r.OK() {
 			continue
 		}
-		hw := r.Value
-		if hw.MAC == m.MAC {
-			return hwid, hw
+		if r.Value.MAC == m.MAC {
+			return id, r.Value, ""
 		}
-		if m.Serial != "" && (hwid == m.Serial || hw.Serial == m.Serial) && bySerial == "" {
-			bySerial, bySerialHW = hwid, hw
+		if m.Serial != "" && (id == m.Serial || r.Value.Serial == m.Serial) {
+			bySerial = append(bySerial, match{id, r.Value})
 		}
 	}
-	return bySerial, bySerialHW
+	if len(bySerial) == 0 {
+		return "", nil, ""
+	}
+	if why := keys.PlaceholderSerial(m.Serial); why != "" {
+		return "", nil, fmt.Sprintf("its serial number %s; enrol it by MAC: herdctl hw add %s", why, m.MAC)
+	}
+	if len(bySerial) > 1 {
+		ids := make([]string, len(bySerial))
+		for i, x := range bySerial {
+			ids[i] = x.hwid
+		}
+		return "", nil, fmt.Sprintf("its serial number %q is enrolled %d times (%s): enrol it by MAC", m.Serial, len(ids), strings.Join(ids, ", "))
+	}
+	if x := bySerial[0]; x.hw.MAC != "" && x.hw.MAC != m.MAC {
+		return "", nil, fmt.Sprintf("its serial number %q is enrolled as %s with MAC %s, not this machine's %s", m.Serial, x.hwid, x.hw.MAC, m.MAC)
+	}
+	return bySerial[0].hwid, bySerial[0].hw, ""
 }
 
 // version is the image a node boots: its pin, else the current one.
@@ -127,9 +163,9 @@ func (b *backend) version(hwid string) (string, error) {
 
 // Resolve implements httpboot.Backend.
 func (b *backend) Resolve(ctx context.Context, m httpboot.Machine) (httpboot.Target, error) {
-	hwid, hw := b.lookup(m)
+	hwid, hw, why := b.lookup(m)
 	if hw == nil {
-		return httpboot.Target{}, httpboot.ErrUnknown
+		return httpboot.Target{}, httpboot.Unknown(why)
 	}
 	v, err := b.version(hwid)
 	if err != nil {
@@ -157,71 +193,9 @@ func (b *backend) Image(version string) (*keys.Image, bool) {
 	return r.Value, true
 }
 
-// Discovered implements httpboot.Backend: first/last seen and attempts, under a shared lease rotated
-// hourly, so a record lives about a day after the last attempt without a lease per attempt.
-func (b *backend) Discovered(ctx context.Context, m httpboot.Machine) error {
-	key := b.space.Discovered(m.MAC)
-	lease, err := b.discoveredLease(ctx)
-	if err != nil {
-		return err
-	}
-	for attempt := 0; attempt < 3; attempt++ {
-		cctx, cancel := etcdutil.WithTimeout(ctx)
-		resp, err := b.client.Get(cctx, key)
-		cancel()
-		if err != nil {
-			return err
-		}
-		now := time.Now().UTC()
-		d := &keys.Discovered{MAC: m.MAC, FirstSeen: now}
-		var modRev int64
-		if len(resp.Kvs) > 0 {
-			modRev = resp.Kvs[0].ModRevision
-			if old, err := keys.Decode[keys.Discovered](resp.Kvs[0].Value); err == nil {
-				d = old
-			}
-		}
-		d.LastSeen, d.Attempts, d.Bootserver = now, d.Attempts+1, b.name
-		if m.Serial != "" {
-			d.Serial = m.Serial
-		}
-		if m.UUID != "" {
-			d.UUID = m.UUID
-		}
-		if m.Arch != "" {
-			d.Arch = m.Arch
-		}
-		cctx, cancel = etcdutil.WithTimeout(ctx)
-		tx, err := b.client.Txn(cctx).If(etcdutil.ModRev(key, modRev)).
-			Then(clientv3.OpPut(key, keys.MustEncode(d), clientv3.WithLease(lease))).Commit()
-		cancel()
-		if err != nil {
-			b.mu.Lock()
-			b.discLease = 0
-			b.mu.Unlock()
-			return err
-		}
-		if tx.Succeeded {
-			return nil
-		}
-	}
-	return fmt.Errorf("discovered record %s kept changing", key)
-}
-
-func (b *backend) discoveredLease(ctx context.Context) (clientv3.LeaseID, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	if b.discLease != 0 && time.Since(b.discAt) < time.Hour {
-		return b.discLease, nil
-	}
-	cctx, cancel := etcdutil.WithTimeout(ctx)
-	defer cancel()
-	l, err := b.client.Grant(cctx, int64((discoveredTTL+time.Hour)/time.Second))
-	if err != nil {
-		return 0, fmt.Errorf("grant discovered lease: %w", err)
-	}
-	b.discLease, b.discAt = l.ID, time.Now()
-	return l.ID, nil
+// Discovered implements httpboot.Backend.
+func (b *backend) Discovered(ctx context.Context, m httpboot.Machine, why string) error {
+	return b.disc.record(ctx, m, why)
 }
 
 // verdicts checks every catalogue version against the local image directory.
@@ -318,7 +292,7 @@ func (b *backend) logVerdicts(v map[string]string) {
 	}
 }
 
-// JoinToken mints the one-time token a booting node joins with.
-func (b *backend) JoinToken(ctx context.Context, hwid string) (string, error) {
-	return join.Mint(ctx, b.client, b.space, hwid, b.tokenTTL, "bootserver/"+b.name)
+// JoinToken mints the one-time token a booting node joins with, bound to its boot NIC.
+func (b *backend) JoinToken(ctx context.Context, hwid, mac string) (string, error) {
+	return join.Mint(ctx, b.client, b.space, join.Grant{HWID: hwid, MAC: mac, TTL: b.tokenTTL, IssuedBy: "bootserver/" + b.name})
 }

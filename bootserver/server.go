@@ -29,8 +29,12 @@ import (
 // share lives in etcd.
 type Config struct {
 	Client *clientv3.Client
-	Space  keys.Space
-	Name   string
+	// EtcdUser is the etcd user Client authenticates as, recorded in events.
+	EtcdUser string
+	Space    keys.Space
+	Name     string
+	// Discovery bounds what unknown machines cost etcd.
+	Discovery DiscoveryLimits
 
 	// HTTPListen serves scripts and images; Advertise is the base URL nodes reach it at.
 	HTTPListen string
@@ -88,7 +92,8 @@ func Run(ctx context.Context, cfg Config) error {
 	if len(cfg.Join) > 0 && cfg.CAHash == "" {
 		return errors.New("bootserver: join endpoints without a CA fingerprint: nodes could not trust them (--cacert or --node-ca-hash)")
 	}
-	b := newBackend(cfg.Client, cfg.Space, cfg.Name, store, cfg.Log, cfg.TokenTTL)
+	b := newBackend(cfg.Client, cfg.Space, backendConfig{name: cfg.Name, user: cfg.EtcdUser, store: store, tokenTTL: cfg.TokenTTL,
+		limits: cfg.Discovery, log: cfg.Log, registry: cfg.Registry})
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { b.run(gctx); return nil })
 	if err := b.synced(gctx); err != nil {

@@ -137,10 +137,11 @@ mount -t tmpfs tmpfs /run
 mount -t tmpfs tmpfs /tmp
 log() { echo "herd-init: $*" >/dev/console; }
 
-HWID= ENDPOINTS= IMAGE=$(cat /etc/herd/image-version) SYSLOG= LIBVIRT=qemu:///system AGENTARGS= JOIN= CAHASH= TOKEN=
+HWID= BOOTMAC= ENDPOINTS= IMAGE=$(cat /etc/herd/image-version) SYSLOG= LIBVIRT=qemu:///system AGENTARGS= JOIN= CAHASH= TOKEN=
 for p in $(cat /proc/cmdline); do
   case "$p" in
     herd.hwid=*) HWID=${p#herd.hwid=} ;;
+    herd.mac=*) BOOTMAC=${p#herd.mac=} ;;
     herd.endpoints=*) ENDPOINTS=${p#herd.endpoints=} ;;
     herd.image=*) IMAGE=${p#herd.image=} ;;
     herd.syslog=*) SYSLOG=${p#herd.syslog=} ;;
@@ -166,6 +167,7 @@ for d in /sys/class/net/*; do
   [ "$n" = lo ] && continue
   [ -z "$IFACE" ] && IFACE=$n
   [ "$(cat "$d/address")" = "$HWID" ] && IFACE=$n
+  [ -n "$BOOTMAC" ] && [ "$(cat "$d/address")" = "$BOOTMAC" ] && IFACE=$n
 done
 if [ -z "$IFACE" ]; then
   log "no network interface: is the NIC's driver in /etc/herd/modules? dropping to a shell"
@@ -192,6 +194,7 @@ set -- agent --endpoints "$ENDPOINTS" --image "$IMAGE" --libvirt-uri "$LIBVIRT" 
 # The token goes by environment, not argv, so it is not in every `ps`; it is spent at the first
 # join, and restarts of the agent use the certificate in /run/herd/credentials.
 [ -n "$JOIN" ] && set -- "$@" --join "$JOIN" --ca-hash "$CAHASH" --cred-dir /run/herd/credentials
+[ -n "$JOIN" ] && [ -n "$BOOTMAC" ] && set -- "$@" --join-mac "$BOOTMAC"
 export HERD_JOIN_TOKEN="$TOKEN"
 while true; do
   log "starting agent"

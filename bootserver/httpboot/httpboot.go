@@ -39,16 +39,41 @@ type Target struct {
 // ErrUnknown means the machine is not enrolled.
 var ErrUnknown = errors.New("machine not enrolled")
 
+// Unknown is ErrUnknown with why the machine is not recognised, when there is more to say than
+// that nobody enrolled it ("" for nothing more).
+func Unknown(reason string) error {
+	if reason == "" {
+		return ErrUnknown
+	}
+	return &unknownError{reason}
+}
+
+type unknownError struct{ reason string }
+
+func (e *unknownError) Error() string        { return "machine not enrolled: " + e.reason }
+func (e *unknownError) Is(target error) bool { return target == ErrUnknown }
+
+// Reason is why an unknown machine is not recognised ("" when nobody enrolled it).
+func Reason(err error) string {
+	var u *unknownError
+	if errors.As(err, &u) {
+		return u.reason
+	}
+	return ""
+}
+
 // Backend answers per machine; the bootserver's etcd backend implements it.
 type Backend interface {
 	// Resolve finds the enrolled hardware by MAC, else by serial, and the image it boots.
 	Resolve(ctx context.Context, m Machine) (Target, error)
-	// Discovered records an unknown machine's attempt.
-	Discovered(ctx context.Context, m Machine) error
+	// Discovered records an unknown machine's attempt, with why it is not recognised ("" when
+	// nobody enrolled it).
+	Discovered(ctx context.Context, m Machine, reason string) error
 	// Image returns a catalogue entry.
 	Image(version string) (*keys.Image, bool)
-	// JoinToken mints a one-time join token for this boot of hwid.
-	JoinToken(ctx context.Context, hwid string) (string, error)
+	// JoinToken mints a one-time join token for this boot of hwid, spendable only by a join that
+	// names the boot NIC mac.
+	JoinToken(ctx context.Context, hwid, mac string) (string, error)
 }
 
 // Config of the HTTP service.
@@ -170,13 +195,17 @@ func (h *Handler) script(w http.ResponseWriter, r *http.Request) {
 	t, err := h.backend.Resolve(ctx, m)
 	switch {
 	case errors.Is(err, ErrUnknown):
-		if derr := h.backend.Discovered(ctx, m); derr != nil {
+		why := Reason(err)
+		if derr := h.backend.Discovered(ctx, m, why); derr != nil {
 			h.log.Warn("could not record discovered machine", "mac", m.MAC, "error", derr)
 		}
 		h.count("script", "unknown")
-		h.log.Info("unknown machine asked to boot; waiting for approval", "mac", m.MAC, "serial", m.Serial, "remote", m.Remote,
-			"hint", "herdctl hw approve "+m.MAC)
-		writeScript(w, ipxe.Wait(h.cfg.Base, m.query(), "this machine is not enrolled, waiting for approval", h.cfg.Retry))
+		msg := "this machine is not enrolled, waiting for approval"
+		if why != "" {
+			// The reason quotes what the machine sent: it stays out of the script.
+			msg = "not recognised by its serial number: enrol it by MAC (herdctl hw discovered says why)"
+		}
+		writeScript(w, ipxe.Wait(h.cfg.Base, m.query(), msg, h.cfg.Retry))
 		return
 	case err != nil:
 		h.count("script", "not_bootable")
@@ -184,14 +213,14 @@ func (h *Handler) script(w http.ResponseWriter, r *http.Request) {
 		writeScript(w, ipxe.Wait(h.cfg.Base, m.query(), "no bootable image yet", h.cfg.Retry))
 		return
 	}
-	params := append([]string{"herd.hwid=" + t.HWID, "herd.image=" + t.Version}, h.cfg.Params...)
+	params := append([]string{"herd.hwid=" + t.HWID, "herd.mac=" + m.MAC, "herd.image=" + t.Version}, h.cfg.Params...)
 	if t.Image.Cmdline != "" {
 		params = append(params, strings.Fields(t.Image.Cmdline)...)
 	}
 	if len(h.cfg.Join) > 0 {
 		// Minted per script served: every boot, and every retry of a boot, has its own token,
 		// valid once and briefly. Never logged.
-		tok, err := h.backend.JoinToken(ctx, t.HWID)
+		tok, err := h.backend.JoinToken(ctx, t.HWID, m.MAC)
 		if err != nil {
 			h.count("script", "not_bootable")
 			h.log.Error("cannot mint a join token; the node waits", "mac", m.MAC, "hwid", t.HWID, "error", err)

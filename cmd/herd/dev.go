@@ -480,7 +480,7 @@ func devAgent(ctx context.Context, c devAgentConfig, admin *clientv3.Client, ima
 	if c.sec != nil {
 		// The node's way in, as on real hardware: a one-time token per boot, traded at a
 		// coordinator's join endpoint for a certificate naming the node's own etcd user.
-		tok, err := ljoin.Mint(ctx, admin, c.space, c.hwid, ljoin.DefaultTokenTTL, "herd-dev")
+		tok, err := ljoin.Mint(ctx, admin, c.space, ljoin.Grant{HWID: c.hwid, TTL: ljoin.DefaultTokenTTL, IssuedBy: "herd-dev"})
 		if err != nil {
 			hv.Close()
 			return nil, nil, err

@@ -90,6 +90,7 @@ func (j *joinServerFlags) server(eo etcdutil.Options, cfg join.Config) (*join.Se
 type joinClientFlags struct {
 	urls          []string
 	token, caHash string
+	mac           string
 	dir           string
 	// qemuDir: see ljoin.Client.
 	qemuDir string
@@ -99,6 +100,7 @@ func (j *joinClientFlags) add(fs *pflag.FlagSet) {
 	fs.StringSliceVar(&j.urls, "join", nil, "coordinators' join endpoints, e.g. https://10.0.0.7:9443 (herd.join= on the kernel command line): get etcd and Ceph credentials with a join token")
 	fs.StringVar(&j.token, "join-token", os.Getenv("HERD_JOIN_TOKEN"), "one-time join token (herd.token=; env HERD_JOIN_TOKEN); not needed while the credentials in --cred-dir are valid")
 	fs.StringVar(&j.caHash, "ca-hash", "", "fingerprint the cluster CA must have, sha256:<hex> (herd.ca=)")
+	fs.StringVar(&j.mac, "join-mac", "", "this machine's boot NIC MAC, sent with the join (herd.mac=): the boot server binds a token to the machine it served it to (default: herd.mac= or BOOTIF= on the kernel command line)")
 	fs.StringVar(&j.dir, "cred-dir", "/run/herd/credentials", "where the node's certificate, key and Ceph keyring are kept")
 }
 
@@ -112,7 +114,11 @@ func (j *joinClientFlags) bootstrap(ctx context.Context, hwid string, eo *etcdut
 	if err != nil {
 		return nil, err
 	}
-	jc := &ljoin.Client{URLs: j.urls, CAHash: j.caHash, Dir: j.dir, HWID: hwid, Log: log.Named("join"), QEMUDir: j.qemuDir}
+	mac := j.mac
+	if mac == "" {
+		mac = agent.LocalHost().BootMAC()
+	}
+	jc := &ljoin.Client{URLs: j.urls, CAHash: j.caHash, Dir: j.dir, HWID: hwid, MAC: mac, Log: log.Named("join"), QEMUDir: j.qemuDir}
 	if j.caHash == "" {
 		jc.CAFile = eo.CACert
 	}

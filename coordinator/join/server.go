@@ -207,6 +207,14 @@ func (s *Server) join(ctx context.Context, req *join.Request) (*join.Response, e
 	if tok.HWID != hwid {
 		return nil, refuse(http.StatusForbidden, "join token was minted for %s, not %s", tok.HWID, hwid)
 	}
+	if tok.MAC != "" {
+		// Bound to the boot NIC it was served to: a token read off another machine's boot script
+		// (or the network) is useless elsewhere.
+		mac, err := keys.NormalizeMAC(req.MAC)
+		if err != nil || mac != tok.MAC {
+			return nil, refuse(http.StatusForbidden, "join token for %s was served to the machine with boot NIC %s, and this join names %q (herd.mac= on the kernel command line)", hwid, tok.MAC, req.MAC)
+		}
+	}
 	if !s.cfg.Now().Before(tok.Expires) {
 		return nil, refuse(http.StatusForbidden, "join token for %s expired at %s: reboot the node for a new one", hwid, tok.Expires.Format(time.RFC3339))
 	}

@@ -99,7 +99,7 @@ func newRig(t *testing.T) *rig {
 }
 
 func (r *rig) mint(hwid string) string {
-	tok, err := join.Mint(context.Background(), r.root, space, hwid, time.Minute, "test")
+	tok, err := join.Mint(context.Background(), r.root, space, join.Grant{HWID: hwid, TTL: time.Minute, IssuedBy: "test"})
 	if err != nil {
 		r.t.Fatal(err)
 	}
@@ -196,6 +196,23 @@ func TestJoinRefusals(t *testing.T) {
 	tokA := r.mint("52:54:00:00:00:0a")
 	b := r.client("52:54:00:00:00:0b")
 	refused(t, b.Join(ctx, tokA), "minted for 52:54:00:00:00:0a")
+
+	// A token the boot server bound to a boot NIC: spent only by a join naming that MAC. Enrolled
+	// hardware is needed for the good join: 0a is (the rig enrols it).
+	bound, err := join.Mint(ctx, r.root, space, join.Grant{HWID: "52:54:00:00:00:0a", MAC: "52:54:00:00:00:0a", TTL: time.Minute, IssuedBy: "test"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	thief := r.client("52:54:00:00:00:0a")
+	thief.MAC = "52:54:00:00:00:66"
+	refused(t, thief.Join(ctx, bound), "was served to the machine with boot NIC 52:54:00:00:00:0a")
+	thief.MAC = ""
+	refused(t, thief.Join(ctx, bound), "was served to the machine with boot NIC")
+	owner := r.client("52:54:00:00:00:0a")
+	owner.MAC = "52-54-00-00-00-0A"
+	if err := owner.Join(ctx, bound); err != nil {
+		t.Fatalf("the machine the token was served to: %v", err)
+	}
 
 	// Unknown hardware.
 	c := r.client("52:54:00:00:00:0c")

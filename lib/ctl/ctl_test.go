@@ -2,10 +2,14 @@ package ctl
 
 import (
 	"bytes"
+	"context"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/herdhq/herd/lib/cli"
+	"github.com/herdhq/herd/lib/etcdembed/etcdtest"
+	"github.com/herdhq/herd/lib/keys"
 )
 
 func TestParseSpecDocs(t *testing.T) {
@@ -54,5 +58,59 @@ func TestGoStyleFlagsAndExitCodes(t *testing.T) {
 	root.SetArgs([]string{"vm", "get"})
 	if err := root.Execute(); ExitCode(err) != cli.ExitUsage {
 		t.Fatalf("missing argument: %v", err)
+	}
+}
+
+// herdctl runs herdctl against endpoints and returns its output and error.
+func herdctl(t *testing.T, endpoints string, args ...string) (string, string, error) {
+	t.Helper()
+	var out, errOut bytes.Buffer
+	root := NewRoot(&out, &errOut)
+	root.SetArgs(append([]string{"--endpoints", endpoints}, args...))
+	err := root.Execute()
+	return out.String(), errOut.String(), err
+}
+
+// TestSerialNumbersThatCannotIdentify: herdctl refuses to enrol by a placeholder serial number or
+// by one another record already names, and approves a discovered machine by MAC without its
+// placeholder serial.
+func TestSerialNumbersThatCannotIdentify(t *testing.T) {
+	srv := etcdtest.Start(t)
+	ep := srv.Endpoints[0]
+	for _, args := range [][]string{
+		{"hw", "add", "0123456789"},
+		{"hw", "add", "00000000"},
+		{"hw", "add", "52:54:00:00:00:01", "--serial", "Default string"},
+	} {
+		if _, _, err := herdctl(t, ep, args...); ExitCode(err) != cli.ExitUsage || !strings.Contains(err.Error(), "placeholder") {
+			t.Fatalf("%v: %v", args, err)
+		}
+	}
+	if _, _, err := herdctl(t, ep, "hw", "add", "52:54:00:00:00:01", "--serial", "7XK2QF2"); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := herdctl(t, ep, "hw", "add", "7XK2QF2"); err == nil || !strings.Contains(err.Error(), "already enrolled as 52:54:00:00:00:01") {
+		t.Fatalf("second record of one serial: %v", err)
+	}
+	if _, _, err := herdctl(t, ep, "hw", "add", "52:54:00:00:00:01", "--label", "rack=r1"); err != nil {
+		t.Fatalf("updating the record that holds the serial: %v", err)
+	}
+
+	c := etcdtest.NewClient(t, srv.Endpoints)
+	sp := keys.MustSpace(keys.DefaultPrefix)
+	d := keys.Discovered{MAC: "52:54:00:00:00:02", Serial: "To Be Filled By O.E.M.", FirstSeen: time.Now(), LastSeen: time.Now(), Attempts: 1}
+	if _, err := c.Put(context.Background(), sp.Discovered(d.MAC), keys.MustEncode(&d)); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := herdctl(t, ep, "hw", "approve", d.MAC, "--by-serial"); ExitCode(err) != cli.ExitUsage {
+		t.Fatalf("approve by a placeholder serial: %v", err)
+	}
+	_, errOut, err := herdctl(t, ep, "hw", "approve", d.MAC)
+	if err != nil || !strings.Contains(errOut, "serial number not recorded") {
+		t.Fatalf("approve: %v %s", err, errOut)
+	}
+	resp, err := c.Get(context.Background(), sp.Hardware(d.MAC))
+	if err != nil || len(resp.Kvs) != 1 || strings.Contains(string(resp.Kvs[0].Value), "serial") {
+		t.Fatalf("enrolled record: %v %v", resp, err)
 	}
 }

@@ -62,6 +62,11 @@ replaces all labels; fields this herdctl does not know are kept.`,
 			}
 			ctx, cancel := e.ctx(cmd.Context())
 			defer cancel()
+			for _, s := range []string{serial, serialID(id)} {
+				if err := e.serialFree(ctx, s, id); err != nil {
+					return err
+				}
+			}
 			result, err := e.updateHardware(ctx, id, true, func(hw *keys.Hardware) {
 				if _, err := keys.NormalizeMAC(id); err == nil && hw.MAC == "" {
 					hw.MAC = id
@@ -262,16 +267,21 @@ func hwApproveCmd(e *env) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			hwid := mac
-			if bySerial {
-				if d.Serial == "" {
-					return fmt.Errorf("machine %s reported no serial number; approve it by MAC", mac)
+			hwid, serial := mac, d.Serial
+			if why := serialProblem(ctx, e, serial, ""); why != "" {
+				if bySerial {
+					return usagef("machine %s cannot be enrolled by its serial number: %s; approve it by MAC", mac, why)
 				}
-				if hwid, err = keys.NormalizeHWID(d.Serial); err != nil {
+				// The MAC identifies it; a serial that cannot is left out of the record.
+				fmt.Fprintf(e.errOut, "note: serial number not recorded: %s\n", why)
+				serial = ""
+			}
+			if bySerial {
+				if hwid, err = keys.NormalizeHWID(serial); err != nil {
 					return err
 				}
 			}
-			hw := keys.Hardware{MAC: mac, Serial: d.Serial, Labels: lbl, StorageIP: storageIP}
+			hw := keys.Hardware{MAC: mac, Serial: serial, Labels: lbl, StorageIP: storageIP}
 			if err := hw.Validate(hwid); err != nil {
 				return usagef("%v", err)
 			}
@@ -457,4 +467,47 @@ func hwPinCmd(e *env, pin bool) *cobra.Command {
 			return nil
 		},
 	}
+}
+
+// serialID is id when it is a serial number (not a MAC), else "".
+func serialID(id string) string {
+	if _, err := keys.NormalizeMAC(id); err == nil {
+		return ""
+	}
+	return id
+}
+
+// serialProblem says why serial cannot identify a machine ("" when it can, or is empty): a firmware
+// placeholder, or a serial another hardware record than except already names. White-box machines
+// share placeholder serials; the boot server would refuse to identify any of them by it.
+func serialProblem(ctx context.Context, e *env, serial, except string) string {
+	if serial == "" {
+		return ""
+	}
+	if why := keys.PlaceholderSerial(serial); why != "" {
+		return why
+	}
+	resp, err := e.client.Get(ctx, e.space.HardwarePrefix(), clientv3.WithPrefix())
+	if err != nil {
+		return "" // the write's own checks still apply; not knowing is no reason to refuse
+	}
+	for _, kv := range resp.Kvs {
+		id, ok := keys.ParseLeaf(e.space.HardwarePrefix(), string(kv.Key))
+		if !ok || id == except {
+			continue
+		}
+		hw, err := keys.Decode[keys.Hardware](kv.Value)
+		if id == serial || (err == nil && hw.Serial == serial) {
+			return fmt.Sprintf("serial number %q is already enrolled as %s", serial, id)
+		}
+	}
+	return ""
+}
+
+// serialFree refuses a serial number that cannot identify the machine being enrolled as id.
+func (e *env) serialFree(ctx context.Context, serial, id string) error {
+	if why := serialProblem(ctx, e, serial, id); why != "" {
+		return usagef("hardware %s: %s: enrol it by its boot NIC's MAC", id, why)
+	}
+	return nil
 }

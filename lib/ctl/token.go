@@ -35,7 +35,7 @@ stored (/herd/jointokens/<sha256>), under a lease of --ttl.`,
 			if hw.Count == 0 {
 				return fmt.Errorf("hardware %s: %w: enrol it first (herdctl hw add %s)", id, ErrNotFound, id)
 			}
-			tok, err := join.Mint(ctx, e.client, e.space, id, ttl, actor())
+			tok, err := join.Mint(ctx, e.client, e.space, join.Grant{HWID: id, TTL: ttl, IssuedBy: actor()})
 			if err != nil {
 				return err
 			}

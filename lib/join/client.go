@@ -40,7 +40,10 @@ type Client struct {
 	CAHash, CAFile string
 	Dir            string
 	HWID           string
-	Log            hclog.Logger
+	// MAC is this machine's boot NIC, sent with a join: a token the boot server bound to it is spent
+	// only by that machine.
+	MAC string
+	Log hclog.Logger
 	// QEMUDir, if set, receives a live-migration certificate in QEMU's migrate_tls_x509_cert_dir
 	// layout (RunMigrationCert), for TLS live migration.
 	QEMUDir string
@@ -289,7 +292,7 @@ func (c *Client) exchange(ctx context.Context, hc *http.Client, url, token strin
 	if err != nil {
 		return err
 	}
-	out, err := c.post(ctx, hc, url, Request{HWID: c.HWID, Token: token, CSR: string(csr)})
+	out, err := c.post(ctx, hc, url, Request{HWID: c.HWID, MAC: c.MAC, Token: token, CSR: string(csr)})
 	if err != nil {
 		return err
 	}

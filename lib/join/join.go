@@ -43,6 +43,9 @@ const (
 type Request struct {
 	HWID  string `json:"hwid"`
 	Token string `json:"token,omitempty"`
+	// MAC is the boot NIC of the joining machine (herd.mac= on its kernel command line): a token
+	// bound to a MAC is spent only by a join that names it.
+	MAC string `json:"mac,omitempty"`
 	// CSR is a PEM certificate request; the signer ignores the name and addresses it asks for.
 	CSR string `json:"csr"`
 }
@@ -86,22 +89,31 @@ func Hash(token string) string {
 	return hex.EncodeToString(sum[:])
 }
 
-// Mint stores a new token for hwid, valid for ttl, and returns it. The record sits on its own lease,
-// so an unused token disappears by itself.
-func Mint(ctx context.Context, c *clientv3.Client, space keys.Space, hwid string, ttl time.Duration, issuedBy string) (string, error) {
-	if ttl < 10*time.Second {
-		return "", fmt.Errorf("join token ttl %s is too short to boot with", ttl)
+// Grant is what a join token lets its holder do: join once as HWID, within TTL, and, when MAC is
+// set, only from the machine whose boot NIC that is (the boot script names it: herd.mac=).
+type Grant struct {
+	HWID     string
+	MAC      string
+	TTL      time.Duration
+	IssuedBy string
+}
+
+// Mint stores a new token for g and returns it. The record sits on its own lease, so an unused
+// token disappears by itself.
+func Mint(ctx context.Context, c *clientv3.Client, space keys.Space, g Grant) (string, error) {
+	if g.TTL < 10*time.Second {
+		return "", fmt.Errorf("join token ttl %s is too short to boot with", g.TTL)
 	}
 	token, hash := NewToken()
 	cctx, cancel := etcdutil.WithTimeout(ctx)
 	defer cancel()
-	l, err := c.Grant(cctx, int64(ttl/time.Second))
+	l, err := c.Grant(cctx, int64(g.TTL/time.Second))
 	if err != nil {
-		return "", fmt.Errorf("mint join token for %s: grant lease: %w", hwid, err)
+		return "", fmt.Errorf("mint join token for %s: grant lease: %w", g.HWID, err)
 	}
-	rec := &keys.JoinToken{HWID: hwid, Expires: time.Now().Add(ttl).UTC().Truncate(time.Second), IssuedBy: issuedBy}
+	rec := &keys.JoinToken{HWID: g.HWID, MAC: g.MAC, Expires: time.Now().Add(g.TTL).UTC().Truncate(time.Second), IssuedBy: g.IssuedBy}
 	if _, err := c.Put(cctx, space.JoinToken(hash), keys.MustEncode(rec), clientv3.WithLease(l.ID)); err != nil {
-		return "", fmt.Errorf("mint join token for %s: %w", hwid, err)
+		return "", fmt.Errorf("mint join token for %s: %w", g.HWID, err)
 	}
 	return token, nil
 }

@@ -489,7 +489,10 @@ type Discovered struct {
 	LastSeen   time.Time `json:"last_seen"`
 	Attempts   int       `json:"attempts"`
 	Bootserver string    `json:"bootserver,omitempty"`
-	Extra      `json:"-"`
+	// Reason says why the machine is not booted when it is not simply unknown (a serial that cannot
+	// identify it, say).
+	Reason string `json:"reason,omitempty"`
+	Extra  `json:"-"`
 }
 
 // ImageFile is one file of a boot image, as the catalogue records it.
@@ -593,7 +596,10 @@ type JoinToken struct {
 	Expires time.Time `json:"expires"`
 	// IssuedBy is who minted it: bootserver/<name> for a netboot, or the operator's user.
 	IssuedBy string `json:"issued_by"`
-	Extra    `json:"-"`
+	// MAC, when set, is the boot NIC of the machine the token was served to: only a join that
+	// names the same MAC may spend it.
+	MAC   string `json:"mac,omitempty"`
+	Extra `json:"-"`
 }
 
 // Rollout is /herd/rollout: the rolling image upgrade an operator asked for (herdctl rollout start).

@@ -241,6 +241,15 @@ func (h *Hardware) Validate(hwid string) error {
 		fe.add("hwid", "%v", err)
 	} else if norm != hwid {
 		fe.add("hwid", "must be written %q", norm)
+	} else if _, err := NormalizeMAC(hwid); err != nil {
+		if why := PlaceholderSerial(hwid); why != "" {
+			fe.add("hwid", "%s: enrol this machine by its boot NIC's MAC", why)
+		}
+	}
+	if h.Serial != "" {
+		if why := PlaceholderSerial(h.Serial); why != "" {
+			fe.add("serial", "%s: leave it out (the MAC identifies the machine)", why)
+		}
 	}
 	validateLabels(&fe, "labels", h.Labels)
 	return fe.err()
