@@ -35,8 +35,10 @@ type backend struct {
 	states *etcdutil.Typed[keys.NodeState]
 	imgs   *etcdutil.Informer // the catalogue and the current pointer: two types
 
-	disc    *discovery
-	events  *events.Recorder
+	disc   *discovery
+	events *events.Recorder
+	// rehash: every verified image is hashed again at least this often.
+	rehash  time.Duration
 	changed chan struct{}
 }
 
@@ -46,6 +48,7 @@ type backendConfig struct {
 	user     string
 	store    *images.Store
 	tokenTTL time.Duration
+	rehash   time.Duration
 	limits   DiscoveryLimits
 	log      hclog.Logger
 	registry prometheus.Registerer
@@ -55,8 +58,11 @@ func newBackend(c *clientv3.Client, s keys.Space, bc backendConfig) *backend {
 	if bc.tokenTTL == 0 {
 		bc.tokenTTL = join.DefaultTokenTTL
 	}
+	if bc.rehash == 0 {
+		bc.rehash = time.Hour
+	}
 	log := bc.log
-	b := &backend{client: c, space: s, name: bc.name, store: bc.store, log: log, tokenTTL: bc.tokenTTL, changed: make(chan struct{}, 1)}
+	b := &backend{rehash: bc.rehash, client: c, space: s, name: bc.name, store: bc.store, log: log, tokenTTL: bc.tokenTTL, changed: make(chan struct{}, 1)}
 	b.events = events.New(c, s, keys.EventsByBootserver, "bootserver/"+bc.name, bc.user, log)
 	b.disc = newDiscovery(c, s, bc.name, bc.limits, b.events, log, bc.registry)
 	poke := func(string, *etcdutil.KV, *etcdutil.KV) {
@@ -198,9 +204,18 @@ func (b *backend) Discovered(ctx context.Context, m httpboot.Machine, why string
 	return b.disc.record(ctx, m, why)
 }
 
-// verdicts checks every catalogue version against the local image directory.
+// verdicts checks every catalogue version against the local image directory, hashing again those
+// verified longer than rehash ago.
 func (b *backend) verdicts() map[string]string {
 	out := map[string]string{}
+	all := map[string]*keys.Image{}
+	for _, kv := range b.imgs.List() {
+		v, ok := keys.ParseLeaf(b.space.ImagePrefix(), kv.Key)
+		if im := etcdutil.Record[keys.Image](kv); ok && v != keys.ImageCurrentName && im.OK() {
+			all[v] = im.Value
+		}
+	}
+	b.store.Reverify(all, b.rehash)
 	for _, kv := range b.imgs.List() {
 		v, ok := keys.ParseLeaf(b.space.ImagePrefix(), kv.Key)
 		if !ok || v == keys.ImageCurrentName {

@@ -43,6 +43,8 @@ type Config struct {
 	TFTPListen string
 	IPXEDir    string
 	ImageDir   string
+	// ImageRehash: every verified image is hashed again at least this often (default 1 h).
+	ImageRehash time.Duration
 
 	// Interface enables DHCP on that interface; empty disables DHCP.
 	Interface string
@@ -92,7 +94,7 @@ func Run(ctx context.Context, cfg Config) error {
 	if len(cfg.Join) > 0 && cfg.CAHash == "" {
 		return errors.New("bootserver: join endpoints without a CA fingerprint: nodes could not trust them (--cacert or --node-ca-hash)")
 	}
-	b := newBackend(cfg.Client, cfg.Space, backendConfig{name: cfg.Name, user: cfg.EtcdUser, store: store, tokenTTL: cfg.TokenTTL,
+	b := newBackend(cfg.Client, cfg.Space, backendConfig{name: cfg.Name, user: cfg.EtcdUser, store: store, tokenTTL: cfg.TokenTTL, rehash: cfg.ImageRehash,
 		limits: cfg.Discovery, log: cfg.Log, registry: cfg.Registry})
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { b.run(gctx); return nil })

@@ -1,6 +1,12 @@
 // Package images serves hypervisor image files from a bootserver's image directory, laid out as
 // <dir>/<version>/<file>. A version is served only after its files match the catalogue's sizes and
 // sha256: a half-copied or corrupted image never reaches a node.
+//
+// A file is hashed again whenever it may have changed: its inode, size, modification time or
+// change time differs from when it was hashed (the change time moves on any write or attribute
+// change, also when someone restores the modification time), and at the latest every Reverify
+// period, for what no stamp shows (storage that rots). A file served is the very file verified: it
+// is opened, then its stamp compared with the verified one.
 package images
 
 import (
@@ -12,6 +18,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/herdhq/herd/lib/keys"
@@ -29,14 +36,16 @@ type Store struct {
 }
 
 type stamp struct {
-	size  int64
-	mtime time.Time
+	dev, ino     uint64
+	size         int64
+	mtime, ctime time.Time
 }
 
 type verdict struct {
 	result         string
 	kernel, initrd stamp
 	kSum, iSum     string
+	hashed         time.Time
 }
 
 // NewStore serves dir.
@@ -60,15 +69,41 @@ func statOf(p string) (stamp, error) {
 	if err != nil {
 		return stamp{}, err
 	}
+	return stampOf(p, st)
+}
+
+func stampOf(p string, st os.FileInfo) (stamp, error) {
 	if !st.Mode().IsRegular() {
 		return stamp{}, fmt.Errorf("%s is not a regular file", p)
 	}
-	return stamp{st.Size(), st.ModTime()}, nil
+	s := stamp{size: st.Size(), mtime: st.ModTime()}
+	if sys, ok := st.Sys().(*syscall.Stat_t); ok {
+		s.dev, s.ino = uint64(sys.Dev), sys.Ino
+		s.ctime = time.Unix(sys.Ctim.Sec, sys.Ctim.Nsec)
+	}
+	return s, nil
 }
 
 // Check verifies version against its catalogue entry and returns OK or why it cannot be served.
-// Hashing happens once per file change (size and mtime), not per request.
+// Hashing happens once per file change (see the package comment), not per request.
 func (s *Store) Check(version string, im *keys.Image) string {
+	return s.check(version, im, false)
+}
+
+// Reverify hashes again every version verified longer than maxAge ago (the caller's goroutine pays,
+// not a node's request): what no file stamp shows is found within maxAge.
+func (s *Store) Reverify(versions map[string]*keys.Image, maxAge time.Duration) {
+	for version, im := range versions {
+		s.mu.Lock()
+		v, ok := s.cache[version]
+		s.mu.Unlock()
+		if ok && time.Since(v.hashed) > maxAge {
+			s.check(version, im, true)
+		}
+	}
+}
+
+func (s *Store) check(version string, im *keys.Image, force bool) string {
 	kp, err := s.path(version, im.Kernel.Name)
 	if err != nil {
 		return err.Error()
@@ -85,8 +120,8 @@ func (s *Store) Check(version string, im *keys.Image) string {
 	s.mu.Lock()
 	v, ok := s.cache[version]
 	s.mu.Unlock()
-	if !ok || v.kernel != ks || v.initrd != is || v.kSum != im.Kernel.SHA256 || v.iSum != im.Initrd.SHA256 {
-		v = verdict{kernel: ks, initrd: is, kSum: im.Kernel.SHA256, iSum: im.Initrd.SHA256, result: OK}
+	if force || !ok || v.kernel != ks || v.initrd != is || v.kSum != im.Kernel.SHA256 || v.iSum != im.Initrd.SHA256 {
+		v = verdict{kernel: ks, initrd: is, kSum: im.Kernel.SHA256, iSum: im.Initrd.SHA256, result: OK, hashed: time.Now()}
 		for _, f := range []struct {
 			path string
 			want keys.ImageFile
@@ -105,6 +140,15 @@ func (s *Store) Check(version string, im *keys.Image) string {
 				v.result = fmt.Sprintf("%s sha256 %s, catalogue says %s", f.want.Name, sum, f.want.SHA256)
 				break
 			}
+		}
+		// Hashing took a while: the verdict holds only for the files as they were before it.
+		if ks2, err := statOf(kp); err != nil || ks2 != ks {
+			v.result = "the kernel changed while it was verified; verified again at the next request"
+			v.kernel = stamp{}
+		}
+		if is2, err := statOf(ip); err != nil || is2 != is {
+			v.result = "the initrd changed while it was verified; verified again at the next request"
+			v.initrd = stamp{}
 		}
 		s.mu.Lock()
 		s.cache[version] = v
@@ -125,7 +169,32 @@ func (s *Store) Open(version, name string, im *keys.Image) (*os.File, error) {
 	if err != nil {
 		return nil, err
 	}
-	return os.Open(p)
+	f, err := os.Open(p)
+	if err != nil {
+		return nil, err
+	}
+	// The file opened must be the file verified (not one renamed over it since).
+	st, err := f.Stat()
+	if err == nil {
+		var got stamp
+		if got, err = stampOf(p, st); err == nil {
+			s.mu.Lock()
+			v := s.cache[version]
+			s.mu.Unlock()
+			want := v.kernel
+			if name == im.Initrd.Name {
+				want = v.initrd
+			}
+			if got != want {
+				err = fmt.Errorf("%w: %s/%s changed since it was verified; verified again at the next request", ErrNotServed, version, name)
+			}
+		}
+	}
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	return f, nil
 }
 
 // FileSHA256 hashes a file.
