@@ -42,6 +42,7 @@ type Config struct {
 	// TFTPListen serves the iPXE binaries of IPXEDir; empty disables TFTP.
 	TFTPListen string
 	IPXEDir    string
+	TFTPLimits tftp.Limits
 	ImageDir   string
 	// ImageRehash: every verified image is hashed again at least this often (default 1 h).
 	ImageRehash time.Duration
@@ -160,7 +161,7 @@ func Run(ctx context.Context, cfg Config) error {
 		if err != nil {
 			return fmt.Errorf("bootserver tftp: %w", err)
 		}
-		ts := tftp.New(cfg.IPXEDir, fetched, cfg.Log, reqs)
+		ts := tftp.New(cfg.IPXEDir, fetched, cfg.TFTPLimits, cfg.Log, reqs)
 		g.Go(func() error { <-gctx.Done(); ts.Shutdown(); return nil })
 		g.Go(func() error { return ts.Serve(conn) })
 		cfg.Log.Info("tftp serving", "listen", conn.LocalAddr(), "dir", cfg.IPXEDir)

@@ -7,7 +7,8 @@ set -euo pipefail
 # binaries, busybox and cpio for the netboot image).
 want=(gcc pkg-config libvirt-dev libvirt0 etcd-client iproute2 qemu-system-x86 ipxe busybox-static cpio binutils
   libvirt-daemon libvirt-daemon-driver-qemu util-linux
-  ceph-mon ceph-osd ceph-common librados-dev librbd-dev uuid-runtime qemu-block-extra nftables)
+  ceph-mon ceph-osd ceph-common librados-dev librbd-dev uuid-runtime qemu-block-extra nftables
+  atftp tftp-hpa curl ovmf)
 for group in "$@"; do
   case "$group" in
     bench) want+=(dnsmasq-base nginx-light) ;;

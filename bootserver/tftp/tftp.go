@@ -1,5 +1,5 @@
-// Package tftp serves the iPXE binaries, and nothing else, over TFTP (pin/tftp: tsize and blksize
-// are negotiated). Bigger files go over HTTP once iPXE runs.
+// Package tftp serves the iPXE binaries, and nothing else, over TFTP (blksize, tsize, timeout and
+// windowsize negotiated; see server.go). Bigger files go over HTTP once iPXE runs.
 //
 // A file may be asked for as "<mac>/<file>" (12 hex digits): the bootserver hands out such names when
 // it wants a machine to chainload its own iPXE, and remembers that the machine did, so that the iPXE
@@ -8,18 +8,10 @@ package tftp
 
 import (
 	"fmt"
-	"io"
-	"net"
-	"os"
-	"path/filepath"
 	"regexp"
 	"strings"
 	"sync"
 	"time"
-
-	"github.com/hashicorp/go-hclog"
-	"github.com/pin/tftp/v3"
-	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/herdhq/herd/lib/keys"
 )
@@ -81,77 +73,3 @@ func (f *Fetched) Recent(mac string) bool {
 	t, ok := f.at[mac]
 	return ok && time.Since(t) <= f.TTL
 }
-
-// Server is the TFTP service.
-type Server struct {
-	dir     string
-	fetched *Fetched
-	log     hclog.Logger
-	reqs    *prometheus.CounterVec
-	srv     *tftp.Server
-}
-
-// New serves the files of dir (e.g. /usr/lib/ipxe).
-func New(dir string, fetched *Fetched, log hclog.Logger, reqs *prometheus.CounterVec) *Server {
-	s := &Server{dir: dir, fetched: fetched, log: log.Named("tftp"), reqs: reqs}
-	s.srv = tftp.NewServer(s.read, nil)
-	s.srv.SetTimeout(2 * time.Second)
-	s.srv.SetRetries(5)
-	s.srv.SetHook(s)
-	return s
-}
-
-func (s *Server) count(outcome string) {
-	if s.reqs != nil {
-		s.reqs.WithLabelValues("tftp", outcome).Inc()
-	}
-}
-
-func (s *Server) read(filename string, rf io.ReaderFrom) error {
-	remote := ""
-	if ot, ok := rf.(tftp.OutgoingTransfer); ok {
-		addr := ot.RemoteAddr()
-		remote = addr.String()
-	}
-	_, name, err := ParsePath(filename)
-	if err != nil {
-		s.count("refused")
-		s.log.Warn("refused", "file", filename, "remote", remote, "error", err)
-		return err
-	}
-	f, err := os.Open(filepath.Join(s.dir, name))
-	if err != nil {
-		s.count("not_found")
-		s.log.Warn("file not found", "file", name, "remote", remote)
-		return fmt.Errorf("%s: not found", name)
-	}
-	defer f.Close()
-	if st, err := f.Stat(); err != nil || !st.Mode().IsRegular() {
-		s.count("not_found")
-		return fmt.Errorf("%s: not a file", name)
-	}
-	_, err = rf.ReadFrom(f) // os.File seeks, so tsize is answered
-	return err
-}
-
-// OnSuccess implements tftp.Hook.
-func (s *Server) OnSuccess(st tftp.TransferStats) {
-	mac, name, _ := ParsePath(st.Filename)
-	if mac != "" && s.fetched != nil {
-		s.fetched.Mark(mac)
-	}
-	s.count("ok")
-	s.log.Info("transfer done", "file", name, "mac", mac, "remote", st.RemoteAddr, "duration", st.Duration, "datagrams", st.DatagramsSent)
-}
-
-// OnFailure implements tftp.Hook.
-func (s *Server) OnFailure(st tftp.TransferStats, err error) {
-	s.count("failed")
-	s.log.Warn("transfer failed", "file", st.Filename, "remote", st.RemoteAddr, "duration", st.Duration, "error", err)
-}
-
-// Serve answers on conn until Shutdown.
-func (s *Server) Serve(conn net.PacketConn) error { return s.srv.Serve(conn) }
-
-// Shutdown stops the server.
-func (s *Server) Shutdown() { s.srv.Shutdown() }

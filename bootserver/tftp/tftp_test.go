@@ -40,7 +40,7 @@ func TestServeOverLoopback(t *testing.T) {
 	secret := filepath.Join(filepath.Dir(dir), "secret")
 	_ = os.WriteFile(secret, []byte("no"), 0o644)
 	fetched := NewFetched(time.Minute)
-	s := New(dir, fetched, hclog.NewNullLogger(), nil)
+	s := New(dir, fetched, Limits{}, hclog.NewNullLogger(), nil)
 	conn, err := net.ListenPacket("udp4", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
