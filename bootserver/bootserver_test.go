@@ -428,3 +428,36 @@ func TestBootScriptCarriesJoinToken(t *testing.T) {
 		t.Fatal("two boots got the same token")
 	}
 }
+
+// TestIdleConnectionsAreClosed: connections that say nothing, or go quiet after a request, are
+// closed by the server within its timeouts.
+func TestIdleConnectionsAreClosed(t *testing.T) {
+	srv := newHTTPServer(http.NewServeMux(), HTTPTimeouts{ReadHeader: 300 * time.Millisecond, Idle: 300 * time.Millisecond})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() { _ = srv.Serve(ln) }()
+	defer srv.Close()
+	var conns []net.Conn
+	for i := 0; i < 50; i++ {
+		c, err := net.Dial("tcp", ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		if i%2 == 0 {
+			// A request, then silence on the kept-alive connection.
+			_, _ = c.Write([]byte("GET /x HTTP/1.1\r\nHost: a\r\n\r\n"))
+		} else {
+			_, _ = c.Write([]byte("GET /x HTTP/1.1\r\n")) // headers never finished
+		}
+		conns = append(conns, c)
+	}
+	for i, c := range conns {
+		_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := io.ReadAll(c); err != nil {
+			t.Fatalf("connection %d still open after the timeouts: %v", i, err)
+		}
+	}
+}

@@ -15,6 +15,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/prometheus/client_golang/prometheus"
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"golang.org/x/net/netutil"
 	"golang.org/x/sync/errgroup"
 
 	"github.com/herdhq/herd/bootserver/dhcp"
@@ -65,6 +66,8 @@ type Config struct {
 	CAHash   string
 	TokenTTL time.Duration
 
+	// HTTPTimeouts bound what one HTTP client may hold (zero fields: defaults).
+	HTTPTimeouts HTTPTimeouts
 	// HTTPSListen also serves scripts and images over TLS with TLSCert and TLSKey, so the token
 	// does not cross the network in clear (iPXE must trust the cluster CA: docs/security.md).
 	HTTPSListen     string
@@ -86,6 +89,7 @@ func Run(ctx context.Context, cfg Config) error {
 		return errors.New("bootserver: the advertised URL (--advertise) is required: nodes must reach it")
 	}
 	cfg.Advertise = strings.TrimRight(cfg.Advertise, "/")
+	cfg.HTTPTimeouts.defaults()
 	reqs := prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "herd_bootserver_requests_total", Help: "Boot requests by stage (dhcp, tftp, chain, script, image) and outcome.",
 	}, []string{"stage", "outcome"})
@@ -111,7 +115,8 @@ func Run(ctx context.Context, cfg Config) error {
 	if err != nil {
 		return fmt.Errorf("bootserver http: %w", err)
 	}
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	srv := newHTTPServer(mux, cfg.HTTPTimeouts)
+	hl = netutil.LimitListener(hl, cfg.HTTPTimeouts.MaxConns)
 	g.Go(func() error {
 		<-gctx.Done()
 		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -134,10 +139,12 @@ func Run(ctx context.Context, cfg Config) error {
 		if err != nil {
 			return fmt.Errorf("bootserver https: %w", err)
 		}
-		tsrv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, TLSConfig: &tls.Config{
+		tsrv := newHTTPServer(mux, cfg.HTTPTimeouts)
+		tsrv.TLSConfig = &tls.Config{
 			MinVersion:     tls.VersionTLS12,
 			GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return kp.Get() },
-		}}
+		}
+		tl = netutil.LimitListener(tl, cfg.HTTPTimeouts.MaxConns)
 		g.Go(func() error {
 			<-gctx.Done()
 			sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -225,4 +232,36 @@ func checkIPXEBinaries(cfg Config) {
 				"file", filepath.Join(cfg.IPXEDir, f))
 		}
 	}
+}
+
+// HTTPTimeouts bound the HTTP(S) server: a client that opens connections and says nothing, or
+// reads nothing, must not hold them.
+type HTTPTimeouts struct {
+	// ReadHeader bounds the wait for a request's headers (default 10 s); Idle a kept-alive
+	// connection without a request (default 30 s); Write a script answer (default 30 s; image
+	// files extend it by their size, at 1 MB/s, see httpboot).
+	ReadHeader, Idle, Write time.Duration
+	// MaxConns caps connections open at once (default 1024).
+	MaxConns int
+}
+
+func (t *HTTPTimeouts) defaults() {
+	if t.ReadHeader == 0 {
+		t.ReadHeader = 10 * time.Second
+	}
+	if t.Idle == 0 {
+		t.Idle = 30 * time.Second
+	}
+	if t.Write == 0 {
+		t.Write = 30 * time.Second
+	}
+	if t.MaxConns == 0 {
+		t.MaxConns = 1024
+	}
+}
+
+func newHTTPServer(h http.Handler, t HTTPTimeouts) *http.Server {
+	t.defaults()
+	return &http.Server{Handler: h, ReadHeaderTimeout: t.ReadHeader, ReadTimeout: t.ReadHeader, IdleTimeout: t.Idle,
+		WriteTimeout: t.Write, MaxHeaderBytes: 16 << 10}
 }

@@ -263,6 +263,8 @@ func (h *Handler) image(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	start := time.Now()
+	// The server's write timeout suits scripts; a file gets time for its size at a slow 1 MB/s.
+	_ = http.NewResponseController(w).SetWriteDeadline(start.Add(30*time.Second + time.Duration(st.Size()/(1<<20))*time.Second))
 	// Versions are immutable: a URL always means the same bytes.
 	w.Header().Set("Cache-Control", "public, max-age=31536000, immutable")
 	w.Header().Set("Content-Type", "application/octet-stream")
