@@ -115,6 +115,54 @@ func (l *lab) machine(name, mac string) *rig.Proc {
 		"-device", "virtio-net-pci,netdev=n0,mac="+mac)
 }
 
+// machineUEFI powers on an emulated UEFI machine (OVMF, Debian's ovmf package) whose network card
+// has no option ROM: the firmware's own EDK2 PXE boots it, as on most servers' UEFI firmware.
+func (l *lab) machineUEFI(name, mac string) *rig.Proc {
+	vars := filepath.Join(l.dir, name+"-vars.fd")
+	b, err := os.ReadFile("/usr/share/OVMF/OVMF_VARS_4M.fd")
+	if err != nil {
+		l.t.Fatalf("Debian's ovmf package is needed: %v", err)
+	}
+	if err := os.WriteFile(vars, b, 0o644); err != nil {
+		l.t.Fatal(err)
+	}
+	tap := l.ns.Tap()
+	return l.ns.Start(l.dir, name, "qemu-system-x86_64",
+		"-machine", "q35", "-m", "1024", "-smp", "1", "-display", "none", "-monitor", "none",
+		"-drive", "if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
+		"-drive", "if=pflash,format=raw,file="+vars,
+		"-serial", "file:"+filepath.Join(l.dir, name+".console"),
+		"-netdev", "tap,id=n0,ifname="+tap+",script=no,downscript=no",
+		"-device", "virtio-net-pci,netdev=n0,mac="+mac+",romfile=,bootindex=1")
+}
+
+// startBootserverMode runs the bootserver in a DHCP mode (full: it hands out addresses; proxy:
+// beside the network's own DHCP server).
+func (l *lab) startBootserverMode(mode string) {
+	args := append(append([]string{"bootserver"}, l.tls("bs")...),
+		"--node-join", "https://"+l.ns.IP+":9443", "--interface", l.ns.Bridge, "--dhcp-mode", mode,
+		"--http", l.ns.IP+":8080", "--tftp", l.ns.IP+":69", "--listen", l.ns.IP+":9482",
+		"--image-dir", filepath.Join(l.dir, "images"), "--retry", "2s",
+		"--node-param", "herd.libvirt=test:///etc/herd/node.xml", "--node-param", "herd.agent=--lease-ttl=3s")
+	if mode == "full" {
+		args = append(args, "--range", "10.99.0.100-10.99.0.150")
+	}
+	l.bs = l.ns.Start(l.dir, "bootserver-"+mode, bin.Herd, args...)
+}
+
+// networkDHCP runs busybox's udhcpd as the network's own DHCP server (addresses only, no boot
+// information), for proxy mode.
+func (l *lab) networkDHCP() *rig.Proc {
+	conf := filepath.Join(l.dir, "udhcpd.conf")
+	leases := filepath.Join(l.dir, "udhcpd.leases")
+	_ = os.WriteFile(leases, nil, 0o644)
+	if err := os.WriteFile(conf, []byte("start 10.99.0.160\nend 10.99.0.199\ninterface "+l.ns.Bridge+
+		"\noption subnet 255.255.255.0\nlease_file "+leases+"\npidfile "+filepath.Join(l.dir, "udhcpd.pid")+"\n"), 0o644); err != nil {
+		l.t.Fatal(err)
+	}
+	return l.ns.Start(l.dir, "udhcpd", "busybox", "udhcpd", "-f", conf)
+}
+
 type nodeRow struct {
 	HWID   string `json:"hwid"`
 	Status string `json:"status"`
@@ -306,5 +354,29 @@ func TestPXEBootEnrolRunLeave(t *testing.T) {
 	log := rig.Tail(l.bs.Log, 400)
 	if !strings.Contains(log, "transfer done: file=undionly.kpxe mac="+macB) {
 		t.Fatalf("no TFTP transfer of undionly.kpxe for %s in the bootserver log:\n%s", macB, log)
+	}
+
+	// UEFI firmware without an iPXE ROM (EDK2's own PXE, as on most servers), in both DHCP modes:
+	// it needs the PXE vendor options, loads ipxe.efi over TFTP, and iPXE boots the node.
+	for i, mode := range []string{"full", "proxy"} {
+		l.bs.Stop(10 * time.Second)
+		if mode == "proxy" {
+			l.networkDHCP()
+		}
+		l.startBootserverMode(mode)
+		mac := fmt.Sprintf("52:54:00:aa:00:%02x", 0x10+i)
+		l.mustHerdctl("hw", "add", mac)
+		powerOn = time.Now()
+		l.machineUEFI("uefi-"+mode, mac)
+		rig.Eventually(t, 240*time.Second, "UEFI machine ("+mode+" mode) reports in", func() error {
+			if st := l.nodeStatus(mac); st != "ready" {
+				return fmt.Errorf("node %s; console: %s", st, rig.Tail(filepath.Join(l.dir, "uefi-"+mode+".console"), 5))
+			}
+			return nil
+		})
+		t.Logf("UEFI (OVMF, EDK2 PXE), %s DHCP mode: power-on to node ready: %s", mode, time.Since(powerOn).Round(time.Second))
+		if log := rig.Tail(l.bs.Log, 400); !strings.Contains(log, "file=ipxe.efi") {
+			t.Fatalf("no TFTP transfer of ipxe.efi in the %s-mode bootserver log:\n%s", mode, log)
+		}
 	}
 }

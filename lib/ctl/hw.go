@@ -208,14 +208,14 @@ func hwDiscoveredCmd(e *env) *cobra.Command {
 				return err
 			}
 			var list []*keys.Discovered
-			t := newTable("MAC", "SERIAL", "UUID", "ARCH", "ATTEMPTS", "FIRST-SEEN", "LAST-SEEN", "BOOTSERVER")
+			t := newTable("MAC", "SERIAL", "UUID", "ARCH", "ATTEMPTS", "FIRST-SEEN", "LAST-SEEN", "BOOTSERVER", "NOTE")
 			for _, kv := range resp.Kvs {
 				d, err := keys.Decode[keys.Discovered](kv.Value)
 				if err != nil {
 					continue
 				}
 				list = append(list, d)
-				t.row(d.MAC, orDash(d.Serial), orDash(d.UUID), orDash(d.Arch), fmt.Sprint(d.Attempts), age(d.FirstSeen), age(d.LastSeen), orDash(d.Bootserver))
+				t.row(d.MAC, orDash(d.Serial), orDash(d.UUID), orDash(d.Arch), fmt.Sprint(d.Attempts), age(d.FirstSeen), age(d.LastSeen), orDash(d.Bootserver), orDash(d.Reason))
 			}
 			if len(list) == 0 && o.format == "table" {
 				fmt.Fprintln(e.errOut, "no unknown machines have tried to boot")
