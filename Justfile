@@ -37,9 +37,9 @@ test: deps
 fuzz TIME="5m" *ARGS="": deps
     scripts/fuzz.sh {{TIME}} {{ARGS}}
 
-# build the netboot hypervisor image into build/image (Debian packages cached in ~/.cache/herd)
-image VERSION="": deps
-    scripts/build-image.sh build/image {{VERSION}}
+# build the production netboot image into build/image (just image --lab VERSION: the small lab image)
+image *ARGS: deps
+    scripts/build-image.sh {{ if ARGS =~ "^--lab" { "--lab build/image " + trim_start_match(ARGS, "--lab") } else { "build/image " + ARGS } }}
 
 # benchmarks: ratios measured in one run (see docs/performance.md)
 bench:

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/hashicorp/go-hclog"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/herdhq/herd/lib/etcdutil"
@@ -185,4 +186,81 @@ func (a *Agent) deregister() {
 		return
 	}
 	a.log.Info("node deregistered")
+}
+
+// Unready is a node that is up but cannot run VMs (its libvirtd does not start): what it tells the
+// cluster instead of registering capacity.
+type Unready struct {
+	Client       *clientv3.Client
+	Space        keys.Space
+	HWID, BootID string
+	Hostname     string
+	Addresses    keys.Addresses
+	Image        string
+	Version      string
+	LeaseTTL     time.Duration
+	Log          hclog.Logger
+}
+
+// ReportUnready registers the node with problem and no capacity until ctx ends (the problem is
+// fixed, or the process stops), then revokes that registration's lease: the leader keeps the node
+// out of scheduling with the reason, and `herdctl node get` shows it.
+func ReportUnready(ctx context.Context, u Unready, problem func() string) error {
+	if u.LeaseTTL == 0 {
+		u.LeaseTTL = 10 * time.Second
+	}
+	bo := etcdutil.Backoff{Min: time.Second, Max: 10 * time.Second}
+	for ctx.Err() == nil {
+		err := reportUnready(ctx, u, problem)
+		if ctx.Err() != nil {
+			return nil
+		}
+		u.Log.Warn("cannot report the node's problem to etcd; retrying", "error", err)
+		bo.Wait(ctx)
+	}
+	return nil
+}
+
+func reportUnready(ctx context.Context, u Unready, problem func() string) error {
+	cctx, cancel := etcdutil.WithTimeout(ctx)
+	grant, err := u.Client.Grant(cctx, int64(u.LeaseTTL/time.Second))
+	cancel()
+	if err != nil {
+		return fmt.Errorf("grant lease: %w", err)
+	}
+	defer func() {
+		rctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		_, _ = u.Client.Revoke(rctx, grant.ID)
+		cancel()
+	}()
+	ka, err := u.Client.KeepAlive(ctx, grant.ID)
+	if err != nil {
+		return fmt.Errorf("keep the lease alive: %w", err)
+	}
+	last := ""
+	tick := time.NewTicker(5 * time.Second)
+	defer tick.Stop()
+	for {
+		if p := problem(); p != last {
+			n := keys.Node{HWID: u.HWID, Lease: int64(grant.ID), BootID: u.BootID, Hostname: u.Hostname, Addresses: u.Addresses,
+				Image: u.Image, AgentVersion: u.Version, Started: time.Now().UTC(), Problem: p}
+			cctx, cancel := etcdutil.WithTimeout(ctx)
+			_, err := u.Client.Put(cctx, u.Space.Node(u.HWID), keys.MustEncode(&n), clientv3.WithLease(grant.ID))
+			cancel()
+			if err != nil {
+				return fmt.Errorf("register the node's problem: %w", err)
+			}
+			u.Log.Error("node registered without capacity: it cannot run VMs", "problem", p)
+			last = p
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case _, ok := <-ka:
+			if !ok {
+				return fmt.Errorf("lease %x lost", grant.ID)
+			}
+		case <-tick.C:
+		}
+	}
 }

@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
-# Builds herd's netboot hypervisor image: a Debian cloud kernel and an initramfs holding busybox,
-# the herd agent with the shared libraries it links, the NIC modules, and an /init that configures
-# the machine from the kernel command line and runs the agent. Nothing downloaded is committed:
-# Debian packages are fetched with apt-get download into a cache outside the repository.
+# Builds herd's netboot hypervisor image. Without --lab: the production image
+# (scripts/image/build-production.sh: a Debian root with libvirt and QEMU). With --lab: the small
+# lab image, a Debian cloud kernel and an initramfs holding busybox, the herd agent with the shared
+# libraries it links, the NIC modules, and an /init that runs the agent against libvirt's test
+# driver (herd.libvirt=test:///etc/herd/node.xml): fast to build and boot, for tests. Nothing
+# downloaded is committed: Debian packages are fetched into a cache outside the repository.
 #
-# Usage: scripts/build-image.sh [OUT_DIR] [VERSION]
+# Usage: scripts/build-image.sh [--lab] [OUT_DIR] [VERSION]
 #   OUT_DIR  default build/image          VERSION  default: git describe
 # Env:     HERD_CACHE (default ~/.cache/herd)
 # Output:  OUT_DIR/vmlinuz, OUT_DIR/initrd.gz, OUT_DIR/manifest.json
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" != "--lab" ]; then
+  exec scripts/image/build-production.sh "$@"
+fi
+shift
 out=${1:-build/image}
 version=${2:-$(git describe --always --dirty 2>/dev/null || echo dev)}
 cache=${HERD_CACHE:-$HOME/.cache/herd}

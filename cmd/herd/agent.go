@@ -7,14 +7,18 @@ import (
 	"net/http"
 	"os"
 	"strings"
+	"sync"
+	"time"
 
 	"github.com/google/uuid"
+	"github.com/hashicorp/go-hclog"
 	"github.com/spf13/cobra"
 	"golang.org/x/sync/errgroup"
 
 	"github.com/herdhq/herd/agent"
 	"github.com/herdhq/herd/agent/hypervisor"
 	"github.com/herdhq/herd/lib/etcdutil"
+	"github.com/herdhq/herd/lib/keys"
 	"github.com/herdhq/herd/lib/logging"
 	"github.com/herdhq/herd/lib/statusserver"
 	"github.com/herdhq/herd/lib/units"
@@ -84,7 +88,10 @@ func agentCmd() *cobra.Command {
 				return err
 			}
 			defer client.Close()
-			hv, err := hypervisor.Open(ctx, uri, p.domType, log)
+			host, _ := os.Hostname()
+			hv, err := openHypervisor(ctx, uri, p.domType, log, agent.Unready{Client: client, Space: space, HWID: hwid, BootID: bootID,
+				Hostname: host, Addresses: keys.Addresses{Management: p.addrMgmt, Storage: p.addrStore, Migration: p.addrMig},
+				Image: p.image, Version: version.Version, LeaseTTL: p.leaseTTL, Log: log})
 			if err != nil {
 				return err
 			}
@@ -104,7 +111,6 @@ func agentCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			host, _ := os.Hostname()
 			cfg, err := p.config(agentConns{client: client, user: eo.User(), space: space, hwid: hwid, bootID: bootID,
 				hypervisor: hv, volumes: vols, cephKey: cephKey, hostname: host, version: version.Version,
 				statusURL: srv.URL, log: log, registry: reg})
@@ -136,6 +142,54 @@ func agentCmd() *cobra.Command {
 	p.addFlags(f)
 	jf.add(f)
 	return cmd
+}
+
+// openHypervisor connects to libvirt, waiting for it as long as it takes. A libvirtd that is not
+// up within half a minute (an image whose libvirtd cannot start) is a problem the node reports in
+// its registration, without capacity, until the connection succeeds: the node is never silently
+// missing, and never offers what it cannot run.
+func openHypervisor(ctx context.Context, uri, domType string, log hclog.Logger, u agent.Unready) (*hypervisor.Libvirt, error) {
+	var (
+		mu       sync.Mutex
+		last     error
+		reported chan struct{}
+	)
+	rctx, stopReport := context.WithCancel(ctx)
+	defer func() {
+		stopReport()
+		if reported != nil {
+			<-reported
+		}
+	}()
+	problem := func() string {
+		mu.Lock()
+		defer mu.Unlock()
+		return fmt.Sprintf("cannot connect to libvirt at %s: %v", uri, last)
+	}
+	start := time.Now()
+	for {
+		hv, err := hypervisor.Open(ctx, uri, domType, log)
+		if err == nil {
+			if reported != nil {
+				log.Info("libvirt reachable again: registering the node's capacity")
+			}
+			return hv, nil
+		}
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+		mu.Lock()
+		last = err
+		mu.Unlock()
+		if time.Since(start) > 30*time.Second && reported == nil && u.Client != nil {
+			reported = make(chan struct{})
+			go func() { defer close(reported); _ = agent.ReportUnready(rctx, u, problem) }()
+		}
+		log.Warn("libvirt not reachable yet; retrying", "uri", uri, "error", err)
+		if !etcdutil.Sleep(ctx, 3*time.Second) {
+			return nil, ctx.Err()
+		}
+	}
 }
 
 func parseOptionalMiB(flag, s string) (int64, error) {

@@ -297,6 +297,9 @@ func (s *view) trust() {
 		} else if a := s.admin(hwid); a.Cordoned {
 			sn.Unschedulable = "cordoned"
 		}
+		if n.Problem != "" {
+			sn.Unschedulable = "node problem: " + n.Problem
+		}
 		if s.fenceFor(hwid, n.BootID) != nil {
 			sn.Unschedulable = "fenced: reboot it or run 'herdctl fence clear " + hwid + "'"
 		}

@@ -266,3 +266,27 @@ func TestPlacement(t *testing.T) {
 		})
 	}
 }
+
+// TestNodeWithAProblem: a node that registers a problem (its libvirtd does not start) takes no VM,
+// says why, and its zero capacity is not recorded as what it may offer.
+func TestNodeWithAProblem(t *testing.T) {
+	w := newWorld(t)
+	w.node("n1", 4, 8)
+	n := get[keys.Node](w, w.sp.Node("n1"))
+	n.CPUs, n.MemoryMiB, n.Problem = 0, 0, "cannot connect to libvirt"
+	w.put(w.sp.Node("n1"), n, w.kv[w.sp.Node("n1")].lease)
+	w.vm("a", 1, 512)
+	w.settle()
+	if w.placedOn("a") != "" || !strings.Contains(w.problem("a"), "node problem: cannot connect to libvirt") {
+		t.Fatalf("on %q problem %q", w.placedOn("a"), w.problem("a"))
+	}
+	if ns := get[keys.NodeState](w, w.sp.NodeState("n1")); ns.Capacity != nil {
+		t.Fatalf("capacity recorded from a node with a problem: %+v", ns.Capacity)
+	}
+	// Fixed: it registers its capacity, which is recorded, and takes the VM.
+	w.register("n1", "boot-1", 4, 8)
+	w.settle()
+	if w.placedOn("a") != "n1" || get[keys.NodeState](w, w.sp.NodeState("n1")).Capacity == nil {
+		t.Fatal("the node did not take the VM once fixed")
+	}
+}

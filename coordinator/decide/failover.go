@@ -288,7 +288,7 @@ func (s *view) bookkeeping() []Action {
 				ns.BootID, ns.Lease, ns.Left, ns.Addresses = n.BootID, lease, false, &addr
 				changed = true
 			}
-			if ns.Capacity == nil {
+			if ns.Capacity == nil && n.Problem == "" && n.CPUs > 0 && n.MemoryMiB > 0 {
 				// Trust on first use: what the node says at its first registration (unless the
 				// hardware record says what to expect) is what it may offer from then on.
 				ns.Capacity = &keys.Capacity{CPUs: n.CPUs, MemoryMiB: n.MemoryMiB}

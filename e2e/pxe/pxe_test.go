@@ -44,7 +44,7 @@ func repoRoot() string {
 // buildImage runs the image recipe into dir (Debian packages are cached outside the repository).
 func buildImage(t *testing.T, dir, version string) {
 	t.Helper()
-	cmd := exec.Command(filepath.Join(repoRoot(), "scripts", "build-image.sh"), dir, version)
+	cmd := exec.Command(filepath.Join(repoRoot(), "scripts", "build-image.sh"), "--lab", dir, version)
 	cmd.Dir = repoRoot()
 	out, err := cmd.CombinedOutput()
 	if err != nil {

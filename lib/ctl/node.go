@@ -90,6 +90,8 @@ func (v *clusterView) nodeViews() []*nodeView {
 			}
 		}
 		switch {
+		case n.Node != nil && n.Node.Problem != "":
+			st = append(st, "not-ready")
 		case n.Node != nil && n.Hardware == nil:
 			st = append(st, "ready", "not-enrolled")
 		case n.Node != nil:
@@ -231,6 +233,9 @@ func nodeGetCmd(e *env) *cobra.Command {
 				fmt.Fprintf(w, "Boot ID:    %s\nLibvirt:    %s\nImage:      %s\nAgent:      %s\nUp:         %s\n", nd.BootID, nd.LibvirtURI, orDash(nd.Image), orDash(nd.AgentVersion), age(nd.Started))
 				fmt.Fprintf(w, "CPUs:       %d used of %d\n", n.UsedVCPUs, nd.CPUs)
 				fmt.Fprintf(w, "Memory:     %s used of %s (%s reserved for the host)\n", units.FormatMiB(n.UsedMiB), units.FormatMiB(nd.MemoryMiB-nd.ReservedMemoryMiB), units.FormatMiB(nd.ReservedMemoryMiB))
+				if nd.Problem != "" {
+					fmt.Fprintf(w, "Problem:    %s (no VM is placed here until it is fixed)\n", nd.Problem)
+				}
 				if nd.StatusURL != "" {
 					fmt.Fprintf(w, "Status URL: %s\n", nd.StatusURL)
 				}

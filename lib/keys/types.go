@@ -71,6 +71,9 @@ type Node struct {
 	Leaving bool `json:"leaving,omitempty"`
 	// BootDir is the directory on this hypervisor that direct kernel boot paths must lie in.
 	BootDir string `json:"boot_dir,omitempty"`
+	// Problem, when set, says why this node cannot run VMs although it is up (libvirtd does not
+	// start, say): it registers no capacity, and the scheduler skips it with this reason.
+	Problem string `json:"problem,omitempty"`
 	Extra   `json:"-"`
 }
 
