@@ -97,7 +97,18 @@ func (a *Agent) shell(ctx context.Context, line string) error {
 		a.log.Info("command output", "command", line, "output", strings.TrimSpace(string(out)))
 	}
 	if err != nil {
+		// The shell's own words say what went wrong ("reboot: not found"): keep them.
+		if msg := strings.TrimSpace(string(out)); msg != "" {
+			return fmt.Errorf("%s: %w: %s", line, err, lastLine(msg))
+		}
 		return fmt.Errorf("%s: %w", line, err)
 	}
 	return nil
+}
+
+func lastLine(s string) string {
+	if i := strings.LastIndexByte(s, '\n'); i >= 0 {
+		return s[i+1:]
+	}
+	return s
 }

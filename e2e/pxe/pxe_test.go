@@ -104,16 +104,8 @@ func (l *lab) startBootserver(chainload string) {
 		"--node-param", "herd.libvirt=test:///etc/herd/node.xml", "--node-param", "herd.agent=--lease-ttl=3s")...)
 }
 
-// machine powers on an emulated machine that network-boots from tap with mac. A reboot inside it
-// resets it, and it network-boots again, as a server would.
-func (l *lab) machine(name, mac string) *rig.Proc {
-	tap := l.ns.Tap()
-	return l.ns.Start(l.dir, name, "qemu-system-x86_64",
-		"-m", "1024", "-smp", "1", "-display", "none", "-monitor", "none",
-		"-serial", "file:"+filepath.Join(l.dir, name+".console"),
-		"-boot", "n", "-netdev", "tap,id=n0,ifname="+tap+",script=no,downscript=no",
-		"-device", "virtio-net-pci,netdev=n0,mac="+mac)
-}
+// machine is a 1 GiB machine (see machineSized).
+func (l *lab) machine(name, mac string) *rig.Proc { return l.machineSized(name, mac, 1024) }
 
 // machineUEFI powers on an emulated UEFI machine (OVMF, Debian's ovmf package) whose network card
 // has no option ROM: the firmware's own EDK2 PXE boots it, as on most servers' UEFI firmware.
@@ -201,28 +193,13 @@ func (l *lab) nodeStatus(hwid string) string {
 	return "absent"
 }
 
-// TestPXEBootEnrolRunLeave, with TLS and RBAC on as in production: an unknown machine PXE-boots
-// and waits; approving it boots herd's image over DHCP and HTTP; its agent joins with the boot's
-// one-time token and registers as its own etcd user; a rollout reboots it into another image version
-// (it PXE-boots again, is served the pinned version and joins with a fresh token); a VM runs on it;
-// powered off, it leaves when its lease expires. Then a machine made to load the bootserver's own
-// iPXE over TFTP first boots too.
-func TestPXEBootEnrolRunLeave(t *testing.T) {
-	rig.RequireHost(t, "qemu-system-x86_64", "cpio", "gzip")
-	if _, err := os.Stat("/usr/lib/ipxe/undionly.kpxe"); err != nil {
-		t.Fatalf("Debian's ipxe package is needed (/usr/lib/ipxe): %v", err)
-	}
+// newLab is the lab network namespace with etcd as in production: TLS with client certificates,
+// RBAC, every process with its own certificate.
+func newLab(t *testing.T, cidr string) *lab {
 	l := &lab{t: t, dir: t.TempDir()}
-	l.ns = rig.NewNetns(t, "10.99.0.1/24")
+	l.ns = rig.NewNetns(t, cidr)
 	l.etcd = "https://" + l.ns.IP + ":2379"
 	l.pki = filepath.Join(l.dir, "pki")
-
-	imgStart := time.Now()
-	buildImage(t, filepath.Join(l.dir, "build"), "pxe1")
-	t.Logf("image built in %s", time.Since(imgStart).Round(time.Second))
-
-	// As in production: etcd with TLS and client certificates, RBAC, every process with its own
-	// certificate; the netbooted node joins with the one-time token of each boot.
 	l.herd("pki", "init", "--dir", l.pki, "--etcd-host", l.ns.IP)
 	l.ns.Start(l.dir, "etcd", bin.Herd, "etcd", "--data-dir", filepath.Join(l.dir, "etcd"),
 		"--listen-client", l.etcd, "--listen-peer", "http://127.0.0.1:2380", "--unsafe-no-fsync",
@@ -238,10 +215,33 @@ func TestPXEBootEnrolRunLeave(t *testing.T) {
 		}
 		l.herd(append(args, l.tls("root")...)...)
 	}
-	// The test powers machines off itself (kills QEMU): the fence agent has nothing left to do.
-	l.ns.Start(l.dir, "coordinator", bin.Herd, append(append([]string{"coordinator"}, l.tls("coord")...),
+	return l
+}
+
+// startCoordinator runs the coordinator with its join endpoint, grace 1 s, and extra flags.
+func (l *lab) startCoordinator(extra ...string) {
+	l.ns.Start(l.dir, "coordinator", bin.Herd, append(append(append([]string{"coordinator"}, l.tls("coord")...),
 		"--listen", "127.0.0.1:9481", "--session-ttl", "2s", "--ca-dir", l.pki, "--join-listen", l.ns.IP+":9443",
-		"--grace", "1s", "--fence-exec", "echo QEMU already killed by the test")...)
+		"--grace", "1s"), extra...)...)
+}
+
+// TestPXEBootEnrolRunLeave, with TLS and RBAC on as in production: an unknown machine PXE-boots
+// and waits; approving it boots herd's image over DHCP and HTTP; its agent joins with the boot's
+// one-time token and registers as its own etcd user; a rollout reboots it into another image version
+// (it PXE-boots again, is served the pinned version and joins with a fresh token); a VM runs on it;
+// powered off, it leaves when its lease expires. Then a machine made to load the bootserver's own
+// iPXE over TFTP first boots too.
+func TestPXEBootEnrolRunLeave(t *testing.T) {
+	rig.RequireHost(t, "qemu-system-x86_64", "cpio", "gzip")
+	if _, err := os.Stat("/usr/lib/ipxe/undionly.kpxe"); err != nil {
+		t.Fatalf("Debian's ipxe package is needed (/usr/lib/ipxe): %v", err)
+	}
+	l := newLab(t, "10.99.0.1/24")
+	imgStart := time.Now()
+	buildImage(t, filepath.Join(l.dir, "build"), "pxe1")
+	t.Logf("image built in %s", time.Since(imgStart).Round(time.Second))
+	// The test powers machines off itself (kills QEMU): the fence agent has nothing left to do.
+	l.startCoordinator("--fence-exec", "echo QEMU already killed by the test")
 	l.mustHerdctl("image", "add", "pxe1", "--kernel", filepath.Join(l.dir, "build", "vmlinuz"),
 		"--initrd", filepath.Join(l.dir, "build", "initrd.gz"), "--cmdline", "console=ttyS0 quiet",
 		"--copy-to", filepath.Join(l.dir, "images"))

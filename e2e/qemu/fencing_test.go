@@ -1,7 +1,6 @@
 package qemu
 
 import (
-	"bytes"
 	"fmt"
 	"strings"
 	"testing"
@@ -13,40 +12,19 @@ import (
 	"github.com/herdhq/herd/e2e/rig"
 )
 
-// record is one "herd-rec <writer> <n>" sector of the split-brain guest's disk.
-type record struct {
-	sector int
-	writer string
-	n      int
-}
-
-func records(disk []byte) []record {
-	var out []record
-	for s := 8; (s+1)*512 <= len(disk); s++ {
-		line := string(bytes.TrimRight(disk[s*512:(s+1)*512], "\x00\n"))
-		var r record
-		if _, err := fmt.Sscanf(line, "herd-rec %s %d", &r.writer, &r.n); err != nil {
-			continue
-		}
-		r.sector = s
-		out = append(out, r)
-	}
-	return out
-}
-
 // interleaved reports whether a record of the first writer comes after the second writer's first
 // record: two writers were active on the disk at once.
-func interleaved(recs []record) (bool, string) {
+func interleaved(recs []rig.Record) (bool, string) {
 	if len(recs) == 0 {
 		return false, "no records"
 	}
-	first := recs[0].writer
+	first := recs[0].Writer
 	sawSecond := false
 	for _, r := range recs {
-		if r.writer != first {
+		if r.Writer != first {
 			sawSecond = true
 		} else if sawSecond {
-			return true, fmt.Sprintf("writer %s at sector %d after the second writer began", first, r.sector)
+			return true, fmt.Sprintf("writer %s at sector %d after the second writer began", first, r.Sector)
 		}
 	}
 	if !sawSecond {
@@ -121,7 +99,7 @@ func TestSplitBrainFencing(t *testing.T) {
 	s := newSplitLab(t, "--fence-ceph")
 	took := s.cutOffA(t)
 	t.Logf("partition -> fenced -> VM running on B: %s", took.Round(100*time.Millisecond))
-	recs := records(s.Disk(s.ceph, "rbd/"+diskOf(s.Lab, "sb"), 1<<20))
+	recs := rig.Records(s.Disk(s.ceph, "rbd/"+diskOf(s.Lab, "sb"), 1<<20))
 	if bad, why := interleaved(recs); bad || why != "" {
 		t.Fatalf("two writers on the disk: %v %s (%d records)", bad, why, len(recs))
 	}
@@ -165,7 +143,7 @@ func TestSplitBrainFencing(t *testing.T) {
 func TestSplitBrainWithoutFencing(t *testing.T) {
 	s := newSplitLab(t, "--unsafe-no-fencing")
 	s.cutOffA(t)
-	recs := records(s.Disk(s.ceph, "rbd/"+diskOf(s.Lab, "sb"), 1<<20))
+	recs := rig.Records(s.Disk(s.ceph, "rbd/"+diskOf(s.Lab, "sb"), 1<<20))
 	if bad, why := interleaved(recs); !bad {
 		t.Fatalf("without fencing the writers should interleave: %s (%d records)", why, len(recs))
 	}
