@@ -31,7 +31,7 @@ test: deps
     CGO_ENABLED=0 go build -o /dev/null ./cmd/herdctl
     go test -count=1 -timeout 15m $(go list ./... | grep -v /e2e)
     scripts/fuzz.sh 10s
-    go test -count=1 -p 1 -timeout 20m $(go list ./e2e/... | grep -v bootbench)
+    go test -count=1 -p 1 -timeout 35m $(go list ./e2e/... | grep -v bootbench)
 
 # fuzz every hostile-input parser longer (default 5m each); --save grows the checked-in corpus
 fuzz TIME="5m" *ARGS="": deps

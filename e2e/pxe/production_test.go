@@ -13,25 +13,32 @@ import (
 	"github.com/herdhq/herd/e2e/rig"
 )
 
-// nodeAddr is a registered node's management address (from `herdctl node get -o json`).
-func (l *lab) nodeAddr(hwid string) string {
+// regNode is what a node registered (from `herdctl node get -o json`); zero when none.
+type regNode struct {
+	Addresses struct {
+		Management string `json:"management"`
+	} `json:"addresses"`
+	MemoryMiB         int64 `json:"memory_mib"`
+	ReservedMemoryMiB int64 `json:"reserved_memory_mib"`
+}
+
+func (l *lab) registered(hwid string) regNode {
 	out, err := l.herdctl("node", "get", hwid, "-o", "json")
 	if err != nil {
-		return ""
+		return regNode{}
 	}
 	var n struct {
-		Node *struct {
-			Addresses struct {
-				Management string `json:"management"`
-			} `json:"addresses"`
-		} `json:"node"`
+		Node *regNode `json:"node"`
 	}
 	_ = json.Unmarshal([]byte(out), &n)
 	if n.Node == nil {
-		return ""
+		return regNode{}
 	}
-	return n.Node.Addresses.Management
+	return *n.Node
 }
+
+// nodeAddr is a registered node's management address.
+func (l *lab) nodeAddr(hwid string) string { return l.registered(hwid).Addresses.Management }
 
 // vmNode is the node a VM's placement names ("" when none).
 func (l *lab) vmNode(name string) string {
@@ -157,6 +164,9 @@ func TestProductionImage(t *testing.T) {
 		return nil
 	})
 	t.Logf("power-on to node ready (production image, TCG, 2 GiB): %s", time.Since(start).Round(time.Second))
+	n := l.registered(macs[0])
+	t.Logf("node memory of a 2 GiB machine: %d MiB seen, %d MiB reserved for the host, %d MiB for VMs",
+		n.MemoryMiB, n.ReservedMemoryMiB, n.MemoryMiB-n.ReservedMemoryMiB)
 	for _, mac := range macs {
 		// Fencing from Ceph needs the node's storage address: here the one DHCP gave it.
 		l.mustHerdctl("hw", "add", mac, "--storage-ip", l.nodeAddr(mac))
@@ -226,9 +236,28 @@ func TestProductionImage(t *testing.T) {
 	start = time.Now()
 	l.mustHerdctl("rollout", "start", "--image", "v2", "--node-timeout", "10m")
 	rig.Eventually(t, 1200*time.Second, "rollout done", func() error {
-		out := l.mustHerdctl("rollout", "status")
-		if strings.Count(out, ": done,") < 2 {
-			return fmt.Errorf("%s", out)
+		out := l.mustHerdctl("rollout", "status", "-o", "json")
+		var r struct {
+			State   string `json:"state"`
+			PerNode map[string]struct {
+				Phase    string    `json:"phase"`
+				Began    time.Time `json:"began"`
+				Finished time.Time `json:"finished"`
+			} `json:"per_node"`
+		}
+		if err := json.Unmarshal([]byte(out), &r); err != nil {
+			return fmt.Errorf("rollout status: %v: %s", err, out)
+		}
+		if r.State != "done" {
+			return fmt.Errorf("rollout %s: %s", r.State, l.mustHerdctl("rollout", "status"))
+		}
+		for _, mac := range macs {
+			if p := r.PerNode[mac].Phase; p != "done" {
+				return fmt.Errorf("rollout done but %s is %q", mac, p)
+			}
+		}
+		for _, mac := range macs {
+			t.Logf("rollout of %s (drain, reboot, PXE, rejoin): %s", mac, r.PerNode[mac].Finished.Sub(r.PerNode[mac].Began).Round(time.Second))
 		}
 		return nil
 	})
