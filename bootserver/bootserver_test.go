@@ -140,7 +140,7 @@ func TestBootFlow(t *testing.T) {
 	r.eventually("image cached", func() bool { _, ok := r.b.Image("v1"); return ok && r.b.imgs.Get(space.ImageCurrent()) != nil })
 	_, body = r.get(query)
 	for _, want := range []string{
-		"kernel " + r.srv.URL + "/images/v1/vmlinuz initrd=initrd.gz herd.hwid=SVC123 herd.mac=52:54:00:aa:bb:01 herd.image=v1 herd.endpoints=http://10.99.0.1:2379",
+		"kernel " + r.srv.URL + "/images/v1/vmlinuz initrd=initrd.gz herd.hwid=SVC123 herd.mac=52:54:00:aa:bb:01 herd.image=v1 herd.boot=" + r.srv.URL + " herd.endpoints=http://10.99.0.1:2379",
 		"initrd " + r.srv.URL + "/images/v1/initrd.gz",
 		"boot",
 	} {
@@ -459,5 +459,35 @@ func TestIdleConnectionsAreClosed(t *testing.T) {
 		if _, err := io.ReadAll(c); err != nil {
 			t.Fatalf("connection %d still open after the timeouts: %v", i, err)
 		}
+	}
+}
+
+// A node that cannot run its image says so before it has credentials: GET /report is logged at a
+// bounded rate, and anything but the expected words is refused.
+func TestReport(t *testing.T) {
+	r := newRig(t)
+	ok := "/report?mac=52-54-00-aa-bb-01&problem=memory&image=v1&have_mib=512&need_mib=1226"
+	if code, body := r.get(ok); code != http.StatusNoContent {
+		t.Fatalf("report: %d %s", code, body)
+	}
+	for _, bad := range []string{
+		"/report?mac=zz&problem=memory&image=v1&have_mib=1&need_mib=2",
+		"/report?mac=52-54-00-aa-bb-01&problem=reboot&image=v1&have_mib=1&need_mib=2",
+		"/report?mac=52-54-00-aa-bb-01&problem=memory&image=v1;reboot&have_mib=1&need_mib=2",
+		"/report?mac=52-54-00-aa-bb-01&problem=memory&image=v1&have_mib=-1&need_mib=2",
+		"/report?mac=52-54-00-aa-bb-01&problem=memory&image=v1&have_mib=1",
+	} {
+		if code, _ := r.get(bad); code != http.StatusBadRequest {
+			t.Fatalf("%s: %d, want 400", bad, code)
+		}
+	}
+	limited := 0
+	for range 30 {
+		if code, _ := r.get(ok); code == http.StatusTooManyRequests {
+			limited++
+		}
+	}
+	if limited == 0 {
+		t.Fatal("30 reports at once were all logged")
 	}
 }

@@ -9,11 +9,13 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"strconv"
 	"strings"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/time/rate"
 
 	"github.com/herdhq/herd/bootserver/ipxe"
 	"github.com/herdhq/herd/lib/images"
@@ -97,6 +99,8 @@ type Handler struct {
 	store   *images.Store
 	log     hclog.Logger
 	reqs    *prometheus.CounterVec
+	// reports bounds what unauthenticated /report requests can make this server log.
+	reports *rate.Limiter
 }
 
 // New builds the handler; reqs counts requests by stage and outcome.
@@ -104,13 +108,14 @@ func New(cfg Config, b Backend, store *images.Store, log hclog.Logger, reqs *pro
 	if cfg.Retry == 0 {
 		cfg.Retry = 10 * time.Second
 	}
-	return &Handler{cfg: cfg, backend: b, store: store, log: log.Named("http"), reqs: reqs}
+	return &Handler{cfg: cfg, backend: b, store: store, log: log.Named("http"), reqs: reqs, reports: rate.NewLimiter(1, 10)}
 }
 
 // Register adds the routes to mux.
 func (h *Handler) Register(mux *http.ServeMux) {
 	mux.HandleFunc("GET /boot.ipxe", h.chain)
 	mux.HandleFunc("GET /ipxe", h.script)
+	mux.HandleFunc("GET /report", h.report)
 	mux.HandleFunc("GET /images/{version}/{file}", h.image)
 	mux.HandleFunc("HEAD /images/{version}/{file}", h.image)
 }
@@ -213,7 +218,9 @@ func (h *Handler) script(w http.ResponseWriter, r *http.Request) {
 		writeScript(w, ipxe.Wait(h.cfg.Base, m.query(), "no bootable image yet", h.cfg.Retry))
 		return
 	}
-	params := append([]string{"herd.hwid=" + t.HWID, "herd.mac=" + m.MAC, "herd.image=" + t.Version}, h.cfg.Params...)
+	// herd.boot lets a node that cannot run its image say why (GET /report) before it has anything
+	// else: no certificate, no etcd, maybe not even enough memory to unpack all of the image.
+	params := append([]string{"herd.hwid=" + t.HWID, "herd.mac=" + m.MAC, "herd.image=" + t.Version, "herd.boot=" + h.cfg.Base}, h.cfg.Params...)
 	if t.Image.Cmdline != "" {
 		params = append(params, strings.Fields(t.Image.Cmdline)...)
 	}
@@ -271,4 +278,61 @@ func (h *Handler) image(w http.ResponseWriter, r *http.Request) {
 	http.ServeContent(w, r, file, st.ModTime(), f)
 	h.count("image", "ok")
 	h.log.Debug("image file served", "version", version, "file", file, "remote", r.RemoteAddr, "range", r.Header.Get("Range"), "duration", time.Since(start))
+}
+
+// Problems a booting node can report before it can reach etcd.
+var reportProblems = map[string]string{
+	"memory": "too little memory for its image",
+}
+
+// Report is a booting node's GET /report: a problem that keeps it from running its image.
+type Report struct {
+	MAC     string
+	Problem string
+	Image   string
+	HaveMiB int64
+	NeedMiB int64
+}
+
+// ParseReport reads a /report query; anything unexpected is refused.
+func ParseReport(q url.Values) (Report, error) {
+	mac, err := keys.NormalizeMAC(strings.ReplaceAll(q.Get("mac"), "-", ":"))
+	if err != nil {
+		return Report{}, err
+	}
+	r := Report{MAC: mac, Problem: q.Get("problem"), Image: q.Get("image")}
+	if _, ok := reportProblems[r.Problem]; !ok {
+		return r, fmt.Errorf("unknown problem %q", r.Problem)
+	}
+	if r.Image == "" || len(r.Image) > 64 || !ipxe.Safe(r.Image) {
+		return r, errors.New("bad image version")
+	}
+	for name, dst := range map[string]*int64{"have_mib": &r.HaveMiB, "need_mib": &r.NeedMiB} {
+		v, err := strconv.ParseInt(q.Get(name), 10, 64)
+		if err != nil || v < 0 || v > 1<<32 {
+			return r, fmt.Errorf("%s: want a number of MiB", name)
+		}
+		*dst = v
+	}
+	return r, nil
+}
+
+// report logs what a node that cannot run its image says about itself. Anyone on the boot network
+// can send one: it is only ever logged and counted, at a bounded rate, never acted upon.
+func (h *Handler) report(w http.ResponseWriter, r *http.Request) {
+	rep, err := ParseReport(r.URL.Query())
+	if err != nil {
+		h.count("report", "bad_request")
+		http.Error(w, "bad request: "+err.Error(), http.StatusBadRequest)
+		return
+	}
+	if !h.reports.Allow() {
+		h.count("report", "rate_limited")
+		http.Error(w, "too many reports", http.StatusTooManyRequests)
+		return
+	}
+	h.count("report", rep.Problem)
+	h.log.Error("machine cannot run its image: "+reportProblems[rep.Problem], "mac", rep.MAC, "image", rep.Image,
+		"memory_mib", rep.HaveMiB, "needs_mib", rep.NeedMiB, "remote", r.RemoteAddr)
+	w.WriteHeader(http.StatusNoContent)
 }

@@ -298,6 +298,35 @@ func TestProductionImage(t *testing.T) {
 			t.Fatalf("record %d changed by the restart: %+v", i, r)
 		}
 	}
+
+	// 5. An enrolled machine too small for the image (half of its memory cannot hold the unpacked
+	// root): told so in words on its console and in the boot server's log, never a bare panic.
+	small := "52:54:00:bb:00:03"
+	l.mustHerdctl("hw", "add", small)
+	start = time.Now()
+	l.machineSized("hv3", small, 640)
+	rig.Eventually(t, 300*time.Second, "the small machine says why, there and to the boot server", func() error {
+		console, _ := os.ReadFile(filepath.Join(l.dir, "hv3.console"))
+		if !strings.Contains(string(console), "Add memory; nothing runs here.") {
+			return fmt.Errorf("console: %q", lastLines(string(console), 3))
+		}
+		logb, _ := os.ReadFile(filepath.Join(l.dir, "bootserver.log"))
+		for _, line := range strings.Split(string(logb), "\n") {
+			if strings.Contains(line, "too little memory") && strings.Contains(line, "mac="+small) {
+				return nil
+			}
+		}
+		return fmt.Errorf("nothing in the boot server's log yet")
+	})
+	t.Logf("machine with 640 MiB: refused in words on its console and in the boot server log after %s", time.Since(start).Round(time.Second))
+	if st := l.nodeStatus(small); st == "ready" {
+		t.Fatalf("the small machine registered as %s", st)
+	}
+}
+
+func lastLines(s string, n int) string {
+	lines := strings.Split(strings.TrimSpace(s), "\n")
+	return strings.Join(lines[max(0, len(lines)-n):], "\n")
 }
 
 // machineSized powers on an emulated machine with memMiB of memory that network-boots from tap with

@@ -144,7 +144,27 @@ mkdir -p "$root/etc/ceph"
 size_kib=$(du -sk "$root" | cut -f1)
 echo $((size_kib * 2 + 512 * 1024)) >"$root/etc/herd/min-memory-kib"
 
-(cd "$root" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc --quiet --reproducible) | zstd -q -T0 -12 >"$out/initrd.img"
+# What /init needs before its memory check goes first in the archive (with its directories and what
+# its symlinks point to): the kernel unpacks in order, and on a machine too small for all of the
+# image, the tmpfs fills up, unpacking stops, and the kernel runs /init with what is there. Paths are
+# real ones (usr/lib64, not lib64): an entry through a symlink unpacks only once its target exists.
+early="init usr/bin/sh usr/bin/dash usr/bin/busybox usr/lib64/ld-linux-x86-64.so.2 usr/lib/x86_64-linux-gnu/libc.so.6
+  usr/lib/x86_64-linux-gnu/libresolv.so.2 bin sbin lib lib64 etc proc sys dev run"
+(
+  cd "$root"
+  {
+    for p in $early; do # each with its directories, and what it links to
+      for q in "$p" "$(chroot . readlink -f "/$p" | sed 's|^/||')"; do
+        [ -n "$q" ] && { [ -e "$q" ] || [ -L "$q" ]; } || continue
+        d=$q
+        while [ "$d" != . ]; do echo "./$d"; d=$(dirname "$d"); done
+      done
+    done
+    find ./etc/herd "./usr/lib/modules"
+  } | LC_ALL=C sort -u >"$work/early"
+  find . | LC_ALL=C sort | LC_ALL=C comm -23 - "$work/early" >"$work/rest"
+  cat "$work/early" "$work/rest" | cpio -o -H newc --quiet --reproducible
+) | zstd -q -T0 -12 >"$out/initrd.img"
 cp "$kroot/boot/vmlinuz-$kver" "$out/vmlinuz"
 ksum=$(sha256sum "$out/vmlinuz" | cut -d' ' -f1)
 isum=$(sha256sum "$out/initrd.img" | cut -d' ' -f1)
