@@ -16,6 +16,7 @@ targets=(
   "./bootserver/dhcp FuzzReply"
   "./bootserver/tftp FuzzParsePath"
   "./bootserver/httpboot FuzzParseMachine"
+  "./bootserver/httpboot FuzzParseReport"
 )
 cache=$(go env GOCACHE)/fuzz
 out=$(mktemp)

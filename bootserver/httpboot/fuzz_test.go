@@ -42,3 +42,29 @@ func FuzzParseMachine(f *testing.F) {
 		}
 	})
 }
+
+// FuzzParseReport: what a /report query makes the boot server log is a known problem, a MAC, a
+// version safe to print and two bounded numbers, or nothing at all.
+func FuzzParseReport(f *testing.F) {
+	for _, s := range []string{
+		"mac=52-54-00-aa-bb-01&problem=memory&image=v1&have_mib=512&need_mib=1226",
+		"mac=52:54:00:aa:bb:01&problem=memory&image=v1%0Aevil&have_mib=1&need_mib=2",
+		"mac=52:54:00:aa:bb:01&problem=memory&image=v1&have_mib=99999999999&need_mib=2", "", "problem=memory",
+	} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, raw string) {
+		q, err := url.ParseQuery(raw)
+		if err != nil {
+			return
+		}
+		r, err := ParseReport(q)
+		if err != nil {
+			return
+		}
+		if len(r.MAC) != 17 || reportProblems[r.Problem] == "" || r.Image == "" || !ipxe.Safe(r.Image) ||
+			r.HaveMiB < 0 || r.NeedMiB < 0 || r.HaveMiB > 1<<32 || r.NeedMiB > 1<<32 {
+			t.Fatalf("query %q accepted as %+v", raw, r)
+		}
+	})
+}

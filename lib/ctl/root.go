@@ -18,6 +18,8 @@ import (
 	"github.com/spf13/cobra"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"github.com/herdhq/herd/lib/cli"
 	"github.com/herdhq/herd/lib/etcdutil"
@@ -101,6 +103,7 @@ func (e *env) ctx(parent context.Context) (context.Context, context.CancelFunc) 
 func (e *env) close() {
 	if e.client != nil {
 		e.client.Close()
+		e.client = nil
 	}
 }
 
@@ -137,7 +140,7 @@ Exit codes: 0 success, 1 failure, 2 bad usage, 3 the named object does not exist
 		return usageError{fmt.Errorf("%w\nSee '%s --help'.", err, c.CommandPath())}
 	})
 	e.opts.AddFlags(root.PersistentFlags())
-	root.PersistentFlags().DurationVar(&e.timeout, "timeout", 10*time.Second, "give up on etcd after this long")
+	root.PersistentFlags().DurationVar(&e.timeout, "timeout", 10*time.Second, "give up on an etcd request after this long")
 	root.AddCommand(vmCmd(e), nodeCmd(e), hwCmd(e), imageCmd(e), volumeCmd(e), fenceCmd(e), clusterCmd(e), eventsCmd(e), rolloutCmd(e))
 	return root, e
 }
@@ -149,11 +152,29 @@ func Main(args []string) int {
 	err := root.Execute()
 	if err != nil {
 		fmt.Fprintln(e.errOut, "herdctl:", err)
-		if h := hint(err, e.opts); h != "" {
+		h := hint(err, e.opts)
+		if errors.Is(err, context.DeadlineExceeded) && e.etcdAnswers() {
+			h = fmt.Sprintf("etcd answers at %s, but not within --timeout %s this time: a busy cluster or a big read; retry, or raise --timeout",
+				strings.Join(e.opts.Endpoints, ","), e.timeout)
+		}
+		if h != "" {
 			fmt.Fprintln(e.errOut, "hint:", h)
 		}
 	}
+	e.close()
 	return ExitCode(err)
+}
+
+// etcdAnswers asks etcd once more, briefly, after a timeout, so that the hint blames etcd only
+// when it is silent. Any answer counts, a refusal too.
+func (e *env) etcdAnswers() bool {
+	if e.client == nil {
+		return false
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	defer cancel()
+	_, err := e.client.Get(ctx, e.space.ImageCurrent(), clientv3.WithCountOnly())
+	return err == nil || !(errors.Is(err, context.DeadlineExceeded) || status.Code(err) == codes.DeadlineExceeded || status.Code(err) == codes.Unavailable)
 }
 
 // hint says what to do about the errors that come from who the caller is rather than what it asked.

@@ -200,7 +200,10 @@ func vmApplyCmd(e *env) *cobra.Command {
 		Short: "Create or update VMs from a YAML or JSON file (- for stdin)",
 		Long: `apply makes each VM in FILE look like the file says. A document is the spec's JSON (see
 docs/keyspace.md) plus "name"; several YAML documents are separated by '---'. Members that this
-herdctl does not know and the file does not mention are kept from the stored spec.`,
+herdctl does not know and the file does not mention are kept from the stored spec.
+
+Specs are written in batches, several at once; --timeout bounds each request, not the whole file.
+A failure stops the apply: what was written is printed, and running it again finishes the rest.`,
 		Example: `  cat > web.yaml <<EOF
   name: web1
   vcpus: 2
@@ -242,14 +245,22 @@ herdctl does not know and the file does not mention are kept from the stored spe
 					return usagef("vm %s: %v", d.name, err)
 				}
 			}
-			for _, d := range docs {
-				res, err := e.applySpec(ctx, d.name, d.spec)
-				if err != nil {
-					return fmt.Errorf("apply vm %s: %w", d.name, err)
+			cancel()
+			bar := e.newBar(len(docs), "applying")
+			counts := map[string]int{}
+			err = e.applyAll(cmd.Context(), docs, func(res []applyResult) {
+				e.clearLine()
+				for _, r := range res {
+					fmt.Fprintf(e.out, "vm/%s %s\n", r.name, r.res)
+					counts[r.res]++
 				}
-				fmt.Fprintf(e.out, "vm/%s %s\n", d.name, res)
+				_ = bar.Add(len(res))
+			})
+			e.endBar()
+			if len(docs) > 1 {
+				fmt.Fprintf(e.errOut, "%d created, %d configured, %d unchanged of %d\n", counts[casCreated], counts["configured"], counts[casUnchanged], len(docs))
 			}
-			return nil
+			return err
 		},
 	}
 	cmd.Flags().StringVarP(&file, "filename", "f", "", "file with VM specs (YAML or JSON), - for stdin")
@@ -260,17 +271,7 @@ herdctl does not know and the file does not mention are kept from the stored spe
 // value that spec does not set.
 func (e *env) applySpec(ctx context.Context, name string, spec *keys.VMSpec) (string, error) {
 	res, err := e.casPut(ctx, e.space.VMSpec(name), func(old []byte) (string, bool, error) {
-		if prev, err := keys.Decode[keys.VMSpec](old); old != nil && err == nil {
-			for k, v := range prev.Extra {
-				if _, set := spec.Extra[k]; !set {
-					if spec.Extra == nil {
-						spec.Extra = keys.Extra{}
-					}
-					spec.Extra[k] = v
-				}
-			}
-		}
-		return keys.MustEncode(spec), true, nil
+		return mergeSpec(old, spec), true, nil
 	})
 	if res == casUpdated {
 		res = "configured"

@@ -1,0 +1,114 @@
+package ctl
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/herdhq/herd/lib/etcdembed/etcdtest"
+	"github.com/herdhq/herd/lib/keys"
+)
+
+// TestApplyManySpecs: a file of many specs is written in batches, every VM exactly as the file says;
+// applying it again changes nothing; a member only the stored spec has is kept; a batch whose key
+// someone else wrote between its read and its write is redone key by key, losing neither write.
+func TestApplyManySpecs(t *testing.T) {
+	srv := etcdtest.Start(t)
+	ep := srv.Endpoints[0]
+	c := etcdtest.NewClient(t, srv.Endpoints)
+	sp := keys.MustSpace(keys.DefaultPrefix)
+	ctx := context.Background()
+
+	const n = 1000
+	write := func(mem int) string {
+		var b strings.Builder
+		for i := range n {
+			fmt.Fprintf(&b, "name: vm-%04d\nvcpus: 1\nmemory_mib: %d\n---\n", i, mem)
+		}
+		f := filepath.Join(t.TempDir(), "vms.yaml")
+		if err := os.WriteFile(f, []byte(b.String()), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return f
+	}
+	count := func(out, what string) int { return strings.Count(out, " "+what+"\n") }
+
+	f := write(64)
+	out, errOut, err := herdctl(t, ep, "vm", "apply", "-f", f)
+	if err != nil || count(out, "created") != n || !strings.Contains(errOut, fmt.Sprintf("%d created, 0 configured, 0 unchanged of %d", n, n)) {
+		t.Fatalf("first apply: %v %s\n%s", err, errOut, out[:min(len(out), 300)])
+	}
+	resp, err := c.Get(ctx, sp.VMPrefix(), clientv3.WithPrefix(), clientv3.WithCountOnly())
+	if err != nil || resp.Count != n {
+		t.Fatalf("%d keys under the VMs after applying %d specs: %v", resp.Count, n, err)
+	}
+	one, _ := c.Get(ctx, sp.VMSpec("vm-0777"))
+	if s, err := keys.Decode[keys.VMSpec](one.Kvs[0].Value); err != nil || s.MemoryMiB != 64 || s.VCPUs != 1 {
+		t.Fatalf("vm-0777: %+v %v", s, err)
+	}
+
+	if out, _, err = herdctl(t, ep, "vm", "apply", "-f", f); err != nil || count(out, "unchanged") != n {
+		t.Fatalf("second apply: %v\n%s", err, out[:min(len(out), 300)])
+	}
+
+	// A member this herdctl does not know, set by someone else: kept through a change.
+	if _, err := c.Put(ctx, sp.VMSpec("vm-0005"), `{"v":1,"vcpus":1,"memory_mib":64,"future":"x"}`); err != nil {
+		t.Fatal(err)
+	}
+	// Someone writes a VM of a batch between its read and its write: the batch is redone.
+	var race sync.Once
+	raced := false
+	applyRace = func(b []specDoc) { // batches run at once: only one of them holds vm-0500
+		for _, d := range b {
+			if d.name == "vm-0500" {
+				race.Do(func() {
+					raced = true
+					if _, err := c.Put(ctx, sp.VMSpec("vm-0500"), `{"v":1,"vcpus":3,"memory_mib":64,"other":"y"}`); err != nil {
+						t.Error(err)
+					}
+				})
+			}
+		}
+	}
+	t.Cleanup(func() { applyRace = nil })
+	f = write(128)
+	if out, _, err = herdctl(t, ep, "vm", "apply", "-f", f); err != nil || count(out, "configured") != n {
+		t.Fatalf("third apply: %v\n%s", err, out[:min(len(out), 300)])
+	}
+	if !raced {
+		t.Fatal("the race never ran")
+	}
+	for name, member := range map[string]string{"vm-0005": "future", "vm-0500": "other"} {
+		got, _ := c.Get(ctx, sp.VMSpec(name))
+		s, err := keys.Decode[keys.VMSpec](got.Kvs[0].Value)
+		if err != nil || s.MemoryMiB != 128 || s.VCPUs != 1 || s.Extra[member] == nil {
+			t.Fatalf("%s after apply: %s %v", name, got.Kvs[0].Value, err)
+		}
+	}
+}
+
+// TestTimeoutHint: a timeout blames etcd only when etcd is silent.
+func TestTimeoutHint(t *testing.T) {
+	srv := etcdtest.Start(t)
+	for _, tc := range []struct {
+		endpoint string
+		answers  bool
+	}{{srv.Endpoints[0], true}, {"http://127.0.0.1:1", false}} {
+		root, e := newRoot(&strings.Builder{}, &strings.Builder{})
+		root.SetArgs([]string{"--endpoints", tc.endpoint, "--timeout", "1ns", "vm", "list"})
+		err := root.Execute()
+		if err == nil || !strings.Contains(err.Error(), "deadline") {
+			t.Fatalf("%s: %v", tc.endpoint, err)
+		}
+		if got := e.etcdAnswers(); got != tc.answers {
+			t.Fatalf("%s: etcd answers %v, want %v", tc.endpoint, got, tc.answers)
+		}
+		e.close()
+	}
+}
