@@ -93,6 +93,36 @@ func TestApplyManySpecs(t *testing.T) {
 	}
 }
 
+// TestPagedClusterRead: listings read in pages at one revision show every VM once, as one read did.
+func TestPagedClusterRead(t *testing.T) {
+	srv := etcdtest.Start(t)
+	ep := srv.Endpoints[0]
+	var b strings.Builder
+	for i := range 250 {
+		fmt.Fprintf(&b, "name: vm-%04d\nvcpus: 1\nmemory_mib: 64\n---\n", i)
+	}
+	f := filepath.Join(t.TempDir(), "vms.yaml")
+	if err := os.WriteFile(f, []byte(b.String()), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := herdctl(t, ep, "vm", "apply", "-f", f); err != nil {
+		t.Fatal(err)
+	}
+	whole, _, err := herdctl(t, ep, "vm", "list", "-o", "json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func(p int64) { readPage = p }(readPage)
+	readPage = 7
+	paged, _, err := herdctl(t, ep, "vm", "list", "-o", "json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if paged != whole || strings.Count(paged, `"name": "vm-`) != 250 {
+		t.Fatalf("paged read differs: %d VMs paged, %d whole", strings.Count(paged, `"name": "vm-`), strings.Count(whole, `"name": "vm-`))
+	}
+}
+
 // TestTimeoutHint: a timeout blames etcd only when etcd is silent.
 func TestTimeoutHint(t *testing.T) {
 	srv := etcdtest.Start(t)

@@ -2,10 +2,12 @@ package ctl
 
 import (
 	"context"
+	"fmt"
 	"sort"
 	"time"
 
 	"github.com/spf13/cobra"
+	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/herdhq/herd/lib/keys"
@@ -47,8 +49,8 @@ func (v *clusterView) admin(hwid string) keys.NodeAdmin {
 	return keys.AdminOf(v.specs[hwid], v.states[hwid])
 }
 
-// readCluster reads VMs, nodes, node states, hardware and statuses in one transaction, so every
-// table herdctl prints is one revision of the cluster.
+// readCluster reads VMs, nodes, node states, hardware and statuses at one revision (a transaction,
+// then pages at its revision), so every table herdctl prints is one revision of the cluster.
 // readView starts a read-only listing: the -o flag checked, a connection, and the cluster read
 // once under --timeout.
 func (e *env) readView(cmd *cobra.Command, o *outputFlag) (*clusterView, error) {
@@ -72,25 +74,44 @@ func (e *env) startRead(cmd *cobra.Command, o *outputFlag) (context.Context, con
 	return ctx, cancel, nil
 }
 
+// readPage is how many keys one range of a cluster read returns; the rest follows in pages at the
+// same revision: a read of 100,000 VMs is neither one giant response for etcd to build in memory
+// nor a mix of revisions.
+var readPage int64 = 5000
+
 func (e *env) readCluster(ctx context.Context) (*clusterView, error) {
 	s := e.space
-	resp, err := e.client.Txn(ctx).Then(
-		clientv3.OpGet(s.VMPrefix(), clientv3.WithPrefix()),
-		clientv3.OpGet(s.NodePrefix(), clientv3.WithPrefix()),
-		clientv3.OpGet(s.NodeStatePrefix(), clientv3.WithPrefix()),
-		clientv3.OpGet(s.HardwarePrefix(), clientv3.WithPrefix()),
-		clientv3.OpGet(s.StatusRoot(), clientv3.WithPrefix()),
-		clientv3.OpGet(s.FenceRoot(), clientv3.WithPrefix()),
-		clientv3.OpGet(s.LossGuard()),
-		clientv3.OpGet(s.PlacementPrefix(), clientv3.WithPrefix()),
-		clientv3.OpGet(s.ProblemPrefix(), clientv3.WithPrefix()),
-		clientv3.OpGet(s.NodeSpecPrefix(), clientv3.WithPrefix()),
-	).Commit()
+	prefixes := []string{s.VMPrefix(), s.NodePrefix(), s.NodeStatePrefix(), s.HardwarePrefix(), s.StatusRoot(),
+		s.FenceRoot(), s.LossGuard(), s.PlacementPrefix(), s.ProblemPrefix(), s.NodeSpecPrefix()}
+	ops := make([]clientv3.Op, len(prefixes))
+	for i, p := range prefixes {
+		if p == s.LossGuard() {
+			ops[i] = clientv3.OpGet(p)
+		} else {
+			ops[i] = clientv3.OpGet(p, clientv3.WithPrefix(), clientv3.WithLimit(readPage))
+		}
+	}
+	first, err := e.client.Txn(ctx).Then(ops...).Commit()
 	if err != nil {
 		return nil, err
 	}
+	resp := make([][]*mvccpb.KeyValue, len(prefixes))
+	for i, p := range prefixes {
+		r := first.Responses[i].GetResponseRange()
+		resp[i] = r.Kvs
+		for more := r.More; more && len(resp[i]) > 0; {
+			from := string(resp[i][len(resp[i])-1].Key) + "\x00"
+			page, err := e.client.Get(ctx, from, clientv3.WithRange(clientv3.GetPrefixRangeEnd(p)),
+				clientv3.WithRev(first.Header.Revision), clientv3.WithLimit(readPage))
+			if err != nil {
+				return nil, fmt.Errorf("read %s at revision %d: %w", p, first.Header.Revision, err)
+			}
+			resp[i] = append(resp[i], page.Kvs...)
+			more = page.More
+		}
+	}
 	v := &clusterView{
-		rev:      resp.Header.Revision,
+		rev:      first.Header.Revision,
 		vms:      map[string]*vmView{},
 		nodes:    map[string]*keys.Node{},
 		nodeErrs: map[string]error{},
@@ -100,12 +121,12 @@ func (e *env) readCluster(ctx context.Context) (*clusterView, error) {
 		statuses: map[string]map[string]*keys.VMStatus{},
 		fences:   map[string][]*keys.Fence{},
 	}
-	for _, kv := range resp.Responses[5].GetResponseRange().Kvs {
+	for _, kv := range resp[5] {
 		if f, err := keys.Decode[keys.Fence](kv.Value); err == nil {
 			v.fences[f.HWID] = append(v.fences[f.HWID], f)
 		}
 	}
-	if kvs := resp.Responses[6].GetResponseRange().Kvs; len(kvs) > 0 {
+	if kvs := resp[6]; len(kvs) > 0 {
 		v.guard, _ = keys.Decode[keys.LossGuard](kvs[0].Value)
 	}
 	vmOf := func(name string) *vmView {
@@ -116,7 +137,7 @@ func (e *env) readCluster(ctx context.Context) (*clusterView, error) {
 		}
 		return vm
 	}
-	for _, kv := range resp.Responses[0].GetResponseRange().Kvs {
+	for _, kv := range resp[0] {
 		name, part, ok := s.ParseVM(string(kv.Key))
 		if !ok || part != keys.VMPartSpec {
 			continue
@@ -130,24 +151,24 @@ func (e *env) readCluster(ctx context.Context) (*clusterView, error) {
 			vm.Spec = spec
 		}
 	}
-	for _, kv := range resp.Responses[7].GetResponseRange().Kvs {
+	for _, kv := range resp[7] {
 		if name, ok := keys.ParseVMName(s.PlacementPrefix(), string(kv.Key)); ok {
 			vmOf(name).Placement, _ = keys.Decode[keys.Placement](kv.Value)
 		}
 	}
-	for _, kv := range resp.Responses[8].GetResponseRange().Kvs {
+	for _, kv := range resp[8] {
 		if name, ok := keys.ParseVMName(s.ProblemPrefix(), string(kv.Key)); ok {
 			vmOf(name).Problem, _ = keys.Decode[keys.Problem](kv.Value)
 		}
 	}
-	for _, kv := range resp.Responses[9].GetResponseRange().Kvs {
+	for _, kv := range resp[9] {
 		if hwid, ok := keys.ParseLeaf(s.NodeSpecPrefix(), string(kv.Key)); ok {
 			if ns, err := keys.Decode[keys.NodeSpec](kv.Value); err == nil {
 				v.specs[hwid] = ns
 			}
 		}
 	}
-	for _, kv := range resp.Responses[1].GetResponseRange().Kvs {
+	for _, kv := range resp[1] {
 		if hwid, ok := keys.ParseLeaf(s.NodePrefix(), string(kv.Key)); ok {
 			n, err := keys.Decode[keys.Node](kv.Value)
 			if err != nil {
@@ -157,21 +178,21 @@ func (e *env) readCluster(ctx context.Context) (*clusterView, error) {
 			v.nodes[hwid] = n
 		}
 	}
-	for _, kv := range resp.Responses[2].GetResponseRange().Kvs {
+	for _, kv := range resp[2] {
 		if hwid, ok := keys.ParseLeaf(s.NodeStatePrefix(), string(kv.Key)); ok {
 			if ns, err := keys.Decode[keys.NodeState](kv.Value); err == nil {
 				v.states[hwid] = ns
 			}
 		}
 	}
-	for _, kv := range resp.Responses[3].GetResponseRange().Kvs {
+	for _, kv := range resp[3] {
 		if hwid, ok := keys.ParseLeaf(s.HardwarePrefix(), string(kv.Key)); ok {
 			if hw, err := keys.Decode[keys.Hardware](kv.Value); err == nil {
 				v.hardware[hwid] = hw
 			}
 		}
 	}
-	for _, kv := range resp.Responses[4].GetResponseRange().Kvs {
+	for _, kv := range resp[4] {
 		hwid, name, ok := keys.ParseNodeScoped(s.StatusRoot(), string(kv.Key))
 		if !ok {
 			continue
