@@ -47,6 +47,7 @@ bench:
     go test -run '^$' -bench . -benchtime 3x ./coordinator/scheduler/
     scripts/bench-boot.sh
     go test -run '^$' -bench PlacementThroughput -benchtime 1x ./coordinator/
+    go test -run '^$' -bench ApplyAndList -benchtime 1x ./lib/ctl/
     go test -run '^$' -bench 'LeaderFailover|NodeLossRecovery' -benchtime 3x ./e2e/
 
 # gofmt the tree

@@ -62,7 +62,7 @@ func TestGoStyleFlagsAndExitCodes(t *testing.T) {
 }
 
 // herdctl runs herdctl against endpoints and returns its output and error.
-func herdctl(t *testing.T, endpoints string, args ...string) (string, string, error) {
+func herdctl(t testing.TB, endpoints string, args ...string) (string, string, error) {
 	t.Helper()
 	var out, errOut bytes.Buffer
 	root := NewRoot(&out, &errOut)
