@@ -38,7 +38,7 @@ type Config struct {
 	Space      keys.Space
 	HWID       string
 	BootID     string
-	Hypervisor *hypervisor.Libvirt
+	Hypervisor hypervisor.Hypervisor
 	Volumes    volume.Backend
 
 	// LeaseTTL is how long the node outlives a silent agent. Default 10 s.
@@ -134,7 +134,7 @@ type Agent struct {
 	space   keys.Space
 	hwid    string
 	log     hclog.Logger
-	hv      *hypervisor.Libvirt
+	hv      hypervisor.Hypervisor
 	events  *events.Recorder
 	queue   *workqueue.Queue
 	assigns *etcdutil.Typed[keys.Assignment]

@@ -147,7 +147,7 @@ type agentConns struct {
 	space      keys.Space
 	hwid       string
 	bootID     string
-	hypervisor *hypervisor.Libvirt
+	hypervisor hypervisor.Hypervisor
 	volumes    volume.Backend
 	cephKey    string
 	hostname   string

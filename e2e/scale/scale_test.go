@@ -1,0 +1,393 @@
+// Package scale is herd's scale rig: etcd, two coordinators and thousands of real agents (herd sim:
+// many agents per process on in-memory hypervisors), each a process of its own so that each one's
+// CPU and memory are measured apart. The small run is in `just test`; `just scale` runs it with
+// the sizes of HERD_SCALE_NODES and HERD_SCALE_VMS_PER_NODE (docs/performance.md has the big runs).
+package scale
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/herdhq/herd/e2e/rig"
+	"github.com/herdhq/herd/lib/keys"
+	"github.com/herdhq/herd/lib/leaktest"
+)
+
+var bin rig.Binaries
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "herd-scale-bin-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	bin, err = rig.Build(dir)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.RemoveAll(dir)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(leaktest.Check(code))
+}
+
+var space = keys.MustSpace(keys.DefaultPrefix)
+
+func envInt(name string, def int) int {
+	if v, err := strconv.Atoi(os.Getenv(name)); err == nil && v > 0 {
+		return v
+	}
+	return def
+}
+
+// usage is a process's resident memory and CPU time so far, from /proc.
+func usage(pid int) (rssMiB int64, cpu time.Duration) {
+	if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid)); err == nil {
+		for _, line := range strings.Split(string(b), "\n") {
+			if f := strings.Fields(line); len(f) >= 2 && f[0] == "VmRSS:" {
+				kib, _ := strconv.ParseInt(f[1], 10, 64)
+				rssMiB = kib / 1024
+			}
+		}
+	}
+	if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid)); err == nil {
+		s := string(b)
+		f := strings.Fields(s[strings.LastIndexByte(s, ')')+2:])
+		if len(f) > 12 {
+			ut, _ := strconv.ParseInt(f[11], 10, 64)
+			st, _ := strconv.ParseInt(f[12], 10, 64)
+			cpu = time.Duration(ut+st) * time.Second / 100 // USER_HZ
+		}
+	}
+	return rssMiB, cpu
+}
+
+// placementClock records, from one watch, when each VM's spec and first placement appeared.
+type placementClock struct {
+	mu     sync.Mutex
+	spec   map[string]time.Time
+	placed map[string]time.Time
+}
+
+func watchPlacements(ctx context.Context, c *clientv3.Client) *placementClock {
+	pc := &placementClock{spec: map[string]time.Time{}, placed: map[string]time.Time{}}
+	wch := c.Watch(ctx, space.Root(), clientv3.WithPrefix(), clientv3.WithFilterDelete())
+	go func() {
+		for resp := range wch {
+			now := time.Now()
+			pc.mu.Lock()
+			for _, ev := range resp.Events {
+				key := string(ev.Kv.Key)
+				if name, part, ok := space.ParseVM(key); ok && part == keys.VMPartSpec && ev.IsCreate() {
+					pc.spec[name] = now
+				} else if name, ok := keys.ParseVMName(space.PlacementPrefix(), key); ok {
+					if _, seen := pc.placed[name]; !seen {
+						pc.placed[name] = now
+					}
+				}
+			}
+			pc.mu.Unlock()
+		}
+	}()
+	return pc
+}
+
+func (pc *placementClock) isPlaced(name string) bool {
+	pc.mu.Lock()
+	defer pc.mu.Unlock()
+	_, ok := pc.placed[name]
+	return ok
+}
+
+// latencies are spec-to-placement times of the VMs placed so far, sorted.
+func (pc *placementClock) latencies() []time.Duration {
+	pc.mu.Lock()
+	defer pc.mu.Unlock()
+	var out []time.Duration
+	for name, p := range pc.placed {
+		if s, ok := pc.spec[name]; ok {
+			out = append(out, p.Sub(s))
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i] < out[j] })
+	return out
+}
+
+func pct(d []time.Duration, p float64) time.Duration {
+	if len(d) == 0 {
+		return 0
+	}
+	return d[min(len(d)-1, int(float64(len(d))*p))].Round(time.Millisecond)
+}
+
+// running counts, from one read, the VMs whose placement names a live node whose status for the
+// VM, at the placement's uid and epoch, says running; and how many VMs are reported running by
+// more than one node.
+func running(t testing.TB, c *clientv3.Client) (placed, twice, total int) {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	resp, err := c.Txn(ctx).Then(
+		clientv3.OpGet(space.PlacementPrefix(), clientv3.WithPrefix()),
+		clientv3.OpGet(space.StatusRoot(), clientv3.WithPrefix()),
+		clientv3.OpGet(space.NodePrefix(), clientv3.WithPrefix(), clientv3.WithKeysOnly()),
+		clientv3.OpGet(space.VMPrefix(), clientv3.WithPrefix(), clientv3.WithKeysOnly()),
+	).Commit()
+	if err != nil {
+		t.Fatal(err)
+	}
+	alive := map[string]bool{}
+	for _, kv := range resp.Responses[2].GetResponseRange().Kvs {
+		if id, ok := keys.ParseLeaf(space.NodePrefix(), string(kv.Key)); ok {
+			alive[id] = true
+		}
+	}
+	runningOn := map[string][]string{}
+	status := map[string]*keys.VMStatus{}
+	for _, kv := range resp.Responses[1].GetResponseRange().Kvs {
+		hwid, name, ok := keys.ParseNodeScoped(space.StatusRoot(), string(kv.Key))
+		if !ok || !alive[hwid] {
+			continue
+		}
+		st, err := keys.Decode[keys.VMStatus](kv.Value)
+		if err != nil || st.State != keys.StateRunning {
+			continue
+		}
+		runningOn[name] = append(runningOn[name], hwid)
+		status[hwid+"/"+name] = st
+	}
+	for _, kv := range resp.Responses[0].GetResponseRange().Kvs {
+		name, ok := keys.ParseVMName(space.PlacementPrefix(), string(kv.Key))
+		if !ok {
+			continue
+		}
+		pl, err := keys.Decode[keys.Placement](kv.Value)
+		if err != nil {
+			continue
+		}
+		if st := status[pl.Node+"/"+name]; st != nil && alive[pl.Node] && st.UID == pl.UID && st.Epoch == pl.Epoch {
+			placed++
+		}
+	}
+	for _, on := range runningOn {
+		if len(on) > 1 {
+			twice++
+		}
+	}
+	for _, kv := range resp.Responses[3].GetResponseRange().Kvs {
+		if _, part, ok := space.ParseVM(string(kv.Key)); ok && part == keys.VMPartSpec {
+			total++
+		}
+	}
+	return placed, twice, total
+}
+
+// TestScale: etcd, two coordinators, HERD_SCALE_NODES simulated nodes (default 500) in two sim
+// processes, HERD_SCALE_VMS_PER_NODE VMs each (default 10) from one `herdctl vm apply`. Every VM
+// runs exactly once; the leader killed with -9, the next leader places; then the smaller sim
+// process (10% of the nodes) is killed: the mass-failure guard holds failover until an operator
+// confirms the loss, and then every VM runs exactly once on the survivors. etcd's history shows
+// no VM ever placed twice or reported running by two live nodes at one epoch. Timings and
+// resources are logged, never asserted.
+func TestScale(t *testing.T) {
+	nodes := envInt("HERD_SCALE_NODES", 500)
+	perNode := envInt("HERD_SCALE_VMS_PER_NODE", 10)
+	lost := max(1, nodes/10)
+	vms := nodes * perNode
+
+	c := rig.NewCluster(t, bin)
+	cl := c.Client()
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	clock := watchPlacements(ctx, cl)
+
+	// The guard holds when more than 5% of the nodes are lost at once; a sim process's agents
+	// share a few clients, and fencing is a command that succeeds (the nodes' "power" is the
+	// process, already killed).
+	c.CoordArgs = []string{"--session-ttl", "2s", "--grace", "1s", "--fence-exec", "true",
+		"--mass-failure-fraction", "0.05", "--mass-failure-min", "2", "--reschedule-rate", "1000"}
+	c.StartCoordinator()
+	c.StartCoordinator()
+	leader := c.Leader(30 * time.Second)
+
+	sim := func(set, n int) *rig.Proc {
+		return rig.Start(t, c.Dir, fmt.Sprintf("sim-%d", set), bin.Herd, "sim", "--endpoints", c.Endpoint,
+			"--nodes", strconv.Itoa(n), "--set", strconv.Itoa(set), "--clients", strconv.Itoa(max(1, n/250)),
+			"--cpus", "64", "--memory", "256GiB", "--lease-ttl", "5s", "--enrol", "--log-level", "warn")
+	}
+	start := time.Now()
+	big := sim(1, nodes-lost)
+	small := sim(2, lost)
+	rig.Eventually(t, 10*time.Minute, "every node registered", func() error {
+		resp, err := cl.Get(ctx, space.NodePrefix(), clientv3.WithPrefix(), clientv3.WithCountOnly())
+		if err != nil {
+			return err
+		}
+		if resp.Count != int64(nodes) {
+			return fmt.Errorf("%d of %d nodes", resp.Count, nodes)
+		}
+		return nil
+	})
+	t.Logf("%d nodes registered in %s", nodes, time.Since(start).Round(time.Millisecond))
+
+	var b strings.Builder
+	for i := range vms {
+		fmt.Fprintf(&b, "name: s%06d\nvcpus: 1\nmemory_mib: 512\n---\n", i)
+	}
+	file := filepath.Join(c.Dir, "vms.yaml")
+	if err := os.WriteFile(file, []byte(b.String()), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	_, cpu0 := usage(leader.Pid())
+	start = time.Now()
+	c.Herdctl("vm", "apply", "-f", file, "--timeout", "30s")
+	applied := time.Since(start)
+	rig.Eventually(t, 15*time.Minute, "every VM placed", func() error {
+		if n := len(clock.latencies()); n < vms {
+			return fmt.Errorf("%d of %d placed", n, vms)
+		}
+		return nil
+	})
+	placedAll := time.Since(start)
+	lat := clock.latencies()
+	rig.Eventually(t, 15*time.Minute, "every VM running", func() error {
+		if ok, twice, total := running(t, cl); ok != vms || twice > 0 || total != vms {
+			return fmt.Errorf("%d of %d running where placed, %d reported by two nodes", ok, total, twice)
+		}
+		return nil
+	})
+	ranAll := time.Since(start)
+	rss, cpu1 := usage(leader.Pid())
+	etcdRSS, _ := usage(c.Etcd.Pid())
+	simRSS, _ := usage(big.Pid())
+	t.Logf("%d VMs: apply %s (%.0f specs/s), all placed %s, all running %s; placement latency p50 %s p99 %s",
+		vms, applied.Round(time.Millisecond), float64(vms)/applied.Seconds(), placedAll.Round(time.Millisecond),
+		ranAll.Round(time.Millisecond), pct(lat, 0.5), pct(lat, 0.99))
+	t.Logf("leader: %d MiB RSS, %s CPU while placing; etcd %d MiB; sim process of %d nodes %d MiB (%d KiB per node)",
+		rss, (cpu1 - cpu0).Round(time.Millisecond), etcdRSS, nodes-lost, simRSS, simRSS*1024/int64(nodes-lost))
+
+	// Steady state: what etcd serves with nothing changing.
+	ranges0, _ := rig.Metric(c.MetricsURL, "grpc_server_handled_total", `grpc_method="Range"`)
+	txns0, _ := rig.Metric(c.MetricsURL, "grpc_server_handled_total", `grpc_method="Txn"`)
+	keep0, _ := rig.Metric(c.MetricsURL, "grpc_server_msg_received_total", `grpc_method="LeaseKeepAlive"`)
+	_, lcpu0 := usage(leader.Pid())
+	time.Sleep(20 * time.Second)
+	ranges1, _ := rig.Metric(c.MetricsURL, "grpc_server_handled_total", `grpc_method="Range"`)
+	txns1, _ := rig.Metric(c.MetricsURL, "grpc_server_handled_total", `grpc_method="Txn"`)
+	keep1, _ := rig.Metric(c.MetricsURL, "grpc_server_msg_received_total", `grpc_method="LeaseKeepAlive"`)
+	_, lcpu1 := usage(leader.Pid())
+	t.Logf("steady state over 20 s: %.0f Range, %.1f Txn/s, %.0f lease keepalives/s, leader CPU %.1f%%",
+		ranges1-ranges0, (txns1-txns0)/20, (keep1-keep0)/20, 100*(lcpu1-lcpu0).Seconds()/20)
+
+	// Failover: the leader killed, the next one places a new VM.
+	leader.Kill()
+	start = time.Now()
+	c.Herdctl("vm", "create", "after-failover", "--memory", "512MiB")
+	rig.Eventually(t, 2*time.Minute, "a placement by the next leader", func() error {
+		if !clock.isPlaced("after-failover") {
+			return fmt.Errorf("not placed")
+		}
+		return nil
+	})
+	t.Logf("leader killed (-9) to the next placement: %s (session TTL 2 s)", time.Since(start).Round(time.Millisecond))
+	c.StartCoordinator()
+	vms++
+
+	// 10% of the nodes die at once: the guard holds until confirmed.
+	small.Kill()
+	start = time.Now()
+	var held time.Duration
+	rig.Eventually(t, 5*time.Minute, "the mass-failure guard holds", func() error {
+		resp, err := cl.Get(ctx, space.LossGuard())
+		if err != nil || len(resp.Kvs) == 0 {
+			return fmt.Errorf("no guard yet: %v", err)
+		}
+		g, err := keys.Decode[keys.LossGuard](resp.Kvs[0].Value)
+		if err != nil || len(g.Nodes) < lost {
+			return fmt.Errorf("guard on %d nodes", len(g.Nodes))
+		}
+		return nil
+	})
+	held = time.Since(start)
+	if ok, _, _ := running(t, cl); ok > vms-lost*perNode+1 {
+		t.Fatalf("%d VMs running with %d nodes lost and the guard holding", ok, lost)
+	}
+	c.Herdctl("cluster", "confirm-loss")
+	start = time.Now()
+	rig.Eventually(t, 15*time.Minute, "every VM running on the survivors", func() error {
+		if ok, twice, total := running(t, cl); ok != vms || twice > 0 || total != vms {
+			return fmt.Errorf("%d of %d running where placed, %d reported by two nodes", ok, total, twice)
+		}
+		return nil
+	})
+	t.Logf("%d of %d nodes killed: guard held after %s; after confirm-loss, their %d VMs ran elsewhere in %s",
+		lost, nodes, held.Round(time.Millisecond), lost*perNode, time.Since(start).Round(time.Millisecond))
+
+	// History: never two placements at once, never two live reports of one epoch.
+	checkHistory(t, c)
+	db, _ := rig.Metric(c.MetricsURL, "etcd_mvcc_db_total_size_in_bytes")
+	t.Logf("etcd database %.0f MiB: %.1f KiB per VM", db/(1<<20), db/1024/float64(vms))
+}
+
+// checkHistory replays every placement and status write: a VM's placement never changes node
+// without a new epoch, and no two nodes report one VM running at the same epoch.
+func checkHistory(t *testing.T, c *rig.Cluster) {
+	t.Helper()
+	type where struct {
+		node  string
+		epoch int64
+	}
+	last := map[string]where{}
+	for _, ev := range c.History(space.PlacementPrefix()) {
+		name, ok := keys.ParseVMName(space.PlacementPrefix(), string(ev.Kv.Key))
+		if !ok || ev.Type != clientv3.EventTypePut {
+			continue
+		}
+		pl, err := keys.Decode[keys.Placement](ev.Kv.Value)
+		if err != nil {
+			t.Fatal(err)
+		}
+		k := fmt.Sprintf("%s/%d", name, pl.UID)
+		if prev, seen := last[k]; seen && prev.node != pl.Node && pl.Epoch <= prev.epoch {
+			t.Fatalf("vm %s moved %s -> %s without a new epoch", name, prev.node, pl.Node)
+		}
+		last[k] = where{pl.Node, pl.Epoch}
+	}
+	runningAt := map[string]string{} // vm/epoch -> the node reporting it running
+	reporting := map[string]string{} // node/vm -> vm/epoch it last reported running
+	for _, ev := range c.History(space.StatusRoot()) {
+		hwid, name, ok := keys.ParseNodeScoped(space.StatusRoot(), string(ev.Kv.Key))
+		if !ok {
+			continue
+		}
+		if prev, ok := reporting[hwid+"/"+name]; ok {
+			delete(reporting, hwid+"/"+name)
+			if runningAt[prev] == hwid {
+				delete(runningAt, prev)
+			}
+		}
+		if ev.Type != clientv3.EventTypePut {
+			continue
+		}
+		st, err := keys.Decode[keys.VMStatus](ev.Kv.Value)
+		if err != nil || st.State != keys.StateRunning {
+			continue
+		}
+		k := fmt.Sprintf("%s/%d", name, st.Epoch)
+		if other, ok := runningAt[k]; ok && other != hwid {
+			t.Fatalf("vm %s epoch %d reported running by %s and %s at revision %d", name, st.Epoch, other, hwid, ev.Kv.ModRevision)
+		}
+		runningAt[k] = hwid
+		reporting[hwid+"/"+name] = k
+	}
+}
