@@ -14,10 +14,59 @@ import (
 	"github.com/herdhq/herd/lib/etcdutil"
 )
 
-// apply commits a plan's actions, each a transaction guarded by the term's election key and the
-// action's own conditions, with bounded parallelism, and says and counts what each committed. A
-// conflict is no error: someone changed the object since the snapshot, the watch brings the change
-// and the next round decides again. It returns the highest revision written.
+// Bounds of one batch: etcd refuses a transaction of more than 128 compares or operations
+// (--max-txn-ops) and requests over its size limit (herd's etcd: 1 MiB).
+const (
+	batchOps   = 100
+	batchBytes = 256 << 10
+)
+
+// batch groups actions that touch no common key (none reads or writes a key another of them reads
+// or writes), up to batchOps compares and writes and about batchBytes: committed in one
+// transaction, they do exactly what they would one after the other, in one round trip and one raft
+// entry instead of one each.
+func batch(acts []decide.Action) [][]*decide.Action {
+	var out [][]*decide.Action
+	var cur []*decide.Action
+	used := map[string]bool{}
+	conds, writes, size := 0, 0, 0
+	for i := range acts {
+		a := &acts[i]
+		n := 0
+		independent := true
+		for _, c := range a.Conds {
+			independent = independent && !used[c.Key]
+			n += len(c.Key)
+		}
+		for _, w := range a.Writes {
+			independent = independent && !used[w.Key]
+			n += len(w.Key) + len(w.Value)
+		}
+		if len(cur) > 0 && (!independent || conds+len(a.Conds) > batchOps || writes+len(a.Writes) > batchOps || size+n > batchBytes) {
+			out = append(out, cur)
+			cur, used, conds, writes, size = nil, map[string]bool{}, 0, 0, 0
+		}
+		cur = append(cur, a)
+		for _, c := range a.Conds {
+			used[c.Key] = true
+		}
+		for _, w := range a.Writes {
+			used[w.Key] = true
+		}
+		conds, writes, size = conds+len(a.Conds), writes+len(a.Writes), size+n
+	}
+	if len(cur) > 0 {
+		out = append(out, cur)
+	}
+	return out
+}
+
+// apply commits a plan's actions, batched (see batch), each batch a transaction guarded by the
+// term's election key and its actions' own conditions, with bounded parallelism, and says and
+// counts what each committed. A batch whose conditions do not all hold is retried one action at a
+// time, so that one stale action does not hold back the others. A conflict is no error: someone
+// changed the object since the snapshot, the watch brings the change and the next round decides
+// again. It returns the highest revision written.
 func (t *term) apply(acts []decide.Action) (int64, error) {
 	var (
 		mu        sync.Mutex
@@ -27,8 +76,31 @@ func (t *term) apply(acts []decide.Action) (int64, error) {
 		wg        sync.WaitGroup
 		sem       = make(chan struct{}, t.c.cfg.Parallel)
 	)
-	for i := range acts {
-		a := &acts[i]
+	// commit applies one batch and reports, under mu, whether to go on.
+	commit := func(b []*decide.Action) {
+		var conds []decide.Cond
+		var writes []decide.Write
+		for _, a := range b {
+			conds, writes = append(conds, a.Conds...), append(writes, a.Writes...)
+		}
+		rev, err := t.txn(conds, writes)
+		if len(b) > 1 && errors.Is(err, etcdutil.ErrConflict) {
+			t.c.m.batchRetries.Inc()
+			for _, a := range b {
+				rev, err := t.txn(a.Conds, a.Writes)
+				if !t.committed(&mu, a, rev, err, &maxRev, &firstErr, &notLeader) {
+					return
+				}
+			}
+			return
+		}
+		for _, a := range b {
+			if !t.committed(&mu, a, rev, err, &maxRev, &firstErr, &notLeader) {
+				return
+			}
+		}
+	}
+	for _, b := range batch(acts) {
 		sem <- struct{}{}
 		mu.Lock()
 		stop := notLeader
@@ -40,22 +112,7 @@ func (t *term) apply(acts []decide.Action) (int64, error) {
 		wg.Add(1)
 		go func() {
 			defer func() { <-sem; wg.Done() }()
-			rev, err := t.txn(a.Conds, a.Writes)
-			mu.Lock()
-			defer mu.Unlock()
-			maxRev = max(maxRev, rev)
-			switch {
-			case err == nil:
-				t.say(a.Notes)
-				t.count(a)
-			case errors.Is(err, etcdutil.ErrConflict):
-				t.c.m.conflicts.Inc()
-				t.log.Debug("write conflict", "object", a.Object, "action", a.What)
-			case errors.Is(err, etcdutil.ErrNotLeader):
-				notLeader = true
-			case firstErr == nil:
-				firstErr = fmt.Errorf("%s %s: %w", a.What, a.Object, err)
-			}
+			commit(b)
 		}()
 	}
 	wg.Wait()
@@ -63,6 +120,28 @@ func (t *term) apply(acts []decide.Action) (int64, error) {
 		return maxRev, etcdutil.ErrNotLeader
 	}
 	return maxRev, firstErr
+}
+
+// committed records the outcome of action a's transaction (rev, err) and says whether the
+// actions after it should still be tried (not when this replica no longer leads).
+func (t *term) committed(mu *sync.Mutex, a *decide.Action, rev int64, err error, maxRev *int64, firstErr *error, notLeader *bool) bool {
+	mu.Lock()
+	defer mu.Unlock()
+	*maxRev = max(*maxRev, rev)
+	switch {
+	case err == nil:
+		t.say(a.Notes)
+		t.count(a)
+	case errors.Is(err, etcdutil.ErrConflict):
+		t.c.m.conflicts.Inc()
+		t.log.Debug("write conflict", "object", a.Object, "action", a.What)
+	case errors.Is(err, etcdutil.ErrNotLeader):
+		*notLeader = true
+		return false
+	case *firstErr == nil:
+		*firstErr = fmt.Errorf("%s %s: %w", a.What, a.Object, err)
+	}
+	return true
 }
 
 // txn commits writes if every condition holds, under the term's guard.

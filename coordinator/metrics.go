@@ -7,6 +7,7 @@ type metrics struct {
 	pending          prometheus.Gauge
 	placements       prometheus.Counter
 	conflicts        prometheus.Counter
+	batchRetries     prometheus.Counter
 	placementSeconds prometheus.Histogram
 	roundSeconds     prometheus.Histogram
 	nodesLost        prometheus.Counter
@@ -28,6 +29,9 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		}),
 		placements: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "herd_coordinator_placements_total", Help: "First placements committed.",
+		}),
+		batchRetries: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "herd_coordinator_batch_retries_total", Help: "Batches of leader writes retried one action at a time because one of them conflicted.",
 		}),
 		conflicts: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "herd_coordinator_txn_conflicts_total", Help: "Leader writes refused because the object changed since it was read.",
@@ -65,6 +69,6 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		Name: "herd_coordinator_rollout_nodes", Help: "Nodes of the rollout under way by phase (leader only; none when no rollout runs).",
 	}, []string{"phase"})
 	reg.MustRegister(m.migrations, m.migrationSeconds, m.volumeSeconds, m.rolloutNodes)
-	reg.MustRegister(m.leader, m.pending, m.placements, m.conflicts, m.placementSeconds, m.roundSeconds, m.nodesLost, m.fenceFailures, m.moves)
+	reg.MustRegister(m.leader, m.pending, m.placements, m.conflicts, m.batchRetries, m.placementSeconds, m.roundSeconds, m.nodesLost, m.fenceFailures, m.moves)
 	return m
 }

@@ -125,7 +125,7 @@ func (c *Cluster) ClientAs(crt, key string) *clientv3.Client {
 func (c *Cluster) History(prefix string) []*clientv3.Event {
 	c.T.Helper()
 	cl := c.Client()
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), max(c.HistoryTimeout, 60*time.Second))
 	defer cancel()
 	head, err := cl.Get(ctx, "/", clientv3.WithCountOnly())
 	if err != nil {

@@ -198,6 +198,9 @@ type Cluster struct {
 	CoordArgs   []string // extra flags for every coordinator
 	agentsOrder []string
 	etcdArgs    []string
+	// HistoryTimeout bounds History's replay (at least a minute; the scale rig replays millions of
+	// events).
+	HistoryTimeout time.Duration
 
 	// With TLS and RBAC (NewSecureCluster): the CA's directory, its fingerprint, the coordinators'
 	// join endpoints, and the environment herdctl and etcdctl run with (the operator's certificate).

@@ -206,6 +206,7 @@ func TestScale(t *testing.T) {
 	vms := nodes * perNode
 
 	c := rig.NewCluster(t, bin)
+	c.HistoryTimeout = 20 * time.Minute
 	cl := c.Client()
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
