@@ -30,6 +30,7 @@ func batch(acts []decide.Action) [][]*decide.Action {
 	var cur []*decide.Action
 	used := map[string]bool{}
 	conds, writes, size := 0, 0, 0
+	curDeletes := false
 	for i := range acts {
 		a := &acts[i]
 		n := 0
@@ -42,11 +43,17 @@ func batch(acts []decide.Action) [][]*decide.Action {
 			independent = independent && !used[w.Key]
 			n += len(w.Key) + len(w.Value)
 		}
-		if len(cur) > 0 && (!independent || conds+len(a.Conds) > batchOps || writes+len(a.Writes) > batchOps || size+n > batchBytes) {
+		// Deletions go one action to a transaction: an agent that sees many of its assignments
+		// vanish in one revision takes it for lost data and holds its removals (agent/evidence.go).
+		deletes := false
+		for _, w := range a.Writes {
+			deletes = deletes || w.Delete
+		}
+		if len(cur) > 0 && (deletes || curDeletes || !independent || conds+len(a.Conds) > batchOps || writes+len(a.Writes) > batchOps || size+n > batchBytes) {
 			out = append(out, cur)
 			cur, used, conds, writes, size = nil, map[string]bool{}, 0, 0, 0
 		}
-		cur = append(cur, a)
+		cur, curDeletes = append(cur, a), deletes
 		for _, c := range a.Conds {
 			used[c.Key] = true
 		}

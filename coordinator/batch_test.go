@@ -23,6 +23,10 @@ func TestBatch(t *testing.T) {
 			acts = append(acts, place("v001", "n9"))
 		}
 	}
+	for _, vm := range []string{"gone1", "gone2"} { // withdrawals, each alone (see batch)
+		acts = append(acts, decide.Action{Object: "vm/" + vm, What: "withdraw",
+			Writes: []decide.Write{{Key: "/herd/assign/n1/" + vm, Delete: true}}})
+	}
 	big := place("huge", "n1")
 	big.Writes[0].Value = strings.Repeat("x", batchBytes)
 	acts = append(acts, big, place("last", "n2"))
@@ -56,12 +60,12 @@ func TestBatch(t *testing.T) {
 	}
 	// 120 placements of 2+2 keys, cut after the second by the duplicate, then by 50s; the oversized
 	// one alone, and the last.
-	if len(bs) < 5 || len(bs) > 7 {
+	if len(bs) < 7 || len(bs) > 9 {
 		t.Fatalf("%d batches", len(bs))
 	}
 	for _, b := range bs {
 		for _, a := range b {
-			if a.Object == "vm/huge" && len(b) != 1 {
+			if (a.Object == "vm/huge" || a.What == "withdraw") && len(b) != 1 {
 				t.Fatalf("an oversized action shares a batch of %d", len(b))
 			}
 		}
