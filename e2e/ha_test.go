@@ -67,30 +67,9 @@ func createVMs(t *testing.T, c *rig.Cluster, prefix string, n, par, at int, afte
 func assertNeverPlacedTwice(t *testing.T, c *rig.Cluster) (placements int) {
 	t.Helper()
 	assertAssignedOnce(t, c, "was assigned to", func(*keys.Assignment) bool { return true })
-	type where struct {
-		node  string
-		epoch int64
-	}
-	last := map[string]map[int64]where{} // vm -> uid -> placement
-	for _, ev := range c.History(space.PlacementPrefix()) {
-		name, ok := keys.ParseVMName(space.PlacementPrefix(), string(ev.Kv.Key))
-		if !ok || ev.Type != clientv3.EventTypePut {
-			continue
-		}
-		pl, err := keys.Decode[keys.Placement](ev.Kv.Value)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if last[name] == nil {
-			last[name] = map[int64]where{}
-		}
-		prev, seen := last[name][pl.UID]
-		if !seen {
-			placements++
-		} else if prev.node != pl.Node && pl.Epoch <= prev.epoch {
-			t.Fatalf("vm %s uid %d moved %s -> %s without a new epoch (%d -> %d)", name, pl.UID, prev.node, pl.Node, prev.epoch, pl.Epoch)
-		}
-		last[name][pl.UID] = where{pl.Node, pl.Epoch}
+	placements, err := rig.ReplayPlacements(c.History(space.PlacementPrefix()), space)
+	if err != nil {
+		t.Fatal(err)
 	}
 	return placements
 }

@@ -10,27 +10,11 @@ import (
 	"time"
 
 	"github.com/herdhq/herd/e2e/rig"
-	"github.com/herdhq/herd/lib/leaktest"
 )
 
 var bin rig.Binaries
 
-func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "herd-e2e-bin-")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	bin, err = rig.Build(dir)
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.RemoveAll(dir)
-		os.Exit(1)
-	}
-	code := m.Run()
-	os.RemoveAll(dir)
-	os.Exit(leaktest.Check(code))
-}
+func TestMain(m *testing.M) { rig.Main(m, "herd-e2e-bin-", &bin) }
 
 var nodeIDs = []string{"52:54:00:00:00:01", "52:54:00:00:00:02", "52:54:00:00:00:03"}
 

@@ -15,26 +15,11 @@ import (
 	"time"
 
 	"github.com/herdhq/herd/e2e/rig"
-	"github.com/herdhq/herd/lib/leaktest"
 )
 
 var bin rig.Binaries
 
-func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "herd-pxe-bin-")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	bin, err = rig.Build(dir)
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	code := m.Run()
-	os.RemoveAll(dir)
-	os.Exit(leaktest.Check(code))
-}
+func TestMain(m *testing.M) { rig.Main(m, "herd-pxe-bin-", &bin) }
 
 func repoRoot() string {
 	_, file, _, _ := runtime.Caller(0)

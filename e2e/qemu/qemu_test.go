@@ -16,26 +16,11 @@ import (
 
 	"github.com/herdhq/herd/e2e/rig"
 	"github.com/herdhq/herd/lib/keys"
-	"github.com/herdhq/herd/lib/leaktest"
 )
 
 var bin rig.Binaries
 
-func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "herd-qemu-bin-")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	bin, err = rig.Build(dir)
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	code := m.Run()
-	os.RemoveAll(dir)
-	os.Exit(leaktest.Check(code))
-}
+func TestMain(m *testing.M) { rig.Main(m, "herd-qemu-bin-", &bin) }
 
 type vmRow struct {
 	Name      string `json:"name"`

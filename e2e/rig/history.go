@@ -75,3 +75,33 @@ func (l *Lab) History(prefix string) []*clientv3.Event {
 	}
 	return evs
 }
+
+// ReplayPlacements replays every write to the placements (events from History) and returns how
+// many placements were made (one per VM incarnation), or an error naming the first placement that
+// changed node without a new epoch.
+func ReplayPlacements(evs []*clientv3.Event, space keys.Space) (placements int, err error) {
+	type where struct {
+		node  string
+		epoch int64
+	}
+	last := map[string]where{} // vm/uid -> its placement
+	for _, ev := range evs {
+		name, ok := keys.ParseVMName(space.PlacementPrefix(), string(ev.Kv.Key))
+		if !ok || ev.Type != clientv3.EventTypePut {
+			continue
+		}
+		pl, err := keys.Decode[keys.Placement](ev.Kv.Value)
+		if err != nil {
+			return placements, fmt.Errorf("placement of %s at revision %d: %w", name, ev.Kv.ModRevision, err)
+		}
+		k := fmt.Sprintf("%s/%d", name, pl.UID)
+		prev, seen := last[k]
+		if !seen {
+			placements++
+		} else if prev.node != pl.Node && pl.Epoch <= prev.epoch {
+			return placements, fmt.Errorf("vm %s uid %d moved %s -> %s without a new epoch (%d -> %d)", name, pl.UID, prev.node, pl.Node, prev.epoch, pl.Epoch)
+		}
+		last[k] = where{pl.Node, pl.Epoch}
+	}
+	return placements, nil
+}

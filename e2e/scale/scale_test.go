@@ -20,27 +20,11 @@ import (
 
 	"github.com/herdhq/herd/e2e/rig"
 	"github.com/herdhq/herd/lib/keys"
-	"github.com/herdhq/herd/lib/leaktest"
 )
 
 var bin rig.Binaries
 
-func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "herd-scale-bin-")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	bin, err = rig.Build(dir)
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.RemoveAll(dir)
-		os.Exit(1)
-	}
-	code := m.Run()
-	os.RemoveAll(dir)
-	os.Exit(leaktest.Check(code))
-}
+func TestMain(m *testing.M) { rig.Main(m, "herd-scale-bin-", &bin) }
 
 var space = keys.MustSpace(keys.DefaultPrefix)
 
@@ -426,25 +410,8 @@ func placedOn(t testing.TB, c *clientv3.Client, hwids []string) int {
 // without a new epoch, and no two nodes report one VM running at the same epoch.
 func checkHistory(t *testing.T, c *rig.Cluster) {
 	t.Helper()
-	type where struct {
-		node  string
-		epoch int64
-	}
-	last := map[string]where{}
-	for _, ev := range c.History(space.PlacementPrefix()) {
-		name, ok := keys.ParseVMName(space.PlacementPrefix(), string(ev.Kv.Key))
-		if !ok || ev.Type != clientv3.EventTypePut {
-			continue
-		}
-		pl, err := keys.Decode[keys.Placement](ev.Kv.Value)
-		if err != nil {
-			t.Fatal(err)
-		}
-		k := fmt.Sprintf("%s/%d", name, pl.UID)
-		if prev, seen := last[k]; seen && prev.node != pl.Node && pl.Epoch <= prev.epoch {
-			t.Fatalf("vm %s moved %s -> %s without a new epoch", name, prev.node, pl.Node)
-		}
-		last[k] = where{pl.Node, pl.Epoch}
+	if _, err := rig.ReplayPlacements(c.History(space.PlacementPrefix()), space); err != nil {
+		t.Fatal(err)
 	}
 	runningAt := map[string]string{} // vm/epoch -> the node reporting it running
 	reporting := map[string]string{} // node/vm -> vm/epoch it last reported running
