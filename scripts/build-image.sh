@@ -21,32 +21,11 @@ version=${2:-$(git describe --always --dirty 2>/dev/null || echo dev)}
 cache=${HERD_CACHE:-$HOME/.cache/herd}
 export PATH="$PATH:/usr/local/go/bin"
 
-need() {
-  local missing=()
-  for p in "$@"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-  done
-  if ((${#missing[@]})); then
-    echo "installing: ${missing[*]}" >&2
-    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
-  fi
-}
+source scripts/image/common.sh
 need busybox-static cpio gzip libvirt-dev pkg-config binutils librados-dev librbd-dev
 
 # Kernel: the cloud flavour is small and has the virtio drivers as modules.
-debs="$cache/debs"
-mkdir -p "$debs"
-meta=linux-image-cloud-amd64
-(cd "$debs" && ls ${meta}_*.deb >/dev/null 2>&1 || apt-get download "$meta" 2>&1 | grep -v unsandboxed || true)
-metadeb=$(ls "$debs"/${meta}_*.deb | sort | tail -1)
-kpkg=$(dpkg-deb -f "$metadeb" Depends | sed -E 's/^([^ ,]+).*/\1/')
-(cd "$debs" && ls ${kpkg}_*.deb >/dev/null 2>&1 || apt-get download "$kpkg" 2>&1 | grep -v unsandboxed || true)
-kdeb=$(ls "$debs"/${kpkg}_*.deb | sort | tail -1)
-kroot="$cache/kernel-$kpkg"
-if [ ! -d "$kroot" ]; then
-  rm -rf "$kroot.tmp" && mkdir -p "$kroot.tmp" && dpkg-deb -x "$kdeb" "$kroot.tmp" && mv "$kroot.tmp" "$kroot"
-fi
-kver=$(ls "$kroot/lib/modules" | head -1)
+fetch_kernel linux-image-cloud-amd64
 
 # The agent, with cgo for libvirt.
 mkdir -p "$out"

@@ -18,16 +18,7 @@ mirror=${HERD_MIRROR:-http://deb.debian.org/debian}
 export PATH="$PATH:/usr/local/go/bin"
 start=$(date +%s)
 
-need() {
-  local missing=()
-  for p in "$@"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-  done
-  if ((${#missing[@]})); then
-    echo "installing: ${missing[*]}" >&2
-    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
-  fi
-}
+source scripts/image/common.sh
 need mmdebstrap cpio zstd kmod libvirt-dev pkg-config binutils librados-dev librbd-dev
 
 # What the hypervisor runs. ceph-common (the ceph and rbd command-line tools, and Python with them)
@@ -36,19 +27,8 @@ packages=libvirt-daemon,libvirt-daemon-driver-qemu,qemu-system-x86,qemu-block-ex
 
 # Kernel: the generic flavour, for real NICs and KVM; only the modules below (and what they
 # depend on) are copied.
-debs="$cache/debs"
-mkdir -p "$debs" "$cache/apt"
-meta=linux-image-amd64
-(cd "$debs" && ls ${meta}_*.deb >/dev/null 2>&1 || apt-get download "$meta" 2>&1 | grep -v unsandboxed || true)
-metadeb=$(ls "$debs"/${meta}_*.deb | sort | tail -1)
-kpkg=$(dpkg-deb -f "$metadeb" Depends | sed -E 's/^([^ ,]+).*/\1/')
-(cd "$debs" && ls ${kpkg}_*.deb >/dev/null 2>&1 || apt-get download "$kpkg" 2>&1 | grep -v unsandboxed || true)
-kdeb=$(ls "$debs"/${kpkg}_*.deb | sort | tail -1)
-kroot="$cache/kernel-$kpkg"
-if [ ! -d "$kroot" ]; then
-  rm -rf "$kroot.tmp" && mkdir -p "$kroot.tmp" && dpkg-deb -x "$kdeb" "$kroot.tmp" && mv "$kroot.tmp" "$kroot"
-fi
-kver=$(ls "$kroot/lib/modules" | head -1)
+fetch_kernel linux-image-amd64
+mkdir -p "$cache/apt"
 
 mkdir -p "$out"
 work=$(mktemp -d)
