@@ -372,9 +372,16 @@ func TestLeasesBurstTwoReplicas(t *testing.T) {
 	}
 	revs := float64(after.Header.Revision-before.Header.Revision) / clients
 	proposals := float64(proposalsCommitted(t, srv.Endpoints[0])-proposals0) / clients
-	t.Logf("200 clients, 2 replicas: %.2f etcd revisions and %.2f raft proposals per lease (target <= 3)", revs, proposals)
-	if proposals > 3 {
-		t.Errorf("%.2f proposals per lease, want at most 3", proposals)
+	t.Logf("200 clients, 2 replicas: %.2f etcd revisions and %.2f raft proposals per lease", revs, proposals)
+	// Revisions are exact: the offer's write and the confirm's. Proposals add the losing replica's
+	// failed transaction (3 per lease by construction) and the conflicts of clients whose search
+	// starts collide, which depend on scheduling (2.6-3.05 measured on 2 loaded cores): the bound
+	// is there to catch a write per candidate tried again, which cost hundreds per lease.
+	if revs > 2 {
+		t.Errorf("%.2f etcd revisions per lease, want 2 (offer, confirm)", revs)
+	}
+	if proposals > 4 {
+		t.Errorf("%.2f proposals per lease, want at most 4", proposals)
 	}
 }
 

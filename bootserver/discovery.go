@@ -215,6 +215,11 @@ func (d *discovery) write(ctx context.Context, m httpboot.Machine, why string, a
 	if !tx.Succeeded {
 		return nil // another bootserver wrote it (or the victim) meanwhile: the next attempt writes
 	}
+	// The cap is judged from the cache: let the next request see this record (briefly; a write
+	// the cache has not shown yet only lets the cap be passed by the requests in flight).
+	wctx, wcancel := context.WithTimeout(ctx, time.Second)
+	_ = d.inf.WaitRev(wctx, tx.Header.Revision)
+	wcancel()
 	if victim != nil {
 		d.evicted.Inc()
 		d.log.Warn("discovered machines at their cap: the least recently seen record was removed", "cap", d.lim.Max, "removed", victim.Key)

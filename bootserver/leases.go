@@ -157,6 +157,17 @@ func (l *leases) write(ctx context.Context, mac string, ip net.IP, state string,
 // catchUp brings the cache to rev after a conflict, so the next choice sees what won.
 func (l *leases) catchUp(ctx context.Context, rev int64) error { return l.inf.Sync(ctx, rev) }
 
+// catchUpNow brings the cache to etcd's current revision.
+func (l *leases) catchUpNow(ctx context.Context) error {
+	cctx, cancel := etcdutil.WithTimeout(ctx)
+	defer cancel()
+	resp, err := l.client.Get(cctx, l.space.DHCPPrefix(), clientv3.WithPrefix(), clientv3.WithCountOnly())
+	if err != nil {
+		return fmt.Errorf("read the dhcp pool's revision: %w", err)
+	}
+	return l.catchUp(ctx, resp.Header.Revision)
+}
+
 // settled waits (briefly) until the cache shows this replica's own write at rev, so the client's
 // next packet is judged by it. Not seeing it in time is no error: the write stands, and a choice
 // made from an older view only conflicts and is made again.
@@ -188,7 +199,7 @@ func (l *leases) Offer(ctx context.Context, mac string) (net.IP, error) {
 	h := fnv.New32a()
 	_, _ = h.Write([]byte(mac))
 	first := h.Sum32() % size
-	limited := false
+	limited, fresh := false, false
 	for attempt := 0; attempt < 16; attempt++ {
 		now := time.Now()
 		m, a := l.mine(mac)
@@ -223,6 +234,15 @@ func (l *leases) Offer(ctx context.Context, mac string) (net.IP, error) {
 			limited = true
 		}
 		ip, ipRev, ok := l.candidate(first, size, now)
+		if !ok && !fresh {
+			// The cache may lag a release another replica just wrote: look again at etcd's
+			// current revision before calling the pool full.
+			fresh = true
+			if err := l.catchUpNow(ctx); err != nil {
+				return nil, err
+			}
+			continue
+		}
 		if !ok {
 			return nil, fmt.Errorf("address range exhausted (%d addresses, all held)", size)
 		}

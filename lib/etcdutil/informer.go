@@ -306,13 +306,7 @@ func (i *Informer) watch(ctx context.Context, from int64) error {
 		if resp.Header.Revision != 0 && resp.Header.Revision < i.Rev() {
 			return fmt.Errorf("%w: at revision %d, the cache is at %d", ErrRevisionWentBack, resp.Header.Revision, i.Rev())
 		}
-		deleted := 0
-		for _, ev := range resp.Events {
-			if ev.Type == mvccpb.DELETE {
-				deleted++
-			}
-			i.apply(ev)
-		}
+		deleted := i.apply(resp.Events)
 		if i.OnBatch != nil && len(resp.Events) > 0 {
 			i.OnBatch(deleted, i.Len())
 		}
@@ -331,24 +325,49 @@ func (i *Informer) watch(ctx context.Context, from int64) error {
 	return errors.New("watch channel closed")
 }
 
-func (i *Informer) apply(ev *clientv3.Event) {
-	key := string(ev.Kv.Key)
-	var cur *KV
-	if ev.Type == mvccpb.PUT {
-		cur = i.newKV(ev.Kv)
+// apply takes one watch response's events into the cache as one step: a transaction's keys share
+// a revision, and a reader woken by WaitRev for that revision must see all of them, not the first
+// put without the delete that came with it (found by a DHCP confirm that saw an address offered
+// to a client whose own record was not there yet, four times in a row on a loaded machine). etcd
+// never splits one revision across watch responses unless fragmenting is asked for, and it is not.
+// It returns how many events were deletes.
+func (i *Informer) apply(evs []*clientv3.Event) int {
+	type change struct {
+		key       string
+		prev, cur *KV
+	}
+	changes := make([]change, len(evs))
+	deleted := 0
+	for n, ev := range evs {
+		changes[n].key = string(ev.Kv.Key)
+		if ev.Type == mvccpb.PUT {
+			changes[n].cur = i.newKV(ev.Kv) // decoded outside the lock
+		} else {
+			deleted++
+		}
 	}
 	i.mu.Lock()
-	prev := i.items[key]
-	if cur == nil {
-		delete(i.items, key)
-	} else {
-		i.items[key] = cur
+	var last int64
+	for n := range changes {
+		c := &changes[n]
+		c.prev = i.items[c.key]
+		if c.cur == nil {
+			delete(i.items, c.key)
+		} else {
+			i.items[c.key] = c.cur
+		}
+		last = max(last, evs[n].Kv.ModRevision)
 	}
-	i.advance(ev.Kv.ModRevision)
+	i.advance(last)
 	i.mu.Unlock()
-	if i.onChange != nil && (prev != nil || cur != nil) {
-		i.onChange(key, prev, cur)
+	if i.onChange != nil {
+		for _, c := range changes {
+			if c.prev != nil || c.cur != nil {
+				i.onChange(c.key, c.prev, c.cur)
+			}
+		}
 	}
+	return deleted
 }
 
 // advance must hold i.mu.

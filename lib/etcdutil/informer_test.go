@@ -203,3 +203,43 @@ func TestSyncWithoutEvents(t *testing.T) {
 		}
 	}
 }
+
+// TestWaitRevSeesWholeTransaction: a reader woken for a transaction's revision sees every key the
+// transaction wrote. The change callback of the first key is held open, which under per-event
+// application let WaitRev return with the second key still missing.
+func TestWaitRevSeesWholeTransaction(t *testing.T) {
+	srv := etcdtest.Start(t)
+	c := etcdtest.NewClient(t, srv.Endpoints)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	release := make(chan struct{})
+	var once sync.Once
+	defer once.Do(func() { close(release) })
+	inf := NewInformer(c, "/p/", nil, func(key string, _, _ *KV) {
+		if key == "/p/a" {
+			select {
+			case <-release:
+			case <-time.After(5 * time.Second):
+			}
+		}
+	}, nil)
+	done := make(chan struct{})
+	go func() { inf.Run(ctx); close(done) }()
+	defer func() { cancel(); <-done }()
+	if err := inf.WaitRev(ctx, 0); err != nil {
+		t.Fatal(err)
+	}
+	tr, err := c.Txn(ctx).Then(clientv3.OpPut("/p/a", "1"), clientv3.OpPut("/p/b", "1")).Commit()
+	if err != nil {
+		t.Fatal(err)
+	}
+	wctx, wcancel := context.WithTimeout(ctx, 3*time.Second)
+	defer wcancel()
+	if err := inf.WaitRev(wctx, tr.Header.Revision); err != nil {
+		t.Fatal(err)
+	}
+	if inf.Get("/p/a") == nil || inf.Get("/p/b") == nil {
+		t.Fatalf("at revision %d the cache holds a=%v b=%v: half a transaction", tr.Header.Revision, inf.Get("/p/a"), inf.Get("/p/b"))
+	}
+	once.Do(func() { close(release) })
+}
