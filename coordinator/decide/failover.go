@@ -79,7 +79,6 @@ func (s *view) failover(placedOn map[string][]string) ([]Action, map[string]node
 	}
 
 	// The mass-failure guard, over every node found dead within the window.
-	held := s.Guard != nil && !s.guardConfirmed()
 	lost := s.noteLosses(dead)
 	total := len(s.live) + len(lost)
 	guardOn := len(lost) > s.cfg.MassFailureMin && float64(len(lost)) > s.cfg.MassFailureFraction*float64(total)
@@ -90,8 +89,9 @@ func (s *view) failover(placedOn map[string][]string) ([]Action, map[string]node
 			Writes: []Write{Put(s.cfg.Space.LossGuard(), keys.MustEncode(&gd))},
 			Notes: []Note{{Level: Error, Log: "mass node loss: fencing and rescheduling held until an operator confirms", Args: []any{"nodes", lost},
 				Object: "cluster", Event: "failover-held", Message: fmt.Sprintf("%d of %d nodes lost within %s (%s): confirm with 'herdctl cluster confirm-loss'", len(lost), total, s.cfg.MassFailureWindow, strings.Join(lost, ", "))}}})
-		held = true
 	}
+	acts = append(acts, s.growGuard(dead)...)
+	held := s.heldByGuard(guardOn)
 
 	for _, hwid := range dead {
 		ns := s.lastSeen(hwid)
@@ -101,7 +101,9 @@ func (s *view) failover(placedOn map[string][]string) ([]Action, map[string]node
 			s.st.Absent[hwid] = now
 		}
 		switch {
-		case held:
+		case held(hwid) && s.guardConfirmed():
+			fates[hwid] = nodeFate{stranded: "node lost after a confirmed mass loss; held until the confirmed nodes are fenced, then judged anew"}
+		case held(hwid):
 			fates[hwid] = nodeFate{stranded: "node lost; failover held by the mass-failure guard: confirm with 'herdctl cluster confirm-loss'"}
 		case now.Sub(since) < s.cfg.Grace:
 			s.after(s.cfg.Grace - now.Sub(since))
@@ -134,7 +136,7 @@ func (s *view) failover(placedOn map[string][]string) ([]Action, map[string]node
 				} else {
 					fates[hwid] = nodeFate{stranded: "node lost; fencing in progress"}
 				}
-				if !held || s.guardConfirmed() {
+				if !held(hwid) {
 					s.startFencer(r, placedOn[hwid])
 				}
 			}
@@ -166,6 +168,58 @@ func (s *view) failover(placedOn map[string][]string) ([]Action, map[string]node
 }
 
 func (s *view) guardConfirmed() bool { return s.Guard.OK() && s.Guard.Value.Confirmed }
+
+// heldByGuard says, per node, whether the guard holds its failover. An unconfirmed guard holds
+// every loss, listed or not. A confirmed one lets its listed nodes go; a node lost after the
+// confirmation (the operator did not see it) is held while the losses within the window still
+// make a mass failure, and judged anew once the confirmed nodes are done and the guard released,
+// so that a fencer failing on one confirmed node cannot hold an unrelated later loss forever. A
+// guard written this round (guardOn, none read yet) holds all.
+func (s *view) heldByGuard(guardOn bool) func(hwid string) bool {
+	if s.Guard == nil {
+		return func(string) bool { return guardOn }
+	}
+	if !s.guardConfirmed() {
+		return func(string) bool { return true }
+	}
+	listed := map[string]bool{}
+	for _, hwid := range s.Guard.Value.Nodes {
+		listed[hwid] = true
+	}
+	return func(hwid string) bool { return guardOn && !listed[hwid] }
+}
+
+// growGuard adds nodes lost while failover is held to the guard's list, so that the record (and
+// herdctl cluster show) names every node waiting for the operator, not only the first ones. A
+// confirmed guard no longer grows: what was confirmed stays what the operator saw, and later losses
+// wait for its release and a new guard (or, below the threshold then, the grace period).
+func (s *view) growGuard(dead []string) []Action {
+	g := s.Guard
+	if !g.OK() || g.Value.Confirmed {
+		return nil
+	}
+	listed := map[string]bool{}
+	for _, hwid := range g.Value.Nodes {
+		listed[hwid] = true
+	}
+	var added []string
+	for _, hwid := range dead {
+		if !listed[hwid] {
+			added = append(added, hwid)
+		}
+	}
+	if len(added) == 0 {
+		return nil
+	}
+	gd := *g.Value
+	gd.Nodes = append(append([]string(nil), gd.Nodes...), added...)
+	sort.Strings(gd.Nodes)
+	return []Action{{Object: "cluster", What: "grow failover guard",
+		Conds:  []Cond{ModRev(g.Key, g.ModRevision)},
+		Writes: []Write{Put(g.Key, keys.MustEncode(&gd))},
+		Notes: []Note{{Level: Error, Log: "more nodes lost while failover is held", Args: []any{"nodes", added, "listed", len(gd.Nodes)},
+			Object: "cluster", Event: "failover-held", Message: fmt.Sprintf("%d more nodes lost while failover is held (%s); %d listed: confirm with 'herdctl cluster confirm-loss'", len(added), strings.Join(added, ", "), len(gd.Nodes))}}}}
+}
 
 // leaseAlive says whether etcd still has a lease; not knowing counts as alive: it is never a reason
 // to declare a node dead.

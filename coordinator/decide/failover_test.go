@@ -193,6 +193,78 @@ func TestFailover(t *testing.T) {
 				t.Fatal("guard not released once every node was fenced")
 			}
 		}},
+		{"nodes lost while held join the guard; a confirmation covers what the operator saw", func(t *testing.T, w *world) {
+			all := []string{"n1", "n2", "n3", "n4", "n5", "n6", "n7"}
+			for _, n := range all[2:] {
+				w.node(n, 4, 8)
+			}
+			for _, n := range []string{"c", "d", "e", "f", "g", "h"} {
+				w.vm(n, 1, 512)
+			}
+			w.settle()
+			used := map[string]bool{}
+			for _, n := range []string{"a", "b", "c", "d", "e", "f", "g", "h"} {
+				used[w.placedOn(n)] = true
+			}
+			for _, n := range all {
+				if !used[n] {
+					t.Fatalf("nothing placed on %s", n)
+				}
+			}
+			for _, n := range all[:4] {
+				w.crash(n)
+			}
+			w.round()
+			w.advance(time.Minute)
+			w.settle()
+			if g := get[keys.LossGuard](w, w.sp.LossGuard()); len(g.Nodes) != 4 {
+				t.Fatalf("guard lists %v", g.Nodes)
+			}
+			w.crash("n5")
+			w.settle()
+			if g := get[keys.LossGuard](w, w.sp.LossGuard()); strings.Join(g.Nodes, ",") != "n1,n2,n3,n4,n5" {
+				t.Fatalf("guard lists %v after a fifth loss", g.Nodes)
+			}
+			// The operator confirms what they saw before the fifth loss: ignored.
+			g := w.kv[w.sp.LossGuard()]
+			w.put(w.sp.ConfirmLossRequest(), &keys.Request{Of: g.create, By: "ops", Listed: 4}, 0)
+			w.settle()
+			if get[keys.LossGuard](w, w.sp.LossGuard()).Confirmed || w.has(w.sp.ConfirmLossRequest()) {
+				t.Fatal("a confirmation of 4 nodes confirmed 5")
+			}
+			w.put(w.sp.ConfirmLossRequest(), &keys.Request{Of: g.create, By: "ops", Listed: 5}, 0)
+			w.settle()
+			if !get[keys.LossGuard](w, w.sp.LossGuard()).Confirmed {
+				t.Fatal("not confirmed")
+			}
+			// A sixth node lost after the confirmation is not covered by it.
+			w.crash("n6")
+			w.round()
+			w.advance(time.Minute)
+			w.settle()
+			if w.has(w.sp.Fence("n6", "boot-1")) {
+				t.Fatal("a node lost after the confirmation was fenced under it")
+			}
+			if g := get[keys.LossGuard](w, w.sp.LossGuard()); len(g.Nodes) != 5 {
+				t.Fatalf("a confirmed guard grew: %v", g.Nodes)
+			}
+			for _, n := range all[:5] {
+				if !w.has(w.sp.Fence(n, "boot-1")) {
+					t.Fatalf("%s not fenced after the confirmation", n)
+				}
+				w.fenceOutcome(n, "boot-1", keys.FenceFenced)
+			}
+			w.settle()
+			// Released; n6 alone is no mass failure: judged anew, it is fenced after the grace.
+			w.advance(time.Minute)
+			w.settle()
+			if w.has(w.sp.LossGuard()) && get[keys.LossGuard](w, w.sp.LossGuard()).Confirmed {
+				t.Fatal("the confirmed guard was not released")
+			}
+			if !w.has(w.sp.Fence("n6", "boot-1")) {
+				t.Fatal("n6 is still held after the confirmed nodes were done")
+			}
+		}},
 		{"a node back with a new boot has its old boot's fence undone", func(t *testing.T, w *world) {
 			w.lose("n1")
 			w.fenceOutcome("n1", "boot-1", keys.FenceFenced)

@@ -32,6 +32,10 @@ func (s *view) handleRequests() []Action {
 				acts = append(acts, s.dropRequest(r, "no such loss guard (it was released, or this confirms an earlier one)"))
 				continue
 			}
+			if req.Listed > 0 && req.Listed != len(g.Value.Nodes) {
+				acts = append(acts, s.dropRequest(r, fmt.Sprintf("the loss guard lists %d nodes now, %d when this was confirmed: look again (herdctl cluster show) and confirm again", len(g.Value.Nodes), req.Listed)))
+				continue
+			}
 			gd := *g.Value
 			gd.Confirmed, gd.By = true, req.By
 			nodes := strings.Join(gd.Nodes, ", ")

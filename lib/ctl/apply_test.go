@@ -2,12 +2,16 @@ package ctl
 
 import (
 	"context"
+	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
@@ -140,5 +144,99 @@ func TestTimeoutHint(t *testing.T) {
 			t.Fatalf("%s: etcd answers %v, want %v", tc.endpoint, got, tc.answers)
 		}
 		e.close()
+	}
+}
+
+// TestNodeScopedRead: `vm list --node` and `node get`, which read one node's keys, show what the
+// whole-cluster read shows for that node; a VM the node reports but is placed elsewhere is listed
+// on both nodes, as the operator needs to see it.
+func TestNodeScopedRead(t *testing.T) {
+	srv := etcdtest.Start(t)
+	ep := srv.Endpoints[0]
+	c := etcdtest.NewClient(t, srv.Endpoints)
+	sp := keys.MustSpace(keys.DefaultPrefix)
+	ctx := context.Background()
+	nodes := []string{"52:54:00:00:00:01", "52:54:00:00:00:02", "52:54:00:00:00:03"}
+	for _, hw := range nodes {
+		if _, err := c.Put(ctx, sp.Node(hw), keys.MustEncode(&keys.Node{HWID: hw, BootID: "b-" + hw, CPUs: 64, MemoryMiB: 1 << 18})); err != nil {
+			t.Fatal(err)
+		}
+	}
+	placed := map[string][]string{}
+	for i := range 90 {
+		name, hw := fmt.Sprintf("vm-%03d", i), nodes[i%3]
+		put, err := c.Put(ctx, sp.VMSpec(name), keys.MustEncode(&keys.VMSpec{VCPUs: 1, MemoryMiB: 64}))
+		if err != nil {
+			t.Fatal(err)
+		}
+		uid := put.Header.Revision
+		pl := keys.Placement{UID: uid, Node: hw, Epoch: 1, UUID: "6f1b8d4e-3c2a-4b5d-9e8f-0a1b2c3d4e5f", VCPUs: 1, MemoryMiB: 64, Since: time.Now()}
+		st := keys.VMStatus{UID: uid, Epoch: 1, State: keys.StateRunning, Since: time.Now()}
+		if _, err := c.Txn(ctx).Then(clientv3.OpPut(sp.Placement(name), keys.MustEncode(&pl)),
+			clientv3.OpPut(sp.Assign(hw, name), keys.MustEncode(&keys.Assignment{UID: uid, Epoch: 1, UUID: pl.UUID})),
+			clientv3.OpPut(sp.Status(hw, name), keys.MustEncode(&st))).Commit(); err != nil {
+			t.Fatal(err)
+		}
+		placed[hw] = append(placed[hw], name)
+	}
+	// vm-000 (placed on node 1) is also reported by node 3: a stray the leader will withdraw.
+	if _, err := c.Put(ctx, sp.Status(nodes[2], "vm-000"), keys.MustEncode(&keys.VMStatus{UID: 1, Epoch: 1, State: keys.StateRunning})); err != nil {
+		t.Fatal(err)
+	}
+	defer func(p int64) { readPage = p }(readPage)
+	readPage = 7
+
+	listNames := func(args ...string) []string {
+		t.Helper()
+		out, _, err := herdctl(t, ep, append([]string{"vm", "list", "-o", "json"}, args...)...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var vms []vmView
+		if err := json.Unmarshal([]byte(out), &vms); err != nil {
+			t.Fatal(err)
+		}
+		var names []string
+		for _, vm := range vms {
+			if vm.State != keys.StateRunning || vm.Placement == nil {
+				t.Fatalf("%s: %+v", vm.Name, vm)
+			}
+			names = append(names, vm.Name+"@"+vm.Placement.Node)
+		}
+		return names
+	}
+	whole, _, err := herdctl(t, ep, "node", "list", "-o", "json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var all []map[string]any
+	if err := json.Unmarshal([]byte(whole), &all); err != nil {
+		t.Fatal(err)
+	}
+	for i, hw := range nodes {
+		var want []string
+		for _, name := range placed[hw] {
+			want = append(want, name+"@"+hw)
+		}
+		if i == 2 {
+			want = append([]string{"vm-000@" + nodes[0]}, want...)
+		}
+		if got := listNames("--node", hw); strings.Join(got, " ") != strings.Join(want, " ") {
+			t.Fatalf("vm list --node %s:\n got %v\nwant %v", hw, got, want)
+		}
+		one, _, err := herdctl(t, ep, "node", "get", hw, "-o", "json")
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got map[string]any
+		if err := json.Unmarshal([]byte(one), &got); err != nil {
+			t.Fatal(err)
+		}
+		if !reflect.DeepEqual(got, all[i]) {
+			t.Fatalf("node get %s differs from node list:\n%v\n%v", hw, got, all[i])
+		}
+	}
+	if _, _, err := herdctl(t, ep, "vm", "list", "--node", "52:54:00:00:00:99"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("an unknown node: %v", err)
 	}
 }

@@ -117,6 +117,12 @@ func (e *env) updateNodeSpec(ctx context.Context, hwid string, mutate func(*keys
 // request writes an operator request about the record created at revision of (see keys.Request).
 // It reports false when the same request is there already.
 func (e *env) request(ctx context.Context, key string, of int64) (bool, error) {
+	return e.requestWith(ctx, key, keys.Request{Of: of})
+}
+
+// requestWith is request with the request's other members set (By and At are filled in).
+func (e *env) requestWith(ctx context.Context, key string, req keys.Request) (bool, error) {
+	of := req.Of
 	resp, err := e.client.Get(ctx, key)
 	if err != nil {
 		return false, err
@@ -128,7 +134,7 @@ func (e *env) request(ctx context.Context, key string, of int64) (bool, error) {
 			return false, nil
 		}
 	}
-	req := keys.Request{Of: of, By: actor(), At: time.Now().UTC()}
+	req.By, req.At = actor(), time.Now().UTC()
 	tx, err := e.client.Txn(ctx).If(etcdutil.ModRev(key, rev)).Then(clientv3.OpPut(key, keys.MustEncode(&req))).Commit()
 	if err != nil {
 		return false, err

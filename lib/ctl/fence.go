@@ -162,7 +162,9 @@ func clusterConfirmLossCmd(e *env) *cobra.Command {
 		Short: "Let failover proceed after the mass-failure guard held it",
 		Long: `When more nodes are lost at once than the guard allows, the leader fences and moves nothing
 until an operator confirms that the nodes are really gone (not cut off from the coordinators by a
-network fault). Confirming lets fencing and rescheduling of the listed nodes proceed.`,
+network fault). Confirming lets fencing and rescheduling of the listed nodes proceed. Nodes lost while
+failover is held join the list; a confirmation covers the nodes listed when it was written (if the
+list grew meanwhile the leader ignores it, with an event: look again and confirm again).`,
 		Example: `  herdctl cluster show
   herdctl cluster confirm-loss`,
 		Args: cobra.NoArgs,
@@ -188,7 +190,7 @@ network fault). Confirming lets fencing and rescheduling of the listed nodes pro
 				fmt.Fprintln(e.out, "already confirmed")
 				return nil
 			}
-			created, err := e.request(ctx, e.space.ConfirmLossRequest(), resp.Kvs[0].CreateRevision)
+			created, err := e.requestWith(ctx, e.space.ConfirmLossRequest(), keys.Request{Of: resp.Kvs[0].CreateRevision, Listed: len(g.Nodes)})
 			if err != nil {
 				return err
 			}

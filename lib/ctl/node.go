@@ -207,7 +207,7 @@ func nodeGetCmd(e *env) *cobra.Command {
 				return err
 			}
 			defer cancel()
-			v, err := e.readCluster(ctx)
+			v, err := e.readNode(ctx, id)
 			if err != nil {
 				return err
 			}

@@ -362,17 +362,31 @@ func describeVM(e *env, vm *vmView) error {
 }
 
 func vmListCmd(e *env) *cobra.Command {
-	var o outputFlag
+	var (
+		o    outputFlag
+		node string
+	)
 	cmd := &cobra.Command{
 		Use:     "list",
 		Aliases: []string{"ls"},
 		Short:   "List VMs with their node and state",
+		Long: `List VMs with their node and state, all read at one etcd revision.
+
+--node lists the VMs a node is assigned or reports (a migration's incoming VM, a stray being
+withdrawn) and reads only that node's keys: its cost does not grow with the cluster.`,
 		Example: `  herdctl vm list
   herdctl vm list -o wide
+  herdctl vm list --node 52:54:00:00:00:01
   herdctl vm list -o json | jq '.[] | select(.state != "running") | .name'`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			v, err := e.readView(cmd, &o)
+			var v *clusterView
+			var err error
+			if node != "" {
+				v, err = e.readNodeView(cmd, &o, node)
+			} else {
+				v, err = e.readView(cmd, &o)
+			}
 			if err != nil {
 				return err
 			}
@@ -403,12 +417,17 @@ func vmListCmd(e *env) *cobra.Command {
 				t.row(vm.Name, node, vm.State, vcpus, mem, age(vmAge(vm)), epoch, fmt.Sprint(vm.UID), truncate(problem, 100))
 			}
 			if len(vms) == 0 && o.format == "table" {
-				fmt.Fprintln(e.errOut, "no VMs")
+				if node != "" {
+					fmt.Fprintf(e.errOut, "no VMs on node %s\n", node)
+				} else {
+					fmt.Fprintln(e.errOut, "no VMs")
+				}
 				return nil
 			}
 			return o.print(e.out, vms, t)
 		},
 	}
+	cmd.Flags().StringVar(&node, "node", "", "only the VMs of this node (HWID), read by its key prefix")
 	o.add(cmd)
 	return cmd
 }

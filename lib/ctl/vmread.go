@@ -4,9 +4,11 @@ import (
 	"context"
 	"fmt"
 	"sort"
+	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
+	"go.etcd.io/etcd/api/v3/etcdserverpb"
 	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
@@ -62,6 +64,27 @@ func (e *env) readView(cmd *cobra.Command, o *outputFlag) (*clusterView, error) 
 	return e.readCluster(ctx)
 }
 
+// readNodeView is readView for one node: an unknown node (nothing recorded under its HWID) is an
+// error, so a typo does not read as an empty node.
+func (e *env) readNodeView(cmd *cobra.Command, o *outputFlag, hwid string) (*clusterView, error) {
+	if err := o.validate(); err != nil {
+		return nil, err
+	}
+	id, ctx, cancel, err := e.forNode(cmd, hwid)
+	if err != nil {
+		return nil, err
+	}
+	defer cancel()
+	v, err := e.readNode(ctx, id)
+	if err != nil {
+		return nil, err
+	}
+	if v.nodes[id] == nil && v.hardware[id] == nil && v.states[id] == nil && len(v.vms) == 0 {
+		return nil, fmt.Errorf("node %s: %w (herdctl node list shows the nodes)", id, ErrNotFound)
+	}
+	return v, nil
+}
+
 // startRead starts a read command: the -o flag checked, a connection, and the command's context.
 func (e *env) startRead(cmd *cobra.Command, o *outputFlag) (context.Context, context.CancelFunc, error) {
 	if err := o.validate(); err != nil {
@@ -78,6 +101,13 @@ func (e *env) startRead(cmd *cobra.Command, o *outputFlag) (context.Context, con
 // same revision: a read of 100,000 VMs is neither one giant response for etcd to build in memory
 // nor a mix of revisions.
 var readPage int64 = 5000
+
+// clusterKeys is what one view is built from, each slice read at rev.
+type clusterKeys struct {
+	rev                                                   int64
+	vms, nodes, states, hardware, statuses, fences, guard []*mvccpb.KeyValue
+	placements, problems, nodeSpecs                       []*mvccpb.KeyValue
+}
 
 func (e *env) readCluster(ctx context.Context) (*clusterView, error) {
 	s := e.space
@@ -98,20 +128,136 @@ func (e *env) readCluster(ctx context.Context) (*clusterView, error) {
 	resp := make([][]*mvccpb.KeyValue, len(prefixes))
 	for i, p := range prefixes {
 		r := first.Responses[i].GetResponseRange()
-		resp[i] = r.Kvs
-		for more := r.More; more && len(resp[i]) > 0; {
-			from := string(resp[i][len(resp[i])-1].Key) + "\x00"
-			page, err := e.client.Get(ctx, from, clientv3.WithRange(clientv3.GetPrefixRangeEnd(p)),
-				clientv3.WithRev(first.Header.Revision), clientv3.WithLimit(readPage))
-			if err != nil {
-				return nil, fmt.Errorf("read %s at revision %d: %w", p, first.Header.Revision, err)
-			}
-			resp[i] = append(resp[i], page.Kvs...)
-			more = page.More
+		resp[i], err = e.rest(ctx, p, first.Header.Revision, r.Kvs, r.More)
+		if err != nil {
+			return nil, err
 		}
 	}
+	return e.buildView(clusterKeys{rev: first.Header.Revision, vms: resp[0], nodes: resp[1], states: resp[2], hardware: resp[3],
+		statuses: resp[4], fences: resp[5], guard: resp[6], placements: resp[7], problems: resp[8], nodeSpecs: resp[9]}), nil
+}
+
+// rest reads the pages of prefix after the first one, at rev.
+func (e *env) rest(ctx context.Context, prefix string, rev int64, kvs []*mvccpb.KeyValue, more bool) ([]*mvccpb.KeyValue, error) {
+	for more && len(kvs) > 0 {
+		from := string(kvs[len(kvs)-1].Key) + "\x00"
+		page, err := e.client.Get(ctx, from, clientv3.WithRange(clientv3.GetPrefixRangeEnd(prefix)),
+			clientv3.WithRev(rev), clientv3.WithLimit(readPage))
+		if err != nil {
+			return nil, fmt.Errorf("read %s at revision %d: %w", prefix, rev, err)
+		}
+		kvs = append(kvs, page.Kvs...)
+		more = page.More
+	}
+	return kvs, nil
+}
+
+// nodeReadChunk is how many VMs one transaction of a node-scoped read asks about (three gets
+// each, under etcd's default limit of 128 operations per transaction).
+const nodeReadChunk = 40
+
+// readNode reads what concerns one node at one revision, by key prefix rather than the whole
+// cluster: the node's keys, the VMs it is assigned or reports, and those VMs' spec, placement and
+// problem. Its cost grows with the node's VMs, not the cluster's.
+func (e *env) readNode(ctx context.Context, hwid string) (*clusterView, error) {
+	s := e.space
+	first, err := e.client.Txn(ctx).Then(
+		clientv3.OpGet(s.AssignPrefix(hwid), clientv3.WithPrefix(), clientv3.WithKeysOnly(), clientv3.WithLimit(readPage)),
+		clientv3.OpGet(s.StatusPrefix(hwid), clientv3.WithPrefix(), clientv3.WithLimit(readPage)),
+		clientv3.OpGet(s.Node(hwid)), clientv3.OpGet(s.NodeState(hwid)), clientv3.OpGet(s.Hardware(hwid)),
+		clientv3.OpGet(s.FencePrefix(hwid), clientv3.WithPrefix()), clientv3.OpGet(s.LossGuard()), clientv3.OpGet(s.NodeSpec(hwid)),
+	).Commit()
+	if err != nil {
+		return nil, err
+	}
+	rev := first.Header.Revision
+	rng := func(i int) *etcdserverpb.RangeResponse { return first.Responses[i].GetResponseRange() }
+	assigned, err := e.rest(ctx, s.AssignPrefix(hwid), rev, rng(0).Kvs, rng(0).More)
+	if err != nil {
+		return nil, err
+	}
+	statuses, err := e.rest(ctx, s.StatusPrefix(hwid), rev, rng(1).Kvs, rng(1).More)
+	if err != nil {
+		return nil, err
+	}
+	k := clusterKeys{rev: rev, statuses: statuses, nodes: rng(2).Kvs, states: rng(3).Kvs, hardware: rng(4).Kvs,
+		fences: rng(5).Kvs, guard: rng(6).Kvs, nodeSpecs: rng(7).Kvs}
+	names := map[string]bool{}
+	for _, kv := range assigned {
+		if _, name, ok := keys.ParseNodeScoped(s.AssignRoot(), string(kv.Key)); ok {
+			names[name] = true
+		}
+	}
+	for _, kv := range statuses {
+		if _, name, ok := keys.ParseNodeScoped(s.StatusRoot(), string(kv.Key)); ok {
+			names[name] = true
+		}
+	}
+	sorted := make([]string, 0, len(names))
+	for n := range names {
+		sorted = append(sorted, n)
+	}
+	sort.Strings(sorted)
+	for len(sorted) > 0 {
+		chunk := sorted[:min(nodeReadChunk, len(sorted))]
+		sorted = sorted[len(chunk):]
+		ops := make([]clientv3.Op, 0, 3*len(chunk))
+		for _, n := range chunk {
+			ops = append(ops, clientv3.OpGet(s.VMSpec(n), clientv3.WithRev(rev)), clientv3.OpGet(s.Placement(n), clientv3.WithRev(rev)),
+				clientv3.OpGet(s.Problem(n), clientv3.WithRev(rev)))
+		}
+		r, err := e.client.Txn(ctx).Then(ops...).Commit()
+		if err != nil {
+			return nil, fmt.Errorf("read the VMs of node %s at revision %d: %w", hwid, rev, err)
+		}
+		for i := range chunk {
+			k.vms = append(k.vms, r.Responses[3*i].GetResponseRange().Kvs...)
+			k.placements = append(k.placements, r.Responses[3*i+1].GetResponseRange().Kvs...)
+			k.problems = append(k.problems, r.Responses[3*i+2].GetResponseRange().Kvs...)
+		}
+	}
+	// A VM placed elsewhere (a stray the node still reports, a migration's source) is shown as the
+	// whole read shows it: with its placement node's liveness and report.
+	var ops []clientv3.Op
+	elsewhere := map[string]bool{}
+	for _, kv := range k.placements {
+		pl, err := keys.Decode[keys.Placement](kv.Value)
+		name, ok := keys.ParseVMName(s.PlacementPrefix(), string(kv.Key))
+		if err != nil || !ok || pl.Node == hwid {
+			continue
+		}
+		ops = append(ops, clientv3.OpGet(s.Status(pl.Node, name), clientv3.WithRev(rev)))
+		if !elsewhere[pl.Node] {
+			elsewhere[pl.Node] = true
+			ops = append(ops, clientv3.OpGet(s.Node(pl.Node), clientv3.WithRev(rev)))
+		}
+	}
+	for len(ops) > 0 {
+		chunk := ops[:min(3*nodeReadChunk, len(ops))]
+		ops = ops[len(chunk):]
+		r, err := e.client.Txn(ctx).Then(chunk...).Commit()
+		if err != nil {
+			return nil, fmt.Errorf("read the nodes of node %s's VMs placed elsewhere at revision %d: %w", hwid, rev, err)
+		}
+		for _, rr := range r.Responses {
+			for _, kv := range rr.GetResponseRange().Kvs {
+				if strings.HasPrefix(string(kv.Key), s.StatusRoot()) {
+					k.statuses = append(k.statuses, kv)
+				} else {
+					k.nodes = append(k.nodes, kv)
+				}
+			}
+		}
+	}
+	return e.buildView(k), nil
+}
+
+// buildView decodes the keys read into the view herdctl prints.
+func (e *env) buildView(k clusterKeys) *clusterView {
+	s := e.space
+	resp := [][]*mvccpb.KeyValue{k.vms, k.nodes, k.states, k.hardware, k.statuses, k.fences, k.guard, k.placements, k.problems, k.nodeSpecs}
 	v := &clusterView{
-		rev:      first.Header.Revision,
+		rev:      k.rev,
 		vms:      map[string]*vmView{},
 		nodes:    map[string]*keys.Node{},
 		nodeErrs: map[string]error{},
@@ -209,7 +355,7 @@ func (e *env) readCluster(ctx context.Context) (*clusterView, error) {
 	for _, vm := range v.vms {
 		v.summarize(vm)
 	}
-	return v, nil
+	return v
 }
 
 // summarize fills State, Status and NodeAlive from the raw keys.

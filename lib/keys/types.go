@@ -734,9 +734,13 @@ const (
 // loss guard, the disk record), so a request can never apply to a later record at the same key.
 // The leader acts on it, records the outcome in its own keys, and deletes the request.
 type Request struct {
-	V     int       `json:"v"`
-	Of    int64     `json:"of"`
-	By    string    `json:"by,omitempty"`
-	At    time.Time `json:"at"`
-	Extra `json:"-"`
+	V  int       `json:"v"`
+	Of int64     `json:"of"`
+	By string    `json:"by,omitempty"`
+	At time.Time `json:"at"`
+	// Listed, on a confirm-loss request, is how many nodes the guard listed when the operator
+	// looked: the list grows while failover is held, and a confirmation covers only what was seen
+	// (0: whatever the guard lists, for requests written by hand).
+	Listed int `json:"listed,omitempty"`
+	Extra  `json:"-"`
 }
