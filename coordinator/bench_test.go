@@ -30,75 +30,131 @@ func BenchmarkPlacementThroughput(b *testing.B) {
 	for range b.N {
 		srv := etcdtest.Start(b)
 		c := etcdtest.NewClient(b, srv.Endpoints)
-		ctx := context.Background()
-
-		// Raw: the same shape, guarded by a real election key, on keys of their own.
-		lresp, err := c.Put(ctx, "/bench/leader", "x")
-		if err != nil {
-			b.Fatal(err)
-		}
-		g := etcdutil.Guard{Key: "/bench/leader", Rev: lresp.Header.Revision}
-		spec := keys.MustEncode(&keys.VMSpec{VCPUs: 1, MemoryMiB: 512, Disk: &keys.Disk{Pool: "default", SizeGiB: 10}})
-		rawStart := time.Now()
-		parallel(benchVMs, benchWriters, func(i int) {
-			name := fmt.Sprintf("raw%05d", i)
-			pl := keys.Placement{UID: int64(i), Node: "n", Epoch: 1, UUID: "6f1b8d4e-3c2a-4b5d-9e8f-0a1b2c3d4e5f", VCPUs: 1, MemoryMiB: 512, Since: time.Now(), By: "bench", Term: g.Rev}
-			vs := keys.VMSpec{VCPUs: 1, MemoryMiB: 512, Disk: &keys.Disk{Pool: "default", SizeGiB: 10}}
-			asg := keys.Assignment{UID: int64(i), Epoch: 1, UUID: pl.UUID, Spec: &vs}
-			_, err := etcdutil.GuardedTxn(ctx, c, g,
-				[]etcdutil.Cmp{etcdutil.ModRev("/bench/vms/"+name+"/placement", 0), etcdutil.ModRev("/bench/vms/"+name+"/spec", 0)},
-				[]etcdutil.Op{
-					etcdutil.OpPut("/bench/vms/"+name+"/placement", keys.MustEncode(&pl)),
-					etcdutil.OpPut("/bench/assign/n/"+name, keys.MustEncode(&asg)),
-					etcdutil.OpDelete("/bench/vms/" + name + "/problem"),
-				})
-			if err != nil {
-				b.Error(err)
-			}
-		})
-		rawRate := benchVMs / time.Since(rawStart).Seconds()
-
-		for n := range benchNodes {
-			addNode(b, c, fmt.Sprintf("n%03d", n), 64, 256<<10, nil)
-		}
+		rawRate := rawPlacementRate(b, c)
+		addBenchNodes(b, c)
 		for i := range 2 {
 			startReplica(b, srv.Endpoints, fmt.Sprintf("c%d", i))
 		}
-		// Count placements as they commit.
-		var placed atomic.Int64
-		done := make(chan time.Time, 1)
-		wctx, cancel := context.WithCancel(ctx)
-		wch := c.Watch(wctx, space.PlacementPrefix(), clientv3.WithPrefix())
-		go func() {
-			for resp := range wch {
-				for _, ev := range resp.Events {
-					if ev.IsCreate() {
-						if placed.Add(1) == benchVMs {
-							done <- time.Now()
-						}
-					}
-				}
-			}
-		}()
+		placed := watchPlacements(b, c)
 		time.Sleep(500 * time.Millisecond) // leader elected, caches synced
 		start := time.Now()
-		parallel(benchVMs, benchWriters, func(i int) {
-			if _, err := c.Put(ctx, space.VMSpec(fmt.Sprintf("vm%05d", i)), spec); err != nil {
-				b.Error(err)
-			}
-		})
+		writeBenchSpecs(b, c)
 		var end time.Time
 		select {
-		case end = <-done:
+		case end = <-placed.last:
 		case <-time.After(5 * time.Minute):
-			b.Fatalf("only %d of %d placed", placed.Load(), benchVMs)
+			b.Fatalf("only %d of %d placed", placed.n.Load(), benchVMs)
 		}
-		cancel()
 		rate := benchVMs / end.Sub(start).Seconds()
 		b.ReportMetric(rate, "placements/s")
 		b.ReportMetric(rawRate, "raw-txn/s")
 		b.ReportMetric(rate/rawRate, "ratio")
 	}
+}
+
+// BenchmarkPlacementThroughputPrewritten: the specs are all written before the coordinators start,
+// so the spec writes do not share the denominator: the rate runs from the first placement committed
+// to the last, against the raw rate of the same transaction shape in the same run (goal >= 0.8).
+// The leader's start (election, caches listed, first round) is reported apart as start-s.
+func BenchmarkPlacementThroughputPrewritten(b *testing.B) {
+	for range b.N {
+		srv := etcdtest.Start(b)
+		c := etcdtest.NewClient(b, srv.Endpoints)
+		rawRate := rawPlacementRate(b, c)
+		addBenchNodes(b, c)
+		writeBenchSpecs(b, c)
+		placed := watchPlacements(b, c)
+		start := time.Now()
+		for i := range 2 {
+			startReplica(b, srv.Endpoints, fmt.Sprintf("c%d", i))
+		}
+		var end time.Time
+		select {
+		case end = <-placed.last:
+		case <-time.After(5 * time.Minute):
+			b.Fatalf("only %d of %d placed", placed.n.Load(), benchVMs)
+		}
+		first := time.Unix(0, placed.first.Load())
+		rate := (benchVMs - 1) / end.Sub(first).Seconds()
+		b.ReportMetric(rate, "placements/s")
+		b.ReportMetric(rawRate, "raw-txn/s")
+		b.ReportMetric(rate/rawRate, "ratio")
+		b.ReportMetric(first.Sub(start).Seconds(), "start-s")
+	}
+}
+
+// rawPlacementRate is the rate of the placement transaction's shape, guarded by a real election
+// key, on keys of their own, benchWriters in flight.
+func rawPlacementRate(b *testing.B, c *clientv3.Client) float64 {
+	ctx := context.Background()
+	lresp, err := c.Put(ctx, "/bench/leader", "x")
+	if err != nil {
+		b.Fatal(err)
+	}
+	g := etcdutil.Guard{Key: "/bench/leader", Rev: lresp.Header.Revision}
+	start := time.Now()
+	parallel(benchVMs, benchWriters, func(i int) {
+		name := fmt.Sprintf("raw%05d", i)
+		pl := keys.Placement{UID: int64(i), Node: "n", Epoch: 1, UUID: "6f1b8d4e-3c2a-4b5d-9e8f-0a1b2c3d4e5f", VCPUs: 1, MemoryMiB: 512, Since: time.Now(), By: "bench", Term: g.Rev}
+		vs := keys.VMSpec{VCPUs: 1, MemoryMiB: 512, Disk: &keys.Disk{Pool: "default", SizeGiB: 10}}
+		asg := keys.Assignment{UID: int64(i), Epoch: 1, UUID: pl.UUID, Spec: &vs}
+		_, err := etcdutil.GuardedTxn(ctx, c, g,
+			[]etcdutil.Cmp{etcdutil.ModRev("/bench/vms/"+name+"/placement", 0), etcdutil.ModRev("/bench/vms/"+name+"/spec", 0)},
+			[]etcdutil.Op{
+				etcdutil.OpPut("/bench/vms/"+name+"/placement", keys.MustEncode(&pl)),
+				etcdutil.OpPut("/bench/assign/n/"+name, keys.MustEncode(&asg)),
+				etcdutil.OpDelete("/bench/vms/" + name + "/problem"),
+			})
+		if err != nil {
+			b.Error(err)
+		}
+	})
+	return benchVMs / time.Since(start).Seconds()
+}
+
+func addBenchNodes(b *testing.B, c *clientv3.Client) {
+	for n := range benchNodes {
+		addNode(b, c, fmt.Sprintf("n%03d", n), 64, 256<<10, nil)
+	}
+}
+
+func writeBenchSpecs(b *testing.B, c *clientv3.Client) {
+	spec := keys.MustEncode(&keys.VMSpec{VCPUs: 1, MemoryMiB: 512, Disk: &keys.Disk{Pool: "default", SizeGiB: 10}})
+	parallel(benchVMs, benchWriters, func(i int) {
+		if _, err := c.Put(context.Background(), space.VMSpec(fmt.Sprintf("vm%05d", i)), spec); err != nil {
+			b.Error(err)
+		}
+	})
+}
+
+// placements counts placements as they commit: the first one's time, and the last's.
+type placements struct {
+	n     atomic.Int64
+	first atomic.Int64 // unix nanoseconds
+	last  chan time.Time
+}
+
+func watchPlacements(b *testing.B, c *clientv3.Client) *placements {
+	p := &placements{last: make(chan time.Time, 1)}
+	wctx, cancel := context.WithCancel(context.Background())
+	b.Cleanup(cancel)
+	wch := c.Watch(wctx, space.PlacementPrefix(), clientv3.WithPrefix())
+	go func() {
+		for resp := range wch {
+			for _, ev := range resp.Events {
+				if !ev.IsCreate() {
+					continue
+				}
+				switch p.n.Add(1) {
+				case 1:
+					p.first.Store(time.Now().UnixNano())
+				case benchVMs:
+					p.last <- time.Now()
+				}
+			}
+		}
+	}()
+	return p
 }
 
 func parallel(n, par int, f func(i int)) {

@@ -126,6 +126,9 @@ func coordinatorCmd() *cobra.Command {
 			defer client.Close()
 			reg := statusserver.NewRegistry()
 			mux := http.NewServeMux()
+			if p.pprof {
+				statusserver.Profiles(mux)
+			}
 			srv, err := statusserver.Listen(p.listen, reg, mux)
 			if err != nil {
 				return err

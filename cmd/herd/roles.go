@@ -32,6 +32,7 @@ type coordinatorParams struct {
 	parallel   int
 	maxMig     int
 	interval   time.Duration
+	pprof      bool
 	sched      schedulerFlags
 	failover   failoverFlags
 	storage    storageFlags
@@ -47,6 +48,7 @@ func (p *coordinatorParams) addFlags(fs *pflag.FlagSet) {
 	fs.IntVar(&p.parallel, "parallel", 64, "leader transactions in flight at once")
 	fs.IntVar(&p.maxMig, "max-migrations-per-node", 2, "open migrations a node may take part in (as source or target)")
 	fs.DurationVar(&p.interval, "interval", 10*time.Second, "longest time between two leader rounds, changes or not")
+	fs.BoolVar(&p.pprof, "pprof", false, "serve Go's profiles under /debug/pprof/ on the status endpoint (keep it private)")
 	p.storage.add(fs, "herd-coordinator", false)
 }
 

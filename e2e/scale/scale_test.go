@@ -201,6 +201,9 @@ func TestScale(t *testing.T) {
 	// process, already killed).
 	c.CoordArgs = []string{"--session-ttl", "2s", "--grace", "1s", "--fence-exec", "true",
 		"--mass-failure-fraction", "0.05", "--mass-failure-min", "2", "--reschedule-rate", "1000"}
+	if os.Getenv("HERD_SCALE_PPROF") != "" {
+		c.CoordArgs = append(c.CoordArgs, "--pprof") // profile the leader by hand while the run goes
+	}
 	c.StartCoordinator()
 	c.StartCoordinator()
 	leader := c.Leader(30 * time.Second)

@@ -17,7 +17,8 @@ import (
 )
 
 // BenchmarkApplyAndList: `vm apply -f` of a file of HERD_BENCH_VMS specs (default 100,000) against
-// the raw rate of single-key puts in the same run and the same etcd, then `vm list` of all of them.
+// the raw rate of single-key puts in the same run and the same etcd; then, with every VM placed and
+// running on a node of ten, `vm list`, `node list`, `vm list --node` and `node get`.
 // Run with -benchtime 1x.
 func BenchmarkApplyAndList(b *testing.B) {
 	n := 100000
@@ -61,11 +62,71 @@ func BenchmarkApplyAndList(b *testing.B) {
 		b.ReportMetric(rawRate, "raw-puts/s")
 		b.ReportMetric(float64(n)/took.Seconds()/rawRate, "apply/raw")
 		b.ReportMetric(took.Seconds(), "apply-s")
-		start = time.Now()
-		out, _, err := herdctl(b, ep, "vm", "list")
-		if err != nil || strings.Count(out, "\n") != n+1 {
-			b.Fatalf("list: %v, %d lines", err, strings.Count(out, "\n"))
+		// What the leader and the nodes would have written: a placement, an assignment and a
+		// running status per VM, 10 VMs per node, so that the listings have a whole cluster to show.
+		nodes := placeAll(b, c, sp, n)
+		for _, l := range []struct {
+			metric string
+			args   []string
+			lines  int
+		}{
+			{"vm-list-s", []string{"vm", "list"}, n + 1},
+			{"node-list-s", []string{"node", "list"}, nodes + 1},
+			{"vm-list-node-s", []string{"vm", "list", "--node", benchNode(nodes / 2)}, 11},
+			{"node-get-s", []string{"node", "get", benchNode(nodes / 2)}, -1},
+		} {
+			start = time.Now()
+			out, _, err := herdctl(b, ep, l.args...)
+			if err != nil || (l.lines > 0 && strings.Count(out, "\n") != l.lines) {
+				b.Fatalf("%v: %v, %d lines", l.args, err, strings.Count(out, "\n"))
+			}
+			b.ReportMetric(time.Since(start).Seconds(), l.metric)
 		}
-		b.ReportMetric(time.Since(start).Seconds(), "list-s")
 	}
+}
+
+func benchNode(i int) string {
+	return fmt.Sprintf("02:00:00:%02x:%02x:%02x", (i>>16)&0xff, (i>>8)&0xff, i&0xff)
+}
+
+// placeAll writes node keys and, per VM, placement, assignment and status, in transactions of 32
+// VMs; it returns the number of nodes.
+func placeAll(b *testing.B, c *clientv3.Client, sp keys.Space, n int) int {
+	ctx := context.Background()
+	nodes := (n + 9) / 10
+	for i := range nodes {
+		hw := benchNode(i)
+		if _, err := c.Put(ctx, sp.Node(hw), keys.MustEncode(&keys.Node{HWID: hw, BootID: "b", CPUs: 64, MemoryMiB: 1 << 18})); err != nil {
+			b.Fatal(err)
+		}
+	}
+	specs, err := c.Get(ctx, sp.VMPrefix(), clientv3.WithPrefix(), clientv3.WithKeysOnly())
+	if err != nil {
+		b.Fatal(err)
+	}
+	var ops []clientv3.Op
+	flush := func() {
+		if _, err := c.Txn(ctx).Then(ops...).Commit(); err != nil {
+			b.Fatal(err)
+		}
+		ops = ops[:0]
+	}
+	for i, kv := range specs.Kvs {
+		name, part, ok := sp.ParseVM(string(kv.Key))
+		if !ok || part != keys.VMPartSpec {
+			continue
+		}
+		hw, uid := benchNode(i/10), kv.CreateRevision
+		pl := keys.Placement{UID: uid, Node: hw, Epoch: 1, UUID: "6f1b8d4e-3c2a-4b5d-9e8f-0a1b2c3d4e5f", VCPUs: 1, MemoryMiB: 512, Since: time.Now()}
+		ops = append(ops, clientv3.OpPut(sp.Placement(name), keys.MustEncode(&pl)),
+			clientv3.OpPut(sp.Assign(hw, name), keys.MustEncode(&keys.Assignment{UID: uid, Epoch: 1, UUID: pl.UUID})),
+			clientv3.OpPut(sp.Status(hw, name), keys.MustEncode(&keys.VMStatus{UID: uid, Epoch: 1, State: keys.StateRunning, Since: time.Now()})))
+		if len(ops) >= 96 {
+			flush()
+		}
+	}
+	if len(ops) > 0 {
+		flush()
+	}
+	return nodes
 }

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -68,4 +69,15 @@ func (s *Server) Serve(ctx context.Context) error {
 		_ = s.srv.Shutdown(sctx)
 		return nil
 	}
+}
+
+// Profiles adds Go's runtime profiles (CPU, heap, goroutines, ...) under /debug/pprof/ to mux: for
+// finding where a leader's time goes at scale. Off by default: a heap profile shows memory
+// contents' shapes and a CPU profile costs the daemon while it runs.
+func Profiles(mux *http.ServeMux) {
+	mux.HandleFunc("GET /debug/pprof/", pprof.Index)
+	mux.HandleFunc("GET /debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("GET /debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("GET /debug/pprof/trace", pprof.Trace)
 }

@@ -42,3 +42,34 @@ func TestServeAndStop(t *testing.T) {
 		t.Fatal("still serving after its context ended")
 	}
 }
+
+// TestProfilesOnlyWhenAsked: /debug/pprof/ is served only on a mux given Profiles.
+func TestProfilesOnlyWhenAsked(t *testing.T) {
+	for _, on := range []bool{false, true} {
+		mux := http.NewServeMux()
+		if on {
+			Profiles(mux)
+		}
+		s, err := Listen("127.0.0.1:0", NewRegistry(), mux)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan error, 1)
+		go func() { done <- s.Serve(ctx) }()
+		resp, err := http.Get(s.URL + "/debug/pprof/goroutine?debug=1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if served := resp.StatusCode == 200 && strings.Contains(string(b), "goroutine profile"); served != on {
+			t.Fatalf("profiles asked %v: %d %.80s", on, resp.StatusCode, b)
+		}
+		http.DefaultClient.CloseIdleConnections()
+		cancel()
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+	}
+}
