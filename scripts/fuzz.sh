@@ -11,6 +11,7 @@ time=${1:-10s}
 save=${2:-}
 targets=(
   "./lib/keys FuzzDecode"
+  "./lib/keys FuzzFastDecodeSame"
   "./lib/keys FuzzHWID"
   "./lib/keys FuzzBootPath"
   "./bootserver/dhcp FuzzReply"

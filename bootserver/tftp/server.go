@@ -45,7 +45,8 @@ const (
 
 // Limits bound what TFTP clients may take at once.
 type Limits struct {
-	// Transfers caps transfers running at once (default 50, as dnsmasq's tftp-max).
+	// Transfers caps transfers running at once (default 50, as dnsmasq's tftp-max). Requests past
+	// either limit go unanswered, so that the client retries rather than giving up its boot.
 	Transfers int
 	// PerClient caps one address's transfers at once (default 4).
 	PerClient int
@@ -82,16 +83,22 @@ type Server struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 
-	mu     sync.Mutex
-	active int
-	byIP   map[string]int
+	// slots holds one token per transfer under way. At the limit the server stops reading
+	// requests: they wait in the socket's buffer (and the client's retries with them) until a
+	// transfer ends, as dnsmasq does past its tftp-max. Neither refused nor lost: an error would end
+	// the client's PXE attempt, and a dropped request costs it a whole retry timeout.
+	slots chan struct{}
+
+	mu   sync.Mutex
+	byIP map[string]int
 }
 
 // New serves the files of dir (e.g. /usr/lib/ipxe) within lim.
 func New(dir string, fetched *Fetched, lim Limits, log hclog.Logger, reqs *prometheus.CounterVec) *Server {
 	lim.defaults()
 	ctx, cancel := context.WithCancel(context.Background())
-	return &Server{dir: dir, fetched: fetched, log: log.Named("tftp"), reqs: reqs, lim: lim, ctx: ctx, cancel: cancel, byIP: map[string]int{}}
+	return &Server{dir: dir, fetched: fetched, log: log.Named("tftp"), reqs: reqs, lim: lim, ctx: ctx, cancel: cancel, byIP: map[string]int{},
+		slots: make(chan struct{}, lim.Transfers)}
 }
 
 func (s *Server) count(outcome string) {
@@ -125,6 +132,11 @@ func (s *Server) Serve(conn net.PacketConn) error {
 	defer stop()
 	buf := make([]byte, 65536)
 	for {
+		select {
+		case s.slots <- struct{}{}:
+		case <-s.ctx.Done():
+			return nil
+		}
 		var (
 			n    int
 			src  net.Addr
@@ -142,43 +154,58 @@ func (s *Server) Serve(conn net.PacketConn) error {
 			n, src, err = conn.ReadFrom(buf)
 		}
 		if err != nil {
+			<-s.slots
 			if s.ctx.Err() != nil || errors.Is(err, net.ErrClosed) {
 				return nil
 			}
 			return fmt.Errorf("tftp: read: %w", err)
 		}
-		peer, ok := src.(*net.UDPAddr)
-		if !ok || n < 2 {
-			continue
+		if !s.handle(conn, buf[:n], src, dst, ifix) {
+			<-s.slots // no transfer started
 		}
-		switch binary.BigEndian.Uint16(buf) {
-		case opRRQ:
-			req, code, why := s.parse(buf[:n], peer)
-			if why != "" {
-				s.refuse(conn, peer, req.file, code, why)
-				continue
-			}
-			req.local = localAddr(conn, dst)
-			if ifix > 0 {
-				if ifc, err := net.InterfaceByIndex(ifix); err == nil {
-					req.mtu = ifc.MTU
-				}
-			}
-			if why := s.reserve(peer); why != "" {
-				s.refuse(conn, peer, req.file, errNotDefined, why)
-				continue
-			}
-			s.wg.Add(1)
-			go func() {
-				defer s.wg.Done()
-				defer s.release(peer)
-				s.transfer(req)
-			}()
-		case opWRQ:
-			s.refuse(conn, peer, "", errAccessViolation, "this server only sends files")
-		}
-		// Anything else on the server port is stray: transfers run on their own ports.
 	}
+}
+
+// handle answers one packet on the server port; true when a transfer started (it gives its slot
+// back when it ends).
+func (s *Server) handle(conn net.PacketConn, p []byte, src net.Addr, dst net.IP, ifix int) bool {
+	peer, ok := src.(*net.UDPAddr)
+	if !ok || len(p) < 2 {
+		return false
+	}
+	switch binary.BigEndian.Uint16(p) {
+	case opRRQ:
+		req, code, why := s.parse(p, peer)
+		if why != "" {
+			s.refuse(conn, peer, req.file, code, why)
+			return false
+		}
+		req.local = localAddr(conn, dst)
+		if ifix > 0 {
+			if ifc, err := net.InterfaceByIndex(ifix); err == nil {
+				req.mtu = ifc.MTU
+			}
+		}
+		if why := s.reserve(peer); why != "" {
+			// Not answered: the client sends its request again after a timeout, while an
+			// error would end its PXE attempt (most ROMs then try the next boot device).
+			s.count("busy")
+			s.log.Debug("request ignored: at the per-client transfer limit; the client will ask again", "file", req.file, "remote", peer, "why", why)
+			return false
+		}
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			defer func() { <-s.slots }()
+			defer s.release(peer)
+			s.transfer(req)
+		}()
+		return true
+	case opWRQ:
+		s.refuse(conn, peer, "", errAccessViolation, "this server only sends files")
+	}
+	// Anything else on the server port is stray: transfers run on their own ports.
+	return false
 }
 
 // localAddr is the address to answer from: where the request was sent, unless that was a
@@ -231,13 +258,9 @@ func (s *Server) reserve(peer *net.UDPAddr) string {
 	ip := peer.IP.String()
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	switch {
-	case s.active >= s.lim.Transfers:
-		return fmt.Sprintf("server busy (%d transfers): retry", s.lim.Transfers)
-	case s.byIP[ip] >= s.lim.PerClient:
+	if s.byIP[ip] >= s.lim.PerClient {
 		return fmt.Sprintf("too many transfers from %s (%d at once)", ip, s.lim.PerClient)
 	}
-	s.active++
 	s.byIP[ip]++
 	return ""
 }
@@ -246,7 +269,6 @@ func (s *Server) release(peer *net.UDPAddr) {
 	ip := peer.IP.String()
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.active--
 	if s.byIP[ip]--; s.byIP[ip] <= 0 {
 		delete(s.byIP, ip)
 	}
@@ -343,7 +365,18 @@ func (s *Server) transfer(req request) {
 		return
 	}
 	defer conn.Close()
-	t := &sender{ctx: s.ctx, conn: conn, peer: req.peer, file: f, size: st.Size(), lim: s.lim}
+	var file io.ReaderAt = f
+	if st.Size() <= inMemory {
+		// Read whole: one read instead of one per block (a first stage is ~70 KB to 1 MB).
+		data := make([]byte, st.Size())
+		if _, err := io.ReadFull(f, data); err != nil {
+			s.count("failed")
+			s.log.Warn("cannot read the file to send", "file", req.name, "error", err)
+			return
+		}
+		file = bytes.NewReader(data)
+	}
+	t := &sender{ctx: s.ctx, conn: conn, peer: req.peer, file: file, size: st.Size(), lim: s.lim}
 	t.negotiated = s.negotiate(req, st.Size())
 	sent, err := t.run()
 	if err != nil {
@@ -359,6 +392,9 @@ func (s *Server) transfer(req request) {
 }
 
 // sender runs one transfer's lock-step (or windowed) exchange.
+// inMemory is the largest file a transfer reads whole before sending.
+const inMemory = 8 << 20
+
 type sender struct {
 	negotiated
 	ctx  context.Context
@@ -368,6 +404,7 @@ type sender struct {
 	size int64
 	lim  Limits
 	buf  [65536]byte
+	in   [1024]byte
 }
 
 // errClient: the client ended the transfer with an error packet.
@@ -435,7 +472,7 @@ func (t *sender) exchange(send func() error, want uint16) error {
 // number plus those the ACK confirms). With first = -1 it waits for ACK number last exactly (the
 // OACK's ACK 0).
 func (t *sender) exchangeUpTo(send func() error, first, last int64) (int64, error) {
-	in := make([]byte, 1024)
+	in := t.in[:]
 	for try := 0; try <= t.lim.Retries; try++ {
 		if err := send(); err != nil {
 			return first, err

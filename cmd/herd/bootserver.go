@@ -142,6 +142,8 @@ func bootserverCmd() *cobra.Command {
 	f.StringVar(&c.HTTPListen, "http", ":8080", "HTTP listen address for scripts and images")
 	f.StringVar(&c.Advertise, "advertise", "", "base URL nodes reach the HTTP server at (default: the interface's address)")
 	f.StringVar(&c.TFTPListen, "tftp", ":69", "TFTP listen address (empty disables TFTP)")
+	f.IntVar(&c.TFTPLimits.Transfers, "tftp-max", 50, "TFTP transfers at once (more are refused with an error; firmware retries)")
+	f.IntVar(&c.TFTPLimits.PerClient, "tftp-max-per-client", 4, "TFTP transfers at once from one address (a relay or NAT in front of many machines needs more)")
 	f.StringVar(&c.IPXEDir, "ipxe-dir", "/usr/lib/ipxe", "directory of iPXE binaries (Debian's ipxe package)")
 	f.StringVar(&c.ImageDir, "image-dir", "/var/lib/herd/images", "image files, as <dir>/<version>/<file>")
 	f.DurationVar(&c.ImageRehash, "image-rehash", time.Hour, "hash every verified image again this often (files are also re-hashed whenever their inode, size or times change)")

@@ -93,6 +93,7 @@ func BenchmarkBootStorm(b *testing.B) {
 
 	rig.Start(b, dir, "bootserver", bins.Herd, "bootserver", "--endpoints", etcd, "--interface", srvIf,
 		"--dhcp-mode", "full", "--range", "10.98.0.10-10.98.0.250", "--http", herdIP+":8080", "--tftp", herdIP+":69",
+		"--tftp-max-per-client", "1000", // every simulated client sends from one address; dnsmasq has no such limit
 		"--listen", "127.0.0.1:0", "--ipxe-dir", ipxeDir, "--image-dir", imgDir, "--log-level", "warn")
 	rig.Start(b, dir, "dnsmasq", "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--port=0",
 		"--listen-address="+otherIP, "--bind-interfaces", "--enable-tftp", "--tftp-root="+ipxeDir, "--user=root",

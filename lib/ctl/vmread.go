@@ -3,8 +3,10 @@ package ctl
 import (
 	"context"
 	"fmt"
+	"runtime"
 	"sort"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -283,23 +285,24 @@ func (e *env) buildView(k clusterKeys) *clusterView {
 		}
 		return vm
 	}
-	for _, kv := range resp[0] {
+	specs, specErrs := decodeAll(resp[0], keys.Decode[keys.VMSpec])
+	for i, kv := range resp[0] {
 		name, part, ok := s.ParseVM(string(kv.Key))
 		if !ok || part != keys.VMPartSpec {
 			continue
 		}
 		vm := vmOf(name)
 		vm.UID = kv.CreateRevision
-		spec, err := keys.Decode[keys.VMSpec](kv.Value)
-		if err != nil {
+		if err := specErrs[i]; err != nil {
 			vm.SpecError = err.Error()
 		} else {
-			vm.Spec = spec
+			vm.Spec = specs[i]
 		}
 	}
-	for _, kv := range resp[7] {
+	placements, _ := decodeAll(resp[7], keys.Decode[keys.Placement])
+	for i, kv := range resp[7] {
 		if name, ok := keys.ParseVMName(s.PlacementPrefix(), string(kv.Key)); ok {
-			vmOf(name).Placement, _ = keys.Decode[keys.Placement](kv.Value)
+			vmOf(name).Placement = placements[i]
 		}
 	}
 	for _, kv := range resp[8] {
@@ -338,15 +341,13 @@ func (e *env) buildView(k clusterKeys) *clusterView {
 			}
 		}
 	}
-	for _, kv := range resp[4] {
+	statuses, statusErrs := decodeAll(resp[4], keys.Decode[keys.VMStatus])
+	for i, kv := range resp[4] {
 		hwid, name, ok := keys.ParseNodeScoped(s.StatusRoot(), string(kv.Key))
-		if !ok {
+		if !ok || statusErrs[i] != nil {
 			continue
 		}
-		st, err := keys.Decode[keys.VMStatus](kv.Value)
-		if err != nil {
-			continue
-		}
+		st := statuses[i]
 		if v.statuses[hwid] == nil {
 			v.statuses[hwid] = map[string]*keys.VMStatus{}
 		}
@@ -409,4 +410,26 @@ func vmAge(vm *vmView) time.Time {
 		return vm.Problem.Since
 	}
 	return time.Time{}
+}
+
+// decodeAll decodes every value with decode, on all cores: at 100,000 VMs decoding is most of a
+// listing's time. A key that is not of the type (a VM's migrate key among its spec keys) only
+// yields an error nobody reads.
+func decodeAll[T any](kvs []*mvccpb.KeyValue, decode func([]byte) (*T, error)) ([]*T, []error) {
+	out, errs := make([]*T, len(kvs)), make([]error, len(kvs))
+	workers := min(runtime.GOMAXPROCS(0), max(1, len(kvs)/1000))
+	per := (len(kvs) + workers - 1) / max(workers, 1)
+	var wg sync.WaitGroup
+	for lo := 0; lo < len(kvs); lo += per {
+		hi := min(lo+per, len(kvs))
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := lo; i < hi; i++ {
+				out[i], errs[i] = decode(kvs[i].Value)
+			}
+		}()
+	}
+	wg.Wait()
+	return out, errs
 }

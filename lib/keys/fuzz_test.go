@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"path"
+	"reflect"
 	"strings"
 	"testing"
 )
@@ -134,5 +135,55 @@ func FuzzBootPath(f *testing.F) {
 		if InDir(p, dir) && strings.Contains(p, "/../") {
 			t.Fatalf("%q escapes %s", p, dir)
 		}
+	})
+}
+
+// sameBothWays decodes data as T with the one-pass decode allowed and with the member-by-member one
+// only: both must agree on success, value and unknown members.
+func sameBothWays[T any, P interface {
+	*T
+	decodable
+}](t *testing.T, data []byte) {
+	defer func() { fastDecode = true }()
+	fastDecode = true
+	fast, ferr := Decode[T, P](data)
+	fastDecode = false
+	slow, serr := Decode[T, P](data)
+	if (ferr == nil) != (serr == nil) || (ferr != nil && ferr.Error() != serr.Error()) {
+		t.Fatalf("%T from %q: one pass %v, member by member %v", fast, data, ferr, serr)
+	}
+	if ferr == nil && !reflect.DeepEqual(fast, slow) {
+		t.Fatalf("%T from %q:\none pass        %+v\nmember by member %+v", fast, data, fast, slow)
+	}
+}
+
+// FuzzFastDecodeSame: the one-pass decode taken when every member is known means exactly what the
+// member-by-member decode means, for every keyspace type.
+func FuzzFastDecodeSame(f *testing.F) {
+	for _, s := range []string{
+		`{"v":1,"vcpus":2,"memory_mib":1024,"disk":{"pool":"default","size_gib":10},"labels":{"a":"b"}}`,
+		`{"node":"52:54:00:00:00:01","epoch":3,"uid":7,"spec_rev":9,"migration":{"to":"x","phase":"open"}}`,
+		`{"uid":1,"UID":2}`, `{"uid":1,"uid":2}`, `{"u\u0069d":3}`, `{"node":"a","node":"b"}`, `{"disk":{"pool":"a"},"disk":{"size_gib":1}}`,
+		`{"uid":1} x`, `{"uid":"1"}`, `{"spec":{"vcpus":1,"x":2},"uid":4}`, ` {"epoch":1e3}`, `{"labels":{"a":"b","a":"c"}}`,
+		`{"v":1,"uid":7,"epoch":2,"state":"running","since":"2026-12-03T00:00:00Z"}`, `{"since":"yesterday"}`, `{"since":null,"uid":null}`,
+	} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		sameBothWays[Node](t, data)
+		sameBothWays[NodeState](t, data)
+		sameBothWays[VMSpec](t, data)
+		sameBothWays[Placement](t, data)
+		sameBothWays[Assignment](t, data)
+		sameBothWays[VMStatus](t, data)
+		sameBothWays[Fence](t, data)
+		sameBothWays[LossGuard](t, data)
+		sameBothWays[Problem](t, data)
+		sameBothWays[Hardware](t, data)
+		sameBothWays[DHCPLease](t, data)
+		sameBothWays[Request](t, data)
+		sameBothWays[Rollout](t, data)
+		sameBothWays[NodeSpec](t, data)
+		sameBothWays[Cluster](t, data)
 	})
 }
