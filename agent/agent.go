@@ -325,6 +325,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	run(a.runCommands)
 	// Adopt what runs already: every domain herd made is reconciled, assigned or not.
 	a.enqueueAll(ctx)
+	run(a.enqueueReported)
 	run(a.resyncLoop)
 	a.queue.Run(ctx, a.cfg.Workers, a.reconcile, func(name string, err error, retry time.Duration) {
 		a.metrics.reconcileErrors.Inc()
@@ -387,6 +388,31 @@ func (a *Agent) resyncLoop(ctx context.Context) {
 			return
 		case <-t.C:
 			a.enqueueAll(ctx)
+		}
+	}
+}
+
+// enqueueReported queues, once per boot, every VM this node has a status key for: an earlier boot
+// (or this one before a restart) may have reported a VM that is now neither assigned here nor
+// defined (deleted while the node was down), and only its reconcile removes that report. Later
+// reports are this process's own, so one read at start is enough and steady state reads nothing.
+func (a *Agent) enqueueReported(ctx context.Context) {
+	b := etcdutil.Backoff{Min: time.Second, Max: 30 * time.Second}
+	for {
+		cctx, cancel := etcdutil.WithTimeout(ctx)
+		resp, err := a.cfg.Client.Get(cctx, a.space.StatusPrefix(a.hwid), clientv3.WithPrefix(), clientv3.WithKeysOnly())
+		cancel()
+		if err == nil {
+			for _, kv := range resp.Kvs {
+				if _, name, ok := keys.ParseNodeScoped(a.space.StatusRoot(), string(kv.Key)); ok {
+					a.queue.Add(name)
+				}
+			}
+			return
+		}
+		a.log.Warn("cannot list this node's status reports; retrying", "error", err)
+		if !b.Wait(ctx) {
+			return
 		}
 	}
 }

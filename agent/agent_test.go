@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"testing"
 	"time"
 
@@ -30,12 +31,18 @@ type harness struct {
 }
 
 // start runs an agent against a real embedded etcd and a libvirt test-driver node.
-func start(t *testing.T) *harness {
+func start(t *testing.T) *harness { return startWith(t, nil) }
+
+// startWith starts an agent after setup has written what should be there before it starts.
+func startWith(t *testing.T, setup func(c *clientv3.Client)) *harness {
 	t.Helper()
 	c := etcdtest.Client(t)
 	ctx := context.Background()
 	put(t, c, space.Cluster(), keys.MustEncode(&keys.Cluster{ID: "cluster-a", Pools: []string{"default"}}))
 	put(t, c, space.Hardware(hwid), keys.MustEncode(&keys.Hardware{MAC: hwid}))
+	if setup != nil {
+		setup(c)
+	}
 	uri, err := hypervisor.WriteTestNode(t.TempDir(), "n1", 4, 8192)
 	if err != nil {
 		t.Fatal(err)
@@ -293,6 +300,19 @@ func TestPreflightRefusesWithoutLease(t *testing.T) {
 	if err := h.agent.preflight(context.Background(), &stale); !errors.Is(err, errNotSafe) {
 		t.Fatalf("preflight on a stale assignment: %v", err)
 	}
+	// A fence record of an earlier boot of this node (no leader has dropped it yet): a move made
+	// on it would not fence this boot, so this boot starts nothing until it is gone.
+	old := space.Fence(hwid, "an-earlier-boot")
+	put(t, h.c, old, keys.MustEncode(&keys.Fence{HWID: hwid, BootID: "an-earlier-boot", Phase: keys.FenceFenced}))
+	if err := h.agent.preflight(context.Background(), kv); !errors.Is(err, errNotSafe) || !strings.Contains(err.Error(), "an-earlier-boot") {
+		t.Fatalf("preflight with an earlier boot's fence record standing: %v", err)
+	}
+	if _, err := h.c.Delete(context.Background(), old); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.agent.preflight(context.Background(), kv); err != nil {
+		t.Fatalf("preflight once the earlier boot's record is gone: %v", err)
+	}
 }
 
 func TestWaitsForEnrolment(t *testing.T) {
@@ -327,4 +347,19 @@ func TestWaitsForEnrolment(t *testing.T) {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
+}
+
+// TestNewBootClearsStaleReports: a status an earlier boot wrote for a VM that is neither assigned
+// here nor defined (deleted while the node was down and fenced) is removed by the next boot.
+func TestNewBootClearsStaleReports(t *testing.T) {
+	h := startWith(t, func(c *clientv3.Client) {
+		put(t, c, space.Status(hwid, "gone"), keys.MustEncode(&keys.VMStatus{UID: 3, Epoch: 1, State: keys.StateRunning}))
+	})
+	h.eventually("the stale report removed", func() error {
+		resp, err := h.c.Get(context.Background(), space.Status(hwid, "gone"))
+		if err != nil || len(resp.Kvs) > 0 {
+			return fmt.Errorf("still there: %v", err)
+		}
+		return nil
+	})
 }

@@ -7,6 +7,8 @@ import (
 	"path/filepath"
 	"time"
 
+	clientv3 "go.etcd.io/etcd/client/v3"
+
 	"github.com/herdhq/herd/agent/hypervisor"
 	"github.com/herdhq/herd/lib/etcdutil"
 	"github.com/herdhq/herd/lib/keys"
@@ -404,18 +406,38 @@ func (a *Agent) bootFile(p string) (string, error) {
 // preflight proves, just before a domain starts, that this node may start it: the node's lease is
 // alive and a linearizable read shows the very assignment the decision was made from. A node cut off
 // from etcd fails here and starts nothing.
+//
+// The same read shows that no fence record of this node names another boot. Such a record is
+// what a leader moves this node's VMs on; a boot that started VMs while it stood (registered while
+// no leader was there to drop it) would run them unfenced when the record moved them. The leader
+// drops an earlier boot's record once it sees this boot registered, so this boot waits for that,
+// and every move names the boot that hosts the VMs.
 func (a *Agent) preflight(ctx context.Context, kv *assignRec) error {
 	if !a.leaseAlive() {
 		return fmt.Errorf("%w: node lease not confirmed", errNotSafe)
 	}
 	cctx, cancel := etcdutil.WithTimeout(ctx)
 	defer cancel()
-	resp, err := a.cfg.Client.Get(cctx, kv.Key) // linearizable by default
+	tx, err := a.cfg.Client.Txn(cctx).Then( // linearizable
+		clientv3.OpGet(kv.Key),
+		clientv3.OpGet(a.space.FencePrefix(a.hwid), clientv3.WithPrefix(), clientv3.WithKeysOnly()),
+	).Commit()
 	if err != nil {
 		return fmt.Errorf("%w: read assignment: %v", errNotSafe, err)
 	}
+	resp := tx.Responses[0].GetResponseRange()
 	if len(resp.Kvs) == 0 || resp.Kvs[0].ModRevision != kv.ModRevision {
 		return fmt.Errorf("%w: assignment changed since it was read", errNotSafe)
+	}
+	if fences := tx.Responses[1].GetResponseRange().Kvs; len(fences) > 0 {
+		boot := "?"
+		if _, b, ok := keys.ParseNodeScoped(a.space.FenceRoot(), string(fences[0].Key)); ok {
+			boot = b
+		}
+		if boot == a.cfg.BootID {
+			return fmt.Errorf("%w: this boot is fenced", errNotSafe)
+		}
+		return fmt.Errorf("%w: a fence record of this node's boot %s still stands; the leader drops it once it sees this boot registered", errNotSafe, boot)
 	}
 	if !a.leaseAlive() {
 		return fmt.Errorf("%w: node lease not confirmed", errNotSafe)

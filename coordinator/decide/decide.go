@@ -302,6 +302,10 @@ func (s *view) trust() {
 		}
 		if s.fenceFor(hwid, n.BootID) != nil {
 			sn.Unschedulable = "fenced: reboot it or run 'herdctl fence clear " + hwid + "'"
+		} else if len(s.Fences[hwid]) > 0 {
+			// The agent starts nothing while an earlier boot's record stands (a move made on it
+			// would not fence this boot); placing here would only wait.
+			sn.Unschedulable = "an earlier boot's fence is being undone"
 		}
 		s.nodes = append(s.nodes, sn)
 	}

@@ -275,6 +275,23 @@ func TestFailover(t *testing.T) {
 				t.Fatalf("work %v", got)
 			}
 		}},
+		{"a node back with a new boot takes no VM while its earlier boot's fence stands", func(t *testing.T, w *world) {
+			w.lose("n1")
+			w.fenceOutcome("n1", "boot-1", keys.FenceFenced)
+			w.settle()
+			w.register("n1", "boot-2", 4, 8)
+			w.vm("z", 1, 512)
+			w.settle()
+			if on := w.placedOn("z"); on != "n2" {
+				t.Fatalf("z placed on %q while n1's earlier boot's fence record stands", on)
+			}
+			w.del(w.sp.Fence("n1", "boot-1")) // the unfence work done
+			w.vm("y", 1, 512)
+			w.settle()
+			if on := w.placedOn("y"); on != "n1" {
+				t.Fatalf("y placed on %q: n1 is free again once the record is gone", on)
+			}
+		}},
 		{"an operator's fence-clear request turns the record to clearing", func(t *testing.T, w *world) {
 			w.lose("n1")
 			f := w.kv[w.sp.Fence("n1", "boot-1")]
