@@ -182,11 +182,17 @@ func (s *view) heldByGuard(guardOn bool) func(hwid string) bool {
 	if !s.guardConfirmed() {
 		return func(string) bool { return true }
 	}
+	listed := s.guardListed()
+	return func(hwid string) bool { return guardOn && !listed[hwid] }
+}
+
+// guardListed is the set of nodes the (readable) guard record lists.
+func (s *view) guardListed() map[string]bool {
 	listed := map[string]bool{}
 	for _, hwid := range s.Guard.Value.Nodes {
 		listed[hwid] = true
 	}
-	return func(hwid string) bool { return guardOn && !listed[hwid] }
+	return listed
 }
 
 // growGuard adds nodes lost while failover is held to the guard's list, so that the record (and
@@ -198,10 +204,7 @@ func (s *view) growGuard(dead []string) []Action {
 	if !g.OK() || g.Value.Confirmed {
 		return nil
 	}
-	listed := map[string]bool{}
-	for _, hwid := range g.Value.Nodes {
-		listed[hwid] = true
-	}
+	listed := s.guardListed()
 	var added []string
 	for _, hwid := range dead {
 		if !listed[hwid] {
