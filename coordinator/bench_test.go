@@ -39,12 +39,7 @@ func BenchmarkPlacementThroughput(b *testing.B) {
 		time.Sleep(500 * time.Millisecond) // leader elected, caches synced
 		start := time.Now()
 		writeBenchSpecs(b, c)
-		var end time.Time
-		select {
-		case end = <-placed.last:
-		case <-time.After(5 * time.Minute):
-			b.Fatalf("only %d of %d placed", placed.n.Load(), benchVMs)
-		}
+		end := placed.wait(b)
 		rate := benchVMs / end.Sub(start).Seconds()
 		b.ReportMetric(rate, "placements/s")
 		b.ReportMetric(rawRate, "raw-txn/s")
@@ -68,12 +63,7 @@ func BenchmarkPlacementThroughputPrewritten(b *testing.B) {
 		for i := range 2 {
 			startReplica(b, srv.Endpoints, fmt.Sprintf("c%d", i))
 		}
-		var end time.Time
-		select {
-		case end = <-placed.last:
-		case <-time.After(5 * time.Minute):
-			b.Fatalf("only %d of %d placed", placed.n.Load(), benchVMs)
-		}
+		end := placed.wait(b)
 		first := time.Unix(0, placed.first.Load())
 		rate := (benchVMs - 1) / end.Sub(first).Seconds()
 		b.ReportMetric(rate, "placements/s")
@@ -132,6 +122,17 @@ type placements struct {
 	n     atomic.Int64
 	first atomic.Int64 // unix nanoseconds
 	last  chan time.Time
+}
+
+// wait returns when the last placement committed, failing the benchmark after 5 minutes.
+func (p *placements) wait(b *testing.B) time.Time {
+	select {
+	case end := <-p.last:
+		return end
+	case <-time.After(5 * time.Minute):
+		b.Fatalf("only %d of %d placed", p.n.Load(), benchVMs)
+		return time.Time{}
+	}
 }
 
 func watchPlacements(b *testing.B, c *clientv3.Client) *placements {
