@@ -161,6 +161,15 @@ type Agent struct {
 
 	migrations chan struct{} // semaphore of outgoing migrations
 
+	// Restore recovery (recovery.go): freeze is set while nothing may be acted on; restoreWant is
+	// the recovery generation this agent asked for (it saw etcd go back), maxGen the highest the
+	// cluster record ever showed it; inv is the inventory the node record carries.
+	freeze       atomic.Bool
+	restoreWant  atomic.Int64
+	maxGen       atomic.Int64
+	inv          atomic.Pointer[keys.Inventory]
+	recoveryWake chan struct{}
+
 	mu       sync.Mutex
 	reported map[string]keys.VMStatus // last status written per VM, to skip identical writes
 	defined  map[string]int64         // spec revision last defined per VM
@@ -186,6 +195,8 @@ func New(cfg Config) (*Agent, error) {
 		outcomes:   map[string]string{},
 		migrations: make(chan struct{}, cfg.MaxMigrations),
 		cmds:       make(chan *cmdRec, 16),
+
+		recoveryWake: make(chan struct{}, 1),
 	}
 	a.events = events.New(cfg.Client, cfg.Space, keys.EventsByNode(cfg.HWID), "agent/"+cfg.HWID, cfg.EtcdUser, a.log)
 	a.metrics = newMetrics(cfg.Registry)
@@ -194,6 +205,9 @@ func New(cfg Config) (*Agent, error) {
 	a.cluster = etcdutil.NewTyped[keys.Cluster](cfg.Client, cfg.Space.Cluster(), a.onCluster, a.log)
 	a.fences = etcdutil.NewTyped[keys.Fence](cfg.Client, cfg.Space.FencePrefix(cfg.HWID), a.onFence, a.log)
 	a.cmdsInf = etcdutil.NewTyped[keys.NodeCommand](cfg.Client, cfg.Space.NodeCmdPrefix(cfg.HWID), a.onCommand, a.log)
+	for _, inf := range a.caches() {
+		inf.OnRegress = a.onRegress
+	}
 	return a, nil
 }
 
@@ -255,6 +269,7 @@ func (a *Agent) onCluster(key string, _, cur *etcdutil.KV) {
 	if key != a.space.Cluster() || !cl.OK() {
 		return
 	}
+	a.noteCluster(cl.Value)
 	id := cl.Value.ID
 	if a.clusterID.CompareAndSwap(nil, &id) {
 		a.log.Info("cluster identified", "cluster", id)
@@ -308,6 +323,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		wg.Wait()
 		return err
 	}
+	run(a.recoveryLoop)
 	run(a.fences.Run)
 	run(a.assigns.Run)
 	registered := make(chan struct{})

@@ -24,6 +24,7 @@ func (a *Agent) evidence(ctx context.Context, name string, dom *hypervisor.Domai
 	// One transaction reads the cluster record, spec and placement at the same revision. The
 	// cluster id must come from this read, not from a cache: after a wipe, the informers of the
 	// assignments and of the cluster record relist in no particular order.
+	floor := etcdutil.MaxRev(a.caches())
 	resp, err := a.cfg.Client.Txn(cctx).Then(
 		clientv3.OpGet(a.space.Cluster()),
 		clientv3.OpGet(a.space.VMSpec(name)),
@@ -31,6 +32,9 @@ func (a *Agent) evidence(ctx context.Context, name string, dom *hypervisor.Domai
 	).Commit()
 	if err != nil {
 		return false, "", fmt.Errorf("read spec and placement for evidence: %w", err)
+	}
+	if err := a.notRestored(floor, resp.Header.Revision); err != nil {
+		return false, "", err
 	}
 	first := a.clusterID.Load()
 	clusters := resp.Responses[0].GetResponseRange().Kvs
@@ -47,6 +51,16 @@ func (a *Agent) evidence(ctx context.Context, name string, dom *hypervisor.Domai
 	if dom.Cluster != "" && dom.Cluster != cl.ID {
 		return false, fmt.Sprintf("the domain was made by cluster %s, this is %s", dom.Cluster, cl.ID), nil
 	}
+	places := resp.Responses[2].GetResponseRange().Kvs
+	var p *keys.Placement
+	if len(places) > 0 {
+		if p, err = keys.Decode[keys.Placement](places[0].Value); err != nil {
+			return false, "unreadable placement: " + err.Error(), nil
+		}
+	}
+	if p != nil && p.Orphan && p.UID == dom.UID {
+		return false, "an etcd restore lost its spec: kept as an orphan until an operator forgets it (herdctl vm forget " + name + ")", nil
+	}
 	specs := resp.Responses[1].GetResponseRange().Kvs
 	if len(specs) == 0 {
 		return true, "the VM was deleted", nil
@@ -57,16 +71,24 @@ func (a *Agent) evidence(ctx context.Context, name string, dom *hypervisor.Domai
 		}
 		return false, fmt.Sprintf("the spec's uid %d is older than the domain's %d", uid, dom.UID), nil
 	}
-	places := resp.Responses[2].GetResponseRange().Kvs
-	if len(places) == 0 {
+	if p == nil {
 		return false, "the VM exists but has no placement", nil
-	}
-	p, err := keys.Decode[keys.Placement](places[0].Value)
-	if err != nil {
-		return false, "unreadable placement: " + err.Error(), nil
 	}
 	if p.UID == dom.UID && p.Node != a.hwid && p.Epoch > dom.Epoch {
 		return true, fmt.Sprintf("the VM moved to %s at epoch %d", p.Node, p.Epoch), nil
 	}
 	return false, fmt.Sprintf("placement is %s epoch %d, this domain epoch %d", p.Node, p.Epoch, dom.Epoch), nil
+}
+
+// notRestored checks the revision a read answered at against floor, the newest revision the caches
+// reflected before the read was made: an older one means etcd went back in time, and nothing read
+// from it may be acted on.
+func (a *Agent) notRestored(floor, rev int64) error {
+	if a.checkRevision(floor, rev) {
+		a.onRegress(floor, rev)
+	}
+	if a.frozenNow() {
+		return fmt.Errorf("%w: a restore recovery is under way", errNotSafe)
+	}
+	return nil
 }

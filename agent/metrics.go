@@ -11,6 +11,7 @@ type metrics struct {
 	reconcileErrors  prometheus.Counter
 	reconcileSeconds prometheus.Histogram
 	leaseLost        prometheus.Counter
+	frozen           prometheus.Gauge
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -28,8 +29,11 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		leaseLost: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "herd_agent_lease_lost_total", Help: "Times the node lease was lost (keepalive failed past the TTL).",
 		}),
+		frozen: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "herd_agent_frozen", Help: "1 while the agent acts on nothing: etcd went back in time and the leader's restore recovery is not done.",
+		}),
 	}
-	reg.MustRegister(m.domains, m.reconcileErrors, m.reconcileSeconds, m.leaseLost)
+	reg.MustRegister(m.domains, m.reconcileErrors, m.reconcileSeconds, m.leaseLost, m.frozen)
 	return m
 }
 

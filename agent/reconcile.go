@@ -23,6 +23,9 @@ var errNotSafe = errors.New("agent: not safe to act now")
 func (a *Agent) reconcile(ctx context.Context, name string) error {
 	start := time.Now()
 	defer func() { a.metrics.reconcileSeconds.Observe(time.Since(start).Seconds()) }()
+	if a.frozenNow() {
+		return nil // a restore recovery: nothing is acted on (recovery.go); the thaw requeues all
+	}
 
 	kv := a.assigns.Get(a.space.Assign(a.hwid, name))
 	dom, err := a.hv.Lookup(ctx, name)
@@ -418,12 +421,16 @@ func (a *Agent) preflight(ctx context.Context, kv *assignRec) error {
 	}
 	cctx, cancel := etcdutil.WithTimeout(ctx)
 	defer cancel()
+	floor := etcdutil.MaxRev(a.caches())
 	tx, err := a.cfg.Client.Txn(cctx).Then( // linearizable
 		clientv3.OpGet(kv.Key),
 		clientv3.OpGet(a.space.FencePrefix(a.hwid), clientv3.WithPrefix(), clientv3.WithKeysOnly()),
 	).Commit()
 	if err != nil {
 		return fmt.Errorf("%w: read assignment: %v", errNotSafe, err)
+	}
+	if err := a.notRestored(floor, tx.Header.Revision); err != nil {
+		return err
 	}
 	resp := tx.Responses[0].GetResponseRange()
 	if len(resp.Kvs) == 0 || resp.Kvs[0].ModRevision != kv.ModRevision {

@@ -75,16 +75,18 @@ func (a *Agent) register(ctx context.Context) (clientv3.LeaseID, error) {
 		StatusURL:         a.cfg.StatusURL,
 		MigrationURI:      a.cfg.MigrationURI,
 		BootDir:           a.cfg.BootDir,
+		Recovery:          a.inv.Load(),
 	}
 	b, err := keys.Encode(&node)
 	if err != nil {
 		return 0, err
 	}
+	floor := etcdutil.MaxRev(a.caches())
 	put, err := a.cfg.Client.Put(cctx, a.space.Node(a.hwid), string(b), clientv3.WithLease(grant.ID))
 	if err != nil {
 		return 0, fmt.Errorf("put node key: %w", err)
 	}
-	a.checkRevision(put.Header.Revision)
+	a.checkRevision(floor, put.Header.Revision)
 	a.node.Store(&node)
 	a.leaseID.Store(int64(grant.ID))
 	a.markAlive(grant.TTL)
@@ -116,6 +118,7 @@ func (a *Agent) keepAlive(ctx context.Context, lease clientv3.LeaseID) {
 	// Someone deleting the node key by hand does not end the lease; put the key back.
 	key := a.space.Node(a.hwid)
 	wch := a.cfg.Client.Watch(clientv3.WithRequireLeader(kctx), key)
+	floor := etcdutil.MaxRev(a.caches()) // before the next keepalive is sent
 	for {
 		select {
 		case resp, ok := <-ch:
@@ -126,7 +129,8 @@ func (a *Agent) keepAlive(ctx context.Context, lease clientv3.LeaseID) {
 				return
 			}
 			a.markAlive(resp.TTL)
-			a.checkRevision(resp.Revision)
+			a.checkRevision(floor, resp.Revision)
+			floor = etcdutil.MaxRev(a.caches())
 		case wr, ok := <-wch:
 			if !ok {
 				wch = a.cfg.Client.Watch(clientv3.WithRequireLeader(kctx), key)
@@ -141,12 +145,22 @@ func (a *Agent) keepAlive(ctx context.Context, lease clientv3.LeaseID) {
 	}
 }
 
-// checkRevision hands a revision etcd answered with to every cache: one older than a cache means
-// etcd was restored or replaced (see etcdutil.Informer.CheckRevision).
-func (a *Agent) checkRevision(rev int64) {
-	for _, inf := range []*etcdutil.Informer{a.assigns.Informer, a.cluster.Informer, a.fences.Informer, a.cmdsInf.Informer} {
+// checkRevision hands a revision etcd answered a request with to every cache, if it is older than
+// floor, the newest revision the caches reflected before the request was made: etcd was restored or
+// replaced (see etcdutil.Informer.CheckRevision), and the caches list again.
+func (a *Agent) checkRevision(floor, rev int64) bool {
+	if rev <= 0 || rev >= floor {
+		return false
+	}
+	for _, inf := range a.caches() {
 		inf.CheckRevision(rev)
 	}
+	return true
+}
+
+// caches are the agent's informers.
+func (a *Agent) caches() []*etcdutil.Informer {
+	return []*etcdutil.Informer{a.assigns.Informer, a.cluster.Informer, a.fences.Informer, a.cmdsInf.Informer}
 }
 
 // reput writes the node record again under the same lease.

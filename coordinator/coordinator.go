@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/google/uuid"
@@ -58,6 +59,9 @@ type Config struct {
 	MassFailureFraction float64
 	MassFailureMin      int
 	MassFailureWindow   time.Duration
+	// RecoveryWait bounds how long a restore recovery waits for the inventories of live nodes
+	// before it adopts what those that answered run. Default 1 min.
+	RecoveryWait time.Duration
 	// Volumes, if set, makes the leader create, clone, grow and purge VM disks before placing
 	// VMs (the rbd backend). Without it, agents create directory disks themselves.
 	Volumes volume.Backend
@@ -172,6 +176,10 @@ type Coordinator struct {
 	left      map[string]string          // hwid -> boot id of a clean departure this replica saw
 	leaseTTLs map[int64]time.Duration    // lease -> granted TTL, asked once per lease
 	deadLease map[int64]bool             // leases etcd said are gone: a lease never comes back
+
+	// restoreWant is the restore recovery generation this replica asks for (it saw etcd's
+	// revision go back), maxGen the highest the cluster record ever showed it.
+	restoreWant, maxGen atomic.Int64
 }
 
 // New prepares a coordinator; Run starts it.
@@ -213,6 +221,9 @@ func New(cfg Config) (*Coordinator, error) {
 	c.volInf = etcdutil.NewTyped[keys.VolumeRecord](cl, s.VolumeRoot(), poke, c.log)
 	c.requestInf = etcdutil.NewTyped[keys.Request](cl, s.RequestPrefix(), poke, c.log)
 	c.nodeCmdInf = etcdutil.NewTyped[keys.NodeCommand](cl, s.NodeCmdRoot(), poke, c.log)
+	for _, inf := range c.informers() {
+		inf.OnRegress = c.onRegress
+	}
 	return c, nil
 }
 
@@ -383,6 +394,51 @@ func (c *Coordinator) Run(ctx context.Context) error {
 	return nil
 }
 
+// probeRevision follows the revisions etcd answers the session's keepalives with: a watch resumed
+// on an etcd restored from a backup waits silently for revisions the new history has not reached,
+// so without this a replica would sit on caches of the past and notice nothing.
+func (c *Coordinator) probeRevision(ctx context.Context, lease clientv3.LeaseID) {
+	ch, err := c.cfg.Client.KeepAlive(ctx, lease)
+	if err != nil {
+		return
+	}
+	// A keepalive is sent after the previous answer arrived: it must answer at or after what the
+	// caches held then.
+	floor := etcdutil.MaxRev(c.informers())
+	for resp := range ch {
+		c.checkRevision(floor, resp.Revision)
+		floor = etcdutil.MaxRev(c.informers())
+	}
+}
+
+// checkRevision hands a revision etcd answered a request with to every cache if it is older than
+// floor, what the caches held before the request was made: etcd went back, and they list again.
+func (c *Coordinator) checkRevision(floor, rev int64) {
+	if rev <= 0 || rev >= floor {
+		return
+	}
+	for _, inf := range c.informers() {
+		inf.CheckRevision(rev)
+	}
+}
+
+// onRegress is told by a cache that etcd went back in time: the replica asks for a restore
+// recovery above any it knew of (decide.recovery), and decides again at once.
+func (c *Coordinator) onRegress(was, now int64) {
+	want := c.maxGen.Load() + 1
+	for {
+		cur := c.restoreWant.Load()
+		if cur >= want {
+			return
+		}
+		if c.restoreWant.CompareAndSwap(cur, want) {
+			break
+		}
+	}
+	c.log.Error("etcd's revision went back (restored from a backup?): asking for a restore recovery", "seen", was, "now", now, "recovery", want)
+	c.poke("", nil, nil)
+}
+
 // initCluster writes /herd/cluster if no coordinator ever did. Losing the race to another
 // coordinator is success.
 func (c *Coordinator) initCluster(ctx context.Context) error {
@@ -422,7 +478,11 @@ func (c *Coordinator) campaign(ctx context.Context) error {
 	}
 	defer sess.Close() // revokes the lease: our key goes at once
 	el := concurrency.NewElection(sess, c.space.Election())
-	if err := el.Campaign(ctx, c.cfg.Name); err != nil {
+	pctx, pcancel := context.WithCancel(ctx)
+	go c.probeRevision(pctx, sess.Lease())
+	err = el.Campaign(ctx, c.cfg.Name)
+	pcancel()
+	if err != nil {
 		return fmt.Errorf("campaign: %w", err)
 	}
 	select {
@@ -433,6 +493,7 @@ func (c *Coordinator) campaign(ctx context.Context) error {
 	guard := etcdutil.Guard{Key: el.Key(), Rev: el.Rev()}
 	lctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	go c.probeRevision(lctx, sess.Lease())
 	go func() {
 		select {
 		case <-sess.Done():

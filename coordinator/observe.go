@@ -37,6 +37,12 @@ func (c *Coordinator) observe(ctx context.Context) *decide.Snapshot {
 		Rollout:    etcdutil.Record[keys.Rollout](c.rolloutInf.Get(sp.Rollout())),
 		Progress:   etcdutil.Record[keys.RolloutStatus](c.rolloutInf.Get(sp.RolloutStatus())),
 	}
+	if s.Cluster.OK() {
+		if g := int64(s.Cluster.Value.RestoreGeneration()); g > c.maxGen.Load() {
+			c.maxGen.Store(g)
+		}
+	}
+	s.RestoreWant = int(c.restoreWant.Load())
 	byNodeVM(sp.AssignRoot(), c.assignInf.List(), s.Assigns)
 	byNodeVM(sp.StatusRoot(), c.statusInf.List(), s.Reports)
 	for _, r := range c.volInf.List() {
@@ -64,6 +70,11 @@ func (c *Coordinator) observe(ctx context.Context) *decide.Snapshot {
 		}
 	}
 	c.mu.Lock()
+	if s.Cluster.OK() && s.Cluster.Value.Collecting() {
+		// Placements the caches saw vanish while relisting a restored etcd belong to the other
+		// history: nothing may be restored from them.
+		clear(c.vanished)
+	}
 	s.VMs = make(map[string]*decide.VM, len(c.vms))
 	for n, v := range c.vms {
 		s.VMs[n] = v // replaced on change, never modified: sharing is safe

@@ -51,7 +51,7 @@ func (c *Coordinator) newTerm(ctx context.Context, g etcdutil.Guard) *term {
 		Space: c.space, Name: c.cfg.Name, Term: g.Rev, Pools: c.cfg.Pools, Scheduler: c.cfg.Scheduler,
 		Grace: c.cfg.Grace, MassFailureFraction: c.cfg.MassFailureFraction, MassFailureMin: c.cfg.MassFailureMin,
 		MassFailureWindow: c.cfg.MassFailureWindow, FencerName: c.cfg.Fencer.Name(),
-		MaxMigrationsPerNode: c.cfg.MaxMigrationsPerNode, ManagedDisks: c.cfg.Volumes != nil,
+		MaxMigrationsPerNode: c.cfg.MaxMigrationsPerNode, ManagedDisks: c.cfg.Volumes != nil, RecoveryWait: c.cfg.RecoveryWait,
 	}
 	t.side = newSideWork(t)
 	return t
@@ -150,11 +150,13 @@ func (t *term) round() (time.Duration, error) {
 	if len(plan.Actions) == 0 {
 		return plan.After, nil
 	}
+	floor := etcdutil.MaxRev(t.c.informers())
 	rev, err := t.apply(plan.Actions)
 	t.c.m.roundSeconds.Observe(time.Since(start).Seconds())
 	if err != nil {
 		return plan.After, err
 	}
+	t.c.checkRevision(floor, rev)
 	return plan.After, t.c.catchUp(t.ctx, plan.Actions, rev)
 }
 

@@ -30,6 +30,7 @@ type failoverFlags struct {
 	massFraction  float64
 	massMin       int
 	massWindow    time.Duration
+	recoveryWait  time.Duration
 }
 
 func (f *failoverFlags) addFlags(fs *pflag.FlagSet) {
@@ -43,6 +44,7 @@ func (f *failoverFlags) addFlags(fs *pflag.FlagSet) {
 	fs.Float64Var(&f.massFraction, "mass-failure-fraction", 0.5, "hold failover when more than this fraction of nodes ...")
 	fs.IntVar(&f.massMin, "mass-failure-min", 2, "... and more than this many nodes are lost within the window")
 	fs.DurationVar(&f.massWindow, "mass-failure-window", 10*time.Minute, "window of the mass-failure guard")
+	fs.DurationVar(&f.recoveryWait, "recovery-wait", time.Minute, "after an etcd restore, how long to wait for live nodes' inventories before adopting what the others run")
 }
 
 // apply fills the failover part of a coordinator config. admin is the Ceph connection the ceph
@@ -71,6 +73,7 @@ func (f *failoverFlags) apply(c *coordinator.Config, admin fence.CephAdmin) erro
 	}
 	c.Grace, c.RescheduleRate = f.grace, f.rate
 	c.MassFailureFraction, c.MassFailureMin, c.MassFailureWindow = f.massFraction, f.massMin, f.massWindow
+	c.RecoveryWait = f.recoveryWait
 	return nil
 }
 

@@ -86,5 +86,6 @@ func etcdCmd() *cobra.Command {
 	f.UintVar(&c.MaxRequestBytes, "max-request-bytes", etcdembed.DefaultMaxRequestBytes, "largest request (value, transaction) etcd accepts")
 	f.Int64Var(&c.QuotaBackendBytes, "quota-backend-bytes", etcdembed.DefaultQuotaBackendBytes, "database size at which etcd refuses writes")
 	_ = cmd.MarkFlagRequired("data-dir")
+	cmd.AddCommand(etcdSnapshotCmd())
 	return cmd
 }

@@ -21,6 +21,10 @@ func Decide(snap *Snapshot, st *State, cfg Config) Plan {
 	var plan Plan
 	s := &view{Snapshot: snap, cfg: &cfg, st: st, plan: &plan}
 	s.trust()
+	if racts, stop := s.recovery(); stop {
+		plan.Actions = racts
+		return plan
+	}
 	acts := s.bookkeeping()
 	if snap.Cluster == nil {
 		// etcd was replaced by an empty one: this is a new cluster, with a new id, which tells
@@ -73,11 +77,25 @@ func Decide(snap *Snapshot, st *State, cfg Config) Plan {
 	}
 	for _, name := range sortedNames(snap.VMs) {
 		v := snap.VMs[name]
+		if v.Placement.OK() && v.Placement.Value.Orphan {
+			// Kept after a restore lost its spec, until an operator forgets it; a spec of the
+			// name waits for that.
+			if v.Spec != nil {
+				if a, ok := s.setProblem(name, v.Spec.CreateRevision, v.Problem, keys.ProblemPending,
+					"an orphan of this name runs on "+v.Placement.Value.Node+" since an etcd restore: 'herdctl vm forget "+name+"' first", nil); ok {
+					acts = append(acts, a)
+				}
+			}
+			continue
+		}
 		if v.Spec == nil {
 			acts = append(acts, s.unplace(name, v, "the VM was deleted")...)
 			continue
 		}
 		uid := v.Spec.CreateRevision
+		if p := v.Problem; v.Placement == nil && isProblem(p, keys.ProblemRestoreHold) && p.Value.UID == uid && p.Value.SpecRev == v.Spec.ModRevision {
+			continue // held after a restore until an operator writes the spec again
+		}
 		if v.Migrate != nil && v.Placement == nil {
 			acts = append(acts, Action{Object: "vm/" + name, What: "drop migrate request of an unplaced VM",
 				Conds: []Cond{ModRev(v.Migrate.Key, v.Migrate.ModRevision)}, Writes: []Write{Del(v.Migrate.Key)}})

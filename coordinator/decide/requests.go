@@ -71,6 +71,23 @@ func (s *view) handleRequests() []Action {
 			if !ok || vol == nil || vol.CreateRevision != req.Of {
 				acts = append(acts, s.dropRequest(r, "no such disk record (purged already, or this names an earlier one)"))
 			}
+		case strings.HasPrefix(key, sp.ForgetRequestPrefix()):
+			name := strings.TrimPrefix(key, sp.ForgetRequestPrefix())
+			var pl *rec[keys.Placement]
+			if v := s.VMs[name]; v != nil {
+				pl = v.Placement
+			}
+			if !pl.OK() || !pl.Value.Orphan || pl.CreateRevision != req.Of {
+				acts = append(acts, s.dropRequest(r, "no such orphan (forgotten already, or this names an earlier one)"))
+				continue
+			}
+			// Without the orphan placement, its node has the evidence it waited for (no spec, no
+			// placement) and removes the domain.
+			acts = append(acts, Action{Object: "vm/" + name, What: "forget orphan",
+				Conds:  []Cond{ModRev(pl.Key, pl.ModRevision), ModRev(r.Key, r.ModRevision)},
+				Writes: []Write{Del(pl.Key), Del(r.Key)},
+				Notes: []Note{{Level: Warn, Log: "orphan forgotten by an operator: its node removes the domain", Args: []any{"vm", name, "node", pl.Value.Node, "by", req.By},
+					Object: "vm/" + name, Event: "orphan-forgotten", Message: fmt.Sprintf("by %s: the domain on %s is removed", req.By, pl.Value.Node)}}})
 		}
 	}
 	return acts

@@ -35,6 +35,9 @@ type Config struct {
 	MaxMigrationsPerNode int
 	// ManagedDisks: the leader creates, grows and purges disks (a volume backend is configured).
 	ManagedDisks bool
+	// RecoveryWait bounds how long a restore recovery waits for live nodes' inventories
+	// (0: DefaultRecoveryWait).
+	RecoveryWait time.Duration
 	// NewID makes domain UUIDs, migration ids and MACs; nil means random UUIDs. Tests count.
 	NewID func() string
 }
@@ -86,6 +89,9 @@ type Snapshot struct {
 	FirstSeen map[string]time.Time
 	// MoveBudget is how many VMs may move off fenced nodes this round (the reschedule rate).
 	MoveBudget int
+	// RestoreWant is the restore recovery generation the coordinator asks for: it saw etcd's
+	// revision go back (0: it did not).
+	RestoreWant int
 }
 
 // VM is one VM's records.

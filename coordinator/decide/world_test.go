@@ -34,6 +34,8 @@ type world struct {
 	images map[string]string
 	// last is the last plan decided.
 	last Plan
+	// restoreWant is the restore recovery the coordinator asks for (it saw etcd go back).
+	restoreWant int
 }
 
 type stored struct {
@@ -171,7 +173,8 @@ func (w *world) snapshot() *Snapshot {
 		LeaseTTL: map[int64]time.Duration{}, LeaseAlive: map[int64]bool{}, States: map[string]*rec[keys.NodeState]{},
 		Specs: map[string]*rec[keys.NodeSpec]{}, Hardware: map[string]*keys.Hardware{}, Fences: map[string][]*rec[keys.Fence]{},
 		Volumes: map[string]*rec[keys.VolumeRecord]{}, Requests: map[string]*rec[keys.Request]{}, NodeCmds: map[string]*rec[keys.NodeCommand]{},
-		Vanished: w.vanished, Left: w.left, FirstSeen: map[string]time.Time{}, MoveBudget: w.budget}
+		Vanished: w.vanished, Left: w.left, FirstSeen: map[string]time.Time{}, MoveBudget: w.budget,
+		RestoreWant: w.restoreWant}
 	vm := func(name string) *VM {
 		if s.VMs[name] == nil {
 			s.VMs[name] = &VM{}

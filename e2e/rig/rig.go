@@ -357,6 +357,42 @@ func (c *Cluster) WipeEtcd() {
 	c.StartEtcd()
 }
 
+// RestartEtcd stops the single member and starts it again on its data with extra flags.
+func (c *Cluster) RestartEtcd(extra ...string) {
+	c.T.Helper()
+	c.Etcd.Stop(10 * time.Second)
+	c.etcdArgs = append(c.etcdArgs, extra...)
+	c.StartEtcd()
+}
+
+// SnapshotEtcd saves etcd's keyspace to a file with `herd etcd snapshot save` and returns its path.
+func (c *Cluster) SnapshotEtcd(name string) string {
+	c.T.Helper()
+	path := filepath.Join(c.Dir, name+".db")
+	c.must(c.Bin.Herd, "etcd", "snapshot", "save", path, "--endpoints", c.Endpoint)
+	return path
+}
+
+// RestoreEtcd stops etcd, restores the snapshot into a fresh data directory with `herd etcd
+// snapshot restore` and starts the member on it at the same URLs: the daemons keep running, as
+// they would while an operator restores a backup.
+func (c *Cluster) RestoreEtcd(snapshot string) {
+	c.T.Helper()
+	c.Etcd.Stop(10 * time.Second)
+	data := filepath.Join(c.Dir, "etcd")
+	if err := os.Rename(data, data+fmt.Sprintf(".before-restore-%d", time.Now().UnixNano())); err != nil {
+		c.T.Fatal(err)
+	}
+	peer := ""
+	for i, a := range c.etcdArgs {
+		if a == "--listen-peer" {
+			peer = c.etcdArgs[i+1]
+		}
+	}
+	c.must(c.Bin.Herd, "etcd", "snapshot", "restore", snapshot, "--data-dir", data, "--listen-peer", peer)
+	c.StartEtcd()
+}
+
 // StartCoordinator starts one more coordinator replica.
 func (c *Cluster) StartCoordinator(extra ...string) *Coordinator {
 	n := len(c.Coords) + 1

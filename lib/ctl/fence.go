@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"sort"
 	"strings"
+	"time"
 
 	"github.com/spf13/cobra"
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -135,6 +136,18 @@ func clusterShowCmd(e *env) *cobra.Command {
 					return err
 				}
 				fmt.Fprintf(e.out, "Cluster:   %s (created %s ago)\nPools:     %s\n", c.ID, age(c.Created), strings.Join(c.Pools, ", "))
+				if r := c.Restore; r != nil {
+					switch r.Phase {
+					case keys.RestoreCollecting:
+						fmt.Fprintf(e.out, "Restore:   recovery %d COLLECTING for %s: every node is frozen until the leader has their inventories (at most until %s)\n",
+							r.Generation, age(r.Since), r.Until.Local().Format(time.TimeOnly))
+					default:
+						fmt.Fprintf(e.out, "Restore:   recovery %d done %s ago, took %s (%s)\n", r.Generation, age(r.Done), r.Done.Sub(r.Since).Round(time.Millisecond), r.Why)
+						if len(r.Missing) > 0 {
+							fmt.Fprintf(e.out, "           no inventory from %s: their VMs were left to the node-loss rules\n", strings.Join(r.Missing, ", "))
+						}
+					}
+				}
 			} else {
 				fmt.Fprintln(e.out, "Cluster:   no record yet (no coordinator has started)")
 			}
@@ -150,6 +163,19 @@ func clusterShowCmd(e *env) *cobra.Command {
 				fmt.Fprintf(e.out, "Failover:  %s; %d nodes lost at once since %s ago: %s\n", state, len(g.Nodes), age(g.Since), strings.Join(g.Nodes, ", "))
 			} else {
 				fmt.Fprintln(e.out, "Failover:  automatic")
+			}
+			// etcd's own alarms (Status needs no admin permission, unlike the alarm list).
+			for _, ep := range e.opts.Endpoints {
+				st, err := e.client.Status(ctx, ep)
+				if err != nil {
+					continue
+				}
+				for _, m := range st.Errors {
+					fmt.Fprintf(e.out, "etcd:      %s reports %s\n", ep, m)
+					if strings.Contains(m, "NOSPACE") {
+						fmt.Fprintf(e.out, "           %s\n", noSpaceHint)
+					}
+				}
 			}
 			return nil
 		},

@@ -153,7 +153,9 @@ func Main(args []string) int {
 	if err != nil {
 		fmt.Fprintln(e.errOut, "herdctl:", err)
 		h := hint(err, e.opts)
-		if errors.Is(err, context.DeadlineExceeded) && e.etcdAnswers() {
+		if t := e.etcdTrouble(err); t != "" {
+			h = t
+		} else if errors.Is(err, context.DeadlineExceeded) && e.etcdAnswers() {
 			h = fmt.Sprintf("etcd answers at %s, but not within --timeout %s this time: a busy cluster or a big read; retry, or raise --timeout",
 				strings.Join(e.opts.Endpoints, ","), e.timeout)
 		}
@@ -163,6 +165,49 @@ func Main(args []string) int {
 	}
 	e.close()
 	return ExitCode(err)
+}
+
+// noSpaceHint is what to do about etcd's NOSPACE alarm.
+const noSpaceHint = "etcd is out of space (NOSPACE alarm: its database reached --quota-backend-bytes) and refuses every write; " +
+	"guests keep running. Compact, defragment and disarm: docs/operations.md, \"etcd out of space\""
+
+// etcdTrouble names what is wrong with etcd itself when a request failed: it has no quorum, or it is
+// out of space. "" when it cannot tell (or etcd is fine).
+func (e *env) etcdTrouble(err error) string {
+	if errors.Is(err, rpctypes.ErrNoSpace) {
+		return noSpaceHint
+	}
+	timeout := errors.Is(err, context.DeadlineExceeded) || errors.Is(err, rpctypes.ErrNoLeader) || errors.Is(err, rpctypes.ErrTimeout) ||
+		errors.Is(err, rpctypes.ErrTimeoutDueToLeaderFail) || errors.Is(err, rpctypes.ErrTimeoutDueToConnectionLost) ||
+		status.Code(err) == codes.DeadlineExceeded || status.Code(err) == codes.Unavailable
+	if e.client == nil || !timeout {
+		return ""
+	}
+	answered, led := 0, 0
+	noSpace := false
+	for _, ep := range e.opts.Endpoints {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		st, err := e.client.Status(ctx, ep)
+		cancel()
+		if err != nil {
+			continue
+		}
+		answered++
+		if st.Leader != 0 {
+			led++
+		}
+		for _, m := range st.Errors {
+			noSpace = noSpace || strings.Contains(m, "NOSPACE")
+		}
+	}
+	switch {
+	case noSpace:
+		return noSpaceHint
+	case answered > 0 && led == 0:
+		return fmt.Sprintf("etcd has no quorum: %d of %d endpoints answer, and none has a raft leader (most members are down or cut off from each other); "+
+			"guests keep running and herd's daemons wait. Bring members back: docs/operations.md, \"etcd lost quorum\"", answered, len(e.opts.Endpoints))
+	}
+	return ""
 }
 
 // etcdAnswers asks etcd once more, briefly, after a timeout, so that the hint blames etcd only

@@ -20,7 +20,7 @@ func vmCmd(e *env) *cobra.Command {
 		Use:   "vm",
 		Short: "Create, change, inspect and delete VMs",
 	}
-	cmd.AddCommand(vmCreateCmd(e), vmApplyCmd(e), vmGetCmd(e), vmListCmd(e), vmDeleteCmd(e), vmOrphansCmd(e), vmMigrateCmd(e), vmRestartCmd(e))
+	cmd.AddCommand(vmCreateCmd(e), vmApplyCmd(e), vmGetCmd(e), vmListCmd(e), vmDeleteCmd(e), vmOrphansCmd(e), vmMigrateCmd(e), vmRestartCmd(e), vmReleaseCmd(e), vmForgetCmd(e))
 	return cmd
 }
 

@@ -85,7 +85,7 @@ func Start(ctx context.Context, c Config, timeout time.Duration) (*Server, error
 	}
 	cfg := embed.NewConfig()
 	cfg.Name = c.Name
-	cfg.Dir = filepath.Join(c.Dir, "member-data")
+	cfg.Dir = MemberDir(c.Dir)
 	var err error
 	if cfg.ListenClientUrls, err = urls(c.Clients); err != nil {
 		return nil, err
@@ -191,3 +191,7 @@ func FreeLoopbackURL() (string, error) {
 	defer l.Close()
 	return "http://" + l.Addr().String(), nil
 }
+
+// MemberDir is where etcd's own data lives inside a herd etcd data directory (the directory a
+// snapshot is restored into).
+func MemberDir(dir string) string { return filepath.Join(dir, "member-data") }

@@ -53,6 +53,11 @@ type Informer struct {
 	// OnBatch, if set, is told after each list and each watch response how many keys it deleted
 	// and how many remain: a way to notice things vanishing wholesale.
 	OnBatch func(deleted, remaining int)
+	// OnRegress, if set, is told that a list answered at revision now although the cache had seen
+	// was: etcd was restored from a backup or replaced. Only a list says so for sure (it is made
+	// after every event before it was applied), so only a list calls it, before its changes are
+	// handed to the change function: the holder can stop acting on them first. It must not block.
+	OnRegress func(was, now int64)
 	// wrap, set by a Typed informer, builds each key's typed record once as it arrives.
 	wrap func(*KV) any
 	// DropValues keeps only each key's metadata (revisions, lease, size) once it is decoded: for
@@ -167,11 +172,15 @@ func (i *Informer) relist(ctx context.Context) (int64, error) {
 	i.items = got
 	i.synced = true
 	i.relists++
+	was := i.rev
 	if rev < i.rev {
 		i.rev = 0 // a restored or replaced etcd: its revisions start over
 	}
 	i.advance(rev)
 	i.mu.Unlock()
+	if rev < was && i.OnRegress != nil {
+		i.OnRegress(was, rev)
+	}
 
 	if i.OnBatch != nil {
 		deleted := 0
@@ -202,8 +211,11 @@ func (i *Informer) relist(ctx context.Context) (int64, error) {
 var ErrRevisionWentBack = errors.New("etcd revision went backwards (etcd restored or replaced)")
 
 // CheckRevision is told a revision etcd answered with elsewhere (a lease keepalive, a write). If it
-// is older than the cache, etcd was restored or replaced: a watch resumed there waits silently for
-// revisions the new history may never reach, so the cache lists again.
+// is older than the cache, etcd may have been restored or replaced: a watch resumed there waits
+// silently for revisions the new history may never reach, so the cache lists again (and the list
+// tells OnRegress if it really went back). Callers pass only revisions of requests made after the
+// cache held what they compare with (MaxRev before the request): a response races the watch, and a
+// cache that moved on meanwhile saw newer writes, nothing more.
 func (i *Informer) CheckRevision(rev int64) {
 	i.mu.Lock()
 	behind := rev > 0 && rev < i.rev
@@ -478,3 +490,13 @@ func (i *Informer) WaitRev(ctx context.Context, rev int64) error {
 
 // Prefix is the key prefix the informer caches.
 func (i *Informer) Prefix() string { return i.prefix }
+
+// MaxRev is the newest revision any of the caches reflects: what a request made now must answer
+// at or after, unless etcd went back in time.
+func MaxRev(infs []*Informer) int64 {
+	var m int64
+	for _, i := range infs {
+		m = max(m, i.Rev())
+	}
+	return m
+}

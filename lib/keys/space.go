@@ -78,6 +78,10 @@ func (s Space) RequestPrefix() string        { return s.dir("requests") }
 func (s Space) ConfirmLossRequest() string   { return s.RequestPrefix() + "confirm-loss" }
 func (s Space) FenceClearPrefix() string     { return s.RequestPrefix() + "fence-clear/" }
 func (s Space) PurgeRequestPrefix() string   { return s.RequestPrefix() + "purge/" }
+func (s Space) ForgetRequestPrefix() string  { return s.RequestPrefix() + "forget/" }
+func (s Space) ForgetRequest(name string) string {
+	return s.ForgetRequestPrefix() + name
+}
 func (s Space) FenceClearRequest(hwid, bootID string) string {
 	return s.FenceClearPrefix() + hwid + "/" + bootID
 }

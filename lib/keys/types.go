@@ -17,7 +17,68 @@ type Cluster struct {
 	// Schema is the keyspace layout the cluster's keys follow (SchemaVersion): the leader upgrades
 	// older layouts in place when it is elected.
 	Schema int `json:"schema,omitempty"`
-	Extra  `json:"-"`
+	// Restore is the leader's account of the last etcd restore it recovered from (or is
+	// recovering from): see docs/architecture.md, "etcd restored from a backup".
+	Restore *Restore `json:"restore,omitempty"`
+	Extra   `json:"-"`
+}
+
+// Restore is a recovery from etcd going back in time (restored from a backup). While its phase is
+// collecting, no agent starts or destroys anything and the leader schedules nothing; the leader
+// waits for every live node's inventory (or until Until), rewrites the records to what runs, and
+// marks it done.
+type Restore struct {
+	// Generation counts restores: a daemon that saw etcd go back asks for one above the highest it
+	// knew, and stays frozen until that generation is done.
+	Generation int       `json:"generation"`
+	Phase      string    `json:"phase"`
+	Since      time.Time `json:"since"`
+	Until      time.Time `json:"until"`
+	Done       time.Time `json:"done,omitzero"`
+	// Why says who noticed the restore, and how.
+	Why string `json:"why,omitempty"`
+	// Missing are the live nodes whose inventory had not arrived when the wait ended.
+	Missing []string `json:"missing,omitempty"`
+	Extra   `json:"-"`
+}
+
+// Restore phases.
+const (
+	RestoreCollecting = "collecting"
+	RestoreDone       = "done"
+)
+
+// Collecting says whether a restore recovery is waiting for the nodes' inventories.
+func (c *Cluster) Collecting() bool { return c.Restore != nil && c.Restore.Phase == RestoreCollecting }
+
+// RestoreGeneration is the generation of the last restore recovery started (0: none).
+func (c *Cluster) RestoreGeneration() int {
+	if c.Restore == nil {
+		return 0
+	}
+	return c.Restore.Generation
+}
+
+// Inventory is a node's account, during a restore recovery, of every herd domain it holds: what
+// the leader adopts as the truth, since the restored records may say otherwise.
+type Inventory struct {
+	// Wants is a restore generation this node asks for: it saw etcd's revision go back.
+	Wants int `json:"wants,omitempty"`
+	// Generation is the recovery this inventory answers (0: none has started yet).
+	Generation int               `json:"generation"`
+	Domains    []InventoryDomain `json:"domains"`
+	Extra      `json:"-"`
+}
+
+// InventoryDomain is one herd domain a node holds.
+type InventoryDomain struct {
+	Name  string `json:"name"`
+	UID   int64  `json:"uid"`
+	Epoch int64  `json:"epoch"`
+	UUID  string `json:"uuid,omitempty"`
+	// State is running, stopped or error.
+	State string `json:"state"`
+	Extra `json:"-"`
 }
 
 // SchemaVersion is the keyspace layout this herd writes. 1: leader decisions beside operator
@@ -74,7 +135,9 @@ type Node struct {
 	// Problem, when set, says why this node cannot run VMs although it is up (libvirtd does not
 	// start, say): it registers no capacity, and the scheduler skips it with this reason.
 	Problem string `json:"problem,omitempty"`
-	Extra   `json:"-"`
+	// Recovery is set while a restore recovery is asked for or under way: every herd domain here.
+	Recovery *Inventory `json:"recovery,omitempty"`
+	Extra    `json:"-"`
 }
 
 // Addresses of a node, per network role.
@@ -262,7 +325,11 @@ type Placement struct {
 	MACs []string `json:"macs,omitempty"`
 	// Migration, while set, is an open move to another node; nobody starts or resumes the VM.
 	Migration *Migration `json:"migration,omitempty"`
-	Extra     `json:"-"`
+	// Orphan marks a VM found running after an etcd restore whose spec the restore lost: no node
+	// is assigned it, its node keeps it, and nothing removes it until an operator forgets it
+	// (herdctl vm forget).
+	Orphan bool `json:"orphan,omitempty"`
+	Extra  `json:"-"`
 }
 
 // Migration modes.
@@ -411,6 +478,10 @@ const (
 	// ProblemMigration: the last migration failed; the VM runs on its source. Kept until a move
 	// succeeds, so that an operator sees it.
 	ProblemMigration = "migration-failed"
+	// ProblemRestoreHold: after an etcd restore the VM ran on no node that reported, so it may have
+	// been deleted after the backup was taken; it is not started until an operator writes its spec
+	// (herdctl vm release) or deletes it.
+	ProblemRestoreHold = "restore-hold"
 )
 
 // Fence phases.
@@ -464,6 +535,9 @@ type Problem struct {
 	// Reasons counts nodes per rejection reason ("insufficient memory": 3).
 	Reasons map[string]int `json:"reasons,omitempty"`
 	Since   time.Time      `json:"since"`
+	// SpecRev, on a restore hold, is the spec revision held: any later write of the spec by an
+	// operator releases it.
+	SpecRev int64 `json:"spec_rev,omitempty"`
 	Extra   `json:"-"`
 }
 

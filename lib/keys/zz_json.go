@@ -218,6 +218,34 @@ func (x *ImageFile) UnmarshalJSON(b []byte) error {
 	return err
 }
 
+func (x Inventory) MarshalJSON() ([]byte, error) {
+	type plain Inventory
+	return encodeObject(plain(x), x.Extra)
+}
+
+func (x *Inventory) UnmarshalJSON(b []byte) error {
+	type plain Inventory
+	var p plain
+	e, err := decodeObject(b, &p)
+	*x = Inventory(p)
+	x.Extra = e
+	return err
+}
+
+func (x InventoryDomain) MarshalJSON() ([]byte, error) {
+	type plain InventoryDomain
+	return encodeObject(plain(x), x.Extra)
+}
+
+func (x *InventoryDomain) UnmarshalJSON(b []byte) error {
+	type plain InventoryDomain
+	var p plain
+	e, err := decodeObject(b, &p)
+	*x = InventoryDomain(p)
+	x.Extra = e
+	return err
+}
+
 func (x JoinToken) MarshalJSON() ([]byte, error) {
 	type plain JoinToken
 	return encodeObject(plain(x), x.Extra)
@@ -433,6 +461,20 @@ func (x *Request) UnmarshalJSON(b []byte) error {
 }
 
 func (x *Request) version() *int { return &x.V }
+
+func (x Restore) MarshalJSON() ([]byte, error) {
+	type plain Restore
+	return encodeObject(plain(x), x.Extra)
+}
+
+func (x *Restore) UnmarshalJSON(b []byte) error {
+	type plain Restore
+	var p plain
+	e, err := decodeObject(b, &p)
+	*x = Restore(p)
+	x.Extra = e
+	return err
+}
 
 func (x Rollout) MarshalJSON() ([]byte, error) {
 	type plain Rollout
