@@ -175,7 +175,9 @@ func (s *view) adoptVM(name string, hs []held, reported map[string]bool) []Actio
 	maxEpoch := int64(0)
 	for _, h := range hs {
 		maxEpoch = max(maxEpoch, h.dom.Epoch)
-		if h.dom.State == keys.StateRunning {
+		// A domain of an incarnation older than the spec was deleted before the backup: its node
+		// removes it on the ordinary evidence (the name belongs to a newer uid).
+		if h.dom.State == keys.StateRunning && !(v.Spec.OK() && h.dom.UID < v.Spec.CreateRevision) {
 			running = append(running, h)
 		}
 	}
@@ -187,10 +189,12 @@ func (s *view) adoptVM(name string, hs []held, reported map[string]bool) []Actio
 			maxEpoch = max(maxEpoch, a.Value.Epoch)
 		}
 	}
-	// Every assignment of the name goes but the kept one's.
-	dropOthers := func(keep string, conds []Cond, writes []Write) ([]Cond, []Write) {
+	// Every assignment of the name goes but the kept one's (and, with silent, those on nodes that
+	// did not answer: they may run it, and their assignment is what gets them fenced before the
+	// VM is placed anew).
+	dropOthers := func(keep string, silent bool, conds []Cond, writes []Write) ([]Cond, []Write) {
 		for _, hwid := range sortedNames(assigns) {
-			if hwid == keep {
+			if hwid == keep || (silent && !reported[hwid]) {
 				continue
 			}
 			conds = append(conds, ModRev(assigns[hwid].Key, assigns[hwid].ModRevision))
@@ -223,29 +227,41 @@ func (s *view) adoptVM(name string, hs []held, reported map[string]bool) []Actio
 			return nil
 		}
 		if p := v.Problem; isProblem(p, keys.ProblemRestoreHold) && p.Value.UID == uid && p.Value.SpecRev == spec.ModRevision &&
-			v.Placement == nil && len(assigns) == 0 {
+			v.Placement == nil && !assignedOn(assigns, reported) {
 			return nil
 		}
 		conds := []Cond{ModRev(spec.Key, spec.ModRevision), ModRev(sp.Placement(name), plRev)}
 		writes := []Write{Del(sp.Placement(name))}
-		conds, writes = dropOthers("", conds, writes)
-		prob := keys.Problem{UID: uid, Kind: keys.ProblemRestoreHold, SpecRev: spec.ModRevision, Since: s.Now.UTC(),
-			Message: "after an etcd restore it ran on no node that reported: it may have been deleted after the backup; start it with 'herdctl vm release " + name + "' or delete it"}
+		conds, writes = dropOthers("", true, conds, writes)
+		msg := "after an etcd restore it ran on no node that reported: it may have been deleted after the backup; start it with 'herdctl vm release " + name + "' or delete it"
+		if silent := s.silentNodes(reported); len(silent) > 0 {
+			msg += "; " + strings.Join(silent, ", ") + " did not report and may run it: release it only once they are back or fenced"
+		}
+		prob := keys.Problem{UID: uid, Kind: keys.ProblemRestoreHold, SpecRev: spec.ModRevision, Since: s.Now.UTC(), Message: msg}
 		writes = append(writes, Put(sp.Problem(name), keys.MustEncode(&prob)))
 		return []Action{{Object: "vm/" + name, What: "hold after restore", Conds: conds, Writes: writes,
 			Notes: []Note{{Level: Warn, Log: "VM held after the restore: it runs on no node that reported", Args: []any{"vm", name, "uid", uid},
 				Object: "vm/" + name, Event: "restore-held", Message: prob.Message}}}}
 	}
 
-	// The newest copy wins; any other running copy (none, unless something started one before
-	// the freeze) loses its assignment and is removed by its node on the placement's evidence.
-	sort.SliceStable(running, func(i, j int) bool { return running[i].dom.Epoch > running[j].dom.Epoch })
+	// The copy of the spec's incarnation with the newest epoch wins; any other running copy
+	// (none, unless something started one before the freeze) loses its assignment and is
+	// removed by its node on the placement's evidence. A copy of an older incarnation is removed
+	// by its node too (the name now belongs to the spec's uid); one of a newer incarnation than
+	// the spec (re-created after the backup) is kept and reported as an orphan by its node.
+	spec := v.Spec
+	sort.SliceStable(running, func(i, j int) bool {
+		mi, mj := spec.OK() && running[i].dom.UID == spec.CreateRevision, spec.OK() && running[j].dom.UID == spec.CreateRevision
+		if mi != mj {
+			return mi
+		}
+		return running[i].dom.Epoch > running[j].dom.Epoch
+	})
 	win := running[0]
 	var note string
 	if len(running) > 1 {
 		note = fmt.Sprintf("; it also ran on %d other nodes, whose copies go", len(running)-1)
 	}
-	spec := v.Spec
 	if spec.OK() && spec.CreateRevision == win.dom.UID {
 		uid := spec.CreateRevision
 		if a := assigns[win.node]; pl != nil && pl.UID == uid && pl.Node == win.node && pl.Migration == nil && !pl.Orphan &&
@@ -266,7 +282,7 @@ func (s *view) adoptVM(name string, hs []held, reported map[string]bool) []Actio
 		}
 		conds := []Cond{ModRev(spec.Key, spec.ModRevision), ModRev(sp.Placement(name), plRev), ModRev(sp.Assign(win.node, name), asgRev)}
 		writes := []Write{Put(sp.Placement(name), keys.MustEncode(&np)), Put(sp.Assign(win.node, name), keys.MustEncode(&asg)), Del(sp.Problem(name))}
-		conds, writes = dropOthers(win.node, conds, writes)
+		conds, writes = dropOthers(win.node, false, conds, writes)
 		msg := fmt.Sprintf("runs on %s (domain epoch %d): placed there at epoch %d%s", win.node, win.dom.Epoch, np.Epoch, note)
 		return []Action{{Object: "vm/" + name, What: "adopt after restore", Conds: conds, Writes: writes,
 			Notes: []Note{{Level: Warn, Log: "VM adopted where it runs after the restore", Args: []any{"vm", name, "node", win.node, "epoch", np.Epoch},
@@ -280,9 +296,30 @@ func (s *view) adoptVM(name string, hs []held, reported map[string]bool) []Actio
 	np := keys.Placement{UID: win.dom.UID, Node: win.node, Epoch: win.dom.Epoch, UUID: win.dom.UUID, Since: s.Now.UTC(), By: s.cfg.Name, Term: s.cfg.Term, Orphan: true}
 	conds := []Cond{ModRev(sp.Placement(name), plRev)}
 	writes := []Write{Put(sp.Placement(name), keys.MustEncode(&np))}
-	conds, writes = dropOthers("", conds, writes)
+	conds, writes = dropOthers("", false, conds, writes)
 	msg := fmt.Sprintf("runs on %s (uid %d, epoch %d) but the restore has no spec of it: kept as an orphan; 'herdctl vm forget %s' removes it%s", win.node, win.dom.UID, win.dom.Epoch, name, note)
 	return []Action{{Object: "vm/" + name, What: "keep orphan after restore", Conds: conds, Writes: writes,
 		Notes: []Note{{Level: Warn, Log: "VM kept as an orphan after the restore: its spec is gone", Args: []any{"vm", name, "node", win.node, "uid", win.dom.UID},
 			Object: "vm/" + name, Event: "restore-orphan", Message: msg}}}}
+}
+
+// assignedOn says whether any assignment is on a node that answered.
+func assignedOn[T any](assigns map[string]T, reported map[string]bool) bool {
+	for hwid := range assigns {
+		if reported[hwid] {
+			return true
+		}
+	}
+	return false
+}
+
+// silentNodes are the live nodes that have not answered this recovery.
+func (s *view) silentNodes(reported map[string]bool) []string {
+	var out []string
+	for _, hwid := range sortedNames(s.live) {
+		if !reported[hwid] {
+			out = append(out, hwid)
+		}
+	}
+	return out
 }
