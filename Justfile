@@ -41,6 +41,11 @@ fuzz TIME="5m" *ARGS="": deps
 image *ARGS: deps
     scripts/build-image.sh {{ if ARGS =~ "^--lab" { "--lab build/image " + trim_start_match(ARGS, "--lab") } else { "build/image " + ARGS } }}
 
+# random kill -9, SIGSTOP and restarts of agents, coordinators and etcd members under VM create/
+# delete/migrate load for DURATION, then the history checks (`just test` runs 45 s of it)
+soak DURATION="30m": deps
+    HERD_SOAK_DURATION={{DURATION}} go test -count=1 -v -timeout 4h -run '^TestSoak$' ./e2e/
+
 # the scale rig (e2e/scale): NODES simulated nodes with VMS_PER_NODE VMs each (docs/performance.md)
 scale NODES="1000" VMS_PER_NODE="10": build
     HERD_SCALE_NODES={{NODES}} HERD_SCALE_VMS_PER_NODE={{VMS_PER_NODE}} go test -count=1 -v -timeout 120m -run TestScale ./e2e/scale/

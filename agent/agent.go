@@ -69,6 +69,9 @@ type Config struct {
 	ShutdownTimeout time.Duration
 	// MigrationTimeout aborts a migration that takes longer. Default 10 min.
 	MigrationTimeout time.Duration
+	// CrashBackoff is the wait before starting a crashed guest again after its first crash in
+	// ten minutes; it doubles with each further one, up to 5 min. Default 1 s.
+	CrashBackoff time.Duration
 	// CephUser and CephKey, when set, become the libvirt secret QEMU reaches RBD disks with.
 	CephUser, CephKey string
 	// RebootCommand is what a reboot node command runs (sh -c). Default "systemctl reboot".
@@ -115,6 +118,9 @@ func (c *Config) defaults() error {
 	}
 	if c.MigrationTimeout == 0 {
 		c.MigrationTimeout = 10 * time.Minute
+	}
+	if c.CrashBackoff == 0 {
+		c.CrashBackoff = time.Second
 	}
 	if c.RebootCommand == "" {
 		c.RebootCommand = "systemctl reboot"
@@ -170,11 +176,18 @@ type Agent struct {
 	inv          atomic.Pointer[keys.Inventory]
 	recoveryWake chan struct{}
 
+	nospace *etcdutil.SpaceGauge // etcd refuses this node's reports for want of space
+
 	mu       sync.Mutex
 	reported map[string]keys.VMStatus // last status written per VM, to skip identical writes
 	defined  map[string]int64         // spec revision last defined per VM
 	stopping map[string]time.Time     // VMs asked to power off, since when
 	outcomes map[string]string        // migration id -> this source's result
+	// Crash handling (crash.go): guests seen running as wanted, recent crashes, and the time
+	// before which a crashed guest is not started again.
+	ran       map[string]bool
+	crashes   map[string][]time.Time
+	notBefore map[string]time.Time
 }
 
 // New checks the configuration and prepares the agent.
@@ -193,6 +206,9 @@ func New(cfg Config) (*Agent, error) {
 		defined:    map[string]int64{},
 		stopping:   map[string]time.Time{},
 		outcomes:   map[string]string{},
+		ran:        map[string]bool{},
+		crashes:    map[string][]time.Time{},
+		notBefore:  map[string]time.Time{},
 		migrations: make(chan struct{}, cfg.MaxMigrations),
 		cmds:       make(chan *cmdRec, 16),
 
@@ -200,6 +216,7 @@ func New(cfg Config) (*Agent, error) {
 	}
 	a.events = events.New(cfg.Client, cfg.Space, keys.EventsByNode(cfg.HWID), "agent/"+cfg.HWID, cfg.EtcdUser, a.log)
 	a.metrics = newMetrics(cfg.Registry)
+	a.nospace = etcdutil.NewSpaceGauge(cfg.Registry, "herd_agent_etcd_nospace", a.log)
 	a.assigns = etcdutil.NewTyped[keys.Assignment](cfg.Client, cfg.Space.AssignPrefix(cfg.HWID), a.onAssign, a.log)
 	a.assigns.OnBatch = a.onAssignBatch
 	a.cluster = etcdutil.NewTyped[keys.Cluster](cfg.Client, cfg.Space.Cluster(), a.onCluster, a.log)

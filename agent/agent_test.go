@@ -34,7 +34,7 @@ type harness struct {
 func start(t *testing.T) *harness { return startWith(t, nil) }
 
 // startWith starts an agent after setup has written what should be there before it starts.
-func startWith(t *testing.T, setup func(c *clientv3.Client)) *harness {
+func startWith(t *testing.T, setup func(c *clientv3.Client), opts ...func(*Config)) *harness {
 	t.Helper()
 	c := etcdtest.Client(t)
 	ctx := context.Background()
@@ -52,8 +52,12 @@ func startWith(t *testing.T, setup func(c *clientv3.Client)) *harness {
 		t.Fatal(err)
 	}
 	t.Cleanup(hv.Close)
-	a, err := New(Config{Client: c, Space: space, HWID: hwid, BootID: "boot-1", Hypervisor: hv,
-		Volumes: volume.Dir{Root: t.TempDir()}, LeaseTTL: 2 * time.Second, Resync: 500 * time.Millisecond})
+	cfg := Config{Client: c, Space: space, HWID: hwid, BootID: "boot-1", Hypervisor: hv,
+		Volumes: volume.Dir{Root: t.TempDir()}, LeaseTTL: 2 * time.Second, Resync: 500 * time.Millisecond}
+	for _, o := range opts {
+		o(&cfg)
+	}
+	a, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -362,4 +366,56 @@ func TestNewBootClearsStaleReports(t *testing.T) {
 		}
 		return nil
 	})
+}
+
+func TestCrashedGuestRestartsWithBackoff(t *testing.T) {
+	h := startWith(t, nil, func(c *Config) { c.CrashBackoff = 100 * time.Millisecond })
+	uid := h.place("web1", 1, hwid)
+	h.running("web1", uid, 1)
+	// A crash is a domain that stops although the agent did not stop it (QEMU died).
+	for i := 1; i < crashLoop; i++ {
+		if err := h.hv.Destroy(context.Background(), "web1"); err != nil {
+			t.Fatal(err)
+		}
+		h.running("web1", uid, 1)
+	}
+	if err := h.hv.Destroy(context.Background(), "web1"); err != nil {
+		t.Fatal(err)
+	}
+	h.eventually("a crash loop reported", func() error {
+		if st := h.status("web1"); st == nil || st.State != keys.StateCrashLoop || !strings.Contains(st.Message, fmt.Sprintf("crashed %d times", crashLoop)) {
+			return fmt.Errorf("status %+v", st)
+		}
+		return nil
+	})
+	// Started again once the backoff (1.6 s after the fifth crash) has passed.
+	h.running("web1", uid, 1)
+	resp, err := h.c.Get(context.Background(), space.EventPrefix(), clientv3.WithPrefix())
+	if err != nil {
+		t.Fatal(err)
+	}
+	crashes := 0
+	for _, kv := range resp.Kvs {
+		if strings.Contains(string(kv.Value), `"action":"crashed"`) {
+			crashes++
+		}
+	}
+	if crashes != crashLoop {
+		t.Fatalf("%d crash events, want %d", crashes, crashLoop)
+	}
+}
+
+func TestCrashBackoff(t *testing.T) {
+	want := []time.Duration{0, time.Second, 2 * time.Second, 4 * time.Second}
+	for n, w := range want {
+		if got := crashBackoff(time.Second, n); got != w {
+			t.Errorf("crash %d: %s, want %s", n, got, w)
+		}
+	}
+	if got := crashBackoff(time.Second, 12); got != maxCrashBackoff {
+		t.Errorf("crash 12: %s", got)
+	}
+	if got := crashBackoff(time.Second, 1000); got != maxCrashBackoff {
+		t.Errorf("crash 1000: %s", got)
+	}
 }

@@ -116,6 +116,15 @@ func (a *Agent) reconcile(ctx context.Context, name string) error {
 
 	switch {
 	case asg.Spec.WantsRunning() && state != hypervisor.Running:
+		if wait, crashes := a.crashGate(name, time.Now()); wait > 0 {
+			a.queue.AddAfter(name, wait)
+			st := keys.StateError
+			if crashes >= crashLoop {
+				st = keys.StateCrashLoop
+			}
+			return a.report(ctx, name, kv, st, fmt.Sprintf("crashed %d times in %s; starting again at %s", crashes, crashWindow,
+				time.Now().Add(wait).UTC().Format(time.TimeOnly)))
+		}
 		if err := a.waitFence(ctx, asg); err != nil {
 			return err
 		}
@@ -138,6 +147,9 @@ func (a *Agent) reconcile(ctx context.Context, name string) error {
 			return a.report(ctx, name, kv, keys.StateStopping, "")
 		}
 		state = hypervisor.Stopped
+	}
+	if state == hypervisor.Running && asg.Spec.WantsRunning() {
+		a.sawRunning(name)
 	}
 	return a.report(ctx, name, kv, herdState(state), "")
 }
@@ -167,6 +179,7 @@ func (a *Agent) powerOff(ctx context.Context, name string) (bool, error) {
 	if d == nil || d.State != hypervisor.Running {
 		a.mu.Lock()
 		delete(a.stopping, name)
+		delete(a.ran, name)
 		a.mu.Unlock()
 		return true, nil
 	}
@@ -179,6 +192,7 @@ func (a *Agent) powerOff(ctx context.Context, name string) (bool, error) {
 	}
 	a.mu.Lock()
 	delete(a.stopping, name)
+	delete(a.ran, name)
 	a.mu.Unlock()
 	a.log.Warn("guest ignored the ACPI shutdown: destroyed (fallback)", "vm", name, "waited", a.cfg.ShutdownTimeout)
 	a.events.Record("vm/"+name, "destroyed", "guest did not power off within %s of the ACPI request; destroyed", a.cfg.ShutdownTimeout)
@@ -197,6 +211,7 @@ func (a *Agent) reconcileWithdrawn(ctx context.Context, name string, kv *assignR
 		a.mu.Lock()
 		delete(a.defined, name)
 		delete(a.stopping, name)
+		delete(a.ran, name)
 		a.mu.Unlock()
 		a.log.Warn("domain withdrawn by the leader: stopped and removed", "vm", name, "uid", dom.UID, "epoch", dom.Epoch, "state", dom.State)
 		a.events.Record("vm/"+name, "withdrawn", "domain epoch %d (%s) stopped and removed from %s at the leader's request", dom.Epoch, dom.State, a.hwid)
@@ -462,6 +477,7 @@ func (a *Agent) reconcileFenced(ctx context.Context, name string, dom *hyperviso
 	if err := a.hv.Destroy(ctx, name); err != nil {
 		return fmt.Errorf("stop domain of a fenced boot: %w", err)
 	}
+	a.stoppedOnPurpose(name)
 	a.log.Warn("stopped a domain of this fenced boot", "vm", name, "uid", dom.UID, "epoch", dom.Epoch)
 	a.events.Record("vm/"+name, "stopped-fenced", "domain epoch %d stopped on fenced %s", dom.Epoch, a.hwid)
 	return nil
@@ -473,6 +489,7 @@ func (a *Agent) reconcileUnassigned(ctx context.Context, name string, dom *hyper
 	if dom == nil {
 		a.mu.Lock()
 		delete(a.defined, name)
+		delete(a.ran, name)
 		a.mu.Unlock()
 		return a.clearStatus(ctx, name)
 	}

@@ -60,6 +60,7 @@ func (a *Agent) writeStatus(ctx context.Context, name string, guard clientv3.Cmp
 	cctx, cancel := etcdutil.WithTimeout(ctx)
 	defer cancel()
 	resp, err := a.cfg.Client.Txn(cctx).If(guard).Then(clientv3.OpPut(a.space.Status(a.hwid, name), string(b))).Commit()
+	a.nospace.Observe(err)
 	if err != nil {
 		return fmt.Errorf("write status: %w", err)
 	}

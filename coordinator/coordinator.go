@@ -177,6 +177,8 @@ type Coordinator struct {
 	leaseTTLs map[int64]time.Duration    // lease -> granted TTL, asked once per lease
 	deadLease map[int64]bool             // leases etcd said are gone: a lease never comes back
 
+	nospace *etcdutil.SpaceGauge // etcd refuses the leader's writes for want of space
+
 	// restoreWant is the restore recovery generation this replica asks for (it saw etcd's
 	// revision go back), maxGen the highest the cluster record ever showed it.
 	restoreWant, maxGen atomic.Int64
@@ -202,6 +204,7 @@ func New(cfg Config) (*Coordinator, error) {
 	}
 	c.events = events.New(cfg.Client, cfg.Space, keys.EventsByCoordinator, "coordinator/"+cfg.Name, cfg.EtcdUser, c.log)
 	c.m = newMetrics(cfg.Registry)
+	c.nospace = etcdutil.NewSpaceGauge(cfg.Registry, "herd_coordinator_etcd_nospace", c.log)
 	s, cl, poke := cfg.Space, cfg.Client, c.poke
 	c.vmInf = etcdutil.NewInformer(cl, s.VMPrefix(), c.decodeVMKey, c.onVM, c.log)
 	// One watch covers both rollout keys: the operator's request and the leader's progress.

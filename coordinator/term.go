@@ -152,6 +152,7 @@ func (t *term) round() (time.Duration, error) {
 	}
 	floor := etcdutil.MaxRev(t.c.informers())
 	rev, err := t.apply(plan.Actions)
+	t.c.nospace.Observe(err)
 	t.c.m.roundSeconds.Observe(time.Since(start).Seconds())
 	if err != nil {
 		return plan.After, err

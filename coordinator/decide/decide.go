@@ -182,6 +182,10 @@ func Decide(snap *Snapshot, st *State, cfg Config) Plan {
 			wants = append(wants, wantMove{name: name, v: v, spec: spec, pl: pl, to: to, reason: reason})
 		case pl != nil && pl.SpecRev != v.Spec.ModRevision:
 			acts = append(acts, s.updateSpec(name, v, spec, pl))
+		case pl != nil && s.crashLooping(pl, name) != "":
+			if a, ok := s.setProblem(name, uid, v.Problem, keys.ProblemCrashLoop, s.crashLooping(pl, name), nil); ok {
+				acts = append(acts, a)
+			}
 		case pl != nil && v.Problem != nil && !isProblem(v.Problem, keys.ProblemMigration):
 			acts = append(acts, clearProblem(name, v.Problem))
 		case pl == nil:
@@ -510,4 +514,13 @@ func isProblem(r *rec[keys.Problem], kind string) bool { return r.OK() && r.Valu
 func clearProblem(name string, cur *rec[keys.Problem]) Action {
 	return Action{Object: "vm/" + name, What: "clear problem",
 		Conds: []Cond{ModRev(cur.Key, cur.ModRevision)}, Writes: []Write{Del(cur.Key)}}
+}
+
+// crashLooping returns what the placement's node reports of a guest that keeps crashing there ("":
+// it does not).
+func (s *view) crashLooping(pl *keys.Placement, name string) string {
+	if st := s.status(pl.Node, name); st != nil && st.UID == pl.UID && st.State == keys.StateCrashLoop {
+		return "on " + pl.Node + ": " + st.Message
+	}
+	return ""
 }

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"syscall"
@@ -110,7 +111,7 @@ func hostOf(l *rig.Lab, hwid string) *rig.Host {
 func TestDrainLiveMigrationAdoptionPower(t *testing.T) {
 	l := rig.NewLab(t, bin, 1, "--session-ttl", "2s", "--strategy", "binpack")
 	for range 3 {
-		l.AddHost().StartAgent("--shutdown-timeout", "30s")
+		l.AddHost().StartAgent("--shutdown-timeout", "30s", "--resync", "5s")
 	}
 	rig.Eventually(t, 60*time.Second, "three nodes ready", func() error {
 		if n := strings.Count(l.MustHerdctl("node", "list"), " ready "); n != 3 {
@@ -187,6 +188,31 @@ func TestDrainLiveMigrationAdoptionPower(t *testing.T) {
 		if vms(l)[n].State != "running" {
 			t.Fatalf("%s not reported running after adoption", n)
 		}
+	}
+
+	// A guest's QEMU dies: its node starts it again (a second boot there), with an event.
+	gh := hostOf(l, vms(l)["g2"].Placement.Node)
+	pid, err := os.ReadFile(filepath.Join(gh.Dir, "run", "qemu", "g2.pid"))
+	if err != nil {
+		t.Fatalf("QEMU pid file of g2: %v", err)
+	}
+	var qemuPid int
+	if _, err := fmt.Sscan(string(pid), &qemuPid); err != nil || qemuPid <= 1 {
+		t.Fatalf("QEMU pid file of g2: %q", pid)
+	}
+	if err := syscall.Kill(qemuPid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	killed := time.Now()
+	rig.Eventually(t, 120*time.Second, "g2 booted again on its node after its QEMU died", func() error {
+		if c := l.ReadConsole("g2"); c.Boots != 2 {
+			return fmt.Errorf("%d boots", c.Boots)
+		}
+		return runsOnlyOn(l, "g2", gh)
+	})
+	t.Logf("QEMU killed: the guest booted again on its node %s later", time.Since(killed).Round(100*time.Millisecond))
+	if ev := l.MustHerdctl("events", "--object", "vm/g2"); !strings.Contains(ev, "crashed") {
+		t.Fatalf("no crash event:\n%s", ev)
 	}
 
 	// Power: stopped shuts the guest down through ACPI; running boots it again.

@@ -556,7 +556,8 @@ func (c *Cluster) VMs() map[string]VM {
 
 // Domains asks an agent for its own report of its libvirt domains.
 func (a *Agent) Domains() ([]hypervisor.Domain, error) {
-	resp, err := http.Get(a.Status + "/v1/domains")
+	// A stopped agent (SIGSTOP) accepts the connection and never answers.
+	resp, err := statusClient.Get(a.Status + "/v1/domains")
 	if err != nil {
 		return nil, err
 	}
@@ -567,6 +568,9 @@ func (a *Agent) Domains() ([]hypervisor.Domain, error) {
 	var doms []hypervisor.Domain
 	return doms, json.NewDecoder(resp.Body).Decode(&doms)
 }
+
+// statusClient asks daemons' status endpoints, giving up on one that does not answer.
+var statusClient = &http.Client{Timeout: 5 * time.Second}
 
 // Metric sums the samples of a Prometheus metric at url whose labels contain every filter
 // (e.g. `grpc_method="Range"`).

@@ -6,10 +6,16 @@ package etcdutil
 import (
 	"context"
 	"crypto/tls"
+	"errors"
 	"fmt"
 	"os"
 	"strings"
+	"sync/atomic"
 	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/prometheus/client_golang/prometheus"
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 
 	"github.com/spf13/pflag"
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -107,4 +113,45 @@ func New(o Options) (*clientv3.Client, error) {
 // etcd request.
 func WithTimeout(ctx context.Context) (context.Context, context.CancelFunc) {
 	return context.WithTimeout(ctx, Timeout)
+}
+
+// NoSpace says whether etcd refused a write because its database is full (the NOSPACE alarm):
+// nothing herd does can fix that, an operator must (docs/operations.md, "etcd out of space").
+func NoSpace(err error) bool {
+	return err != nil && (errors.Is(err, rpctypes.ErrNoSpace) || strings.Contains(err.Error(), "database space exceeded"))
+}
+
+// NoSpaceHint is what daemons log beside a NOSPACE refusal.
+const NoSpaceHint = "etcd is out of space (NOSPACE alarm): guests keep running, nothing is decided or reported until an operator compacts, defragments and disarms (docs/operations.md, \"etcd out of space\")"
+
+// SpaceGauge follows whether etcd refuses this daemon's writes for want of space: set on a
+// refusal (logged once per episode), cleared by the next write that succeeds.
+type SpaceGauge struct {
+	g    prometheus.Gauge
+	log  hclog.Logger
+	full atomic.Bool
+}
+
+// NewSpaceGauge registers the gauge name with reg.
+func NewSpaceGauge(reg prometheus.Registerer, name string, log hclog.Logger) *SpaceGauge {
+	g := prometheus.NewGauge(prometheus.GaugeOpts{Name: name,
+		Help: "1 while etcd refuses this daemon's writes because its database is full (NOSPACE alarm)."})
+	reg.MustRegister(g)
+	return &SpaceGauge{g: g, log: log}
+}
+
+// Observe records one write's outcome.
+func (s *SpaceGauge) Observe(err error) {
+	switch {
+	case NoSpace(err):
+		if !s.full.Swap(true) {
+			s.log.Error("etcd refuses writes: it is out of space", "hint", NoSpaceHint, "error", err)
+		}
+		s.g.Set(1)
+	case err == nil:
+		if s.full.Swap(false) {
+			s.log.Info("etcd accepts writes again")
+		}
+		s.g.Set(0)
+	}
 }

@@ -433,7 +433,8 @@ const (
 	StateOrphan    = "orphan"   // runs here without evidence either way; an operator decides
 	StateIncoming  = "incoming" // a migration target waiting for the domain
 	StateMigrating = "migrating"
-	StateWithdrawn = "withdrawn" // the leader withdrew the assignment; the domain is gone from here
+	StateWithdrawn = "withdrawn"  // the leader withdrew the assignment; the domain is gone from here
+	StateCrashLoop = "crash-loop" // the guest keeps crashing; restarted with backoff
 )
 
 // VMStatus is /herd/status/<hwid>/<name>: what a node's agent observes of a VM it runs.
@@ -482,6 +483,9 @@ const (
 	// been deleted after the backup was taken; it is not started until an operator writes its spec
 	// (herdctl vm release) or deletes it.
 	ProblemRestoreHold = "restore-hold"
+	// ProblemCrashLoop: the guest crashed again and again on its node (the report says how often);
+	// its node keeps starting it with backoff.
+	ProblemCrashLoop = "crash-loop"
 )
 
 // Fence phases.
