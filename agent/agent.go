@@ -177,6 +177,9 @@ type Agent struct {
 	recoveryWake chan struct{}
 
 	nospace *etcdutil.SpaceGauge // etcd refuses this node's reports for want of space
+	// hvProblem says why libvirtd cannot be used (nil: it can); pubMu orders node record rewrites.
+	hvProblem atomic.Pointer[string]
+	pubMu     sync.Mutex
 
 	mu       sync.Mutex
 	reported map[string]keys.VMStatus // last status written per VM, to skip identical writes
@@ -185,7 +188,7 @@ type Agent struct {
 	outcomes map[string]string        // migration id -> this source's result
 	// Crash handling (crash.go): guests seen running as wanted, recent crashes, and the time
 	// before which a crashed guest is not started again.
-	ran       map[string]bool
+	ran       map[string]ranAs
 	crashes   map[string][]time.Time
 	notBefore map[string]time.Time
 }
@@ -206,7 +209,7 @@ func New(cfg Config) (*Agent, error) {
 		defined:    map[string]int64{},
 		stopping:   map[string]time.Time{},
 		outcomes:   map[string]string{},
-		ran:        map[string]bool{},
+		ran:        map[string]ranAs{},
 		crashes:    map[string][]time.Time{},
 		notBefore:  map[string]time.Time{},
 		migrations: make(chan struct{}, cfg.MaxMigrations),
@@ -456,6 +459,7 @@ func (a *Agent) enqueueAll(ctx context.Context) {
 		a.assigned(r.Key, true)
 	}
 	doms, err := a.hv.List(ctx)
+	a.hypervisorHealth(ctx, err)
 	if err != nil {
 		a.log.Warn("list domains for resync", "error", err)
 		return

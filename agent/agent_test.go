@@ -257,6 +257,17 @@ func TestReusedNameReplacesOldIncarnation(t *testing.T) {
 		t.Fatal("uid must grow")
 	}
 	h.running("web1", uid2, 1)
+	// The old incarnation's removal is no crash of the new one (found by e2e/ceph: the new
+	// incarnation waited out a crash backoff, and `vm create --wait` reported it failed).
+	resp, err := h.c.Get(context.Background(), space.EventPrefix(), clientv3.WithPrefix())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, kv := range resp.Kvs {
+		if strings.Contains(string(kv.Value), `"action":"crashed"`) {
+			t.Fatalf("a re-created VM counted as a crash: %s", kv.Value)
+		}
+	}
 }
 
 func TestClusterChangeIsNoEvidence(t *testing.T) {

@@ -2,6 +2,8 @@ package agent
 
 import (
 	"time"
+
+	"github.com/herdhq/herd/agent/hypervisor"
 )
 
 // A guest whose domain stops although the agent did not stop it has crashed (QEMU died, or the
@@ -30,11 +32,15 @@ func crashBackoff(first time.Duration, n int) time.Duration {
 	return min(first<<(n-1), maxCrashBackoff)
 }
 
-// sawRunning records that the guest runs as its assignment wants: if it stops later without the
-// agent stopping it, it crashed.
-func (a *Agent) sawRunning(name string) {
+// ranAs is the domain a guest was seen running as: a crash is that very domain found stopped (a
+// re-created VM, or one moved away and back, is another uid or epoch, not a crash).
+type ranAs struct{ uid, epoch int64 }
+
+// sawRunning records that the guest runs as its assignment wants: if the same domain stops later
+// without the agent stopping it, it crashed.
+func (a *Agent) sawRunning(name string, uid, epoch int64) {
 	a.mu.Lock()
-	a.ran[name] = true
+	a.ran[name] = ranAs{uid, epoch}
 	a.mu.Unlock()
 }
 
@@ -48,9 +54,10 @@ func (a *Agent) stoppedOnPurpose(name string) {
 // crashGate is asked before starting a guest that should run. A guest this agent saw running has
 // crashed: the crash is counted (and recorded once). It returns how long the start must still
 // wait and how many crashes the window holds.
-func (a *Agent) crashGate(name string, now time.Time) (wait time.Duration, crashes int) {
+func (a *Agent) crashGate(name string, dom *hypervisor.Domain, now time.Time) (wait time.Duration, crashes int) {
 	a.mu.Lock()
-	crashed := a.ran[name]
+	seen, ok := a.ran[name]
+	crashed := ok && dom != nil && seen == ranAs{dom.UID, dom.Epoch}
 	delete(a.ran, name)
 	recent := a.crashes[name][:0]
 	for _, t := range a.crashes[name] {

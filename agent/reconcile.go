@@ -116,9 +116,9 @@ func (a *Agent) reconcile(ctx context.Context, name string) error {
 
 	switch {
 	case asg.Spec.WantsRunning() && state != hypervisor.Running:
-		if wait, crashes := a.crashGate(name, time.Now()); wait > 0 {
+		if wait, crashes := a.crashGate(name, dom, time.Now()); wait > 0 {
 			a.queue.AddAfter(name, wait)
-			st := keys.StateError
+			st := keys.StateStarting // not a failure: it starts again after the backoff
 			if crashes >= crashLoop {
 				st = keys.StateCrashLoop
 			}
@@ -149,7 +149,7 @@ func (a *Agent) reconcile(ctx context.Context, name string) error {
 		state = hypervisor.Stopped
 	}
 	if state == hypervisor.Running && asg.Spec.WantsRunning() {
-		a.sawRunning(name)
+		a.sawRunning(name, asg.UID, asg.Epoch) // the domain is defined as the assignment says
 	}
 	return a.report(ctx, name, kv, herdState(state), "")
 }

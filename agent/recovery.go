@@ -158,22 +158,66 @@ func (a *Agent) inventory(ctx context.Context) (*keys.Inventory, error) {
 // already. Registering again (a new lease) carries the latest inventory too.
 func (a *Agent) publish(ctx context.Context, inv *keys.Inventory) {
 	a.inv.Store(inv)
+	if a.publishNode(ctx) && inv != nil {
+		a.log.Info("restore inventory published", "domains", len(inv.Domains), "recovery", inv.Generation, "wants", inv.Wants)
+	}
+}
+
+// publishNode writes the node record again under the current lease if what the agent has to say
+// in it (the restore inventory, a problem of the hypervisor) changed. It reports whether it wrote.
+func (a *Agent) publishNode(ctx context.Context) bool {
+	a.pubMu.Lock()
+	defer a.pubMu.Unlock()
 	cur, lease := a.node.Load(), clientv3.LeaseID(a.leaseID.Load())
-	if cur == nil || lease == 0 || !a.leaseAlive() || sameJSON(cur.Recovery, inv) {
-		return
+	inv, problem := a.inv.Load(), a.problem()
+	if cur == nil || lease == 0 || !a.leaseAlive() || (sameJSON(cur.Recovery, inv) && cur.Problem == problem) {
+		return false
 	}
 	n := *cur
-	n.Recovery = inv
+	n.Recovery, n.Problem = inv, problem
 	cctx, cancel := etcdutil.WithTimeout(ctx)
 	defer cancel()
 	if _, err := a.cfg.Client.Put(cctx, a.space.Node(a.hwid), keys.MustEncode(&n), clientv3.WithLease(lease)); err != nil {
-		a.log.Warn("cannot publish the restore inventory; retrying", "error", err)
-		return
+		a.log.Warn("cannot update the node record; retrying", "error", err)
+		return false
 	}
 	a.node.Store(&n)
-	if inv != nil {
-		a.log.Info("restore inventory published", "domains", len(inv.Domains), "recovery", inv.Generation, "wants", inv.Wants)
+	return true
+}
+
+// problem is what keeps this node from running VMs now ("" when nothing does).
+func (a *Agent) problem() string {
+	if p := a.hvProblem.Load(); p != nil {
+		return *p
 	}
+	return ""
+}
+
+// hypervisorHealth follows whether libvirtd answers: while it does not, the node registers the
+// problem and the leader schedules nothing here; its guests keep running (they outlive
+// libvirtd), and once it answers again the agent reconnects and adopts them as they are.
+func (a *Agent) hypervisorHealth(ctx context.Context, err error) {
+	if ctx.Err() != nil {
+		return // stopping: the error says nothing about libvirtd
+	}
+	var now string
+	if err != nil {
+		now = "libvirtd does not answer: " + err.Error()
+	}
+	was := a.problem()
+	if (was == "") == (now == "") {
+		return
+	}
+	if now == "" {
+		a.hvProblem.Store(nil)
+		a.log.Info("libvirtd answers again: the node takes VMs again")
+		a.events.Record("node/"+a.hwid, "libvirtd-back", "libvirtd answers again")
+	} else {
+		a.hvProblem.Store(&now)
+		a.log.Error("libvirtd does not answer: the node takes no VMs until it does; guests keep running", "error", err)
+		a.events.Record("node/"+a.hwid, "libvirtd-down", "%v", err)
+	}
+	a.publishNode(ctx)
 }
 
 func sameJSON(x, y *keys.Inventory) bool {

@@ -76,6 +76,7 @@ func (a *Agent) register(ctx context.Context) (clientv3.LeaseID, error) {
 		MigrationURI:      a.cfg.MigrationURI,
 		BootDir:           a.cfg.BootDir,
 		Recovery:          a.inv.Load(),
+		Problem:           a.problem(),
 	}
 	b, err := keys.Encode(&node)
 	if err != nil {

@@ -105,7 +105,10 @@ type Libvirt struct {
 
 	mu      sync.Mutex
 	conn    *libvirt.Connect
+	closed  bool
 	secrets map[string]string // cephx user -> libvirt secret UUID
+	// redial serialises reconnecting after libvirtd went away.
+	redial sync.Mutex
 
 	// MigrateTLS encrypts live migration streams with QEMU's native TLS (VIR_MIGRATE_TLS); both
 	// ends' qemu.conf must name a migrate_tls_x509_cert_dir. Set before use.
@@ -161,6 +164,7 @@ func (h *Libvirt) DomainType() string { return h.domType }
 func (h *Libvirt) Close() {
 	h.mu.Lock()
 	defer h.mu.Unlock()
+	h.closed = true
 	if h.conn != nil {
 		_, _ = h.conn.Close()
 		h.conn = nil
@@ -182,14 +186,58 @@ func (h *Libvirt) call(ctx context.Context, op string, fn func() error) error {
 	}
 }
 
+// connection returns the connection, connecting again when libvirtd went away (restarted,
+// crashed, upgraded): a libvirt connection whose daemon closed it stays dead, and guests outlive
+// libvirtd, so the new connection finds them running and the agent adopts them as they are. The
+// test driver's state lives in its connection: it is never replaced.
 func (h *Libvirt) connection() (*libvirt.Connect, error) {
 	h.mu.Lock()
-	defer h.mu.Unlock()
-	if h.conn == nil {
+	c, closed := h.conn, h.closed
+	h.mu.Unlock()
+	if closed {
 		return nil, errors.New("hypervisor: connection closed")
 	}
-	return h.conn, nil
+	if c != nil && h.domType == "test" {
+		return c, nil
+	}
+	if c != nil {
+		if alive, err := c.IsAlive(); err == nil && alive {
+			return c, nil
+		}
+	}
+	h.redial.Lock()
+	defer h.redial.Unlock()
+	h.mu.Lock()
+	if h.conn != c || h.closed { // someone else reconnected (or closed) meanwhile
+		c, closed = h.conn, h.closed
+		h.mu.Unlock()
+		if closed || c == nil {
+			return nil, errors.New("hypervisor: connection closed")
+		}
+		return c, nil
+	}
+	h.mu.Unlock()
+	var nc *libvirt.Connect
+	if err := h.call(context.Background(), "reconnect", func() error {
+		var err error
+		nc, err = libvirt.NewConnect(h.uri)
+		return err
+	}); err != nil {
+		return nil, fmt.Errorf("%w: libvirtd at %s: %v", ErrUnreachable, h.uri, err)
+	}
+	h.mu.Lock()
+	old := h.conn
+	h.conn = nc
+	h.mu.Unlock()
+	if old != nil {
+		_, _ = old.Close()
+	}
+	h.log.Warn("libvirtd connection was lost: connected again", "uri", h.uri)
+	return nc, nil
 }
+
+// ErrUnreachable means libvirtd does not accept connections (it is down or restarting).
+var ErrUnreachable = errors.New("hypervisor: libvirtd unreachable")
 
 // Info reads the host's CPUs and memory.
 func (h *Libvirt) Info(ctx context.Context) (Info, error) {

@@ -192,15 +192,7 @@ func TestDrainLiveMigrationAdoptionPower(t *testing.T) {
 
 	// A guest's QEMU dies: its node starts it again (a second boot there), with an event.
 	gh := hostOf(l, vms(l)["g2"].Placement.Node)
-	pid, err := os.ReadFile(filepath.Join(gh.Dir, "run", "qemu", "g2.pid"))
-	if err != nil {
-		t.Fatalf("QEMU pid file of g2: %v", err)
-	}
-	var qemuPid int
-	if _, err := fmt.Sscan(string(pid), &qemuPid); err != nil || qemuPid <= 1 {
-		t.Fatalf("QEMU pid file of g2: %q", pid)
-	}
-	if err := syscall.Kill(qemuPid, syscall.SIGKILL); err != nil {
+	if err := syscall.Kill(qemuPidOf(t, gh, "g2"), syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
 	killed := time.Now()
@@ -213,6 +205,39 @@ func TestDrainLiveMigrationAdoptionPower(t *testing.T) {
 	t.Logf("QEMU killed: the guest booted again on its node %s later", time.Since(killed).Round(100*time.Millisecond))
 	if ev := l.MustHerdctl("events", "--object", "vm/g2"); !strings.Contains(ev, "crashed") {
 		t.Fatalf("no crash event:\n%s", ev)
+	}
+
+	// libvirtd dies: the node takes no VMs and says why, its guests keep running; once libvirtd
+	// is back the agent connects again and adopts them as they are.
+	lastBefore := l.ReadConsole("g2").Last()
+	if err := gh.Libvirtd.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	rig.Eventually(t, 60*time.Second, "the node reports libvirtd down", func() error {
+		if out := l.MustHerdctl("node", "get", gh.HWID); !strings.Contains(out, "libvirtd does not answer") {
+			return fmt.Errorf("node:\n%s", out)
+		}
+		return nil
+	})
+	if err := syscall.Kill(qemuPidOf(t, gh, "g2"), 0); err != nil {
+		t.Fatalf("g2's QEMU died with libvirtd: %v", err)
+	}
+	gh.StartLibvirtd()
+	rig.Eventually(t, 60*time.Second, "the agent connected again and adopted g2", func() error {
+		if out := l.MustHerdctl("node", "get", gh.HWID); strings.Contains(out, "libvirtd does not answer") {
+			return fmt.Errorf("node:\n%s", out)
+		}
+		if r := vms(l)["g2"]; r.State != "running" {
+			return fmt.Errorf("g2 %+v", r)
+		}
+		return nil
+	})
+	time.Sleep(2 * time.Second)
+	if c := l.ReadConsole("g2"); c.Boots != 2 || c.Last() <= lastBefore {
+		t.Fatalf("g2 restarted or stopped while libvirtd was away: %d boots, counter %d (was %d)", c.Boots, c.Last(), lastBefore)
+	}
+	if ev := l.MustHerdctl("events", "--object", "node/"+gh.HWID); !strings.Contains(ev, "libvirtd-down") || !strings.Contains(ev, "libvirtd-back") {
+		t.Fatalf("no libvirtd events:\n%s", ev)
 	}
 
 	// Power: stopped shuts the guest down through ACPI; running boots it again.
@@ -255,6 +280,20 @@ func TestDrainLiveMigrationAdoptionPower(t *testing.T) {
 		}
 		return runsOnlyOn(l, "r1", hostOf(l, r.Placement.Node))
 	})
+}
+
+// qemuPidOf reads the pid of a guest's QEMU from the pid file the host's libvirtd wrote.
+func qemuPidOf(t *testing.T, h *rig.Host, vm string) int {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(h.Dir, "run", "qemu", vm+".pid"))
+	if err != nil {
+		t.Fatalf("QEMU pid file of %s: %v", vm, err)
+	}
+	var pid int
+	if _, err := fmt.Sscan(string(b), &pid); err != nil || pid <= 1 {
+		t.Fatalf("QEMU pid file of %s: %q", vm, b)
+	}
+	return pid
 }
 
 // rss reads a process's resident set size.
