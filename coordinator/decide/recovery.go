@@ -189,9 +189,9 @@ func (s *view) adoptVM(name string, hs []held, reported map[string]bool) []Actio
 			maxEpoch = max(maxEpoch, a.Value.Epoch)
 		}
 	}
-	// Every assignment of the name goes but the kept one's (and, with silent, those on nodes that
-	// did not answer: they may run it, and their assignment is what gets them fenced before the
-	// VM is placed anew).
+	// Every assignment of the name goes but the kept one's. With silent, those on nodes that did
+	// not answer stay too: such a node may run the VM, and its assignment is what has it fenced
+	// before the VM is placed anew.
 	dropOthers := func(keep string, silent bool, conds []Cond, writes []Write) ([]Cond, []Write) {
 		for _, hwid := range sortedNames(assigns) {
 			if hwid == keep || (silent && !reported[hwid]) {
