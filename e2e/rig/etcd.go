@@ -134,21 +134,29 @@ func (c *Cluster) History(prefix string) []*clientv3.Event {
 	end := head.Header.Revision
 	var out []*clientv3.Event
 	wch := cl.Watch(ctx, prefix, clientv3.WithPrefix(), clientv3.WithRev(1), clientv3.WithProgressNotify())
-	for resp := range wch {
-		if err := resp.Err(); err != nil {
-			c.T.Fatalf("history of %s: %v", prefix, err)
+	// A progress notification says every event up to its revision was delivered, but etcd sends
+	// one only to a watcher that has caught up and ignores a request that arrives before: ask
+	// again until one comes (the last event under prefix may be far below end).
+	tick := time.NewTicker(200 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		select {
+		case resp, ok := <-wch:
+			if !ok {
+				c.T.Fatalf("history of %s: watch ended: %v", prefix, ctx.Err())
+			}
+			if err := resp.Err(); err != nil {
+				c.T.Fatalf("history of %s: %v", prefix, err)
+			}
+			out = append(out, resp.Events...)
+			if n := len(resp.Events); n > 0 && resp.Events[n-1].Kv.ModRevision >= end {
+				return out
+			}
+			if resp.IsProgressNotify() && resp.Header.Revision >= end {
+				return out
+			}
+		case <-tick.C:
+			_ = cl.RequestProgress(ctx)
 		}
-		out = append(out, resp.Events...)
-		if n := len(resp.Events); n > 0 && resp.Events[n-1].Kv.ModRevision >= end {
-			return out
-		}
-		// A progress notification says every event up to its revision was delivered; it comes
-		// once the watch has caught up, so ask for one after each batch.
-		if resp.IsProgressNotify() && resp.Header.Revision >= end {
-			return out
-		}
-		_ = cl.RequestProgress(ctx)
 	}
-	c.T.Fatalf("history of %s: watch ended: %v", prefix, ctx.Err())
-	return nil
 }
