@@ -166,6 +166,7 @@ type Coordinator struct {
 	nodeCmdInf        *etcdutil.Typed[keys.NodeCommand]
 
 	trigger   chan struct{} // a cache changed, or side work ended: decide again
+	newLease  chan struct{} // a node key on a lease not asked about yet: warmLeases asks
 	revokeNow chan struct{} // a hardware record was deleted: revoke its node now, not at the next tick
 
 	mu        sync.Mutex
@@ -194,6 +195,7 @@ func New(cfg Config) (*Coordinator, error) {
 		space:     cfg.Space,
 		log:       cfg.Log.With("coordinator", cfg.Name),
 		trigger:   make(chan struct{}, 1),
+		newLease:  make(chan struct{}, 1),
 		revokeNow: make(chan struct{}, 1),
 		vms:       map[string]*decide.VM{},
 		vanished:  map[string]*keys.Placement{},
@@ -336,7 +338,18 @@ func (c *Coordinator) onNode(key string, prev, cur *etcdutil.KV) {
 	if n.OK() {
 		delete(c.left, n.Value.HWID)
 	}
+	unknown := false
+	if n.OK() && n.Lease != 0 {
+		_, known := c.leaseTTLs[n.Lease]
+		unknown = !known
+	}
 	c.mu.Unlock()
+	if unknown {
+		select {
+		case c.newLease <- struct{}{}:
+		default:
+		}
+	}
 	c.poke(key, prev, cur)
 }
 
@@ -380,6 +393,8 @@ func (c *Coordinator) Run(ctx context.Context) error {
 	}
 	wg.Add(1)
 	go func() { defer wg.Done(); c.events.Run(ctx) }()
+	wg.Add(1)
+	go func() { defer wg.Done(); c.warmLeases(ctx) }()
 	defer wg.Wait()
 
 	if err := c.initCluster(ctx); err != nil {

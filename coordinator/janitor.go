@@ -108,7 +108,7 @@ func (j *janitor) sweep(ctx context.Context) error {
 	j.over = map[keys.EventWriter]bool{}
 	j.mu.Unlock()
 	junk := junkEvents(j.c.space, keysToCheck, func(lease int64) (time.Duration, bool) {
-		d, err := j.c.grantedTTL(ctx, lease)
+		d, err := j.c.grantedTTL(ctx, lease, "events")
 		return d, err == nil
 	})
 	if len(over) > 0 {

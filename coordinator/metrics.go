@@ -17,6 +17,7 @@ type metrics struct {
 	migrationSeconds prometheus.Histogram
 	volumeSeconds    prometheus.Histogram
 	rolloutNodes     *prometheus.GaugeVec
+	leaseQuestions   *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -68,6 +69,11 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 	m.rolloutNodes = prometheus.NewGaugeVec(prometheus.GaugeOpts{
 		Name: "herd_coordinator_rollout_nodes", Help: "Nodes of the rollout under way by phase (leader only; none when no rollout runs).",
 	}, []string{"phase"})
+	m.leaseQuestions = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "herd_coordinator_lease_questions_total",
+		Help: "TimeToLive requests by who asked: warm (every replica, as node keys appear), round (the leader, for what it did not know yet) or events (the audit-trail janitor).",
+	}, []string{"by"})
+	reg.MustRegister(m.leaseQuestions)
 	reg.MustRegister(m.migrations, m.migrationSeconds, m.volumeSeconds, m.rolloutNodes)
 	reg.MustRegister(m.leader, m.pending, m.placements, m.conflicts, m.batchRetries, m.placementSeconds, m.roundSeconds, m.nodesLost, m.fenceFailures, m.moves)
 	return m

@@ -3,6 +3,7 @@ package coordinator
 import (
 	"context"
 	"fmt"
+	"sync"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -94,21 +95,33 @@ func (c *Coordinator) observe(ctx context.Context) *decide.Snapshot {
 	c.mu.Unlock()
 
 	// A node key is trusted only on a lease of a sane length; a lease's granted TTL never changes.
+	// Usually every replica knows them already (warmLeases); what is left is asked in parallel.
+	var nodes []*keys.Record[keys.Node]
+	for _, r := range s.Nodes {
+		nodes = append(nodes, r)
+	}
+	askAll(c.unknownTTLs(nodes), func(id int64) {
+		if _, err := c.grantedTTL(ctx, id, "round"); err != nil {
+			c.log.Warn("lease check failed", "lease", fmt.Sprintf("%x", id), "error", err)
+		}
+	})
 	trusted := map[string]bool{}
+	c.mu.Lock()
 	for hwid, r := range s.Nodes {
 		if !r.OK() || r.Lease == 0 {
 			continue
 		}
-		ttl, err := c.grantedTTL(ctx, r.Lease)
-		if err != nil {
-			c.log.Warn("lease check failed", "key", r.Key, "error", err)
+		ttl, known := c.leaseTTLs[r.Lease]
+		if !known {
 			continue // unknown counts as sane: not knowing is no reason to call a node dead
 		}
 		s.LeaseTTL[r.Lease] = ttl
 		trusted[hwid] = ttl <= decide.MaxNodeLeaseTTL
 	}
+	c.mu.Unlock()
 	// Whether the last recorded lease of each node without a trusted key still lives: a key deleted
 	// by hand (lease alive) is no death. Only nodes the leader might fence are asked about.
+	var ask []int64
 	for hwid, r := range s.States {
 		if !r.OK() || trusted[hwid] {
 			continue
@@ -117,10 +130,16 @@ func (c *Coordinator) observe(ctx context.Context) *decide.Snapshot {
 		if ns.BootID == "" || ns.Left || ns.Lease == 0 || hasFence(s.Fences[hwid], ns.BootID) {
 			continue
 		}
-		if alive, known := c.leaseAlive(ctx, ns.Lease); known {
-			s.LeaseAlive[ns.Lease] = alive
-		}
+		ask = append(ask, ns.Lease)
 	}
+	var amu sync.Mutex
+	askAll(ask, func(id int64) {
+		if alive, known := c.leaseAlive(ctx, id); known {
+			amu.Lock()
+			s.LeaseAlive[id] = alive
+			amu.Unlock()
+		}
+	})
 	c.forgetLeases(s)
 	return s
 }
@@ -178,13 +197,14 @@ func leaf[T any](prefix string, rs []*keys.Record[T], out map[string]*keys.Recor
 }
 
 // grantedTTL is how long a lease was granted for, asked of etcd once per lease.
-func (c *Coordinator) grantedTTL(ctx context.Context, lease int64) (time.Duration, error) {
+func (c *Coordinator) grantedTTL(ctx context.Context, lease int64, by string) (time.Duration, error) {
 	c.mu.Lock()
 	ttl, known := c.leaseTTLs[lease]
 	c.mu.Unlock()
 	if known {
 		return ttl, nil
 	}
+	c.m.leaseQuestions.WithLabelValues(by).Inc()
 	cctx, cancel := etcdutil.WithTimeout(ctx)
 	resp, err := c.cfg.Client.TimeToLive(cctx, clientv3.LeaseID(lease))
 	cancel()
@@ -207,6 +227,7 @@ func (c *Coordinator) leaseAlive(ctx context.Context, id int64) (alive, known bo
 	if dead {
 		return false, true
 	}
+	c.m.leaseQuestions.WithLabelValues("round").Inc()
 	cctx, cancel := etcdutil.WithTimeout(ctx)
 	defer cancel()
 	resp, err := c.cfg.Client.TimeToLive(cctx, clientv3.LeaseID(id))

@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -91,6 +92,8 @@ type Server struct {
 
 	mu   sync.Mutex
 	byIP map[string]int
+
+	files fileCache
 }
 
 // New serves the files of dir (e.g. /usr/lib/ipxe) within lim.
@@ -358,25 +361,29 @@ func (s *Server) transfer(req request) {
 	if err != nil {
 		return
 	}
-	conn, err := net.ListenUDP("udp4", &net.UDPAddr{IP: req.local})
+	// A socket connected to the client: the kernel delivers only its packets (a stray packet from
+	// another port is answered with ICMP port unreachable, the connected-socket form of RFC 1350's
+	// "unknown transfer ID" error), and no packet needs an address resolved or allocated.
+	conn, err := net.DialUDP("udp4", &net.UDPAddr{IP: req.local}, req.peer)
 	if err != nil {
 		s.count("failed")
 		s.log.Warn("cannot open a transfer port", "remote", req.peer, "error", err)
 		return
 	}
 	defer conn.Close()
+	// A shutdown ends a transfer waiting for its client at once.
+	defer context.AfterFunc(s.ctx, func() { conn.Close() })()
 	var file io.ReaderAt = f
 	if st.Size() <= inMemory {
-		// Read whole: one read instead of one per block (a first stage is ~70 KB to 1 MB).
-		data := make([]byte, st.Size())
-		if _, err := io.ReadFull(f, data); err != nil {
+		data, err := s.files.get(f, st)
+		if err != nil {
 			s.count("failed")
 			s.log.Warn("cannot read the file to send", "file", req.name, "error", err)
 			return
 		}
 		file = bytes.NewReader(data)
 	}
-	t := &sender{ctx: s.ctx, conn: conn, peer: req.peer, file: file, size: st.Size(), lim: s.lim}
+	t := &sender{ctx: s.ctx, conn: conn, file: file, size: st.Size(), lim: s.lim}
 	t.negotiated = s.negotiate(req, st.Size())
 	sent, err := t.run()
 	if err != nil {
@@ -395,11 +402,52 @@ func (s *Server) transfer(req request) {
 // inMemory is the largest file a transfer reads whole before sending.
 const inMemory = 8 << 20
 
+// fileCache holds the small files transfers send (iPXE's first stages: every booting machine
+// fetches the same one), so a storm of 200 machines reads each once rather than 200 times. An
+// entry is used only while the file's size and modification time are what they were when it was
+// read: a file replaced on disk is read again.
+type fileCache struct {
+	mu    sync.Mutex
+	files map[string]cachedFile
+	bytes int
+}
+
+type cachedFile struct {
+	size  int64
+	mtime time.Time
+	data  []byte
+}
+
+// cacheBytes bounds the cache: past it, it starts over.
+const cacheBytes = 64 << 20
+
+// get returns f's contents, st being f's stat.
+func (c *fileCache) get(f *os.File, st os.FileInfo) ([]byte, error) {
+	name := f.Name()
+	c.mu.Lock()
+	e, ok := c.files[name]
+	c.mu.Unlock()
+	if ok && e.size == st.Size() && e.mtime.Equal(st.ModTime()) {
+		return e.data, nil
+	}
+	data := make([]byte, st.Size())
+	if _, err := io.ReadFull(f, data); err != nil {
+		return nil, err
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.files == nil || c.bytes+len(data) > cacheBytes {
+		c.files, c.bytes = map[string]cachedFile{}, 0
+	}
+	c.bytes += len(data) - len(c.files[name].data)
+	c.files[name] = cachedFile{size: st.Size(), mtime: st.ModTime(), data: data}
+	return data, nil
+}
+
 type sender struct {
 	negotiated
 	ctx  context.Context
-	conn *net.UDPConn
-	peer *net.UDPAddr
+	conn *net.UDPConn // connected to the client
 	file io.ReaderAt
 	size int64
 	lim  Limits
@@ -417,7 +465,7 @@ func (t *sender) run() (int64, error) {
 		for _, o := range t.oack {
 			p = append(append(append(append(p, o[0]...), 0), o[1]...), 0)
 		}
-		if err := t.exchange(func() error { _, err := t.conn.WriteToUDP(p, t.peer); return err }, 0); err != nil {
+		if err := t.exchange(func() error { _, err := t.conn.Write(p); return err }, 0); err != nil {
 			return 0, fmt.Errorf("option acknowledgement: %w", err)
 		}
 	}
@@ -454,7 +502,7 @@ func (t *sender) sendBlock(b int64) error {
 	if err != nil && !errors.Is(err, io.EOF) {
 		return fmt.Errorf("read: %w", err)
 	}
-	_, err = t.conn.WriteToUDP(p[:4+n], t.peer)
+	_, err = t.conn.Write(p[:4+n])
 	return err
 }
 
@@ -477,34 +525,25 @@ func (t *sender) exchangeUpTo(send func() error, first, last int64) (int64, erro
 		if err := send(); err != nil {
 			return first, err
 		}
-		deadline := time.Now().Add(t.timeout)
+		// One deadline per try: the shutdown closes the socket, so nothing needs waking early.
+		if err := t.conn.SetReadDeadline(time.Now().Add(t.timeout)); err != nil {
+			return first, err
+		}
 		for {
-			if t.ctx.Err() != nil {
-				return first, t.ctx.Err()
-			}
-			// Woken at least every half second to notice a shutdown.
-			wake := time.Now().Add(500 * time.Millisecond)
-			if deadline.Before(wake) {
-				wake = deadline
-			}
-			if err := t.conn.SetReadDeadline(wake); err != nil {
-				return first, err
-			}
-			n, from, err := t.conn.ReadFromUDP(in)
+			n, err := t.conn.Read(in)
 			if err != nil {
-				var ne net.Error
-				if !errors.As(err, &ne) || !ne.Timeout() {
-					return first, err
+				if t.ctx.Err() != nil {
+					return first, t.ctx.Err()
 				}
-				if time.Now().After(deadline) {
+				var ne net.Error
+				if errors.As(err, &ne) && ne.Timeout() {
 					break // resend
 				}
-				continue
-			}
-			if !from.IP.Equal(t.peer.IP) || from.Port != t.peer.Port {
-				// RFC 1350: a packet from another TID is answered with an error and ignored.
-				_, _ = t.conn.WriteToUDP(errorPacket(errUnknownTID, "unknown transfer id"), from)
-				continue
+				if errors.Is(err, syscall.ECONNREFUSED) {
+					// ICMP port unreachable for an earlier packet: the client is gone.
+					return first, fmt.Errorf("the client's port is closed: %w", err)
+				}
+				return first, err
 			}
 			if n < 4 {
 				continue

@@ -139,7 +139,8 @@ func TestTransfersAreBounded(t *testing.T) {
 		if err != nil {
 			t.Skip("no 127.0.0.2")
 		}
-		defer c.Close()
+		// Open but silent: a closed port would end its transfer at the first resend.
+		t.Cleanup(func() { c.Close() })
 		_, _ = c.WriteTo(rq(opRRQ, "undionly.kpxe", "octet"), server)
 		_ = c.SetReadDeadline(time.Now().Add(3 * time.Second))
 		buf := make([]byte, 2048)
@@ -340,5 +341,36 @@ func TestClientsNobodyHereWrote(t *testing.T) {
 		if !strings.Contains(string(b), "not found") {
 			t.Errorf("%s on a missing file: %v %s", c[0], err, b)
 		}
+	}
+}
+
+// TestVanishedClientAndReplacedFile: a client whose port closed mid-transfer frees its transfer
+// at the first resend (the kernel's port-unreachable answer), not after every retry; a file
+// replaced on disk is sent as it is now, not as an earlier transfer read it.
+func TestVanishedClientAndReplacedFile(t *testing.T) {
+	// 1,000 tries of 1 s: only the port-unreachable answer frees the slot within fetch's wait.
+	server, dir := serve(t, Limits{Transfers: 1, PerClient: 1, Timeout: time.Second, Retries: 1000})
+	c, err := net.ListenPacket("udp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.WriteTo(rq(opRRQ, "undionly.kpxe", "octet"), server); err != nil {
+		t.Fatal(err)
+	}
+	_ = c.SetReadDeadline(time.Now().Add(3 * time.Second))
+	if _, _, err := c.ReadFrom(make([]byte, 2048)); err != nil {
+		t.Fatal(err)
+	}
+	c.Close()                                   // gone, mid-transfer, holding the only slot
+	got, _ := fetch(t, server, "undionly.kpxe") // waits, unread, for the slot
+	if len(got) != 100000 {
+		t.Fatalf("fetched %d bytes", len(got))
+	}
+
+	if err := os.WriteFile(filepath.Join(dir, "undionly.kpxe"), bytes.Repeat([]byte("y"), 3000), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := fetch(t, server, "undionly.kpxe"); !bytes.Equal(got, bytes.Repeat([]byte("y"), 3000)) {
+		t.Fatalf("after the file was replaced: %d bytes, %q...", len(got), got[:min(len(got), 8)])
 	}
 }

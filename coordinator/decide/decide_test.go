@@ -27,7 +27,7 @@ func withAntiAffinity(group string) func(*keys.VMSpec) {
 
 // steady is two enrolled nodes, n1 and n2 (4 CPUs, 8 GiB), and VMs a and b (1 vCPU, 1 GiB each)
 // placed and running.
-func steady(t *testing.T) *world {
+func steady(t testing.TB) *world {
 	w := newWorld(t)
 	w.node("n1", 4, 8)
 	w.node("n2", 4, 8)

@@ -17,7 +17,7 @@ import (
 // to it with their conditions checked the way a guarded transaction checks them. Agents and
 // fencers are whatever a test writes into it.
 type world struct {
-	t      *testing.T
+	t      testing.TB
 	sp     keys.Space
 	now    time.Time
 	rev    int64
@@ -45,7 +45,7 @@ type stored struct {
 	decodedCache any
 }
 
-func newWorld(t *testing.T) *world {
+func newWorld(t testing.TB) *world {
 	t.Helper()
 	sp, err := keys.NewSpace("/herd")
 	if err != nil {

@@ -1,0 +1,41 @@
+package decide
+
+import (
+	"fmt"
+	"os"
+	"strconv"
+	"testing"
+)
+
+// BenchmarkSteadyRound is one round of a settled cluster: HERD_BENCH_NODES nodes (default
+// 10,000), ten VMs each, every VM placed and reported running, nothing to do. The leader runs
+// one every --interval (10 s) and after every change, so its cost is the leader's steady CPU.
+func BenchmarkSteadyRound(b *testing.B) {
+	nodes := 10000
+	if v, err := strconv.Atoi(os.Getenv("HERD_BENCH_NODES")); err == nil && v > 0 {
+		nodes = v
+	}
+	w := newWorld(b)
+	w.budget = 1 << 30
+	for i := range nodes {
+		w.node(fmt.Sprintf("n%05d", i), 64, 256)
+	}
+	for i := range nodes * 10 {
+		w.vm(fmt.Sprintf("v%06d", i), 1, 512)
+	}
+	w.settle()
+	for i := range nodes * 10 {
+		name := fmt.Sprintf("v%06d", i)
+		w.report(w.placedOn(name), name, "running")
+	}
+	w.settle()
+	snap := w.snapshot()
+	b.ReportAllocs()
+	b.ResetTimer()
+	for range b.N {
+		if p := Decide(snap, w.st, w.cfg); len(p.Actions) > 0 {
+			b.Fatalf("a settled cluster's round decided %d actions: %v", len(p.Actions), actions(p)[:1])
+		}
+	}
+	b.ReportMetric(float64(nodes*10)*float64(b.N)/b.Elapsed().Seconds(), "vms/s")
+}
