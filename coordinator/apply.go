@@ -24,8 +24,9 @@ const (
 // batch groups actions that touch no common key (none reads or writes a key another of them reads
 // or writes), up to batchOps compares and writes and about batchBytes: committed in one
 // transaction, they do exactly what they would one after the other, in one round trip and one raft
-// entry instead of one each.
-func batch(acts []decide.Action) [][]*decide.Action {
+// entry instead of one each. An action that deletes a key alone (an assignment: see below) is
+// committed alone.
+func batch(acts []decide.Action, alone func(key string) bool) [][]*decide.Action {
 	var out [][]*decide.Action
 	var cur []*decide.Action
 	used := map[string]bool{}
@@ -43,11 +44,13 @@ func batch(acts []decide.Action) [][]*decide.Action {
 			independent = independent && !used[w.Key]
 			n += len(w.Key) + len(w.Value)
 		}
-		// Deletions go one action to a transaction: an agent that sees many of its assignments
-		// vanish in one revision takes it for lost data and holds its removals (agent/evidence.go).
+		// Assignment deletions go one action to a transaction: an agent that sees many of its
+		// assignments vanish in one revision takes it for lost data and holds its removals
+		// (agent/evidence.go). Other deletions batch: every placement deletes the VM's problem
+		// record, and isolating those made every placement a transaction of its own.
 		deletes := false
 		for _, w := range a.Writes {
-			deletes = deletes || w.Delete
+			deletes = deletes || (w.Delete && alone(w.Key))
 		}
 		if len(cur) > 0 && (deletes || curDeletes || !independent || conds+len(a.Conds) > batchOps || writes+len(a.Writes) > batchOps || size+n > batchBytes) {
 			out = append(out, cur)
@@ -107,7 +110,8 @@ func (t *term) apply(acts []decide.Action) (int64, error) {
 			}
 		}
 	}
-	for _, b := range batch(acts) {
+	assign := t.c.space.AssignRoot()
+	for _, b := range batch(acts, func(key string) bool { return strings.HasPrefix(key, assign) }) {
 		sem <- struct{}{}
 		mu.Lock()
 		stop := notLeader

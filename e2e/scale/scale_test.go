@@ -7,6 +7,8 @@ package scale
 import (
 	"context"
 	"fmt"
+	"io"
+	"net/http"
 	"os"
 	"path/filepath"
 	"sort"
@@ -201,8 +203,9 @@ func TestScale(t *testing.T) {
 	// process, already killed).
 	c.CoordArgs = []string{"--session-ttl", "2s", "--grace", "1s", "--fence-exec", "true",
 		"--mass-failure-fraction", "0.05", "--mass-failure-min", "2", "--reschedule-rate", "1000"}
-	if os.Getenv("HERD_SCALE_PPROF") != "" {
-		c.CoordArgs = append(c.CoordArgs, "--pprof") // profile the leader by hand while the run goes
+	profiles := os.Getenv("HERD_SCALE_PPROF") // a directory: the leader's profiles are saved there
+	if profiles != "" {
+		c.CoordArgs = append(c.CoordArgs, "--pprof")
 	}
 	c.StartCoordinator()
 	c.StartCoordinator()
@@ -264,12 +267,19 @@ func TestScale(t *testing.T) {
 	t.Logf("leader: %d MiB RSS, %s CPU while placing; etcd %d MiB; sim process of %d nodes %d MiB (%d KiB per node)",
 		rss, (cpu1 - cpu0).Round(time.Millisecond), etcdRSS, nodes-lost, simRSS, simRSS*1024/int64(nodes-lost))
 
+	if profiles != "" {
+		saveProfile(t, leader, "heap", filepath.Join(profiles, "leader-heap.pprof"))
+	}
 	// Steady state: what etcd serves with nothing changing.
 	ranges0, _ := rig.Metric(c.MetricsURL, "grpc_server_handled_total", `grpc_method="Range"`)
 	txns0, _ := rig.Metric(c.MetricsURL, "grpc_server_handled_total", `grpc_method="Txn"`)
 	keep0, _ := rig.Metric(c.MetricsURL, "grpc_server_msg_received_total", `grpc_method="LeaseKeepAlive"`)
 	_, lcpu0 := usage(leader.Pid())
-	time.Sleep(20 * time.Second)
+	if profiles != "" {
+		saveProfile(t, leader, "profile?seconds=20", filepath.Join(profiles, "leader-steady-cpu.pprof"))
+	} else {
+		time.Sleep(20 * time.Second)
+	}
 	ranges1, _ := rig.Metric(c.MetricsURL, "grpc_server_handled_total", `grpc_method="Range"`)
 	txns1, _ := rig.Metric(c.MetricsURL, "grpc_server_handled_total", `grpc_method="Txn"`)
 	keep1, _ := rig.Metric(c.MetricsURL, "grpc_server_msg_received_total", `grpc_method="LeaseKeepAlive"`)
@@ -365,6 +375,26 @@ func TestScale(t *testing.T) {
 	checkHistory(t, c)
 	db, _ := rig.Metric(c.MetricsURL, "etcd_mvcc_db_total_size_in_bytes")
 	t.Logf("etcd database %.0f MiB: %.1f KiB per VM", db/(1<<20), db/1024/float64(vms))
+}
+
+// saveProfile saves one of the coordinator's Go profiles (--pprof) to file.
+func saveProfile(t *testing.T, co *rig.Coordinator, which, file string) {
+	resp, err := http.Get(co.Status + "/debug/pprof/" + which)
+	if err != nil {
+		t.Logf("profile %s: %v", which, err)
+		return
+	}
+	defer resp.Body.Close()
+	f, err := os.Create(file)
+	if err != nil {
+		t.Logf("profile %s: %v", which, err)
+		return
+	}
+	defer f.Close()
+	if _, err := io.Copy(f, resp.Body); err != nil {
+		t.Logf("profile %s: %v", which, err)
+	}
+	t.Logf("saved %s", file)
 }
 
 // reportedRunning counts the VMs some live node reports running.
