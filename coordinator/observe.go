@@ -44,27 +44,27 @@ func (c *Coordinator) observe(ctx context.Context) *decide.Snapshot {
 		}
 	}
 	s.RestoreWant = int(c.restoreWant.Load())
-	byNodeVM(sp.AssignRoot(), c.assignInf.List(), s.Assigns)
-	byNodeVM(sp.StatusRoot(), c.statusInf.List(), s.Reports)
-	for _, r := range c.volInf.List() {
+	byNodeVM(sp.AssignRoot(), c.assignInf.Unsorted(), s.Assigns)
+	byNodeVM(sp.StatusRoot(), c.statusInf.Unsorted(), s.Reports)
+	for _, r := range c.volInf.Unsorted() {
 		if pool, image, ok := keys.ParseNodeScoped(sp.VolumeRoot(), r.Key); ok {
 			s.Volumes[pool+"/"+image] = r
 		}
 	}
-	for _, r := range c.requestInf.List() {
+	for _, r := range c.requestInf.Unsorted() {
 		s.Requests[r.Key] = r
 	}
-	for _, r := range c.nodeCmdInf.List() {
+	for _, r := range c.nodeCmdInf.Unsorted() {
 		s.NodeCmds[r.Key] = r
 	}
-	for _, r := range c.hwInf.List() {
+	for _, r := range c.hwInf.Unsorted() {
 		if hwid, ok := keys.ParseLeaf(sp.HardwarePrefix(), r.Key); ok && r.OK() {
 			s.Hardware[hwid] = r.Value
 		}
 	}
-	leaf(sp.NodeStatePrefix(), c.nodeStateInf.List(), s.States)
-	leaf(sp.NodeSpecPrefix(), c.nodeSpecInf.List(), s.Specs)
-	leaf(sp.NodePrefix(), c.nodeInf.List(), s.Nodes)
+	leaf(sp.NodeStatePrefix(), c.nodeStateInf.Unsorted(), s.States)
+	leaf(sp.NodeSpecPrefix(), c.nodeSpecInf.Unsorted(), s.Specs)
+	leaf(sp.NodePrefix(), c.nodeInf.Unsorted(), s.Nodes)
 	for _, r := range c.fenceInf.List() {
 		if hwid, _, ok := keys.ParseNodeScoped(sp.FenceRoot(), r.Key); ok {
 			s.Fences[hwid] = append(s.Fences[hwid], r)

@@ -54,8 +54,12 @@ func newRecord[T any](kv *KV) *keys.Record[T] {
 func (t *Typed[T]) Get(key string) *keys.Record[T] { return Record[T](t.Informer.Get(key)) }
 
 // List returns every cached key, sorted.
-func (t *Typed[T]) List() []*keys.Record[T] {
-	kvs := t.Informer.List()
+func (t *Typed[T]) List() []*keys.Record[T] { return records[T](t.Informer.List()) }
+
+// Unsorted returns every cached key in no particular order (Informer.Unsorted).
+func (t *Typed[T]) Unsorted() []*keys.Record[T] { return records[T](t.Informer.Unsorted()) }
+
+func records[T any](kvs []*KV) []*keys.Record[T] {
 	out := make([]*keys.Record[T], len(kvs))
 	for i, kv := range kvs {
 		out[i] = Record[T](kv)
