@@ -72,6 +72,10 @@ type Config struct {
 	// CrashBackoff is the wait before starting a crashed guest again after its first crash in
 	// ten minutes; it doubles with each further one, up to 5 min. Default 1 s.
 	CrashBackoff time.Duration
+	// DiskPaths are filesystems the node needs room on (console logs, local disks): while one has
+	// less than DiskMinFree free (default DefaultDiskMinFree), the node takes no new VMs.
+	DiskPaths   []string
+	DiskMinFree uint64
 	// CephUser and CephKey, when set, become the libvirt secret QEMU reaches RBD disks with.
 	CephUser, CephKey string
 	// RebootCommand is what a reboot node command runs (sh -c). Default "systemctl reboot".
@@ -121,6 +125,9 @@ func (c *Config) defaults() error {
 	}
 	if c.CrashBackoff == 0 {
 		c.CrashBackoff = time.Second
+	}
+	if c.DiskMinFree == 0 {
+		c.DiskMinFree = DefaultDiskMinFree
 	}
 	if c.RebootCommand == "" {
 		c.RebootCommand = "systemctl reboot"
@@ -179,7 +186,11 @@ type Agent struct {
 	nospace *etcdutil.SpaceGauge // etcd refuses this node's reports for want of space
 	// hvProblem says why libvirtd cannot be used (nil: it can); pubMu orders node record rewrites.
 	hvProblem atomic.Pointer[string]
-	pubMu     sync.Mutex
+	// diskProblem says which watched filesystem is nearly full (nil: none); diskShortPaths is the
+	// set last published, touched by the resync loop only.
+	diskProblem    atomic.Pointer[string]
+	diskShortPaths string
+	pubMu          sync.Mutex
 
 	mu       sync.Mutex
 	reported map[string]keys.VMStatus // last status written per VM, to skip identical writes
@@ -416,6 +427,7 @@ func (a *Agent) waitCluster(ctx context.Context) error {
 }
 
 func (a *Agent) resyncLoop(ctx context.Context) {
+	a.diskHealth(ctx)
 	t := time.NewTicker(a.cfg.Resync)
 	defer t.Stop()
 	for {
@@ -424,6 +436,7 @@ func (a *Agent) resyncLoop(ctx context.Context) {
 			return
 		case <-t.C:
 			a.enqueueAll(ctx)
+			a.diskHealth(ctx)
 		}
 	}
 }

@@ -12,6 +12,7 @@ type metrics struct {
 	reconcileSeconds prometheus.Histogram
 	leaseLost        prometheus.Counter
 	frozen           prometheus.Gauge
+	diskFree         *prometheus.GaugeVec
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -33,7 +34,10 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "herd_agent_frozen", Help: "1 while the agent acts on nothing: etcd went back in time and the leader's restore recovery is not done.",
 		}),
 	}
-	reg.MustRegister(m.domains, m.reconcileErrors, m.reconcileSeconds, m.leaseLost, m.frozen)
+	m.diskFree = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Name: "herd_agent_disk_free_bytes", Help: "Free bytes on each filesystem the node needs room on (--disk-path), at the last check.",
+	}, []string{"path"})
+	reg.MustRegister(m.domains, m.reconcileErrors, m.reconcileSeconds, m.leaseLost, m.frozen, m.diskFree)
 	return m
 }
 

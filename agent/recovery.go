@@ -199,6 +199,9 @@ func (a *Agent) problem() string {
 	if p := a.hvProblem.Load(); p != nil {
 		return *p
 	}
+	if p := a.diskProblem.Load(); p != nil {
+		return *p
+	}
 	return ""
 }
 

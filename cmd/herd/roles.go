@@ -1,6 +1,7 @@
 package main
 
 import (
+	"fmt"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -13,6 +14,7 @@ import (
 	"github.com/herdhq/herd/coordinator"
 	"github.com/herdhq/herd/coordinator/fence"
 	"github.com/herdhq/herd/lib/keys"
+	"github.com/herdhq/herd/lib/units"
 	"github.com/herdhq/herd/lib/volume"
 )
 
@@ -109,6 +111,8 @@ type agentParams struct {
 	rebootCmd string
 	migTLS    bool
 	migTLSDir string
+	diskPaths []string
+	diskMin   string
 	storage   storageFlags
 }
 
@@ -133,6 +137,8 @@ func (p *agentParams) addFlags(fs *pflag.FlagSet) {
 	fs.DurationVar(&p.migT, "migration-timeout", 10*time.Minute, "abort a live migration that takes longer")
 	fs.StringVar(&p.rebootCmd, "reboot-command", "systemctl reboot", "what a rollout's reboot command runs (sh -c); the netboot image uses 'reboot -f'")
 	fs.BoolVar(&p.migTLS, "migrate-tls", false, "encrypt live migrations with TLS (VIR_MIGRATE_TLS): qemu.conf must set migrate_tls_x509_cert_dir on every node (docs/security.md)")
+	fs.StringSliceVar(&p.diskPaths, "disk-path", nil, "a filesystem the node needs room on, repeatable (default: --console-dir, and --volume-dir for directory disks); while one has less than --disk-min-free free the node takes no new VMs")
+	fs.StringVar(&p.diskMin, "disk-min-free", "256MiB", "free space each --disk-path must keep, e.g. 1GiB")
 	fs.StringVar(&p.migTLSDir, "migrate-tls-dir", "/etc/pki/qemu", "with --join and --migrate-tls: where to write this node's migration certificate (qemu.conf's migrate_tls_x509_cert_dir)")
 }
 
@@ -169,7 +175,21 @@ func (p *agentParams) config(c agentConns) (agent.Config, error) {
 	if err != nil {
 		return agent.Config{}, err
 	}
+	diskMin, err := units.ParseBytes(p.diskMin, 1)
+	if err != nil || diskMin <= 0 {
+		return agent.Config{}, fmt.Errorf("--disk-min-free %q: want a size such as 256MiB", p.diskMin)
+	}
+	diskPaths := p.diskPaths
+	if len(diskPaths) == 0 {
+		if p.console != "" {
+			diskPaths = append(diskPaths, p.console)
+		}
+		if d, ok := c.volumes.(volume.Dir); ok && d.Root != "" {
+			diskPaths = append(diskPaths, d.Root)
+		}
+	}
 	return agent.Config{
+		DiskPaths: diskPaths, DiskMinFree: uint64(diskMin),
 		Client: c.client, EtcdUser: c.user, Space: c.space, HWID: c.hwid, BootID: c.bootID,
 		Hypervisor: c.hypervisor, Volumes: c.volumes, CephUser: p.storage.user, CephKey: c.cephKey,
 		LeaseTTL: p.leaseTTL, Resync: p.resync,

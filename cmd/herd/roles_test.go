@@ -53,11 +53,15 @@ func TestDevRunsTheRolesWithTheirDefaults(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// Dev's deliberate changes: boot files in its data directory, no console logs.
-	if devA.BootDir != "/data/boot" || devA.ConsoleDir != "" {
-		t.Fatalf("dev agent: boot dir %q console dir %q", devA.BootDir, devA.ConsoleDir)
+	// Dev's deliberate changes: boot files in its data directory, no console logs (so only the
+	// disks' filesystem is watched for room).
+	if devA.BootDir != "/data/boot" || devA.ConsoleDir != "" || !reflect.DeepEqual(devA.DiskPaths, []string{"/v"}) {
+		t.Fatalf("dev agent: boot dir %q console dir %q disk paths %q", devA.BootDir, devA.ConsoleDir, devA.DiskPaths)
 	}
-	devA.BootDir, devA.ConsoleDir = roleA.BootDir, roleA.ConsoleDir
+	if !reflect.DeepEqual(roleA.DiskPaths, []string{"/var/log/herd/console", "/v"}) {
+		t.Fatalf("herd agent watches %q for room", roleA.DiskPaths)
+	}
+	devA.BootDir, devA.ConsoleDir, devA.DiskPaths = roleA.BootDir, roleA.ConsoleDir, roleA.DiskPaths
 	if !reflect.DeepEqual(roleA, devA) {
 		t.Fatalf("dev's agent differs from herd agent's defaults:\n role %+v\n dev  %+v", roleA, devA)
 	}
