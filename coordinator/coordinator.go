@@ -229,6 +229,12 @@ func New(cfg Config) (*Coordinator, error) {
 	for _, inf := range c.informers() {
 		inf.OnRegress = c.onRegress
 	}
+	for _, inf := range c.informers() {
+		cfg.Registry.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "herd_coordinator_cache_lists_total", Help: "Full lists of a cache: 1 in a steady system; more when a watch fell too far behind or etcd compacted or went back.",
+			ConstLabels: prometheus.Labels{"prefix": inf.Prefix()},
+		}, func() float64 { return float64(inf.Relists()) }))
+	}
 	// The big prefixes are read only decoded: at 100,000 VMs their raw bytes were a fifth of the
 	// leader's heap. (Records whose holder decodes a private copy from Raw keep theirs.)
 	for _, inf := range []*etcdutil.Informer{c.vmInf, c.placementInf.Informer, c.problemInf.Informer, c.assignInf.Informer, c.statusInf.Informer} {

@@ -11,7 +11,7 @@ import (
 // leaseAsks bounds how many lease questions (TimeToLive) one replica has in flight. Asked one
 // after another, 10,000 node leases took a new leader's first round several seconds at 10k
 // nodes: the whole failover budget. In parallel, etcd answers them in a fraction of that.
-const leaseAsks = 32
+const leaseAsks = 8
 
 // askAll runs ask for every id with at most leaseAsks in flight, and returns when all answered.
 func askAll(ids []int64, ask func(int64)) {

@@ -240,6 +240,14 @@ func TestScale(t *testing.T) {
 		t.Fatal(err)
 	}
 	_, cpu0 := usage(leader.Pid())
+	var profiled sync.WaitGroup
+	if profiles != "" {
+		profiled.Add(1)
+		go func() {
+			defer profiled.Done()
+			saveProfile(t, leader, "profile?seconds=30", filepath.Join(profiles, "leader-placing-cpu.pprof"))
+		}()
+	}
 	start = time.Now()
 	c.Herdctl("vm", "apply", "-f", file, "--timeout", "30s")
 	applied := time.Since(start)
@@ -266,6 +274,15 @@ func TestScale(t *testing.T) {
 		ranAll.Round(time.Millisecond), pct(lat, 0.5), pct(lat, 0.99))
 	t.Logf("leader: %d MiB RSS, %s CPU while placing; etcd %d MiB; sim process of %d nodes %d MiB (%d KiB per node)",
 		rss, (cpu1 - cpu0).Round(time.Millisecond), etcdRSS, nodes-lost, simRSS, simRSS*1024/int64(nodes-lost))
+	lm := leader.Status + "/metrics"
+	rounds, _ := rig.Metric(lm, "herd_coordinator_round_seconds_count")
+	roundSum, _ := rig.Metric(lm, "herd_coordinator_round_seconds_sum")
+	retries, _ := rig.Metric(lm, "herd_coordinator_batch_retries_total")
+	conflicts, _ := rig.Metric(lm, "herd_coordinator_txn_conflicts_total")
+	lists, _ := rig.Metric(lm, "herd_coordinator_cache_lists_total")
+	t.Logf("leader: %.0f rounds that wrote, %.2f s each on average (observe to commit); %.0f batches retried action by action, %.0f conflicts; %.0f cache lists (16 at start)",
+		rounds, roundSum/max(rounds, 1), retries, conflicts, lists)
+	profiled.Wait()
 
 	if profiles != "" {
 		saveProfile(t, leader, "heap", filepath.Join(profiles, "leader-heap.pprof"))
