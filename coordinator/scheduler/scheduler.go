@@ -347,8 +347,10 @@ func Schedule(s Snapshot, o Options) Plan {
 		}
 	}
 	var plan Plan
+	limit := scoreLimit(len(nodes))
+	next := 0 // where the next VM's search starts: round-robin over the nodes when not all are scored
 	for _, vm := range s.Pending {
-		best, reasons := pick(list, nodes, vm, o.Strategy)
+		best, reasons := pick(list, nodes, vm, o.Strategy, &next, limit)
 		if best == nil {
 			plan.Failures = append(plan.Failures, Failure{VM: vm.Name, UID: vm.UID, Reasons: reasons, Message: explain(checks, vm, nodes, reasons)})
 			continue
@@ -388,12 +390,36 @@ func score(n *NodeUse, vm VM, st Strategy) float64 {
 	return free
 }
 
-func pick(checks checkList, nodes []*NodeUse, vm VM, st Strategy) (*NodeUse, map[string]int) {
+// scoreLimit is how many feasible nodes one placement scores before it picks the best of them.
+// Scoring every node made a round O(VMs x nodes): at 10,000 nodes and 100,000 VMs arriving, the
+// scheduler was half the leader's CPU and placement fell behind the specs by minutes. As
+// Kubernetes' scheduler does (percentageOfNodesToScore), small clusters score every node and
+// large ones a share that shrinks with their size, never under 100 nodes nor 5 %: the best of
+// hundreds of feasible nodes is as good a spread as the best of all. Feasibility is not sampled:
+// the search goes on past infeasible nodes until it has found enough, or looked at every node.
+func scoreLimit(nodes int) int {
+	if nodes <= 100 {
+		return max(nodes, 1)
+	}
+	pct := max(5, 50-nodes/125)
+	return max(100, nodes*pct/100)
+}
+
+// pick finds the best of up to limit feasible nodes for vm, searching from *next (round-robin:
+// consecutive VMs look at different nodes first) and leaving *next after the last node it
+// looked at. With limit at least len(nodes) it scores every node and ties go to the first in
+// hwid order.
+func pick(checks checkList, nodes []*NodeUse, vm VM, st Strategy, next *int, limit int) (*NodeUse, map[string]int) {
 	var best *NodeUse
 	bestScore := math.Inf(-1)
 	var reasons map[string]int
 	plain := checks.fused && len(checks.rest) == 0
-	for _, n := range nodes {
+	start, looked, feasible := 0, 0, 0
+	if limit < len(nodes) {
+		start = *next
+	}
+	for ; looked < len(nodes) && feasible < limit; looked++ {
+		n := nodes[(start+looked)%len(nodes)]
 		var r string
 		if plain {
 			r = fusedPlacement(n, &vm)
@@ -407,9 +433,13 @@ func pick(checks checkList, nodes []*NodeUse, vm VM, st Strategy) (*NodeUse, map
 			reasons[r]++
 			continue
 		}
+		feasible++
 		if sc := score(n, vm, st); sc > bestScore {
 			best, bestScore = n, sc
 		}
+	}
+	if len(nodes) > 0 {
+		*next = (start + looked) % len(nodes)
 	}
 	if best == nil && len(nodes) == 0 {
 		reasons = map[string]int{ReasonNoNodes: 0}

@@ -155,10 +155,53 @@ func TestSchedulerImportsNoIO(t *testing.T) {
 	}
 }
 
+// TestLargeClustersScoreASample: past 100 nodes a placement scores a bounded share of the feasible
+// nodes, starting where the previous one stopped, so a round is no longer VMs x nodes; the spread
+// stays even, a VM feasible on one node of 10,000 still finds it, and one that fits nowhere still
+// hears about every node.
+func TestLargeClustersScoreASample(t *testing.T) {
+	if l := scoreLimit(10000); l != 500 {
+		t.Fatalf("10,000 nodes: %d scored", l)
+	}
+	if l := scoreLimit(3); l != 3 {
+		t.Fatalf("3 nodes: %d scored", l)
+	}
+	ns := make([]Node, 10000)
+	for i := range ns {
+		ns[i] = Node{HWID: fmt.Sprintf("n%05d", i), CPUs: 64, MemoryMiB: 64 << 10}
+	}
+	ns[9999].Labels = map[string]string{"gpu": "yes"}
+	pending := vms(20000, 1, 1024)
+	p := Schedule(Snapshot{Nodes: ns, Pending: pending}, Options{CPUOvercommit: 1})
+	c := count(p)
+	if len(p.Placements) != 20000 || len(c) != 10000 {
+		t.Fatalf("%d placed on %d nodes", len(p.Placements), len(c))
+	}
+	for n, k := range c {
+		if k != 2 {
+			t.Fatalf("%s has %d VMs: the spread is uneven", n, k)
+		}
+	}
+	gpu := VM{Name: "gpu", UID: 1, VCPUs: 1, MemoryMiB: 1024, Selector: map[string]string{"gpu": "yes"}}
+	huge := VM{Name: "huge", UID: 2, VCPUs: 1, MemoryMiB: 1 << 20}
+	p = Schedule(Snapshot{Nodes: ns, Pending: []VM{gpu, huge}}, Options{CPUOvercommit: 1})
+	if len(p.Placements) != 1 || p.Placements[0].Node != "n09999" {
+		t.Fatalf("the one node with the label: %+v", p.Placements)
+	}
+	if len(p.Failures) != 1 || p.Failures[0].Reasons[ReasonMemory] != 10000 {
+		t.Fatalf("a VM that fits nowhere: %+v", p.Failures)
+	}
+}
+
 // BenchmarkSchedule10kOver1k is the scheduler alone: 10,000 pending VMs over 1,000 nodes in one
 // round. Reported as decisions/s.
-func BenchmarkSchedule10kOver1k(b *testing.B) {
-	s := Snapshot{Nodes: nodes(1000, 64, 256<<10), Pending: vms(10000, 2, 4096)}
+func BenchmarkSchedule10kOver1k(b *testing.B) { benchSchedule(b, 1000, 10000) }
+
+// BenchmarkSchedule100kOver10k: 100,000 pending VMs over 10,000 nodes, the scale rig's size.
+func BenchmarkSchedule100kOver10k(b *testing.B) { benchSchedule(b, 10000, 100000) }
+
+func benchSchedule(b *testing.B, nodeCount, vmCount int) {
+	s := Snapshot{Nodes: nodes(nodeCount, 64, 256<<10), Pending: vms(vmCount, 2, 4096)}
 	for i := range s.Nodes {
 		s.Nodes[i].Labels = map[string]string{"rack": fmt.Sprint(i % 20)}
 	}

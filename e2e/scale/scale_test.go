@@ -373,10 +373,23 @@ func TestScale(t *testing.T) {
 	} else if guard, err = keys.Decode[keys.LossGuard](resp.Kvs[0].Value); err != nil {
 		t.Fatal(err)
 	}
-	if listed := placedOn(t, cl, guard.Nodes); listed != heldVMs {
-		t.Fatalf("%d VMs placed on the %d nodes the guard lists, %d on all lost nodes", listed, len(guard.Nodes), heldVMs)
+	listed := map[string]bool{}
+	for _, id := range guard.Nodes {
+		listed[id] = true
 	}
-	t.Logf("the guard listed %d nodes when written, %d before confirmation", first, len(guard.Nodes))
+	var killedListed []string
+	for _, id := range lostIDs {
+		if listed[id] {
+			killedListed = append(killedListed, id)
+		}
+	}
+	if n := placedOn(t, cl, killedListed); n != heldVMs {
+		t.Fatalf("%d VMs placed on the killed nodes the guard lists, %d on all killed nodes: the guard misses some", n, heldVMs)
+	}
+	// On 2 cores the expiry storm can starve a surviving node's keepalives: its lease expires,
+	// it is lost like the others (and registers again), and the guard rightly holds it too.
+	t.Logf("the guard listed %d nodes when written, %d before confirmation (%d of them killed, %d survivors whose leases expired in the storm)",
+		first, len(guard.Nodes), len(killedListed), len(guard.Nodes)-len(killedListed))
 	c.Herdctl("cluster", "confirm-loss")
 	start = time.Now()
 	rig.Eventually(t, 15*time.Minute, "every VM running on the survivors", func() error {
