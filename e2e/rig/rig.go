@@ -198,6 +198,9 @@ type Cluster struct {
 	CoordArgs   []string // extra flags for every coordinator
 	agentsOrder []string
 	etcdArgs    []string
+	// CommandTimeout bounds each command Run runs (at least a minute; the scale rig applies
+	// 100,000 specs into an etcd it overloads).
+	CommandTimeout time.Duration
 	// HistoryTimeout bounds History's replay (at least a minute; the scale rig replays millions of
 	// events).
 	HistoryTimeout time.Duration
@@ -446,7 +449,7 @@ func (c *Cluster) StartAgent(hwid string, cpus int, memMiB int64, extra ...strin
 // Run runs a command with the cluster's endpoint in its environment and returns stdout, stderr and
 // the exit code.
 func (c *Cluster) Run(bin string, args ...string) (string, string, int) {
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), max(c.CommandTimeout, 60*time.Second))
 	defer cancel()
 	cmd := exec.CommandContext(ctx, bin, args...)
 	cmd.Env = append(append(os.Environ(), "HERD_ENDPOINTS="+c.Endpoint, "ETCDCTL_API=3"), c.Env...)

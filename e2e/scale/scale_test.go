@@ -193,6 +193,7 @@ func TestScale(t *testing.T) {
 
 	c := rig.NewCluster(t, bin)
 	c.HistoryTimeout = 20 * time.Minute
+	c.CommandTimeout = 15 * time.Minute
 	cl := c.Client()
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
