@@ -175,8 +175,8 @@ type Coordinator struct {
 	vanished  map[string]*keys.Placement // VM -> its last placement, deleted by someone
 	firstSeen map[string]time.Time       // VM -> when its spec was first seen, for the placement latency
 	left      map[string]string          // hwid -> boot id of a clean departure this replica saw
-	leaseTTLs map[int64]time.Duration    // lease -> granted TTL, asked once per lease
 	deadLease map[int64]bool             // leases etcd said are gone: a lease never comes back
+	nodeTTLs  *ttlCache                  // node leases' granted TTLs, asked once per lease
 
 	nospace *etcdutil.SpaceGauge // etcd refuses the leader's writes for want of space
 
@@ -201,9 +201,9 @@ func New(cfg Config) (*Coordinator, error) {
 		vanished:  map[string]*keys.Placement{},
 		firstSeen: map[string]time.Time{},
 		left:      map[string]string{},
-		leaseTTLs: map[int64]time.Duration{},
 		deadLease: map[int64]bool{},
 	}
+	c.nodeTTLs = newTTLCache(cfg.Client, 0)
 	c.events = events.New(cfg.Client, cfg.Space, keys.EventsByCoordinator, "coordinator/"+cfg.Name, cfg.EtcdUser, c.log)
 	c.m = newMetrics(cfg.Registry)
 	c.nospace = etcdutil.NewSpaceGauge(cfg.Registry, "herd_coordinator_etcd_nospace", c.log)
@@ -349,12 +349,12 @@ func (c *Coordinator) onNode(key string, prev, cur *etcdutil.KV) {
 	if n.OK() {
 		delete(c.left, n.Value.HWID)
 	}
+	c.mu.Unlock()
 	unknown := false
 	if n.OK() && n.Lease != 0 {
-		_, known := c.leaseTTLs[n.Lease]
+		_, known := c.nodeTTLs.known(n.Lease)
 		unknown = !known
 	}
-	c.mu.Unlock()
 	if unknown {
 		select {
 		case c.newLease <- struct{}{}:

@@ -8,8 +8,6 @@ import (
 	"sync"
 	"time"
 
-	clientv3 "go.etcd.io/etcd/client/v3"
-
 	"github.com/herdhq/herd/lib/etcdutil"
 	"github.com/herdhq/herd/lib/events"
 	"github.com/herdhq/herd/lib/keys"
@@ -38,40 +36,18 @@ type janitor struct {
 	over    map[keys.EventWriter]bool // writers past their cap
 	wake    chan struct{}
 
-	// ttls are the granted TTLs of the records' leases, asked once each: every writer shares a
-	// lease per rotation, so at 10,000 nodes there are tens of thousands. Kept apart from the
-	// node leases the rounds know: sharing one map, each pruned the other's entries and both
-	// were asked again and again. Touched by sweep only.
-	ttls map[int64]time.Duration
+	// ttls are the granted TTLs of the records' leases: every writer shares a lease per
+	// rotation, so at 10,000 nodes there are tens of thousands.
+	ttls *ttlCache
 }
 
 // maxEventLeases bounds the janitor's lease memory; past it, it starts over.
 const maxEventLeases = 200000
 
-// ttl is a record lease's granted TTL (false: etcd could not say).
-func (j *janitor) ttl(ctx context.Context, lease int64) (time.Duration, bool) {
-	if d, ok := j.ttls[lease]; ok {
-		return d, true
-	}
-	j.c.m.leaseQuestions.WithLabelValues("events").Inc()
-	cctx, cancel := etcdutil.WithTimeout(ctx)
-	resp, err := j.c.cfg.Client.TimeToLive(cctx, clientv3.LeaseID(lease))
-	cancel()
-	if err != nil {
-		return 0, false
-	}
-	if len(j.ttls) >= maxEventLeases {
-		j.ttls = map[int64]time.Duration{}
-	}
-	d := time.Duration(resp.GrantedTTL) * time.Second
-	j.ttls[lease] = d
-	return d, true
-}
-
 // runEventJanitor watches the audit trail and removes what breaks its rules until ctx (the term)
 // ends.
 func (c *Coordinator) runEventJanitor(ctx context.Context, g etcdutil.Guard) {
-	j := &janitor{c: c, g: g, pending: map[string]bool{}, count: map[keys.EventWriter]int{}, ttls: map[int64]time.Duration{},
+	j := &janitor{c: c, g: g, pending: map[string]bool{}, count: map[keys.EventWriter]int{}, ttls: newTTLCache(c.cfg.Client, maxEventLeases),
 		over: map[keys.EventWriter]bool{}, wake: make(chan struct{}, 1)}
 	j.inf = etcdutil.NewInformer(c.cfg.Client, c.space.EventPrefix(), nil, j.onEvent, c.log)
 	j.inf.DropValues = true // sizes and leases are all the rules need
@@ -138,7 +114,11 @@ func (j *janitor) sweep(ctx context.Context) error {
 	over := j.over
 	j.over = map[keys.EventWriter]bool{}
 	j.mu.Unlock()
-	junk := junkEvents(j.c.space, keysToCheck, func(lease int64) (time.Duration, bool) { return j.ttl(ctx, lease) })
+	asked := j.c.m.leaseQuestions.WithLabelValues("events")
+	junk := junkEvents(j.c.space, keysToCheck, func(lease int64) (time.Duration, bool) {
+		d, err := j.ttls.get(ctx, lease, asked)
+		return d, err == nil
+	})
 	if len(over) > 0 {
 		byWriter := map[keys.EventWriter][]*etcdutil.KV{}
 		for _, kv := range j.inf.List() {

@@ -101,24 +101,22 @@ func (c *Coordinator) observe(ctx context.Context) *decide.Snapshot {
 		nodes = append(nodes, r)
 	}
 	askAll(c.unknownTTLs(nodes), func(id int64) {
-		if _, err := c.grantedTTL(ctx, id, "round"); err != nil {
+		if _, err := c.nodeTTLs.get(ctx, id, c.m.leaseQuestions.WithLabelValues("round")); err != nil {
 			c.log.Warn("lease check failed", "lease", fmt.Sprintf("%x", id), "error", err)
 		}
 	})
 	trusted := map[string]bool{}
-	c.mu.Lock()
 	for hwid, r := range s.Nodes {
 		if !r.OK() || r.Lease == 0 {
 			continue
 		}
-		ttl, known := c.leaseTTLs[r.Lease]
+		ttl, known := c.nodeTTLs.known(r.Lease)
 		if !known {
 			continue // unknown counts as sane: not knowing is no reason to call a node dead
 		}
 		s.LeaseTTL[r.Lease] = ttl
 		trusted[hwid] = ttl <= decide.MaxNodeLeaseTTL
 	}
-	c.mu.Unlock()
 	// Whether the last recorded lease of each node without a trusted key still lives: a key deleted
 	// by hand (lease alive) is no death. Only nodes the leader might fence are asked about.
 	var ask []int64
@@ -147,14 +145,9 @@ func (c *Coordinator) observe(ctx context.Context) *decide.Snapshot {
 // forgetLeases drops what the replica knows about leases nothing refers to any more, so the
 // memory follows the cluster's size rather than its history of boots.
 func (c *Coordinator) forgetLeases(s *decide.Snapshot) {
+	c.nodeTTLs.keepOnly(s.LeaseTTL, 2*len(s.Nodes)+64)
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if len(c.leaseTTLs) > 2*len(s.Nodes)+64 {
-		c.leaseTTLs = map[int64]time.Duration{}
-		for id, ttl := range s.LeaseTTL {
-			c.leaseTTLs[id] = ttl
-		}
-	}
 	if len(c.deadLease) > 2*len(s.States)+64 {
 		keep := map[int64]bool{}
 		for _, r := range s.States {
@@ -194,28 +187,6 @@ func leaf[T any](prefix string, rs []*keys.Record[T], out map[string]*keys.Recor
 			out[hwid] = r
 		}
 	}
-}
-
-// grantedTTL is how long a lease was granted for, asked of etcd once per lease.
-func (c *Coordinator) grantedTTL(ctx context.Context, lease int64, by string) (time.Duration, error) {
-	c.mu.Lock()
-	ttl, known := c.leaseTTLs[lease]
-	c.mu.Unlock()
-	if known {
-		return ttl, nil
-	}
-	c.m.leaseQuestions.WithLabelValues(by).Inc()
-	cctx, cancel := etcdutil.WithTimeout(ctx)
-	resp, err := c.cfg.Client.TimeToLive(cctx, clientv3.LeaseID(lease))
-	cancel()
-	if err != nil {
-		return 0, fmt.Errorf("lease %x: %w", lease, err)
-	}
-	ttl = time.Duration(resp.GrantedTTL) * time.Second
-	c.mu.Lock()
-	c.leaseTTLs[lease] = ttl
-	c.mu.Unlock()
-	return ttl, nil
 }
 
 // leaseAlive asks etcd whether a lease still lives; known is false when etcd could not say. A lease
