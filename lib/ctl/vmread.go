@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"runtime"
 	"sort"
 	"strings"
 	"sync"
@@ -494,24 +493,10 @@ func vmAge(vm *vmView) time.Time {
 	return time.Time{}
 }
 
-// decodeAll decodes every value with decode, on all cores: at 100,000 VMs decoding is most of a
-// listing's time. A key that is not of the type (a VM's migrate key among its spec keys) only
-// yields an error nobody reads.
+// decodeAll decodes every value with decode: what buildView decodes itself, for reads that did
+// not decode as they read (a node's keys: few).
 func decodeAll[T any](kvs []*mvccpb.KeyValue, decode func([]byte) (*T, error)) ([]*T, []error) {
-	out, errs := make([]*T, len(kvs)), make([]error, len(kvs))
-	workers := min(runtime.GOMAXPROCS(0), max(1, len(kvs)/1000))
-	per := (len(kvs) + workers - 1) / max(workers, 1)
-	var wg sync.WaitGroup
-	for lo := 0; lo < len(kvs); lo += per {
-		hi := min(lo+per, len(kvs))
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for i := lo; i < hi; i++ {
-				out[i], errs[i] = decode(kvs[i].Value)
-			}
-		}()
-	}
-	wg.Wait()
-	return out, errs
+	d := &pageDecoder[T]{decode: decode}
+	d.add(kvs)
+	return d.result()
 }
