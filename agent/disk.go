@@ -13,7 +13,7 @@ import (
 // DefaultDiskMinFree is the free space below which a watched filesystem keeps the node from
 // taking VMs. The netboot image's filesystems are RAM: a console log that fills one takes
 // memory from the guests as well.
-const DefaultDiskMinFree = 256 << 20
+const DefaultDiskMinFree = 64 << 20
 
 // diskShort says which watched filesystems have less than min bytes free (the problem's text, ""
 // when none, and the paths), and how many bytes each has free. A path that cannot be checked

@@ -138,7 +138,7 @@ func (p *agentParams) addFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&p.rebootCmd, "reboot-command", "systemctl reboot", "what a rollout's reboot command runs (sh -c); the netboot image uses 'reboot -f'")
 	fs.BoolVar(&p.migTLS, "migrate-tls", false, "encrypt live migrations with TLS (VIR_MIGRATE_TLS): qemu.conf must set migrate_tls_x509_cert_dir on every node (docs/security.md)")
 	fs.StringSliceVar(&p.diskPaths, "disk-path", nil, "a filesystem the node needs room on, repeatable (default: --console-dir, and --volume-dir for directory disks); while one has less than --disk-min-free free the node takes no new VMs")
-	fs.StringVar(&p.diskMin, "disk-min-free", "256MiB", "free space each --disk-path must keep, e.g. 1GiB")
+	fs.StringVar(&p.diskMin, "disk-min-free", "64MiB", "free space each --disk-path must keep, e.g. 1GiB")
 	fs.StringVar(&p.migTLSDir, "migrate-tls-dir", "/etc/pki/qemu", "with --join and --migrate-tls: where to write this node's migration certificate (qemu.conf's migrate_tls_x509_cert_dir)")
 }
 
@@ -177,7 +177,7 @@ func (p *agentParams) config(c agentConns) (agent.Config, error) {
 	}
 	diskMin, err := units.ParseBytes(p.diskMin, 1)
 	if err != nil || diskMin <= 0 {
-		return agent.Config{}, fmt.Errorf("--disk-min-free %q: want a size such as 256MiB", p.diskMin)
+		return agent.Config{}, fmt.Errorf("--disk-min-free %q: want a size such as 64MiB", p.diskMin)
 	}
 	diskPaths := p.diskPaths
 	if len(diskPaths) == 0 {
