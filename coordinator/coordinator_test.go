@@ -81,6 +81,17 @@ func get(t *testing.T, c *clientv3.Client, key string) []byte {
 	return resp.Kvs[0].Value
 }
 
+// leads waits until r is the leader.
+func leads(t *testing.T, r *replica, what string) {
+	t.Helper()
+	eventually(t, what, func() error {
+		if !r.c.IsLeader() {
+			return fmt.Errorf("not yet")
+		}
+		return nil
+	})
+}
+
 func leader(rs ...*replica) *replica {
 	for _, r := range rs {
 		if r.c.IsLeader() {
@@ -213,12 +224,7 @@ func TestFailoverAndDeletedElectionKey(t *testing.T) {
 	c := etcdtest.NewClient(t, srv.Endpoints)
 	addNode(t, c, "n1", 8, 8192, nil)
 	r1 := startReplica(t, srv.Endpoints, "c1")
-	eventually(t, "c1 leads", func() error {
-		if !r1.c.IsLeader() {
-			return fmt.Errorf("not yet")
-		}
-		return nil
-	})
+	leads(t, r1, "c1 leads")
 	r2 := startReplica(t, srv.Endpoints, "c2")
 	ctx := context.Background()
 
@@ -242,12 +248,7 @@ func TestFailoverAndDeletedElectionKey(t *testing.T) {
 
 	// A clean stop resigns: the standby leads without waiting for the session TTL.
 	r2.stop()
-	eventually(t, "c1 leads again", func() error {
-		if !r1.c.IsLeader() {
-			return fmt.Errorf("not yet")
-		}
-		return nil
-	})
+	leads(t, r1, "c1 leads again")
 	if _, err := c.Put(ctx, space.VMSpec("after"), `{"vcpus":1,"memory_mib":64}`); err != nil {
 		t.Fatal(err)
 	}

@@ -17,12 +17,7 @@ func TestStandbyKnowsLeasesBeforeItLeads(t *testing.T) {
 	srv := etcdtest.Start(t)
 	c := etcdtest.NewClient(t, srv.Endpoints)
 	r1 := startReplica(t, srv.Endpoints, "c1")
-	eventually(t, "c1 leads", func() error {
-		if !r1.c.IsLeader() {
-			return fmt.Errorf("not yet")
-		}
-		return nil
-	})
+	leads(t, r1, "c1 leads")
 	r2 := startReplica(t, srv.Endpoints, "c2")
 	const nodes = 40
 	for i := range nodes {
@@ -42,12 +37,7 @@ func TestStandbyKnowsLeasesBeforeItLeads(t *testing.T) {
 	}
 
 	r1.stop()
-	eventually(t, "c2 leads", func() error {
-		if !r2.c.IsLeader() {
-			return fmt.Errorf("not yet")
-		}
-		return nil
-	})
+	leads(t, r2, "c2 leads")
 	if _, err := c.Put(context.Background(), space.VMSpec("after"), `{"vcpus":1,"memory_mib":64}`); err != nil {
 		t.Fatal(err)
 	}
