@@ -58,10 +58,11 @@ func (a *Agent) diskHealth(ctx context.Context) {
 	}
 	// The text names the free space, which moves all the time: the node record is written again
 	// only when which filesystems are short changes.
-	if strings.Join(which, "\x00") == a.diskShortPaths {
+	key := strings.Join(which, "\x00")
+	if key == a.diskShortPaths {
 		return
 	}
-	a.diskShortPaths = strings.Join(which, "\x00")
+	a.diskShortPaths = key
 	switch {
 	case now == "":
 		a.diskProblem.Store(nil)

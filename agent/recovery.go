@@ -79,9 +79,8 @@ func (a *Agent) wantFrozen() (bool, string) {
 // recoveryLoop publishes the inventory while frozen and thaws when the recovery is done.
 func (a *Agent) recoveryLoop(ctx context.Context) {
 	// Only a frozen agent has anything to retry (an inventory to publish, a thaw to finish, the
-	// inventory to withdraw);
-	// otherwise only a change of the cluster record or the revision wakes it: at 10,000 agents in
-	// one simulator, a tick each second was 10,000 idle wakeups a second.
+	// inventory to withdraw); otherwise only a change of the cluster record or the revision wakes
+	// it: at 10,000 agents in one simulator, a tick each second was 10,000 idle wakeups a second.
 	retry := time.NewTimer(time.Second)
 	defer retry.Stop()
 	for {
