@@ -146,17 +146,10 @@ func (a *Agent) keepAlive(ctx context.Context, lease clientv3.LeaseID) {
 	}
 }
 
-// checkRevision hands a revision etcd answered a request with to every cache, if it is older than
-// floor, the newest revision the caches reflected before the request was made: etcd was restored or
-// replaced (see etcdutil.Informer.CheckRevision), and the caches list again.
+// checkRevision hands a revision etcd answered a request with to the caches, with floor, the newest
+// revision they reflected before the request was made (see etcdutil.CheckRevisions).
 func (a *Agent) checkRevision(floor, rev int64) bool {
-	if rev <= 0 || rev >= floor {
-		return false
-	}
-	for _, inf := range a.caches() {
-		inf.CheckRevision(rev)
-	}
-	return true
+	return etcdutil.CheckRevisions(a.caches(), floor, rev)
 }
 
 // caches are the agent's informers.

@@ -254,6 +254,8 @@ func (b *backend) advertise(ctx context.Context, url string) {
 		}
 		last := ""
 		tick := time.NewTicker(30 * time.Second)
+		caches := []*etcdutil.Informer{b.hw.Informer, b.states.Informer, b.imgs}
+		floor := etcdutil.MaxRev(caches) // before the next keepalive is sent
 	loop:
 		for {
 			v := b.verdicts()
@@ -281,9 +283,8 @@ func (b *backend) advertise(ctx context.Context, url string) {
 				if !ok {
 					break loop
 				}
-				for _, inf := range []*etcdutil.Informer{b.hw.Informer, b.states.Informer, b.imgs} {
-					inf.CheckRevision(r.Revision)
-				}
+				etcdutil.CheckRevisions(caches, floor, r.Revision)
+				floor = etcdutil.MaxRev(caches)
 			case <-b.changed:
 			case <-tick.C:
 			}

@@ -440,15 +440,10 @@ func (c *Coordinator) probeRevision(ctx context.Context, lease clientv3.LeaseID)
 	}
 }
 
-// checkRevision hands a revision etcd answered a request with to every cache if it is older than
-// floor, what the caches held before the request was made: etcd went back, and they list again.
+// checkRevision hands a revision etcd answered a request with to the caches, with floor, what they
+// held before the request was made (see etcdutil.CheckRevisions).
 func (c *Coordinator) checkRevision(floor, rev int64) {
-	if rev <= 0 || rev >= floor {
-		return
-	}
-	for _, inf := range c.informers() {
-		inf.CheckRevision(rev)
-	}
+	etcdutil.CheckRevisions(c.informers(), floor, rev)
 }
 
 // onRegress is told by a cache that etcd went back in time: the replica asks for a restore

@@ -163,24 +163,17 @@ func (t *term) round() (time.Duration, error) {
 
 // barrier reads etcd linearizably and waits until every cache reflects that revision. With check,
 // a revision older than a cache held before the read means etcd was restored or replaced under
-// us: those caches list again.
+// us: every cache lists again.
 func (c *Coordinator) barrier(ctx context.Context, check bool) error {
-	before := map[*etcdutil.Informer]int64{}
-	for _, inf := range c.informers() {
-		before[inf] = inf.Rev()
-	}
+	floor := etcdutil.MaxRev(c.informers())
 	cctx, cancel := etcdutil.WithTimeout(ctx)
 	resp, err := c.cfg.Client.Get(cctx, c.space.Cluster())
 	cancel()
 	if err != nil {
 		return fmt.Errorf("leader barrier read: %w", err)
 	}
-	for _, inf := range c.informers() {
-		// Only a revision older than what the cache held before the read says etcd went back: a
-		// cache that moved on meanwhile saw newer writes, nothing more.
-		if check && resp.Header.Revision < before[inf] {
-			inf.CheckRevision(resp.Header.Revision)
-		}
+	if check {
+		c.checkRevision(floor, resp.Header.Revision)
 	}
 	return syncAll(ctx, c.informers(), resp.Header.Revision)
 }

@@ -70,7 +70,7 @@ type Informer struct {
 	synced  bool
 	changed chan struct{} // closed and replaced whenever rev advances
 	relists int
-	// cancelWatch ends the current watch (see CheckRevision).
+	// cancelWatch ends the current watch (see CheckRevisions).
 	cancelWatch context.CancelCauseFunc
 }
 
@@ -210,22 +210,33 @@ func (i *Informer) relist(ctx context.Context) (int64, error) {
 // and whatever vanished is reported as deleted.
 var ErrRevisionWentBack = errors.New("etcd revision went backwards (etcd restored or replaced)")
 
-// CheckRevision is told a revision etcd answered with elsewhere (a lease keepalive, a write). If it
-// is older than the cache, etcd may have been restored or replaced: a watch resumed there waits
-// silently for revisions the new history may never reach, so the cache lists again (and the list
-// tells OnRegress if it really went back). Callers pass only revisions of requests made after the
-// cache held what they compare with (MaxRev before the request): a response races the watch, and a
-// cache that moved on meanwhile saw newer writes, nothing more.
-func (i *Informer) CheckRevision(rev int64) {
-	i.mu.Lock()
-	behind := rev > 0 && rev < i.rev
-	cancel := i.cancelWatch
-	if behind {
-		i.synced = false // WaitRev waits for the new list
+// CheckRevisions is told a revision etcd answered a request with elsewhere (a lease keepalive, a
+// write) and floor, the newest revision any of the caches reflected before the request was made
+// (MaxRev). A revision below floor means etcd may have been restored or replaced, and then every
+// cache lists again, not only those that had seen more than rev: a watch resumed on the new history
+// waits for revisions past the old one's and misses every key written below them (found by a
+// cluster-record cache that sat at revision 5 while etcd, replaced, had created the new cluster's
+// record at revision 3: the agent never saw the new cluster and stayed frozen). Only a list decides
+// that etcd really went back (and tells OnRegress): a request answered by a lagging member is
+// relisted for nothing, never acted on. It reports whether the caches list again.
+func CheckRevisions(infs []*Informer, floor, rev int64) bool {
+	if rev <= 0 || rev >= floor {
+		return false
 	}
+	for _, i := range infs {
+		i.listAgain(fmt.Errorf("%w: etcd answered at revision %d, after the caches had seen %d", ErrRevisionWentBack, rev, floor))
+	}
+	return true
+}
+
+// listAgain ends the current watch with cause; the cache then lists again.
+func (i *Informer) listAgain(cause error) {
+	i.mu.Lock()
+	cancel := i.cancelWatch
+	i.synced = false // WaitRev waits for the new list
 	i.mu.Unlock()
-	if behind && cancel != nil {
-		cancel(fmt.Errorf("%w: etcd answered at revision %d", ErrRevisionWentBack, rev))
+	if cancel != nil {
+		cancel(cause)
 	}
 }
 
@@ -233,15 +244,7 @@ func (i *Informer) CheckRevision(rev int64) {
 var errResync = errors.New("resync requested")
 
 // Resync makes the cache list again now (at the current revision).
-func (i *Informer) Resync() {
-	i.mu.Lock()
-	cancel := i.cancelWatch
-	i.synced = false
-	i.mu.Unlock()
-	if cancel != nil {
-		cancel(errResync)
-	}
-}
+func (i *Informer) Resync() { i.listAgain(errResync) }
 
 // Sync waits until the cache reflects rev. A revision that touched no key of the prefix brings no
 // event, so after a short wait for events it asks etcd whether anything of the prefix changed

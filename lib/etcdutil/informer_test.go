@@ -3,6 +3,7 @@ package etcdutil
 import (
 	"context"
 	"errors"
+	"fmt"
 	"sync"
 	"testing"
 	"time"
@@ -10,6 +11,7 @@ import (
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
+	"github.com/herdhq/herd/lib/etcdembed"
 	"github.com/herdhq/herd/lib/etcdembed/etcdtest"
 )
 
@@ -242,4 +244,112 @@ func TestWaitRevSeesWholeTransaction(t *testing.T) {
 		t.Fatalf("at revision %d the cache holds a=%v b=%v: half a transaction", tr.Header.Revision, inf.Get("/p/a"), inf.Get("/p/b"))
 	}
 	once.Do(func() { close(release) })
+}
+
+// TestReplacedEtcdRelistsEveryCache: etcd is replaced by an empty member at the same URL, whose
+// history passes the revision of a quiet cache but not that of a busy one. A request's revision
+// below what the caches held makes every cache list again: the quiet one's watch, resumed on the
+// new history, would wait past the revision at which the new member wrote its key and never see it.
+func TestReplacedEtcdRelistsEveryCache(t *testing.T) {
+	start := func(dir string, client, peer string) *etcdembed.Server {
+		s, err := etcdembed.Start(context.Background(), etcdembed.Config{
+			Name: "test", Dir: dir, Clients: []string{client}, Peers: []string{peer}, UnsafeNoFsync: true,
+		}, 30*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s
+	}
+	cu, err1 := etcdembed.FreeLoopbackURL()
+	pu, err2 := etcdembed.FreeLoopbackURL()
+	if err1 != nil || err2 != nil {
+		t.Fatal(err1, err2)
+	}
+	old := start(t.TempDir(), cu, pu)
+	oldClosed := false
+	defer func() {
+		if !oldClosed {
+			old.Close()
+		}
+	}()
+	c := etcdtest.NewClient(t, []string{cu})
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	if _, err := c.Put(ctx, "/cold", "old"); err != nil {
+		t.Fatal(err)
+	}
+	cold := NewInformer(c, "/cold", nil, nil, nil)
+	hot := NewInformer(c, "/hot/", nil, nil, nil)
+	var regressed sync.Once
+	wentBack := make(chan struct{})
+	hot.OnRegress = func(was, now int64) { regressed.Do(func() { close(wentBack) }) }
+	runCtx, stop := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	for _, inf := range []*Informer{cold, hot} {
+		wg.Add(1)
+		go func() { defer wg.Done(); inf.Run(runCtx) }()
+	}
+	defer func() { stop(); wg.Wait() }()
+	if err := cold.WaitRev(ctx, 0); err != nil {
+		t.Fatal(err)
+	}
+	var last int64
+	for n := range 20 {
+		resp, err := c.Put(ctx, "/hot/k", fmt.Sprint(n))
+		if err != nil {
+			t.Fatal(err)
+		}
+		last = resp.Header.Revision
+	}
+	if err := hot.WaitRev(ctx, last); err != nil {
+		t.Fatal(err)
+	}
+	caches := []*Informer{cold, hot}
+	floor := MaxRev(caches)
+	if cold.Rev() >= floor-5 {
+		t.Fatalf("the quiet cache is at %d, the busy one at %d: no room for the test", cold.Rev(), floor)
+	}
+
+	old.Close()
+	oldClosed = true
+	repl := start(t.TempDir(), cu, pu)
+	defer repl.Close()
+	// The new member's history: its own /cold early, then enough writes to pass the quiet cache's
+	// revision but not the busy one's.
+	rc := etcdtest.NewClient(t, []string{cu})
+	if _, err := rc.Put(ctx, "/cold", "new"); err != nil {
+		t.Fatal(err)
+	}
+	var now int64
+	for now <= cold.Rev()+1 {
+		resp, err := rc.Put(ctx, "/filler", "x")
+		if err != nil {
+			t.Fatal(err)
+		}
+		now = resp.Header.Revision
+	}
+	if now >= floor {
+		t.Fatalf("the new history reached %d, past the busy cache's %d", now, floor)
+	}
+	if !CheckRevisions(caches, floor, now) {
+		t.Fatal("a revision below the floor was not taken as a regress")
+	}
+	select {
+	case <-wentBack:
+	case <-ctx.Done():
+		t.Fatal("the busy cache's list never said etcd went back")
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		if kv := cold.Get("/cold"); kv != nil && string(kv.Value) == "new" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the quiet cache still holds %+v: its watch sits on the old history", cold.Get("/cold"))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if CheckRevisions(caches, MaxRev(caches), now) {
+		t.Fatal("a revision at the floor taken as a regress")
+	}
 }
