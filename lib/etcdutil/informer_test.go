@@ -10,6 +10,9 @@ import (
 
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
 
 	"github.com/herdhq/herd/lib/etcdembed"
 	"github.com/herdhq/herd/lib/etcdembed/etcdtest"
@@ -272,7 +275,14 @@ func TestReplacedEtcdRelistsEveryCache(t *testing.T) {
 			old.Close()
 		}
 	}()
-	c := etcdtest.NewClient(t, []string{cu})
+	// Reconnect promptly to the new member (gRPC's default backoff waits up to 8 s here).
+	c, err := clientv3.New(clientv3.Config{Endpoints: []string{cu}, DialTimeout: 5 * time.Second, Logger: zap.NewNop(),
+		DialOptions: []grpc.DialOption{grpc.WithConnectParams(grpc.ConnectParams{
+			Backoff: backoff.Config{BaseDelay: 100 * time.Millisecond, Multiplier: 1.6, MaxDelay: 500 * time.Millisecond}, MinConnectTimeout: time.Second})}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	if _, err := c.Put(ctx, "/cold", "old"); err != nil {
@@ -310,10 +320,10 @@ func TestReplacedEtcdRelistsEveryCache(t *testing.T) {
 		t.Fatalf("the quiet cache is at %d, the busy one at %d: no room for the test", cold.Rev(), floor)
 	}
 
-	old.Close()
+	old.Close() // takes seconds: it waits for the open watches, which are meant to resume
 	oldClosed = true
 	repl := start(t.TempDir(), cu, pu)
-	defer repl.Close()
+	defer func() { stop(); wg.Wait(); repl.Close() }() // watches first, or Close waits for them
 	// The new member's history: its own /cold early, then enough writes to pass the quiet cache's
 	// revision but not the busy one's.
 	rc := etcdtest.NewClient(t, []string{cu})
