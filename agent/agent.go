@@ -62,6 +62,10 @@ type Config struct {
 	// ConsoleDir holds each VM's serial console log, <dir>/<vm>.log; keep the path the same on every
 	// node (a shared filesystem) and a console survives migrations in one file.
 	ConsoleDir string
+	// RevisionFile keeps the newest etcd revision this agent saw (etcdutil.Watermark), so that an
+	// agent restarted while etcd was restored from a backup still notices it went back. Keep it
+	// where a restart of the agent finds it (/run on a netbooted node); "" keeps none.
+	RevisionFile string
 	// MaxMigrations bounds concurrent outgoing migrations. Default 2.
 	MaxMigrations int
 	// ShutdownTimeout is how long a guest gets to power off through ACPI before it is destroyed.
@@ -180,6 +184,7 @@ type Agent struct {
 	freeze       atomic.Bool
 	restoreWant  atomic.Int64
 	maxGen       atomic.Int64
+	mark         *etcdutil.Watermark
 	inv          atomic.Pointer[keys.Inventory]
 	recoveryWake chan struct{}
 
@@ -238,6 +243,10 @@ func New(cfg Config) (*Agent, error) {
 	a.cmdsInf = etcdutil.NewTyped[keys.NodeCommand](cfg.Client, cfg.Space.NodeCmdPrefix(cfg.HWID), a.onCommand, a.log)
 	for _, inf := range a.caches() {
 		inf.OnRegress = a.onRegress
+	}
+	var err error
+	if a.mark, err = etcdutil.OpenWatermark(cfg.RevisionFile); err != nil {
+		a.log.Warn("the revision watermark is lost: a restore of etcd while this agent is down goes unnoticed by it", "error", err)
 	}
 	return a, nil
 }
@@ -354,6 +363,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		wg.Wait()
 		return err
 	}
+	a.checkWatermark()
 	run(a.recoveryLoop)
 	run(a.fences.Run)
 	run(a.assigns.Run)
@@ -379,6 +389,10 @@ func (a *Agent) Run(ctx context.Context) error {
 		a.log.Warn("reconcile failed", "vm", name, "error", err, "retry_in", retry)
 	})
 	wg.Wait()
+	a.noteRevision(etcdutil.MaxRev(a.caches()))
+	if err := a.mark.Flush(); err != nil {
+		a.log.Warn("cannot keep the revision watermark", "error", err)
+	}
 	return nil
 }
 

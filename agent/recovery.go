@@ -42,6 +42,34 @@ func (a *Agent) onRegress(was, now int64) {
 	a.wakeRecovery()
 }
 
+// checkWatermark compares etcd, as the cluster cache first listed it, with the newest revision an
+// earlier run of this agent saw (its watermark file): etcd restored from a backup while the agent
+// was down (or restarting) is noticed here, before any assignment is read. It runs once, after the
+// cluster record is cached and before the assignments are.
+func (a *Agent) checkWatermark() {
+	m := a.mark.Loaded()
+	r := a.cluster.Get(a.space.Cluster())
+	if !r.OK() {
+		return
+	}
+	if now := a.cluster.Rev(); m.WentBack(r.Value.ID, r.Value.RestoreGeneration(), now) {
+		a.log.Error("etcd is behind what this agent saw before it restarted", "saved", m.Saved, "revision", m.Revision,
+			"recovery", m.Generation, "now", now, "now_recovery", r.Value.RestoreGeneration())
+		a.onRegress(m.Revision, now)
+	}
+}
+
+// noteRevision keeps the watermark: etcd answered a request (a keepalive) at rev.
+func (a *Agent) noteRevision(rev int64) {
+	r := a.cluster.Get(a.space.Cluster())
+	if !r.OK() || a.freeze.Load() {
+		return // frozen: etcd may be a restored past; the watermark keeps what was seen before
+	}
+	if err := a.mark.Note(r.Value.ID, r.Value.RestoreGeneration(), rev); err != nil {
+		a.log.Warn("cannot keep the revision watermark", "error", err)
+	}
+}
+
 func (a *Agent) wakeRecovery() {
 	select {
 	case a.recoveryWake <- struct{}{}:

@@ -130,7 +130,9 @@ func (a *Agent) keepAlive(ctx context.Context, lease clientv3.LeaseID) {
 				return
 			}
 			a.markAlive(resp.TTL)
-			a.checkRevision(floor, resp.Revision)
+			if !a.checkRevision(floor, resp.Revision) {
+				a.noteRevision(resp.Revision)
+			}
 			floor = etcdutil.MaxRev(a.caches())
 		case wr, ok := <-wch:
 			if !ok {

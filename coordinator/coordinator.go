@@ -62,6 +62,9 @@ type Config struct {
 	// RecoveryWait bounds how long a restore recovery waits for the inventories of live nodes
 	// before it adopts what those that answered run. Default 1 min.
 	RecoveryWait time.Duration
+	// RevisionFile keeps the newest etcd revision this replica saw (etcdutil.Watermark), so that
+	// a replica restarted while etcd was restored from a backup still notices; "" keeps none.
+	RevisionFile string
 	// Volumes, if set, makes the leader create, clone, grow and purge VM disks before placing
 	// VMs (the rbd backend). Without it, agents create directory disks themselves.
 	Volumes volume.Backend
@@ -183,6 +186,7 @@ type Coordinator struct {
 	// restoreWant is the restore recovery generation this replica asks for (it saw etcd's
 	// revision go back), maxGen the highest the cluster record ever showed it.
 	restoreWant, maxGen atomic.Int64
+	mark                *etcdutil.Watermark
 }
 
 // New prepares a coordinator; Run starts it.
@@ -228,6 +232,10 @@ func New(cfg Config) (*Coordinator, error) {
 	c.nodeCmdInf = etcdutil.NewTyped[keys.NodeCommand](cl, s.NodeCmdRoot(), poke, c.log)
 	for _, inf := range c.informers() {
 		inf.OnRegress = c.onRegress
+	}
+	var err error
+	if c.mark, err = etcdutil.OpenWatermark(cfg.RevisionFile); err != nil {
+		c.log.Warn("the revision watermark is lost: a restore of etcd while this replica is down goes unnoticed by it", "error", err)
 	}
 	for _, inf := range c.informers() {
 		cfg.Registry.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
@@ -411,6 +419,13 @@ func (c *Coordinator) Run(ctx context.Context) error {
 	if err := c.initCluster(ctx); err != nil {
 		return err
 	}
+	c.checkWatermark(ctx)
+	defer func() {
+		c.noteRevision(etcdutil.MaxRev(c.informers()))
+		if err := c.mark.Flush(); err != nil {
+			c.log.Warn("cannot keep the revision watermark", "error", err)
+		}
+	}()
 	b := etcdutil.Backoff{Min: 200 * time.Millisecond, Max: 5 * time.Second}
 	for ctx.Err() == nil {
 		if err := c.campaign(ctx); err != nil && ctx.Err() == nil {
@@ -435,15 +450,68 @@ func (c *Coordinator) probeRevision(ctx context.Context, lease clientv3.LeaseID)
 	// caches held then.
 	floor := etcdutil.MaxRev(c.informers())
 	for resp := range ch {
-		c.checkRevision(floor, resp.Revision)
+		if !c.checkRevision(floor, resp.Revision) {
+			c.noteRevision(resp.Revision)
+		}
 		floor = etcdutil.MaxRev(c.informers())
+	}
+}
+
+// checkWatermark compares etcd with the newest revision an earlier run of this replica saw (its
+// watermark file), before the replica campaigns: etcd restored from a backup while every
+// coordinator was down is noticed, and the first round as leader starts a restore recovery.
+func (c *Coordinator) checkWatermark(ctx context.Context) {
+	m := c.mark.Loaded()
+	if m.Cluster == "" {
+		return
+	}
+	b := etcdutil.Backoff{Min: 200 * time.Millisecond, Max: 5 * time.Second}
+	for {
+		cctx, cancel := etcdutil.WithTimeout(ctx)
+		resp, err := c.cfg.Client.Get(cctx, c.space.Cluster())
+		cancel()
+		if err == nil {
+			if len(resp.Kvs) == 0 {
+				return
+			}
+			cl, err := keys.Decode[keys.Cluster](resp.Kvs[0].Value)
+			if err != nil {
+				return
+			}
+			gen, now := cl.RestoreGeneration(), resp.Header.Revision
+			if int64(gen) > c.maxGen.Load() {
+				c.maxGen.Store(int64(gen))
+			}
+			if m.WentBack(cl.ID, gen, now) {
+				c.log.Error("etcd is behind what this replica saw before it restarted", "saved", m.Saved, "revision", m.Revision,
+					"recovery", m.Generation, "now", now, "now_recovery", gen)
+				c.onRegress(m.Revision, now)
+			}
+			return
+		}
+		c.log.Warn("cannot read the cluster record to compare with the revision watermark; retrying", "error", err)
+		if !b.Wait(ctx) {
+			return
+		}
+	}
+}
+
+// noteRevision keeps the watermark: etcd answered a request (a keepalive) at rev. Not while this
+// replica waits for a restore recovery: etcd may be a restored past.
+func (c *Coordinator) noteRevision(rev int64) {
+	r := c.clusterInf.Get(c.space.Cluster())
+	if !r.OK() || c.restoreWant.Load() > int64(r.Value.RestoreGeneration()) {
+		return
+	}
+	if err := c.mark.Note(r.Value.ID, r.Value.RestoreGeneration(), rev); err != nil {
+		c.log.Warn("cannot keep the revision watermark", "error", err)
 	}
 }
 
 // checkRevision hands a revision etcd answered a request with to the caches, with floor, what they
 // held before the request was made (see etcdutil.CheckRevisions).
-func (c *Coordinator) checkRevision(floor, rev int64) {
-	etcdutil.CheckRevisions(c.informers(), floor, rev)
+func (c *Coordinator) checkRevision(floor, rev int64) bool {
+	return etcdutil.CheckRevisions(c.informers(), floor, rev)
 }
 
 // onRegress is told by a cache that etcd went back in time: the replica asks for a restore

@@ -157,7 +157,9 @@ func (t *term) round() (time.Duration, error) {
 	if err != nil {
 		return plan.After, err
 	}
-	t.c.checkRevision(floor, rev)
+	if !t.c.checkRevision(floor, rev) {
+		t.c.noteRevision(rev)
+	}
 	return plan.After, t.c.catchUp(t.ctx, plan.Actions, rev)
 }
 

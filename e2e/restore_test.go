@@ -60,36 +60,7 @@ func TestEtcdRestoredFromBackup(t *testing.T) {
 	before := runningOn(t, r.Cluster)
 
 	// Sample every node's libvirt from just before the restore until the end.
-	var mu sync.Mutex
-	var twice []string
-	samples := 0
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			select {
-			case <-stop:
-				return
-			case <-time.After(100 * time.Millisecond):
-			}
-			where, ok := sampleRunning(r.Cluster)
-			if !ok {
-				continue
-			}
-			mu.Lock()
-			samples++
-			for n, nodes := range where {
-				if len(nodes) > 1 && len(twice) < 10 {
-					twice = append(twice, fmt.Sprintf("%s on %v", n, nodes))
-				}
-			}
-			mu.Unlock()
-		}
-	}()
-	t.Cleanup(func() { close(stop); wg.Wait() })
-
+	samples := sampleLibvirt(t, r.Cluster, twiceAnywhere)
 	r.RestoreEtcd(backup)
 	back := time.Now() // etcd serves the restored keyspace
 	var rec keys.Cluster
@@ -113,11 +84,9 @@ func TestEtcdRestoredFromBackup(t *testing.T) {
 	}
 	if err != nil {
 		time.Sleep(5 * time.Second)
-		mu.Lock()
-		if len(twice) > 0 {
-			t.Errorf("a VM ran on two nodes at once: %v", twice)
+		if _, found := samples(); len(found) > 0 {
+			t.Errorf("a VM ran on two nodes at once: %v", found)
 		}
-		mu.Unlock()
 		t.Fatalf("restore recovery not done 90 s after etcd came back: %v", err)
 	}
 	t.Logf("restore recovery %d: reconciled %s after etcd served the restored keyspace (collecting took %s; %s)", rec.Restore.Generation,
@@ -152,12 +121,11 @@ func TestEtcdRestoredFromBackup(t *testing.T) {
 	if vm := r.VMs()["v02"]; vm.Problem == nil || vm.Problem.Kind != keys.ProblemRestoreHold {
 		t.Errorf("v02 is not held after the restore: %+v", vm)
 	}
-	mu.Lock()
-	t.Logf("%d samples of every node's libvirt", samples)
-	if len(twice) > 0 {
-		t.Errorf("a VM ran on two nodes at once: %v", twice)
+	n, found := samples()
+	t.Logf("%d samples of every node's libvirt", n)
+	if len(found) > 0 {
+		t.Errorf("a VM ran on two nodes at once: %v", found)
 	}
-	mu.Unlock()
 
 	// The operator releases the held VM: it runs once.
 	r.Herdctl("vm", "release", "v02")
@@ -177,6 +145,132 @@ func TestEtcdRestoredFromBackup(t *testing.T) {
 	})
 	assertOneRunnableAssignment(t, r.Cluster)
 	assertNeverRunningTwice(t, r.Cluster)
+}
+
+// TestEtcdRestoredWhileEveryDaemonWasDown: etcd is restored while every coordinator and agent is
+// stopped, so no running daemon sees its revision go back; they notice from the revision files
+// their earlier runs kept. The test driver's nodes lose their domains with their agents (as
+// rebooted hypervisors would), so nothing that ran before runs after: every VM the backup knows
+// is held for an operator, and above all the VM deleted after the backup is not started again
+// from the restored assignment.
+func TestEtcdRestoredWhileEveryDaemonWasDown(t *testing.T) {
+	r := newLossRig(t, 2)
+	names := []string{"v00", "v01", "v02"}
+	for _, n := range names {
+		r.Herdctl("vm", "create", n, "--memory", "256MiB")
+	}
+	rig.Eventually(t, 30*time.Second, "VMs running", func() error { return allInState(r.Cluster, names, "running") })
+	backup := r.SnapshotEtcd("backup")
+	r.Herdctl("vm", "delete", "v02")
+	rig.Eventually(t, 30*time.Second, "v02 gone", func() error {
+		if w := runningOn(t, r.Cluster)["v02"]; len(w) != 0 {
+			return fmt.Errorf("v02 on %v", w)
+		}
+		return nil
+	})
+	// Later revisions than the backup's, seen by every daemon (they keep what they saw every few
+	// seconds, and at a clean stop).
+	r.Herdctl("vm", "create", "v03", "--memory", "256MiB")
+	rig.Eventually(t, 30*time.Second, "v03 running", func() error { return allInState(r.Cluster, []string{"v03"}, "running") })
+	for _, co := range r.Coords {
+		co.Stop(10 * time.Second)
+	}
+	for _, hwid := range []string{r.node(1), r.node(2)} {
+		r.Agents[hwid].Stop(10 * time.Second)
+	}
+	r.RestoreEtcd(backup)
+	for n := 1; n <= 2; n++ {
+		r.StartCoordinator("--revision-file", rig.CoordinatorRevisionFile(r.Dir, n))
+	}
+	for _, hwid := range []string{r.node(1), r.node(2)} {
+		r.StartAgent(hwid, 16, 32768)
+	}
+	samples := sampleLibvirt(t, r.Cluster, func(where map[string][]string) []string {
+		if w := where["v02"]; len(w) > 0 {
+			return []string{fmt.Sprintf("v02 (deleted after the backup) runs on %v", w)}
+		}
+		return twiceAnywhere(where)
+	})
+	rig.Eventually(t, 60*time.Second, "restore recovery done", func() error {
+		var rec keys.Cluster
+		out := r.Etcdctl("get", space.Cluster(), "--print-value-only")
+		if err := json.Unmarshal([]byte(out), &rec); err != nil {
+			return fmt.Errorf("%v: %s", err, out)
+		}
+		if rec.Restore == nil || rec.Restore.Phase != keys.RestoreDone {
+			return fmt.Errorf("restore %+v", rec.Restore)
+		}
+		t.Logf("recovery %d: %s", rec.Restore.Generation, rec.Restore.Why)
+		return nil
+	})
+	rig.Eventually(t, 30*time.Second, "the backup's VMs held", func() error {
+		vms := r.VMs()
+		for _, n := range names {
+			if vm := vms[n]; vm.Problem == nil || vm.Problem.Kind != keys.ProblemRestoreHold {
+				return fmt.Errorf("%s: %+v", n, vm)
+			}
+		}
+		return nil
+	})
+	time.Sleep(5 * time.Second) // resyncs (2 s) would have started anything wrong by now
+	n, found := samples()
+	t.Logf("%d samples of every node's libvirt", n)
+	if len(found) > 0 {
+		t.Errorf("after the restore: %v", found)
+	}
+	// The operator starts the VMs that should run; v02 stays deleted.
+	r.Herdctl("vm", "release", "v00")
+	r.Herdctl("vm", "delete", "v02")
+	rig.Eventually(t, 30*time.Second, "v00 released", func() error { return allInState(r.Cluster, []string{"v00"}, "running") })
+	assertOneRunnableAssignment(t, r.Cluster)
+}
+
+// sampleLibvirt samples every node's libvirt every 100 ms until the test ends, and hands each
+// sample to check, which names what is wrong in it. The returned function says how many samples
+// were taken and the first findings (up to 10).
+func sampleLibvirt(t *testing.T, c *rig.Cluster, check func(running map[string][]string) []string) func() (int, []string) {
+	var mu sync.Mutex
+	var found []string
+	samples := 0
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(100 * time.Millisecond):
+			}
+			where, ok := sampleRunning(c)
+			if !ok {
+				continue
+			}
+			bad := check(where)
+			mu.Lock()
+			samples++
+			found = append(found, bad[:min(len(bad), 10-min(10, len(found)))]...)
+			mu.Unlock()
+		}
+	}()
+	t.Cleanup(func() { close(stop); wg.Wait() })
+	return func() (int, []string) {
+		mu.Lock()
+		defer mu.Unlock()
+		return samples, append([]string(nil), found...)
+	}
+}
+
+// twiceAnywhere names every VM running on more than one node.
+func twiceAnywhere(where map[string][]string) []string {
+	var out []string
+	for n, nodes := range where {
+		if len(nodes) > 1 {
+			out = append(out, fmt.Sprintf("%s on %v", n, nodes))
+		}
+	}
+	return out
 }
 
 // sampleRunning is every herd domain running on any agent, by VM name; false if an agent did not

@@ -31,6 +31,7 @@ type failoverFlags struct {
 	massMin       int
 	massWindow    time.Duration
 	recoveryWait  time.Duration
+	revisionFile  string
 }
 
 func (f *failoverFlags) addFlags(fs *pflag.FlagSet) {
@@ -45,6 +46,7 @@ func (f *failoverFlags) addFlags(fs *pflag.FlagSet) {
 	fs.IntVar(&f.massMin, "mass-failure-min", 2, "... and more than this many nodes are lost within the window")
 	fs.DurationVar(&f.massWindow, "mass-failure-window", 10*time.Minute, "window of the mass-failure guard")
 	fs.DurationVar(&f.recoveryWait, "recovery-wait", time.Minute, "after an etcd restore, how long to wait for live nodes' inventories before adopting what the others run")
+	fs.StringVar(&f.revisionFile, "revision-file", "", "file keeping the newest etcd revision this replica saw, so that a restart still notices etcd restored from a backup, e.g. /var/lib/herd/coordinator-revision.json; empty: none")
 }
 
 // apply fills the failover part of a coordinator config. admin is the Ceph connection the ceph
@@ -73,7 +75,7 @@ func (f *failoverFlags) apply(c *coordinator.Config, admin fence.CephAdmin) erro
 	}
 	c.Grace, c.RescheduleRate = f.grace, f.rate
 	c.MassFailureFraction, c.MassFailureMin, c.MassFailureWindow = f.massFraction, f.massMin, f.massWindow
-	c.RecoveryWait = f.recoveryWait
+	c.RecoveryWait, c.RevisionFile = f.recoveryWait, f.revisionFile
 	return nil
 }
 

@@ -113,6 +113,7 @@ type agentParams struct {
 	migTLSDir string
 	diskPaths []string
 	diskMin   string
+	revFile   string
 	storage   storageFlags
 }
 
@@ -139,6 +140,7 @@ func (p *agentParams) addFlags(fs *pflag.FlagSet) {
 	fs.BoolVar(&p.migTLS, "migrate-tls", false, "encrypt live migrations with TLS (VIR_MIGRATE_TLS): qemu.conf must set migrate_tls_x509_cert_dir on every node (docs/security.md)")
 	fs.StringSliceVar(&p.diskPaths, "disk-path", nil, "a filesystem the node needs room on, repeatable (default: --console-dir, and --volume-dir for directory disks); while one has less than --disk-min-free free the node takes no new VMs")
 	fs.StringVar(&p.diskMin, "disk-min-free", "64MiB", "free space each --disk-path must keep, e.g. 1GiB")
+	fs.StringVar(&p.revFile, "revision-file", "", "file keeping the newest etcd revision this agent saw, so that a restart still notices etcd restored from a backup (the netboot image uses /run/herd/agent-revision.json); empty: none")
 	fs.StringVar(&p.migTLSDir, "migrate-tls-dir", "/etc/pki/qemu", "with --join and --migrate-tls: where to write this node's migration certificate (qemu.conf's migrate_tls_x509_cert_dir)")
 }
 
@@ -195,7 +197,7 @@ func (p *agentParams) config(c agentConns) (agent.Config, error) {
 		LeaseTTL: p.leaseTTL, Resync: p.resync,
 		CPUs: p.cpus, MemoryMiB: memMiB, ReservedMemoryMiB: resMiB,
 		Addresses:    keys.Addresses{Management: p.addrMgmt, Storage: p.addrStore, Migration: p.addrMig},
-		MigrationURI: p.migURI, ConsoleDir: p.console, BootDir: p.bootDir, MaxMigrations: p.maxMig,
+		MigrationURI: p.migURI, ConsoleDir: p.console, BootDir: p.bootDir, MaxMigrations: p.maxMig, RevisionFile: p.revFile,
 		ShutdownTimeout: p.shutdownT, MigrationTimeout: p.migT, RebootCommand: p.rebootCmd,
 		Hostname: c.hostname, Image: p.image, Version: c.version,
 		StatusURL: c.statusURL, Log: c.log, Registry: c.registry,

@@ -396,13 +396,19 @@ func (c *Cluster) RestoreEtcd(snapshot string) {
 	c.StartEtcd()
 }
 
+// CoordinatorRevisionFile is where the n-th coordinator started keeps its revision watermark; a
+// replica started again with it (--revision-file) is the same replica restarted.
+func CoordinatorRevisionFile(dir string, n int) string {
+	return filepath.Join(dir, fmt.Sprintf("coordinator%d-revision.json", n))
+}
+
 // StartCoordinator starts one more coordinator replica.
 func (c *Cluster) StartCoordinator(extra ...string) *Coordinator {
 	n := len(c.Coords) + 1
 	name := fmt.Sprintf("coordinator%d", n)
 	port := FreePort(c.T)
 	args := append([]string{"coordinator", "--endpoints", c.Endpoint, "--name", name,
-		"--listen", fmt.Sprintf("127.0.0.1:%d", port)}, c.CoordArgs...)
+		"--listen", fmt.Sprintf("127.0.0.1:%d", port), "--revision-file", CoordinatorRevisionFile(c.Dir, n)}, c.CoordArgs...)
 	if c.Secure() {
 		c.must(c.Bin.Herd, append([]string{"pki", "issue", "--dir", c.PKI, "--role", "coordinator", name, "--host", "127.0.0.1"}, c.tlsArgs("root")...)...)
 		jp := FreePort(c.T)
@@ -428,8 +434,10 @@ func (c *Cluster) StartAgent(hwid string, cpus int, memMiB int64, extra ...strin
 	}
 	port := FreePort(c.T)
 	name := "agent-" + strings.ReplaceAll(hwid, ":", "")
+	// The revision file outlives the agent: a restart of the same hwid finds it.
 	args := append([]string{"agent", "--endpoints", c.Endpoint, "--hwid", hwid, "--libvirt-uri", uri,
-		"--volume-dir", filepath.Join(c.Dir, "volumes"), "--listen", fmt.Sprintf("127.0.0.1:%d", port)}, c.AgentArgs...)
+		"--volume-dir", filepath.Join(c.Dir, "volumes"), "--listen", fmt.Sprintf("127.0.0.1:%d", port),
+		"--revision-file", filepath.Join(c.Dir, name+"-revision.json")}, c.AgentArgs...)
 	if c.Secure() {
 		// As the bootserver does for a netboot: a one-time token for this start, the join
 		// endpoints and the CA's fingerprint.
