@@ -12,7 +12,7 @@ import (
 )
 
 // evidence decides whether an unassigned domain may be destroyed. Only positive evidence counts:
-//   - the VM's spec is gone, or was re-created as a newer VM (its CreateRevision, the uid, is larger);
+//   - the VM's spec is gone, or was re-created as a newer VM (its uid, keys.SpecUID, is larger);
 //   - its placement names another node with a newer epoch for the same uid.
 //
 // Nothing counts while the cluster id differs from the one the domain was made in or this agent
@@ -65,7 +65,9 @@ func (a *Agent) evidence(ctx context.Context, name string, dom *hypervisor.Domai
 	if len(specs) == 0 {
 		return true, "the VM was deleted", nil
 	}
-	if uid := specs[0].CreateRevision; uid != dom.UID {
+	spec := &keys.Record[keys.VMSpec]{CreateRevision: specs[0].CreateRevision}
+	spec.Value, spec.Err = keys.Decode[keys.VMSpec](specs[0].Value) // unreadable: its CreateRevision
+	if uid := keys.SpecUID(spec); uid != dom.UID {
 		if uid > dom.UID {
 			return true, fmt.Sprintf("the VM was deleted (its name now belongs to uid %d)", uid), nil
 		}

@@ -28,6 +28,11 @@ import (
 // runs before the cache hands on the restored keys, so nothing is acted on from them.
 func (a *Agent) onRegress(was, now int64) {
 	want := a.maxGen.Load() + 1
+	if r := a.cluster.Get(a.space.Cluster()); r.OK() && r.Value.Collecting() && int64(r.Value.Restore.Generation) == want-1 {
+		// A recovery is collecting already (another daemon noticed first): it hears from this
+		// node too, and asking for the next one would only run a second recovery after it.
+		want--
+	}
 	for {
 		cur := a.restoreWant.Load()
 		if cur >= want || a.restoreWant.CompareAndSwap(cur, want) {

@@ -518,6 +518,9 @@ func (c *Coordinator) checkRevision(floor, rev int64) bool {
 // recovery above any it knew of (decide.recovery), and decides again at once.
 func (c *Coordinator) onRegress(was, now int64) {
 	want := c.maxGen.Load() + 1
+	if r := c.clusterInf.Get(c.space.Cluster()); r.OK() && r.Value.Collecting() && int64(r.Value.Restore.Generation) == want-1 {
+		want-- // a recovery is collecting already: it covers what this replica saw
+	}
 	for {
 		cur := c.restoreWant.Load()
 		if cur >= want {

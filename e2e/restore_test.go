@@ -143,6 +143,30 @@ func TestEtcdRestoredFromBackup(t *testing.T) {
 		}
 		return nil
 	})
+	// And adopts the other: managed again where it runs, without a restart; then deleted like
+	// any VM.
+	r.Herdctl("vm", "adopt", "v06", "--memory", "256MiB", "--wait")
+	if w := runningOn(t, r.Cluster)["v06"]; fmt.Sprint(w) != fmt.Sprint(before["v06"]) {
+		t.Errorf("v06 ran on %v before, on %v once adopted", before["v06"], w)
+	}
+	if out := r.Herdctl("vm", "orphans", "-o", "json"); strings.Contains(out, `"v06"`) {
+		t.Errorf("v06 still an orphan once adopted:\n%s", out)
+	}
+	ev := r.Herdctl("events", "--object", "vm/v06")
+	if !strings.Contains(ev, "adopted") {
+		t.Errorf("no adoption event:\n%s", ev)
+	}
+	if n := strings.Count(ev, " started "); n != 0 {
+		// Its first start's event went with the history after the backup.
+		t.Errorf("v06 started %d times since the restore (never, as it was adopted running):\n%s", n, ev)
+	}
+	r.Herdctl("vm", "delete", "v06")
+	rig.Eventually(t, 30*time.Second, "adopted v06 deleted", func() error {
+		if w := runningOn(t, r.Cluster)["v06"]; len(w) != 0 {
+			return fmt.Errorf("v06 on %v", w)
+		}
+		return nil
+	})
 	assertOneRunnableAssignment(t, r.Cluster)
 	assertNeverRunningTwice(t, r.Cluster)
 }

@@ -69,7 +69,7 @@ func (s *view) reportsOf(name string, uid int64) map[string]*keys.VMStatus {
 }
 
 // reconcileVM makes a VM's placement and assignments agree (see the comment at the top of the
-// file). spec is the VM's valid spec, or nil when it has none; uid is its spec's CreateRevision.
+// file). spec is the VM's valid spec, or nil when it has none; uid is its spec's (keys.SpecUID).
 func (s *view) reconcileVM(name string, v *VM, uid int64, spec *keys.VMSpec) (authority, []Action) {
 	var acts []Action
 	var pl *keys.Placement
@@ -265,7 +265,7 @@ func (s *view) restorePlacement(name string, v *VM, uid int64, spec *keys.VMSpec
 	if v.Placement != nil {
 		prev = v.Placement.ModRevision
 	}
-	conds := []Cond{ModRev(sp.Placement(name), prev), CreateRev(sp.VMSpec(name), uid)}
+	conds := []Cond{ModRev(sp.Placement(name), prev), CreateRev(sp.VMSpec(name), v.Spec.CreateRevision)}
 	var writes []Write
 	if run[p.Node] == nil {
 		// Re-issued from the spec: the node gets what the spec says now, with the VM's identity.

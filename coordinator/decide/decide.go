@@ -78,13 +78,10 @@ func Decide(snap *Snapshot, st *State, cfg Config) Plan {
 	for _, name := range sortedNames(snap.VMs) {
 		v := snap.VMs[name]
 		if v.Placement.OK() && v.Placement.Value.Orphan {
-			// Kept after a restore lost its spec, until an operator forgets it; a spec of the
-			// name waits for that.
+			// Kept after a restore lost its spec, until an operator forgets it or a spec adopts
+			// it; any other spec of the name waits.
 			if v.Spec != nil {
-				if a, ok := s.setProblem(name, v.Spec.CreateRevision, v.Problem, keys.ProblemPending,
-					"an orphan of this name runs on "+v.Placement.Value.Node+" since an etcd restore: 'herdctl vm forget "+name+"' first", nil); ok {
-					acts = append(acts, a)
-				}
+				acts = append(acts, s.adoptOrphan(name, v)...)
 			}
 			continue
 		}
@@ -92,7 +89,16 @@ func Decide(snap *Snapshot, st *State, cfg Config) Plan {
 			acts = append(acts, s.unplace(name, v, "the VM was deleted")...)
 			continue
 		}
-		uid := v.Spec.CreateRevision
+		uid := keys.SpecUID(v.Spec)
+		if v.Spec.OK() && v.Spec.Value.AdoptUID > 0 && (v.Placement == nil || v.Placement.Value == nil || v.Placement.Value.UID != uid) {
+			// Adoption is of an orphan that runs: a spec claiming a uid no placement of the name
+			// carries would take over a deleted VM's disks, or another incarnation's.
+			if a, ok := s.setProblem(name, uid, v.Problem, keys.ProblemInvalid,
+				fmt.Sprintf("adopt_uid %d: no orphan or adopted VM of this name has that uid (herdctl vm orphans); remove adopt_uid to create a new VM", uid), nil); ok {
+				acts = append(acts, a)
+			}
+			continue
+		}
 		if p := v.Problem; v.Placement == nil && isProblem(p, keys.ProblemRestoreHold) && p.Value.UID == uid && p.Value.SpecRev == v.Spec.ModRevision {
 			continue // held after a restore until an operator writes the spec again
 		}
@@ -418,11 +424,52 @@ func schedVM(name string, uid int64, s *keys.VMSpec, node string) scheduler.VM {
 	return vm
 }
 
+// adoptOrphan takes over an orphan kept after a restore (its placement is v's) when v's spec adopts
+// its uid: placement and assignment on the orphan's node at a higher epoch, so that its node
+// keeps the domain, now assigned, and applies the spec. Any other spec of the name gets a problem.
+func (s *view) adoptOrphan(name string, v *VM) []Action {
+	sp, pl := s.cfg.Space, v.Placement.Value
+	specRec := v.Spec
+	if !specRec.OK() || specRec.Value.AdoptUID != pl.UID {
+		msg := fmt.Sprintf("an orphan of this name (uid %d) runs on %s since an etcd restore: take it over with 'herdctl vm adopt %s', or remove it with 'herdctl vm forget %s' first",
+			pl.UID, pl.Node, name, name)
+		if specRec.OK() && specRec.Value.AdoptUID > 0 {
+			msg = fmt.Sprintf("adopt_uid %d is not the uid of the orphan of this name (%d on %s)", specRec.Value.AdoptUID, pl.UID, pl.Node)
+		}
+		if a, ok := s.setProblem(name, keys.SpecUID(specRec), v.Problem, keys.ProblemPending, msg, nil); ok {
+			return []Action{a}
+		}
+		return nil
+	}
+	spec, invalid := checkSpec(name, specRec, s.pools())
+	if invalid == nil && pl.UID >= specRec.CreateRevision {
+		invalid = fmt.Errorf("adopt_uid %d is not older than the spec (uid %d): only an orphan's uid can be adopted", pl.UID, specRec.CreateRevision)
+	}
+	if invalid != nil {
+		if a, ok := s.setProblem(name, pl.UID, v.Problem, keys.ProblemInvalid, invalid.Error(), nil); ok {
+			return []Action{a}
+		}
+		return nil
+	}
+	np := keys.Placement{UID: pl.UID, Node: pl.Node, Epoch: pl.Epoch + 1, UUID: pl.UUID, Since: s.Now.UTC(), By: s.cfg.Name, Term: s.cfg.Term}
+	s.setSpec(&np, specRec.ModRevision, spec)
+	asg := assignmentFor(&np, spec)
+	conds := []Cond{ModRev(sp.Placement(name), v.Placement.ModRevision), ModRev(sp.VMSpec(name), specRec.ModRevision), CreateRev(sp.Assign(pl.Node, name), 0)}
+	writes := []Write{Put(sp.Placement(name), keys.MustEncode(&np)), Put(sp.Assign(pl.Node, name), keys.MustEncode(&asg))}
+	if v.Problem != nil {
+		conds = append(conds, ModRev(v.Problem.Key, v.Problem.ModRevision))
+		writes = append(writes, Del(v.Problem.Key))
+	}
+	return []Action{{Object: "vm/" + name, What: "adopt orphan", Conds: conds, Writes: writes,
+		Notes: []Note{{Level: Warn, Log: "orphan adopted: managed again where it runs", Args: []any{"vm", name, "node", pl.Node, "uid", pl.UID, "epoch", np.Epoch},
+			Object: "vm/" + name, Event: "adopted", Message: fmt.Sprintf("orphan uid %d on %s adopted by its new spec: placed there at epoch %d", pl.UID, pl.Node, np.Epoch)}}}}
+}
+
 // place commits a first placement: placement and the node's assignment in one transaction, which
 // holds only if the VM is still unplaced and its spec is the one scheduled.
 func (s *view) place(name string, specRec *rec[keys.VMSpec], spec *keys.VMSpec, node string) Action {
 	sp := s.cfg.Space
-	pl := keys.Placement{UID: specRec.CreateRevision, Node: node, Epoch: 1, UUID: s.cfg.id(), Since: s.Now.UTC(), By: s.cfg.Name, Term: s.cfg.Term}
+	pl := keys.Placement{UID: keys.SpecUID(specRec), Node: node, Epoch: 1, UUID: s.cfg.id(), Since: s.Now.UTC(), By: s.cfg.Name, Term: s.cfg.Term}
 	s.setSpec(&pl, specRec.ModRevision, spec)
 	asg := assignmentFor(&pl, spec)
 	return Action{Object: "vm/" + name, What: "place",
@@ -485,7 +532,7 @@ func (s *view) unplace(name string, v *VM, why string) []Action {
 	}
 	for _, hwid := range sortedNames(s.Assigns[name]) {
 		r := s.Assigns[name][hwid]
-		if v.Spec != nil && r.OK() && r.Value.UID == v.Spec.CreateRevision {
+		if v.Spec != nil && r.OK() && r.Value.UID == keys.SpecUID(v.Spec) {
 			continue // the new incarnation's
 		}
 		acts = append(acts, dropAssignment(name, hwid, r, why))
@@ -501,8 +548,14 @@ func (s *view) setProblem(name string, uid int64, cur *rec[keys.Problem], kind, 
 		}
 	}
 	p := keys.Problem{UID: uid, Kind: kind, Message: msg, Reasons: reasons, Since: s.Now.UTC()}
+	// Recorded only while the spec is the incarnation judged (an adopting spec's uid is not its
+	// CreateRevision).
+	created := uid
+	if v := s.VMs[name]; v != nil && v.Spec != nil {
+		created = v.Spec.CreateRevision
+	}
 	return Action{Object: "vm/" + name, What: "record problem",
-		Conds:  []Cond{CreateRev(s.cfg.Space.VMSpec(name), uid)},
+		Conds:  []Cond{CreateRev(s.cfg.Space.VMSpec(name), created)},
 		Writes: []Write{Put(s.cfg.Space.Problem(name), keys.MustEncode(&p))},
 		Notes: []Note{{Level: Info, Log: "vm problem", Args: []any{"vm", name, "kind", kind, "message", msg},
 			Object: "vm/" + name, Event: "problem", Message: kind + ": " + msg}}}, true

@@ -302,7 +302,7 @@ func (s *view) disksOf(vms []string) []string {
 			continue
 		}
 		if d := v.Spec.Value.Disk; d != nil {
-			out = append(out, d.Pool+"/"+keys.VolumeImage(name, v.Spec.CreateRevision))
+			out = append(out, d.Pool+"/"+keys.VolumeImage(name, keys.SpecUID(v.Spec)))
 		}
 	}
 	return out

@@ -177,7 +177,7 @@ func (s *view) adoptVM(name string, hs []held, reported map[string]bool) []Actio
 		maxEpoch = max(maxEpoch, h.dom.Epoch)
 		// A domain of an incarnation older than the spec was deleted before the backup: its node
 		// removes it on the ordinary evidence (the name belongs to a newer uid).
-		if h.dom.State == keys.StateRunning && !(v.Spec.OK() && h.dom.UID < v.Spec.CreateRevision) {
+		if h.dom.State == keys.StateRunning && !(v.Spec.OK() && h.dom.UID < keys.SpecUID(v.Spec)) {
 			running = append(running, h)
 		}
 	}
@@ -216,7 +216,7 @@ func (s *view) adoptVM(name string, hs []held, reported map[string]bool) []Actio
 			}
 			return nil
 		}
-		uid := spec.CreateRevision
+		uid := keys.SpecUID(spec)
 		if spec.ModRevision > s.Cluster.ModRevision {
 			// Written after the recovery began: an operator's word of today, not the backup's.
 			return nil
@@ -251,7 +251,7 @@ func (s *view) adoptVM(name string, hs []held, reported map[string]bool) []Actio
 	// the spec (re-created after the backup) is kept and reported as an orphan by its node.
 	spec := v.Spec
 	sort.SliceStable(running, func(i, j int) bool {
-		mi, mj := spec.OK() && running[i].dom.UID == spec.CreateRevision, spec.OK() && running[j].dom.UID == spec.CreateRevision
+		mi, mj := spec.OK() && running[i].dom.UID == keys.SpecUID(spec), spec.OK() && running[j].dom.UID == keys.SpecUID(spec)
 		if mi != mj {
 			return mi
 		}
@@ -262,8 +262,8 @@ func (s *view) adoptVM(name string, hs []held, reported map[string]bool) []Actio
 	if len(running) > 1 {
 		note = fmt.Sprintf("; it also ran on %d other nodes, whose copies go", len(running)-1)
 	}
-	if spec.OK() && spec.CreateRevision == win.dom.UID {
-		uid := spec.CreateRevision
+	if spec.OK() && keys.SpecUID(spec) == win.dom.UID {
+		uid := keys.SpecUID(spec)
 		if a := assigns[win.node]; pl != nil && pl.UID == uid && pl.Node == win.node && pl.Migration == nil && !pl.Orphan &&
 			pl.Epoch >= win.dom.Epoch && a.OK() && a.Value.UID == uid && a.Value.Epoch == pl.Epoch && runnable(a.Value) && len(assigns) == 1 {
 			return nil

@@ -190,3 +190,59 @@ func TestRestoreRecoveryTwoCopiesKeepTheNewest(t *testing.T) {
 		t.Fatalf("a runnable on %v", r)
 	}
 }
+
+// TestAdoptOrphan: an orphan kept after a restore is taken over by a spec that adopts its uid
+// (herdctl vm adopt): placed where it runs, runnable there only, at a higher epoch. A spec that
+// adopts nothing, or another uid, is refused with a problem, and nothing is placed from it.
+func TestAdoptOrphan(t *testing.T) {
+	w := newWorld(t)
+	w.node("n1", 8, 16)
+	w.node("n2", 8, 16)
+	w.settle()
+	orphan := func(name string, uid int64) {
+		w.put(w.sp.Placement(name), &keys.Placement{UID: uid, Node: "n1", Epoch: 4, UUID: "u-" + name, Orphan: true}, 0)
+	}
+	orphan("plain", 3)
+	orphan("wrong", 4)
+	orphan("good", 5)
+	w.vm("plain", 1, 512)
+	w.vm("wrong", 1, 512, func(s *keys.VMSpec) { s.AdoptUID = 99 })
+	w.vm("good", 1, 512, func(s *keys.VMSpec) { s.AdoptUID = 5 })
+	w.vm("nothing", 1, 512, func(s *keys.VMSpec) { s.AdoptUID = 2 })
+	w.settle()
+
+	if p := w.problem("plain"); !strings.Contains(p, "herdctl vm adopt plain") {
+		t.Errorf("a spec over an orphan: problem %q", p)
+	}
+	if p := w.problem("wrong"); !strings.Contains(p, "adopt_uid 99 is not the uid of the orphan") {
+		t.Errorf("a spec adopting another uid: problem %q", p)
+	}
+	for _, n := range []string{"plain", "wrong"} {
+		if pl := get[keys.Placement](w, w.sp.Placement(n)); !pl.Orphan || len(w.runnable(n)) != 0 {
+			t.Errorf("%s: placement %+v, runnable on %v", n, pl, w.runnable(n))
+		}
+	}
+	if p := w.problem("nothing"); !strings.HasPrefix(p, keys.ProblemInvalid) || w.placedOn("nothing") != "" {
+		t.Errorf("adopting a uid no placement carries: problem %q, placed on %q", p, w.placedOn("nothing"))
+	}
+	pl := get[keys.Placement](w, w.sp.Placement("good"))
+	if pl.Orphan || pl.UID != 5 || pl.Node != "n1" || pl.Epoch != 5 || pl.UUID != "u-good" {
+		t.Fatalf("adopted placement %+v", pl)
+	}
+	if r := w.runnable("good"); len(r) != 1 || r[0] != "n1" {
+		t.Fatalf("adopted VM runnable on %v", r)
+	}
+	if p := w.problem("good"); p != "" {
+		t.Fatalf("adopted VM keeps a problem %q", p)
+	}
+	// From then on it is an ordinary VM of uid 5: a spec change reaches its node, and nothing
+	// takes it for a re-created VM.
+	w.vm("good", 2, 512, func(s *keys.VMSpec) { s.AdoptUID = 5 })
+	w.settle()
+	if a := get[keys.Assignment](w, w.sp.Assign("n1", "good")); a.UID != 5 || a.Spec.VCPUs != 2 {
+		t.Fatalf("assignment after a spec change: %+v", a)
+	}
+	if pl := get[keys.Placement](w, w.sp.Placement("good")); pl.UID != 5 || pl.Node != "n1" {
+		t.Fatalf("placement after a spec change: %+v", pl)
+	}
+}

@@ -65,7 +65,7 @@ func (s *view) purgeVolumes() {
 		if req == nil {
 			continue
 		}
-		if v, ok := s.VMs[r.Value.VM]; ok && v.Spec != nil && v.Spec.CreateRevision == r.Value.UID {
+		if v, ok := s.VMs[r.Value.VM]; ok && v.Spec != nil && keys.SpecUID(v.Spec) == r.Value.UID {
 			continue // still in use: purge waits for the VM to go
 		}
 		s.plan.Work = append(s.plan.Work, Work{Kind: PurgeVolume, Key: r.Key, Rev: r.ModRevision,

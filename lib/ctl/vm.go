@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/herdhq/herd/lib/etcdutil"
@@ -20,7 +21,7 @@ func vmCmd(e *env) *cobra.Command {
 		Use:   "vm",
 		Short: "Create, change, inspect and delete VMs",
 	}
-	cmd.AddCommand(vmCreateCmd(e), vmApplyCmd(e), vmGetCmd(e), vmListCmd(e), vmDeleteCmd(e), vmOrphansCmd(e), vmMigrateCmd(e), vmRestartCmd(e), vmReleaseCmd(e), vmForgetCmd(e))
+	cmd.AddCommand(vmCreateCmd(e), vmApplyCmd(e), vmGetCmd(e), vmListCmd(e), vmDeleteCmd(e), vmOrphansCmd(e), vmMigrateCmd(e), vmRestartCmd(e), vmReleaseCmd(e), vmForgetCmd(e), vmAdoptCmd(e))
 	return cmd
 }
 
@@ -42,25 +43,77 @@ func (e *env) pools(ctx context.Context) ([]string, error) {
 	return c.Pools, nil
 }
 
+// specFlags are the flags that describe a VM, shared by create and adopt.
+type specFlags struct {
+	vcpus    int
+	memory   string
+	disk     string
+	pool     string
+	from     string
+	power    string
+	labels   []string
+	selector []string
+	antiAff  string
+	kernel   string
+	initrd   string
+	cmdline  string
+	networks []string
+	policy   string
+}
+
+func (sf *specFlags) add(f *pflag.FlagSet) {
+	f.IntVar(&sf.vcpus, "vcpus", 1, "virtual CPUs")
+	f.StringVar(&sf.memory, "memory", "512MiB", "memory, e.g. 512MiB, 2GiB")
+	f.StringVar(&sf.disk, "disk", "", "root disk size, e.g. 10GiB (none if empty)")
+	f.StringVar(&sf.pool, "pool", "default", "disk pool")
+	f.StringVar(&sf.from, "from", "", "image to clone the disk from (backend-specific, e.g. pool/image@snap)")
+	f.StringVar(&sf.power, "power", "", "running (default) or stopped")
+	f.StringSliceVar(&sf.labels, "label", nil, "label key=value (repeatable)")
+	f.StringSliceVar(&sf.selector, "selector", nil, "only nodes whose hardware has label key=value (repeatable)")
+	f.StringVar(&sf.antiAff, "anti-affinity", "", "group name: at most one VM of the group per node")
+	f.StringVar(&sf.kernel, "kernel", "", "boot this kernel directly (a path on the hypervisors)")
+	f.StringVar(&sf.initrd, "initrd", "", "initrd for --kernel")
+	f.StringVar(&sf.cmdline, "cmdline", "", "kernel command line for --kernel")
+	f.StringSliceVar(&sf.networks, "network", nil, "a NIC on a bridge: BRIDGE[,model=virtio] (repeatable)")
+	f.StringVar(&sf.policy, "migration-policy", "", "how the VM leaves a drained node: migrate (default) or restart")
+}
+
+// spec builds the spec the flags describe (not yet validated).
+func (sf *specFlags) spec() (keys.VMSpec, error) {
+	spec := keys.VMSpec{VCPUs: sf.vcpus, Power: sf.power, AntiAffinity: sf.antiAff, MigrationPolicy: sf.policy}
+	if sf.kernel != "" {
+		spec.Boot = &keys.KernelBoot{Kernel: sf.kernel, Initrd: sf.initrd, Cmdline: sf.cmdline}
+	}
+	for _, n := range sf.networks {
+		bridge, model, _ := strings.Cut(n, ",")
+		spec.Networks = append(spec.Networks, keys.Network{Bridge: bridge, Model: strings.TrimPrefix(model, "model=")})
+	}
+	var err error
+	if spec.MemoryMiB, err = units.ParseIn(sf.memory, units.MiB); err != nil {
+		return spec, usagef("--memory: %v", err)
+	}
+	if sf.disk != "" {
+		size, err := units.ParseIn(sf.disk, units.GiB)
+		if err != nil {
+			return spec, usagef("--disk: %v", err)
+		}
+		spec.Disk = &keys.Disk{Pool: sf.pool, SizeGiB: size, From: sf.from}
+	}
+	if spec.Labels, err = parseLabels("label", sf.labels); err != nil {
+		return spec, err
+	}
+	if spec.NodeSelector, err = parseLabels("selector", sf.selector); err != nil {
+		return spec, err
+	}
+	return spec, nil
+}
+
 func vmCreateCmd(e *env) *cobra.Command {
 	var (
-		vcpus    int
-		memory   string
-		disk     string
-		pool     string
-		from     string
-		power    string
-		labels   []string
-		selector []string
-		antiAff  string
-		kernel   string
-		initrd   string
-		cmdline  string
-		networks []string
-		policy   string
-		wait     bool
-		waitFor  time.Duration
-		dryRun   bool
+		sf      specFlags
+		wait    bool
+		waitFor time.Duration
+		dryRun  bool
 	)
 	cmd := &cobra.Command{
 		Use:   "create NAME",
@@ -74,29 +127,8 @@ func vmCreateCmd(e *env) *cobra.Command {
 			if err := keys.ValidateName(name); err != nil {
 				return usagef("vm name: %v", err)
 			}
-			spec := keys.VMSpec{VCPUs: vcpus, Power: power, AntiAffinity: antiAff, MigrationPolicy: policy}
-			if kernel != "" {
-				spec.Boot = &keys.KernelBoot{Kernel: kernel, Initrd: initrd, Cmdline: cmdline}
-			}
-			for _, n := range networks {
-				bridge, model, _ := strings.Cut(n, ",")
-				spec.Networks = append(spec.Networks, keys.Network{Bridge: bridge, Model: strings.TrimPrefix(model, "model=")})
-			}
-			var err error
-			if spec.MemoryMiB, err = units.ParseIn(memory, units.MiB); err != nil {
-				return usagef("--memory: %v", err)
-			}
-			if disk != "" {
-				size, err := units.ParseIn(disk, units.GiB)
-				if err != nil {
-					return usagef("--disk: %v", err)
-				}
-				spec.Disk = &keys.Disk{Pool: pool, SizeGiB: size, From: from}
-			}
-			if spec.Labels, err = parseLabels("label", labels); err != nil {
-				return err
-			}
-			if spec.NodeSelector, err = parseLabels("selector", selector); err != nil {
+			spec, err := sf.spec()
+			if err != nil {
 				return err
 			}
 			if dryRun {
@@ -134,20 +166,7 @@ func vmCreateCmd(e *env) *cobra.Command {
 		},
 	}
 	f := cmd.Flags()
-	f.IntVar(&vcpus, "vcpus", 1, "virtual CPUs")
-	f.StringVar(&memory, "memory", "512MiB", "memory, e.g. 512MiB, 2GiB")
-	f.StringVar(&disk, "disk", "", "root disk size, e.g. 10GiB (none if empty)")
-	f.StringVar(&pool, "pool", "default", "disk pool")
-	f.StringVar(&from, "from", "", "image to clone the disk from (backend-specific, e.g. pool/image@snap)")
-	f.StringVar(&power, "power", "", "running (default) or stopped")
-	f.StringSliceVar(&labels, "label", nil, "label key=value (repeatable)")
-	f.StringSliceVar(&selector, "selector", nil, "only nodes whose hardware has label key=value (repeatable)")
-	f.StringVar(&antiAff, "anti-affinity", "", "group name: at most one VM of the group per node")
-	f.StringVar(&kernel, "kernel", "", "boot this kernel directly (a path on the hypervisors)")
-	f.StringVar(&initrd, "initrd", "", "initrd for --kernel")
-	f.StringVar(&cmdline, "cmdline", "", "kernel command line for --kernel")
-	f.StringSliceVar(&networks, "network", nil, "a NIC on a bridge: BRIDGE[,model=virtio] (repeatable)")
-	f.StringVar(&policy, "migration-policy", "", "how the VM leaves a drained node: migrate (default) or restart")
+	sf.add(f)
 	f.BoolVar(&wait, "wait", false, "wait until the VM runs (or reports a problem)")
 	f.DurationVar(&waitFor, "wait-timeout", 2*time.Minute, "how long --wait waits")
 	f.BoolVar(&dryRun, "dry-run", false, "validate and print the spec JSON without writing it")
@@ -534,7 +553,9 @@ func (e *env) purgeDisksOf(ctx context.Context, name string) error {
 	if err != nil || len(resp.Kvs) == 0 {
 		return err
 	}
-	uid := resp.Kvs[0].CreateRevision
+	spec := &keys.Record[keys.VMSpec]{CreateRevision: resp.Kvs[0].CreateRevision}
+	spec.Value, spec.Err = keys.Decode[keys.VMSpec](resp.Kvs[0].Value)
+	uid := keys.SpecUID(spec)
 	vols, err := e.readVolumes(ctx)
 	if err != nil {
 		return err

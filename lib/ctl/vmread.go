@@ -372,6 +372,9 @@ func (e *env) buildView(k clusterKeys) *clusterView {
 			vm.SpecError = err.Error()
 		} else {
 			vm.Spec = specs[i]
+			if specs[i].AdoptUID > 0 {
+				vm.UID = specs[i].AdoptUID // keys.SpecUID
+			}
 		}
 	}
 	placements := k.placeVals

@@ -241,7 +241,8 @@ const (
 )
 
 // VMSpec is /herd/vms/<name>/spec: what the operator wants. Its etcd CreateRevision is the VM's
-// uid, so a VM deleted and created again under the same name is a different VM.
+// uid, so a VM deleted and created again under the same name is a different VM; AdoptUID, if set,
+// is the uid instead (see SpecUID).
 type VMSpec struct {
 	V         int   `json:"v"`
 	VCPUs     int   `json:"vcpus"`
@@ -263,7 +264,20 @@ type VMSpec struct {
 	// Restarts is a generation: raising it (herdctl vm restart) makes the VM shut down and start
 	// again.
 	Restarts int `json:"restarts,omitempty"`
+	// AdoptUID takes over a VM that runs as an orphan after an etcd restore (the restore lost its
+	// spec): the spec claims the orphan's uid, so its domain and disks stay its own. The leader
+	// honours it only while a placement of the name carries that uid (the orphan it adopts, then
+	// the VM it became), and only for a uid older than the spec (herdctl vm adopt).
+	AdoptUID int64 `json:"adopt_uid,omitempty"`
 	Extra    `json:"-"`
+}
+
+// SpecUID is the uid of the VM a spec record describes: its CreateRevision, or the uid it adopts.
+func SpecUID(r *Record[VMSpec]) int64 {
+	if r.OK() && r.Value.AdoptUID > 0 {
+		return r.Value.AdoptUID
+	}
+	return r.CreateRevision
 }
 
 // Migration policies.

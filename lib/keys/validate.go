@@ -124,6 +124,9 @@ func (s *VMSpec) Validate(pools []string) error {
 	if s.MemoryMiB < 1 || s.MemoryMiB > MaxMemoryMiB {
 		fe.add("memory_mib", "must be between 1 and %d MiB, got %d", MaxMemoryMiB, s.MemoryMiB)
 	}
+	if s.AdoptUID < 0 {
+		fe.add("adopt_uid", "must be the uid of an orphan (herdctl vm orphans), got %d", s.AdoptUID)
+	}
 	if s.Disk != nil {
 		d := s.Disk
 		if d.Pool == "" {
