@@ -6,6 +6,7 @@ package rig
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -186,18 +187,21 @@ func Eventually(t testing.TB, timeout time.Duration, what string, cond func() er
 
 // Cluster is an etcd member plus the herd processes of one test.
 type Cluster struct {
-	T           testing.TB
-	Bin         Binaries
-	Dir         string
-	Endpoint    string
-	MetricsURL  string
-	Etcd        *Proc
-	Coords      []*Coordinator
-	Agents      map[string]*Agent
-	AgentArgs   []string // extra flags for every agent
-	CoordArgs   []string // extra flags for every coordinator
-	agentsOrder []string
-	etcdArgs    []string
+	T          testing.TB
+	Bin        Binaries
+	Dir        string
+	Endpoint   string
+	MetricsURL string
+	Etcd       *Proc
+	Coords     []*Coordinator
+	Agents     map[string]*Agent
+	AgentArgs  []string // extra flags for every agent
+	CoordArgs  []string // extra flags for every coordinator
+	// AgentBin and CoordBin, if set, are the herd binaries agents and coordinators start from
+	// (an earlier release, BuildRelease); etcd and the rig's own commands use Bin.Herd.
+	AgentBin, CoordBin string
+	agentsOrder        []string
+	etcdArgs           []string
 	// CommandTimeout bounds each command Run runs (at least a minute; the scale rig applies
 	// 100,000 specs into an etcd it overloads).
 	CommandTimeout time.Duration
@@ -407,15 +411,19 @@ func (c *Cluster) StartCoordinator(extra ...string) *Coordinator {
 	n := len(c.Coords) + 1
 	name := fmt.Sprintf("coordinator%d", n)
 	port := FreePort(c.T)
-	args := append([]string{"coordinator", "--endpoints", c.Endpoint, "--name", name,
-		"--listen", fmt.Sprintf("127.0.0.1:%d", port), "--revision-file", CoordinatorRevisionFile(c.Dir, n)}, c.CoordArgs...)
+	herd := cmp.Or(c.CoordBin, c.Bin.Herd)
+	args := []string{"coordinator", "--endpoints", c.Endpoint, "--name", name, "--listen", fmt.Sprintf("127.0.0.1:%d", port)}
+	if HasFlag(herd, "coordinator", "--revision-file") {
+		args = append(args, "--revision-file", CoordinatorRevisionFile(c.Dir, n))
+	}
+	args = append(args, c.CoordArgs...)
 	if c.Secure() {
 		c.must(c.Bin.Herd, append([]string{"pki", "issue", "--dir", c.PKI, "--role", "coordinator", name, "--host", "127.0.0.1"}, c.tlsArgs("root")...)...)
 		jp := FreePort(c.T)
 		args = append(append(args, c.tlsArgs(name)[2:]...), "--ca-dir", c.PKI, "--join-listen", fmt.Sprintf("127.0.0.1:%d", jp))
 		c.JoinURLs = append(c.JoinURLs, fmt.Sprintf("https://127.0.0.1:%d", jp))
 	}
-	p := Start(c.T, c.Dir, name, c.Bin.Herd, append(args, extra...)...)
+	p := Start(c.T, c.Dir, name, herd, append(args, extra...)...)
 	co := &Coordinator{Proc: p, Status: fmt.Sprintf("http://127.0.0.1:%d", port)}
 	c.Coords = append(c.Coords, co)
 	return co
@@ -434,10 +442,14 @@ func (c *Cluster) StartAgent(hwid string, cpus int, memMiB int64, extra ...strin
 	}
 	port := FreePort(c.T)
 	name := "agent-" + strings.ReplaceAll(hwid, ":", "")
-	// The revision file outlives the agent: a restart of the same hwid finds it.
-	args := append([]string{"agent", "--endpoints", c.Endpoint, "--hwid", hwid, "--libvirt-uri", uri,
-		"--volume-dir", filepath.Join(c.Dir, "volumes"), "--listen", fmt.Sprintf("127.0.0.1:%d", port),
-		"--revision-file", filepath.Join(c.Dir, name+"-revision.json")}, c.AgentArgs...)
+	herd := cmp.Or(c.AgentBin, c.Bin.Herd)
+	args := []string{"agent", "--endpoints", c.Endpoint, "--hwid", hwid, "--libvirt-uri", uri,
+		"--volume-dir", filepath.Join(c.Dir, "volumes"), "--listen", fmt.Sprintf("127.0.0.1:%d", port)}
+	if HasFlag(herd, "agent", "--revision-file") {
+		// The revision file outlives the agent: a restart of the same hwid finds it.
+		args = append(args, "--revision-file", filepath.Join(c.Dir, name+"-revision.json"))
+	}
+	args = append(args, c.AgentArgs...)
 	if c.Secure() {
 		// As the bootserver does for a netboot: a one-time token for this start, the join
 		// endpoints and the CA's fingerprint.
@@ -445,7 +457,7 @@ func (c *Cluster) StartAgent(hwid string, cpus int, memMiB int64, extra ...strin
 		args = append(args, "--join", strings.Join(c.JoinURLs, ","), "--join-token", tok, "--ca-hash", c.CAHash,
 			"--cred-dir", filepath.Join(c.Dir, "creds-"+strings.ReplaceAll(hwid, ":", "")))
 	}
-	p := Start(c.T, c.Dir, name, c.Bin.Herd, append(args, extra...)...)
+	p := Start(c.T, c.Dir, name, herd, append(args, extra...)...)
 	a := &Agent{Proc: p, HWID: hwid, Status: fmt.Sprintf("http://127.0.0.1:%d", port), URI: uri}
 	if _, ok := c.Agents[hwid]; !ok {
 		c.agentsOrder = append(c.agentsOrder, hwid)
