@@ -22,7 +22,9 @@ import (
 // TestSoak is `just soak DURATION` (HERD_SOAK_DURATION; 45 s in `just test`): random faults while
 // VMs are created, deleted and moved, then the history checks. Faults: kill -9 of an agent (a
 // node's power loss; it comes back as a new boot), SIGSTOP of an agent (a node cut off: its lease
-// expires, the fencer powers it off, it comes back as a new boot), kill -9 and restart of a
+// expires, the fencer powers it off, it comes back as a new boot), a network partition of a node
+// from etcd (nftables drops its own lane's packets for 1-9 s while its guests run on: a short one
+// heals before the fencer acts, a long one is fenced first), kill -9 and restart of a
 // coordinator, kill -9 and restart of one etcd member of three. The fencer kills the fenced boot's
 // agent process, which holds its test-driver domains: a fenced node runs nothing, as after a BMC
 // power-off. At the end: every VM runs exactly once, and the whole history never had two runnable
@@ -46,7 +48,12 @@ func TestSoak(t *testing.T) {
 	rng := rand.New(rand.NewSource(seed))
 	t.Logf("soak for %s, seed %d", dur, seed)
 
-	c, members := rig.NewCluster3(t, bin)
+	// Every node reaches etcd by its own lane, so that it alone can be cut off (a partition).
+	c, members := rig.NewCluster3Lanes(t, bin, len(nodeIDs))
+	c.AgentEndpoints = map[string]string{}
+	for i, id := range nodeIDs {
+		c.AgentEndpoints[id] = c.Lane(i)
+	}
 	pids := filepath.Join(c.Dir, "pids")
 	if err := os.MkdirAll(pids, 0o755); err != nil {
 		t.Fatal(err)
@@ -174,7 +181,7 @@ echo "powered off $HERD_HWID boot $HERD_BOOT_ID"`, pids)
 			}
 		}
 		later = keep
-		switch k := rng.Intn(10); {
+		switch k := rng.Intn(11); {
 		case k < 3: // load
 			mu.Lock()
 			var names []string
@@ -224,7 +231,24 @@ echo "powered off $HERD_HWID boot $HERD_BOOT_ID"`, pids)
 				start(hwid)
 				delete(down, hwid)
 			}})
-		case k < 8: // a coordinator dies and is restarted
+		case k < 7: // a node is partitioned from etcd: its guests run on; a short cut heals in
+			// time, a long one gets it fenced (powered off) first
+			i := rng.Intn(len(nodeIDs))
+			hwid := nodeIDs[i]
+			if down[hwid] || countDown(down, nodeIDs) >= 1 {
+				continue
+			}
+			heal := c.CutLane(i)
+			down[hwid] = true
+			cut := time.Duration(1+rng.Intn(9)) * time.Second
+			faults["node partitioned"]++
+			t.Logf("%s agent %s partitioned from etcd for %s", time.Now().Format(time.TimeOnly), hwid, cut)
+			later = append(later, pending{now.Add(cut), func() {
+				heal()
+				t.Logf("%s agent %s partition healed", time.Now().Format(time.TimeOnly), hwid)
+				delete(down, hwid)
+			}})
+		case k < 9: // a coordinator dies and is restarted
 			i := rng.Intn(len(coords))
 			coords[i].Kill()
 			faults["coordinator kill -9"]++

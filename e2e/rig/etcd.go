@@ -27,6 +27,14 @@ type Member struct {
 // NewCluster3 starts a three-member etcd cluster of separate processes on 127.0.0.1-3.
 func NewCluster3(t testing.TB, bin Binaries) (*Cluster, []*Member) {
 	t.Helper()
+	return NewCluster3Lanes(t, bin, 0)
+}
+
+// NewCluster3Lanes is NewCluster3 with lanes more client URLs on every member: lane i is what
+// one client (an agent) alone uses (Cluster.Lane), so that it can be cut off from etcd by itself
+// (Cluster.CutLane) while everything else still reaches etcd.
+func NewCluster3Lanes(t testing.TB, bin Binaries, lanes int) (*Cluster, []*Member) {
+	t.Helper()
 	dir := t.TempDir()
 	c := &Cluster{T: t, Bin: bin, Dir: dir, Agents: map[string]*Agent{}}
 	var members []*Member
@@ -42,6 +50,15 @@ func NewCluster3(t testing.TB, bin Binaries) (*Cluster, []*Member) {
 		m.args = []string{"etcd", "--name", m.Name, "--data-dir", filepath.Join(dir, m.Name),
 			"--listen-client", m.ClientURL, "--listen-peer", peer, "--listen-metrics", m.Metrics,
 			"--auto-compaction", "24h"}
+		for l := range lanes {
+			port := FreePort(t)
+			if len(c.lanes) <= l {
+				c.lanes = append(c.lanes, lane{})
+			}
+			c.lanes[l].urls = append(c.lanes[l].urls, fmt.Sprintf("http://%s:%d", ip, port))
+			c.lanes[l].ports = append(c.lanes[l].ports, port)
+			m.args = append(m.args, "--listen-client", c.lanes[l].urls[len(c.lanes[l].urls)-1])
+		}
 		peers = append(peers, m.Name+"="+peer)
 		clients = append(clients, m.ClientURL)
 		members = append(members, m)

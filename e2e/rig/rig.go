@@ -197,6 +197,9 @@ type Cluster struct {
 	Agents     map[string]*Agent
 	AgentArgs  []string // extra flags for every agent
 	CoordArgs  []string // extra flags for every coordinator
+	// AgentEndpoints, if set for an hwid, are the etcd endpoints its agent uses (a Lane).
+	AgentEndpoints map[string]string
+	lanes          []lane
 	// AgentBin and CoordBin, if set, are the herd binaries agents and coordinators start from
 	// (an earlier release, BuildRelease); etcd and the rig's own commands use Bin.Herd.
 	AgentBin, CoordBin string
@@ -443,7 +446,7 @@ func (c *Cluster) StartAgent(hwid string, cpus int, memMiB int64, extra ...strin
 	port := FreePort(c.T)
 	name := "agent-" + strings.ReplaceAll(hwid, ":", "")
 	herd := cmp.Or(c.AgentBin, c.Bin.Herd)
-	args := []string{"agent", "--endpoints", c.Endpoint, "--hwid", hwid, "--libvirt-uri", uri,
+	args := []string{"agent", "--endpoints", cmp.Or(c.AgentEndpoints[hwid], c.Endpoint), "--hwid", hwid, "--libvirt-uri", uri,
 		"--volume-dir", filepath.Join(c.Dir, "volumes"), "--listen", fmt.Sprintf("127.0.0.1:%d", port)}
 	if HasFlag(herd, "agent", "--revision-file") {
 		// The revision file outlives the agent: a restart of the same hwid finds it.
