@@ -1,9 +1,11 @@
 package e2e
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -260,6 +262,11 @@ func TestRolloutFollowsTheFleet(t *testing.T) {
 		return nil
 	})
 
+	// A VM that can move only live, on nodes that take no live migrations (no --migration-uri):
+	// its node's drain waits, and the rollout, the node list and --watch say why.
+	c.Herdctl("vm", "create", "live1", "--memory", "256MiB")
+	rig.Eventually(t, 30*time.Second, "live1 running", func() error { return allInState(c, []string{"live1"}, "running") })
+
 	c.Herdctl("rollout", "start", "--image", "v2", "--node-timeout", "2m")
 	rig.Eventually(t, 30*time.Second, "rollout says why it waits", func() error {
 		if v := rolloutStatus(c); !strings.Contains(v.Reason, down+" not ready") {
@@ -281,6 +288,21 @@ func TestRolloutFollowsTheFleet(t *testing.T) {
 		return nil
 	})
 	start(late, "v1")
+	rig.Eventually(t, 120*time.Second, "the waiting drain explained", func() error {
+		st, nl := c.Herdctl("rollout", "status"), c.Herdctl("node", "list")
+		if !strings.Contains(st, "waits: vm/live1: cannot migrate to") || !strings.Contains(nl, "drain waits: vm/live1: cannot migrate") {
+			return fmt.Errorf("rollout status:\n%s\nnode list:\n%s", st, nl)
+		}
+		return nil
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	watched, _ := exec.CommandContext(ctx, bin.Herdctl, "rollout", "status", "--watch", "--endpoints", c.Endpoint).CombinedOutput()
+	cancel()
+	if !strings.Contains(string(watched), "draining: waits: vm/live1: cannot migrate") {
+		t.Errorf("rollout status --watch does not say why the drain waits:\n%s", watched)
+	}
+	t.Logf("%s", c.Herdctl("rollout", "status"))
+	c.Herdctl("vm", "delete", "live1")
 	rig.Eventually(t, 180*time.Second, "rollout done", func() error {
 		if v := rolloutStatus(c); v.State != keys.RolloutDone {
 			return fmt.Errorf("%+v", v)

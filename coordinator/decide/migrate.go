@@ -2,6 +2,7 @@ package decide
 
 import (
 	"fmt"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -174,7 +175,7 @@ func (s *view) startMigrations(wants []wantMove, placed []scheduler.VM, busy map
 		}
 		target := s.live[dst].Value
 		if mode == keys.ModeLive && target.MigrationURI == "" {
-			if a, ok := s.setProblem(w.name, w.pl.UID, w.v.Problem, keys.ProblemPending, fmt.Sprintf("cannot migrate to %s: its agent advertises no --migration-uri", dst), nil); ok {
+			if a, ok := s.setProblem(w.name, w.pl.UID, w.v.Problem, keys.ProblemPending, fmt.Sprintf("cannot migrate to %s: its agent advertises no --migration-uri; give the VM migration_policy restart (herdctl vm apply) to move it by a restart, or the nodes a --migration-uri", dst), nil); ok {
 				acts = append(acts, a)
 			}
 			continue
@@ -219,8 +220,9 @@ func (s *view) openMigration(w wantMove, dst, mode string, target *keys.Node) Ac
 		Metrics: []Metric{MetricMigrationStarted}}
 }
 
-// drainBookkeeping marks draining nodes drained once nothing is placed on or moving to them, and
-// forgets a drain that is no longer asked for (uncordoned, or the rollout moved on).
+// drainBookkeeping marks draining nodes drained once nothing is placed on or moving to them, says
+// why one is not (the first VM on it that cannot leave), and forgets a drain that is no longer
+// asked for (uncordoned, or the rollout moved on).
 func (s *view) drainBookkeeping(placedOn map[string][]string, busy map[string]int) []Action {
 	var acts []Action
 	for _, hwid := range sortedNames(s.States) {
@@ -229,27 +231,54 @@ func (s *view) drainBookkeeping(placedOn map[string][]string, busy map[string]in
 			continue
 		}
 		ns := r.Value
-		a := s.admin(hwid)
-		var drained bool
+		drained, waiting := ns.Drained, ""
 		switch {
-		case !a.Draining && ns.Drained:
+		case !s.admin(hwid).Draining:
 			drained = false
-		case a.Draining && !ns.Drained && len(placedOn[hwid]) == 0 && busy[hwid] == 0:
+		case ns.Drained:
+		case len(placedOn[hwid]) == 0 && busy[hwid] == 0:
 			drained = true
 		default:
+			waiting = s.drainBlocker(placedOn[hwid])
+		}
+		if drained == ns.Drained && waiting == ns.Waiting {
 			continue
 		}
 		cp, err := keys.Decode[keys.NodeState](r.Raw)
 		if err != nil {
 			continue
 		}
-		cp.Drained = drained
+		cp.Drained, cp.Waiting = drained, waiting
 		var notes []Note
-		if drained {
+		switch {
+		case drained && !ns.Drained:
 			notes = []Note{{Level: Info, Log: "node drained", Args: []any{"node", hwid}, Object: "node/" + hwid, Event: "drained", Message: "no VM left"}}
+		case waiting != "":
+			notes = []Note{{Level: Warn, Log: "drain waits", Args: []any{"node", hwid, "why", waiting}, Object: "node/" + hwid, Event: "drain-waits", Message: waiting}}
 		}
-		acts = append(acts, Action{Object: "node/" + hwid, What: "mark drained",
+		acts = append(acts, Action{Object: "node/" + hwid, What: "drain bookkeeping",
 			Conds: []Cond{ModRev(r.Key, r.ModRevision)}, Writes: []Write{Put(r.Key, keys.MustEncode(cp))}, Notes: notes})
 	}
 	return acts
+}
+
+// drainBlocker says why a draining node still holds VMs: the first of them whose problem says
+// it cannot leave, and how many more cannot; "" while they are simply on their way.
+func (s *view) drainBlocker(names []string) string {
+	var stuck []string
+	first := ""
+	for _, name := range slices.Sorted(slices.Values(names)) {
+		v := s.VMs[name]
+		if v == nil || !v.Problem.OK() || !v.Placement.OK() || v.Problem.Value.UID != v.Placement.Value.UID {
+			continue
+		}
+		if first == "" {
+			first = "vm/" + name + ": " + v.Problem.Value.Message
+		}
+		stuck = append(stuck, name)
+	}
+	if len(stuck) > 1 {
+		first += fmt.Sprintf(" (and %d more VMs that cannot leave)", len(stuck)-1)
+	}
+	return first
 }

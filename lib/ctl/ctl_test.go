@@ -114,3 +114,30 @@ func TestSerialNumbersThatCannotIdentify(t *testing.T) {
 		t.Fatalf("enrolled record: %v %v", resp, err)
 	}
 }
+
+// TestInvalidSpecSizesPrintAsDash: a spec written by hand with sizes no VM can have lists with "-"
+// for them (it printed -5242880B), and its validation error as the problem.
+func TestInvalidSpecSizesPrintAsDash(t *testing.T) {
+	srv := etcdtest.Start(t)
+	c := etcdtest.NewClient(t, srv.Endpoints)
+	sp := keys.MustSpace(keys.DefaultPrefix)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := c.Put(ctx, sp.VMSpec("bad"), `{"vcpus":-3,"memory_mib":-5}`); err != nil {
+		t.Fatal(err)
+	}
+	out, _, err := herdctl(t, srv.Endpoints[0], "vm", "list")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var row []string
+	for _, line := range strings.Split(out, "\n") {
+		if f := strings.Fields(line); len(f) > 0 && f[0] == "bad" {
+			row = f
+		}
+	}
+	// NAME NODE STATE VCPUS MEMORY ...
+	if len(row) < 5 || row[3] != "-" || row[4] != "-" {
+		t.Fatalf("invalid sizes listed as %v:\n%s", row, out)
+	}
+}

@@ -27,6 +27,20 @@ type nodeView struct {
 	UsedMiB   int64           `json:"used_memory_mib"`
 }
 
+// note is what most needs saying about the node: a problem its agent reports, a doubt of the
+// leader's about its registration, or why its drain waits.
+func (n *nodeView) note() string {
+	switch {
+	case n.Node != nil && n.Node.Problem != "":
+		return n.Node.Problem
+	case n.State != nil && n.State.Doubt != "":
+		return n.State.Doubt
+	case n.State != nil && n.State.Waiting != "":
+		return "drain waits: " + n.State.Waiting
+	}
+	return ""
+}
+
 func (v *clusterView) nodeViews() []*nodeView {
 	byID := map[string]*nodeView{}
 	get := func(id string) *nodeView {
@@ -164,7 +178,7 @@ func nodeListCmd(e *env) *cobra.Command {
 			for _, c := range []struct {
 				n string
 				w bool
-			}{{"NODE", false}, {"STATUS", false}, {"VMS", false}, {"VCPUS", false}, {"MEMORY", false}, {"IMAGE", false}, {"AGE", false}, {"LABELS", true}, {"BOOT-ID", true}, {"LIBVIRT", true}} {
+			}{{"NODE", false}, {"STATUS", false}, {"VMS", false}, {"VCPUS", false}, {"MEMORY", false}, {"IMAGE", false}, {"AGE", false}, {"LABELS", true}, {"BOOT-ID", true}, {"LIBVIRT", true}, {"NOTE", false}} {
 				t.col(c.n, c.w)
 			}
 			for _, n := range nodes {
@@ -178,7 +192,7 @@ func nodeListCmd(e *env) *cobra.Command {
 				if n.Hardware != nil {
 					labels = n.Hardware.Labels
 				}
-				t.row(n.HWID, n.Status, fmt.Sprint(len(n.VMs)), cpus, mem, image, ageS, labelsString(labels), boot, uri)
+				t.row(n.HWID, n.Status, fmt.Sprint(len(n.VMs)), cpus, mem, image, ageS, labelsString(labels), boot, uri, orDash(n.note()))
 			}
 			if len(nodes) == 0 && o.format == "table" {
 				fmt.Fprintln(e.errOut, "no nodes: enrol hardware with 'herdctl hw add'")

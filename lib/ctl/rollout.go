@@ -1,6 +1,7 @@
 package ctl
 
 import (
+	"cmp"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -323,6 +324,10 @@ func rolloutStatusCmd(e *env) *cobra.Command {
 			if err != nil {
 				return err
 			}
+			waits, err := e.drainWaits(ctx, ro)
+			if err != nil {
+				return err
+			}
 			fmt.Fprint(e.out, rolloutSummary(ro, time.Now()))
 			t := newTable("NODE", "PHASE", "RUNNING", "FOR", "NOTE")
 			for _, id := range ro.Nodes {
@@ -337,7 +342,7 @@ func rolloutStatusCmd(e *env) *cobra.Command {
 				case !p.Since.IsZero():
 					since = time.Since(p.Since).Round(time.Second).String()
 				}
-				t.row(id, p.Phase, orDash(running[id]), since, orDash(p.Error))
+				t.row(id, p.Phase, orDash(running[id]), since, orDash(cmp.Or(p.Error, waits[id])))
 			}
 			return o.print(e.out, nil, t)
 		},
@@ -345,6 +350,36 @@ func rolloutStatusCmd(e *env) *cobra.Command {
 	o.add(cmd)
 	cmd.Flags().BoolVar(&watch, "watch", false, "follow with a progress bar until the rollout ends")
 	return cmd
+}
+
+// drainWaits reads, for the rollout's draining nodes, why each is not drained yet (the leader's
+// NodeState.Waiting): the VM that cannot leave, in its problem's words.
+func (e *env) drainWaits(ctx context.Context, ro *rolloutView) (map[string]string, error) {
+	var ids []string
+	var gets []clientv3.Op
+	for _, id := range ro.Nodes {
+		if p := ro.Per[id]; p != nil && p.Phase == keys.PhaseDraining {
+			ids = append(ids, id)
+			gets = append(gets, clientv3.OpGet(e.space.NodeState(id)))
+		}
+	}
+	out := map[string]string{}
+	for len(gets) > 0 {
+		n := min(len(gets), 64) // etcd's limit of operations per transaction is 128
+		resp, err := e.client.Txn(ctx).Then(gets[:n]...).Commit()
+		if err != nil {
+			return nil, fmt.Errorf("read node states: %w", err)
+		}
+		for i, r := range resp.Responses {
+			if kvs := r.GetResponseRange().Kvs; len(kvs) > 0 {
+				if ns, err := keys.Decode[keys.NodeState](kvs[0].Value); err == nil && ns.Waiting != "" {
+					out[ids[i]] = "waits: " + ns.Waiting
+				}
+			}
+		}
+		ids, gets = ids[n:], gets[n:]
+	}
+	return out, nil
 }
 
 // nodeImages maps live nodes to the image they booted ("down" for enrolled nodes without a key).
@@ -429,12 +464,23 @@ func (e *env) watchRollout(ctx context.Context) error {
 			bar = e.newBar(len(ro.Nodes), "")
 		}
 		bar.ChangeMax(len(ro.Nodes)) // hardware enrolled meanwhile joins the rollout
+		rctx, cancel = e.ctx(ctx)
+		waits, err := e.drainWaits(rctx, ro)
+		cancel()
+		if err != nil {
+			return err
+		}
 		for _, id := range ro.Nodes {
-			if p := ro.Per[id]; p != nil && seen[id] != p.Phase {
-				seen[id] = p.Phase
+			p := ro.Per[id]
+			if p == nil {
+				continue
+			}
+			// A line per change of phase, and per change of what a draining node waits for.
+			if now := p.Phase + "\x00" + cmp.Or(p.Error, waits[id]); seen[id] != now {
+				seen[id] = now
 				note := ""
-				if p.Error != "" {
-					note = ": " + p.Error
+				if n := cmp.Or(p.Error, waits[id]); n != "" {
+					note = ": " + n
 				}
 				e.clearLine()
 				fmt.Fprintf(e.errOut, "%s  %s %s%s\n", time.Now().Format("15:04:05"), id, p.Phase, note)

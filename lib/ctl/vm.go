@@ -423,7 +423,13 @@ withdrawn) and reads only that node's keys: its cost does not grow with the clus
 					node, epoch = vm.Placement.Node, fmt.Sprint(vm.Placement.Epoch)
 				}
 				if vm.Spec != nil {
-					vcpus, mem = fmt.Sprint(vm.Spec.VCPUs), units.FormatMiB(vm.Spec.MemoryMiB)
+					// An invalid spec may hold any number: print only what a VM can have.
+					if vm.Spec.VCPUs >= 1 && vm.Spec.VCPUs <= keys.MaxVCPUs {
+						vcpus = fmt.Sprint(vm.Spec.VCPUs)
+					}
+					if vm.Spec.MemoryMiB >= 1 && vm.Spec.MemoryMiB <= keys.MaxMemoryMiB {
+						mem = units.FormatMiB(vm.Spec.MemoryMiB)
+					}
 				}
 				problem := "-"
 				if vm.SpecError != "" {

@@ -196,6 +196,9 @@ type NodeState struct {
 	Left bool `json:"left,omitempty"`
 	// Drained: the drain the node is under (the operator's or a rollout's) has moved every VM away.
 	Drained bool `json:"drained,omitempty"`
+	// Waiting says, while the node drains, why it is not drained yet: the first VM on it that
+	// cannot leave, in its problem's words ("" while the VMs are simply on their way).
+	Waiting string `json:"waiting,omitempty"`
 	// Rollout is the rollout that has the node cordoned and draining, until it is back on the image.
 	Rollout string `json:"rollout,omitempty"`
 	// Capacity is what the node may offer: the hardware record's expected capacity, else what the
