@@ -46,6 +46,11 @@ image *ARGS: deps
 soak DURATION="30m": deps
     HERD_SOAK_DURATION={{DURATION}} go test -count=1 -v -timeout 4h -run '^TestSoak$' ./e2e/
 
+# the console's screenshots in docs/ui/, taken by its browser test (TestConsoleInABrowser)
+ui-screenshots: deps
+    mkdir -p docs/ui
+    HERD_UI_SCREENSHOTS=$PWD/docs/ui go test -count=1 -run '^TestConsoleInABrowser$' ./e2e/
+
 # the scale rig (e2e/scale): NODES simulated nodes with VMS_PER_NODE VMs each (docs/performance.md)
 scale NODES="1000" VMS_PER_NODE="10": build
     HERD_SCALE_NODES={{NODES}} HERD_SCALE_VMS_PER_NODE={{VMS_PER_NODE}} go test -count=1 -v -timeout 120m -run TestScale ./e2e/scale/

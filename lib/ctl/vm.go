@@ -423,23 +423,9 @@ withdrawn) and reads only that node's keys: its cost does not grow with the clus
 					node, epoch = vm.Placement.Node, fmt.Sprint(vm.Placement.Epoch)
 				}
 				if vm.Spec != nil {
-					// An invalid spec may hold any number: print only what a VM can have.
-					if vm.Spec.VCPUs >= 1 && vm.Spec.VCPUs <= keys.MaxVCPUs {
-						vcpus = fmt.Sprint(vm.Spec.VCPUs)
-					}
-					if vm.Spec.MemoryMiB >= 1 && vm.Spec.MemoryMiB <= keys.MaxMemoryMiB {
-						mem = units.FormatMiB(vm.Spec.MemoryMiB)
-					}
+					vcpus, mem = specSizes(vm.Spec.VCPUs, vm.Spec.MemoryMiB)
 				}
-				problem := "-"
-				if vm.SpecError != "" {
-					problem = vm.SpecError
-				} else if vm.Problem != nil && vm.Problem.UID == vm.UID {
-					problem = vm.Problem.Message
-				} else if vm.Status != nil && vm.Status.Message != "" {
-					problem = vm.Status.Message
-				}
-				t.row(vm.Name, node, vm.State, vcpus, mem, age(vmAge(vm)), epoch, fmt.Sprint(vm.UID), truncate(problem, 100))
+				t.row(vm.Name, node, vm.State, vcpus, mem, age(vmAge(vm)), epoch, fmt.Sprint(vm.UID), truncate(orDash(vmProblem(vm)), 100))
 			}
 			if len(vms) == 0 && o.format == "table" {
 				if node != "" {
@@ -455,6 +441,33 @@ withdrawn) and reads only that node's keys: its cost does not grow with the clus
 	cmd.Flags().StringVar(&node, "node", "", "only the VMs of this node (HWID), read by its key prefix")
 	o.add(cmd)
 	return cmd
+}
+
+// specSizes formats a spec's vCPUs and memory; an invalid spec may hold any number, and only what
+// a VM can have is printed ("-" otherwise).
+func specSizes(vcpus int, memMiB int64) (string, string) {
+	c, m := "-", "-"
+	if vcpus >= 1 && vcpus <= keys.MaxVCPUs {
+		c = fmt.Sprint(vcpus)
+	}
+	if memMiB >= 1 && memMiB <= keys.MaxMemoryMiB {
+		m = units.FormatMiB(memMiB)
+	}
+	return c, m
+}
+
+// vmProblem is what is wrong with the VM, in the words of whoever said it: its spec's validation,
+// the leader's problem record, or its node's status message ("" when nothing is).
+func vmProblem(vm *vmView) string {
+	switch {
+	case vm.SpecError != "":
+		return vm.SpecError
+	case vm.Problem != nil && vm.Problem.UID == vm.UID:
+		return vm.Problem.Message
+	case vm.Status != nil:
+		return vm.Status.Message
+	}
+	return ""
 }
 
 func truncate(s string, n int) string {

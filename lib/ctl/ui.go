@@ -1,0 +1,339 @@
+package ctl
+
+import (
+	"bytes"
+	"context"
+	"embed"
+	"errors"
+	"fmt"
+	"html/template"
+	"io/fs"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"sort"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/spf13/cobra"
+	"go.etcd.io/etcd/api/v3/mvccpb"
+
+	"github.com/herdhq/herd/lib/etcdutil"
+	"github.com/herdhq/herd/lib/units"
+)
+
+// The operator's console (`herdctl ui`): a local web server, like `kubectl proxy`, that reads the
+// cluster with the caller's own etcd credentials through watches (informers) and pushes every
+// change to the browser as server-sent events. It holds no state of its own: its caches list
+// again after an etcd restart or a compaction, like every informer in herd.
+
+//go:embed ui
+var uiFiles embed.FS
+
+var uiTemplates = template.Must(template.New("").ParseFS(uiFiles, "ui/*.html"))
+
+func uiCmd(e *env) *cobra.Command {
+	var listen string
+	cmd := &cobra.Command{
+		Use:   "ui",
+		Short: "Serve a live web view of the fleet on this machine, with your own etcd credentials",
+		Long: `ui serves the operator's console on a local address (loopback by default): the fleet overview,
+VMs and nodes, updated live as etcd changes (no page reloads, no polling of etcd). It reads with
+the etcd credentials herdctl uses, so etcd's RBAC decides what it may see; nothing new listens on
+the cluster's network. Stop it with Ctrl-C.`,
+		Example: `  herdctl ui                          # prints the address to open
+  herdctl ui --listen 127.0.0.1:8480`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := e.connect(); err != nil {
+				return err
+			}
+			l, err := net.Listen("tcp", listen)
+			if err != nil {
+				return usagef("--listen %s: %v", listen, err)
+			}
+			u := newUI(e)
+			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			go u.run(ctx)
+			srv := &http.Server{Handler: u.handler(l.Addr().String()), ReadHeaderTimeout: 10 * time.Second}
+			fmt.Fprintf(e.out, "herd UI: http://%s/\n", l.Addr())
+			go func() {
+				<-ctx.Done()
+				sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+				defer cancel()
+				_ = srv.Shutdown(sctx)
+			}()
+			if err := srv.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				return err
+			}
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&listen, "listen", "127.0.0.1:0", "address to serve on (port 0: any free port); keep it on loopback: whoever reaches it acts with your credentials")
+	return cmd
+}
+
+// ui keeps the caches and the latest view built from them.
+type ui struct {
+	e    *env
+	infs map[string]*etcdutil.Informer
+	// poke is signalled by every cache change; run rebuilds the view from it.
+	poke chan struct{}
+
+	mu      sync.Mutex
+	view    *clusterView
+	changed chan struct{} // closed and replaced when view changes
+}
+
+func newUI(e *env) *ui {
+	u := &ui{e: e, infs: map[string]*etcdutil.Informer{}, poke: make(chan struct{}, 1), changed: make(chan struct{})}
+	s := e.space
+	for _, p := range []string{s.VMPrefix(), s.NodePrefix(), s.NodeStatePrefix(), s.HardwarePrefix(), s.StatusRoot(),
+		s.FenceRoot(), s.LossGuard(), s.PlacementPrefix(), s.ProblemPrefix(), s.NodeSpecPrefix()} {
+		u.infs[p] = etcdutil.NewInformer(e.client, p, nil, func(string, *etcdutil.KV, *etcdutil.KV) { u.signal() }, nil)
+	}
+	return u
+}
+
+func (u *ui) signal() {
+	select {
+	case u.poke <- struct{}{}:
+	default:
+	}
+}
+
+// run keeps the caches current and rebuilds the view after changes, at most a few times a second
+// (a burst of placements is one update, not thousands).
+func (u *ui) run(ctx context.Context) {
+	for _, inf := range u.infs {
+		go inf.Run(ctx)
+	}
+	for _, inf := range u.infs {
+		if err := inf.WaitRev(ctx, 0); err != nil {
+			return
+		}
+	}
+	u.rebuild()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-u.poke:
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(150 * time.Millisecond):
+		}
+		u.rebuild()
+	}
+}
+
+func (u *ui) rebuild() {
+	s := u.e.space
+	list := func(p string) []*mvccpb.KeyValue {
+		kvs := u.infs[p].Unsorted()
+		out := make([]*mvccpb.KeyValue, len(kvs))
+		for i, kv := range kvs {
+			out[i] = &mvccpb.KeyValue{Key: []byte(kv.Key), Value: kv.Value, CreateRevision: kv.CreateRevision, ModRevision: kv.ModRevision, Version: kv.Version, Lease: kv.Lease}
+		}
+		return out
+	}
+	var infs []*etcdutil.Informer
+	for _, inf := range u.infs {
+		infs = append(infs, inf)
+	}
+	k := clusterKeys{rev: etcdutil.MaxRev(infs), vms: list(s.VMPrefix()), nodes: list(s.NodePrefix()), states: list(s.NodeStatePrefix()),
+		hardware: list(s.HardwarePrefix()), statuses: list(s.StatusRoot()), fences: list(s.FenceRoot()), guard: list(s.LossGuard()),
+		placements: list(s.PlacementPrefix()), problems: list(s.ProblemPrefix()), nodeSpecs: list(s.NodeSpecPrefix())}
+	v := u.e.buildView(k)
+	u.mu.Lock()
+	u.view = v
+	close(u.changed)
+	u.changed = make(chan struct{})
+	u.mu.Unlock()
+}
+
+// current returns the latest view (nil before the first) and a channel closed when it changes.
+func (u *ui) current() (*clusterView, <-chan struct{}) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return u.view, u.changed
+}
+
+// handler serves the pages. host is the address served on: requests naming another host are
+// refused, so that a web page elsewhere cannot reach this server through DNS rebinding and read
+// the cluster with the caller's credentials.
+func (u *ui) handler(host string) http.Handler {
+	mux := http.NewServeMux()
+	static, _ := fs.Sub(uiFiles, "ui")
+	mux.Handle("GET /static/", http.StripPrefix("/static/", http.FileServerFS(static)))
+	for path, page := range map[string]string{"/{$}": "overview", "/vms": "vms", "/nodes": "nodes"} {
+		mux.HandleFunc("GET "+path, func(w http.ResponseWriter, r *http.Request) { u.page(w, r, page) })
+	}
+	mux.HandleFunc("GET /sse/{page}", u.sse)
+	_, port, _ := net.SplitHostPort(host)
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		h, p, err := net.SplitHostPort(r.Host)
+		if err != nil || p != port || !(h == "127.0.0.1" || h == "localhost" || h == "::1" || h+":"+p == host) {
+			http.Error(w, "this server answers only to "+host, http.StatusMisdirectedRequest)
+			return
+		}
+		w.Header().Set("Content-Security-Policy", "default-src 'self'")
+		w.Header().Set("X-Content-Type-Options", "nosniff")
+		w.Header().Set("X-Frame-Options", "DENY")
+		mux.ServeHTTP(w, r)
+	})
+}
+
+var uiTitles = map[string]string{"overview": "Overview", "vms": "VMs", "nodes": "Nodes"}
+
+func (u *ui) page(w http.ResponseWriter, r *http.Request, page string) {
+	v, _ := u.current()
+	frag, err := u.fragment(page, v)
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusInternalServerError)
+		return
+	}
+	w.Header().Set("Content-Type", "text/html; charset=utf-8")
+	_ = uiTemplates.ExecuteTemplate(w, "page", map[string]any{"Page": page, "Title": uiTitles[page], "Fragment": frag})
+}
+
+// sse streams the page's fragment, rendered again at every change of the view.
+func (u *ui) sse(w http.ResponseWriter, r *http.Request) {
+	page := r.PathValue("page")
+	if _, ok := uiTitles[page]; !ok {
+		http.NotFound(w, r)
+		return
+	}
+	fl, ok := w.(http.Flusher)
+	if !ok {
+		http.Error(w, "streaming unsupported", http.StatusInternalServerError)
+		return
+	}
+	w.Header().Set("Content-Type", "text/event-stream")
+	w.Header().Set("Cache-Control", "no-store")
+	last := ""
+	keepalive := time.NewTicker(15 * time.Second)
+	defer keepalive.Stop()
+	for {
+		v, changed := u.current()
+		frag, err := u.fragment(page, v)
+		if err == nil && string(frag) != last {
+			last = string(frag)
+			var b strings.Builder
+			for _, line := range strings.Split(last, "\n") {
+				b.WriteString("data: ")
+				b.WriteString(line)
+				b.WriteString("\n")
+			}
+			b.WriteString("\n")
+			if _, err := w.Write([]byte(b.String())); err != nil {
+				return
+			}
+			fl.Flush()
+		}
+		select {
+		case <-r.Context().Done():
+			return
+		case <-changed:
+		case <-keepalive.C:
+			if _, err := w.Write([]byte(": keepalive\n\n")); err != nil {
+				return
+			}
+			fl.Flush()
+		}
+	}
+}
+
+// fragment renders the live part of a page from v (nil: still loading).
+func (u *ui) fragment(page string, v *clusterView) (template.HTML, error) {
+	if v == nil {
+		return template.HTML(`<p>reading the cluster…</p>`), nil
+	}
+	data := uiData(v)
+	var b bytes.Buffer
+	if err := uiTemplates.ExecuteTemplate(&b, page, data); err != nil {
+		return "", err
+	}
+	return template.HTML(b.String()), nil // rendered by html/template, which escaped every value
+}
+
+type uiCount struct {
+	Name string
+	N    int
+}
+
+type uiNode struct {
+	HWID, Status, StatusClass, Image, Note string
+	VMs                                    int
+	HasCap                                 bool
+	CPUPct, MemPct                         int
+	CPUText, MemText                       string
+}
+
+type uiVM struct {
+	Name, State, Node, VCPUs, Memory, Problem string
+}
+
+func uiData(v *clusterView) map[string]any {
+	counts := func(m map[string]int) []uiCount {
+		var out []uiCount
+		for k, n := range m {
+			out = append(out, uiCount{k, n})
+		}
+		sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+		return out
+	}
+	vmStates := map[string]int{}
+	var vms []uiVM
+	for _, vm := range v.sortedVMs() {
+		vmStates[vm.State]++
+		x := uiVM{Name: vm.Name, State: vm.State, Node: "-", VCPUs: "-", Memory: "-", Problem: vmProblem(vm)}
+		if vm.Placement != nil && vm.Placement.UID == vm.UID {
+			x.Node = vm.Placement.Node
+		}
+		if vm.Spec != nil {
+			x.VCPUs, x.Memory = specSizes(vm.Spec.VCPUs, vm.Spec.MemoryMiB)
+		}
+		vms = append(vms, x)
+	}
+	nodeStates := map[string]int{}
+	var nodes []uiNode
+	views := v.nodeViews()
+	sort.Slice(views, func(i, j int) bool { return views[i].HWID < views[j].HWID })
+	for _, n := range views {
+		first, _, _ := strings.Cut(n.Status, ",")
+		nodeStates[first]++
+		x := uiNode{HWID: n.HWID, Status: n.Status, StatusClass: first, VMs: len(n.VMs), Image: "-", Note: n.note()}
+		if nd := n.Node; nd != nil {
+			x.Image = orDash(nd.Image)
+			if mem := nd.MemoryMiB - nd.ReservedMemoryMiB; nd.CPUs > 0 && mem > 0 {
+				x.HasCap = true
+				x.CPUPct, x.MemPct = pct(int64(n.UsedVCPUs), int64(nd.CPUs)), pct(n.UsedMiB, mem)
+				x.CPUText = fmt.Sprintf("%d/%d vCPUs", n.UsedVCPUs, nd.CPUs)
+				x.MemText = fmt.Sprintf("%s/%s", units.FormatMiB(n.UsedMiB), units.FormatMiB(mem))
+			}
+		}
+		nodes = append(nodes, x)
+	}
+	guard := "automatic"
+	if g := v.guard; g != nil {
+		guard = fmt.Sprintf("HELD: %d nodes lost at once; confirm with 'herdctl cluster confirm-loss'", len(g.Nodes))
+		if g.Confirmed {
+			guard = fmt.Sprintf("%d nodes lost at once; confirmed by %s, in progress", len(g.Nodes), g.By)
+		}
+	}
+	return map[string]any{"VMs": vms, "Nodes": nodes, "VMCounts": counts(vmStates), "NodeCounts": counts(nodeStates), "Guard": guard}
+}
+
+func pct(used, total int64) int {
+	if total <= 0 {
+		return 0
+	}
+	return int(min(100, max(0, used*100/total)))
+}
