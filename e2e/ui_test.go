@@ -27,7 +27,9 @@ func TestConsoleInABrowser(t *testing.T) {
 		}
 		t.Skip("chromium is not installed (scripts/deps.sh installs it)")
 	}
-	c := rig.NewCluster(t, bin)
+	// As in production: TLS and RBAC; the console runs with an operator's certificate, and another
+	// with a viewer's.
+	c := rig.NewSecureCluster(t, bin)
 	c.AgentArgs = []string{"--lease-ttl", "3s", "--resync", "2s"}
 	c.CoordArgs = []string{"--session-ttl", "2s", "--strategy", "spread"}
 	c.StartCoordinator()
@@ -38,21 +40,10 @@ func TestConsoleInABrowser(t *testing.T) {
 	c.Herdctl("vm", "create", "before", "--memory", "256MiB")
 	rig.Eventually(t, 30*time.Second, "a VM running", func() error { return allInState(c, []string{"before"}, "running") })
 
-	port := rig.FreePort(t)
-	base := fmt.Sprintf("http://127.0.0.1:%d", port)
-	rig.Start(t, c.Dir, "herdctl-ui", bin.Herdctl, "ui", "--endpoints", c.Endpoint, "--listen", fmt.Sprintf("127.0.0.1:%d", port))
-
-	opts := append(chromedp.DefaultExecAllocatorOptions[:], chromedp.ExecPath(browser), chromedp.NoSandbox,
-		chromedp.Flag("headless", true), chromedp.WindowSize(1280, 900), chromedp.UserDataDir(filepath.Join(c.Dir, "chromium")))
-	actx, cancelAlloc := chromedp.NewExecAllocator(context.Background(), opts...)
-	defer cancelAlloc()
-	bctx, cancelBrowser := chromedp.NewContext(actx)
-	defer cancelBrowser()
-	ctx, cancel := context.WithTimeout(bctx, 2*time.Minute)
-	defer cancel()
+	operator, ctx := startConsole(t, c, browser, c.UserArgs("operator", "ui-operator"))
 
 	// The page, live: its event stream is open.
-	if err := chromedp.Do(ctx, chromedp.Navigate(base+"/vms"), chromedp.WaitVisible(`tr[data-vm="before"]`)); err != nil {
+	if err := chromedp.Do(ctx, chromedp.Navigate(operator+"/vms"), chromedp.WaitVisible(`tr[data-vm="before"]`)); err != nil {
 		t.Fatalf("open the VMs page: %v", err)
 	}
 	rig.Eventually(t, 10*time.Second, "the page's event stream open", func() error {
@@ -87,7 +78,7 @@ func TestConsoleInABrowser(t *testing.T) {
 	}
 	shot(t, ctx, "vms")
 
-	if err := chromedp.Do(ctx, chromedp.Navigate(base+"/"), chromedp.WaitVisible(`table.nodes`)); err != nil {
+	if err := chromedp.Do(ctx, chromedp.Navigate(operator+"/"), chromedp.WaitVisible(`table.nodes`)); err != nil {
 		t.Fatal(err)
 	}
 	overview, err := chromedp.Run(ctx, chromedp.Text(`section.cards`))
@@ -102,16 +93,101 @@ func TestConsoleInABrowser(t *testing.T) {
 		t.Fatalf("CPU bar at %v%% (%v), want 12", v, err)
 	}
 	shot(t, ctx, "overview")
-	if err := chromedp.Do(ctx, chromedp.Navigate(base+"/nodes"), chromedp.WaitVisible(`table.nodes`)); err != nil {
+
+	// Cordon a node from the nodes page: herdctl's write, herdctl's event; the button turns into
+	// uncordon as the change comes back.
+	node := nodeIDs[1]
+	if err := chromedp.Do(ctx, chromedp.Navigate(operator+"/nodes"), chromedp.WaitVisible(`table.nodes`),
+		chromedp.Click(fmt.Sprintf(`tr[data-node="%s"] button[data-action="cordon"]`, node))); err != nil {
 		t.Fatal(err)
+	}
+	rig.Eventually(t, 10*time.Second, "uncordon offered", func() error {
+		n, err := chromedp.Run(ctx, chromedp.Evaluate[int](fmt.Sprintf(`document.querySelectorAll('tr[data-node="%s"] button[data-action="uncordon"]').length`, node)))
+		if err != nil || n != 1 {
+			return fmt.Errorf("%d (%v)", n, err)
+		}
+		return nil
+	})
+	if out := c.Herdctl("node", "get", node, "-o", "json"); !strings.Contains(out, `"cordoned": true`) {
+		t.Fatalf("not cordoned:\n%s", out)
+	}
+	if ev := c.Herdctl("events", "--object", "node/"+node); !strings.Contains(ev, "cordon") || !strings.Contains(ev, "ui-operator") {
+		t.Fatalf("no cordon event by the operator:\n%s", ev)
 	}
 	shot(t, ctx, "nodes")
 
-	// Another host name: refused (a page elsewhere must not read the cluster through this server).
-	out, err := exec.Command("curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-H", fmt.Sprintf("Host: rebind.example:%d", port), base+"/vms").Output()
-	if err != nil || string(out) != "421" {
-		t.Fatalf("a request for another host: %s (%v)", out, err)
+	// Approve a machine that tried to boot.
+	mac := "52:54:00:00:0b:01"
+	c.Etcdctl("put", space.Discovered(mac), fmt.Sprintf(`{"v":1,"mac":%q,"first_seen":"2026-12-04T00:00:00Z","last_seen":"2026-12-04T00:00:00Z","attempts":3}`, mac))
+	if err := chromedp.Do(ctx, chromedp.Navigate(operator+"/hardware"), chromedp.WaitVisible(fmt.Sprintf(`tr[data-mac="%s"]`, mac))); err != nil {
+		t.Fatal(err)
 	}
+	shot(t, ctx, "hardware")
+	if err := chromedp.Do(ctx, chromedp.Click(fmt.Sprintf(`tr[data-mac="%s"] button[data-action="approve"]`, mac))); err != nil {
+		t.Fatal(err)
+	}
+	rig.Eventually(t, 10*time.Second, "the machine enrolled", func() error {
+		if out := c.Herdctl("hw", "list"); !strings.Contains(out, mac) {
+			return fmt.Errorf("%s", out)
+		}
+		return nil
+	})
+
+	// A viewer: the same pages without a button, and an action asked for by hand is etcd's to
+	// refuse, and it does, with herdctl's words.
+	viewer, vctx := startConsole(t, c, browser, c.UserArgs("viewer", "ui-viewer"))
+	if err := chromedp.Do(vctx, chromedp.Navigate(viewer+"/nodes"), chromedp.WaitVisible(`table.nodes`)); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := chromedp.Run(vctx, chromedp.Evaluate[int](`document.querySelectorAll('button').length`)); err != nil || n != 0 {
+		t.Fatalf("a viewer's page has %d buttons (%v)", n, err)
+	}
+	forged, err := chromedp.Run(vctx, chromedp.Evaluate[string](fmt.Sprintf(`fetch('/act', {method: 'POST', headers: {'X-Herd-Action': '1'},
+		body: new URLSearchParams({action: 'uncordon', target: %q})}).then(r => r.text().then(t => r.status + ' ' + t))`, node),
+		chromedp.EvalAwaitPromise))
+	if err != nil || !strings.HasPrefix(forged, "409") || !strings.Contains(forged, "permission denied") {
+		t.Fatalf("a viewer's forged action: %q (%v)", forged, err)
+	}
+	if out := c.Herdctl("node", "get", node, "-o", "json"); !strings.Contains(out, `"cordoned": true`) {
+		t.Fatalf("a viewer uncordoned a node:\n%s", out)
+	}
+	// Another site's page cannot act (no Origin of ours, no header a form can set), nor read
+	// (a request for another host name is refused: DNS rebinding).
+	for _, x := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"-X", "POST", "-H", "Origin: http://evil.example", "-d", "action=uncordon&target=" + node, operator + "/act"}, "403"},
+		{[]string{"-H", "Host: rebind.example", operator + "/vms"}, "421"},
+	} {
+		out, err := exec.Command("curl", append([]string{"-s", "-o", "/dev/null", "-w", "%{http_code}"}, x.args...)...).Output()
+		if err != nil || string(out) != x.want {
+			t.Fatalf("curl %v: %s (%v), want %s", x.args, out, err, x.want)
+		}
+	}
+}
+
+// startConsole runs `herdctl ui` with etcd flags and a headless chromium for it, both stopped at
+// the end of the test; it returns the console's base URL and the browser's context.
+func startConsole(t *testing.T, c *rig.Cluster, browser string, etcdArgs []string) (string, context.Context) {
+	port := rig.FreePort(t)
+	base := fmt.Sprintf("http://127.0.0.1:%d", port)
+	name := fmt.Sprintf("herdctl-ui-%d", port)
+	rig.Start(t, c.Dir, name, bin.Herdctl, append([]string{"ui", "--listen", fmt.Sprintf("127.0.0.1:%d", port)}, etcdArgs...)...)
+	opts := append(chromedp.DefaultExecAllocatorOptions[:], chromedp.ExecPath(browser), chromedp.NoSandbox,
+		chromedp.Flag("headless", true), chromedp.WindowSize(1280, 900), chromedp.UserDataDir(filepath.Join(c.Dir, name+"-chromium")))
+	actx, cancelAlloc := chromedp.NewExecAllocator(context.Background(), opts...)
+	bctx, cancelBrowser := chromedp.NewContext(actx)
+	ctx, cancel := context.WithTimeout(bctx, 3*time.Minute)
+	t.Cleanup(func() { cancel(); cancelBrowser(); cancelAlloc() })
+	rig.Eventually(t, 10*time.Second, "the console serving", func() error {
+		out, err := exec.Command("curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", base+"/static/herd.css").Output()
+		if err != nil || string(out) != "200" {
+			return fmt.Errorf("%s (%v)", out, err)
+		}
+		return nil
+	})
+	return base, ctx
 }
 
 // shot saves a screenshot of the page to $HERD_UI_SCREENSHOTS/NAME.png when that is set.

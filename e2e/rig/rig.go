@@ -328,6 +328,14 @@ func (c *Cluster) certFiles(user string) (string, string) {
 	return filepath.Join(c.PKI, user+".crt"), filepath.Join(c.PKI, user+".key")
 }
 
+// UserArgs issues a certificate for a new etcd user of role (operator, viewer) on a secure
+// cluster and returns the etcd flags of a process acting as that user.
+func (c *Cluster) UserArgs(role, name string) []string {
+	c.T.Helper()
+	c.must(c.Bin.Herd, append([]string{"pki", "issue", "--dir", c.PKI, "--role", role, name}, c.tlsArgs("root")...)...)
+	return c.tlsArgs(name)
+}
+
 // tlsArgs are the etcd flags of a herd process acting as user.
 func (c *Cluster) tlsArgs(user string) []string {
 	crt, key := c.certFiles(user)

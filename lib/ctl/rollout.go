@@ -68,23 +68,39 @@ func (e *env) readRollout(ctx context.Context) (*rolloutView, int64, error) {
 	if err != nil {
 		return nil, 0, err
 	}
-	var req *keys.Rollout
-	var st *keys.RolloutStatus
-	v := &rolloutView{}
+	var req, st []byte
+	var reqRev int64
 	if kvs := resp.Responses[0].GetResponseRange().Kvs; len(kvs) > 0 {
-		if req, err = keys.Decode[keys.Rollout](kvs[0].Value); err != nil {
-			return nil, 0, fmt.Errorf("rollout request %s is unreadable (%v): fix or delete it with etcdctl", e.space.Rollout(), err)
-		}
-		v.reqRev = kvs[0].ModRevision
+		req, reqRev = kvs[0].Value, kvs[0].ModRevision
 	}
 	if kvs := resp.Responses[1].GetResponseRange().Kvs; len(kvs) > 0 {
-		if st, err = keys.Decode[keys.RolloutStatus](kvs[0].Value); err != nil {
-			return nil, 0, fmt.Errorf("rollout status %s is unreadable (%v)", e.space.RolloutStatus(), err)
+		st = kvs[0].Value
+	}
+	v, err := e.rolloutOf(req, reqRev, st)
+	return v, resp.Header.Revision, err
+}
+
+// rolloutOf builds the view of the rollout from its request (nil: none) and the leader's status
+// (nil: none); nil when there is neither.
+func (e *env) rolloutOf(reqVal []byte, reqRev int64, stVal []byte) (*rolloutView, error) {
+	var req *keys.Rollout
+	var st *keys.RolloutStatus
+	var err error
+	v := &rolloutView{}
+	if reqVal != nil {
+		if req, err = keys.Decode[keys.Rollout](reqVal); err != nil {
+			return nil, fmt.Errorf("rollout request %s is unreadable (%v): fix or delete it with etcdctl", e.space.Rollout(), err)
+		}
+		v.reqRev = reqRev
+	}
+	if stVal != nil {
+		if st, err = keys.Decode[keys.RolloutStatus](stVal); err != nil {
+			return nil, fmt.Errorf("rollout status %s is unreadable (%v)", e.space.RolloutStatus(), err)
 		}
 	}
 	switch {
 	case req == nil && st == nil:
-		return nil, resp.Header.Revision, nil
+		return nil, nil
 	case req != nil:
 		v.req = req
 		v.ID, v.Image, v.MaxUnavailable, v.Selector, v.NodeTimeoutSeconds = req.ID, req.Image, req.MaxUnavailable, req.Selector, req.NodeTimeoutSeconds
@@ -93,7 +109,7 @@ func (e *env) readRollout(ctx context.Context) (*rolloutView, int64, error) {
 	if st != nil && (req == nil || st.ID == req.ID) {
 		v.ID, v.State, v.Reason, v.Nodes, v.Per, v.Updated, v.Ended = st.ID, st.State, st.Reason, st.Nodes, st.Per, st.Updated, st.Ended
 	}
-	return v, resp.Header.Revision, nil
+	return v, nil
 }
 
 // active says whether a rollout is under way (or asked for and not yet taken up).

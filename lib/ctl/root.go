@@ -62,6 +62,8 @@ type env struct {
 
 	client *clientv3.Client
 	space  keys.Space
+	// shared: the client belongs to someone else (the console runs commands on its own client).
+	shared bool
 }
 
 // connect opens the etcd client on first use, so `--help` and argument errors need no etcd.
@@ -101,7 +103,7 @@ func (e *env) ctx(parent context.Context) (context.Context, context.CancelFunc) 
 }
 
 func (e *env) close() {
-	if e.client != nil {
+	if e.client != nil && !e.shared {
 		e.client.Close()
 		e.client = nil
 	}
@@ -152,19 +154,24 @@ func Main(args []string) int {
 	err := root.Execute()
 	if err != nil {
 		fmt.Fprintln(e.errOut, "herdctl:", err)
-		h := hint(err, e.opts)
-		if t := e.etcdTrouble(err); t != "" {
-			h = t
-		} else if errors.Is(err, context.DeadlineExceeded) && e.etcdAnswers() {
-			h = fmt.Sprintf("etcd answers at %s, but not within --timeout %s this time: a busy cluster or a big read; retry, or raise --timeout",
-				strings.Join(e.opts.Endpoints, ","), e.timeout)
-		}
-		if h != "" {
+		if h := e.explain(err); h != "" {
 			fmt.Fprintln(e.errOut, "hint:", h)
 		}
 	}
 	e.close()
 	return ExitCode(err)
+}
+
+// explain is the hint herdctl prints under an error: what to do about it.
+func (e *env) explain(err error) string {
+	h := hint(err, e.opts)
+	if t := e.etcdTrouble(err); t != "" {
+		h = t
+	} else if errors.Is(err, context.DeadlineExceeded) && e.etcdAnswers() {
+		h = fmt.Sprintf("etcd answers at %s, but not within --timeout %s this time: a busy cluster or a big read; retry, or raise --timeout",
+			strings.Join(e.opts.Endpoints, ","), e.timeout)
+	}
+	return h
 }
 
 // noSpaceHint is what to do about etcd's NOSPACE alarm.

@@ -20,8 +20,10 @@ import (
 
 	"github.com/spf13/cobra"
 	"go.etcd.io/etcd/api/v3/mvccpb"
+	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/herdhq/herd/lib/etcdutil"
+	"github.com/herdhq/herd/lib/keys"
 	"github.com/herdhq/herd/lib/units"
 )
 
@@ -84,16 +86,22 @@ type ui struct {
 	// poke is signalled by every cache change; run rebuilds the view from it.
 	poke chan struct{}
 
-	mu      sync.Mutex
-	view    *clusterView
-	changed chan struct{} // closed and replaced when view changes
+	mu         sync.Mutex
+	view       *clusterView
+	discovered []*keys.Discovered
+	rollout    *rolloutView
+	rolloutErr error
+	// canWrite says whether etcd lets the caller make the writes the actions make: a viewer
+	// gets pages without buttons (etcd would refuse the writes anyway).
+	canWrite bool
+	changed  chan struct{} // closed and replaced when view changes
 }
 
 func newUI(e *env) *ui {
 	u := &ui{e: e, infs: map[string]*etcdutil.Informer{}, poke: make(chan struct{}, 1), changed: make(chan struct{})}
 	s := e.space
 	for _, p := range []string{s.VMPrefix(), s.NodePrefix(), s.NodeStatePrefix(), s.HardwarePrefix(), s.StatusRoot(),
-		s.FenceRoot(), s.LossGuard(), s.PlacementPrefix(), s.ProblemPrefix(), s.NodeSpecPrefix()} {
+		s.FenceRoot(), s.LossGuard(), s.PlacementPrefix(), s.ProblemPrefix(), s.NodeSpecPrefix(), s.DiscoveredPrefix(), s.Rollout()} {
 		u.infs[p] = etcdutil.NewInformer(e.client, p, nil, func(string, *etcdutil.KV, *etcdutil.KV) { u.signal() }, nil)
 	}
 	return u
@@ -117,6 +125,7 @@ func (u *ui) run(ctx context.Context) {
 			return
 		}
 	}
+	u.probeWrite(ctx)
 	u.rebuild()
 	for {
 		select {
@@ -151,18 +160,58 @@ func (u *ui) rebuild() {
 		hardware: list(s.HardwarePrefix()), statuses: list(s.StatusRoot()), fences: list(s.FenceRoot()), guard: list(s.LossGuard()),
 		placements: list(s.PlacementPrefix()), problems: list(s.ProblemPrefix()), nodeSpecs: list(s.NodeSpecPrefix())}
 	v := u.e.buildView(k)
+	var disc []*keys.Discovered
+	for _, kv := range u.infs[s.DiscoveredPrefix()].List() {
+		if d, err := keys.Decode[keys.Discovered](kv.Value); err == nil {
+			disc = append(disc, d)
+		}
+	}
+	// One cache holds both rollout keys: the request and the leader's status.
+	var req, st []byte
+	var reqRev int64
+	if kv := u.infs[s.Rollout()].Get(s.Rollout()); kv != nil {
+		req, reqRev = kv.Value, kv.ModRevision
+	}
+	if kv := u.infs[s.Rollout()].Get(s.RolloutStatus()); kv != nil {
+		st = kv.Value
+	}
+	ro, err := u.e.rolloutOf(req, reqRev, st)
 	u.mu.Lock()
-	u.view = v
+	u.view, u.discovered, u.rollout, u.rolloutErr = v, disc, ro, err
 	close(u.changed)
 	u.changed = make(chan struct{})
 	u.mu.Unlock()
 }
 
-// current returns the latest view (nil before the first) and a channel closed when it changes.
-func (u *ui) current() (*clusterView, <-chan struct{}) {
+// uiState is what one render reads.
+type uiState struct {
+	view       *clusterView
+	discovered []*keys.Discovered
+	rollout    *rolloutView
+	rolloutErr error
+	canWrite   bool
+}
+
+// current returns the latest state (view nil before the first) and a channel closed when it
+// changes.
+func (u *ui) current() (uiState, <-chan struct{}) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	return u.view, u.changed
+	return uiState{u.view, u.discovered, u.rollout, u.rolloutErr, u.canWrite}, u.changed
+}
+
+// probeWrite asks etcd whether the caller may write what the actions write, without writing: a
+// transaction whose comparison can never hold still has every operation of both branches checked
+// against the caller's roles first.
+func (u *ui) probeWrite(ctx context.Context) {
+	s := u.e.space
+	never := clientv3.Compare(clientv3.Version(s.NodeSpec("probe")), "<", 0)
+	cctx, cancel := u.e.ctx(ctx)
+	_, err := u.e.client.Txn(cctx).If(never).Then(clientv3.OpPut(s.NodeSpec("probe"), "{}"), clientv3.OpPut(s.VMSpec("probe"), "{}")).Commit()
+	cancel()
+	u.mu.Lock()
+	u.canWrite = err == nil
+	u.mu.Unlock()
 }
 
 // handler serves the pages. host is the address served on: requests naming another host are
@@ -172,10 +221,11 @@ func (u *ui) handler(host string) http.Handler {
 	mux := http.NewServeMux()
 	static, _ := fs.Sub(uiFiles, "ui")
 	mux.Handle("GET /static/", http.StripPrefix("/static/", http.FileServerFS(static)))
-	for path, page := range map[string]string{"/{$}": "overview", "/vms": "vms", "/nodes": "nodes"} {
+	for path, page := range map[string]string{"/{$}": "overview", "/vms": "vms", "/nodes": "nodes", "/hardware": "hardware"} {
 		mux.HandleFunc("GET "+path, func(w http.ResponseWriter, r *http.Request) { u.page(w, r, page) })
 	}
 	mux.HandleFunc("GET /sse/{page}", u.sse)
+	mux.HandleFunc("POST /act", func(w http.ResponseWriter, r *http.Request) { u.act(w, r, host) })
 	_, port, _ := net.SplitHostPort(host)
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		h, p, err := net.SplitHostPort(r.Host)
@@ -190,11 +240,11 @@ func (u *ui) handler(host string) http.Handler {
 	})
 }
 
-var uiTitles = map[string]string{"overview": "Overview", "vms": "VMs", "nodes": "Nodes"}
+var uiTitles = map[string]string{"overview": "Overview", "vms": "VMs", "nodes": "Nodes", "hardware": "Hardware"}
 
 func (u *ui) page(w http.ResponseWriter, r *http.Request, page string) {
-	v, _ := u.current()
-	frag, err := u.fragment(page, v)
+	st, _ := u.current()
+	frag, err := u.fragment(page, st)
 	if err != nil {
 		http.Error(w, err.Error(), http.StatusInternalServerError)
 		return
@@ -221,8 +271,8 @@ func (u *ui) sse(w http.ResponseWriter, r *http.Request) {
 	keepalive := time.NewTicker(15 * time.Second)
 	defer keepalive.Stop()
 	for {
-		v, changed := u.current()
-		frag, err := u.fragment(page, v)
+		st, changed := u.current()
+		frag, err := u.fragment(page, st)
 		if err == nil && string(frag) != last {
 			last = string(frag)
 			var b strings.Builder
@@ -250,12 +300,41 @@ func (u *ui) sse(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
-// fragment renders the live part of a page from v (nil: still loading).
-func (u *ui) fragment(page string, v *clusterView) (template.HTML, error) {
-	if v == nil {
+// fragment renders the live part of a page from st (no view yet: still loading).
+func (u *ui) fragment(page string, st uiState) (template.HTML, error) {
+	if st.view == nil {
 		return template.HTML(`<p>reading the cluster…</p>`), nil
 	}
-	data := uiData(v)
+	data := uiData(st.view)
+	data["CanWrite"] = st.canWrite
+	var disc []uiDiscovered
+	for _, d := range st.discovered {
+		disc = append(disc, uiDiscovered{MAC: d.MAC, Serial: orDash(d.Serial), Attempts: d.Attempts, LastSeen: age(d.LastSeen), Reason: d.Reason})
+	}
+	data["Discovered"] = disc
+	if st.rolloutErr != nil {
+		data["RolloutError"] = st.rolloutErr.Error()
+	}
+	if ro := st.rollout; ro != nil {
+		done, eta := progress(ro, time.Now())
+		x := uiRollout{ID: ro.ID, Image: ro.Image, State: ro.State, Reason: ro.Reason, Done: done, Total: len(ro.Nodes), Active: active(ro)}
+		if eta > 0 {
+			x.ETA = eta.Round(time.Second).String()
+		}
+		for _, id := range ro.Nodes {
+			n := uiRolloutNode{HWID: id, Phase: keys.PhasePending}
+			if p := ro.Per[id]; p != nil {
+				n.Phase, n.Note = p.Phase, p.Error
+				if n.Note == "" && p.Phase == keys.PhaseDraining {
+					if ns := st.view.states[id]; ns != nil && ns.Waiting != "" {
+						n.Note = "waits: " + ns.Waiting
+					}
+				}
+			}
+			x.Nodes = append(x.Nodes, n)
+		}
+		data["Rollout"] = x
+	}
 	var b bytes.Buffer
 	if err := uiTemplates.ExecuteTemplate(&b, page, data); err != nil {
 		return "", err
@@ -269,11 +348,28 @@ type uiCount struct {
 }
 
 type uiNode struct {
+	Cordoned                               bool
 	HWID, Status, StatusClass, Image, Note string
 	VMs                                    int
 	HasCap                                 bool
 	CPUPct, MemPct                         int
 	CPUText, MemText                       string
+}
+
+type uiRollout struct {
+	ID, Image, State, Reason, ETA string
+	Done, Total                   int
+	Active                        bool
+	Nodes                         []uiRolloutNode
+}
+
+type uiRolloutNode struct {
+	HWID, Phase, Note string
+}
+
+type uiDiscovered struct {
+	MAC, Serial, LastSeen, Reason string
+	Attempts                      int
 }
 
 type uiVM struct {
@@ -309,7 +405,7 @@ func uiData(v *clusterView) map[string]any {
 	for _, n := range views {
 		first, _, _ := strings.Cut(n.Status, ",")
 		nodeStates[first]++
-		x := uiNode{HWID: n.HWID, Status: n.Status, StatusClass: first, VMs: len(n.VMs), Image: "-", Note: n.note()}
+		x := uiNode{HWID: n.HWID, Status: n.Status, StatusClass: first, VMs: len(n.VMs), Image: "-", Note: n.note(), Cordoned: n.Admin.Cordoned}
 		if nd := n.Node; nd != nil {
 			x.Image = orDash(nd.Image)
 			if mem := nd.MemoryMiB - nd.ReservedMemoryMiB; nd.CPUs > 0 && mem > 0 {
@@ -328,7 +424,8 @@ func uiData(v *clusterView) map[string]any {
 			guard = fmt.Sprintf("%d nodes lost at once; confirmed by %s, in progress", len(g.Nodes), g.By)
 		}
 	}
-	return map[string]any{"VMs": vms, "Nodes": nodes, "VMCounts": counts(vmStates), "NodeCounts": counts(nodeStates), "Guard": guard}
+	held := v.guard != nil && !v.guard.Confirmed
+	return map[string]any{"VMs": vms, "Nodes": nodes, "VMCounts": counts(vmStates), "NodeCounts": counts(nodeStates), "Guard": guard, "GuardHeld": held}
 }
 
 func pct(used, total int64) int {
@@ -336,4 +433,56 @@ func pct(used, total int64) int {
 		return 0
 	}
 	return int(min(100, max(0, used*100/total)))
+}
+
+// uiActions are the console's actions: each is the herdctl command that makes the same writes,
+// with the same events, run in this process with the caller's credentials.
+var uiActions = map[string]func(target string) []string{
+	"approve":        func(t string) []string { return []string{"hw", "approve", t} },
+	"cordon":         func(t string) []string { return []string{"node", "cordon", t} },
+	"uncordon":       func(t string) []string { return []string{"node", "uncordon", t} },
+	"drain":          func(t string) []string { return []string{"node", "drain", t} },
+	"migrate":        func(t string) []string { return []string{"vm", "migrate", t} },
+	"restart":        func(t string) []string { return []string{"vm", "restart", t} },
+	"rollout-pause":  func(string) []string { return []string{"rollout", "pause"} },
+	"rollout-resume": func(string) []string { return []string{"rollout", "resume"} },
+	"rollout-abort":  func(string) []string { return []string{"rollout", "abort"} },
+	"confirm-loss":   func(string) []string { return []string{"cluster", "confirm-loss"} },
+}
+
+// act runs one action. Only the page's own script can ask: the request must come from this
+// server's origin and carry a header no cross-site form can set, so another site cannot make
+// the browser act with the caller's credentials. The answer is the command's output, or etcd's
+// refusal with the hint herdctl gives.
+func (u *ui) act(w http.ResponseWriter, r *http.Request, host string) {
+	if r.Header.Get("X-Herd-Action") != "1" || r.Header.Get("Origin") != "http://"+r.Host {
+		http.Error(w, "actions come from the console's own pages", http.StatusForbidden)
+		return
+	}
+	name, target := r.FormValue("action"), r.FormValue("target")
+	mk, ok := uiActions[name]
+	if !ok {
+		http.Error(w, "unknown action "+name, http.StatusBadRequest)
+		return
+	}
+	var out, errOut bytes.Buffer
+	root, sub := newRoot(&out, &errOut)
+	sub.client, sub.space, sub.shared = u.e.client, u.e.space, true
+	// The same connection settings, so that a hint names the right endpoints.
+	o := u.e.opts
+	args := []string{"--endpoints", strings.Join(o.Endpoints, ","), "--prefix", o.Prefix, "--cacert", o.CACert,
+		"--cert", o.Cert, "--key", o.Key, "--timeout", u.e.timeout.String()}
+	root.SetArgs(append(args, mk(target)...))
+	err := root.ExecuteContext(r.Context())
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	if err != nil {
+		w.WriteHeader(http.StatusConflict)
+		msg := errOut.String() + "herdctl: " + err.Error()
+		if h := sub.explain(err); h != "" {
+			msg += "\nhint: " + h
+		}
+		_, _ = w.Write([]byte(msg))
+		return
+	}
+	_, _ = w.Write(out.Bytes())
 }

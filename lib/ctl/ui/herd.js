@@ -17,6 +17,25 @@
     filter.addEventListener('input', applyFilter);
     applyFilter();
   }
+  // Actions: the page's buttons post to /act; the answer (the command's output, or etcd's refusal
+  // with herdctl's hint) is shown above the table. The live update shows the effect.
+  var result = document.getElementById('result');
+  live.addEventListener('click', function (ev) {
+    var b = ev.target.closest('button[data-action]');
+    if (!b) return;
+    if (b.dataset.confirm && !window.confirm(b.dataset.confirm)) return;
+    var body = new URLSearchParams({ action: b.dataset.action, target: b.dataset.target || '' });
+    b.disabled = true;
+    fetch('/act', { method: 'POST', headers: { 'X-Herd-Action': '1' }, body: body })
+      .then(function (r) { return r.text().then(function (t) { return { ok: r.ok, text: t }; }); })
+      .then(function (r) {
+        result.hidden = false;
+        result.className = r.ok ? 'ok' : 'refused';
+        result.textContent = r.text;
+      })
+      .catch(function (e) { result.hidden = false; result.className = 'refused'; result.textContent = String(e); })
+      .finally(function () { b.disabled = false; });
+  });
   var es = new EventSource('/sse/' + live.dataset.page);
   es.onopen = function () { conn.textContent = 'live'; conn.className = 'conn ok'; };
   es.onerror = function () { conn.textContent = 'reconnecting…'; conn.className = 'conn bad'; };
