@@ -37,7 +37,7 @@ func TestDevDemo(t *testing.T) {
 	p := rig.Start(t, dir, "herd-dev", bin.Herd, "dev", "--data-dir", filepath.Join(dir, "data"),
 		"--etcd-client-url", fmt.Sprintf("http://127.0.0.1:%d", rig.FreePort(t)),
 		"--etcd-peer-url", fmt.Sprintf("http://127.0.0.1:%d", rig.FreePort(t)),
-		"--listen", status, "--lease-ttl", "3s", "--session-ttl", "2s")
+		"--listen", status, "--lease-ttl", "3s", "--session-ttl", "2s", "--ui-listen", "127.0.0.1:0")
 
 	// The banner's exports are all a newcomer gets.
 	var env []string
@@ -75,6 +75,21 @@ func TestDevDemo(t *testing.T) {
 	rig.Eventually(t, 30*time.Second, "web1 running", func() error {
 		if out := herdctl("vm", "get", "web1"); !strings.Contains(out, "running") {
 			return fmt.Errorf("%s", out)
+		}
+		return nil
+	})
+	// The banner's web console shows it, as the dev operator.
+	b, _ := os.ReadFile(p.Log)
+	console := ""
+	for _, line := range strings.Split(string(b), "\n") {
+		if rest, ok := strings.CutPrefix(strings.TrimSpace(line), "web console"); ok {
+			console = strings.TrimSpace(rest)
+		}
+	}
+	rig.Eventually(t, 10*time.Second, "web1 on the console's VMs page", func() error {
+		out, err := exec.Command("curl", "-sf", console+"vms").Output()
+		if err != nil || !strings.Contains(string(out), `data-vm="web1" data-state="running"`) {
+			return fmt.Errorf("%s: %v\n%s", console, err, out)
 		}
 		return nil
 	})

@@ -27,6 +27,7 @@ import (
 	"github.com/herdhq/herd/agent/hypervisor"
 	"github.com/herdhq/herd/coordinator"
 	"github.com/herdhq/herd/coordinator/join"
+	"github.com/herdhq/herd/lib/ctl"
 	"github.com/herdhq/herd/lib/etcdembed"
 	"github.com/herdhq/herd/lib/etcdutil"
 	ljoin "github.com/herdhq/herd/lib/join"
@@ -51,6 +52,7 @@ type devOptions struct {
 	clientURL    string
 	peerURL      string
 	listen       string
+	uiListen     string
 	nodeCPUs     int
 	nodeMemory   string
 	leaseTTL     time.Duration
@@ -101,6 +103,7 @@ func (o *devOptions) addFlags(fs *pflag.FlagSet) {
 	f.StringVar(&o.clientURL, "etcd-client-url", "http://127.0.0.1:2379", "embedded etcd client URL")
 	f.StringVar(&o.peerURL, "etcd-peer-url", "http://127.0.0.1:2380", "embedded etcd peer URL")
 	f.StringVar(&o.listen, "listen", "127.0.0.1:9480", "status endpoint: /metrics, /v1/nodes/HWID/domains")
+	f.StringVar(&o.uiListen, "ui-listen", "127.0.0.1:8480", "the web console (herdctl ui, as the dev operator); port 0: any free port")
 	f.IntVar(&o.nodeCPUs, "node-cpus", 16, "CPUs of each simulated node")
 	f.StringVar(&o.nodeMemory, "node-memory", "64GiB", "memory of each simulated node")
 	f.DurationVar(&o.leaseTTL, "lease-ttl", defaultAgentParams().leaseTTL, "node lease TTL")
@@ -285,7 +288,17 @@ func runDev(ctx context.Context, o devOptions) error {
 		domainsHandler(m.current().Domains)(w, r)
 	})
 
-	printBanner(endpoints[0], o, dir, srv.URL, sec)
+	// The operator's console, as `herdctl ui` would serve it with the dev operator's certificate.
+	uiOpts := etcdutil.Options{Endpoints: endpoints, Prefix: o.prefix, DialTimeout: 5 * time.Second}
+	if sec != nil {
+		uiOpts.CACert = sec.caFile()
+		uiOpts.Cert, uiOpts.Key = sec.files("dev-operator")
+	}
+	console, err := ctl.StartUI(gctx, uiOpts, o.uiListen)
+	if err != nil {
+		return fail(err)
+	}
+	printBanner(endpoints[0], o, dir, srv.URL, "http://"+console+"/", sec)
 	err = g.Wait()
 	log.Info("stopped")
 	if o.keep && o.dataDir == "" {
@@ -523,15 +536,16 @@ func devAgent(ctx context.Context, c devAgentConfig, admin *clientv3.Client, ima
 	return a, closeAll, nil
 }
 
-func printBanner(endpoint string, o devOptions, dir, status string, sec *devPKI) {
+func printBanner(endpoint string, o devOptions, dir, status, console string, sec *devPKI) {
 	b := &strings.Builder{}
 	spec := keys.MustSpace(o.prefix).VMSpec("db1")
 	fmt.Fprintf(b, `
 herd dev is running: embedded etcd, %d coordinators, %d simulated nodes (%d CPUs, %s each).%s
   etcd endpoint   %s
   status/metrics  %s/metrics
+  web console     %s
   data            %s
-`, o.coordinators, o.agents, o.nodeCPUs, o.nodeMemory, unsafeBanner(o), endpoint, status, dir)
+`, o.coordinators, o.agents, o.nodeCPUs, o.nodeMemory, unsafeBanner(o), endpoint, status, console, dir)
 	etcdctl := "etcdctl --endpoints " + endpoint
 	b.WriteString("\nIn another terminal:\n  export HERD_ENDPOINTS=" + endpoint + "\n")
 	if sec != nil {

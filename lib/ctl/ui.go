@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"html/template"
+	"io"
 	"io/fs"
 	"net"
 	"net/http"
@@ -77,6 +78,32 @@ the cluster's network. Stop it with Ctrl-C.`,
 	}
 	cmd.Flags().StringVar(&listen, "listen", "127.0.0.1:0", "address to serve on (port 0: any free port); keep it on loopback: whoever reaches it acts with your credentials")
 	return cmd
+}
+
+// StartUI serves the console on listen with the etcd options o until ctx ends (herd dev runs it
+// with its operator's certificate) and returns the address it serves.
+func StartUI(ctx context.Context, o etcdutil.Options, listen string) (string, error) {
+	e := &env{opts: o, timeout: 10 * time.Second, out: io.Discard, errOut: io.Discard, rawErr: io.Discard}
+	if err := e.connect(); err != nil {
+		return "", err
+	}
+	l, err := net.Listen("tcp", listen)
+	if err != nil {
+		e.close()
+		return "", fmt.Errorf("console: listen on %s: %w", listen, err)
+	}
+	u := newUI(e)
+	go u.run(ctx)
+	srv := &http.Server{Handler: u.handler(l.Addr().String()), ReadHeaderTimeout: 10 * time.Second}
+	go func() { _ = srv.Serve(l) }()
+	go func() {
+		<-ctx.Done()
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = srv.Shutdown(sctx)
+		e.close()
+	}()
+	return l.Addr().String(), nil
 }
 
 // ui keeps the caches and the latest view built from them.
