@@ -271,13 +271,13 @@ var uiTitles = map[string]string{"overview": "Overview", "vms": "VMs", "nodes": 
 
 func (u *ui) page(w http.ResponseWriter, r *http.Request, page string) {
 	st, _ := u.current()
-	frag, err := u.fragment(page, st)
+	frag, err := u.fragment(page, st, r.URL.Query().Get("q"))
 	if err != nil {
 		http.Error(w, err.Error(), http.StatusInternalServerError)
 		return
 	}
 	w.Header().Set("Content-Type", "text/html; charset=utf-8")
-	_ = uiTemplates.ExecuteTemplate(w, "page", map[string]any{"Page": page, "Title": uiTitles[page], "Fragment": frag})
+	_ = uiTemplates.ExecuteTemplate(w, "page", map[string]any{"Page": page, "Title": uiTitles[page], "Fragment": frag, "Query": r.URL.Query().Get("q")})
 }
 
 // sse streams the page's fragment, rendered again at every change of the view.
@@ -299,7 +299,7 @@ func (u *ui) sse(w http.ResponseWriter, r *http.Request) {
 	defer keepalive.Stop()
 	for {
 		st, changed := u.current()
-		frag, err := u.fragment(page, st)
+		frag, err := u.fragment(page, st, r.URL.Query().Get("q"))
 		if err == nil && string(frag) != last {
 			last = string(frag)
 			var b strings.Builder
@@ -327,12 +327,17 @@ func (u *ui) sse(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
-// fragment renders the live part of a page from st (no view yet: still loading).
-func (u *ui) fragment(page string, st uiState) (template.HTML, error) {
+// uiMaxRows bounds the rows of the VMs table: a page of 100,000 rows is unreadable and, sent at
+// every change, too much for a browser; a filter narrows what is shown.
+const uiMaxRows = 500
+
+// fragment renders the live part of a page from st (no view yet: still loading), the VMs table
+// narrowed to those matching q.
+func (u *ui) fragment(page string, st uiState, q string) (template.HTML, error) {
 	if st.view == nil {
 		return template.HTML(`<p>reading the cluster…</p>`), nil
 	}
-	data := uiData(st.view)
+	data := uiData(st.view, q)
 	data["CanWrite"] = st.canWrite
 	var disc []uiDiscovered
 	for _, d := range st.discovered {
@@ -403,7 +408,8 @@ type uiVM struct {
 	Name, State, Node, VCPUs, Memory, Problem string
 }
 
-func uiData(v *clusterView) map[string]any {
+func uiData(v *clusterView, q string) map[string]any {
+	q = strings.ToLower(strings.TrimSpace(q))
 	counts := func(m map[string]int) []uiCount {
 		var out []uiCount
 		for k, n := range m {
@@ -414,11 +420,18 @@ func uiData(v *clusterView) map[string]any {
 	}
 	vmStates := map[string]int{}
 	var vms []uiVM
+	matched := 0
 	for _, vm := range v.sortedVMs() {
 		vmStates[vm.State]++
 		x := uiVM{Name: vm.Name, State: vm.State, Node: "-", VCPUs: "-", Memory: "-", Problem: vmProblem(vm)}
 		if vm.Placement != nil && vm.Placement.UID == vm.UID {
 			x.Node = vm.Placement.Node
+		}
+		if q != "" && !strings.Contains(strings.ToLower(x.Name+" "+x.State+" "+x.Node+" "+x.Problem), q) {
+			continue
+		}
+		if matched++; matched > uiMaxRows {
+			continue
 		}
 		if vm.Spec != nil {
 			x.VCPUs, x.Memory = specSizes(vm.Spec.VCPUs, vm.Spec.MemoryMiB)
@@ -452,7 +465,11 @@ func uiData(v *clusterView) map[string]any {
 		}
 	}
 	held := v.guard != nil && !v.guard.Confirmed
-	return map[string]any{"VMs": vms, "Nodes": nodes, "VMCounts": counts(vmStates), "NodeCounts": counts(nodeStates), "Guard": guard, "GuardHeld": held}
+	shown := ""
+	if matched > len(vms) {
+		shown = fmt.Sprintf("showing %d of %d matching VMs: type in the filter to narrow", len(vms), matched)
+	}
+	return map[string]any{"VMs": vms, "Shown": shown, "Nodes": nodes, "VMCounts": counts(vmStates), "NodeCounts": counts(nodeStates), "Guard": guard, "GuardHeld": held}
 }
 
 func pct(used, total int64) int {

@@ -1,21 +1,27 @@
-// herd UI: the server renders every page; this only swaps in what it pushes (server-sent events)
-// and filters the VM table as one types. No polling: the server watches etcd.
+// herd UI: the server renders every page; this only swaps in what it pushes (server-sent events),
+// follows the filter, and posts the buttons' actions. No polling: the server watches etcd.
 (function () {
   var live = document.getElementById('live');
   var conn = document.getElementById('conn');
   var filter = document.getElementById('filter');
-  function applyFilter() {
-    if (!filter) return;
-    var q = filter.value.trim().toLowerCase();
-    var rows = live.querySelectorAll('tbody tr');
-    for (var i = 0; i < rows.length; i++) {
-      rows[i].hidden = q !== '' && rows[i].textContent.toLowerCase().indexOf(q) < 0;
-    }
+  // The filter is the server's (a page shows at most a few hundred rows of a big fleet): typing
+  // reopens the stream with the new query, and the address keeps it for a reload or a link.
+  var es = null;
+  function stream() {
+    if (es) es.close();
+    var q = filter ? filter.value.trim() : '';
+    es = new EventSource('/sse/' + live.dataset.page + (q ? '?q=' + encodeURIComponent(q) : ''));
+    es.onopen = function () { conn.textContent = 'live'; conn.className = 'conn ok'; };
+    es.onerror = function () { conn.textContent = 'reconnecting…'; conn.className = 'conn bad'; };
+    es.onmessage = function (e) { live.innerHTML = e.data; };
+    if (filter) history.replaceState(null, '', q ? '?q=' + encodeURIComponent(q) : location.pathname);
   }
   if (filter) {
-    filter.value = new URLSearchParams(location.search).get('q') || '';
-    filter.addEventListener('input', applyFilter);
-    applyFilter();
+    var timer = null;
+    filter.addEventListener('input', function () {
+      clearTimeout(timer);
+      timer = setTimeout(stream, 200);
+    });
   }
   // Actions: the page's buttons post to /act; the answer (the command's output, or etcd's refusal
   // with herdctl's hint) is shown above the table. The live update shows the effect.
@@ -36,11 +42,5 @@
       .catch(function (e) { result.hidden = false; result.className = 'refused'; result.textContent = String(e); })
       .finally(function () { b.disabled = false; });
   });
-  var es = new EventSource('/sse/' + live.dataset.page);
-  es.onopen = function () { conn.textContent = 'live'; conn.className = 'conn ok'; };
-  es.onerror = function () { conn.textContent = 'reconnecting…'; conn.className = 'conn bad'; };
-  es.onmessage = function (e) {
-    live.innerHTML = e.data;
-    applyFilter();
-  };
+  stream();
 })();
