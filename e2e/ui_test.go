@@ -82,6 +82,19 @@ func TestConsoleInABrowser(t *testing.T) {
 	})
 	shot(t, ctx, "vms")
 
+	// One VM's page: its state, node and spec, and its history from the events, live.
+	if err := chromedp.Do(ctx, chromedp.Click(`a[href="/vms/ui1"]`), chromedp.WaitVisible(`section.vm[data-state="running"]`)); err != nil {
+		t.Fatal(err)
+	}
+	rig.Eventually(t, 10*time.Second, "ui1's history", func() error {
+		h, err := chromedp.Run(ctx, chromedp.Text(`table.events`))
+		if err != nil || !strings.Contains(h, "started") {
+			return fmt.Errorf("%q (%v)", h, err)
+		}
+		return nil
+	})
+	shot(t, ctx, "vm")
+
 	if err := chromedp.Do(ctx, chromedp.Navigate(operator+"/"), chromedp.WaitVisible(`table.nodes`)); err != nil {
 		t.Fatal(err)
 	}
@@ -119,6 +132,17 @@ func TestConsoleInABrowser(t *testing.T) {
 		t.Fatalf("no cordon event by the operator:\n%s", ev)
 	}
 	shot(t, ctx, "nodes")
+	if err := chromedp.Do(ctx, chromedp.Navigate(operator+"/events?q=cordon"), chromedp.WaitVisible(`table.events`)); err != nil {
+		t.Fatal(err)
+	}
+	rig.Eventually(t, 10*time.Second, "the cordon on the events page", func() error {
+		h, err := chromedp.Run(ctx, chromedp.Text(`table.events`))
+		if err != nil || !strings.Contains(h, "node/"+node) || !strings.Contains(h, "ui-operator") {
+			return fmt.Errorf("%q (%v)", h, err)
+		}
+		return nil
+	})
+	shot(t, ctx, "events")
 
 	// Approve a machine that tried to boot.
 	mac := "52:54:00:00:0b:01"
@@ -132,7 +156,8 @@ func TestConsoleInABrowser(t *testing.T) {
 	}
 	rig.Eventually(t, 10*time.Second, "the machine enrolled", func() error {
 		if out := c.Herdctl("hw", "list"); !strings.Contains(out, mac) {
-			return fmt.Errorf("%s", out)
+			res, _ := chromedp.Run(ctx, chromedp.Evaluate[string](`document.getElementById('result').textContent`))
+			return fmt.Errorf("%s\nthe page says: %s", out, res)
 		}
 		return nil
 	})

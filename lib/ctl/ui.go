@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"embed"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"html/template"
@@ -118,6 +119,7 @@ type ui struct {
 	discovered []*keys.Discovered
 	rollout    *rolloutView
 	rolloutErr error
+	events     []*keys.Event // newest first
 	// canWrite says whether etcd lets the caller make the writes the actions make: a viewer
 	// gets pages without buttons (etcd would refuse the writes anyway).
 	canWrite bool
@@ -131,6 +133,17 @@ func newUI(e *env) *ui {
 		s.FenceRoot(), s.LossGuard(), s.PlacementPrefix(), s.ProblemPrefix(), s.NodeSpecPrefix(), s.DiscoveredPrefix(), s.Rollout()} {
 		u.infs[p] = etcdutil.NewInformer(e.client, p, nil, func(string, *etcdutil.KV, *etcdutil.KV) { u.signal() }, nil)
 	}
+	// The audit trail: each event decoded once as it arrives, its writer checked as herdctl
+	// events does, the value dropped.
+	ev := etcdutil.NewInformer(e.client, s.EventPrefix(), func(key string, v []byte) (any, error) {
+		x, err := keys.Decode[keys.Event](v)
+		if err == nil {
+			e.writerOf(key, x)
+		}
+		return x, err
+	}, func(string, *etcdutil.KV, *etcdutil.KV) { u.signal() }, nil)
+	ev.DropValues = true
+	u.infs[s.EventPrefix()] = ev
 	return u
 }
 
@@ -203,8 +216,15 @@ func (u *ui) rebuild() {
 		st = kv.Value
 	}
 	ro, err := u.e.rolloutOf(req, reqRev, st)
+	var evs []*keys.Event
+	for _, kv := range u.infs[s.EventPrefix()].Unsorted() {
+		if x, ok := kv.Obj.(*keys.Event); ok && kv.Err == nil {
+			evs = append(evs, x)
+		}
+	}
+	sort.Slice(evs, func(i, j int) bool { return evs[i].Time.After(evs[j].Time) })
 	u.mu.Lock()
-	u.view, u.discovered, u.rollout, u.rolloutErr = v, disc, ro, err
+	u.view, u.discovered, u.rollout, u.rolloutErr, u.events = v, disc, ro, err, evs
 	close(u.changed)
 	u.changed = make(chan struct{})
 	u.mu.Unlock()
@@ -216,6 +236,7 @@ type uiState struct {
 	discovered []*keys.Discovered
 	rollout    *rolloutView
 	rolloutErr error
+	events     []*keys.Event
 	canWrite   bool
 }
 
@@ -224,7 +245,7 @@ type uiState struct {
 func (u *ui) current() (uiState, <-chan struct{}) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	return uiState{u.view, u.discovered, u.rollout, u.rolloutErr, u.canWrite}, u.changed
+	return uiState{u.view, u.discovered, u.rollout, u.rolloutErr, u.events, u.canWrite}, u.changed
 }
 
 // probeWrite asks etcd whether the caller may write what the actions write, without writing: a
@@ -248,9 +269,11 @@ func (u *ui) handler(host string) http.Handler {
 	mux := http.NewServeMux()
 	static, _ := fs.Sub(uiFiles, "ui")
 	mux.Handle("GET /static/", http.StripPrefix("/static/", http.FileServerFS(static)))
-	for path, page := range map[string]string{"/{$}": "overview", "/vms": "vms", "/nodes": "nodes", "/hardware": "hardware"} {
-		mux.HandleFunc("GET "+path, func(w http.ResponseWriter, r *http.Request) { u.page(w, r, page) })
+	for path, page := range map[string]string{"/{$}": "overview", "/vms": "vms", "/nodes": "nodes", "/hardware": "hardware", "/events": "events"} {
+		mux.HandleFunc("GET "+path, func(w http.ResponseWriter, r *http.Request) { u.page(w, r, page, r.URL.Query().Get("q")) })
 	}
+	// One VM's page: its stream is /sse/vm?q=NAME.
+	mux.HandleFunc("GET /vms/{name}", func(w http.ResponseWriter, r *http.Request) { u.page(w, r, "vm", r.PathValue("name")) })
 	mux.HandleFunc("GET /sse/{page}", u.sse)
 	mux.HandleFunc("POST /act", func(w http.ResponseWriter, r *http.Request) { u.act(w, r, host) })
 	_, port, _ := net.SplitHostPort(host)
@@ -267,17 +290,21 @@ func (u *ui) handler(host string) http.Handler {
 	})
 }
 
-var uiTitles = map[string]string{"overview": "Overview", "vms": "VMs", "nodes": "Nodes", "hardware": "Hardware"}
+var uiTitles = map[string]string{"overview": "Overview", "vms": "VMs", "nodes": "Nodes", "hardware": "Hardware", "events": "Events", "vm": "VM"}
 
-func (u *ui) page(w http.ResponseWriter, r *http.Request, page string) {
+func (u *ui) page(w http.ResponseWriter, r *http.Request, page, q string) {
 	st, _ := u.current()
-	frag, err := u.fragment(page, st, r.URL.Query().Get("q"))
+	frag, err := u.fragment(page, st, q)
 	if err != nil {
 		http.Error(w, err.Error(), http.StatusInternalServerError)
 		return
 	}
 	w.Header().Set("Content-Type", "text/html; charset=utf-8")
-	_ = uiTemplates.ExecuteTemplate(w, "page", map[string]any{"Page": page, "Title": uiTitles[page], "Fragment": frag, "Query": r.URL.Query().Get("q")})
+	title := uiTitles[page]
+	if page == "vm" {
+		title = "vm/" + q
+	}
+	_ = uiTemplates.ExecuteTemplate(w, "page", map[string]any{"Page": page, "Title": title, "Fragment": frag, "Query": q})
 }
 
 // sse streams the page's fragment, rendered again at every change of the view.
@@ -341,9 +368,20 @@ func (u *ui) fragment(page string, st uiState, q string) (template.HTML, error) 
 	data["CanWrite"] = st.canWrite
 	var disc []uiDiscovered
 	for _, d := range st.discovered {
-		disc = append(disc, uiDiscovered{MAC: d.MAC, Serial: orDash(d.Serial), Attempts: d.Attempts, LastSeen: age(d.LastSeen), Reason: d.Reason})
+		// Times as dates, not ages: an age would change the page every second, and a page that
+		// changes under the pointer loses clicks.
+		disc = append(disc, uiDiscovered{MAC: d.MAC, Serial: orDash(d.Serial), Attempts: d.Attempts, LastSeen: uiTime(d.LastSeen), Reason: d.Reason})
 	}
 	data["Discovered"] = disc
+	switch page {
+	case "events":
+		data["Events"] = uiEvents(st.events, func(ev *keys.Event) bool {
+			return q == "" || strings.Contains(strings.ToLower(ev.Object+" "+ev.Action+" "+ev.Actor+" "+ev.User+" "+ev.Message), strings.ToLower(q))
+		}, uiMaxRows)
+	case "vm":
+		data["VM"] = uiOneVM(st.view, q)
+		data["Events"] = uiEvents(st.events, func(ev *keys.Event) bool { return match("vm/"+q, ev) }, 100)
+	}
 	if st.rolloutErr != nil {
 		data["RolloutError"] = st.rolloutErr.Error()
 	}
@@ -529,4 +567,73 @@ func (u *ui) act(w http.ResponseWriter, r *http.Request, host string) {
 		return
 	}
 	_, _ = w.Write(out.Bytes())
+}
+
+type uiEvent struct {
+	Time, Object, VM, Action, Who, Message string
+}
+
+// uiEvents are the newest events that keep says to show, at most n.
+func uiEvents(evs []*keys.Event, keep func(*keys.Event) bool, n int) []uiEvent {
+	var out []uiEvent
+	for _, ev := range evs {
+		if len(out) == n {
+			break
+		}
+		if !keep(ev) {
+			continue
+		}
+		who := ev.Actor
+		if ev.User != "" {
+			who += " (" + ev.User + ")"
+		}
+		vm, _ := strings.CutPrefix(ev.Object, "vm/")
+		if vm == ev.Object {
+			vm = ""
+		}
+		out = append(out, uiEvent{Time: uiTime(ev.Time), Object: ev.Object, VM: vm, Action: ev.Action, Who: who, Message: ev.Message})
+	}
+	return out
+}
+
+// uiVMDetail is one VM's page.
+type uiVMDetail struct {
+	Name, State, Node, Problem, Spec, Status string
+	UID, Epoch                               int64
+	Migration                                string
+	Found                                    bool
+}
+
+func uiOneVM(v *clusterView, name string) uiVMDetail {
+	vm := v.vms[name]
+	if vm == nil {
+		return uiVMDetail{Name: name}
+	}
+	d := uiVMDetail{Name: name, Found: true, State: vm.State, Node: "-", UID: vm.UID, Problem: vmProblem(vm)}
+	if vm.Spec != nil {
+		b, _ := json.MarshalIndent(vm.Spec, "", "  ")
+		d.Spec = string(b)
+	} else if vm.SpecError != "" {
+		d.Spec = "unreadable: " + vm.SpecError
+	}
+	if pl := vm.Placement; pl != nil && pl.UID == vm.UID {
+		d.Node, d.Epoch = pl.Node, pl.Epoch
+		if m := pl.Migration; m != nil {
+			d.Migration = fmt.Sprintf("%s to %s since %s (%s)", m.Mode, m.To, uiTime(m.Started), m.Reason)
+		}
+	}
+	if st := vm.Status; st != nil {
+		d.Status = fmt.Sprintf("%s since %s", st.State, uiTime(st.Since))
+		if st.Message != "" {
+			d.Status += ": " + st.Message
+		}
+	}
+	return d
+}
+
+func uiTime(t time.Time) string {
+	if t.IsZero() {
+		return "-"
+	}
+	return t.Local().Format("2006-01-02 15:04:05")
 }

@@ -9,12 +9,13 @@
   var es = null;
   function stream() {
     if (es) es.close();
-    var q = filter ? filter.value.trim() : '';
+    var q = filter ? filter.value.trim() : (live.dataset.q || '');
     es = new EventSource('/sse/' + live.dataset.page + (q ? '?q=' + encodeURIComponent(q) : ''));
     es.onopen = function () { conn.textContent = 'live'; conn.className = 'conn ok'; };
     es.onerror = function () { conn.textContent = 'reconnecting…'; conn.className = 'conn bad'; };
     es.onmessage = function (e) { live.innerHTML = e.data; };
     if (filter) history.replaceState(null, '', q ? '?q=' + encodeURIComponent(q) : location.pathname);
+
   }
   if (filter) {
     var timer = null;
@@ -43,4 +44,9 @@
       .finally(function () { b.disabled = false; });
   });
   stream();
+  // A browser allows six connections to one host over HTTP/1.1: a stream left open by a page
+  // kept in the back-forward cache would use one up, and with a few pages visited the next
+  // request (an action) would wait forever. Close it when leaving; reopen on coming back.
+  window.addEventListener('pagehide', function () { if (es) { es.close(); es = null; } });
+  window.addEventListener('pageshow', function (e) { if (e.persisted) stream(); });
 })();
