@@ -97,6 +97,13 @@ func TestConsoleInABrowser(t *testing.T) {
 	})
 	shot(t, ctx, "vms")
 
+	// Stopped with herdctl, started from the page.
+	c.Herdctl("vm", "stop", "ui1")
+	if err := chromedp.Do(ctx, chromedp.WaitVisible(`tr[data-vm="ui1"][data-state="stopped"] button[data-action="start"]`),
+		chromedp.Click(`tr[data-vm="ui1"] button[data-action="start"]`), chromedp.WaitVisible(`tr[data-vm="ui1"][data-state="running"]`)); err != nil {
+		t.Fatalf("stop, then start from the page: %v", err)
+	}
+
 	// One VM's page: its state, node and spec, and its history from the events, live.
 	if err := chromedp.Do(ctx, chromedp.Click(`a[href="/vms/ui1"]`), chromedp.WaitVisible(`section.vm[data-state="running"]`)); err != nil {
 		t.Fatal(err)

@@ -121,33 +121,82 @@ func vmRestartCmd(e *env) *cobra.Command {
 			}
 			ctx, cancel := e.ctx(cmd.Context())
 			defer cancel()
-			key := e.space.VMSpec(name)
-			for attempt := 0; attempt < 5; attempt++ {
-				resp, err := e.client.Get(ctx, key)
-				if err != nil {
-					return err
-				}
-				if len(resp.Kvs) == 0 {
-					return fmt.Errorf("vm %s: %w", name, ErrNotFound)
-				}
-				spec, err := keys.Decode[keys.VMSpec](resp.Kvs[0].Value)
-				if err != nil {
-					return fmt.Errorf("vm %s has an unreadable spec: %v", name, err)
-				}
-				spec.Restarts++
-				tx, err := e.client.Txn(ctx).If(etcdutil.ModRev(key, resp.Kvs[0].ModRevision)).Then(clientv3.OpPut(key, keys.MustEncode(spec))).Commit()
-				if err != nil {
-					return err
-				}
-				if tx.Succeeded {
-					_ = e.record(ctx, "vm/"+name, "restart-requested", fmt.Sprintf("generation %d", spec.Restarts))
-					fmt.Fprintf(e.out, "vm/%s restarting (generation %d)\n", name, spec.Restarts)
-					return nil
-				}
+			_, spec, err := e.editSpec(ctx, name, func(s *keys.VMSpec) bool { s.Restarts++; return true })
+			if err != nil {
+				return err
 			}
-			return fmt.Errorf("vm %s kept changing; try again", name)
+			_ = e.record(ctx, "vm/"+name, "restart-requested", fmt.Sprintf("generation %d", spec.Restarts))
+			fmt.Fprintf(e.out, "vm/%s restarting (generation %d)\n", name, spec.Restarts)
+			return nil
 		},
 	}
+}
+
+// vmPowerCmd is `vm stop` and `vm start`: the spec's power, written by compare-and-swap.
+func vmPowerCmd(e *env, verb, power, short string) *cobra.Command {
+	return &cobra.Command{
+		Use:     verb + " NAME",
+		Short:   short,
+		Example: fmt.Sprintf("  herdctl vm %s web1", verb),
+		Args:    exactArgs("NAME"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			name := args[0]
+			if err := e.connect(); err != nil {
+				return err
+			}
+			ctx, cancel := e.ctx(cmd.Context())
+			defer cancel()
+			want := power == keys.PowerRunning
+			changed, _, err := e.editSpec(ctx, name, func(s *keys.VMSpec) bool {
+				if s.WantsRunning() == want {
+					return false
+				}
+				s.Power = power
+				return true
+			})
+			if err != nil {
+				return err
+			}
+			if !changed {
+				fmt.Fprintf(e.out, "vm/%s is already %s\n", name, power)
+				return nil
+			}
+			_ = e.record(ctx, "vm/"+name, verb+"-requested", "power "+power)
+			fmt.Fprintf(e.out, "vm/%s: power %s (its node %s it)\n", name, power, map[bool]string{true: "starts", false: "shuts down"}[want])
+			return nil
+		},
+	}
+}
+
+// editSpec changes the VM's stored spec by compare-and-swap, again if someone wrote it meanwhile;
+// change says whether it changed anything (nothing is written when not). Members this herdctl
+// does not know are kept.
+func (e *env) editSpec(ctx context.Context, name string, change func(*keys.VMSpec) bool) (bool, *keys.VMSpec, error) {
+	key := e.space.VMSpec(name)
+	for attempt := 0; attempt < 5; attempt++ {
+		resp, err := e.client.Get(ctx, key)
+		if err != nil {
+			return false, nil, err
+		}
+		if len(resp.Kvs) == 0 {
+			return false, nil, fmt.Errorf("vm %s: %w", name, ErrNotFound)
+		}
+		spec, err := keys.Decode[keys.VMSpec](resp.Kvs[0].Value)
+		if err != nil {
+			return false, nil, fmt.Errorf("vm %s has an unreadable spec: %v", name, err)
+		}
+		if !change(spec) {
+			return false, spec, nil
+		}
+		tx, err := e.client.Txn(ctx).If(etcdutil.ModRev(key, resp.Kvs[0].ModRevision)).Then(clientv3.OpPut(key, keys.MustEncode(spec))).Commit()
+		if err != nil {
+			return false, nil, err
+		}
+		if tx.Succeeded {
+			return true, spec, nil
+		}
+	}
+	return false, nil, fmt.Errorf("vm %s kept changing; try again", name)
 }
 
 func nodeDrainCmd(e *env) *cobra.Command {

@@ -444,6 +444,7 @@ type uiDiscovered struct {
 
 type uiVM struct {
 	Name, State, Node, VCPUs, Memory, Problem string
+	WantsRunning                              bool
 }
 
 func uiData(v *clusterView, q string) map[string]any {
@@ -473,6 +474,7 @@ func uiData(v *clusterView, q string) map[string]any {
 		}
 		if vm.Spec != nil {
 			x.VCPUs, x.Memory = specSizes(vm.Spec.VCPUs, vm.Spec.MemoryMiB)
+			x.WantsRunning = vm.Spec.WantsRunning()
 		}
 		vms = append(vms, x)
 	}
@@ -526,6 +528,8 @@ var uiActions = map[string]func(target string) []string{
 	"drain":          func(t string) []string { return []string{"node", "drain", t} },
 	"migrate":        func(t string) []string { return []string{"vm", "migrate", t} },
 	"restart":        func(t string) []string { return []string{"vm", "restart", t} },
+	"stop":           func(t string) []string { return []string{"vm", "stop", t} },
+	"start":          func(t string) []string { return []string{"vm", "start", t} },
 	"rollout-pause":  func(string) []string { return []string{"rollout", "pause"} },
 	"rollout-resume": func(string) []string { return []string{"rollout", "resume"} },
 	"rollout-abort":  func(string) []string { return []string{"rollout", "abort"} },
