@@ -157,9 +157,9 @@ func (t *term) round() (time.Duration, error) {
 	if err != nil {
 		return plan.After, err
 	}
-	if !t.c.checkRevision(floor, rev) {
-		t.c.noteRevision(rev)
-	}
+	// The revision file is kept from the session's keepalives (probeRevision), not here: a round
+	// must not wait for a file to reach the disk.
+	t.c.checkRevision(floor, rev)
 	return plan.After, t.c.catchUp(t.ctx, plan.Actions, rev)
 }
 

@@ -90,7 +90,7 @@ func Decide(snap *Snapshot, st *State, cfg Config) Plan {
 			continue
 		}
 		uid := keys.SpecUID(v.Spec)
-		if v.Spec.OK() && v.Spec.Value.AdoptUID > 0 && (v.Placement == nil || v.Placement.Value == nil || v.Placement.Value.UID != uid) {
+		if v.Spec.OK() && v.Spec.Value.AdoptUID > 0 && (!v.Placement.OK() || v.Placement.Value.UID != uid) {
 			// Adoption is of an orphan that runs: a spec claiming a uid no placement of the name
 			// carries would take over a deleted VM's disks, or another incarnation's.
 			if a, ok := s.setProblem(name, uid, v.Problem, keys.ProblemInvalid,
