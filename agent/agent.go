@@ -91,6 +91,8 @@ type Config struct {
 	Image     string
 	Version   string
 	StatusURL string
+	// ConsoleURL is where this agent serves its VMs' consoles ("": nowhere).
+	ConsoleURL string
 
 	Log      hclog.Logger
 	Registry prometheus.Registerer
@@ -504,4 +506,25 @@ func (a *Agent) enqueueAll(ctx context.Context) {
 // Domains is the agent's own report of its hypervisor, served on its status endpoint.
 func (a *Agent) Domains(ctx context.Context) ([]hypervisor.Domain, error) {
 	return a.hv.List(ctx)
+}
+
+// Record writes an event of this node's agent into the audit trail (a console session, say).
+func (a *Agent) Record(object, action, format string, args ...any) {
+	a.events.Record(object, action, format, args...)
+}
+
+// RunsHere says why vm has no console on this node, nil when it is a herd VM running here: the
+// console serves nothing else (no domain of another cluster, no guest that is not up).
+func (a *Agent) RunsHere(ctx context.Context, vm string) error {
+	d, err := a.hv.Lookup(ctx, vm)
+	if err != nil {
+		return fmt.Errorf("vm/%s: %w", vm, err)
+	}
+	switch {
+	case d == nil || !d.Managed:
+		return fmt.Errorf("vm/%s does not run on node %s", vm, a.hwid)
+	case d.State != hypervisor.Running:
+		return fmt.Errorf("vm/%s is %s on node %s, not running: its console log (--log) tells what it printed last", vm, d.State, a.hwid)
+	}
+	return nil
 }

@@ -73,6 +73,7 @@ func (a *Agent) register(ctx context.Context) (clientv3.LeaseID, error) {
 		AgentVersion:      a.cfg.Version,
 		Started:           time.Now().UTC(),
 		StatusURL:         a.cfg.StatusURL,
+		ConsoleURL:        a.cfg.ConsoleURL,
 		MigrationURI:      a.cfg.MigrationURI,
 		BootDir:           a.cfg.BootDir,
 		Recovery:          a.inv.Load(),

@@ -55,7 +55,8 @@ func TestConsoleInABrowser(t *testing.T) {
 	c.Herdctl("vm", "create", "before", "--memory", "256MiB", "--migration-policy", "restart")
 	rig.Eventually(t, 30*time.Second, "a VM running", func() error { return allInState(c, []string{"before"}, "running") })
 
-	operator, ctx := startConsole(t, c, browser, c.UserArgs("operator", "ui-operator"))
+	opArgs := c.UserArgs("operator", "ui-operator")
+	operator, ctx := startConsole(t, c, browser, opArgs)
 
 	// The page, live: its event stream is open.
 	if err := chromedp.Do(ctx, chromedp.Navigate(operator+"/vms"), chromedp.WaitVisible(`tr[data-vm="before"]`)); err != nil {
@@ -217,7 +218,8 @@ func TestConsoleInABrowser(t *testing.T) {
 
 	// A viewer: the same pages without a button, and an action asked for by hand is etcd's to
 	// refuse, and it does, with herdctl's words.
-	viewer, vctx := startConsole(t, c, browser, c.UserArgs("viewer", "ui-viewer"))
+	viewerArgs := c.UserArgs("viewer", "ui-viewer")
+	viewer, vctx := startConsole(t, c, browser, viewerArgs)
 	if err := chromedp.Do(vctx, chromedp.Navigate(viewer+"/nodes"), chromedp.WaitVisible(`table.nodes`)); err != nil {
 		t.Fatal(err)
 	}
@@ -233,6 +235,7 @@ func TestConsoleInABrowser(t *testing.T) {
 	if out := c.Herdctl("node", "get", node, "-o", "json"); strings.Contains(out, `"cordoned": true`) {
 		t.Fatalf("a viewer cordoned a node:\n%s", out)
 	}
+	checkSerialConsoleRoles(t, c, "before", opArgs, viewerArgs)
 	// Another site's page cannot act (no Origin of ours, no header a form can set), nor read
 	// (a request for another host name is refused: DNS rebinding).
 	for _, x := range []struct {
@@ -284,5 +287,32 @@ func shot(t *testing.T, ctx context.Context, name string) {
 	}
 	if err := os.WriteFile(filepath.Join(dir, name+".png"), png, 0o644); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// checkSerialConsoleRoles: `herdctl vm console` reaches the agent's TLS endpoint, which serves with
+// the node's own certificate and lets the caller's role decide. The test driver has no guest to
+// type into (e2e/qemu types into real ones): an operator gets that far and is told so.
+func checkSerialConsoleRoles(t *testing.T, c *rig.Cluster, vm string, opArgs, viewerArgs []string) {
+	hwid := c.VMs()[vm].Placement.Node
+	crt, key := c.NodeCert(hwid)
+	nodeArgs := []string{"--endpoints", c.Endpoint, "--cacert", filepath.Join(c.PKI, "ca.crt"), "--cert", crt, "--key", key}
+	for _, x := range []struct {
+		who       string
+		args, cmd []string
+		want      string
+	}{
+		{"viewer", viewerArgs, []string{"vm", "console", vm}, "viewers may read a console's log"},
+		{"viewer", viewerArgs, []string{"vm", "console", vm, "--log"}, "has no console log on this node"},
+		{"operator", opArgs, []string{"vm", "console", vm}, "no interactive serial console"},
+		{"the VM's own node", nodeArgs, []string{"vm", "console", vm, "--log"}, "may not use consoles"},
+	} {
+		out, errOut, code := c.Run(c.Bin.Herdctl, append(append([]string{}, x.args...), x.cmd...)...)
+		if code == 0 || !strings.Contains(errOut, x.want) {
+			t.Fatalf("%s: herdctl %s: exit %d, want %q:\n%s%s", x.who, strings.Join(x.cmd, " "), code, x.want, out, errOut)
+		}
+	}
+	if url := c.Herdctl("node", "get", hwid, "-o", "json"); !strings.Contains(url, `"console_url": "https://127.0.0.1:`) {
+		t.Fatalf("the node advertises no TLS console endpoint:\n%s", url)
 	}
 }

@@ -2,7 +2,8 @@
 # Builds the tiny test guest the real-hypervisor tests boot under QEMU: Debian's cloud kernel and a
 # busybox initramfs whose init prints "guest <id>: counter N" every 0.5 s on the serial console and
 # powers off cleanly on the ACPI power button (so a test can tell a guest's own shutdown from a
-# destroy). Cached: rebuilt only when this script changes.
+# destroy), and answers each line typed on the console with "guest <id>: heard <line>".
+# Cached: rebuilt only when this script changes.
 # Usage: scripts/build-guest.sh OUT_DIR     -> OUT_DIR/vmlinuz, OUT_DIR/guest.gz
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -77,6 +78,8 @@ elif [ -e /sys/block/vda ]; then
   esac
 fi
 acpid -f -d -c /etc/acpi -a /etc/acpid.conf >/dev/null 2>&1 &  # -d: log to stderr, there is no /var/log
+# Every line typed on the serial console comes back as "guest <id>: heard <line>": the console test.
+(while read -r line; do echo "guest $id: heard $line"; done) </dev/console &
 echo "guest $id: booted"
 i=0
 while true; do echo "guest $id: counter $i"; i=$((i+1)); sleep 0.5; done

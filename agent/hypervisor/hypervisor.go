@@ -388,7 +388,7 @@ func parseMetadata(s string) (ok bool, uid, epoch int64, cluster string, restart
 }
 
 // DomainXML renders the domain definition for spec: virtio disk and NICs, ACPI (so a shutdown is the
-// guest's own), the serial console appended to a file, direct kernel boot if asked.
+// guest's own), the serial console on a pty logged to a file, direct kernel boot if asked.
 func (h *Libvirt) DomainXML(s Spec) (string, error) {
 	d := &libvirtxml.Domain{
 		Type:     h.domType,
@@ -463,10 +463,14 @@ func (h *Libvirt) DomainXML(s Spec) (string, error) {
 		})
 	}
 	if real && s.Console != "" {
-		src := &libvirtxml.DomainChardevSource{File: &libvirtxml.DomainChardevSourceFile{Path: s.Console, Append: "on"}}
+		// A pty, so that an operator can attach (OpenConsole), logged to the file whether anyone is
+		// attached or not: the history outlives sessions, restarts and, on a path that is the same
+		// everywhere, migrations.
+		src := &libvirtxml.DomainChardevSource{Pty: &libvirtxml.DomainChardevSourcePty{}}
+		log := &libvirtxml.DomainChardevLog{File: s.Console, Append: "on"}
 		port := uint(0)
-		d.Devices.Serials = []libvirtxml.DomainSerial{{Source: src, Target: &libvirtxml.DomainSerialTarget{Port: &port}}}
-		d.Devices.Consoles = []libvirtxml.DomainConsole{{Source: src, Target: &libvirtxml.DomainConsoleTarget{Type: "serial", Port: &port}}}
+		d.Devices.Serials = []libvirtxml.DomainSerial{{Source: src, Log: log, Target: &libvirtxml.DomainSerialTarget{Port: &port}}}
+		d.Devices.Consoles = []libvirtxml.DomainConsole{{Source: src, Log: log, Target: &libvirtxml.DomainConsoleTarget{Type: "serial", Port: &port}}}
 	}
 	return d.Marshal()
 }

@@ -85,7 +85,7 @@ func TestQEMUDomainXML(t *testing.T) {
 	for _, want := range []string{
 		`<domain type="qemu">`, `<acpi></acpi>`, `<kernel>/k</kernel>`, `<cmdline>console=ttyS0</cmdline>`,
 		`<source bridge="br0">`, `<mac address="52:54:00:12:34:56">`, `<model type="virtio">`,
-		`<source path="/var/log/herd/console/web1.log" append="on">`, `cache="none"`,
+		`<serial type="pty">`, `<log file="/var/log/herd/console/web1.log" append="on">`, `cache="none"`,
 		`uid="3" epoch="2" cluster="c" restarts="1"`,
 	} {
 		if !strings.Contains(x, want) {

@@ -3,6 +3,7 @@ package hypervisor
 import (
 	"context"
 	"fmt"
+	"io"
 	"strings"
 	"sync"
 
@@ -24,6 +25,7 @@ type Hypervisor interface {
 	Migrate(ctx context.Context, name, peerURI, address string) error
 	Destroy(ctx context.Context, name string) error
 	Remove(ctx context.Context, name string) error
+	OpenConsole(ctx context.Context, name string, force bool) (io.ReadWriteCloser, error)
 }
 
 var _ Hypervisor = (*Libvirt)(nil)

@@ -2,8 +2,10 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"fmt"
+	"net"
 	"net/http"
 	"os"
 	"strings"
@@ -17,6 +19,7 @@ import (
 
 	"github.com/herdhq/herd/agent"
 	"github.com/herdhq/herd/agent/hypervisor"
+	"github.com/herdhq/herd/lib/console"
 	"github.com/herdhq/herd/lib/etcdutil"
 	"github.com/herdhq/herd/lib/keys"
 	"github.com/herdhq/herd/lib/logging"
@@ -111,9 +114,13 @@ func agentCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
+			cons, err := listenConsole(eo, p.consoleL, p.addrMgmt, srv.URL)
+			if err != nil {
+				return err
+			}
 			cfg, err := p.config(agentConns{client: client, user: eo.User(), space: space, hwid: hwid, bootID: bootID,
 				hypervisor: hv, volumes: vols, cephKey: cephKey, hostname: host, version: version.Version,
-				statusURL: srv.URL, log: log, registry: reg})
+				statusURL: srv.URL, consoleURL: cons.url, log: log, registry: reg})
 			if err != nil {
 				return err
 			}
@@ -122,8 +129,17 @@ func agentCmd() *cobra.Command {
 				return err
 			}
 			mux.HandleFunc("GET /v1/domains", domainsHandler(a.Domains))
+			cs := &console.Server{Opener: hv, LogDir: p.console, Running: a.RunsHere, Record: a.Record,
+				Secure: cons.tls != nil, Log: log.Named("console")}
 			g, gctx := errgroup.WithContext(ctx)
 			g.Go(func() error { return srv.Serve(gctx) })
+			switch {
+			case cons.tls != nil:
+				g.Go(func() error { return cons.serve(gctx, cs.Handler()) })
+				log.Info("console endpoint", "url", cons.url)
+			case cons.url != "":
+				mux.Handle("/v1/vms/", cs.Handler())
+			}
 			g.Go(func() error { return a.Run(gctx) })
 			if creds != nil {
 				g.Go(func() error { creds.RunRenewal(gctx); return nil })
@@ -215,5 +231,56 @@ func domainsHandler(list func(context.Context) ([]hypervisor.Domain, error)) htt
 		}
 		w.Header().Set("Content-Type", "application/json")
 		_ = json.NewEncoder(w).Encode(doms)
+	}
+}
+
+// consoleEndpoint is where an agent serves its VMs' consoles.
+type consoleEndpoint struct {
+	url string
+	tls net.Listener // nil: on the status endpoint (no TLS), or none
+}
+
+// listenConsole binds the console endpoint. With TLS it is a listener of its own that asks every
+// caller for a certificate; without, the cluster authenticates nobody and the console is served on
+// the status endpoint like the rest of what the agent reports. The advertised host is the listen
+// address's, else the management address (the listener usually binds every address).
+func listenConsole(eo etcdutil.Options, listen, mgmt, statusURL string) (consoleEndpoint, error) {
+	if eo.Cert == "" {
+		return consoleEndpoint{url: statusURL}, nil
+	}
+	if listen == "" {
+		return consoleEndpoint{}, nil
+	}
+	cfg, err := console.ServerTLS(eo.CACert, eo.Cert, eo.Key)
+	if err != nil {
+		return consoleEndpoint{}, fmt.Errorf("console endpoint: %w", err)
+	}
+	l, err := net.Listen("tcp", listen)
+	if err != nil {
+		return consoleEndpoint{}, fmt.Errorf("console endpoint %s: %w", listen, err)
+	}
+	host, port, _ := net.SplitHostPort(l.Addr().String())
+	if ip := net.ParseIP(host); ip == nil || ip.IsUnspecified() {
+		host = mgmt
+		if host == "" {
+			host, _ = os.Hostname()
+		}
+	}
+	return consoleEndpoint{url: "https://" + net.JoinHostPort(host, port), tls: tls.NewListener(l, cfg)}, nil
+}
+
+// serve runs the console endpoint until ctx ends. Sessions in progress end with the process.
+func (c consoleEndpoint) serve(ctx context.Context, h http.Handler) error {
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(c.tls) }()
+	select {
+	case err := <-errc:
+		return fmt.Errorf("console endpoint: %w", err)
+	case <-ctx.Done():
+		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		_ = srv.Shutdown(sctx)
+		return nil
 	}
 }

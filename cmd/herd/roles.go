@@ -97,6 +97,7 @@ type agentParams struct {
 	memory    string
 	reserved  string
 	listen    string
+	consoleL  string
 	image     string
 	addrMgmt  string
 	addrStore string
@@ -125,6 +126,7 @@ func (p *agentParams) addFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&p.reserved, "reserved-memory", "", "memory kept for the host, never given to VMs, e.g. 2GiB")
 	p.storage.add(fs, "herd-agent", true)
 	fs.StringVar(&p.listen, "listen", ":9480", "status endpoint (metrics, /v1/domains)")
+	fs.StringVar(&p.consoleL, "console-listen", ":9483", "with TLS: serve the VMs' serial consoles here (HTTPS with the node's certificate; callers need an operator or viewer certificate); empty: no consoles. Without TLS the consoles are on --listen")
 	fs.StringVar(&p.image, "image", "", "hypervisor image version this node booted")
 	fs.StringVar(&p.addrMgmt, "address-management", "", "management address to advertise")
 	fs.StringVar(&p.addrStore, "address-storage", "", "storage network address to advertise")
@@ -163,6 +165,7 @@ type agentConns struct {
 	hostname   string
 	version    string
 	statusURL  string
+	consoleURL string
 	log        hclog.Logger
 	registry   prometheus.Registerer
 }
@@ -200,6 +203,6 @@ func (p *agentParams) config(c agentConns) (agent.Config, error) {
 		MigrationURI: p.migURI, ConsoleDir: p.console, BootDir: p.bootDir, MaxMigrations: p.maxMig, RevisionFile: p.revFile,
 		ShutdownTimeout: p.shutdownT, MigrationTimeout: p.migT, RebootCommand: p.rebootCmd,
 		Hostname: c.hostname, Image: p.image, Version: c.version,
-		StatusURL: c.statusURL, Log: c.log, Registry: c.registry,
+		StatusURL: c.statusURL, ConsoleURL: c.consoleURL, Log: c.log, Registry: c.registry,
 	}, nil
 }

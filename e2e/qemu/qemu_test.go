@@ -162,6 +162,7 @@ func TestDrainLiveMigrationAdoptionPower(t *testing.T) {
 	if ev := l.MustHerdctl("events", "--object", "vm/g1"); !strings.Contains(ev, "migrated") {
 		t.Fatalf("no migration event:\n%s", ev)
 	}
+	checkConsole(t, l, "g3")
 
 	// kill -9 the agent of a host with guests: they keep running; a new agent adopts them.
 	h2 := hostOf(l, rows["g1"].Placement.Node)

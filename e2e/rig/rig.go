@@ -460,6 +460,9 @@ func (c *Cluster) StartAgent(hwid string, cpus int, memMiB int64, extra ...strin
 		// The revision file outlives the agent: a restart of the same hwid finds it.
 		args = append(args, "--revision-file", filepath.Join(c.Dir, name+"-revision.json"))
 	}
+	if HasFlag(herd, "agent", "--console-listen") {
+		args = append(args, "--console-listen", "127.0.0.1:0")
+	}
 	args = append(args, c.AgentArgs...)
 	if c.Secure() {
 		// As the bootserver does for a netboot: a one-time token for this start, the join

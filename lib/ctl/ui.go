@@ -274,6 +274,7 @@ func (u *ui) handler(host string) http.Handler {
 	}
 	// One VM's page: its stream is /sse/vm?q=NAME.
 	mux.HandleFunc("GET /vms/{name}", func(w http.ResponseWriter, r *http.Request) { u.page(w, r, "vm", r.PathValue("name")) })
+	mux.HandleFunc("GET /vms/{name}/console", u.consoleLog)
 	mux.HandleFunc("GET /sse/{page}", u.sse)
 	mux.HandleFunc("POST /act", func(w http.ResponseWriter, r *http.Request) { u.act(w, r, host) })
 	_, port, _ := net.SplitHostPort(host)
@@ -305,6 +306,48 @@ func (u *ui) page(w http.ResponseWriter, r *http.Request, page, q string) {
 		title = "vm/" + q
 	}
 	_ = uiTemplates.ExecuteTemplate(w, "page", map[string]any{"Page": page, "Title": title, "Fragment": frag, "Query": q})
+}
+
+// consoleLog streams the tail of a VM's console log and what the guest prints from then on, read
+// from the agent of its node with the caller's certificate (viewers may read logs).
+func (u *ui) consoleLog(w http.ResponseWriter, r *http.Request) {
+	name := r.PathValue("name")
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	w.Header().Set("Cache-Control", "no-store")
+	if err := keys.ValidateName(name); err != nil {
+		http.Error(w, err.Error(), http.StatusBadRequest)
+		return
+	}
+	ctx, cancel := u.e.ctx(r.Context())
+	cl, hwid, err := u.e.consoleClient(ctx, name)
+	cancel()
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusBadGateway)
+		return
+	}
+	fw := &flushWriter{w: w, rc: http.NewResponseController(w)}
+	if err := cl.Log(r.Context(), name, uiConsoleBytes, true, fw); err != nil && !fw.wrote {
+		http.Error(w, consoleErr(name, hwid, err).Error(), http.StatusBadGateway)
+	}
+}
+
+// uiConsoleBytes is how much of a console log a VM's page starts with.
+const uiConsoleBytes = 16 << 10
+
+// flushWriter sends every write to the browser at once.
+type flushWriter struct {
+	w     io.Writer
+	rc    *http.ResponseController
+	wrote bool
+}
+
+func (f *flushWriter) Write(p []byte) (int, error) {
+	f.wrote = true
+	n, err := f.w.Write(p)
+	if err == nil {
+		err = f.rc.Flush()
+	}
+	return n, err
 }
 
 // sse streams the page's fragment, rendered again at every change of the view.

@@ -21,7 +21,7 @@ func vmCmd(e *env) *cobra.Command {
 		Use:   "vm",
 		Short: "Create, change, inspect and delete VMs",
 	}
-	cmd.AddCommand(vmCreateCmd(e), vmApplyCmd(e), vmGetCmd(e), vmListCmd(e), vmDeleteCmd(e), vmOrphansCmd(e), vmMigrateCmd(e), vmRestartCmd(e), vmReleaseCmd(e), vmForgetCmd(e), vmAdoptCmd(e),
+	cmd.AddCommand(vmCreateCmd(e), vmApplyCmd(e), vmGetCmd(e), vmListCmd(e), vmDeleteCmd(e), vmOrphansCmd(e), vmMigrateCmd(e), vmRestartCmd(e), vmReleaseCmd(e), vmForgetCmd(e), vmAdoptCmd(e), vmConsoleCmd(e),
 		vmPowerCmd(e, "stop", keys.PowerStopped, "Stop a VM: the guest powers off (ACPI) and stays off, placed where it is"),
 		vmPowerCmd(e, "start", keys.PowerRunning, "Start a stopped VM"))
 	return cmd

@@ -125,6 +125,9 @@ type Node struct {
 	Started           time.Time `json:"started"`
 	// Status is where the agent serves its own report of its hypervisor (metrics, domains).
 	StatusURL string `json:"status_url,omitempty"`
+	// ConsoleURL is where the agent serves its VMs' serial consoles (lib/console): https, with
+	// the node's certificate, on a cluster with TLS.
+	ConsoleURL string `json:"console_url,omitempty"`
 	// MigrationURI is the libvirt URI peers migrate to (qemu+tcp://addr/system).
 	MigrationURI string `json:"migration_uri,omitempty"`
 	// Leaving is set by a cleanly stopping agent just before it revokes its lease: the key's

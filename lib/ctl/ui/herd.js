@@ -43,10 +43,42 @@
       .catch(function (e) { result.hidden = false; result.className = 'refused'; result.textContent = String(e); })
       .finally(function () { b.disabled = false; });
   });
+  // A VM's page: the tail of its serial console, and what the guest prints from now on (the
+  // server follows the log at the VM's node). Escape sequences are dropped: the text is shown as
+  // text, never interpreted.
+  var con = document.getElementById('console');
+  var conAbort = null;
+  function follow() {
+    if (!con) return;
+    if (conAbort) conAbort.abort();
+    conAbort = new AbortController();
+    var dec = new TextDecoder();
+    var text = '';
+    fetch('/vms/' + encodeURIComponent(con.dataset.vm) + '/console', { signal: conAbort.signal }).then(function (r) {
+      var reader = r.body.getReader();
+      con.classList.toggle('refused', !r.ok);
+      function more() {
+        return reader.read().then(function (x) {
+          if (x.done) return;
+          text += dec.decode(x.value, { stream: true }).replace(/\x1b\[[0-9;?]*[ -\/]*[@-~]/g, '').replace(/\r/g, '');
+          if (text.length > 32768) text = text.slice(text.length - 32768);
+          var atEnd = con.scrollTop + con.clientHeight >= con.scrollHeight - 4;
+          con.textContent = text || '(nothing printed yet)';
+          if (atEnd) con.scrollTop = con.scrollHeight;
+          return more();
+        });
+      }
+      return more();
+    }).catch(function (e) { if (e.name !== 'AbortError') con.textContent += '\n(' + String(e) + ')'; });
+  }
+  follow();
   stream();
   // A browser allows six connections to one host over HTTP/1.1: a stream left open by a page
   // kept in the back-forward cache would use one up, and with a few pages visited the next
   // request (an action) would wait forever. Close it when leaving; reopen on coming back.
-  window.addEventListener('pagehide', function () { if (es) { es.close(); es = null; } });
-  window.addEventListener('pageshow', function (e) { if (e.persisted) stream(); });
+  window.addEventListener('pagehide', function () {
+    if (es) { es.close(); es = null; }
+    if (conAbort) { conAbort.abort(); conAbort = null; }
+  });
+  window.addEventListener('pageshow', function (e) { if (e.persisted) { stream(); follow(); } });
 })();
