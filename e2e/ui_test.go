@@ -167,6 +167,20 @@ func TestConsoleInABrowser(t *testing.T) {
 	})
 	shot(t, ctx, "events")
 
+	// The image catalogue with the nodes running each version, and the fencing page.
+	for _, p := range []struct{ path, sel, want, name string }{
+		{"/images", `tr[data-image="v1"]`, "v1", "images"},
+		{"/fences", `table.fences`, "automatic", "fences"},
+	} {
+		if err := chromedp.Do(ctx, chromedp.Navigate(operator+p.path), chromedp.WaitVisible(p.sel)); err != nil {
+			t.Fatalf("open %s: %v", p.path, err)
+		}
+		if txt, err := chromedp.Run(ctx, chromedp.Text(`#live`)); err != nil || !strings.Contains(txt, p.want) {
+			t.Fatalf("%s: %q (%v)", p.path, txt, err)
+		}
+		shot(t, ctx, p.name)
+	}
+
 	// Approve a machine that tried to boot.
 	mac := "52:54:00:00:0b:01"
 	c.Etcdctl("put", space.Discovered(mac), fmt.Sprintf(`{"v":1,"mac":%q,"first_seen":"2026-12-04T00:00:00Z","last_seen":"2026-12-04T00:00:00Z","attempts":3}`, mac))

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/herdhq/herd/lib/etcdutil"
@@ -185,9 +186,15 @@ func (e *env) readImages(ctx context.Context) ([]*imageView, error) {
 	if err != nil {
 		return nil, err
 	}
+	return e.imagesOf(resp.Responses[0].GetResponseRange().Kvs, resp.Responses[1].GetResponseRange().Kvs), nil
+}
+
+// imagesOf is the catalogue from the image and bootserver keys: every version, the current one,
+// and each bootserver's verdict on serving it.
+func (e *env) imagesOf(images, bootservers []*mvccpb.KeyValue) []*imageView {
 	byVersion := map[string]*imageView{}
 	current := ""
-	for _, kv := range resp.Responses[0].GetResponseRange().Kvs {
+	for _, kv := range images {
 		v, ok := keys.ParseLeaf(e.space.ImagePrefix(), string(kv.Key))
 		if !ok {
 			continue
@@ -201,7 +208,7 @@ func (e *env) readImages(ctx context.Context) ([]*imageView, error) {
 		im, _ := keys.Decode[keys.Image](kv.Value)
 		byVersion[v] = &imageView{Version: v, Image: im, Served: map[string]string{}}
 	}
-	for _, kv := range resp.Responses[1].GetResponseRange().Kvs {
+	for _, kv := range bootservers {
 		name, ok := keys.ParseLeaf(e.space.BootserverPrefix(), string(kv.Key))
 		if !ok {
 			continue
@@ -222,7 +229,7 @@ func (e *env) readImages(ctx context.Context) ([]*imageView, error) {
 		out = append(out, v)
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Version < out[j].Version })
-	return out, nil
+	return out
 }
 
 func imageSetCurrentCmd(e *env) *cobra.Command {

@@ -120,6 +120,7 @@ type ui struct {
 	rollout    *rolloutView
 	rolloutErr error
 	events     []*keys.Event // newest first
+	images     []*imageView
 	// canWrite says whether etcd lets the caller make the writes the actions make: a viewer
 	// gets pages without buttons (etcd would refuse the writes anyway).
 	canWrite bool
@@ -130,7 +131,8 @@ func newUI(e *env) *ui {
 	u := &ui{e: e, infs: map[string]*etcdutil.Informer{}, poke: make(chan struct{}, 1), changed: make(chan struct{})}
 	s := e.space
 	for _, p := range []string{s.VMPrefix(), s.NodePrefix(), s.NodeStatePrefix(), s.HardwarePrefix(), s.StatusRoot(),
-		s.FenceRoot(), s.LossGuard(), s.PlacementPrefix(), s.ProblemPrefix(), s.NodeSpecPrefix(), s.DiscoveredPrefix(), s.Rollout()} {
+		s.FenceRoot(), s.LossGuard(), s.PlacementPrefix(), s.ProblemPrefix(), s.NodeSpecPrefix(), s.DiscoveredPrefix(), s.Rollout(),
+		s.ImagePrefix(), s.BootserverPrefix()} {
 		u.infs[p] = etcdutil.NewInformer(e.client, p, nil, func(string, *etcdutil.KV, *etcdutil.KV) { u.signal() }, nil)
 	}
 	// The audit trail: each event decoded once as it arrives, its writer checked as herdctl
@@ -223,8 +225,9 @@ func (u *ui) rebuild() {
 		}
 	}
 	sort.Slice(evs, func(i, j int) bool { return evs[i].Time.After(evs[j].Time) })
+	imgs := u.e.imagesOf(list(s.ImagePrefix()), list(s.BootserverPrefix()))
 	u.mu.Lock()
-	u.view, u.discovered, u.rollout, u.rolloutErr, u.events = v, disc, ro, err, evs
+	u.view, u.discovered, u.rollout, u.rolloutErr, u.events, u.images = v, disc, ro, err, evs, imgs
 	close(u.changed)
 	u.changed = make(chan struct{})
 	u.mu.Unlock()
@@ -238,6 +241,7 @@ type uiState struct {
 	rolloutErr error
 	events     []*keys.Event
 	canWrite   bool
+	images     []*imageView
 }
 
 // current returns the latest state (view nil before the first) and a channel closed when it
@@ -245,7 +249,7 @@ type uiState struct {
 func (u *ui) current() (uiState, <-chan struct{}) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	return uiState{u.view, u.discovered, u.rollout, u.rolloutErr, u.events, u.canWrite}, u.changed
+	return uiState{u.view, u.discovered, u.rollout, u.rolloutErr, u.events, u.canWrite, u.images}, u.changed
 }
 
 // probeWrite asks etcd whether the caller may write what the actions write, without writing: a
@@ -269,7 +273,8 @@ func (u *ui) handler(host string) http.Handler {
 	mux := http.NewServeMux()
 	static, _ := fs.Sub(uiFiles, "ui")
 	mux.Handle("GET /static/", http.StripPrefix("/static/", http.FileServerFS(static)))
-	for path, page := range map[string]string{"/{$}": "overview", "/vms": "vms", "/nodes": "nodes", "/hardware": "hardware", "/events": "events"} {
+	for path, page := range map[string]string{"/{$}": "overview", "/vms": "vms", "/nodes": "nodes", "/hardware": "hardware", "/events": "events",
+		"/images": "images", "/fences": "fences"} {
 		mux.HandleFunc("GET "+path, func(w http.ResponseWriter, r *http.Request) { u.page(w, r, page, r.URL.Query().Get("q")) })
 	}
 	// One VM's page: its stream is /sse/vm?q=NAME.
@@ -291,7 +296,8 @@ func (u *ui) handler(host string) http.Handler {
 	})
 }
 
-var uiTitles = map[string]string{"overview": "Overview", "vms": "VMs", "nodes": "Nodes", "hardware": "Hardware", "events": "Events", "vm": "VM"}
+var uiTitles = map[string]string{"overview": "Overview", "vms": "VMs", "nodes": "Nodes", "hardware": "Hardware", "events": "Events", "vm": "VM",
+	"images": "Images", "fences": "Fencing"}
 
 func (u *ui) page(w http.ResponseWriter, r *http.Request, page, q string) {
 	st, _ := u.current()
@@ -421,6 +427,10 @@ func (u *ui) fragment(page string, st uiState, q string) (template.HTML, error) 
 		data["Events"] = uiEvents(st.events, func(ev *keys.Event) bool {
 			return q == "" || strings.Contains(strings.ToLower(ev.Object+" "+ev.Action+" "+ev.Actor+" "+ev.User+" "+ev.Message), strings.ToLower(q))
 		}, uiMaxRows)
+	case "images":
+		data["Images"] = uiImages(st.images, st.view)
+	case "fences":
+		data["Fences"] = uiFences(st.view)
 	case "vm":
 		data["VM"] = uiOneVM(st.view, q)
 		data["Events"] = uiEvents(st.events, func(ev *keys.Event) bool { return match("vm/"+q, ev) }, 100)
@@ -683,4 +693,62 @@ func uiTime(t time.Time) string {
 		return "-"
 	}
 	return t.Local().Format("2006-01-02 15:04:05")
+}
+
+type uiImage struct {
+	Version, Kernel, Initrd, Created string
+	Current                          bool
+	Nodes                            int
+	Served                           []uiVerdict
+}
+
+type uiVerdict struct {
+	Bootserver, Verdict string
+	OK                  bool
+}
+
+// uiImages is the catalogue with how many nodes run each version and each bootserver's verdict.
+func uiImages(images []*imageView, v *clusterView) []uiImage {
+	running := map[string]int{}
+	for _, nd := range v.nodes {
+		running[nd.Image]++
+	}
+	var out []uiImage
+	for _, im := range images {
+		x := uiImage{Version: im.Version, Current: im.Current, Nodes: running[im.Version], Kernel: "-", Initrd: "-", Created: "-"}
+		if im.Image != nil {
+			x.Kernel, x.Initrd, x.Created = units.FormatBytes(im.Image.Kernel.Size), units.FormatBytes(im.Image.Initrd.Size), uiTime(im.Image.Created)
+		}
+		for name, verdict := range im.Served {
+			x.Served = append(x.Served, uiVerdict{Bootserver: name, Verdict: verdict, OK: verdict == "ok"})
+		}
+		sort.Slice(x.Served, func(i, j int) bool { return x.Served[i].Bootserver < x.Served[j].Bootserver })
+		out = append(out, x)
+	}
+	return out
+}
+
+type uiFence struct {
+	Node, BootID, Phase, Method, Started, Updated, Error, By, Details string
+	Attempts                                                          int
+}
+
+// uiFences lists the fence records, newest first.
+func uiFences(v *clusterView) []uiFence {
+	var all []*keys.Fence
+	for _, fs := range v.fences {
+		all = append(all, fs...)
+	}
+	sort.Slice(all, func(i, j int) bool { return all[i].Started.After(all[j].Started) })
+	var out []uiFence
+	for _, f := range all {
+		var det []string
+		for k, val := range f.Details {
+			det = append(det, k+"="+val)
+		}
+		sort.Strings(det)
+		out = append(out, uiFence{Node: f.HWID, BootID: orDash(f.BootID), Phase: f.Phase, Method: orDash(f.Method), Started: uiTime(f.Started),
+			Updated: uiTime(f.Updated), Error: f.Error, By: orDash(f.By), Details: strings.Join(det, " "), Attempts: f.Attempts})
+	}
+	return out
 }

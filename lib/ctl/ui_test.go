@@ -102,4 +102,42 @@ func TestConsoleServer(t *testing.T) {
 	if r, err := c.Get(ctx, sp.NodeSpec("52:54:00:00:00:01")); err != nil || len(r.Kvs) != 1 || !strings.Contains(string(r.Kvs[0].Value), `"cordoned":true`) {
 		t.Fatalf("node spec after cordon: %v %v", r, err)
 	}
+
+	// The images page (each bootserver's verdict) and the fencing page (the guard, the records),
+	// live: written after the pages were first served.
+	for k, v := range map[string]string{
+		sp.Image("2026.12.1"):  `{"kernel":{"size":1048576},"initrd":{"size":2097152},"created":"2026-12-01T10:00:00Z"}`,
+		sp.Image("2026.12.2"):  `{"kernel":{"size":1048576},"initrd":{"size":2097152},"created":"2026-12-02T10:00:00Z"}`,
+		sp.ImageCurrent():      `{"version":"2026.12.2"}`,
+		sp.Bootserver("boot1"): `{"url":"http://10.0.0.2:8080","images":{"2026.12.1":"ok","2026.12.2":"initrd checksum mismatch: refusing to serve"}}`,
+		sp.Fence("52:54:00:00:00:07", "b-1"): `{"hwid":"52:54:00:00:00:07","boot_id":"b-1","phase":"fenced","method":"ceph-blocklist",` +
+			`"started":"2026-12-03T10:00:00Z","updated":"2026-12-03T10:00:02Z","attempts":1,"details":{"addresses":"10.0.0.7"}}`,
+		sp.LossGuard(): `{"nodes":["52:54:00:00:00:07","52:54:00:00:00:08"]}`,
+	} {
+		if _, err := c.Put(ctx, k, v); err != nil {
+			t.Fatal(err)
+		}
+	}
+	eventually := func(path string, want ...string) {
+		t.Helper()
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			page := get(path)
+			missing := ""
+			for _, w := range want {
+				if !strings.Contains(page, w) {
+					missing = w
+				}
+			}
+			if missing == "" {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s lacks %q:\n%s", path, missing, page)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	eventually("/images", `data-image="2026.12.1"`, "current</span>", "initrd checksum mismatch: refusing to serve", "<td>1MiB</td>")
+	eventually("/fences", "HELD: 2 nodes lost at once", "confirm the loss", `data-phase="fenced"`, "ceph-blocklist", "addresses=10.0.0.7")
 }
