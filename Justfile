@@ -64,6 +64,7 @@ bench:
     go test -run '^$' -bench PlacementThroughput -benchtime 1x ./coordinator/
     go test -run '^$' -bench ApplyAndList -benchtime 1x ./lib/ctl/
     go test -run '^$' -bench 'LeaderFailover|NodeLossRecovery' -benchtime 3x ./e2e/
+    HERD_UI_FLEET=1 go test -count=1 -v -run '^TestConsoleAtFleetSize$' ./e2e/ | grep -E 'uifleet_test|^(---|ok|FAIL)'
 
 # gofmt the tree
 fmt:

@@ -269,10 +269,16 @@ func TestConsoleInABrowser(t *testing.T) {
 // startConsole runs `herdctl ui` with etcd flags and a headless chromium for it, both stopped at
 // the end of the test; it returns the console's base URL and the browser's context.
 func startConsole(t *testing.T, c *rig.Cluster, browser string, etcdArgs []string) (string, context.Context) {
+	base, ctx, _ := startConsoleProc(t, c, browser, etcdArgs)
+	return base, ctx
+}
+
+// startConsoleProc is startConsole that also returns the console's process.
+func startConsoleProc(t *testing.T, c *rig.Cluster, browser string, etcdArgs []string) (string, context.Context, *rig.Proc) {
 	port := rig.FreePort(t)
 	base := fmt.Sprintf("http://127.0.0.1:%d", port)
 	name := fmt.Sprintf("herdctl-ui-%d", port)
-	rig.Start(t, c.Dir, name, bin.Herdctl, append([]string{"ui", "--listen", fmt.Sprintf("127.0.0.1:%d", port)}, etcdArgs...)...)
+	p := rig.Start(t, c.Dir, name, bin.Herdctl, append([]string{"ui", "--listen", fmt.Sprintf("127.0.0.1:%d", port)}, etcdArgs...)...)
 	opts := append(chromedp.DefaultExecAllocatorOptions[:], chromedp.ExecPath(browser), chromedp.NoSandbox,
 		chromedp.Flag("headless", true), chromedp.WindowSize(1280, 900), chromedp.UserDataDir(filepath.Join(c.Dir, name+"-chromium")))
 	actx, cancelAlloc := chromedp.NewExecAllocator(context.Background(), opts...)
@@ -286,7 +292,7 @@ func startConsole(t *testing.T, c *rig.Cluster, browser string, etcdArgs []strin
 		}
 		return nil
 	})
-	return base, ctx
+	return base, ctx, p
 }
 
 // shot saves a screenshot of the page to $HERD_UI_SCREENSHOTS/NAME.png when that is set.
