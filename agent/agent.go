@@ -528,3 +528,19 @@ func (a *Agent) RunsHere(ctx context.Context, vm string) error {
 	}
 	return nil
 }
+
+// ConsoleTicket reads this node's console ticket id (nil when there is none) and the lease it
+// hangs on: the console admits an operator only with one (lib/console).
+func (a *Agent) ConsoleTicket(ctx context.Context, id string) (*keys.ConsoleTicket, int64, error) {
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	resp, err := a.cfg.Client.Get(ctx, a.space.ConsoleTicket(a.hwid, id))
+	if err != nil || len(resp.Kvs) == 0 {
+		return nil, 0, err
+	}
+	t, err := keys.Decode[keys.ConsoleTicket](resp.Kvs[0].Value)
+	if err != nil {
+		return nil, 0, fmt.Errorf("console ticket %s: %w", id, err)
+	}
+	return t, resp.Kvs[0].Lease, nil
+}

@@ -311,21 +311,29 @@ func shot(t *testing.T, ctx context.Context, name string) {
 }
 
 // checkSerialConsoleRoles: `herdctl vm console` reaches the agent's TLS endpoint, which serves with
-// the node's own certificate and lets the caller's role decide. The test driver has no guest to
-// type into (e2e/qemu types into real ones): an operator gets that far and is told so.
+// the node's own certificate, lets the caller's role decide, and admits an attach only with a
+// console ticket etcd let the caller write (the node reads it with its own credentials). The test
+// driver has no guest to type into (e2e/qemu types into real ones): an operator gets that far and
+// is told so. An operator deleted from etcd still holds a valid certificate, and gets nowhere.
 func checkSerialConsoleRoles(t *testing.T, c *rig.Cluster, vm string, opArgs, viewerArgs []string) {
 	hwid := c.VMs()[vm].Placement.Node
 	crt, key := c.NodeCert(hwid)
 	nodeArgs := []string{"--endpoints", c.Endpoint, "--cacert", filepath.Join(c.PKI, "ca.crt"), "--cert", crt, "--key", key}
+	goneArgs := c.UserArgs("operator", "gone-operator")
+	rootCrt, rootKey := c.RootCert()
+	if out, errOut, code := c.EtcdctlAs(rootCrt, rootKey, "user", "delete", "gone-operator"); code != 0 {
+		t.Fatalf("etcdctl user delete: %s%s", out, errOut)
+	}
 	for _, x := range []struct {
 		who       string
 		args, cmd []string
 		want      string
 	}{
-		{"viewer", viewerArgs, []string{"vm", "console", vm}, "viewers may read a console's log"},
+		{"viewer", viewerArgs, []string{"vm", "console", vm}, "etcd refused the console ticket"},
 		{"viewer", viewerArgs, []string{"vm", "console", vm, "--log"}, "has no console log on this node"},
 		{"operator", opArgs, []string{"vm", "console", vm}, "no interactive serial console"},
 		{"the VM's own node", nodeArgs, []string{"vm", "console", vm, "--log"}, "may not use consoles"},
+		{"an operator deleted from etcd", goneArgs, []string{"vm", "console", vm}, "permission denied"},
 	} {
 		out, errOut, code := c.Run(c.Bin.Herdctl, append(append([]string{}, x.args...), x.cmd...)...)
 		if code == 0 || !strings.Contains(errOut, x.want) {

@@ -130,7 +130,7 @@ func agentCmd() *cobra.Command {
 			}
 			mux.HandleFunc("GET /v1/domains", domainsHandler(a.Domains))
 			cs := &console.Server{Opener: hv, LogDir: p.console, Running: a.RunsHere, Record: a.Record,
-				Secure: cons.tls != nil, Log: log.Named("console")}
+				Secure: cons.tls != nil, Ticket: a.ConsoleTicket, Log: log.Named("console")}
 			g, gctx := errgroup.WithContext(ctx)
 			g.Go(func() error { return srv.Serve(gctx) })
 			switch {

@@ -142,8 +142,9 @@ func (c *Client) Log(ctx context.Context, vm string, n int64, follow bool, w io.
 }
 
 // Attach opens vm's interactive console: read what the guest prints, write what to type. Close
-// detaches. force takes the console from whoever holds it.
-func (c *Client) Attach(ctx context.Context, vm string, force bool) (io.ReadWriteCloser, error) {
+// detaches. force takes the console from whoever holds it; ticket names the console ticket the
+// caller wrote in etcd (a node with TLS admits no attach without one).
+func (c *Client) Attach(ctx context.Context, vm string, force bool, ticket string) (io.ReadWriteCloser, error) {
 	q := url.Values{}
 	if force {
 		q.Set("force", "1")
@@ -154,6 +155,9 @@ func (c *Client) Attach(ctx context.Context, vm string, force bool) (io.ReadWrit
 	}
 	req.Header.Set("Connection", "Upgrade")
 	req.Header.Set("Upgrade", Protocol)
+	if ticket != "" {
+		req.Header.Set(TicketHeader, ticket)
+	}
 	resp, err := c.http().Do(req)
 	if err != nil {
 		return nil, fmt.Errorf("console of %s at %s: %w", vm, c.URL, err)

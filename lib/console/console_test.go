@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/herdhq/herd/lib/keys"
 	"github.com/herdhq/herd/lib/pki"
 	"github.com/herdhq/herd/lib/rbac"
 )
@@ -114,7 +115,23 @@ func TestConsoleAuthorization(t *testing.T) {
 		t.Fatal(err)
 	}
 	ev := &recorded{}
+	// Tickets as etcd would hold them: id -> ticket and its lease.
+	var tmu sync.Mutex
+	tickets := map[string]*keys.ConsoleTicket{}
+	leases := map[string]int64{}
+	ticket := func(user, vm string, lease int64) string {
+		tmu.Lock()
+		defer tmu.Unlock()
+		id := fmt.Sprintf("t%d", len(tickets)+1)
+		tickets[id], leases[id] = &keys.ConsoleTicket{User: user, VM: vm, Created: time.Now()}, lease
+		return id
+	}
 	srv := &Server{Opener: &guests{open: map[string]net.Conn{}}, LogDir: logs, Record: ev.record, Secure: true,
+		Ticket: func(_ context.Context, id string) (*keys.ConsoleTicket, int64, error) {
+			tmu.Lock()
+			defer tmu.Unlock()
+			return tickets[id], leases[id], nil
+		},
 		Running: func(_ context.Context, vm string) error {
 			if vm != "vm1" {
 				return fmt.Errorf("vm/%s does not run on node aa", vm)
@@ -144,9 +161,26 @@ func TestConsoleAuthorization(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 
-	// An operator types and the guest answers; a second session is refused naming the holder.
+	// No attach without a ticket etcd let the caller write: none, someone else's, one for another
+	// VM, one on no lease.
 	op := client(opCrt, opKey, "aa")
-	con, err := op.Attach(ctx, "vm1", false)
+	var ref *Refused
+	for _, x := range []struct{ ticket, want string }{
+		{"", "no console ticket"},
+		{ticket("bob", "vm1", 7), "is for bob on vm/vm1, not for alice"},
+		{ticket("alice", "vm2", 7), "not for alice on vm/vm1"},
+		{ticket("alice", "vm1", 0), "hangs on no lease"},
+		{"nope", "is not in etcd"},
+	} {
+		if _, err := op.Attach(ctx, "vm1", false, x.ticket); !errors.As(err, &ref) || ref.Status != http.StatusForbidden || !strings.Contains(ref.Message, x.want) {
+			t.Fatalf("attach with ticket %q: %v, want %q", x.ticket, err, x.want)
+		}
+	}
+
+	// An operator types and the guest answers; the ticket serves once; a second session is
+	// refused naming the holder.
+	first := ticket("alice", "vm1", 7)
+	con, err := op.Attach(ctx, "vm1", false, first)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -157,12 +191,14 @@ func TestConsoleAuthorization(t *testing.T) {
 	if err != nil || line != "heard: hello\n" {
 		t.Fatalf("guest answered %q, %v", line, err)
 	}
-	var ref *Refused
-	if _, err := op.Attach(ctx, "vm1", false); !errors.As(err, &ref) || ref.Status != http.StatusConflict || !strings.Contains(ref.Message, "alice holds the console") {
+	if _, err := op.Attach(ctx, "vm1", false, first); !errors.As(err, &ref) || !strings.Contains(ref.Message, "used already") {
+		t.Fatalf("a ticket used twice: %v", err)
+	}
+	if _, err := op.Attach(ctx, "vm1", false, ticket("alice", "vm1", 7)); !errors.As(err, &ref) || ref.Status != http.StatusConflict || !strings.Contains(ref.Message, "alice holds the console") {
 		t.Fatalf("second session: %v", err)
 	}
 	// --force takes it: the first session's stream ends.
-	con2, err := op.Attach(ctx, "vm1", true)
+	con2, err := op.Attach(ctx, "vm1", true, ticket("alice", "vm1", 7))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -170,7 +206,7 @@ func TestConsoleAuthorization(t *testing.T) {
 	_, _ = io.ReadAll(con)
 	con2.Close()
 	con.Close()
-	if _, err := op.Attach(ctx, "vm9", false); !errors.As(err, &ref) || !strings.Contains(ref.Message, "does not run") {
+	if _, err := op.Attach(ctx, "vm9", false, ticket("alice", "vm9", 7)); !errors.As(err, &ref) || !strings.Contains(ref.Message, "does not run") {
 		t.Fatalf("VM elsewhere: %v", err)
 	}
 
@@ -192,7 +228,7 @@ func TestConsoleAuthorization(t *testing.T) {
 	if err := view.Log(ctx, "vm1", 0, false, io.Discard); err != nil {
 		t.Fatalf("viewer log: %v", err)
 	}
-	if _, err := view.Attach(ctx, "vm1", false); !errors.As(err, &ref) || ref.Status != http.StatusForbidden || !strings.Contains(ref.Message, "viewer") {
+	if _, err := view.Attach(ctx, "vm1", false, ticket("victor", "vm1", 7)); !errors.As(err, &ref) || ref.Status != http.StatusForbidden || !strings.Contains(ref.Message, "viewer") {
 		t.Fatalf("viewer attach: %v", err)
 	}
 	// Another node's certificate may do nothing.

@@ -36,6 +36,10 @@ const (
 	AttachPath = "/v1/vms/{name}/console"
 	// DefaultLogBytes is how much of the log --log prints unless asked for more.
 	DefaultLogBytes = 64 << 10
+	// TicketHeader names the console ticket (keys.ConsoleTicket) an attach comes with.
+	TicketHeader = "X-Herd-Console-Ticket"
+	// TicketTTL is the lease herdctl writes a ticket under; the agent refuses older ones.
+	TicketTTL = 60 * time.Second
 )
 
 // ErrNoConsole means the domain has no interactive serial console: the hypervisor has none (the
@@ -82,12 +86,16 @@ type Server struct {
 	// Record writes an event about vm ("vm/<name>") for the audit trail.
 	Record func(object, action, format string, args ...any)
 	// Secure requires a verified client certificate on every request (the listener's TLS
-	// configuration must ask for one: ServerTLS).
+	// configuration must ask for one: ServerTLS), and a console ticket in etcd for every attach.
 	Secure bool
+	// Ticket reads this node's console ticket id from etcd: nil when there is none, and the
+	// lease it hangs on.
+	Ticket func(ctx context.Context, id string) (*keys.ConsoleTicket, int64, error)
 	Log    hclog.Logger
 
 	mu      sync.Mutex
-	holders map[string]holder // vm -> the interactive session holding its console
+	holders map[string]holder    // vm -> the interactive session holding its console
+	used    map[string]time.Time // tickets already used, each until it is too old to be valid
 }
 
 type holder struct {
@@ -228,6 +236,12 @@ func (s *Server) serveAttach(w http.ResponseWriter, r *http.Request) {
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), 15*time.Second)
 	defer cancel()
+	if s.Secure {
+		if status, err := s.checkTicket(ctx, r.Header.Get(TicketHeader), user, vm); err != nil {
+			http.Error(w, err.Error(), status)
+			return
+		}
+	}
 	if s.Running != nil {
 		if err := s.Running(ctx, vm); err != nil {
 			http.Error(w, err.Error(), http.StatusConflict)
@@ -268,6 +282,51 @@ func (s *Server) serveAttach(w http.ResponseWriter, r *http.Request) {
 	typed := pump(conn, brw.Reader, con)
 	s.clearHolder(vm, since)
 	s.record(vm, "console-close", "%s detached from the serial console of vm/%s after %s (%d bytes typed)", user, vm, time.Since(since).Round(time.Second), typed)
+}
+
+// checkTicket admits an attach only with a ticket that etcd let the user write moments ago: the
+// certificate says who the caller is, the ticket that etcd's RBAC lets them open consoles now
+// (a user deleted or demoted in etcd since their certificate was issued writes none). A ticket
+// serves once.
+func (s *Server) checkTicket(ctx context.Context, id, user, vm string) (int, error) {
+	if id == "" {
+		return http.StatusForbidden, errors.New("no console ticket: this herdctl is older than the node's agent (herdctl writes one in etcd with your credentials, so that etcd's RBAC decides who may type into a VM); upgrade herdctl")
+	}
+	if len(id) > 64 || keys.ValidateName(id) != nil {
+		return http.StatusBadRequest, fmt.Errorf("console ticket %q: not a ticket id", id)
+	}
+	if s.Ticket == nil {
+		return http.StatusInternalServerError, errors.New("this agent cannot read console tickets")
+	}
+	t, lease, err := s.Ticket(ctx, id)
+	switch {
+	case err != nil:
+		return http.StatusBadGateway, fmt.Errorf("read console ticket %s: %w", id, err)
+	case t == nil:
+		return http.StatusForbidden, fmt.Errorf("console ticket %s is not in etcd (expired, or never written)", id)
+	case t.User != user || t.VM != vm:
+		return http.StatusForbidden, fmt.Errorf("console ticket %s is for %s on vm/%s, not for %s on vm/%s", id, t.User, t.VM, user, vm)
+	case lease == 0:
+		return http.StatusForbidden, fmt.Errorf("console ticket %s hangs on no lease: refused (herdctl writes tickets under a %s lease)", id, TicketTTL)
+	case time.Since(t.Created) > 2*TicketTTL || time.Until(t.Created) > TicketTTL:
+		return http.StatusForbidden, fmt.Errorf("console ticket %s was written at %s: too old (or the clocks disagree by over a minute)", id, t.Created.UTC().Format(time.RFC3339))
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	now := time.Now()
+	for k, at := range s.used {
+		if now.Sub(at) > 3*TicketTTL {
+			delete(s.used, k)
+		}
+	}
+	if _, dup := s.used[id]; dup {
+		return http.StatusForbidden, fmt.Errorf("console ticket %s was used already", id)
+	}
+	if s.used == nil {
+		s.used = map[string]time.Time{}
+	}
+	s.used[id] = now
+	return 0, nil
 }
 
 // pump copies both ways until either side ends, then closes both, and returns how many bytes the

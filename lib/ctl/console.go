@@ -3,6 +3,8 @@ package ctl
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -10,6 +12,7 @@ import (
 	"os/signal"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/spf13/cobra"
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -154,6 +157,35 @@ func (d dropCR) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
+// writeTicket writes a console ticket for vm at node hwid with the caller's own credentials, under a
+// short lease: etcd's RBAC decides here whether the caller may type into VMs. done deletes it.
+func (e *env) writeTicket(ctx context.Context, vm, hwid string) (string, func(), error) {
+	b := make([]byte, 16)
+	if _, err := rand.Read(b); err != nil {
+		return "", nil, err
+	}
+	id := hex.EncodeToString(b)
+	key := e.space.ConsoleTicket(hwid, id)
+	cctx, cancel := e.ctx(ctx)
+	defer cancel()
+	lease, err := e.client.Grant(cctx, int64(console.TicketTTL/time.Second))
+	if err == nil {
+		_, err = e.client.Put(cctx, key, keys.MustEncode(&keys.ConsoleTicket{VM: vm, User: e.opts.User(), Created: time.Now()}), clientv3.WithLease(lease.ID))
+	}
+	if err != nil {
+		if strings.Contains(err.Error(), "permission denied") {
+			return "", nil, fmt.Errorf("etcd refused the console ticket for vm/%s: your etcd user (%s) may not type into VMs (operators and root may; a viewer may read the log with --log): %w", vm, e.opts.User(), err)
+		}
+		return "", nil, fmt.Errorf("write console ticket: %w", err)
+	}
+	return id, func() {
+		dctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_, _ = e.client.Delete(dctx, key)
+		_, _ = e.client.Revoke(dctx, lease.ID)
+	}, nil
+}
+
 // consoleErr words what the node said so that the next step is clear.
 func consoleErr(vm, hwid string, err error) error {
 	if err == nil {
@@ -169,7 +201,16 @@ func consoleErr(vm, hwid string, err error) error {
 // attachConsole runs an interactive session: raw terminal, the guest's bytes out, the user's in,
 // until the detach key, the end of the session on the node's side, or a signal.
 func (e *env) attachConsole(ctx context.Context, in io.Reader, cl *console.Client, vm, hwid string, force bool) error {
-	conn, err := cl.Attach(ctx, vm, force)
+	ticket := ""
+	if cl.TLS != nil {
+		id, done, err := e.writeTicket(ctx, vm, hwid)
+		if err != nil {
+			return err
+		}
+		defer done()
+		ticket = id
+	}
+	conn, err := cl.Attach(ctx, vm, force, ticket)
 	if err != nil {
 		return consoleErr(vm, hwid, err)
 	}

@@ -126,6 +126,11 @@ func (s Space) FencePrefix(hwid string) string   { return s.FenceRoot() + hwid +
 func (s Space) Fence(hwid, bootID string) string { return s.FencePrefix(hwid) + bootID }
 func (s Space) LossGuard() string                { return s.root + "/lossguard" }
 
+// ConsolePrefix holds operators' console tickets, ConsoleTicketPrefix those for one node.
+func (s Space) ConsolePrefix() string                  { return s.dir("consoles") }
+func (s Space) ConsoleTicketPrefix(hwid string) string { return s.ConsolePrefix() + hwid + "/" }
+func (s Space) ConsoleTicket(hwid, id string) string   { return s.ConsoleTicketPrefix(hwid) + id }
+
 // JoinTokenPrefix holds the hashes of one-time join tokens; NodeCmdPrefix a node's commands.
 func (s Space) JoinTokenPrefix() string          { return s.dir("jointokens") }
 func (s Space) JoinToken(hash string) string     { return s.JoinTokenPrefix() + hash }

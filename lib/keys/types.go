@@ -537,6 +537,19 @@ type Fence struct {
 	Extra   `json:"-"`
 }
 
+// ConsoleTicket is /herd/consoles/<hwid>/<id>: an operator's leave to attach to one VM's serial
+// console on that node, written by herdctl with the operator's own etcd credentials under a short
+// lease just before it connects. etcd's RBAC decides, at that moment, who may write one (operators
+// and root): a user deleted or demoted in etcd writes none, whatever certificate they still hold.
+// It holds no secret: the agent also requires the caller's certificate to name User.
+type ConsoleTicket struct {
+	V       int       `json:"v"`
+	VM      string    `json:"vm"`
+	User    string    `json:"user"`
+	Created time.Time `json:"created"`
+	Extra   `json:"-"`
+}
+
 // LossGuard is /herd/lossguard: set by the leader when too many nodes were lost at once to be a
 // hardware failure (a partition of the coordinators from the nodes, a power event); fencing and
 // rescheduling of the listed nodes wait until an operator confirms.

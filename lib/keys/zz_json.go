@@ -78,6 +78,22 @@ func (x *Cluster) UnmarshalJSON(b []byte) error {
 
 func (x *Cluster) version() *int { return &x.V }
 
+func (x ConsoleTicket) MarshalJSON() ([]byte, error) {
+	type plain ConsoleTicket
+	return encodeObject(plain(x), x.Extra)
+}
+
+func (x *ConsoleTicket) UnmarshalJSON(b []byte) error {
+	type plain ConsoleTicket
+	var p plain
+	e, err := decodeObject(b, &p)
+	*x = ConsoleTicket(p)
+	x.Extra = e
+	return err
+}
+
+func (x *ConsoleTicket) version() *int { return &x.V }
+
 func (x DHCPLease) MarshalJSON() ([]byte, error) {
 	type plain DHCPLease
 	return encodeObject(plain(x), x.Extra)

@@ -82,6 +82,7 @@ var Matrix = []Area{
 	{"images/VERSION", func(s keys.Space, _ string) string { return s.Image("v1") }, [6]Access{rw, rw, r, r, n, n}, "the image catalogue (operators)"},
 	{"volumes/POOL/IMAGE", func(s keys.Space, _ string) string { return s.Volume("rbd", "web1.7") }, [6]Access{rw, r, n, r, n, n}, "disks the leader made"},
 	{"nodecmd/HWID/ID", func(s keys.Space, h string) string { return s.NodeCmd(h, "r1-1") }, [6]Access{rw, r, n, r, rw, n}, "commands for a node (the leader), results (the node)"},
+	{"consoles/HWID/ID", func(s keys.Space, h string) string { return s.ConsoleTicket(h, "t1") }, [6]Access{rw, rw, n, r, r, n}, "operators' tickets to type into a VM's serial console on that node"},
 	{"jointokens/HASH", func(s keys.Space, _ string) string { return s.JoinToken("ab12") }, [6]Access{rw, rw, rw, r, n, n}, "one-time join tokens (hashes)"},
 	{"discovered/MAC", func(s keys.Space, _ string) string { return s.Discovered("52:54:00:aa:00:01") }, [6]Access{rw, rw, rw, r, n, n}, "unknown machines that tried to boot"},
 	{"dhcp/...", func(s keys.Space, _ string) string { return s.DHCPLease("52:54:00:aa:00:01") }, [6]Access{rw, r, rw, r, n, n}, "the full-mode DHCP pool"},

@@ -70,6 +70,7 @@ func Roles(s keys.Space) map[string][]Perm {
 			writeAll(s.VMPrefix()), writeAll(s.HardwarePrefix()), writeAll(s.NodeSpecPrefix()),
 			writeAll(s.ImagePrefix()), writeAll(s.DiscoveredPrefix()), write(s.Rollout()),
 			writeAll(s.RequestPrefix()), writeAll(s.JoinTokenPrefix()), writeAll(s.EventWriterPrefix(keys.EventsByOperator)),
+			writeAll(s.ConsolePrefix()),
 		},
 		Viewer: {readAll(s.All())},
 	}
@@ -79,8 +80,8 @@ func Roles(s keys.Space) map[string][]Perm {
 func NodeUser(hwid string) string { return "herd-node:" + hwid }
 
 // NodePerms are what one node may touch: write its own node key, statuses, command results and
-// events; read its own assignments, fence records, hardware record and commands, and what the
-// evidence rule needs (specs, placements, the cluster record).
+// events; read its own assignments, fence records, hardware record, commands and console tickets,
+// and what the evidence rule needs (specs, placements, the cluster record).
 func NodePerms(s keys.Space, hwid string) []Perm {
 	return []Perm{
 		write(s.Node(hwid)),
@@ -93,6 +94,7 @@ func NodePerms(s keys.Space, hwid string) []Perm {
 		readAll(s.PlacementPrefix()),
 		writeAll(s.NodeCmdPrefix(hwid)),
 		writeAll(s.EventWriterPrefix(keys.EventsByNode(hwid))),
+		readAll(s.ConsoleTicketPrefix(hwid)),
 	}
 }
 
