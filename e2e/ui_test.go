@@ -167,8 +167,11 @@ func TestConsoleInABrowser(t *testing.T) {
 	})
 	shot(t, ctx, "events")
 
-	// The image catalogue with the nodes running each version, and the fencing page.
+	// One node's page with its VMs, the image catalogue with the nodes running each version, and
+	// the fencing page.
+	beforeNode := c.VMs()["before"].Placement.Node
 	for _, p := range []struct{ path, sel, want, name string }{
+		{"/nodes/" + beforeNode, `tr[data-vm="before"]`, "Boot id", "node"},
 		{"/images", `tr[data-image="v1"]`, "v1", "images"},
 		{"/fences", `table.fences`, "automatic", "fences"},
 	} {

@@ -280,6 +280,8 @@ func (u *ui) handler(host string) http.Handler {
 	// One VM's page: its stream is /sse/vm?q=NAME.
 	mux.HandleFunc("GET /vms/{name}", func(w http.ResponseWriter, r *http.Request) { u.page(w, r, "vm", r.PathValue("name")) })
 	mux.HandleFunc("GET /vms/{name}/console", u.consoleLog)
+	// One node's page: its stream is /sse/node?q=HWID.
+	mux.HandleFunc("GET /nodes/{hwid}", func(w http.ResponseWriter, r *http.Request) { u.page(w, r, "node", r.PathValue("hwid")) })
 	mux.HandleFunc("GET /sse/{page}", u.sse)
 	mux.HandleFunc("POST /act", func(w http.ResponseWriter, r *http.Request) { u.act(w, r, host) })
 	_, port, _ := net.SplitHostPort(host)
@@ -297,7 +299,7 @@ func (u *ui) handler(host string) http.Handler {
 }
 
 var uiTitles = map[string]string{"overview": "Overview", "vms": "VMs", "nodes": "Nodes", "hardware": "Hardware", "events": "Events", "vm": "VM",
-	"images": "Images", "fences": "Fencing"}
+	"images": "Images", "fences": "Fencing", "node": "Node"}
 
 func (u *ui) page(w http.ResponseWriter, r *http.Request, page, q string) {
 	st, _ := u.current()
@@ -308,8 +310,8 @@ func (u *ui) page(w http.ResponseWriter, r *http.Request, page, q string) {
 	}
 	w.Header().Set("Content-Type", "text/html; charset=utf-8")
 	title := uiTitles[page]
-	if page == "vm" {
-		title = "vm/" + q
+	if page == "vm" || page == "node" {
+		title = page + "/" + q
 	}
 	_ = uiTemplates.ExecuteTemplate(w, "page", map[string]any{"Page": page, "Title": title, "Fragment": frag, "Query": q})
 }
@@ -427,6 +429,9 @@ func (u *ui) fragment(page string, st uiState, q string) (template.HTML, error) 
 		data["Events"] = uiEvents(st.events, func(ev *keys.Event) bool {
 			return q == "" || strings.Contains(strings.ToLower(ev.Object+" "+ev.Action+" "+ev.Actor+" "+ev.User+" "+ev.Message), strings.ToLower(q))
 		}, uiMaxRows)
+	case "node":
+		data["Node"] = uiOneNode(st.view, q)
+		data["Events"] = uiEvents(st.events, func(ev *keys.Event) bool { return match("node/"+q, ev) }, 100)
 	case "images":
 		data["Images"] = uiImages(st.images, st.view)
 	case "fences":
@@ -536,18 +541,8 @@ func uiData(v *clusterView, q string) map[string]any {
 	views := v.nodeViews()
 	sort.Slice(views, func(i, j int) bool { return views[i].HWID < views[j].HWID })
 	for _, n := range views {
-		first, _, _ := strings.Cut(n.Status, ",")
-		nodeStates[first]++
-		x := uiNode{HWID: n.HWID, Status: n.Status, StatusClass: first, VMs: len(n.VMs), Image: "-", Note: n.note(), Cordoned: n.Admin.Cordoned}
-		if nd := n.Node; nd != nil {
-			x.Image = orDash(nd.Image)
-			if mem := nd.MemoryMiB - nd.ReservedMemoryMiB; nd.CPUs > 0 && mem > 0 {
-				x.HasCap = true
-				x.CPUPct, x.MemPct = pct(int64(n.UsedVCPUs), int64(nd.CPUs)), pct(n.UsedMiB, mem)
-				x.CPUText = fmt.Sprintf("%d/%d vCPUs", n.UsedVCPUs, nd.CPUs)
-				x.MemText = fmt.Sprintf("%s/%s", units.FormatMiB(n.UsedMiB), units.FormatMiB(mem))
-			}
-		}
+		x := uiNodeOf(n)
+		nodeStates[x.StatusClass]++
 		nodes = append(nodes, x)
 	}
 	guard := "automatic"
@@ -751,4 +746,98 @@ func uiFences(v *clusterView) []uiFence {
 			Updated: uiTime(f.Updated), Error: f.Error, By: orDash(f.By), Details: strings.Join(det, " "), Attempts: f.Attempts})
 	}
 	return out
+}
+
+// uiNodeOf is a node's row: its state, use of capacity as bars, image and note.
+func uiNodeOf(n *nodeView) uiNode {
+	first, _, _ := strings.Cut(n.Status, ",")
+	x := uiNode{HWID: n.HWID, Status: n.Status, StatusClass: first, VMs: len(n.VMs), Image: "-", Note: n.note(), Cordoned: n.Admin.Cordoned}
+	if nd := n.Node; nd != nil {
+		x.Image = orDash(nd.Image)
+		if mem := nd.MemoryMiB - nd.ReservedMemoryMiB; nd.CPUs > 0 && mem > 0 {
+			x.HasCap = true
+			x.CPUPct, x.MemPct = pct(int64(n.UsedVCPUs), int64(nd.CPUs)), pct(n.UsedMiB, mem)
+			x.CPUText = fmt.Sprintf("%d/%d vCPUs", n.UsedVCPUs, nd.CPUs)
+			x.MemText = fmt.Sprintf("%s/%s", units.FormatMiB(n.UsedMiB), units.FormatMiB(mem))
+		}
+	}
+	return x
+}
+
+type uiNodeDetail struct {
+	uiNode
+	Found bool
+	Facts []uiFact
+	VMs   []uiVM
+}
+
+type uiFact struct{ Name, Value string }
+
+// uiOneNode is one node's page: what it registered, what the operator and the leader hold of it,
+// and its VMs.
+func uiOneNode(v *clusterView, hwid string) uiNodeDetail {
+	var n *nodeView
+	for _, x := range v.nodeViews() {
+		if x.HWID == hwid {
+			n = x
+		}
+	}
+	if n == nil {
+		return uiNodeDetail{uiNode: uiNode{HWID: hwid}}
+	}
+	d := uiNodeDetail{Found: true, uiNode: uiNodeOf(n)}
+	fact := func(name, value string) {
+		if value != "" {
+			d.Facts = append(d.Facts, uiFact{name, value})
+		}
+	}
+	if hw := n.Hardware; hw != nil {
+		fact("Serial", hw.Serial)
+		var labels []string
+		for k, val := range hw.Labels {
+			labels = append(labels, k+"="+val)
+		}
+		sort.Strings(labels)
+		fact("Labels", strings.Join(labels, " "))
+	}
+	if nd := n.Node; nd != nil {
+		fact("Hostname", nd.Hostname)
+		fact("Boot id", nd.BootID)
+		fact("Up since", uiTime(nd.Started))
+		fact("Agent", nd.AgentVersion)
+		fact("libvirt", nd.LibvirtURI)
+		var addrs []string
+		for _, a := range []struct{ role, addr string }{{"management", nd.Addresses.Management}, {"storage", nd.Addresses.Storage}, {"migration", nd.Addresses.Migration}} {
+			if a.addr != "" {
+				addrs = append(addrs, a.role+" "+a.addr)
+			}
+		}
+		fact("Addresses", strings.Join(addrs, ", "))
+		fact("Migration URI", nd.MigrationURI)
+		fact("Status", nd.StatusURL)
+		fact("Console", nd.ConsoleURL)
+		if nd.ReservedMemoryMiB > 0 {
+			fact("Reserved memory", units.FormatMiB(nd.ReservedMemoryMiB))
+		}
+	} else if n.NodeError != "" {
+		fact("Registration", "unreadable: "+n.NodeError)
+	} else {
+		fact("Registration", "none: the node is down, or has not booted since it was enrolled")
+	}
+	if n.Admin.Reason != "" {
+		fact("Cordoned because", n.Admin.Reason)
+	}
+	names := append([]string(nil), n.VMs...)
+	sort.Strings(names)
+	for _, name := range names {
+		x := uiVM{Name: name, State: "-", Node: hwid, VCPUs: "-", Memory: "-"}
+		if vm := v.vms[name]; vm != nil {
+			x.State, x.Problem = vm.State, vmProblem(vm)
+			if vm.Spec != nil {
+				x.VCPUs, x.Memory = specSizes(vm.Spec.VCPUs, vm.Spec.MemoryMiB)
+			}
+		}
+		d.VMs = append(d.VMs, x)
+	}
+	return d
 }

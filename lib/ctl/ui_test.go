@@ -139,5 +139,6 @@ func TestConsoleServer(t *testing.T) {
 		}
 	}
 	eventually("/images", `data-image="2026.12.1"`, "current</span>", "initrd checksum mismatch: refusing to serve", "<td>1MiB</td>")
+	eventually("/nodes/52:54:00:00:00:01", "<h2>node/52:54:00:00:00:01", "has not booted since it was enrolled", `data-action="uncordon"`, `<tr data-action="cordoned">`)
 	eventually("/fences", "HELD: 2 nodes lost at once", "confirm the loss", `data-phase="fenced"`, "ceph-blocklist", "addresses=10.0.0.7")
 }
