@@ -52,8 +52,8 @@ ui-screenshots: deps
     HERD_UI_SCREENSHOTS=$PWD/docs/ui go test -count=1 -run '^TestConsoleInABrowser$' ./e2e/
 
 # the scale rig (e2e/scale): NODES simulated nodes with VMS_PER_NODE VMs each (docs/performance.md)
-scale NODES="1000" VMS_PER_NODE="10": build
-    HERD_SCALE_NODES={{NODES}} HERD_SCALE_VMS_PER_NODE={{VMS_PER_NODE}} go test -count=1 -v -timeout 120m -run TestScale ./e2e/scale/
+scale NODES="1000" VMS_PER_NODE="10" MAX_PENDING="0": build
+    HERD_SCALE_NODES={{NODES}} HERD_SCALE_VMS_PER_NODE={{VMS_PER_NODE}} HERD_SCALE_MAX_PENDING={{MAX_PENDING}} go test -count=1 -v -timeout 120m -run TestScale ./e2e/scale/
 
 # benchmarks: ratios measured in one run (see docs/performance.md)
 bench:

@@ -72,7 +72,8 @@ func batches(docs []specDoc) [][]specDoc {
 // applyAll writes every doc's spec, batched and several batches at once; each request gets its own
 // --timeout. done is called, from one goroutine at a time, with each batch's results in file order.
 // On the first failure no new batch starts and the error names the VMs of the batch that failed.
-func (e *env) applyAll(ctx context.Context, docs []specDoc, done func([]applyResult)) error {
+// With a pacer, a batch starts only once the VMs it may create fit under its bound.
+func (e *env) applyAll(ctx context.Context, docs []specDoc, pace *pacer, done func([]applyResult)) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	var (
@@ -82,6 +83,11 @@ func (e *env) applyAll(ctx context.Context, docs []specDoc, done func([]applyRes
 		slots    = make(chan struct{}, applyInFlight)
 	)
 	for _, b := range batches(docs) {
+		if pace != nil {
+			if err := pace.wait(ctx, len(b)); err != nil {
+				break
+			}
+		}
 		select {
 		case slots <- struct{}{}:
 		case <-ctx.Done():
@@ -95,12 +101,24 @@ func (e *env) applyAll(ctx context.Context, docs []specDoc, done func([]applyRes
 			res, err := e.applyBatchPatiently(ctx, b)
 			mu.Lock()
 			defer mu.Unlock()
+			if err != nil && pace != nil {
+				pace.created(len(b), nil)
+			}
 			if err != nil {
 				if firstErr == nil {
 					firstErr = err
 					cancel()
 				}
 				return
+			}
+			if pace != nil {
+				var made []string
+				for _, r := range res {
+					if r.res == casCreated {
+						made = append(made, r.name)
+					}
+				}
+				pace.created(len(b), made)
 			}
 			done(res)
 		}()
@@ -202,4 +220,127 @@ func (e *env) applyBatch(ctx context.Context, b []specDoc) ([]applyResult, error
 		res[i] = applyResult{d.name, r}
 	}
 	return res, nil
+}
+
+// pacer is `vm apply --max-pending`: admission control. It bounds how many of the VMs this apply
+// created still wait for the leader's decision (a placement, or a problem saying why none), so
+// that a big file queues here, visibly, instead of in etcd and the leader's backlog, where every
+// VM waits behind all the others and etcd, overloaded, slows everyone. It watches placements and
+// problems from the revision the apply started at. It fails open: when the leader decides
+// nothing for pacerStall (no coordinator leads, or none can keep up) or the watch ends, it says
+// so and the rest is written at full speed.
+type pacer struct {
+	max  int
+	warn func(string)
+
+	mu      sync.Mutex
+	waiting  map[string]bool // created by this apply, not decided yet
+	reserved int             // VMs batches in flight may create
+	decided  map[string]bool // decided before this apply heard it created them
+	off     bool
+	last    time.Time
+	changed chan struct{}
+}
+
+// pacerStall is how long the leader may decide nothing before the pacer stops waiting for it.
+var pacerStall = 15 * time.Second
+
+func (e *env) startPacer(ctx context.Context, max int, warn func(string)) (*pacer, error) {
+	resp, err := e.client.Get(ctx, e.space.PlacementPrefix(), clientv3.WithPrefix(), clientv3.WithCountOnly())
+	if err != nil {
+		return nil, fmt.Errorf("pace: %w", err)
+	}
+	p := &pacer{max: max, warn: warn, waiting: map[string]bool{}, decided: map[string]bool{}, last: time.Now(), changed: make(chan struct{}, 1)}
+	for _, prefix := range []string{e.space.PlacementPrefix(), e.space.ProblemPrefix()} {
+		wch := e.client.Watch(clientv3.WithRequireLeader(ctx), prefix, clientv3.WithPrefix(), clientv3.WithRev(resp.Header.Revision+1), clientv3.WithFilterDelete())
+		go func() {
+			for wr := range wch {
+				if err := wr.Err(); err != nil {
+					break
+				}
+				for _, ev := range wr.Events {
+					if name, ok := keys.ParseLeaf(prefix, string(ev.Kv.Key)); ok {
+						p.decide(name)
+					}
+				}
+			}
+			if ctx.Err() == nil {
+				p.stop("the watch on the leader's decisions ended")
+			}
+		}()
+	}
+	return p, nil
+}
+
+func (p *pacer) decide(name string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.waiting[name] {
+		delete(p.waiting, name)
+		p.last = time.Now()
+		p.poke()
+	} else {
+		p.decided[name] = true
+	}
+}
+
+func (p *pacer) poke() {
+	select {
+	case p.changed <- struct{}{}:
+	default:
+	}
+}
+
+func (p *pacer) stop(why string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if !p.off {
+		p.off = true
+		p.warn(why + ": writing the rest without waiting")
+		p.poke()
+	}
+}
+
+// created records what a batch of n reserved VMs created: each waits for a decision unless one
+// came already; the rest of the reservation is released.
+func (p *pacer) created(n int, names []string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.reserved -= n
+	p.poke()
+	for _, n := range names {
+		if p.decided[n] {
+			delete(p.decided, n)
+			continue
+		}
+		p.waiting[n] = true
+	}
+}
+
+// wait returns when a batch may create n more VMs, and reserves them: the waiting and the
+// reserved stay within max (a batch bigger than max goes alone), or the pacer is off.
+func (p *pacer) wait(ctx context.Context, n int) error {
+	for {
+		p.mu.Lock()
+		pending := len(p.waiting) + p.reserved
+		ok := p.off || pending+n <= p.max || pending == 0
+		if ok {
+			p.reserved += n
+		}
+		stalled := time.Since(p.last) > pacerStall
+		p.mu.Unlock()
+		if ok {
+			return nil
+		}
+		if stalled {
+			p.stop(fmt.Sprintf("the leader decided none of this apply's VMs for %s (is a coordinator leading? herdctl cluster show)", pacerStall))
+			continue
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-p.changed:
+		case <-time.After(time.Second):
+		}
+	}
 }

@@ -240,3 +240,92 @@ func TestNodeScopedRead(t *testing.T) {
 		t.Fatalf("an unknown node: %v", err)
 	}
 }
+
+// TestApplyPacedToTheLeader: with --max-pending, at most that many of the VMs an apply created
+// wait for the leader at any time (a stand-in leader places each spec it sees after a while and
+// counts those it has seen and not yet placed); with no leader, the apply notes the stall and
+// writes the rest.
+func TestApplyPacedToTheLeader(t *testing.T) {
+	srv := etcdtest.Start(t)
+	ep := srv.Endpoints[0]
+	c := etcdtest.NewClient(t, srv.Endpoints)
+	sp := keys.MustSpace(keys.DefaultPrefix)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	write := func(prefix string, n int) string {
+		var b strings.Builder
+		for i := range n {
+			fmt.Fprintf(&b, "name: %s-%04d\nvcpus: 1\nmemory_mib: 64\n---\n", prefix, i)
+		}
+		f := filepath.Join(t.TempDir(), "vms.yaml")
+		if err := os.WriteFile(f, []byte(b.String()), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return f
+	}
+
+	const n, bound = 600, 100
+	var mu sync.Mutex
+	unplaced, most := map[string]bool{}, 0
+	leader := make(chan struct{})
+	go func() {
+		defer close(leader)
+		wch := c.Watch(ctx, sp.VMPrefix(), clientv3.WithPrefix())
+		tick := time.NewTicker(20 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case wr := <-wch:
+				mu.Lock()
+				for _, ev := range wr.Events {
+					if name, part, ok := sp.ParseVM(string(ev.Kv.Key)); ok && part == keys.VMPartSpec {
+						unplaced[name] = true
+					}
+				}
+				most = max(most, len(unplaced))
+				mu.Unlock()
+			case <-tick.C:
+				// Place up to 10 every 20 ms: 500/s, slower than apply writes.
+				mu.Lock()
+				var ops []clientv3.Op
+				for name := range unplaced {
+					if len(ops) == 10 {
+						break
+					}
+					ops = append(ops, clientv3.OpPut(sp.Placement(name), `{"v":1,"uid":1,"node":"52:54:00:00:00:01","epoch":1}`))
+					delete(unplaced, name)
+				}
+				mu.Unlock()
+				if len(ops) > 0 {
+					if _, err := c.Txn(ctx).Then(ops...).Commit(); err != nil && ctx.Err() == nil {
+						t.Error(err)
+					}
+				}
+			}
+		}
+	}()
+	if out, errOut, err := herdctl(t, ep, "vm", "apply", "-f", write("paced", n), "--max-pending", fmt.Sprint(bound)); err != nil || strings.Count(out, " created\n") != n {
+		t.Fatalf("paced apply: %v %s\n%s", err, errOut, out[:min(len(out), 300)])
+	}
+	mu.Lock()
+	seen := most
+	mu.Unlock()
+	if seen > bound {
+		t.Fatalf("the leader saw %d of the apply's VMs waiting at once, bound %d", seen, bound)
+	}
+	if seen < bound/2 {
+		t.Fatalf("the leader never saw more than %d waiting: the apply was not pushing against its bound of %d", seen, bound)
+	}
+	cancel()
+	<-leader
+
+	// No leader: the apply notes the stall and finishes.
+	defer func(d time.Duration) { pacerStall = d }(pacerStall)
+	pacerStall = 300 * time.Millisecond
+	out, errOut, err := herdctl(t, ep, "vm", "apply", "-f", write("alone", 300), "--max-pending", "100")
+	if err != nil || strings.Count(out, " created\n") != 300 || !strings.Contains(errOut, "decided none of this apply's VMs") {
+		t.Fatalf("apply with no leader: %v\n%s\n%s", err, errOut, out[:min(len(out), 300)])
+	}
+}

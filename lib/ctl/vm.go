@@ -215,7 +215,10 @@ func (e *env) waitVM(parent context.Context, name string, uid int64, timeout tim
 }
 
 func vmApplyCmd(e *env) *cobra.Command {
-	var file string
+	var (
+		file       string
+		maxPending int
+	)
 	cmd := &cobra.Command{
 		Use:   "apply -f FILE",
 		Short: "Create or update VMs from a YAML or JSON file (- for stdin)",
@@ -224,14 +227,21 @@ docs/keyspace.md) plus "name"; several YAML documents are separated by '---'. Me
 herdctl does not know and the file does not mention are kept from the stored spec.
 
 Specs are written in batches, several at once; --timeout bounds each request, not the whole file.
-A failure stops the apply: what was written is printed, and running it again finishes the rest.`,
+A failure stops the apply: what was written is printed, and running it again finishes the rest.
+
+--max-pending N is admission control for big files: at most N of the VMs this apply creates wait
+for the leader's decision (a placement, or a problem saying why none) at any time, so that the
+file queues here, behind a progress bar, rather than in etcd and the leader's backlog (where every
+VM waits behind all the others). If the leader decides none of them for 15 s, apply says so and
+writes the rest without waiting.`,
 		Example: `  cat > web.yaml <<EOF
   name: web1
   vcpus: 2
   memory_mib: 2048
   disk: {pool: default, size_gib: 20}
   EOF
-  herdctl vm apply -f web.yaml`,
+  herdctl vm apply -f web.yaml
+  herdctl vm apply -f fleet.yaml --max-pending 1000   # 100,000 VMs, paced to the leader`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if file == "" {
@@ -266,10 +276,19 @@ A failure stops the apply: what was written is printed, and running it again fin
 					return usagef("vm %s: %v", d.name, err)
 				}
 			}
+			var pace *pacer
+			if maxPending > 0 {
+				if pace, err = e.startPacer(cmd.Context(), maxPending, func(msg string) {
+					e.clearLine()
+					fmt.Fprintln(e.errOut, "note:", msg)
+				}); err != nil {
+					return err
+				}
+			}
 			cancel()
 			bar := e.newBar(len(docs), "applying")
 			counts := map[string]int{}
-			err = e.applyAll(cmd.Context(), docs, func(res []applyResult) {
+			err = e.applyAll(cmd.Context(), docs, pace, func(res []applyResult) {
 				e.clearLine()
 				for _, r := range res {
 					fmt.Fprintf(e.out, "vm/%s %s\n", r.name, r.res)
@@ -285,6 +304,7 @@ A failure stops the apply: what was written is printed, and running it again fin
 		},
 	}
 	cmd.Flags().StringVarP(&file, "filename", "f", "", "file with VM specs (YAML or JSON), - for stdin")
+	cmd.Flags().IntVar(&maxPending, "max-pending", 0, "admission control: at most this many of the VMs the apply creates wait for the leader at once; 0: no limit")
 	return cmd
 }
 
