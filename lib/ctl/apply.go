@@ -233,13 +233,13 @@ type pacer struct {
 	max  int
 	warn func(string)
 
-	mu      sync.Mutex
+	mu       sync.Mutex
 	waiting  map[string]bool // created by this apply, not decided yet
 	reserved int             // VMs batches in flight may create
 	decided  map[string]bool // decided before this apply heard it created them
-	off     bool
-	last    time.Time
-	changed chan struct{}
+	off      bool
+	last     time.Time
+	changed  chan struct{}
 }
 
 // pacerStall is how long the leader may decide nothing before the pacer stops waiting for it.
