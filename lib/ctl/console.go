@@ -134,14 +134,19 @@ func (e *env) consoleClient(ctx context.Context, name string) (*console.Client, 
 // to a terminal without the guest's escape sequences and carriage returns, which would drive the
 // operator's terminal rather than show what the guest printed.
 func (e *env) logWriter() io.Writer {
-	raw := io.Writer(e.out)
-	if tw, ok := raw.(*termsafe.Writer); ok {
-		raw = tw.Unwrap()
-	}
+	raw := e.rawOut()
 	if f, ok := raw.(*os.File); ok && term.IsTerminal(int(f.Fd())) {
 		return dropCR{termsafe.NewWriter(f)}
 	}
 	return raw
+}
+
+// rawOut is stdout without the filter that escapes control characters: for the guest's own bytes.
+func (e *env) rawOut() io.Writer {
+	if tw, ok := e.out.(*termsafe.Writer); ok {
+		return tw.Unwrap()
+	}
+	return e.out
 }
 
 // dropCR drops carriage returns (a serial console ends its lines with CR LF).
@@ -215,10 +220,7 @@ func (e *env) attachConsole(ctx context.Context, in io.Reader, cl *console.Clien
 		return consoleErr(vm, hwid, err)
 	}
 	defer conn.Close()
-	out := io.Writer(e.out)
-	if tw, ok := out.(*termsafe.Writer); ok {
-		out = tw.Unwrap() // the guest's own terminal: its escape codes are the point
-	}
+	out := e.rawOut() // the guest's own terminal: its escape codes are the point
 	nl := "\n"
 	if f, ok := in.(*os.File); ok && term.IsTerminal(int(f.Fd())) {
 		old, err := term.MakeRaw(int(f.Fd()))
