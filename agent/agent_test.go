@@ -430,3 +430,24 @@ func TestCrashBackoff(t *testing.T) {
 		t.Errorf("crash 1000: %s", got)
 	}
 }
+
+// TestRestartMoveOfAbsentDomainIsEvicted: a restart move whose source has no domain (the node
+// rebooted since the move began) is answered "evicted", so the leader can start the VM on the
+// target; the soak found a move stuck "migrating" for minutes without it.
+func TestRestartMoveOfAbsentDomainIsEvicted(t *testing.T) {
+	h := start(t)
+	spec := keys.VMSpec{VCPUs: 1, MemoryMiB: 64, Disk: &keys.Disk{Pool: "default", SizeGiB: 1}}
+	uid := put(t, h.c, space.VMSpec("gone1"), keys.MustEncode(&spec))
+	asg := keys.Assignment{UID: uid, Epoch: 1, UUID: fmt.Sprintf("00000000-0000-4000-8000-%012d", uid), SpecRev: uid, Spec: &spec,
+		Outgoing: &keys.Outgoing{ID: "m-1", To: "52:54:00:00:00:99", Mode: keys.ModeRestart}}
+	put(t, h.c, space.Assign(hwid, "gone1"), keys.MustEncode(&asg))
+	h.eventually("gone1 reported evicted", func() error {
+		if st := h.status("gone1"); st == nil || st.Migration != "m-1" || st.MigrationResult != keys.MigrationEvicted || st.State != keys.StateStopped {
+			return fmt.Errorf("status %+v", st)
+		}
+		return nil
+	})
+	if h.domain("gone1") != nil {
+		t.Fatal("a domain was made for a VM moving away")
+	}
+}

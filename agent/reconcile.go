@@ -245,7 +245,17 @@ func (a *Agent) reconcileOutgoing(ctx context.Context, name string, kv *assignRe
 			st.State = keys.StateRunning
 		}
 		return a.reportStatus(ctx, name, kv, st)
+	case dom == nil && out.Mode == keys.ModeRestart:
+		// Nothing runs here to stop: this node rebooted since the move began (a reboot ends every
+		// guest), or never started it. A restart move never puts the domain anywhere else, so
+		// the VM runs nowhere and may start on the target. Without this answer the leader waits
+		// for an eviction that can never come while this node lives on its new boot.
+		a.setOutcome(out.ID, keys.MigrationEvicted)
+		st.State, st.MigrationResult, st.Message = keys.StateStopped, keys.MigrationEvicted, "no domain here: nothing to stop"
+		return a.reportStatus(ctx, name, kv, st)
 	case dom == nil:
+		// A live move's domain may be on the target already (the leader commits from the
+		// target's report); saying "failed" here could bring it back while it runs there.
 		st.State, st.Message = keys.StateStopped, "no domain here to move"
 		return a.reportStatus(ctx, name, kv, st)
 	}
