@@ -60,6 +60,9 @@ func (a *Agent) diskHealth(ctx context.Context) {
 	// only when which filesystems are short changes.
 	key := strings.Join(which, "\x00")
 	if key == a.diskShortPaths {
+		// Unchanged; but a write of the last change may not have landed (the lease was not
+		// confirmed alive, etcd did not answer): publishNode writes only if the record differs.
+		a.publishNode(ctx)
 		return
 	}
 	a.diskShortPaths = key
