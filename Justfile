@@ -59,7 +59,7 @@ scale NODES="1000" VMS_PER_NODE="10" MAX_PENDING="0": build
 bench:
     scripts/deps.sh bench
     go test -run '^$' -bench . -benchtime 3x ./coordinator/scheduler/
-    HERD_BENCH_NODES=3000 go test -run '^$' -bench SteadyRound -benchtime 5x ./coordinator/decide/
+    HERD_BENCH_NODES=3000 go test -run '^$' -bench 'SteadyRound|QuickRound' -benchtime 5x ./coordinator/decide/
     scripts/bench-boot.sh
     go test -run '^$' -bench PlacementThroughput -benchtime 1x ./coordinator/
     go test -run '^$' -bench ApplyAndList -benchtime 1x ./lib/ctl/

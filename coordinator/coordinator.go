@@ -10,6 +10,8 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -175,6 +177,11 @@ type Coordinator struct {
 	mu        sync.Mutex
 	isLeader  bool
 	vms       map[string]*decide.VM      // by VM name; each value is replaced, never modified
+	ledger    *decide.Ledger             // what quick rounds know of every VM (decide/quick.go)
+	assignsOn map[string][]string        // VM -> nodes with an assignment of it (quick rounds' index)
+	reportsOn map[string][]string        // VM -> nodes with a status report of it
+	dirty     map[string]bool            // VMs whose records changed since the last round took them
+	full      string                     // what other than a VM's records changed ("": nothing): the next round is full
 	vanished  map[string]*keys.Placement // VM -> its last placement, deleted by someone
 	firstSeen map[string]time.Time       // VM -> when its spec was first seen, for the placement latency
 	left      map[string]string          // hwid -> boot id of a clean departure this replica saw
@@ -202,6 +209,10 @@ func New(cfg Config) (*Coordinator, error) {
 		newLease:  make(chan struct{}, 1),
 		revokeNow: make(chan struct{}, 1),
 		vms:       map[string]*decide.VM{},
+		ledger:    decide.NewLedger(),
+		assignsOn: map[string][]string{},
+		reportsOn: map[string][]string{},
+		dirty:     map[string]bool{},
 		vanished:  map[string]*keys.Placement{},
 		firstSeen: map[string]time.Time{},
 		left:      map[string]string{},
@@ -218,13 +229,13 @@ func New(cfg Config) (*Coordinator, error) {
 	c.placementInf = etcdutil.NewTyped[keys.Placement](cl, s.PlacementPrefix(), c.onPlacement, c.log)
 	c.problemInf = etcdutil.NewTyped[keys.Problem](cl, s.ProblemPrefix(), c.onProblem, c.log)
 	// The leader reads every assignment every round, their spec copies almost never.
-	c.assignInf = etcdutil.WithDecode(cl, s.AssignRoot(), keys.DecodeAssignmentHead, poke, c.log)
+	c.assignInf = etcdutil.WithDecode(cl, s.AssignRoot(), keys.DecodeAssignmentHead, c.onVMOnNode(s.AssignRoot(), c.assignsOn), c.log)
 	c.clusterInf = etcdutil.NewTyped[keys.Cluster](cl, s.Cluster(), poke, c.log)
 	c.hwInf = etcdutil.NewTyped[keys.Hardware](cl, s.HardwarePrefix(), c.onHardware, c.log)
 	c.nodeInf = etcdutil.NewTyped[keys.Node](cl, s.NodePrefix(), c.onNode, c.log)
 	c.nodeStateInf = etcdutil.NewTyped[keys.NodeState](cl, s.NodeStatePrefix(), poke, c.log)
 	c.nodeSpecInf = etcdutil.NewTyped[keys.NodeSpec](cl, s.NodeSpecPrefix(), poke, c.log)
-	c.statusInf = etcdutil.NewTyped[keys.VMStatus](cl, s.StatusRoot(), poke, c.log)
+	c.statusInf = etcdutil.NewTyped[keys.VMStatus](cl, s.StatusRoot(), c.onVMOnNode(s.StatusRoot(), c.reportsOn), c.log)
 	c.fenceInf = etcdutil.NewTyped[keys.Fence](cl, s.FenceRoot(), poke, c.log)
 	c.guardInf = etcdutil.NewTyped[keys.LossGuard](cl, s.LossGuard(), poke, c.log)
 	c.volInf = etcdutil.NewTyped[keys.VolumeRecord](cl, s.VolumeRoot(), poke, c.log)
@@ -339,11 +350,42 @@ func (c *Coordinator) updateVM(name string, change func(*decide.VM)) {
 	if v.Spec == nil && v.Placement == nil && v.Problem == nil && v.Migrate == nil {
 		delete(c.vms, name)
 		delete(c.vanished, name)
+		c.ledger.Set(name, nil)
 	} else {
 		c.vms[name] = &v
+		c.ledger.Set(name, &v)
 	}
+	c.dirty[name] = true
 	c.mu.Unlock()
-	c.poke("", nil, nil)
+	c.signal()
+}
+
+// onVMOnNode keeps an index of the nodes holding a per-node record of each VM (assignments,
+// status reports), for quick rounds, and marks the VM changed.
+func (c *Coordinator) onVMOnNode(root string, index map[string][]string) etcdutil.ChangeFunc {
+	return func(key string, _, cur *etcdutil.KV) {
+		hwid, name, ok := keys.ParseNodeScoped(root, key)
+		if !ok {
+			c.poke(key, nil, cur) // not herd's: a full round sees what it is
+			return
+		}
+		c.mu.Lock()
+		nodes := index[name]
+		i := slices.Index(nodes, hwid)
+		switch {
+		case cur != nil && i < 0:
+			index[name] = append(slices.Clip(nodes), hwid)
+		case cur == nil && i >= 0:
+			if len(nodes) == 1 {
+				delete(index, name)
+			} else {
+				index[name] = slices.Delete(slices.Clone(nodes), i, i+1)
+			}
+		}
+		c.dirty[name] = true
+		c.mu.Unlock()
+		c.signal()
+	}
 }
 
 // onNode notices clean departures: the agent marks its key leaving before it revokes the lease.
@@ -372,8 +414,24 @@ func (c *Coordinator) onNode(key string, prev, cur *etcdutil.KV) {
 	c.poke(key, prev, cur)
 }
 
-// poke asks the leader loop for a round; bursts of changes coalesce into one.
-func (c *Coordinator) poke(string, *etcdutil.KV, *etcdutil.KV) {
+// poke asks the leader loop for a full round: something other than a VM's records changed (or a
+// side work ended, or etcd went back). Bursts of changes coalesce into one round.
+func (c *Coordinator) poke(key string, _, _ *etcdutil.KV) {
+	// What changed, as the keyspace's top level (nodes, fences, ...), for the metric.
+	cause := "work"
+	if rest, ok := strings.CutPrefix(key, c.space.All()); ok {
+		cause, _, _ = strings.Cut(rest, "/")
+	}
+	c.mu.Lock()
+	if c.full == "" {
+		c.full = cause
+	}
+	c.mu.Unlock()
+	c.signal()
+}
+
+// signal wakes the leader loop.
+func (c *Coordinator) signal() {
 	select {
 	case c.trigger <- struct{}{}:
 	default:

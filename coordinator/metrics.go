@@ -10,6 +10,9 @@ type metrics struct {
 	batchRetries     prometheus.Counter
 	placementSeconds prometheus.Histogram
 	roundSeconds     prometheus.Histogram
+	rounds           *prometheus.CounterVec
+	fullRounds       *prometheus.CounterVec
+	decideSeconds    *prometheus.HistogramVec
 	nodesLost        prometheus.Counter
 	fenceFailures    prometheus.Counter
 	moves            prometheus.Counter
@@ -45,6 +48,16 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "herd_coordinator_round_seconds", Help: "One scheduling round, from snapshot to commit.",
 			Buckets: prometheus.ExponentialBuckets(0.001, 2.5, 14),
 		}),
+		rounds: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "herd_coordinator_rounds_total", Help: "Rounds the leader ran, by kind: full (every VM and node) or quick (only the VMs that changed, and the unplaced).",
+		}, []string{"kind"}),
+		fullRounds: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "herd_coordinator_full_round_causes_total", Help: "Why rounds were full: due (the interval, or a timer a round set), a quick round's VM only a full round decides (vm), a restore recovery (recovery), or the keyspace prefix that changed (nodes, fences, ...; work: side work ended).",
+		}, []string{"cause"}),
+		decideSeconds: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "herd_coordinator_decide_seconds", Help: "One round's observe and decide (before any write), by kind.",
+			Buckets: prometheus.ExponentialBuckets(0.0005, 2.5, 14),
+		}, []string{"kind"}),
 		nodesLost: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "herd_coordinator_nodes_lost_total", Help: "Fence records committed: node boots declared dead.",
 		}),
@@ -75,6 +88,6 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 	}, []string{"by"})
 	reg.MustRegister(m.leaseQuestions)
 	reg.MustRegister(m.migrations, m.migrationSeconds, m.volumeSeconds, m.rolloutNodes)
-	reg.MustRegister(m.leader, m.pending, m.placements, m.conflicts, m.batchRetries, m.placementSeconds, m.roundSeconds, m.nodesLost, m.fenceFailures, m.moves)
+	reg.MustRegister(m.leader, m.pending, m.placements, m.conflicts, m.batchRetries, m.placementSeconds, m.roundSeconds, m.rounds, m.fullRounds, m.decideSeconds, m.nodesLost, m.fenceFailures, m.moves)
 	return m
 }

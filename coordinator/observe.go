@@ -57,19 +57,7 @@ func (c *Coordinator) observe(ctx context.Context) *decide.Snapshot {
 	for _, r := range c.nodeCmdInf.Unsorted() {
 		s.NodeCmds[r.Key] = r
 	}
-	for _, r := range c.hwInf.Unsorted() {
-		if hwid, ok := keys.ParseLeaf(sp.HardwarePrefix(), r.Key); ok && r.OK() {
-			s.Hardware[hwid] = r.Value
-		}
-	}
-	leaf(sp.NodeStatePrefix(), c.nodeStateInf.Unsorted(), s.States)
-	leaf(sp.NodeSpecPrefix(), c.nodeSpecInf.Unsorted(), s.Specs)
-	leaf(sp.NodePrefix(), c.nodeInf.Unsorted(), s.Nodes)
-	for _, r := range c.fenceInf.List() {
-		if hwid, _, ok := keys.ParseNodeScoped(sp.FenceRoot(), r.Key); ok {
-			s.Fences[hwid] = append(s.Fences[hwid], r)
-		}
-	}
+	c.observeNodes(s)
 	c.mu.Lock()
 	if s.Cluster.OK() && s.Cluster.Value.Collecting() {
 		// Placements the caches saw vanish while relisting a restored etcd belong to the other
@@ -139,6 +127,48 @@ func (c *Coordinator) observe(ctx context.Context) *decide.Snapshot {
 		}
 	})
 	c.forgetLeases(s)
+	return s
+}
+
+// observeNodes fills a snapshot's view of the nodes from the caches: hardware, node keys, states
+// and specs, fences.
+func (c *Coordinator) observeNodes(s *decide.Snapshot) {
+	sp := c.space
+	for _, r := range c.hwInf.Unsorted() {
+		if hwid, ok := keys.ParseLeaf(sp.HardwarePrefix(), r.Key); ok && r.OK() {
+			s.Hardware[hwid] = r.Value
+		}
+	}
+	leaf(sp.NodeStatePrefix(), c.nodeStateInf.Unsorted(), s.States)
+	leaf(sp.NodeSpecPrefix(), c.nodeSpecInf.Unsorted(), s.Specs)
+	leaf(sp.NodePrefix(), c.nodeInf.Unsorted(), s.Nodes)
+	for _, r := range c.fenceInf.List() {
+		if hwid, _, ok := keys.ParseNodeScoped(sp.FenceRoot(), r.Key); ok {
+			s.Fences[hwid] = append(s.Fences[hwid], r)
+		}
+	}
+}
+
+// nodesOnly is a snapshot of the nodes alone, for a new term's first round: a quick one, which
+// places what waits before the full round that follows at once walks every VM. The lease TTLs are
+// those the replica knows (every replica asks each new node lease's as it appears); one it does not
+// know counts as sane, as in any round.
+func (c *Coordinator) nodesOnly() *decide.Snapshot {
+	s := &decide.Snapshot{
+		Cluster:  c.clusterInf.Get(c.space.Cluster()),
+		Nodes:    map[string]*keys.Record[keys.Node]{},
+		LeaseTTL: map[int64]time.Duration{},
+		States:   map[string]*keys.Record[keys.NodeState]{},
+		Specs:    map[string]*keys.Record[keys.NodeSpec]{},
+		Hardware: map[string]*keys.Hardware{},
+		Fences:   map[string][]*keys.Record[keys.Fence]{},
+	}
+	c.observeNodes(s)
+	for _, r := range s.Nodes {
+		if ttl, known := c.nodeTTLs.known(r.Lease); r.OK() && r.Lease != 0 && known {
+			s.LeaseTTL[r.Lease] = ttl
+		}
+	}
 	return s
 }
 
@@ -213,4 +243,87 @@ func (c *Coordinator) leaseAlive(ctx context.Context, id int64) (alive, known bo
 		return false, true
 	}
 	return true, true
+}
+
+// observeQuick builds a quick round's snapshot (decide/quick.go): of the VMs only those whose
+// records changed and those waiting for a place, with the ledger's account of the capacity every
+// other VM holds. The nodes are the last full round's view (base): any change to a node-level key
+// since that round's start makes the round full, so a quick round only runs while that view is
+// still what the caches hold. It returns nil when the round must be full after all (no full round
+// yet, a restore recovery).
+func (c *Coordinator) observeQuick(dirty []string, base *decide.Snapshot) *decide.Snapshot {
+	if base == nil {
+		return nil
+	}
+	sp := c.space
+	s := &decide.Snapshot{
+		Now:       time.Now(),
+		Cluster:   base.Cluster,
+		VMs:       map[string]*decide.VM{},
+		Assigns:   map[string]map[string]*keys.Record[keys.Assignment]{},
+		Reports:   map[string]map[string]*keys.Record[keys.VMStatus]{},
+		Nodes:     base.Nodes,
+		LeaseTTL:  base.LeaseTTL,
+		States:    base.States,
+		Specs:     base.Specs,
+		Hardware:  base.Hardware,
+		Fences:    base.Fences,
+		Trusted:   base.Trusted,
+		Volumes:   map[string]*keys.Record[keys.VolumeRecord]{},
+		Vanished:  map[string]*keys.Placement{},
+		FirstSeen: map[string]time.Time{},
+		Occupied:  map[string]bool{},
+	}
+	if !s.Cluster.OK() || s.Cluster.Value.Collecting() || c.restoreWant.Load() > int64(s.Cluster.Value.RestoreGeneration()) {
+		return nil // a restore recovery is a full round's
+	}
+	assigned, reported := map[string][]string{}, map[string][]string{}
+	c.mu.Lock()
+	s.Focus, s.Held = c.ledger.Quick(dirty)
+	for _, name := range s.Focus {
+		if v := c.vms[name]; v != nil {
+			s.VMs[name] = v
+		}
+		if p := c.vanished[name]; p != nil {
+			s.Vanished[name] = p
+		}
+		if t, ok := c.firstSeen[name]; ok {
+			s.FirstSeen[name] = t
+		}
+		assigned[name], reported[name] = c.assignsOn[name], c.reportsOn[name]
+	}
+	for hwid := range s.Fences {
+		s.Occupied[hwid] = c.ledger.Occupied(hwid)
+	}
+	c.mu.Unlock()
+	for name, nodes := range assigned {
+		for _, hwid := range nodes {
+			if r := c.assignInf.Get(sp.Assign(hwid, name)); r != nil {
+				if s.Assigns[name] == nil {
+					s.Assigns[name] = map[string]*keys.Record[keys.Assignment]{}
+				}
+				s.Assigns[name][hwid] = r
+			}
+		}
+	}
+	for name, nodes := range reported {
+		for _, hwid := range nodes {
+			if r := c.statusInf.Get(sp.Status(hwid, name)); r != nil {
+				if s.Reports[name] == nil {
+					s.Reports[name] = map[string]*keys.Record[keys.VMStatus]{}
+				}
+				s.Reports[name][hwid] = r
+			}
+		}
+	}
+	for name, v := range s.VMs {
+		if !v.Spec.OK() || v.Spec.Value.Disk == nil {
+			continue
+		}
+		pool, image := v.Spec.Value.Disk.Pool, keys.VolumeImage(name, keys.SpecUID(v.Spec))
+		if r := c.volInf.Get(sp.Volume(pool, image)); r != nil {
+			s.Volumes[pool+"/"+image] = r
+		}
+	}
+	return s
 }

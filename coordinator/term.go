@@ -33,6 +33,9 @@ type term struct {
 	log   hclog.Logger
 	cfg   decide.Config
 	state *decide.State
+	// base is the last full round's snapshot (and its judgement of the nodes): quick rounds take
+	// its view of the nodes.
+	base  *decide.Snapshot
 	moves *rate.Limiter
 	side  *sideWork
 	wg    sync.WaitGroup
@@ -101,10 +104,21 @@ func (t *term) run() error {
 	t.goroutine(func(ctx context.Context) { c.runEventJanitor(ctx, t.guard) })
 	t.side.run()
 
-	timer := time.NewTimer(c.cfg.Interval)
+	// A full round runs at least every interval, and sooner when one asks for it (a grace period
+	// ends); between them, rounds are quick unless something other than a VM's records changed.
+	// The term opens with a quick round over the VMs waiting for a place (the ledger is kept on
+	// every replica), so that a failover costs new VMs a round over the nodes and them, not one
+	// over every VM; the full round follows at once.
+	due := time.Now()
+	timer := time.NewTimer(0)
 	defer timer.Stop()
+	c.takeChanges(true)
+	t.base = c.nodesOnly()
+	first := true
 	for {
-		after, err := t.round()
+		cause, dirty := c.takeChanges(!first && !time.Now().Before(due))
+		first = false
+		after, full, err := t.round(cause, dirty)
 		switch {
 		case errors.Is(err, etcdutil.ErrNotLeader):
 			return err
@@ -112,13 +126,17 @@ func (t *term) run() error {
 			return t.ctx.Err()
 		case err != nil:
 			t.log.Warn("round failed", "error", err)
-			after = 500 * time.Millisecond
+			due = time.Now().Add(500 * time.Millisecond)
+		case full:
+			wait := c.cfg.Interval
+			if after > 0 && after < wait {
+				wait = after
+			}
+			due = time.Now().Add(wait)
+		case after > 0 && time.Now().Add(after).Before(due):
+			due = time.Now().Add(after)
 		}
-		wait := c.cfg.Interval
-		if after > 0 && after < wait {
-			wait = after
-		}
-		timer.Reset(wait)
+		timer.Reset(time.Until(due))
 		select {
 		case <-t.ctx.Done():
 			return t.ctx.Err()
@@ -128,39 +146,92 @@ func (t *term) run() error {
 	}
 }
 
+// takeChanges takes what changed since the last round: why the round must be full ("due": it
+// is; else what other than a VM's records changed; "" when it may be quick), and otherwise the VMs
+// that changed.
+func (c *Coordinator) takeChanges(due bool) (full string, dirty []string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	full = c.full
+	if due {
+		full = "due"
+	}
+	c.full = ""
+	if full == "" {
+		dirty = make([]string, 0, len(c.dirty))
+		for name := range c.dirty {
+			dirty = append(dirty, name)
+		}
+	}
+	clear(c.dirty)
+	return full, dirty
+}
+
 // round observes, decides and applies once. It returns once the caches reflect its own writes, so
 // the next round never decides from a view older than this one's decisions, and says when the
-// next round must come at the latest (0: no sooner than the interval).
-func (t *term) round() (time.Duration, error) {
+// next round must come at the latest (0: no sooner than the interval). A quick round that found
+// something only a full round decides asks for one at once.
+func (t *term) round(cause string, dirty []string) (after time.Duration, full bool, err error) {
 	start := time.Now()
-	snap := t.c.observe(t.ctx)
+	var snap *decide.Snapshot
+	if cause == "" {
+		if snap = t.c.observeQuick(dirty, t.base); snap == nil {
+			cause = "recovery"
+		}
+	}
+	full = cause != ""
+	if full {
+		t.c.m.fullRounds.WithLabelValues(cause).Inc()
+		snap = t.c.observe(t.ctx)
+		t.base = snap
+	}
 	snap.MoveBudget = int(t.moves.TokensAt(snap.Now))
 	plan := decide.Decide(snap, t.state, t.cfg)
+	if full {
+		t.base.Trusted = plan.Trusted
+	}
 	if n := plan.Count(decide.MetricMove); n > 0 {
 		// Moves are rate-limited so that a large node's loss does not start every VM at once.
 		t.moves.AllowN(snap.Now, n)
 	}
-	t.c.m.pending.Set(float64(plan.Pending))
-	t.c.m.rolloutNodes.Reset()
-	for phase, n := range plan.Rollout {
-		t.c.m.rolloutNodes.WithLabelValues(phase).Set(float64(n))
+	kind := "full"
+	if !full {
+		kind = "quick"
+		if plan.Full != "" {
+			t.log.Debug("a quick round asks for a full one", "why", plan.Full)
+			t.c.mu.Lock()
+			if t.c.full == "" {
+				t.c.full = "vm"
+			}
+			t.c.mu.Unlock()
+			t.c.signal()
+		}
+	}
+	t.c.m.rounds.WithLabelValues(kind).Inc()
+	t.c.m.decideSeconds.WithLabelValues(kind).Observe(time.Since(start).Seconds())
+	if full {
+		t.c.m.pending.Set(float64(plan.Pending))
+		t.c.m.rolloutNodes.Reset()
+		for phase, n := range plan.Rollout {
+			t.c.m.rolloutNodes.WithLabelValues(phase).Set(float64(n))
+		}
 	}
 	t.say(plan.Logs)
 	t.side.add(plan.Work)
 	if len(plan.Actions) == 0 {
-		return plan.After, nil
+		return plan.After, full, nil
 	}
 	floor := etcdutil.MaxRev(t.c.informers())
 	rev, err := t.apply(plan.Actions)
 	t.c.nospace.Observe(err)
 	t.c.m.roundSeconds.Observe(time.Since(start).Seconds())
 	if err != nil {
-		return plan.After, err
+		return plan.After, full, err
 	}
 	// The revision file is kept from the session's keepalives (probeRevision), not here: a round
 	// must not wait for a file to reach the disk.
 	t.c.checkRevision(floor, rev)
-	return plan.After, t.c.catchUp(t.ctx, plan.Actions, rev)
+	return plan.After, full, t.c.catchUp(t.ctx, plan.Actions, rev)
 }
 
 // barrier reads etcd linearizably and waits until every cache reflects that revision. With check,

@@ -18,6 +18,9 @@ import (
 // moves migrations and the rollout along, and returns the writes and side work that follow. It
 // updates st (the term's memory) as it goes.
 func Decide(snap *Snapshot, st *State, cfg Config) Plan {
+	if snap.Focus != nil {
+		return decideQuick(snap, st, cfg)
+	}
 	var plan Plan
 	s := &view{Snapshot: snap, cfg: &cfg, st: st, plan: &plan}
 	s.trust()
@@ -57,13 +60,7 @@ func Decide(snap *Snapshot, st *State, cfg Config) Plan {
 	fo, fates := s.failover(placedOn)
 	acts = append(acts, fo...)
 	acts = append(acts, s.handleRequests()...)
-
-	var pending, placed []scheduler.VM
-	specs := map[string]*keys.VMSpec{}
-	moving := map[string]*keys.Placement{}
-	var open []openMigration
-	var wants []wantMove
-	busy := map[string]int{} // open migrations per node
+	t := newTally(fates)
 
 	// Assignments of VMs with neither spec nor placement record (deleted while their placement was
 	// gone): nodes remove the domains on the evidence that the spec is gone.
@@ -76,188 +73,222 @@ func Decide(snap *Snapshot, st *State, cfg Config) Plan {
 		}
 	}
 	for _, name := range sortedNames(snap.VMs) {
-		v := snap.VMs[name]
-		if v.Placement.OK() && v.Placement.Value.Orphan {
-			// Kept after a restore lost its spec, until an operator forgets it or a spec adopts
-			// it; any other spec of the name waits.
-			if v.Spec != nil {
-				acts = append(acts, s.adoptOrphan(name, v)...)
-			}
-			continue
-		}
-		if v.Spec == nil {
-			acts = append(acts, s.unplace(name, v, "the VM was deleted")...)
-			continue
-		}
-		uid := keys.SpecUID(v.Spec)
-		if v.Spec.OK() && v.Spec.Value.AdoptUID > 0 && (!v.Placement.OK() || v.Placement.Value.UID != uid) {
-			// Adoption is of an orphan that runs: a spec claiming a uid no placement of the name
-			// carries would take over a deleted VM's disks, or another incarnation's.
-			if a, ok := s.setProblem(name, uid, v.Problem, keys.ProblemInvalid,
-				fmt.Sprintf("adopt_uid %d: no orphan or adopted VM of this name has that uid (herdctl vm orphans); remove adopt_uid to create a new VM", uid), nil); ok {
-				acts = append(acts, a)
-			}
-			continue
-		}
-		if p := v.Problem; v.Placement == nil && isProblem(p, keys.ProblemRestoreHold) && p.Value.UID == uid && p.Value.SpecRev == v.Spec.ModRevision {
-			continue // held after a restore until an operator writes the spec again
-		}
-		if v.Migrate != nil && v.Placement == nil {
-			acts = append(acts, Action{Object: "vm/" + name, What: "drop migrate request of an unplaced VM",
-				Conds: []Cond{ModRev(v.Migrate.Key, v.Migrate.ModRevision)}, Writes: []Write{Del(v.Migrate.Key)}})
-		}
-		var pl *keys.Placement
-		if v.Placement != nil {
-			if v.Placement.Err != nil {
-				s.log(Error, "unreadable placement; leaving the VM alone", "vm", name, "error", v.Placement.Err)
-				continue
-			}
-			pl = v.Placement.Value
-			if pl.UID != uid {
-				// The placement belongs to an earlier VM of the same name; clear it first.
-				acts = append(acts, s.unplace(name, v, "the VM was re-created")...)
-				continue
-			}
-		}
-		spec, invalid := checkSpec(name, v.Spec, s.pools())
-		if invalid == nil {
-			invalid = s.checkShrink(name, uid, spec)
-		}
-		if invalid != nil {
-			spec = nil
-		}
-		auth, aacts := s.reconcileVM(name, v, uid, spec)
-		acts = append(acts, aacts...)
-		if r := auth.restored; r != nil {
-			// Accounted where it is kept; everything else waits for the records to agree.
-			placed = append(placed, scheduler.VM{Name: name, UID: uid, VCPUs: r.VCPUs, MemoryMiB: r.MemoryMiB, AntiAffinity: r.AntiAffinity, Node: r.Node})
-			continue
-		}
-		if pl == nil && auth.blocked != "" {
-			if a, ok := s.setProblem(name, uid, v.Problem, keys.ProblemPending, "not placed anew: "+auth.blocked, nil); ok {
-				acts = append(acts, a)
-			}
-			continue
-		}
-		var fate nodeFate
-		if pl != nil {
-			fate = fates[pl.Node]
-			reserved := scheduler.VM{Name: name, UID: uid, VCPUs: pl.VCPUs, MemoryMiB: pl.MemoryMiB, AntiAffinity: pl.AntiAffinity, Node: pl.Node}
-			if !fate.move {
-				placed = append(placed, reserved)
-			}
-			if mig := pl.Migration; mig != nil {
-				// An open migration holds capacity on both nodes until it is settled.
-				reserved.Node = mig.To
-				placed = append(placed, reserved)
-				busy[pl.Node]++
-				busy[mig.To]++
-				if invalid == nil {
-					open = append(open, openMigration{name: name, v: v, spec: spec, pl: pl})
-				} else if a, ok := s.setProblem(name, uid, v.Problem, keys.ProblemInvalid, invalid.Error()+"; a migration is open: fix the spec to finish it", nil); ok {
-					acts = append(acts, a)
-				}
-				continue
-			}
-		}
-		switch {
-		case invalid != nil:
-			// A placed VM keeps running under the last valid spec its node was given.
-			msg := invalid.Error()
-			if fate.move {
-				msg += "; its node is fenced: fix the spec to restart it elsewhere"
-			}
-			if a, ok := s.setProblem(name, uid, v.Problem, keys.ProblemInvalid, msg, nil); ok {
-				acts = append(acts, a)
-			}
-		case pl != nil && fate.stranded != "":
-			if a, ok := s.setProblem(name, uid, v.Problem, keys.ProblemNodeLost, fate.stranded, nil); ok {
-				acts = append(acts, a)
-			}
-		case pl != nil && fate.move:
-			specs[name], moving[name] = spec, pl
-			pending = append(pending, schedVM(name, uid, spec, ""))
-		case pl != nil && (v.Migrate != nil || s.draining(pl.Node)):
-			reason, to := "drain", ""
-			if v.Migrate != nil {
-				reason = "operator"
-				if v.Migrate.OK() {
-					to = v.Migrate.Value.To
-				}
-			}
-			wants = append(wants, wantMove{name: name, v: v, spec: spec, pl: pl, to: to, reason: reason})
-		case pl != nil && pl.SpecRev != v.Spec.ModRevision:
-			acts = append(acts, s.updateSpec(name, v, spec, pl))
-		case pl != nil && s.crashLooping(pl, name) != "":
-			if a, ok := s.setProblem(name, uid, v.Problem, keys.ProblemCrashLoop, s.crashLooping(pl, name), nil); ok {
-				acts = append(acts, a)
-			}
-		case pl != nil && v.Problem != nil && !isProblem(v.Problem, keys.ProblemMigration):
-			acts = append(acts, clearProblem(name, v.Problem))
-		case pl == nil:
-			// The disk comes first: a VM is placed only once its disk is there.
-			if ready, problem := s.volumeReady(name, uid, spec); !ready {
-				if problem != "" {
-					if a, ok := s.setProblem(name, uid, v.Problem, keys.ProblemPending, problem, nil); ok {
-						acts = append(acts, a)
-					}
-				}
-				continue
-			}
-			specs[name] = spec
-			pending = append(pending, schedVM(name, uid, spec, ""))
-		}
-		if pl != nil && spec != nil && spec.Disk != nil {
-			s.volumeReady(name, uid, spec) // grows the disk of a placed VM
+		s.decideVM(t, name, snap.VMs[name])
+	}
+	sched := s.schedule(t)
+	for _, m := range t.open {
+		if a, ok := s.settle(m, fates); ok {
+			t.acts = append(t.acts, a)
 		}
 	}
+	t.acts = append(t.acts, s.startMigrations(t.wants, t.placed, t.busy)...)
+	t.acts = append(t.acts, s.drainBookkeeping(placedOn, t.busy)...)
+	t.acts = append(t.acts, s.rolloutRound(t.placed)...)
+	s.purgeVolumes()
+	s.adoptVolumes()
+	s.problems(t, sched)
+	plan.Pending = len(sched.Failures)
+	plan.Actions = append(plan.Actions, acts...)
+	plan.Actions = append(plan.Actions, t.acts...)
+	return plan
+}
 
+// tally is what a round gathers VM by VM before it schedules.
+type tally struct {
+	acts    []Action
+	pending []scheduler.VM // to place, or to move off a fenced node
+	placed  []scheduler.VM // using capacity
+	specs   map[string]*keys.VMSpec
+	moving  map[string]*keys.Placement // pending VMs that leave a fenced node
+	open    []openMigration
+	wants   []wantMove
+	busy    map[string]int // open migrations per node
+	fates   map[string]nodeFate
+}
+
+func newTally(fates map[string]nodeFate) *tally {
+	return &tally{specs: map[string]*keys.VMSpec{}, moving: map[string]*keys.Placement{}, busy: map[string]int{}, fates: fates}
+}
+
+// decideVM compares one VM's spec with its placement and problem: it reconciles the records with
+// where the VM runs, accounts the capacity it holds, and files it as pending, moving or wanting a
+// migration.
+func (s *view) decideVM(t *tally, name string, v *VM) {
+	if v.Placement.OK() && v.Placement.Value.Orphan {
+		// Kept after a restore lost its spec, until an operator forgets it or a spec adopts
+		// it; any other spec of the name waits.
+		if v.Spec != nil {
+			t.acts = append(t.acts, s.adoptOrphan(name, v)...)
+		}
+		return
+	}
+	if v.Spec == nil {
+		t.acts = append(t.acts, s.unplace(name, v, "the VM was deleted")...)
+		return
+	}
+	uid := keys.SpecUID(v.Spec)
+	if v.Spec.OK() && v.Spec.Value.AdoptUID > 0 && (!v.Placement.OK() || v.Placement.Value.UID != uid) {
+		// Adoption is of an orphan that runs: a spec claiming a uid no placement of the name
+		// carries would take over a deleted VM's disks, or another incarnation's.
+		if a, ok := s.setProblem(name, uid, v.Problem, keys.ProblemInvalid,
+			fmt.Sprintf("adopt_uid %d: no orphan or adopted VM of this name has that uid (herdctl vm orphans); remove adopt_uid to create a new VM", uid), nil); ok {
+			t.acts = append(t.acts, a)
+		}
+		return
+	}
+	if p := v.Problem; v.Placement == nil && isProblem(p, keys.ProblemRestoreHold) && p.Value.UID == uid && p.Value.SpecRev == v.Spec.ModRevision {
+		return // held after a restore until an operator writes the spec again
+	}
+	if v.Migrate != nil && v.Placement == nil {
+		t.acts = append(t.acts, Action{Object: "vm/" + name, What: "drop migrate request of an unplaced VM",
+			Conds: []Cond{ModRev(v.Migrate.Key, v.Migrate.ModRevision)}, Writes: []Write{Del(v.Migrate.Key)}})
+	}
+	var pl *keys.Placement
+	if v.Placement != nil {
+		if v.Placement.Err != nil {
+			s.log(Error, "unreadable placement; leaving the VM alone", "vm", name, "error", v.Placement.Err)
+			return
+		}
+		pl = v.Placement.Value
+		if pl.UID != uid {
+			// The placement belongs to an earlier VM of the same name; clear it first.
+			t.acts = append(t.acts, s.unplace(name, v, "the VM was re-created")...)
+			return
+		}
+	}
+	spec, invalid := checkSpec(name, v.Spec, s.pools())
+	if invalid == nil {
+		invalid = s.checkShrink(name, uid, spec)
+	}
+	if invalid != nil {
+		spec = nil
+	}
+	auth, aacts := s.reconcileVM(name, v, uid, spec)
+	t.acts = append(t.acts, aacts...)
+	if r := auth.restored; r != nil {
+		// Accounted where it is kept; everything else waits for the records to agree.
+		t.placed = append(t.placed, scheduler.VM{Name: name, UID: uid, VCPUs: r.VCPUs, MemoryMiB: r.MemoryMiB, AntiAffinity: r.AntiAffinity, Node: r.Node})
+		return
+	}
+	if pl == nil && auth.blocked != "" {
+		if a, ok := s.setProblem(name, uid, v.Problem, keys.ProblemPending, "not placed anew: "+auth.blocked, nil); ok {
+			t.acts = append(t.acts, a)
+		}
+		return
+	}
+	var fate nodeFate
+	if pl != nil {
+		fate = t.fates[pl.Node]
+		reserved := scheduler.VM{Name: name, UID: uid, VCPUs: pl.VCPUs, MemoryMiB: pl.MemoryMiB, AntiAffinity: pl.AntiAffinity, Node: pl.Node}
+		if !fate.move {
+			t.placed = append(t.placed, reserved)
+		}
+		if mig := pl.Migration; mig != nil {
+			// An open migration holds capacity on both nodes until it is settled.
+			reserved.Node = mig.To
+			t.placed = append(t.placed, reserved)
+			t.busy[pl.Node]++
+			t.busy[mig.To]++
+			if invalid == nil {
+				t.open = append(t.open, openMigration{name: name, v: v, spec: spec, pl: pl})
+			} else if a, ok := s.setProblem(name, uid, v.Problem, keys.ProblemInvalid, invalid.Error()+"; a migration is open: fix the spec to finish it", nil); ok {
+				t.acts = append(t.acts, a)
+			}
+			return
+		}
+	}
+	switch {
+	case invalid != nil:
+		// A placed VM keeps running under the last valid spec its node was given.
+		msg := invalid.Error()
+		if fate.move {
+			msg += "; its node is fenced: fix the spec to restart it elsewhere"
+		}
+		if a, ok := s.setProblem(name, uid, v.Problem, keys.ProblemInvalid, msg, nil); ok {
+			t.acts = append(t.acts, a)
+		}
+	case pl != nil && fate.stranded != "":
+		if a, ok := s.setProblem(name, uid, v.Problem, keys.ProblemNodeLost, fate.stranded, nil); ok {
+			t.acts = append(t.acts, a)
+		}
+	case pl != nil && fate.move:
+		t.specs[name], t.moving[name] = spec, pl
+		t.pending = append(t.pending, schedVM(name, uid, spec, ""))
+	case pl != nil && (v.Migrate != nil || s.draining(pl.Node)):
+		reason, to := "drain", ""
+		if v.Migrate != nil {
+			reason = "operator"
+			if v.Migrate.OK() {
+				to = v.Migrate.Value.To
+			}
+		}
+		t.wants = append(t.wants, wantMove{name: name, v: v, spec: spec, pl: pl, to: to, reason: reason})
+	case pl != nil && pl.SpecRev != v.Spec.ModRevision:
+		t.acts = append(t.acts, s.updateSpec(name, v, spec, pl))
+	case pl != nil && s.crashLooping(pl, name) != "":
+		if a, ok := s.setProblem(name, uid, v.Problem, keys.ProblemCrashLoop, s.crashLooping(pl, name), nil); ok {
+			t.acts = append(t.acts, a)
+		}
+	case pl != nil && v.Problem != nil && !isProblem(v.Problem, keys.ProblemMigration):
+		t.acts = append(t.acts, clearProblem(name, v.Problem))
+	case pl == nil:
+		// The disk comes first: a VM is placed only once its disk is there.
+		if ready, problem := s.volumeReady(name, uid, spec); !ready {
+			if problem != "" {
+				if a, ok := s.setProblem(name, uid, v.Problem, keys.ProblemPending, problem, nil); ok {
+					t.acts = append(t.acts, a)
+				}
+			}
+			return
+		}
+		t.specs[name] = spec
+		t.pending = append(t.pending, schedVM(name, uid, spec, ""))
+	}
+	if pl != nil && spec != nil && spec.Disk != nil {
+		s.volumeReady(name, uid, spec) // grows the disk of a placed VM
+	}
+}
+
+// schedule places the pending VMs (moves off fenced nodes rate-limited) and accounts them.
+func (s *view) schedule(t *tally) scheduler.Plan {
 	// First come, first served: the oldest VM is considered first.
-	sort.Slice(pending, func(i, j int) bool { return pending[i].UID < pending[j].UID })
-	sched := scheduler.Schedule(scheduler.Snapshot{Nodes: s.nodes, Placed: placed, Pending: pending}, cfg.Scheduler)
-	budget, deferred := snap.MoveBudget, 0
+	sort.Slice(t.pending, func(i, j int) bool { return t.pending[i].UID < t.pending[j].UID })
+	sched := scheduler.Schedule(scheduler.Snapshot{Nodes: s.nodes, Placed: t.placed, Pending: t.pending}, s.cfg.Scheduler)
+	budget, deferred := s.MoveBudget, 0
 	for _, d := range sched.Placements {
-		v := snap.VMs[d.VM]
-		if pl := moving[d.VM]; pl != nil {
+		v := s.VMs[d.VM]
+		if pl := t.moving[d.VM]; pl != nil {
 			// Moves are rate-limited so that a large node's loss does not start every VM at once.
 			if budget <= 0 {
 				deferred++
 				continue
 			}
 			budget--
-			acts = append(acts, s.move(d.VM, v, specs[d.VM], pl, d.Node, fates[pl.Node]))
+			t.acts = append(t.acts, s.move(d.VM, v, t.specs[d.VM], pl, d.Node, t.fates[pl.Node]))
 			continue
 		}
-		acts = append(acts, s.place(d.VM, v.Spec, specs[d.VM], d.Node))
+		t.acts = append(t.acts, s.place(d.VM, v.Spec, t.specs[d.VM], d.Node))
 	}
 	if deferred > 0 {
 		s.after(time.Second)
 	}
 	for _, d := range sched.Placements {
-		placed = append(placed, schedVM(d.VM, d.UID, specs[d.VM], d.Node))
+		t.placed = append(t.placed, schedVM(d.VM, d.UID, t.specs[d.VM], d.Node))
 	}
-	for _, m := range open {
-		if a, ok := s.settle(m, fates); ok {
-			acts = append(acts, a)
-		}
-	}
-	acts = append(acts, s.startMigrations(wants, placed, busy)...)
-	acts = append(acts, s.drainBookkeeping(placedOn, busy)...)
-	acts = append(acts, s.rolloutRound(placed)...)
-	s.purgeVolumes()
-	s.adoptVolumes()
+	return sched
+}
+
+// problems records why each VM the scheduler could not place fits nowhere.
+func (s *view) problems(t *tally, sched scheduler.Plan) {
 	for _, f := range sched.Failures {
 		msg, kind := f.Message, keys.ProblemPending
-		if pl := moving[f.VM]; pl != nil {
+		if pl := t.moving[f.VM]; pl != nil {
 			msg, kind = fmt.Sprintf("node %s is fenced; no other node can take the VM: %s", pl.Node, f.Message), keys.ProblemNodeLost
 		}
-		if a, ok := s.setProblem(f.VM, f.UID, snap.VMs[f.VM].Problem, kind, msg, f.Reasons); ok {
-			acts = append(acts, a)
+		if a, ok := s.setProblem(f.VM, f.UID, s.VMs[f.VM].Problem, kind, msg, f.Reasons); ok {
+			t.acts = append(t.acts, a)
 		}
 	}
-	plan.Pending = len(sched.Failures)
-	plan.Actions = append(plan.Actions, acts...)
-	return plan
 }
 
 func sortedNames[T any](m map[string]T) []string {
@@ -286,9 +317,26 @@ func (s *view) newClusterRecord() Action {
 			Object: "cluster/" + cl.ID, Event: "created", Message: fmt.Sprintf("the cluster record was missing; pools %v", cl.Pools)}}}
 }
 
+// Trusted is a round's judgement of the node keys (trust): the live registrations, the doubted
+// ones and why, the capped ones, and the scheduler's view of the live. It depends on the nodes'
+// records alone, so a full round hands it on (Plan.Trusted) to the quick rounds that decide from
+// the same view of the nodes (Snapshot.Trusted): at 10,000 nodes, judging them again was most of a
+// quick round. Never modified once made.
+type Trusted struct {
+	live   map[string]*rec[keys.Node]
+	doubt  map[string]string
+	capped map[string]string
+	nodes  []scheduler.Node
+}
+
 // trust splits the node keys present into trusted registrations and doubted ones, and builds the
 // scheduler's view of the live nodes: at most the capacity each may offer.
 func (s *view) trust() {
+	if t := s.Trusted; t != nil {
+		s.live, s.doubt, s.capped, s.nodes = t.live, t.doubt, t.capped, t.nodes
+		return
+	}
+	defer func() { s.plan.Trusted = &Trusted{live: s.live, doubt: s.doubt, capped: s.capped, nodes: s.nodes} }()
 	s.live, s.doubt, s.capped = map[string]*rec[keys.Node]{}, map[string]string{}, map[string]string{}
 	for _, hwid := range sortedNames(s.Nodes) {
 		r := s.Nodes[hwid]

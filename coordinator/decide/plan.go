@@ -33,6 +33,13 @@ type Plan struct {
 	Rollout map[string]int
 	// Logs are what the round has to say that no write carries (records it cannot read).
 	Logs []Note
+	// Full, set by a quick round, says why the next round must be a full one.
+	Full FullReason
+	// Trusted is the round's judgement of the nodes, for quick rounds from the same snapshot's
+	// nodes (Snapshot.Trusted).
+	Trusted *Trusted
+	// decided are the VMs a quick round decided about (tests compare them with a full round).
+	decided []string
 }
 
 // Action is one write the leader makes: it commits only while every condition holds (and the

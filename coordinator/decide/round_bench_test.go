@@ -39,3 +39,41 @@ func BenchmarkSteadyRound(b *testing.B) {
 	}
 	b.ReportMetric(float64(nodes*10)*float64(b.N)/b.Elapsed().Seconds(), "vms/s")
 }
+
+// BenchmarkQuickRound is the round that follows ten new specs in the cluster of
+// BenchmarkSteadyRound: a quick round (quick.go) places them, counting the others' capacity.
+func BenchmarkQuickRound(b *testing.B) {
+	nodes := 10000
+	if v, err := strconv.Atoi(os.Getenv("HERD_BENCH_NODES")); err == nil && v > 0 {
+		nodes = v
+	}
+	w := newWorld(b)
+	w.budget = 1 << 30
+	for i := range nodes {
+		w.node(fmt.Sprintf("n%05d", i), 64, 256)
+	}
+	for i := range nodes * 10 {
+		w.vm(fmt.Sprintf("v%06d", i), 1, 512)
+	}
+	w.settle()
+	var focus []string
+	for i := range 10 {
+		name := fmt.Sprintf("new%02d", i)
+		w.vm(name, 1, 512)
+		focus = append(focus, name)
+	}
+	full := w.snapshot()
+	ledger := NewLedger()
+	for n, v := range full.VMs {
+		ledger.Set(n, v)
+	}
+	snap := quickSnapshot(full, ledger, focus)
+	snap.Trusted = Decide(full, w.st, w.cfg).Trusted // as the last full round hands it on
+	b.ReportAllocs()
+	b.ResetTimer()
+	for range b.N {
+		if p := Decide(snap, w.st, w.cfg); len(p.Actions) != 10 || p.Full != "" {
+			b.Fatalf("a quick round over 10 new VMs decided %d actions (full: %q)", len(p.Actions), p.Full)
+		}
+	}
+}

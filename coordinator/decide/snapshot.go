@@ -92,6 +92,15 @@ type Snapshot struct {
 	// RestoreWant is the restore recovery generation the coordinator asks for: it saw etcd's
 	// revision go back (0: it did not).
 	RestoreWant int
+	// Focus, when not nil, makes the round a quick one (quick.go): it decides about these VMs
+	// only (Ledger.Quick: those whose records changed since the last round, and the unplaced
+	// ones). VMs, Assigns, Reports, Volumes and FirstSeen need only hold theirs; Held is the
+	// capacity every other VM holds, Occupied the fenced nodes that have VMs placed on them.
+	Focus    []string
+	Held     []scheduler.VM
+	Occupied map[string]bool
+	// Trusted, when set, is a full round's judgement of these same node records (Plan.Trusted).
+	Trusted *Trusted
 }
 
 // VM is one VM's records.

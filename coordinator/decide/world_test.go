@@ -36,6 +36,8 @@ type world struct {
 	last Plan
 	// restoreWant is the restore recovery the coordinator asks for (it saw etcd go back).
 	restoreWant int
+	// touched are the keys written or deleted since a test last cleared it (quick rounds).
+	touched map[string]bool
 }
 
 type stored struct {
@@ -52,7 +54,8 @@ func newWorld(t testing.TB) *world {
 		t.Fatal(err)
 	}
 	w := &world{t: t, sp: sp, now: time.Date(2026, 12, 3, 12, 0, 0, 0, time.UTC), kv: map[string]*stored{},
-		leases: map[int64]time.Duration{}, st: NewState(), vanished: map[string]*keys.Placement{}, left: map[string]string{}, budget: 100, images: map[string]string{}}
+		leases: map[int64]time.Duration{}, st: NewState(), vanished: map[string]*keys.Placement{}, left: map[string]string{}, budget: 100, images: map[string]string{},
+		touched: map[string]bool{}}
 	w.cfg = Config{Space: sp, Name: "c1", Term: 1, Pools: []string{"default", "ssd"},
 		Scheduler: scheduler.Options{Strategy: scheduler.Spread, CPUOvercommit: 4},
 		Grace:     5 * time.Second, MassFailureFraction: 0.5, MassFailureMin: 2, MassFailureWindow: 10 * time.Minute,
@@ -65,6 +68,7 @@ func newWorld(t testing.TB) *world {
 // put writes v (a keyspace type, or a raw string) at key.
 func (w *world) put(key string, v any, lease int64) {
 	w.rev++
+	w.touched[key] = true
 	val, ok := v.(string)
 	if !ok {
 		b, err := v.(json.Marshaler).MarshalJSON()
@@ -84,6 +88,7 @@ func (w *world) put(key string, v any, lease int64) {
 func (w *world) del(key string) {
 	if _, ok := w.kv[key]; ok {
 		w.rev++
+		w.touched[key] = true
 		delete(w.kv, key)
 	}
 }

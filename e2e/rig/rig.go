@@ -609,6 +609,24 @@ func (a *Agent) Domains() ([]hypervisor.Domain, error) {
 // statusClient asks daemons' status endpoints, giving up on one that does not answer.
 var statusClient = &http.Client{Timeout: 5 * time.Second}
 
+// MetricLines returns a metric's samples as "labels value" pairs on one line, for logs.
+func MetricLines(url, name string) (string, error) {
+	resp, err := http.Get(url)
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	var out []string
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		if rest, ok := strings.CutPrefix(sc.Text(), name); ok && (strings.HasPrefix(rest, "{") || strings.HasPrefix(rest, " ")) {
+			out = append(out, strings.TrimSpace(rest))
+		}
+	}
+	return strings.Join(out, ", "), sc.Err()
+}
+
 // Metric sums the samples of a Prometheus metric at url whose labels contain every filter
 // (e.g. `grpc_method="Range"`).
 func Metric(url, name string, filters ...string) (float64, error) {

@@ -293,6 +293,14 @@ func TestScale(t *testing.T) {
 	lists, _ := rig.Metric(lm, "herd_coordinator_cache_lists_total")
 	t.Logf("leader: %.0f rounds that wrote, %.2f s each on average (observe to commit); %.0f batches retried action by action, %.0f conflicts; %.0f cache lists (16 at start)",
 		rounds, roundSum/max(rounds, 1), retries, conflicts, lists)
+	for _, kind := range []string{"full", "quick"} {
+		n, _ := rig.Metric(lm, "herd_coordinator_rounds_total", `kind="`+kind+`"`)
+		sum, _ := rig.Metric(lm, "herd_coordinator_decide_seconds_sum", `kind="`+kind+`"`)
+		t.Logf("leader: %.0f %s rounds, observe and decide %.1f ms each on average", n, kind, 1000*sum/max(n, 1))
+	}
+	if body, err := rig.MetricLines(lm, "herd_coordinator_full_round_causes_total"); err == nil {
+		t.Logf("leader: why rounds were full: %s", body)
+	}
 	profiled.Wait()
 
 	if profiles != "" {
