@@ -373,7 +373,6 @@ func (i *Informer) apply(evs []*clientv3.Event) int {
 		}
 		last = max(last, evs[n].Kv.ModRevision)
 	}
-	i.advance(last)
 	i.mu.Unlock()
 	if i.onChange != nil {
 		for _, c := range changes {
@@ -382,6 +381,13 @@ func (i *Informer) apply(evs []*clientv3.Event) int {
 			}
 		}
 	}
+	// The revision moves only once the handlers have run: whoever waits for it (WaitRev) then
+	// also finds what the handlers keep (the leader's VM records and capacity ledger), not only
+	// the cache. A leader that waited for its own writes and then found its ledger without them
+	// placed the same VMs again and lost the transactions to conflicts.
+	i.mu.Lock()
+	i.advance(last)
+	i.mu.Unlock()
 	return deleted
 }
 

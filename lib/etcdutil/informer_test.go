@@ -210,23 +210,24 @@ func TestSyncWithoutEvents(t *testing.T) {
 }
 
 // TestWaitRevSeesWholeTransaction: a reader woken for a transaction's revision sees every key the
-// transaction wrote. The change callback of the first key is held open, which under per-event
-// application let WaitRev return with the second key still missing.
+// transaction wrote, in the cache and in what the change handlers keep: the revision moves only
+// once the handlers of its keys have run. The first key's handler is held open a while, which under
+// per-event application let WaitRev return with the second key still missing, and with the
+// revision moved before the handlers let a leader find its own writes missing from its ledger.
 func TestWaitRevSeesWholeTransaction(t *testing.T) {
 	srv := etcdtest.Start(t)
 	c := etcdtest.NewClient(t, srv.Endpoints)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	release := make(chan struct{})
-	var once sync.Once
-	defer once.Do(func() { close(release) })
+	var mu sync.Mutex
+	handled := map[string]bool{}
 	inf := NewInformer(c, "/p/", nil, func(key string, _, _ *KV) {
 		if key == "/p/a" {
-			select {
-			case <-release:
-			case <-time.After(5 * time.Second):
-			}
+			time.Sleep(300 * time.Millisecond)
 		}
+		mu.Lock()
+		handled[key] = true
+		mu.Unlock()
 	}, nil)
 	done := make(chan struct{})
 	go func() { inf.Run(ctx); close(done) }()
@@ -238,7 +239,7 @@ func TestWaitRevSeesWholeTransaction(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	wctx, wcancel := context.WithTimeout(ctx, 3*time.Second)
+	wctx, wcancel := context.WithTimeout(ctx, 5*time.Second)
 	defer wcancel()
 	if err := inf.WaitRev(wctx, tr.Header.Revision); err != nil {
 		t.Fatal(err)
@@ -246,7 +247,11 @@ func TestWaitRevSeesWholeTransaction(t *testing.T) {
 	if inf.Get("/p/a") == nil || inf.Get("/p/b") == nil {
 		t.Fatalf("at revision %d the cache holds a=%v b=%v: half a transaction", tr.Header.Revision, inf.Get("/p/a"), inf.Get("/p/b"))
 	}
-	once.Do(func() { close(release) })
+	mu.Lock()
+	defer mu.Unlock()
+	if !handled["/p/a"] || !handled["/p/b"] {
+		t.Fatalf("woken at revision %d before its handlers ran: %v", tr.Header.Revision, handled)
+	}
 }
 
 // TestReplacedEtcdRelistsEveryCache: etcd is replaced by an empty member at the same URL, whose
