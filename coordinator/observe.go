@@ -156,6 +156,8 @@ func (c *Coordinator) observeNodes(s *decide.Snapshot) {
 func (c *Coordinator) nodesOnly() *decide.Snapshot {
 	s := &decide.Snapshot{
 		Cluster:  c.clusterInf.Get(c.space.Cluster()),
+		Rollout:  etcdutil.Record[keys.Rollout](c.rolloutInf.Get(c.space.Rollout())),
+		Progress: etcdutil.Record[keys.RolloutStatus](c.rolloutInf.Get(c.space.RolloutStatus())),
 		Nodes:    map[string]*keys.Record[keys.Node]{},
 		LeaseTTL: map[int64]time.Duration{},
 		States:   map[string]*keys.Record[keys.NodeState]{},
@@ -269,6 +271,8 @@ func (c *Coordinator) observeQuick(dirty []string, base *decide.Snapshot) *decid
 		Hardware:  base.Hardware,
 		Fences:    base.Fences,
 		Trusted:   base.Trusted,
+		Rollout:   base.Rollout,
+		Progress:  base.Progress,
 		Volumes:   map[string]*keys.Record[keys.VolumeRecord]{},
 		Vanished:  map[string]*keys.Placement{},
 		FirstSeen: map[string]time.Time{},

@@ -209,8 +209,11 @@ func (t *term) round(cause string, dirty []string) (after time.Duration, full bo
 	}
 	t.c.m.rounds.WithLabelValues(kind).Inc()
 	t.c.m.decideSeconds.WithLabelValues(kind).Observe(time.Since(start).Seconds())
-	if full {
+	if full || plan.Full == "" {
+		// A quick round counts every VM waiting too, unless it left them to a full round.
 		t.c.m.pending.Set(float64(plan.Pending))
+	}
+	if full {
 		t.c.m.rolloutNodes.Reset()
 		for phase, n := range plan.Rollout {
 			t.c.m.rolloutNodes.WithLabelValues(phase).Set(float64(n))

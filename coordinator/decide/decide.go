@@ -39,15 +39,15 @@ func Decide(snap *Snapshot, st *State, cfg Config) Plan {
 	// included). A node that is lost with any of them is fenced before they are given up.
 	placedOn := map[string][]string{}
 	for name, v := range snap.VMs {
-		on := map[string]bool{}
+		node := ""
 		if v.Placement.OK() {
-			on[v.Placement.Value.Node] = true
+			node = v.Placement.Value.Node
+			placedOn[node] = append(placedOn[node], name)
 		}
 		for hwid := range snap.Assigns[name] {
-			on[hwid] = true
-		}
-		for hwid := range on {
-			placedOn[hwid] = append(placedOn[hwid], name)
+			if hwid != node {
+				placedOn[hwid] = append(placedOn[hwid], name)
+			}
 		}
 	}
 	for name, byNode := range snap.Assigns {
@@ -327,6 +327,19 @@ type Trusted struct {
 	doubt  map[string]string
 	capped map[string]string
 	nodes  []scheduler.Node
+	// draining is a node being drained that is not drained yet ("": none).
+	draining string
+}
+
+// drainingNode is a node being drained that is not drained yet ("": none): whether it is drained
+// follows its VMs, which only a full round counts.
+func (s *view) drainingNode() string {
+	for _, hwid := range sortedNames(s.States) {
+		if r := s.States[hwid]; r.OK() && !r.Value.Drained && s.admin(hwid).Draining {
+			return hwid
+		}
+	}
+	return ""
 }
 
 // trust splits the node keys present into trusted registrations and doubted ones, and builds the
@@ -336,7 +349,9 @@ func (s *view) trust() {
 		s.live, s.doubt, s.capped, s.nodes = t.live, t.doubt, t.capped, t.nodes
 		return
 	}
-	defer func() { s.plan.Trusted = &Trusted{live: s.live, doubt: s.doubt, capped: s.capped, nodes: s.nodes} }()
+	defer func() {
+		s.plan.Trusted = &Trusted{live: s.live, doubt: s.doubt, capped: s.capped, nodes: s.nodes, draining: s.drainingNode()}
+	}()
 	s.live, s.doubt, s.capped = map[string]*rec[keys.Node]{}, map[string]string{}, map[string]string{}
 	for _, hwid := range sortedNames(s.Nodes) {
 		r := s.Nodes[hwid]

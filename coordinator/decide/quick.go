@@ -27,6 +27,10 @@ func decideQuick(snap *Snapshot, st *State, cfg Config) Plan {
 	var plan Plan
 	s := &view{Snapshot: snap, cfg: &cfg, st: st, plan: &plan}
 	s.trust()
+	if why := s.fullOnly(); why != "" {
+		plan.Full = why
+		return plan
+	}
 	for _, hwid := range sortedNames(s.Fences) {
 		if why := s.fencedWithVMs(hwid); why != "" {
 			// The VMs of a fenced node are pending in a full round, oldest first, alongside new
@@ -61,6 +65,28 @@ func decideQuick(snap *Snapshot, st *State, cfg Config) Plan {
 	plan.Pending = len(sched.Failures)
 	plan.Actions = t.acts
 	return plan
+}
+
+// fullOnly says why no round may be quick now ("" when one may): a drain or a rollout under way
+// moves along as VMs move, in bookkeeping only a full round does (a node is drained when its last
+// VM is gone; a rollout's next step waits for it).
+func (s *view) fullOnly() FullReason {
+	var draining string
+	if s.Trusted != nil {
+		draining = s.Trusted.draining
+	} else {
+		draining = s.drainingNode()
+	}
+	if draining != "" {
+		return "node " + FullReason(draining) + " is being drained"
+	}
+	if r := s.Rollout; r != nil {
+		p := s.Progress
+		if !r.OK() || !p.OK() || p.Value.ID != r.Value.ID || (p.Value.State != keys.RolloutDone && p.Value.State != keys.RolloutAborted) {
+			return "a rollout is under way"
+		}
+	}
+	return ""
 }
 
 // fencedWithVMs says why a node's VMs move off a fenced boot ("" when they do not).

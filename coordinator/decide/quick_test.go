@@ -272,3 +272,37 @@ func sameQuick(focus []string, held []scheduler.VM, fresh *Ledger, dirty []strin
 	slices.Sort(b)
 	return slices.Equal(focus, f2) && slices.Equal(a, b)
 }
+
+// TestQuickRoundsLeaveDrainsAndRolloutsToFullRounds: whether a drain is done, and with it a
+// rollout's next step, follows the VMs leaving the node, which only a full round counts: while
+// either is under way every round is full.
+func TestQuickRoundsLeaveDrainsAndRolloutsToFullRounds(t *testing.T) {
+	w := newWorld(t)
+	w.node("n1", 8, 32)
+	w.node("n2", 8, 32)
+	w.vm("a", 1, 512)
+	w.settle()
+	quick := func() Plan {
+		snap := w.snapshot()
+		l := NewLedger()
+		for n, v := range snap.VMs {
+			l.Set(n, v)
+		}
+		return Decide(quickSnapshot(snap, l, []string{}), w.st, w.cfg)
+	}
+	if p := quick(); p.Full != "" {
+		t.Fatalf("a settled cluster's quick round asks for a full one: %s", p.Full)
+	}
+	on := w.placedOn("a")
+	w.put(w.sp.NodeSpec(on), &keys.NodeSpec{Cordoned: true, Drain: true}, 0)
+	w.round()
+	if p := quick(); !strings.Contains(string(p.Full), "drained") {
+		t.Fatalf("a quick round during a drain: full %q", p.Full)
+	}
+	w.put(w.sp.NodeSpec(on), &keys.NodeSpec{}, 0)
+	w.round()
+	w.put(w.sp.Rollout(), &keys.Rollout{ID: "r1", Image: "v2", MaxUnavailable: 1, Nodes: []string{"n1", "n2"}}, 0)
+	if p := quick(); !strings.Contains(string(p.Full), "rollout") {
+		t.Fatalf("a quick round during a rollout: full %q", p.Full)
+	}
+}
