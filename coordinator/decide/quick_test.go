@@ -71,10 +71,7 @@ func TestQuickRoundsDecideAsFullRounds(t *testing.T) {
 			w.node(n, 8, 32)
 		}
 		w.settle()
-		ledger := NewLedger()
-		for n, v := range w.snapshot().VMs {
-			ledger.Set(n, v)
-		}
+		ledger := ledgerOf(w.snapshot())
 		clear(w.touched)
 		var vms []string
 		crashed := map[string]bool{}
@@ -155,10 +152,7 @@ func TestQuickRoundsDecideAsFullRounds(t *testing.T) {
 			for _, n := range names {
 				ledger.Set(n, snap.VMs[n])
 			}
-			fresh := NewLedger()
-			for n, v := range snap.VMs {
-				fresh.Set(n, v)
-			}
+			fresh := ledgerOf(snap)
 			if f1, h1 := ledger.Quick(names); !sameQuick(f1, h1, fresh, names) {
 				t.Fatalf("seed %d step %d: the ledger kept change by change differs from one made afresh", seed, step)
 			}
@@ -231,6 +225,15 @@ func TestQuickRoundsDecideAsFullRounds(t *testing.T) {
 	}
 }
 
+// ledgerOf is a ledger made afresh from a snapshot's VMs.
+func ledgerOf(snap *Snapshot) *Ledger {
+	l := NewLedger()
+	for n, v := range snap.VMs {
+		l.Set(n, v)
+	}
+	return l
+}
+
 // quickSnapshot is what the coordinator's observe builds for a quick round: the focus VMs' records
 // only, with the ledger's account of the rest.
 func quickSnapshot(full *Snapshot, l *Ledger, dirty []string) *Snapshot {
@@ -284,11 +287,7 @@ func TestQuickRoundsLeaveDrainsAndRolloutsToFullRounds(t *testing.T) {
 	w.settle()
 	quick := func() Plan {
 		snap := w.snapshot()
-		l := NewLedger()
-		for n, v := range snap.VMs {
-			l.Set(n, v)
-		}
-		return Decide(quickSnapshot(snap, l, []string{}), w.st, w.cfg)
+		return Decide(quickSnapshot(snap, ledgerOf(snap), []string{}), w.st, w.cfg)
 	}
 	if p := quick(); p.Full != "" {
 		t.Fatalf("a settled cluster's quick round asks for a full one: %s", p.Full)

@@ -7,10 +7,9 @@ import (
 	"testing"
 )
 
-// BenchmarkSteadyRound is one round of a settled cluster: HERD_BENCH_NODES nodes (default
-// 10,000), ten VMs each, every VM placed and reported running, nothing to do. The leader runs
-// one every --interval (10 s) and after every change, so its cost is the leader's steady CPU.
-func BenchmarkSteadyRound(b *testing.B) {
+// settledWorld is the cluster the round benchmarks decide about: HERD_BENCH_NODES nodes (default
+// 10,000), ten VMs each, every VM placed and reported running. It returns the world and the VMs.
+func settledWorld(b *testing.B) (*world, int) {
 	nodes := 10000
 	if v, err := strconv.Atoi(os.Getenv("HERD_BENCH_NODES")); err == nil && v > 0 {
 		nodes = v
@@ -29,6 +28,14 @@ func BenchmarkSteadyRound(b *testing.B) {
 		w.report(w.placedOn(name), name, "running")
 	}
 	w.settle()
+	return w, nodes * 10
+}
+
+// BenchmarkSteadyRound is one round of the settled cluster (settledWorld) with nothing to do. The
+// leader runs a full one every --interval (10 s) and after every change to a node, so its cost is
+// the leader's steady CPU.
+func BenchmarkSteadyRound(b *testing.B) {
+	w, vms := settledWorld(b)
 	snap := w.snapshot()
 	b.ReportAllocs()
 	b.ResetTimer()
@@ -37,25 +44,13 @@ func BenchmarkSteadyRound(b *testing.B) {
 			b.Fatalf("a settled cluster's round decided %d actions: %v", len(p.Actions), actions(p)[:1])
 		}
 	}
-	b.ReportMetric(float64(nodes*10)*float64(b.N)/b.Elapsed().Seconds(), "vms/s")
+	b.ReportMetric(float64(vms)*float64(b.N)/b.Elapsed().Seconds(), "vms/s")
 }
 
-// BenchmarkQuickRound is the round that follows ten new specs in the cluster of
-// BenchmarkSteadyRound: a quick round (quick.go) places them, counting the others' capacity.
+// BenchmarkQuickRound is the round that follows ten new specs in the settled cluster: a quick
+// round (quick.go) places them, counting the others' capacity.
 func BenchmarkQuickRound(b *testing.B) {
-	nodes := 10000
-	if v, err := strconv.Atoi(os.Getenv("HERD_BENCH_NODES")); err == nil && v > 0 {
-		nodes = v
-	}
-	w := newWorld(b)
-	w.budget = 1 << 30
-	for i := range nodes {
-		w.node(fmt.Sprintf("n%05d", i), 64, 256)
-	}
-	for i := range nodes * 10 {
-		w.vm(fmt.Sprintf("v%06d", i), 1, 512)
-	}
-	w.settle()
+	w, _ := settledWorld(b)
 	var focus []string
 	for i := range 10 {
 		name := fmt.Sprintf("new%02d", i)
@@ -63,11 +58,7 @@ func BenchmarkQuickRound(b *testing.B) {
 		focus = append(focus, name)
 	}
 	full := w.snapshot()
-	ledger := NewLedger()
-	for n, v := range full.VMs {
-		ledger.Set(n, v)
-	}
-	snap := quickSnapshot(full, ledger, focus)
+	snap := quickSnapshot(full, ledgerOf(full), focus)
 	snap.Trusted = Decide(full, w.st, w.cfg).Trusted // as the last full round hands it on
 	b.ReportAllocs()
 	b.ResetTimer()
