@@ -120,7 +120,7 @@ func (a *Agent) keepAlive(ctx context.Context, lease clientv3.LeaseID) {
 	// Someone deleting the node key by hand does not end the lease; put the key back.
 	key := a.space.Node(a.hwid)
 	wch := a.cfg.Client.Watch(clientv3.WithRequireLeader(kctx), key)
-	floor := etcdutil.MaxRev(a.caches()) // before the next keepalive is sent
+	floor := etcdutil.MaxRev(a.caches())
 	for {
 		select {
 		case resp, ok := <-ch:
@@ -131,8 +131,8 @@ func (a *Agent) keepAlive(ctx context.Context, lease clientv3.LeaseID) {
 				return
 			}
 			a.markAlive(resp.TTL)
-			if !a.checkRevision(floor, resp.Revision) {
-				a.noteRevision(resp.Revision)
+			if rev, ok := etcdutil.CheckAnswer(kctx, a.cfg.Client, a.caches(), floor, resp.Revision); ok {
+				a.noteRevision(rev)
 			}
 			floor = etcdutil.MaxRev(a.caches())
 		case wr, ok := <-wch:

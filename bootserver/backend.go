@@ -255,7 +255,7 @@ func (b *backend) advertise(ctx context.Context, url string) {
 		last := ""
 		tick := time.NewTicker(30 * time.Second)
 		caches := []*etcdutil.Informer{b.hw.Informer, b.states.Informer, b.imgs}
-		floor := etcdutil.MaxRev(caches) // before the next keepalive is sent
+		floor := etcdutil.MaxRev(caches)
 	loop:
 		for {
 			v := b.verdicts()
@@ -283,7 +283,7 @@ func (b *backend) advertise(ctx context.Context, url string) {
 				if !ok {
 					break loop
 				}
-				etcdutil.CheckRevisions(caches, floor, r.Revision)
+				etcdutil.CheckAnswer(ctx, b.client, caches, floor, r.Revision)
 				floor = etcdutil.MaxRev(caches)
 			case <-b.changed:
 			case <-tick.C:

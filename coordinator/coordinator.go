@@ -504,12 +504,10 @@ func (c *Coordinator) probeRevision(ctx context.Context, lease clientv3.LeaseID)
 	if err != nil {
 		return
 	}
-	// A keepalive is sent after the previous answer arrived: it must answer at or after what the
-	// caches held then.
 	floor := etcdutil.MaxRev(c.informers())
 	for resp := range ch {
-		if !c.checkRevision(floor, resp.Revision) {
-			c.noteRevision(resp.Revision)
+		if rev, ok := etcdutil.CheckAnswer(ctx, c.cfg.Client, c.informers(), floor, resp.Revision); ok {
+			c.noteRevision(rev)
 		}
 		floor = etcdutil.MaxRev(c.informers())
 	}

@@ -212,6 +212,21 @@ func byNodeVM[T any](root string, rs []*keys.Record[T], out map[string]map[strin
 	}
 }
 
+// fileOn files the records of each VM on the nodes an index names (on: VM -> nodes) by VM, then
+// node; get reads a record from a cache, key names it.
+func fileOn[T any](get func(string) *keys.Record[T], key func(hwid, name string) string, on map[string][]string, out map[string]map[string]*keys.Record[T]) {
+	for name, nodes := range on {
+		for _, hwid := range nodes {
+			if r := get(key(hwid, name)); r != nil {
+				if out[name] == nil {
+					out[name] = map[string]*keys.Record[T]{}
+				}
+				out[name][hwid] = r
+			}
+		}
+	}
+}
+
 // leaf files per-node records (/<prefix>/<hwid>) by node.
 func leaf[T any](prefix string, rs []*keys.Record[T], out map[string]*keys.Record[T]) {
 	for _, r := range rs {
@@ -300,26 +315,8 @@ func (c *Coordinator) observeQuick(dirty []string, base *decide.Snapshot) *decid
 		s.Occupied[hwid] = c.ledger.Occupied(hwid)
 	}
 	c.mu.Unlock()
-	for name, nodes := range assigned {
-		for _, hwid := range nodes {
-			if r := c.assignInf.Get(sp.Assign(hwid, name)); r != nil {
-				if s.Assigns[name] == nil {
-					s.Assigns[name] = map[string]*keys.Record[keys.Assignment]{}
-				}
-				s.Assigns[name][hwid] = r
-			}
-		}
-	}
-	for name, nodes := range reported {
-		for _, hwid := range nodes {
-			if r := c.statusInf.Get(sp.Status(hwid, name)); r != nil {
-				if s.Reports[name] == nil {
-					s.Reports[name] = map[string]*keys.Record[keys.VMStatus]{}
-				}
-				s.Reports[name][hwid] = r
-			}
-		}
-	}
+	fileOn(c.assignInf.Get, sp.Assign, assigned, s.Assigns)
+	fileOn(c.statusInf.Get, sp.Status, reported, s.Reports)
 	for name, v := range s.VMs {
 		if !v.Spec.OK() || v.Spec.Value.Disk == nil {
 			continue

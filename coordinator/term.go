@@ -8,7 +8,6 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
-	"golang.org/x/time/rate"
 
 	"github.com/herdhq/herd/coordinator/decide"
 	"github.com/herdhq/herd/coordinator/schema"
@@ -36,7 +35,7 @@ type term struct {
 	// base is the last full round's snapshot (and its judgement of the nodes): quick rounds take
 	// its view of the nodes.
 	base  *decide.Snapshot
-	moves *rate.Limiter
+	moves *moveBudget
 	side  *sideWork
 	wg    sync.WaitGroup
 }
@@ -49,7 +48,7 @@ const abandonAfter = 10 * time.Second
 func (c *Coordinator) newTerm(ctx context.Context, g etcdutil.Guard) *term {
 	ctx, stop := context.WithCancel(ctx)
 	t := &term{c: c, ctx: ctx, stop: stop, guard: g, log: c.log.With("term", g.Rev), state: decide.NewState(),
-		moves: rate.NewLimiter(rate.Limit(c.cfg.RescheduleRate), max(1, int(c.cfg.RescheduleRate)))}
+		moves: newMoveBudget(c.cfg.RescheduleRate, time.Now())}
 	t.cfg = decide.Config{
 		Space: c.space, Name: c.cfg.Name, Term: g.Rev, Pools: c.cfg.Pools, Scheduler: c.cfg.Scheduler,
 		Grace: c.cfg.Grace, MassFailureFraction: c.cfg.MassFailureFraction, MassFailureMin: c.cfg.MassFailureMin,
@@ -181,18 +180,19 @@ func (t *term) round(cause string, dirty []string) (after time.Duration, full bo
 	}
 	full = cause != ""
 	if full {
+		defer func() { t.moves.fullRound(time.Since(start)) }()
 		t.c.m.fullRounds.WithLabelValues(cause).Inc()
 		snap = t.c.observe(t.ctx)
 		t.base = snap
 	}
-	snap.MoveBudget = int(t.moves.TokensAt(snap.Now))
+	snap.MoveBudget = t.moves.available(snap.Now)
 	plan := decide.Decide(snap, t.state, t.cfg)
 	if full {
 		t.base.Trusted = plan.Trusted
 	}
 	if n := plan.Count(decide.MetricMove); n > 0 {
 		// Moves are rate-limited so that a large node's loss does not start every VM at once.
-		t.moves.AllowN(snap.Now, n)
+		t.moves.spend(snap.Now, n)
 	}
 	kind := "full"
 	if !full {

@@ -409,8 +409,27 @@ func TestScale(t *testing.T) {
 	// it is lost like the others (and registers again), and the guard rightly holds it too.
 	t.Logf("the guard listed %d nodes when written, %d before confirmation (%d of them killed, %d survivors whose leases expired in the storm)",
 		first, len(guard.Nodes), len(killedListed), len(guard.Nodes)-len(killedListed))
+	leader = c.Leader(time.Minute)
+	lm = leader.Status + "/metrics"
+	full0, _ := rig.Metric(lm, "herd_coordinator_rounds_total", `kind="full"`)
+	fullSum0, _ := rig.Metric(lm, "herd_coordinator_decide_seconds_sum", `kind="full"`)
+	moves0, _ := rig.Metric(lm, "herd_coordinator_vm_moves_total")
 	c.Herdctl("cluster", "confirm-loss")
 	start = time.Now()
+	// Where the time goes: the leader's moves (fenced first, then rate-limited), then the agents
+	// starting the VMs. The leader's counters are cheap to poll; the check below reads the
+	// whole keyspace.
+	rig.Eventually(t, 15*time.Minute, "the leader moved every held VM", func() error {
+		if n, err := rig.Metric(lm, "herd_coordinator_vm_moves_total"); err != nil || int(n-moves0) < heldVMs {
+			return fmt.Errorf("%.0f of %d moved: %v", n-moves0, heldVMs, err)
+		}
+		return nil
+	})
+	movedIn := time.Since(start)
+	full1, _ := rig.Metric(lm, "herd_coordinator_rounds_total", `kind="full"`)
+	fullSum1, _ := rig.Metric(lm, "herd_coordinator_decide_seconds_sum", `kind="full"`)
+	t.Logf("after confirm-loss: the leader moved %d VMs in %s, in %.0f full rounds (observe and decide %.2f s each on average)",
+		heldVMs, movedIn.Round(time.Millisecond), full1-full0, (fullSum1-fullSum0)/max(full1-full0, 1))
 	rig.Eventually(t, 15*time.Minute, "every VM running on the survivors", func() error {
 		if ok, twice, total := running(t, cl); ok != vms || twice > 0 || total != vms {
 			return fmt.Errorf("%d of %d running where placed, %d reported by two nodes", ok, total, twice)
