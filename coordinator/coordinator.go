@@ -80,6 +80,9 @@ type Config struct {
 
 	Log      hclog.Logger
 	Registry prometheus.Registerer
+
+	// decided, for tests, is called when a full round has decided, before it may land.
+	decided func()
 }
 
 func (c *Config) defaults() error {
@@ -176,17 +179,21 @@ type Coordinator struct {
 
 	mu        sync.Mutex
 	isLeader  bool
-	vms       map[string]*decide.VM      // by VM name; each value is replaced, never modified
-	ledger    *decide.Ledger             // what quick rounds know of every VM (decide/quick.go)
-	assignsOn map[string][]string        // VM -> nodes with an assignment of it (quick rounds' index)
-	reportsOn map[string][]string        // VM -> nodes with a status report of it
-	dirty     map[string]bool            // VMs whose records changed since the last round took them
-	full      string                     // what other than a VM's records changed ("": nothing): the next round is full
-	vanished  map[string]*keys.Placement // VM -> its last placement, deleted by someone
-	firstSeen map[string]time.Time       // VM -> when its spec was first seen, for the placement latency
-	left      map[string]string          // hwid -> boot id of a clean departure this replica saw
-	deadLease map[int64]bool             // leases etcd said are gone: a lease never comes back
-	nodeTTLs  *ttlCache                  // node leases' granted TTLs, asked once per lease
+	vms       map[string]*decide.VM // by VM name; each value is replaced, never modified
+	ledger    *decide.Ledger        // what quick rounds know of every VM (decide/quick.go)
+	assignsOn map[string][]string   // VM -> nodes with an assignment of it (quick rounds' index)
+	reportsOn map[string][]string   // VM -> nodes with a status report of it
+	dirty     map[string]bool       // VMs whose records changed since the last round took them
+	full      string                // what other than a VM's records changed ("": nothing): the next round is full
+	// nodesChanged are the nodes whose records changed since a full round last took them, global
+	// what else did (not a VM's, not a node's): see fullRound.
+	nodesChanged map[string]bool
+	global       string
+	vanished     map[string]*keys.Placement // VM -> its last placement, deleted by someone
+	firstSeen    map[string]time.Time       // VM -> when its spec was first seen, for the placement latency
+	left         map[string]string          // hwid -> boot id of a clean departure this replica saw
+	deadLease    map[int64]bool             // leases etcd said are gone: a lease never comes back
+	nodeTTLs     *ttlCache                  // node leases' granted TTLs, asked once per lease
 
 	nospace *etcdutil.SpaceGauge // etcd refuses the leader's writes for want of space
 
@@ -202,21 +209,22 @@ func New(cfg Config) (*Coordinator, error) {
 		return nil, err
 	}
 	c := &Coordinator{
-		cfg:       cfg,
-		space:     cfg.Space,
-		log:       cfg.Log.With("coordinator", cfg.Name),
-		trigger:   make(chan struct{}, 1),
-		newLease:  make(chan struct{}, 1),
-		revokeNow: make(chan struct{}, 1),
-		vms:       map[string]*decide.VM{},
-		ledger:    decide.NewLedger(),
-		assignsOn: map[string][]string{},
-		reportsOn: map[string][]string{},
-		dirty:     map[string]bool{},
-		vanished:  map[string]*keys.Placement{},
-		firstSeen: map[string]time.Time{},
-		left:      map[string]string{},
-		deadLease: map[int64]bool{},
+		cfg:          cfg,
+		space:        cfg.Space,
+		log:          cfg.Log.With("coordinator", cfg.Name),
+		trigger:      make(chan struct{}, 1),
+		newLease:     make(chan struct{}, 1),
+		revokeNow:    make(chan struct{}, 1),
+		vms:          map[string]*decide.VM{},
+		ledger:       decide.NewLedger(),
+		assignsOn:    map[string][]string{},
+		reportsOn:    map[string][]string{},
+		dirty:        map[string]bool{},
+		nodesChanged: map[string]bool{},
+		vanished:     map[string]*keys.Placement{},
+		firstSeen:    map[string]time.Time{},
+		left:         map[string]string{},
+		deadLease:    map[int64]bool{},
 	}
 	c.nodeTTLs = newTTLCache(cfg.Client, 0)
 	c.events = events.New(cfg.Client, cfg.Space, keys.EventsByCoordinator, "coordinator/"+cfg.Name, cfg.EtcdUser, c.log)
@@ -422,12 +430,32 @@ func (c *Coordinator) poke(key string, _, _ *etcdutil.KV) {
 	if rest, ok := strings.CutPrefix(key, c.space.All()); ok {
 		cause, _, _ = strings.Cut(rest, "/")
 	}
+	hwid := c.nodeOf(key)
 	c.mu.Lock()
 	if c.full == "" {
 		c.full = cause
 	}
+	if hwid != "" {
+		c.nodesChanged[hwid] = true
+	} else if c.global == "" {
+		c.global = cause
+	}
 	c.mu.Unlock()
 	c.signal()
+}
+
+// nodeOf names the node a key of the node-level prefixes belongs to ("" for any other key).
+func (c *Coordinator) nodeOf(key string) string {
+	sp := c.space
+	for _, prefix := range []string{sp.NodePrefix(), sp.NodeStatePrefix(), sp.NodeSpecPrefix(), sp.HardwarePrefix()} {
+		if hwid, ok := keys.ParseLeaf(prefix, key); ok {
+			return hwid
+		}
+	}
+	if hwid, _, ok := keys.ParseNodeScoped(sp.FenceRoot(), key); ok {
+		return hwid
+	}
+	return ""
 }
 
 // signal wakes the leader loop.

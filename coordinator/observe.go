@@ -174,6 +174,17 @@ func (c *Coordinator) nodesOnly() *decide.Snapshot {
 	return s
 }
 
+// nodeView is what quick rounds take of a full round's snapshot: the nodes and the round's
+// judgement of them, without the VMs' records, which the next full round's snapshot would
+// otherwise double in memory while it decides (100,000 VMs' assignments and reports are hundreds
+// of thousands of small maps).
+func nodeView(s *decide.Snapshot, trusted *decide.Trusted) *decide.Snapshot {
+	return &decide.Snapshot{
+		Now: s.Now, Cluster: s.Cluster, Nodes: s.Nodes, LeaseTTL: s.LeaseTTL, States: s.States, Specs: s.Specs,
+		Hardware: s.Hardware, Fences: s.Fences, Rollout: s.Rollout, Progress: s.Progress, Trusted: trusted,
+	}
+}
+
 // forgetLeases drops what the replica knows about leases nothing refers to any more, so the
 // memory follows the cluster's size rather than its history of boots.
 func (c *Coordinator) forgetLeases(s *decide.Snapshot) {

@@ -11,6 +11,8 @@
 package decide
 
 import (
+	"sort"
+	"strings"
 	"time"
 
 	"github.com/herdhq/herd/coordinator/fence"
@@ -161,4 +163,62 @@ func (p *Plan) Count(m Metric) int {
 		}
 	}
 	return n
+}
+
+// Touched is what actions decided about: the VMs they act on and the nodes whose capacity they
+// take or change (the nodes of the assignments they write).
+type Touched struct {
+	VMs   map[string]bool
+	Nodes map[string]bool
+}
+
+// Add notes what acts touch.
+func (t *Touched) Add(space keys.Space, acts []Action) {
+	if t.VMs == nil {
+		t.VMs, t.Nodes = map[string]bool{}, map[string]bool{}
+	}
+	for _, a := range acts {
+		if name, ok := strings.CutPrefix(a.Object, "vm/"); ok {
+			t.VMs[name] = true
+		}
+		for _, w := range a.Writes {
+			if hwid, _, ok := keys.ParseNodeScoped(space.AssignRoot(), w.Key); ok {
+				t.Nodes[hwid] = true
+			}
+		}
+	}
+}
+
+// Rebase drops what a plan decided from a snapshot that rounds committed after have since
+// overtaken (a full round decides while quick rounds go on placing): every action on a VM they
+// acted on (its conditions would fail anyway), and every action writing an assignment on a node
+// whose capacity they took or changed (the plan counted that node's room without them; nothing
+// guards capacity but the leader's own accounting). It returns the VMs whose actions it dropped,
+// for the next round to decide again.
+func (p *Plan) Rebase(space keys.Space, since Touched) (dropped []string) {
+	if len(since.VMs) == 0 && len(since.Nodes) == 0 {
+		return nil
+	}
+	kept := p.Actions[:0:0]
+	for _, a := range p.Actions {
+		var seen Touched
+		seen.Add(space, []Action{a})
+		overtaken := false
+		for name := range seen.VMs {
+			overtaken = overtaken || since.VMs[name]
+		}
+		for hwid := range seen.Nodes {
+			overtaken = overtaken || since.Nodes[hwid]
+		}
+		if !overtaken {
+			kept = append(kept, a)
+			continue
+		}
+		for name := range seen.VMs {
+			dropped = append(dropped, name)
+		}
+	}
+	p.Actions = kept
+	sort.Strings(dropped)
+	return dropped
 }

@@ -1,6 +1,9 @@
 package decide
 
 import (
+	"maps"
+	"slices"
+
 	"github.com/herdhq/herd/coordinator/scheduler"
 	"github.com/herdhq/herd/lib/keys"
 )
@@ -38,6 +41,16 @@ func decideQuick(snap *Snapshot, st *State, cfg Config) Plan {
 			plan.Full = why
 			return plan
 		}
+	}
+	if len(snap.Avoid) > 0 {
+		// The nodes are shared with the full round they came from: filter a copy.
+		nodes := make([]scheduler.Node, 0, len(s.nodes))
+		for _, n := range s.nodes {
+			if !snap.Avoid[n.HWID] {
+				nodes = append(nodes, n)
+			}
+		}
+		s.nodes = nodes
 	}
 	t := newTally(nil)
 	t.placed = append(t.placed, snap.Held...)
@@ -121,12 +134,22 @@ func (s *view) needsFull(name string, v *VM) FullReason {
 	case s.Vanished[name] != nil:
 		return "vm " + FullReason(name) + " lost its placement"
 	}
+	if len(s.Avoid) > 0 {
+		for _, hwid := range append(slices.Collect(maps.Keys(s.Assigns[name])), slices.Collect(maps.Keys(s.Reports[name]))...) {
+			if s.Avoid[hwid] {
+				return "vm " + FullReason(name) + " has records on node " + FullReason(hwid) + ", changed since the nodes were read"
+			}
+		}
+	}
 	node := ""
 	if r := v.Placement; r != nil {
 		if !r.OK() || r.Value.Orphan || r.Value.UID != keys.SpecUID(v.Spec) || r.Value.Migration != nil {
 			return "vm " + FullReason(name) + "'s placement needs a full round"
 		}
 		node = r.Value.Node
+		if s.Avoid[node] {
+			return "vm " + FullReason(name) + "'s node " + FullReason(node) + " changed since the nodes were read"
+		}
 		if s.live[node] == nil || len(s.Fences[node]) > 0 || s.draining(node) {
 			return "vm " + FullReason(name) + "'s node " + FullReason(node) + " is not plainly live"
 		}

@@ -1,6 +1,7 @@
 package decide
 
 import (
+	"maps"
 	"time"
 
 	"github.com/google/uuid"
@@ -101,6 +102,10 @@ type Snapshot struct {
 	Occupied map[string]bool
 	// Trusted, when set, is a full round's judgement of these same node records (Plan.Trusted).
 	Trusted *Trusted
+	// Avoid, in a quick round, are nodes whose records changed since those the round was given
+	// were read (a full round that will see them is still deciding): the round places nothing on
+	// them and leaves every VM with records on them to a full round.
+	Avoid map[string]bool
 }
 
 // VM is one VM's records.
@@ -127,6 +132,12 @@ type State struct {
 // NewState is a term's state at its start.
 func NewState() *State {
 	return &State{Absent: map[string]time.Time{}, LostAt: map[string]time.Time{}, MigFailed: map[string]time.Time{}}
+}
+
+// Clone is a copy for a round to change while the term keeps the original (a full round deciding
+// in the background).
+func (st *State) Clone() *State {
+	return &State{Absent: maps.Clone(st.Absent), LostAt: maps.Clone(st.LostAt), MigFailed: maps.Clone(st.MigFailed), LastAdopt: st.LastAdopt}
 }
 
 // view is a snapshot with what a round derives from it once.

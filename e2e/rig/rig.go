@@ -74,12 +74,21 @@ type Proc struct {
 // test cleanup (SIGTERM, then SIGKILL after 10 s) and its log tail is printed if the test failed.
 func Start(t testing.TB, dir, name, bin string, args ...string) *Proc {
 	t.Helper()
+	return StartEnv(t, dir, name, nil, bin, args...)
+}
+
+// StartEnv is Start with env added to the test's environment (later entries win).
+func StartEnv(t testing.TB, dir, name string, env []string, bin string, args ...string) *Proc {
+	t.Helper()
 	logPath := filepath.Join(dir, name+".log")
 	f, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
 		t.Fatal(err)
 	}
 	cmd := exec.Command(bin, args...)
+	if len(env) > 0 {
+		cmd.Env = append(os.Environ(), env...)
+	}
 	cmd.Stdout, cmd.Stderr = f, f
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {
@@ -197,6 +206,7 @@ type Cluster struct {
 	Agents     map[string]*Agent
 	AgentArgs  []string // extra flags for every agent
 	CoordArgs  []string // extra flags for every coordinator
+	CoordEnv   []string // extra environment for every coordinator (GOMEMLIMIT=...)
 	// AgentEndpoints, if set for an hwid, are the etcd endpoints its agent uses (a Lane).
 	AgentEndpoints map[string]string
 	lanes          []lane
@@ -434,7 +444,7 @@ func (c *Cluster) StartCoordinator(extra ...string) *Coordinator {
 		args = append(append(args, c.tlsArgs(name)[2:]...), "--ca-dir", c.PKI, "--join-listen", fmt.Sprintf("127.0.0.1:%d", jp))
 		c.JoinURLs = append(c.JoinURLs, fmt.Sprintf("https://127.0.0.1:%d", jp))
 	}
-	p := Start(c.T, c.Dir, name, herd, append(args, extra...)...)
+	p := StartEnv(c.T, c.Dir, name, c.CoordEnv, herd, append(args, extra...)...)
 	co := &Coordinator{Proc: p, Status: fmt.Sprintf("http://127.0.0.1:%d", port)}
 	c.Coords = append(c.Coords, co)
 	return co
