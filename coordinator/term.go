@@ -120,6 +120,7 @@ func (t *term) run() error {
 	c.takeChanges(true, false)
 	t.base = c.nodesOnly()
 	first := true
+	var soon time.Time // the soonest time a quick round asked for while a full round decided
 	for {
 		var err error
 		switch {
@@ -145,7 +146,13 @@ func (t *term) run() error {
 			}
 			avoid := maps.Clone(t.inflight.changed)
 			maps.Copy(avoid, ch.nodes)
-			_, err = t.quick(ch.dirty, avoid)
+			var after time.Duration
+			if after, err = t.quick(ch.dirty, avoid); err == nil && after > 0 {
+				// The landing sets the next full round's time: it keeps this one if sooner.
+				if at := time.Now().Add(after); soon.IsZero() || at.Before(soon) {
+					soon = at
+				}
+			}
 		}
 		switch {
 		case errors.Is(err, etcdutil.ErrNotLeader):
@@ -153,8 +160,12 @@ func (t *term) run() error {
 		case t.ctx.Err() != nil:
 			return t.ctx.Err()
 		case err != nil:
+			// The next full round comes soon (once the one deciding has landed, if any).
 			t.log.Warn("round failed", "error", err)
 			due = time.Now().Add(500 * time.Millisecond)
+			if t.inflight != nil {
+				soon = due
+			}
 		}
 		// While a full round decides, its landing sets the next one's time.
 		var decided chan struct{}
@@ -186,7 +197,11 @@ func (t *term) run() error {
 					wait = after
 				}
 				due = time.Now().Add(wait)
+				if !soon.IsZero() && soon.Before(due) {
+					due = soon
+				}
 			}
+			soon = time.Time{}
 		}
 	}
 }
