@@ -223,19 +223,20 @@ func (t *term) count(a *decide.Action) {
 	}
 }
 
-// catchUp waits until the caches that the round's puts landed in reflect them, so the next round
-// decides from a view that includes this round's decisions. Only caches with a put are waited for
-// (a delete of an absent key makes no event), and Sync lists again rather than wait forever.
+// catchUp waits until the caches that the round's writes landed in reflect them, so the next
+// round decides from a view that includes this round's decisions. A delete is waited for only when
+// the cache holds the key (a delete of an absent key makes no event to wait for); skipping them
+// all let the round after a placement see the VM placed with its old problem still there, and
+// clear it again, refused by etcd. Sync lists again rather than wait forever.
 func (c *Coordinator) catchUp(ctx context.Context, acts []decide.Action, rev int64) error {
 	touched := map[*etcdutil.Informer]bool{}
 	for _, a := range acts {
 		for _, w := range a.Writes {
-			if w.Delete {
+			inf := c.informerFor(w.Key)
+			if inf == nil || (w.Delete && inf.Get(w.Key) == nil) {
 				continue
 			}
-			if inf := c.informerFor(w.Key); inf != nil {
-				touched[inf] = true
-			}
+			touched[inf] = true
 		}
 	}
 	infs := make([]*etcdutil.Informer, 0, len(touched))

@@ -250,14 +250,19 @@ func (c *Coordinator) putBack(dirty []string) {
 	}
 }
 
-// askFull asks for a full round (a quick one found a VM only a full round decides about).
+// askFull asks for a full round (a quick one found a VM only a full round decides about). The
+// loop is woken only by the first ask: while a full round decides, a quick round that keeps
+// leaving its VMs to the next one must not keep waking the loop to try again.
 func (c *Coordinator) askFull(cause string) {
 	c.mu.Lock()
-	if c.full == "" {
+	first := c.full == ""
+	if first {
 		c.full = cause
 	}
 	c.mu.Unlock()
-	c.signal()
+	if first {
+		c.signal()
+	}
 }
 
 // A fullRound decides in the background, from a snapshot of everything, while quick rounds go on:
