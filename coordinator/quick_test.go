@@ -26,14 +26,8 @@ func TestQuickAndFullRounds(t *testing.T) {
 	addNode(t, c, "n2", 64, 65536, nil)
 	r := startReplicaWith(t, srv.Endpoints, "c1", func(cfg *Config) { cfg.Interval = time.Hour })
 	leads(t, r, "the only replica")
-	rounds := func(kind string) int { return int(testutil.ToFloat64(r.c.m.rounds.WithLabelValues(kind))) }
-	placedOn := func(name string) string {
-		var pl keys.Placement
-		if err := decodeInto(get(t, c, space.Placement(name)), &pl); err != nil {
-			return ""
-		}
-		return pl.Node
-	}
+	rounds := func(kind string) int { return roundsOf(r, kind) }
+	placedOn := func(name string) string { return placedOn(t, c, name) }
 	eventually(t, "the term's first rounds", func() error {
 		if rounds("full") == 0 {
 			return fmt.Errorf("no full round yet")
@@ -129,14 +123,8 @@ func TestQuickRoundsWhileAFullRoundDecides(t *testing.T) {
 		}
 	})
 	leads(t, r, "the only replica")
-	rounds := func(kind string) int { return int(testutil.ToFloat64(r.c.m.rounds.WithLabelValues(kind))) }
-	placedOn := func(name string) string {
-		var pl keys.Placement
-		if err := decodeInto(get(t, c, space.Placement(name)), &pl); err != nil {
-			return ""
-		}
-		return pl.Node
-	}
+	rounds := func(kind string) int { return roundsOf(r, kind) }
+	placedOn := func(name string) string { return placedOn(t, c, name) }
 	put := func(name, spec string) {
 		t.Helper()
 		if _, err := c.Put(ctx, space.VMSpec(name), spec); err != nil {
@@ -239,4 +227,18 @@ func TestQuickRoundsWhileAFullRoundDecides(t *testing.T) {
 		}
 		return nil
 	})
+}
+
+// roundsOf counts the rounds of a kind ("quick", "full") the replica ran.
+func roundsOf(r *replica, kind string) int {
+	return int(testutil.ToFloat64(r.c.m.rounds.WithLabelValues(kind)))
+}
+
+// placedOn is the node a VM's placement names, "" while it has none.
+func placedOn(t *testing.T, c *clientv3.Client, name string) string {
+	var pl keys.Placement
+	if err := decodeInto(get(t, c, space.Placement(name)), &pl); err != nil {
+		return ""
+	}
+	return pl.Node
 }

@@ -154,15 +154,11 @@ func (t *term) run() error {
 				}
 			}
 		}
-		switch {
-		case errors.Is(err, etcdutil.ErrNotLeader):
-			return err
-		case t.ctx.Err() != nil:
-			return t.ctx.Err()
-		case err != nil:
+		if stop, retry := t.failed(err); stop != nil {
+			return stop
+		} else if retry {
 			// The next full round comes soon (once the one deciding has landed, if any).
-			t.log.Warn("round failed", "error", err)
-			due = time.Now().Add(500 * time.Millisecond)
+			due = time.Now().Add(retryAfter)
 			if t.inflight != nil {
 				soon = due
 			}
@@ -183,14 +179,12 @@ func (t *term) run() error {
 		case <-dueC:
 		case <-decided:
 			after, err := t.land()
+			stop, retry := t.failed(err)
 			switch {
-			case errors.Is(err, etcdutil.ErrNotLeader):
-				return err
-			case t.ctx.Err() != nil:
-				return t.ctx.Err()
-			case err != nil:
-				t.log.Warn("round failed", "error", err)
-				due = time.Now().Add(500 * time.Millisecond)
+			case stop != nil:
+				return stop
+			case retry:
+				due = time.Now().Add(retryAfter)
 			default:
 				wait := c.cfg.Interval
 				if after > 0 && after < wait {
@@ -204,6 +198,24 @@ func (t *term) run() error {
 			soon = time.Time{}
 		}
 	}
+}
+
+// retryAfter is how soon a full round follows a failed round.
+const retryAfter = 500 * time.Millisecond
+
+// failed sorts a round's error: one that ends the term (leadership lost, the term's context
+// done) is returned as stop; any other is logged and the round is retried soon.
+func (t *term) failed(err error) (stop error, retry bool) {
+	switch {
+	case err == nil:
+		return nil, false
+	case errors.Is(err, etcdutil.ErrNotLeader):
+		return err, false
+	case t.ctx.Err() != nil:
+		return t.ctx.Err(), false
+	}
+	t.log.Warn("round failed", "error", err)
+	return nil, true
 }
 
 // changes is what the watch handlers noted since a round last took it.

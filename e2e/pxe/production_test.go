@@ -262,6 +262,8 @@ func TestProductionImage(t *testing.T) {
 		return nil
 	})
 	t.Logf("rolling upgrade of both machines (drain live, reboot, PXE, rejoin): %s", time.Since(start).Round(time.Second))
+	// The timeline, to tell which step of a slow rollout took the time.
+	t.Logf("the rollout's events:\n%s", l.mustHerdctl("events", "--limit", "0", "--since", time.Since(start).Round(time.Second).String()))
 	for _, mac := range macs {
 		if img := l.nodeImage(mac); img != "v2" {
 			t.Fatalf("%s runs %q after the rollout", mac, img)
