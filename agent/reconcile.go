@@ -389,7 +389,15 @@ func (a *Agent) ensureDefined(ctx context.Context, name string, asg *keys.Assign
 		if i >= len(asg.MACs) {
 			return fmt.Errorf("network %d has no MAC in the assignment", i)
 		}
-		spec.NICs = append(spec.NICs, hypervisor.NIC{Bridge: n.Bridge, Model: n.Model, MAC: asg.MACs[i]})
+		bridge := n.Bridge
+		if n.Network != "" {
+			// The leader resolved the network when it gave the NIC its address.
+			if i >= len(asg.NICs) || asg.NICs[i] == nil {
+				return fmt.Errorf("NIC %d on network %s has no address in the assignment", i, n.Network)
+			}
+			bridge = asg.NICs[i].Bridge
+		}
+		spec.NICs = append(spec.NICs, hypervisor.NIC{Bridge: bridge, Model: n.Model, MAC: asg.MACs[i]})
 	}
 	if d := sp.Disk; d != nil {
 		att, err := a.cfg.Volumes.Attach(ctx, volume.Volume{Pool: d.Pool, VM: name, UID: asg.UID, SizeGiB: d.SizeGiB, From: d.From})

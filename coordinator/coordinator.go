@@ -172,6 +172,8 @@ type Coordinator struct {
 	volInf            *etcdutil.Typed[keys.VolumeRecord]
 	requestInf        *etcdutil.Typed[keys.Request]
 	nodeCmdInf        *etcdutil.Typed[keys.NodeCommand]
+	netInf            *etcdutil.Typed[keys.NetworkSpec]
+	addrInf           *etcdutil.Typed[keys.AddressClaim]
 
 	trigger   chan struct{} // a cache changed, or side work ended: decide again
 	newLease  chan struct{} // a node key on a lease not asked about yet: warmLeases asks
@@ -179,12 +181,13 @@ type Coordinator struct {
 
 	mu        sync.Mutex
 	isLeader  bool
-	vms       map[string]*decide.VM // by VM name; each value is replaced, never modified
-	ledger    *decide.Ledger        // what quick rounds know of every VM (decide/quick.go)
-	assignsOn map[string][]string   // VM -> nodes with an assignment of it (quick rounds' index)
-	reportsOn map[string][]string   // VM -> nodes with a status report of it
-	dirty     map[string]bool       // VMs whose records changed since the last round took them
-	full      string                // what other than a VM's records changed ("": nothing): the next round is full
+	vms       map[string]*decide.VM      // by VM name; each value is replaced, never modified
+	ledger    *decide.Ledger             // what quick rounds know of every VM (decide/quick.go)
+	assignsOn map[string][]string        // VM -> nodes with an assignment of it (quick rounds' index)
+	reportsOn map[string][]string        // VM -> nodes with a status report of it
+	claimsOn  map[string]map[string]bool // network -> addresses claimed on it (quick rounds' index)
+	dirty     map[string]bool            // VMs whose records changed since the last round took them
+	full      string                     // what other than a VM's records changed ("": nothing): the next round is full
 	// nodesChanged are the nodes whose records changed since a full round last took them, global
 	// what else did (not a VM's, not a node's): see fullRound.
 	nodesChanged map[string]bool
@@ -219,6 +222,7 @@ func New(cfg Config) (*Coordinator, error) {
 		ledger:       decide.NewLedger(),
 		assignsOn:    map[string][]string{},
 		reportsOn:    map[string][]string{},
+		claimsOn:     map[string]map[string]bool{},
 		dirty:        map[string]bool{},
 		nodesChanged: map[string]bool{},
 		vanished:     map[string]*keys.Placement{},
@@ -249,6 +253,8 @@ func New(cfg Config) (*Coordinator, error) {
 	c.volInf = etcdutil.NewTyped[keys.VolumeRecord](cl, s.VolumeRoot(), poke, c.log)
 	c.requestInf = etcdutil.NewTyped[keys.Request](cl, s.RequestPrefix(), poke, c.log)
 	c.nodeCmdInf = etcdutil.NewTyped[keys.NodeCommand](cl, s.NodeCmdRoot(), poke, c.log)
+	c.netInf = etcdutil.NewTyped[keys.NetworkSpec](cl, s.NetworkPrefix(), poke, c.log)
+	c.addrInf = etcdutil.NewTyped[keys.AddressClaim](cl, s.AddressRoot(), c.onAddress, c.log)
 	for _, inf := range c.informers() {
 		inf.OnRegress = c.onRegress
 	}
@@ -275,7 +281,7 @@ func (c *Coordinator) informers() []*etcdutil.Informer {
 	return []*etcdutil.Informer{c.clusterInf.Informer, c.hwInf.Informer, c.nodeInf.Informer, c.nodeStateInf.Informer,
 		c.nodeSpecInf.Informer, c.vmInf, c.placementInf.Informer, c.problemInf.Informer, c.assignInf.Informer,
 		c.fenceInf.Informer, c.guardInf.Informer, c.statusInf.Informer, c.volInf.Informer, c.rolloutInf,
-		c.nodeCmdInf.Informer, c.requestInf.Informer}
+		c.nodeCmdInf.Informer, c.requestInf.Informer, c.netInf.Informer, c.addrInf.Informer}
 }
 
 func (c *Coordinator) decodeVMKey(key string, v []byte) (any, error) {
@@ -442,6 +448,29 @@ func (c *Coordinator) poke(key string, _, _ *etcdutil.KV) {
 	}
 	c.mu.Unlock()
 	c.signal()
+}
+
+// onAddress keeps the index of the claims by network. A claim's change wakes no round: the leader
+// writes them itself, with the placements, and a full round (at least every interval) puts back
+// one deleted by someone else.
+func (c *Coordinator) onAddress(key string, _, cur *etcdutil.KV) {
+	net, ip, ok := keys.ParseNodeScoped(c.space.AddressRoot(), key)
+	if !ok {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if cur == nil {
+		delete(c.claimsOn[net], ip)
+		if len(c.claimsOn[net]) == 0 {
+			delete(c.claimsOn, net)
+		}
+		return
+	}
+	if c.claimsOn[net] == nil {
+		c.claimsOn[net] = map[string]bool{}
+	}
+	c.claimsOn[net][ip] = true
 }
 
 // nodeOf names the node a key of the node-level prefixes belongs to ("" for any other key).

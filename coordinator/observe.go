@@ -3,6 +3,8 @@ package coordinator
 import (
 	"context"
 	"fmt"
+	"maps"
+	"slices"
 	"sync"
 	"time"
 
@@ -56,6 +58,16 @@ func (c *Coordinator) observe(ctx context.Context) *decide.Snapshot {
 	}
 	for _, r := range c.nodeCmdInf.Unsorted() {
 		s.NodeCmds[r.Key] = r
+	}
+	s.Networks = c.networks()
+	s.Claims = map[string]map[string]*keys.Record[keys.AddressClaim]{}
+	for _, r := range c.addrInf.Unsorted() {
+		if net, ip, ok := keys.ParseNodeScoped(sp.AddressRoot(), r.Key); ok {
+			if s.Claims[net] == nil {
+				s.Claims[net] = map[string]*keys.Record[keys.AddressClaim]{}
+			}
+			s.Claims[net][ip] = r
+		}
 	}
 	c.observeNodes(s)
 	c.mu.Lock()
@@ -273,6 +285,17 @@ func (c *Coordinator) leaseAlive(ctx context.Context, id int64) (alive, known bo
 	return true, true
 }
 
+// networks are the network records, by name.
+func (c *Coordinator) networks() map[string]*keys.Record[keys.NetworkSpec] {
+	out := map[string]*keys.Record[keys.NetworkSpec]{}
+	for _, r := range c.netInf.Unsorted() {
+		if name, ok := keys.ParseLeaf(c.space.NetworkPrefix(), r.Key); ok {
+			out[name] = r
+		}
+	}
+	return out
+}
+
 // observeQuick builds a quick round's snapshot (decide/quick.go): of the VMs only those whose
 // records changed and those waiting for a place, with the ledger's account of the capacity every
 // other VM holds. The nodes are the last full round's view (base): any change to a node-level key
@@ -328,6 +351,27 @@ func (c *Coordinator) observeQuick(dirty []string, base *decide.Snapshot) *decid
 	c.mu.Unlock()
 	fileOn(c.assignInf.Get, sp.Assign, assigned, s.Assigns)
 	fileOn(c.statusInf.Get, sp.Status, reported, s.Reports)
+	// The claims of the networks the VMs' NICs name: all a quick round allocates from.
+	s.Networks = c.networks()
+	s.Claims = map[string]map[string]*keys.Record[keys.AddressClaim]{}
+	for _, v := range s.VMs {
+		if !v.Spec.OK() {
+			continue
+		}
+		for _, n := range v.Spec.Value.Networks {
+			if n.Network != "" && s.Claims[n.Network] == nil {
+				s.Claims[n.Network] = map[string]*keys.Record[keys.AddressClaim]{}
+				c.mu.Lock()
+				held := slices.Collect(maps.Keys(c.claimsOn[n.Network]))
+				c.mu.Unlock()
+				for _, ip := range held {
+					if r := c.addrInf.Get(sp.Address(n.Network, ip)); r != nil {
+						s.Claims[n.Network][ip] = r
+					}
+				}
+			}
+		}
+	}
 	for name, v := range s.VMs {
 		if !v.Spec.OK() || v.Spec.Value.Disk == nil {
 			continue

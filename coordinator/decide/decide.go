@@ -84,6 +84,7 @@ func Decide(snap *Snapshot, st *State, cfg Config) Plan {
 	t.acts = append(t.acts, s.startMigrations(t.wants, t.placed, t.busy)...)
 	t.acts = append(t.acts, s.drainBookkeeping(placedOn, t.busy)...)
 	t.acts = append(t.acts, s.rolloutRound(t.placed)...)
+	t.acts = append(t.acts, s.addressBookkeeping()...)
 	s.purgeVolumes()
 	s.adoptVolumes()
 	s.problems(t, sched)
@@ -104,10 +105,12 @@ type tally struct {
 	wants   []wantMove
 	busy    map[string]int // open migrations per node
 	fates   map[string]nodeFate
+	nics    map[string]nicClaims // pending VMs' addresses, claimed with their placement
 }
 
 func newTally(fates map[string]nodeFate) *tally {
-	return &tally{specs: map[string]*keys.VMSpec{}, moving: map[string]*keys.Placement{}, busy: map[string]int{}, fates: fates}
+	return &tally{specs: map[string]*keys.VMSpec{}, moving: map[string]*keys.Placement{}, busy: map[string]int{}, fates: fates,
+		nics: map[string]nicClaims{}}
 }
 
 // decideVM compares one VM's spec with its placement and problem: it reconciles the records with
@@ -224,7 +227,7 @@ func (s *view) decideVM(t *tally, name string, v *VM) {
 		}
 		t.wants = append(t.wants, wantMove{name: name, v: v, spec: spec, pl: pl, to: to, reason: reason})
 	case pl != nil && pl.SpecRev != v.Spec.ModRevision:
-		t.acts = append(t.acts, s.updateSpec(name, v, spec, pl))
+		t.acts = append(t.acts, s.updateSpec(name, v, spec, pl)...)
 	case pl != nil && s.crashLooping(pl, name) != "":
 		if a, ok := s.setProblem(name, uid, v.Problem, keys.ProblemCrashLoop, s.crashLooping(pl, name), nil); ok {
 			t.acts = append(t.acts, a)
@@ -241,6 +244,15 @@ func (s *view) decideVM(t *tally, name string, v *VM) {
 			}
 			return
 		}
+		// So are its addresses: a VM that cannot have one takes no room.
+		nics, problem := s.nicsFor(name, uid, spec, nil)
+		if problem != "" {
+			if a, ok := s.setProblem(name, uid, v.Problem, keys.ProblemPending, problem, nil); ok {
+				t.acts = append(t.acts, a)
+			}
+			return
+		}
+		t.nics[name] = nics
 		t.specs[name] = spec
 		t.pending = append(t.pending, schedVM(name, uid, spec, ""))
 	}
@@ -267,7 +279,7 @@ func (s *view) schedule(t *tally) scheduler.Plan {
 			t.acts = append(t.acts, s.move(d.VM, v, t.specs[d.VM], pl, d.Node, t.fates[pl.Node]))
 			continue
 		}
-		t.acts = append(t.acts, s.place(d.VM, v.Spec, t.specs[d.VM], d.Node))
+		t.acts = append(t.acts, s.place(d.VM, v.Spec, t.specs[d.VM], d.Node, t.nics[d.VM]))
 	}
 	if deferred > 0 {
 		s.after(time.Second)
@@ -530,15 +542,16 @@ func (s *view) adoptOrphan(name string, v *VM) []Action {
 
 // place commits a first placement: placement and the node's assignment in one transaction, which
 // holds only if the VM is still unplaced and its spec is the one scheduled.
-func (s *view) place(name string, specRec *rec[keys.VMSpec], spec *keys.VMSpec, node string) Action {
+func (s *view) place(name string, specRec *rec[keys.VMSpec], spec *keys.VMSpec, node string, nics nicClaims) Action {
 	sp := s.cfg.Space
-	pl := keys.Placement{UID: keys.SpecUID(specRec), Node: node, Epoch: 1, UUID: s.cfg.id(), Since: s.Now.UTC(), By: s.cfg.Name, Term: s.cfg.Term}
+	pl := keys.Placement{UID: keys.SpecUID(specRec), Node: node, Epoch: 1, UUID: s.cfg.id(), Since: s.Now.UTC(), By: s.cfg.Name, Term: s.cfg.Term,
+		NICs: nics.nics}
 	s.setSpec(&pl, specRec.ModRevision, spec)
 	asg := assignmentFor(&pl, spec)
 	return Action{Object: "vm/" + name, What: "place",
-		Conds: []Cond{ModRev(sp.Placement(name), 0), ModRev(sp.VMSpec(name), specRec.ModRevision), CreateRev(sp.Assign(node, name), 0)},
-		Writes: []Write{Put(sp.Placement(name), keys.MustEncode(&pl)), Put(sp.Assign(node, name), keys.MustEncode(&asg)),
-			Del(sp.Problem(name))},
+		Conds: append([]Cond{ModRev(sp.Placement(name), 0), ModRev(sp.VMSpec(name), specRec.ModRevision), CreateRev(sp.Assign(node, name), 0)}, nics.conds...),
+		Writes: append([]Write{Put(sp.Placement(name), keys.MustEncode(&pl)), Put(sp.Assign(node, name), keys.MustEncode(&asg)),
+			Del(sp.Problem(name))}, nics.writes...),
 		Notes:   []Note{event("vm/"+name, "placed", fmt.Sprintf("on %s (uid %d)", node, pl.UID))},
 		Metrics: []Metric{MetricPlacement}, Since: s.FirstSeen[name]}
 }
@@ -558,20 +571,29 @@ func (s *view) setSpec(pl *keys.Placement, rev int64, spec *keys.VMSpec) {
 }
 
 func assignmentFor(pl *keys.Placement, spec *keys.VMSpec) keys.Assignment {
-	return keys.Assignment{UID: pl.UID, Epoch: pl.Epoch, UUID: pl.UUID, SpecRev: pl.SpecRev, Spec: spec, MACs: pl.MACs}
+	return keys.Assignment{UID: pl.UID, Epoch: pl.Epoch, UUID: pl.UUID, SpecRev: pl.SpecRev, Spec: spec, MACs: pl.MACs, NICs: pl.NICs}
 }
 
 // updateSpec hands a changed spec to the node running the VM.
-func (s *view) updateSpec(name string, v *VM, spec *keys.VMSpec, pl *keys.Placement) Action {
+// A NIC added on a herd network gets its address here; one that left its network keeps its old
+// claim until the next full round releases it.
+func (s *view) updateSpec(name string, v *VM, spec *keys.VMSpec, pl *keys.Placement) []Action {
 	sp := s.cfg.Space
+	nics, problem := s.nicsFor(name, pl.UID, spec, pl.NICs)
+	if problem != "" {
+		if a, ok := s.setProblem(name, pl.UID, v.Problem, keys.ProblemInvalid, problem+"; the VM runs on under its last spec", nil); ok {
+			return []Action{a}
+		}
+		return nil
+	}
 	npl := *pl
 	s.setSpec(&npl, v.Spec.ModRevision, spec)
-	npl.By, npl.Term = s.cfg.Name, s.cfg.Term
+	npl.By, npl.Term, npl.NICs = s.cfg.Name, s.cfg.Term, nics.nics
 	asg := assignmentFor(&npl, spec)
-	return Action{Object: "vm/" + name, What: "update spec",
-		Conds: []Cond{ModRev(sp.Placement(name), v.Placement.ModRevision), ModRev(sp.VMSpec(name), v.Spec.ModRevision)},
-		Writes: []Write{Put(sp.Placement(name), keys.MustEncode(&npl)), Put(sp.Assign(pl.Node, name), keys.MustEncode(&asg)),
-			Del(sp.Problem(name))}}
+	return []Action{{Object: "vm/" + name, What: "update spec",
+		Conds: append([]Cond{ModRev(sp.Placement(name), v.Placement.ModRevision), ModRev(sp.VMSpec(name), v.Spec.ModRevision)}, nics.conds...),
+		Writes: append([]Write{Put(sp.Placement(name), keys.MustEncode(&npl)), Put(sp.Assign(pl.Node, name), keys.MustEncode(&asg)),
+			Del(sp.Problem(name))}, nics.writes...)}}
 }
 
 // unplace removes what the leader recorded for a VM that is gone (or gone as this uid): its
@@ -586,9 +608,10 @@ func (s *view) unplace(name string, v *VM, why string) []Action {
 		return nil
 	case v.Placement != nil:
 		pl := v.Placement.Value
+		conds, writes := s.releaseAddresses(name, pl)
 		acts = append(acts, Action{Object: "vm/" + name, What: "unplace",
-			Conds:  []Cond{ModRev(sp.Placement(name), v.Placement.ModRevision)},
-			Writes: []Write{Del(sp.Placement(name)), Del(sp.Problem(name))},
+			Conds:  append([]Cond{ModRev(sp.Placement(name), v.Placement.ModRevision)}, conds...),
+			Writes: append([]Write{Del(sp.Placement(name)), Del(sp.Problem(name))}, writes...),
 			Notes:  []Note{event("vm/"+name, "unplaced", fmt.Sprintf("uid %d removed from %s: %s", pl.UID, pl.Node, why))}})
 	case v.Problem != nil:
 		acts = append(acts, clearProblem(name, v.Problem))

@@ -170,21 +170,33 @@ func (p *Plan) Count(m Metric) int {
 type Touched struct {
 	VMs   map[string]bool
 	Nodes map[string]bool
+	// Addresses are the address claims they wrote (keys): a plan decided before allocated from
+	// a book without them.
+	Addresses map[string]bool
 }
 
 // Add notes what acts touch.
 func (t *Touched) Add(space keys.Space, acts []Action) {
 	if t.VMs == nil {
-		t.VMs, t.Nodes = map[string]bool{}, map[string]bool{}
+		t.VMs, t.Nodes, t.Addresses = map[string]bool{}, map[string]bool{}, map[string]bool{}
 	}
 	for _, a := range acts {
-		if name, ok := strings.CutPrefix(a.Object, "vm/"); ok {
-			t.VMs[name] = true
-		}
-		for _, w := range a.Writes {
-			if hwid, _, ok := keys.ParseNodeScoped(space.AssignRoot(), w.Key); ok {
-				t.Nodes[hwid] = true
-			}
+		a.touches(space, func(vm string) { t.VMs[vm] = true }, func(hwid string) { t.Nodes[hwid] = true },
+			func(key string) { t.Addresses[key] = true })
+	}
+}
+
+// touches calls vm with the VM the action acts on, if any, node with the node of every
+// assignment it writes, and addr with every address claim it writes.
+func (a Action) touches(space keys.Space, vm, node, addr func(string)) {
+	if name, ok := strings.CutPrefix(a.Object, "vm/"); ok {
+		vm(name)
+	}
+	for _, w := range a.Writes {
+		if hwid, _, ok := keys.ParseNodeScoped(space.AssignRoot(), w.Key); ok {
+			node(hwid)
+		} else if strings.HasPrefix(w.Key, space.AddressRoot()) {
+			addr(w.Key)
 		}
 	}
 }
@@ -193,29 +205,26 @@ func (t *Touched) Add(space keys.Space, acts []Action) {
 // overtaken (a full round decides while quick rounds go on placing): every action on a VM they
 // acted on (its conditions would fail anyway), and every action writing an assignment on a node
 // whose capacity they took or changed (the plan counted that node's room without them; nothing
-// guards capacity but the leader's own accounting). It returns the VMs whose actions it dropped,
+// guards capacity but the leader's own accounting), and every action claiming an address they
+// wrote (its condition would fail). It returns the VMs whose actions it dropped,
 // for the next round to decide again.
 func (p *Plan) Rebase(space keys.Space, since Touched) (dropped []string) {
-	if len(since.VMs) == 0 && len(since.Nodes) == 0 {
+	if len(since.VMs) == 0 && len(since.Nodes) == 0 && len(since.Addresses) == 0 {
 		return nil
 	}
 	kept := p.Actions[:0:0]
 	for _, a := range p.Actions {
-		var seen Touched
-		seen.Add(space, []Action{a})
+		var vm string
 		overtaken := false
-		for name := range seen.VMs {
-			overtaken = overtaken || since.VMs[name]
-		}
-		for hwid := range seen.Nodes {
-			overtaken = overtaken || since.Nodes[hwid]
-		}
-		if !overtaken {
+		a.touches(space,
+			func(name string) { vm, overtaken = name, overtaken || since.VMs[name] },
+			func(hwid string) { overtaken = overtaken || since.Nodes[hwid] },
+			func(key string) { overtaken = overtaken || since.Addresses[key] })
+		switch {
+		case !overtaken:
 			kept = append(kept, a)
-			continue
-		}
-		for name := range seen.VMs {
-			dropped = append(dropped, name)
+		case vm != "":
+			dropped = append(dropped, vm)
 		}
 	}
 	p.Actions = kept

@@ -17,10 +17,16 @@ func TestRebaseDropsWhatQuickRoundsOvertook(t *testing.T) {
 	place := func(name, node string) Action {
 		return Action{Object: "vm/" + name, What: "place", Writes: []Write{Put(sp.Placement(name), "{}"), Put(sp.Assign(node, name), "{}")}}
 	}
-	quick := []Action{place("a", "n1"), {Object: "vm/b", What: "set problem", Writes: []Write{Put(sp.Problem("b"), "{}")}}}
+	// x took 10.0.0.5 in a quick round (on n4, which the full round does not place on).
+	withAddr := func(a Action, ip string) Action {
+		a.Writes = append(a.Writes, Put(sp.Address("prod", ip), "{}"))
+		return a
+	}
+	quick := []Action{place("a", "n1"), {Object: "vm/b", What: "set problem", Writes: []Write{Put(sp.Problem("b"), "{}")}},
+		withAddr(place("x", "n4"), "10.0.0.5")}
 	var since Touched
 	since.Add(sp, quick)
-	if !since.VMs["a"] || !since.VMs["b"] || !since.Nodes["n1"] || len(since.Nodes) != 1 {
+	if !since.VMs["a"] || !since.VMs["b"] || !since.Nodes["n1"] || len(since.Nodes) != 2 || !since.Addresses[sp.Address("prod", "10.0.0.5")] {
 		t.Fatalf("touched %+v", since)
 	}
 	full := Plan{Actions: []Action{
@@ -28,17 +34,19 @@ func TestRebaseDropsWhatQuickRoundsOvertook(t *testing.T) {
 		{Object: "vm/b", What: "set problem", Writes: []Write{Put(sp.Problem("b"), "{}")}},
 		place("c", "n1"), // n1's room was counted without a
 		place("d", "n2"),
+		withAddr(place("y", "n2"), "10.0.0.5"), // the address x took meanwhile
+		withAddr(place("z", "n2"), "10.0.0.6"),
 		{Object: "node/n3", What: "record boot", Writes: []Write{Put(sp.NodeState("n3"), "{}")}},
 	}}
 	dropped := full.Rebase(sp, since)
-	if want := []string{"a", "b", "c"}; !slices.Equal(dropped, want) {
+	if want := []string{"a", "b", "c", "y"}; !slices.Equal(dropped, want) {
 		t.Fatalf("dropped %v, want %v", dropped, want)
 	}
 	var kept []string
 	for _, a := range full.Actions {
 		kept = append(kept, a.Object)
 	}
-	if want := []string{"vm/d", "node/n3"}; !slices.Equal(kept, want) {
+	if want := []string{"vm/d", "vm/z", "node/n3"}; !slices.Equal(kept, want) {
 		t.Fatalf("kept %v, want %v", kept, want)
 	}
 	// Nothing committed meanwhile: the plan is whole.

@@ -82,6 +82,10 @@ type Snapshot struct {
 	Rollout    *rec[keys.Rollout]
 	Progress   *rec[keys.RolloutStatus]
 	NodeCmds   map[string]*rec[keys.NodeCommand] // by key
+	Networks   map[string]*rec[keys.NetworkSpec] // by name
+	// Claims are the addresses held, by network and address. A quick round needs only those of
+	// the networks its VMs' NICs name.
+	Claims map[string]map[string]*rec[keys.AddressClaim]
 	// Vanished are VMs' last placements the caches saw deleted by someone else.
 	Vanished map[string]*keys.Placement
 	// Left are clean departures the replica saw: hwid -> boot id.
@@ -152,6 +156,7 @@ type view struct {
 	capped     map[string]string
 	nodes      []scheduler.Node
 	migHolders map[string]string
+	book       *addressBook // the addresses held, with those this round allocates
 }
 
 // lastSeen returns the node's state as the leader recorded it, or nil.

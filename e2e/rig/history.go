@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"sort"
+	"strings"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
@@ -104,4 +105,60 @@ func ReplayPlacements(evs []*clientv3.Event, space keys.Space) (placements int, 
 		last[k] = where{pl.Node, pl.Epoch}
 	}
 	return placements, nil
+}
+
+// ReplayAddresses replays the placements and address claims together (events from History of
+// both prefixes), judging whole transactions: at no revision may two VMs' placements list one
+// address, nor a placement list an address whose claim is not its VM's. It returns how many
+// addresses the placements listed at the end.
+func ReplayAddresses(evs []*clientv3.Event, space keys.Space) (held int, err error) {
+	sort.SliceStable(evs, func(i, j int) bool { return evs[i].Kv.ModRevision < evs[j].Kv.ModRevision })
+	listed := map[string][]string{} // vm -> "net/ip" its placement lists
+	claims := map[string]string{}   // "net/ip" -> vm/uid of its claim
+	uids := map[string]int64{}
+	for i, ev := range evs {
+		key := string(ev.Kv.Key)
+		if name, ok := keys.ParseVMName(space.PlacementPrefix(), key); ok {
+			delete(listed, name)
+			if ev.Type == clientv3.EventTypePut {
+				pl, err := keys.Decode[keys.Placement](ev.Kv.Value)
+				if err != nil {
+					return 0, fmt.Errorf("placement of %s at revision %d: %w", name, ev.Kv.ModRevision, err)
+				}
+				uids[name] = pl.UID
+				for _, nic := range pl.NICs {
+					if nic != nil {
+						listed[name] = append(listed[name], nic.Network+"/"+nic.IP())
+					}
+				}
+			}
+		} else if rest, ok := strings.CutPrefix(key, space.AddressRoot()); ok {
+			delete(claims, rest)
+			if ev.Type == clientv3.EventTypePut {
+				cl, err := keys.Decode[keys.AddressClaim](ev.Kv.Value)
+				if err != nil {
+					return 0, fmt.Errorf("claim %s at revision %d: %w", rest, ev.Kv.ModRevision, err)
+				}
+				claims[rest] = fmt.Sprintf("%s/%d", cl.VM, cl.UID)
+			}
+		}
+		if i+1 < len(evs) && evs[i+1].Kv.ModRevision == ev.Kv.ModRevision {
+			continue
+		}
+		by := map[string]string{}
+		held = 0
+		for name, addrs := range listed {
+			for _, a := range addrs {
+				if other, dup := by[a]; dup {
+					return 0, fmt.Errorf("revision %d: address %s listed by the placements of both %s and %s", ev.Kv.ModRevision, a, other, name)
+				}
+				by[a] = name
+				held++
+				if want := fmt.Sprintf("%s/%d", name, uids[name]); claims[a] != want {
+					return 0, fmt.Errorf("revision %d: %s's placement lists %s, whose claim is %q", ev.Kv.ModRevision, name, a, claims[a])
+				}
+			}
+		}
+	}
+	return held, nil
 }

@@ -143,7 +143,7 @@ Exit codes: 0 success, 1 failure, 2 bad usage, 3 the named object does not exist
 	})
 	e.opts.AddFlags(root.PersistentFlags())
 	root.PersistentFlags().DurationVar(&e.timeout, "timeout", 10*time.Second, "give up on an etcd request after this long")
-	root.AddCommand(vmCmd(e), nodeCmd(e), hwCmd(e), imageCmd(e), volumeCmd(e), fenceCmd(e), clusterCmd(e), eventsCmd(e), rolloutCmd(e), uiCmd(e))
+	root.AddCommand(vmCmd(e), nodeCmd(e), netCmd(e), hwCmd(e), imageCmd(e), volumeCmd(e), fenceCmd(e), clusterCmd(e), eventsCmd(e), rolloutCmd(e), uiCmd(e))
 	return root, e
 }
 

@@ -60,6 +60,7 @@ type specFlags struct {
 	initrd   string
 	cmdline  string
 	networks []string
+	nets     []string
 	policy   string
 }
 
@@ -76,7 +77,8 @@ func (sf *specFlags) add(f *pflag.FlagSet) {
 	f.StringVar(&sf.kernel, "kernel", "", "boot this kernel directly (a path on the hypervisors)")
 	f.StringVar(&sf.initrd, "initrd", "", "initrd for --kernel")
 	f.StringVar(&sf.cmdline, "cmdline", "", "kernel command line for --kernel")
-	f.StringSliceVar(&sf.networks, "network", nil, "a NIC on a bridge: BRIDGE[,model=virtio] (repeatable)")
+	f.StringArrayVar(&sf.nets, "net", nil, "a NIC on a herd network, with an address: NAME[,ip=ADDRESS][,model=virtio] (repeatable; before --network's NICs)")
+	f.StringSliceVar(&sf.networks, "network", nil, "a NIC on a hypervisor bridge as is, no address: BRIDGE[,model=virtio] (repeatable)")
 	f.StringVar(&sf.policy, "migration-policy", "", "how the VM leaves a drained node: migrate (default) or restart")
 }
 
@@ -85,6 +87,22 @@ func (sf *specFlags) spec() (keys.VMSpec, error) {
 	spec := keys.VMSpec{VCPUs: sf.vcpus, Power: sf.power, AntiAffinity: sf.antiAff, MigrationPolicy: sf.policy}
 	if sf.kernel != "" {
 		spec.Boot = &keys.KernelBoot{Kernel: sf.kernel, Initrd: sf.initrd, Cmdline: sf.cmdline}
+	}
+	for _, n := range sf.nets {
+		fields := strings.Split(n, ",")
+		nic := keys.Network{Network: fields[0]}
+		for _, f := range fields[1:] {
+			k, v, _ := strings.Cut(f, "=")
+			switch k {
+			case "ip":
+				nic.Address = v
+			case "model":
+				nic.Model = v
+			default:
+				return spec, usagef("--net %q: unknown option %q (want NAME[,ip=ADDRESS][,model=MODEL])", n, f)
+			}
+		}
+		spec.Networks = append(spec.Networks, nic)
 	}
 	for _, n := range sf.networks {
 		bridge, model, _ := strings.Cut(n, ",")
@@ -388,6 +406,18 @@ func describeVM(e *env, vm *vmView) error {
 		fmt.Fprintf(w, "Epoch:      %d\n", p.Epoch)
 		fmt.Fprintf(w, "Domain:     %s\n", p.UUID)
 		fmt.Fprintf(w, "Placed:     %s ago\n", age(p.Since))
+		label := "Addresses:"
+		for i, nic := range p.NICs {
+			if nic == nil {
+				continue
+			}
+			mac := ""
+			if i < len(p.MACs) {
+				mac = " (" + p.MACs[i] + ")"
+			}
+			fmt.Fprintf(w, "%-11s %s %s%s\n", label, nic.Network, nic.IP(), mac)
+			label = ""
+		}
 	}
 	if st := vm.Status; st != nil {
 		fmt.Fprintf(w, "Status:     %s since %s ago", st.State, age(st.Since))
@@ -436,18 +466,27 @@ withdrawn) and reads only that node's keys: its cost does not grow with the clus
 			for _, c := range []struct {
 				name string
 				wide bool
-			}{{"NAME", false}, {"NODE", false}, {"STATE", false}, {"VCPUS", false}, {"MEMORY", false}, {"AGE", false}, {"EPOCH", true}, {"UID", true}, {"PROBLEM", false}} {
+			}{{"NAME", false}, {"NODE", false}, {"STATE", false}, {"VCPUS", false}, {"MEMORY", false}, {"AGE", false}, {"EPOCH", true}, {"UID", true}, {"ADDRESSES", true}, {"PROBLEM", false}} {
 				t.col(c.name, c.wide)
 			}
 			for _, vm := range vms {
-				node, vcpus, mem, epoch := "-", "-", "-", "-"
+				node, vcpus, mem, epoch, addrs := "-", "-", "-", "-", "-"
 				if vm.Placement != nil && vm.Placement.UID == vm.UID {
 					node, epoch = vm.Placement.Node, fmt.Sprint(vm.Placement.Epoch)
+					var held []string
+					for _, nic := range vm.Placement.NICs {
+						if nic != nil {
+							held = append(held, nic.Network+"="+nic.IP())
+						}
+					}
+					if len(held) > 0 {
+						addrs = strings.Join(held, ",")
+					}
 				}
 				if vm.Spec != nil {
 					vcpus, mem = specSizes(vm.Spec.VCPUs, vm.Spec.MemoryMiB)
 				}
-				t.row(vm.Name, node, vm.State, vcpus, mem, age(vmAge(vm)), epoch, fmt.Sprint(vm.UID), truncate(orDash(vmProblem(vm)), 100))
+				t.row(vm.Name, node, vm.State, vcpus, mem, age(vmAge(vm)), epoch, fmt.Sprint(vm.UID), addrs, truncate(orDash(vmProblem(vm)), 100))
 			}
 			if len(vms) == 0 && o.format == "table" {
 				if node != "" {

@@ -51,6 +51,8 @@ func FuzzDecode(f *testing.F) {
 		`{"mac":"52:54:00:00:00:01","labels":{"rack":"r1"},"storage_ip":"10.0.0.1","x":[1,2,{"y":null}]}`,
 		`{"v":99}`, `{"v":-1}`, `[]`, `null`, `{"vcpus":"two"}`, `{"memory_mib":1e400}`, "{\"\xff\":1}",
 		`{"hwid":"52:54:00:00:00:01","expires":"2026-01-01T00:00:00Z","issued_by":"bootserver/a"}`,
+		`{"v":1,"vlan":120,"cidr":"10.20.0.0/30","gateway":"10.20.0.1","range_first":"10.20.0.2","range_last":"10.20.0.2"}`,
+		`{"v":1,"cidr":"10.20.0.0/22","range_first":"10.20.3.1","range_last":"10.20.0.9","dns":["1.1.1.1"]}`,
 	} {
 		f.Add([]byte(s))
 	}
@@ -73,6 +75,16 @@ func FuzzDecode(f *testing.F) {
 		roundTrip[Bootserver](t, data, nil)
 		roundTrip[DHCPLease](t, data, nil)
 		roundTrip[VolumeRecord](t, data, nil)
+		roundTrip[NetworkSpec](t, data, func(v *NetworkSpec) {
+			if v.Validate() == nil {
+				// A valid network has a range to allocate from, inside its CIDR.
+				first, last := v.Range()
+				if !v.Host(first) || !v.Host(last) || first.Compare(last) > 0 {
+					t.Fatalf("valid network %+v has range %s-%s", v, first, last)
+				}
+			}
+		})
+		roundTrip[AddressClaim](t, data, nil)
 		roundTrip[JoinToken](t, data, nil)
 		roundTrip[Rollout](t, data, func(v *Rollout) { _ = v.Validate() })
 		roundTrip[NodeCommand](t, data, nil)

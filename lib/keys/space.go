@@ -143,6 +143,13 @@ func (s Space) Rollout() string                  { return s.root + "/rollout" }
 func (s Space) VolumeRoot() string               { return s.dir("volumes") }
 func (s Space) Volume(pool, image string) string { return s.VolumeRoot() + pool + "/" + image }
 
+// NetworkPrefix lists the networks; AddressRoot every address claim, AddressPrefix one network's.
+func (s Space) NetworkPrefix() string           { return s.dir("networks") }
+func (s Space) Network(name string) string      { return s.NetworkPrefix() + name }
+func (s Space) AddressRoot() string             { return s.dir("addresses") }
+func (s Space) AddressPrefix(net string) string { return s.AddressRoot() + net + "/" }
+func (s Space) Address(net, ip string) string   { return s.AddressPrefix(net) + ip }
+
 // VolumeImage is the name of a VM's disk in its pool: the VM name for humans, the uid so that a VM
 // created again under the same name never gets the old disk.
 func VolumeImage(vm string, uid int64) string { return fmt.Sprintf("%s.%d", vm, uid) }

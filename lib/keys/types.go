@@ -292,12 +292,66 @@ const (
 	MigrateRestart = "restart"
 )
 
-// Network is one NIC.
+// Network is one NIC: on a herd network (Network, with an address the leader allocates or the
+// fixed Address), or on a bridge of the hypervisor named as is (Bridge, no address).
 type Network struct {
-	Bridge string `json:"bridge"`
+	Bridge  string `json:"bridge,omitempty"`
+	Network string `json:"network,omitempty"`
+	// Address is a fixed address on Network, which must lie in its CIDR; "" lets the leader
+	// allocate one from the network's range.
+	Address string `json:"address,omitempty"`
 	// Model defaults to virtio.
 	Model string `json:"model,omitempty"`
 	Extra `json:"-"`
+}
+
+// NetworkSpec is /herd/networks/<name>: a network VMs attach to, carried by every hypervisor (a
+// VLAN on its uplink, or untagged on a bridge), whose addresses the leader hands out.
+type NetworkSpec struct {
+	V int `json:"v"`
+	// VLAN is the 802.1Q id the network is tagged with on the hypervisors' uplink; 0: untagged,
+	// on Bridge.
+	VLAN int `json:"vlan,omitempty"`
+	// Bridge is the hypervisor bridge an untagged network's NICs join (default br0); a VLAN
+	// network's bridge is named after its id (HostBridge).
+	Bridge  string   `json:"bridge,omitempty"`
+	CIDR    string   `json:"cidr"`
+	Gateway string   `json:"gateway,omitempty"`
+	DNS     []string `json:"dns,omitempty"`
+	// RangeFirst and RangeLast bound the addresses the leader allocates, both included (default:
+	// every host address of the CIDR but the gateway). Fixed addresses may lie outside it.
+	RangeFirst string `json:"range_first,omitempty"`
+	RangeLast  string `json:"range_last,omitempty"`
+	MTU        int    `json:"mtu,omitempty"`
+	Extra      `json:"-"`
+}
+
+// AddressClaim is /herd/addresses/<network>/<ip>: the address one NIC of a VM holds. The leader
+// writes it in the transaction that first places the VM, conditioned on its absence, and deletes
+// it with the VM: one key per address, so no two VMs hold an address at any revision.
+type AddressClaim struct {
+	V     int       `json:"v"`
+	VM    string    `json:"vm"`
+	UID   int64     `json:"uid"`
+	NIC   int       `json:"nic"`
+	Since time.Time `json:"since"`
+	Extra `json:"-"`
+}
+
+// NIC is what a node needs to attach and configure one NIC of a VM on a herd network: resolved by
+// the leader from the network's record, so that a node reads no network record to run a VM.
+type NIC struct {
+	Network string `json:"network"`
+	// Bridge is the hypervisor bridge the NIC joins; VLAN, when set, the tag it carries on the
+	// uplink (the node makes the bridge).
+	Bridge string `json:"bridge"`
+	VLAN   int    `json:"vlan,omitempty"`
+	// Address is the NIC's address with the network's prefix length (10.20.0.17/22).
+	Address string   `json:"address"`
+	Gateway string   `json:"gateway,omitempty"`
+	DNS     []string `json:"dns,omitempty"`
+	MTU     int      `json:"mtu,omitempty"`
+	Extra   `json:"-"`
 }
 
 // KernelBoot boots a kernel directly.
@@ -343,6 +397,10 @@ type Placement struct {
 	Term int64  `json:"term,omitempty"`
 	// MACs are the NICs' addresses, fixed for the VM's life like the UUID.
 	MACs []string `json:"macs,omitempty"`
+	// NICs are the NICs on herd networks, by NIC (nil for a NIC on a bare bridge): the address
+	// each holds (an AddressClaim written in the same transaction) and the network's settings as
+	// they were then. Kept across moves like the MACs; a node gets them in its assignment.
+	NICs []*NIC `json:"nics,omitempty"`
 	// Migration, while set, is an open move to another node; nobody starts or resumes the VM.
 	Migration *Migration `json:"migration,omitempty"`
 	// Orphan marks a VM found running after an etcd restore whose spec the restore lost: no node
@@ -387,6 +445,8 @@ type Assignment struct {
 	SpecRev int64    `json:"spec_rev"`
 	Spec    *VMSpec  `json:"spec"`
 	MACs    []string `json:"macs,omitempty"`
+	// NICs configure the NICs on herd networks, by NIC (nil for a NIC on a bare bridge).
+	NICs []*NIC `json:"nics,omitempty"`
 	// Outgoing, on the source of a migration: where to send the VM.
 	Outgoing *Outgoing `json:"outgoing,omitempty"`
 	// Incoming, on the target of a migration, is its id: expect the domain, never start it.

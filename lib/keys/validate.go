@@ -146,14 +146,7 @@ func (s *VMSpec) Validate(pools []string) error {
 	validateLabels(&fe, "labels", s.Labels)
 	validateLabels(&fe, "node_selector", s.NodeSelector)
 	for i, n := range s.Networks {
-		if n.Bridge == "" || !labelRE.MatchString(n.Bridge) || len(n.Bridge) > 15 {
-			fe.add(fmt.Sprintf("networks[%d].bridge", i), "must name a bridge (at most 15 characters)")
-		}
-		switch n.Model {
-		case "", "virtio", "e1000", "e1000e", "rtl8139":
-		default:
-			fe.add(fmt.Sprintf("networks[%d].model", i), "unknown NIC model %q (virtio, e1000, e1000e, rtl8139)", n.Model)
-		}
+		validateNIC(&fe, i, n)
 	}
 	if len(s.Networks) > 8 {
 		fe.add("networks", "at most 8 NICs")

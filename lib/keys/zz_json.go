@@ -2,6 +2,22 @@
 
 package keys
 
+func (x AddressClaim) MarshalJSON() ([]byte, error) {
+	type plain AddressClaim
+	return encodeObject(plain(x), x.Extra)
+}
+
+func (x *AddressClaim) UnmarshalJSON(b []byte) error {
+	type plain AddressClaim
+	var p plain
+	e, err := decodeObject(b, &p)
+	*x = AddressClaim(p)
+	x.Extra = e
+	return err
+}
+
+func (x *AddressClaim) version() *int { return &x.V }
+
 func (x Addresses) MarshalJSON() ([]byte, error) {
 	type plain Addresses
 	return encodeObject(plain(x), x.Extra)
@@ -338,6 +354,20 @@ func (x *Migration) UnmarshalJSON(b []byte) error {
 	return err
 }
 
+func (x NIC) MarshalJSON() ([]byte, error) {
+	type plain NIC
+	return encodeObject(plain(x), x.Extra)
+}
+
+func (x *NIC) UnmarshalJSON(b []byte) error {
+	type plain NIC
+	var p plain
+	e, err := decodeObject(b, &p)
+	*x = NIC(p)
+	x.Extra = e
+	return err
+}
+
 func (x Network) MarshalJSON() ([]byte, error) {
 	type plain Network
 	return encodeObject(plain(x), x.Extra)
@@ -351,6 +381,22 @@ func (x *Network) UnmarshalJSON(b []byte) error {
 	x.Extra = e
 	return err
 }
+
+func (x NetworkSpec) MarshalJSON() ([]byte, error) {
+	type plain NetworkSpec
+	return encodeObject(plain(x), x.Extra)
+}
+
+func (x *NetworkSpec) UnmarshalJSON(b []byte) error {
+	type plain NetworkSpec
+	var p plain
+	e, err := decodeObject(b, &p)
+	*x = NetworkSpec(p)
+	x.Extra = e
+	return err
+}
+
+func (x *NetworkSpec) version() *int { return &x.V }
 
 func (x Node) MarshalJSON() ([]byte, error) {
 	type plain Node

@@ -81,6 +81,8 @@ var Matrix = []Area{
 	{"rolloutstatus", func(s keys.Space, _ string) string { return s.RolloutStatus() }, [6]Access{rw, r, n, r, n, n}, "its progress (the leader)"},
 	{"images/VERSION", func(s keys.Space, _ string) string { return s.Image("v1") }, [6]Access{rw, rw, r, r, n, n}, "the image catalogue (operators)"},
 	{"volumes/POOL/IMAGE", func(s keys.Space, _ string) string { return s.Volume("rbd", "web1.7") }, [6]Access{rw, r, n, r, n, n}, "disks the leader made"},
+	{"networks/NAME", func(s keys.Space, _ string) string { return s.Network("prod") }, [6]Access{rw, rw, n, r, n, n}, "the networks VMs attach to (operators)"},
+	{"addresses/NET/IP", func(s keys.Space, _ string) string { return s.Address("prod", "10.20.0.17") }, [6]Access{rw, r, n, r, n, n}, "the address each VM's NIC holds (the leader)"},
 	{"nodecmd/HWID/ID", func(s keys.Space, h string) string { return s.NodeCmd(h, "r1-1") }, [6]Access{rw, r, n, r, rw, n}, "commands for a node (the leader), results (the node)"},
 	{"consoles/HWID/ID", func(s keys.Space, h string) string { return s.ConsoleTicket(h, "t1") }, [6]Access{rw, rw, n, r, r, n}, "operators' tickets to type into a VM's serial console on that node"},
 	{"jointokens/HASH", func(s keys.Space, _ string) string { return s.JoinToken("ab12") }, [6]Access{rw, rw, rw, r, n, n}, "one-time join tokens (hashes)"},
