@@ -62,6 +62,11 @@ type Config struct {
 	// ConsoleDir holds each VM's serial console log, <dir>/<vm>.log; keep the path the same on every
 	// node (a shared filesystem) and a console survives migrations in one file.
 	ConsoleDir string
+	// SeedDir is where VMs' cloud-init seeds are built (seed.go); "" builds none.
+	SeedDir string
+	// Uplink is the interface VLAN networks are tagged on (agent/hostnet makes their bridges);
+	// "" carries none, and the leader places no VM on a VLAN network here.
+	Uplink string
 	// RevisionFile keeps the newest etcd revision this agent saw (etcdutil.Watermark), so that an
 	// agent restarted while etcd was restored from a backup still notices it went back. Keep it
 	// where a restart of the agent finds it (/run on a netbooted node); "" keeps none.
@@ -202,6 +207,7 @@ type Agent struct {
 	mu       sync.Mutex
 	reported map[string]keys.VMStatus // last status written per VM, to skip identical writes
 	defined  map[string]int64         // spec revision last defined per VM
+	seeds    map[string][]byte        // seed path -> hash of what it says
 	stopping map[string]time.Time     // VMs asked to power off, since when
 	outcomes map[string]string        // migration id -> this source's result
 	// Crash handling (crash.go): guests seen running as wanted, recent crashes, and the time
@@ -225,6 +231,7 @@ func New(cfg Config) (*Agent, error) {
 		queue:      workqueue.New(),
 		reported:   map[string]keys.VMStatus{},
 		defined:    map[string]int64{},
+		seeds:      map[string][]byte{},
 		stopping:   map[string]time.Time{},
 		outcomes:   map[string]string{},
 		ran:        map[string]ranAs{},
@@ -493,6 +500,7 @@ func (a *Agent) enqueueAll(ctx context.Context) {
 		a.log.Warn("list domains for resync", "error", err)
 		return
 	}
+	a.sweepSeeds(doms)
 	counts := map[hypervisor.State]int{}
 	for _, d := range doms {
 		if d.Managed {

@@ -223,6 +223,15 @@ func (a *Agent) reconcileWithdrawn(ctx context.Context, name string, kv *assignR
 // say whether it has arrived and runs.
 func (a *Agent) reconcileIncoming(ctx context.Context, name string, kv *assignRec, asg *keys.Assignment, dom *hypervisor.Domain) error {
 	st := keys.VMStatus{UID: asg.UID, Epoch: asg.Epoch, State: keys.StateIncoming, Migration: asg.Incoming}
+	// The arriving domain's CD-ROM names this path: QEMU here opens it when the migration starts.
+	if err := a.ensureNetworks(asg); err != nil {
+		st.State, st.Message = keys.StateError, err.Error()
+		return a.reportStatus(ctx, name, kv, st)
+	}
+	if _, err := a.ensureSeed(name, asg); err != nil {
+		st.State, st.Message = keys.StateError, "seed: "+err.Error()
+		return a.reportStatus(ctx, name, kv, st)
+	}
 	if dom != nil && dom.UID == asg.UID && dom.State == hypervisor.Running {
 		st.State, st.Epoch = keys.StateRunning, dom.Epoch
 	}
@@ -406,6 +415,14 @@ func (a *Agent) ensureDefined(ctx context.Context, name string, asg *keys.Assign
 		}
 		spec.Disk = &att
 	}
+	if err := a.ensureNetworks(asg); err != nil {
+		return err
+	}
+	seed, err := a.ensureSeed(name, asg)
+	if err != nil {
+		return fmt.Errorf("seed: %w", err)
+	}
+	spec.Seed = seed
 	if err := a.hv.Define(ctx, spec); err != nil {
 		return fmt.Errorf("define domain: %w", err)
 	}

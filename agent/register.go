@@ -76,6 +76,7 @@ func (a *Agent) register(ctx context.Context) (clientv3.LeaseID, error) {
 		ConsoleURL:        a.cfg.ConsoleURL,
 		MigrationURI:      a.cfg.MigrationURI,
 		BootDir:           a.cfg.BootDir,
+		Uplink:            a.cfg.Uplink,
 		Recovery:          a.inv.Load(),
 		Problem:           a.problem(),
 	}

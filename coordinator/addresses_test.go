@@ -15,8 +15,8 @@ import (
 	"github.com/herdhq/herd/lib/keys"
 )
 
-// TestAddressesAreClaimedWithThePlacement runs a leader against a real etcd with a network of five
-// allocatable addresses. Every VM on it gets its own address, claimed in the transaction that
+// TestAddressesAreClaimedWithThePlacement runs a leader against a real etcd with a VLAN network of
+// five allocatable addresses, which only one of two nodes carries. Every VM on it gets its own address, claimed in the transaction that
 // places it and carried to the node in its assignment; the sixth waits with a problem that says the
 // range is full until a VM is deleted and its address released; a fixed address held by another VM
 // and a missing network are problems in words; a claim deleted by hand is claimed again, and one
@@ -25,7 +25,8 @@ func TestAddressesAreClaimedWithThePlacement(t *testing.T) {
 	srv := etcdtest.Start(t)
 	c := etcdtest.NewClient(t, srv.Endpoints)
 	ctx := context.Background()
-	addNode(t, c, "n1", 64, 65536, nil)
+	// Only n1 carries VLAN networks: every VM on prod (VLAN 120) must go there.
+	addNodeWith(t, c, "n1", 64, 65536, nil, func(n *keys.Node) { n.Uplink = "eth1" })
 	addNode(t, c, "n2", 64, 65536, nil)
 	put := func(key, val string) {
 		t.Helper()
@@ -78,6 +79,9 @@ func TestAddressesAreClaimedWithThePlacement(t *testing.T) {
 			pl := placement(name)
 			if pl == nil || len(pl.NICs) == 0 || pl.NICs[0] == nil {
 				return fmt.Errorf("placement %+v (problem %q)", pl, problem(name))
+			}
+			if pl.Node != "n1" {
+				return fmt.Errorf("placed on %s, which has no uplink for VLAN 120", pl.Node)
 			}
 			ip = pl.NICs[0].IP()
 			if got := claims()[ip]; got != fmt.Sprintf("%s/%d", name, pl.UID) {

@@ -51,13 +51,25 @@ func BenchmarkPlacementThroughput(b *testing.B) {
 // so the spec writes do not share the denominator: the rate runs from the first placement committed
 // to the last, against the raw rate of the same transaction shape in the same run (goal >= 0.8).
 // The leader's start (election, caches listed, first round) is reported apart as start-s.
-func BenchmarkPlacementThroughputPrewritten(b *testing.B) {
+func BenchmarkPlacementThroughputPrewritten(b *testing.B) { prewritten(b, false) }
+
+// BenchmarkPlacementWithAddresses is BenchmarkPlacementThroughputPrewritten with a NIC on a herd
+// network per VM: each placement also allocates an address and writes its claim under the guard,
+// against the raw rate of that transaction's shape (the claim's absence compared, the claim put).
+func BenchmarkPlacementWithAddresses(b *testing.B) { prewritten(b, true) }
+
+func prewritten(b *testing.B, addrs bool) {
 	for range b.N {
 		srv := etcdtest.Start(b)
 		c := etcdtest.NewClient(b, srv.Endpoints)
-		rawRate := rawPlacementRate(b, c)
+		rawRate := rawPlacementRateOf(b, c, addrs)
 		addBenchNodes(b, c)
-		writeBenchSpecs(b, c)
+		if addrs {
+			if _, err := c.Put(context.Background(), space.Network("bench"), keys.MustEncode(&keys.NetworkSpec{CIDR: "10.64.0.0/16"})); err != nil {
+				b.Fatal(err)
+			}
+		}
+		writeBenchSpecsOf(b, c, addrs)
 		placed := watchPlacements(b, c)
 		start := time.Now()
 		for i := range 2 {
@@ -76,6 +88,10 @@ func BenchmarkPlacementThroughputPrewritten(b *testing.B) {
 // rawPlacementRate is the rate of the placement transaction's shape, guarded by a real election
 // key, on keys of their own, benchWriters in flight.
 func rawPlacementRate(b *testing.B, c *clientv3.Client) float64 {
+	return rawPlacementRateOf(b, c, false)
+}
+
+func rawPlacementRateOf(b *testing.B, c *clientv3.Client, addrs bool) float64 {
 	ctx := context.Background()
 	lresp, err := c.Put(ctx, "/bench/leader", "x")
 	if err != nil {
@@ -88,13 +104,18 @@ func rawPlacementRate(b *testing.B, c *clientv3.Client) float64 {
 		pl := keys.Placement{UID: int64(i), Node: "n", Epoch: 1, UUID: "6f1b8d4e-3c2a-4b5d-9e8f-0a1b2c3d4e5f", VCPUs: 1, MemoryMiB: 512, Since: time.Now(), By: "bench", Term: g.Rev}
 		vs := keys.VMSpec{VCPUs: 1, MemoryMiB: 512, Disk: &keys.Disk{Pool: "default", SizeGiB: 10}}
 		asg := keys.Assignment{UID: int64(i), Epoch: 1, UUID: pl.UUID, Spec: &vs}
-		_, err := etcdutil.GuardedTxn(ctx, c, g,
-			[]etcdutil.Cmp{etcdutil.ModRev("/bench/vms/"+name+"/placement", 0), etcdutil.ModRev("/bench/vms/"+name+"/spec", 0)},
-			[]etcdutil.Op{
-				etcdutil.OpPut("/bench/vms/"+name+"/placement", keys.MustEncode(&pl)),
-				etcdutil.OpPut("/bench/assign/n/"+name, keys.MustEncode(&asg)),
-				etcdutil.OpDelete("/bench/vms/" + name + "/problem"),
-			})
+		cmps := []etcdutil.Cmp{etcdutil.ModRev("/bench/vms/"+name+"/placement", 0), etcdutil.ModRev("/bench/vms/"+name+"/spec", 0)}
+		ops := []etcdutil.Op{
+			etcdutil.OpPut("/bench/vms/"+name+"/placement", keys.MustEncode(&pl)),
+			etcdutil.OpPut("/bench/assign/n/"+name, keys.MustEncode(&asg)),
+			etcdutil.OpDelete("/bench/vms/" + name + "/problem"),
+		}
+		if addrs {
+			claim := fmt.Sprintf("/bench/addresses/bench/10.64.%d.%d", i/250, i%250+1)
+			cmps = append(cmps, etcdutil.CreateRev(claim, 0))
+			ops = append(ops, etcdutil.OpPut(claim, keys.MustEncode(&keys.AddressClaim{VM: name, UID: int64(i)})))
+		}
+		_, err := etcdutil.GuardedTxn(ctx, c, g, cmps, ops)
 		if err != nil {
 			b.Error(err)
 		}
@@ -108,8 +129,14 @@ func addBenchNodes(b *testing.B, c *clientv3.Client) {
 	}
 }
 
-func writeBenchSpecs(b *testing.B, c *clientv3.Client) {
-	spec := keys.MustEncode(&keys.VMSpec{VCPUs: 1, MemoryMiB: 512, Disk: &keys.Disk{Pool: "default", SizeGiB: 10}})
+func writeBenchSpecs(b *testing.B, c *clientv3.Client) { writeBenchSpecsOf(b, c, false) }
+
+func writeBenchSpecsOf(b *testing.B, c *clientv3.Client, addrs bool) {
+	vs := keys.VMSpec{VCPUs: 1, MemoryMiB: 512, Disk: &keys.Disk{Pool: "default", SizeGiB: 10}}
+	if addrs {
+		vs.Networks = []keys.Network{{Network: "bench"}}
+	}
+	spec := keys.MustEncode(&vs)
 	parallel(benchVMs, benchWriters, func(i int) {
 		if _, err := c.Put(context.Background(), space.VMSpec(fmt.Sprintf("vm%05d", i)), spec); err != nil {
 			b.Error(err)

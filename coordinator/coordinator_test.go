@@ -40,12 +40,21 @@ func (r *replica) stop() {
 // addNode registers a live node the way an agent does: key under a lease.
 func addNode(t testing.TB, c *clientv3.Client, hwid string, cpus int, memMiB int64, labels map[string]string) {
 	t.Helper()
+	addNodeWith(t, c, hwid, cpus, memMiB, labels, nil)
+}
+
+// addNodeWith is addNode with a change to the node record.
+func addNodeWith(t testing.TB, c *clientv3.Client, hwid string, cpus int, memMiB int64, labels map[string]string, change func(*keys.Node)) {
+	t.Helper()
 	ctx := context.Background()
 	l, err := c.Grant(ctx, 60)
 	if err != nil {
 		t.Fatal(err)
 	}
 	n := keys.Node{HWID: hwid, Lease: int64(l.ID), BootID: "b", CPUs: cpus, MemoryMiB: memMiB}
+	if change != nil {
+		change(&n)
+	}
 	if _, err := c.Put(ctx, space.Hardware(hwid), keys.MustEncode(&keys.Hardware{MAC: hwid, Labels: labels})); err != nil {
 		t.Fatal(err)
 	}

@@ -75,6 +75,8 @@ type Spec struct {
 	MemoryMiB int64
 	Disk      *volume.Attachment
 	NICs      []NIC
+	// Seed is the VM's cloud-init seed image, attached read-only as a CD-ROM ("": none).
+	Seed string
 	// Kernel, Initrd and Cmdline boot a kernel directly (paths on this host).
 	Kernel, Initrd, Cmdline string
 	// Console is the file the serial console appends to; it survives migrations when the path is
@@ -387,6 +389,25 @@ func parseMetadata(s string) (ok bool, uid, epoch int64, cluster string, restart
 	return true, u, e, m.Cluster, m.Restarts
 }
 
+// DefinedXML is the definition libvirt holds for the domain (as libvirt completed it).
+func (h *Libvirt) DefinedXML(ctx context.Context, name string) (string, error) {
+	c, err := h.connection()
+	if err != nil {
+		return "", err
+	}
+	var out string
+	err = h.call(ctx, "xml of "+name, func() error {
+		dom, err := c.LookupDomainByName(name)
+		if err != nil {
+			return err
+		}
+		defer dom.Free()
+		out, err = dom.GetXMLDesc(libvirt.DOMAIN_XML_INACTIVE)
+		return err
+	})
+	return out, err
+}
+
 // DomainXML renders the domain definition for spec: virtio disk and NICs, ACPI (so a shutdown is the
 // guest's own), the serial console on a pty logged to a file, direct kernel boot if asked.
 func (h *Libvirt) DomainXML(s Spec) (string, error) {
@@ -450,6 +471,15 @@ func (h *Libvirt) DomainXML(s Spec) (string, error) {
 			return "", fmt.Errorf("domain %s: disk kind %q not supported", s.Name, s.Disk.Kind)
 		}
 		d.Devices.Disks = append(d.Devices.Disks, disk)
+	}
+	if s.Seed != "" {
+		d.Devices.Disks = append(d.Devices.Disks, libvirtxml.DomainDisk{
+			Device:   "cdrom",
+			Driver:   &libvirtxml.DomainDiskDriver{Name: "qemu", Type: "raw"},
+			Source:   &libvirtxml.DomainDiskSource{File: &libvirtxml.DomainDiskSourceFile{File: s.Seed}},
+			Target:   &libvirtxml.DomainDiskTarget{Dev: "sda", Bus: "sata"},
+			ReadOnly: &libvirtxml.DomainDiskReadOnly{},
+		})
 	}
 	for _, n := range s.NICs {
 		model := n.Model

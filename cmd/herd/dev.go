@@ -328,6 +328,8 @@ func devAgentParams(o devOptions, dir string) agentParams {
 	p := defaultAgentParams()
 	p.leaseTTL = o.leaseTTL
 	p.bootDir = filepath.Join(dir, "boot")
+	p.seedDir = filepath.Join(dir, "seeds")
+	p.uplink = "test" // the test driver runs no guest: VLAN networks are bookkeeping only in dev
 	p.console = ""
 	return p
 }

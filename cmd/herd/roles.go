@@ -105,6 +105,8 @@ type agentParams struct {
 	domType   string
 	console   string
 	bootDir   string
+	seedDir   string
+	uplink    string
 	migURI    string
 	maxMig    int
 	shutdownT time.Duration
@@ -133,6 +135,8 @@ func (p *agentParams) addFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&p.addrMig, "address-migration", "", "live-migration address to advertise")
 	fs.StringVar(&p.domType, "domain-type", "auto", "libvirt domain type: auto (kvm if /dev/kvm opens, else qemu), kvm, or qemu (TCG)")
 	fs.StringVar(&p.bootDir, "boot-dir", "/var/lib/herd/boot", "the only directory direct kernel boot files (a spec's boot.kernel, boot.initrd) may come from, symlinks resolved; empty: none")
+	fs.StringVar(&p.seedDir, "seed-dir", "/var/lib/herd/seeds", "where the VMs' cloud-init seeds (NoCloud CD-ROM images) are built; empty: none, and VMs with NICs on herd networks, SSH keys or user data do not start here")
+	fs.StringVar(&p.uplink, "uplink", "", "the interface VLAN networks are tagged on (a trunk port): the agent makes bridge herd-v<id> with link herd-t<id> on it for each VLAN its VMs use; empty: no VMs on VLAN networks here")
 	fs.StringVar(&p.console, "console-dir", "/var/log/herd/console", "serial console logs, <dir>/<vm>.log (same path on every node to keep one log across migrations)")
 	fs.StringVar(&p.migURI, "migration-uri", "", "libvirt URI other nodes migrate to, e.g. qemu+tcp://10.0.0.17/system (empty: this node takes no live migrations)")
 	fs.IntVar(&p.maxMig, "max-migrations", 2, "concurrent outgoing live migrations")
@@ -200,7 +204,7 @@ func (p *agentParams) config(c agentConns) (agent.Config, error) {
 		LeaseTTL: p.leaseTTL, Resync: p.resync,
 		CPUs: p.cpus, MemoryMiB: memMiB, ReservedMemoryMiB: resMiB,
 		Addresses:    keys.Addresses{Management: p.addrMgmt, Storage: p.addrStore, Migration: p.addrMig},
-		MigrationURI: p.migURI, ConsoleDir: p.console, BootDir: p.bootDir, MaxMigrations: p.maxMig, RevisionFile: p.revFile,
+		MigrationURI: p.migURI, ConsoleDir: p.console, BootDir: p.bootDir, SeedDir: p.seedDir, Uplink: p.uplink, MaxMigrations: p.maxMig, RevisionFile: p.revFile,
 		ShutdownTimeout: p.shutdownT, MigrationTimeout: p.migT, RebootCommand: p.rebootCmd,
 		Hostname: c.hostname, Image: p.image, Version: c.version,
 		StatusURL: c.statusURL, ConsoleURL: c.consoleURL, Log: c.log, Registry: c.registry,

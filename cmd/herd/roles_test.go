@@ -53,15 +53,16 @@ func TestDevRunsTheRolesWithTheirDefaults(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// Dev's deliberate changes: boot files in its data directory, no console logs (so only the
-	// disks' filesystem is watched for room).
-	if devA.BootDir != "/data/boot" || devA.ConsoleDir != "" || !reflect.DeepEqual(devA.DiskPaths, []string{"/v"}) {
-		t.Fatalf("dev agent: boot dir %q console dir %q disk paths %q", devA.BootDir, devA.ConsoleDir, devA.DiskPaths)
+	// Dev's deliberate changes: boot files and seeds in its data directory, no console logs (so
+	// only the disks' filesystem is watched for room), VLAN networks carried (bookkeeping only).
+	if devA.BootDir != "/data/boot" || devA.ConsoleDir != "" || !reflect.DeepEqual(devA.DiskPaths, []string{"/v"}) ||
+		devA.SeedDir != "/data/seeds" || devA.Uplink != "test" {
+		t.Fatalf("dev agent: boot dir %q console dir %q disk paths %q seed dir %q uplink %q", devA.BootDir, devA.ConsoleDir, devA.DiskPaths, devA.SeedDir, devA.Uplink)
 	}
 	if !reflect.DeepEqual(roleA.DiskPaths, []string{"/var/log/herd/console", "/v"}) {
 		t.Fatalf("herd agent watches %q for room", roleA.DiskPaths)
 	}
-	devA.BootDir, devA.ConsoleDir, devA.DiskPaths = roleA.BootDir, roleA.ConsoleDir, roleA.DiskPaths
+	devA.BootDir, devA.ConsoleDir, devA.DiskPaths, devA.SeedDir, devA.Uplink = roleA.BootDir, roleA.ConsoleDir, roleA.DiskPaths, roleA.SeedDir, roleA.Uplink
 	if !reflect.DeepEqual(roleA, devA) {
 		t.Fatalf("dev's agent differs from herd agent's defaults:\n role %+v\n dev  %+v", roleA, devA)
 	}

@@ -216,7 +216,7 @@ func (s *view) decideVM(t *tally, name string, v *VM) {
 		}
 	case pl != nil && fate.move:
 		t.specs[name], t.moving[name] = spec, pl
-		t.pending = append(t.pending, schedVM(name, uid, spec, ""))
+		t.pending = append(t.pending, onNICs(schedVM(name, uid, spec, ""), pl.NICs))
 	case pl != nil && (v.Migrate != nil || s.draining(pl.Node)):
 		reason, to := "drain", ""
 		if v.Migrate != nil {
@@ -254,7 +254,7 @@ func (s *view) decideVM(t *tally, name string, v *VM) {
 		}
 		t.nics[name] = nics
 		t.specs[name] = spec
-		t.pending = append(t.pending, schedVM(name, uid, spec, ""))
+		t.pending = append(t.pending, onNICs(schedVM(name, uid, spec, ""), nics.nics))
 	}
 	if pl != nil && spec != nil && spec.Disk != nil {
 		s.volumeReady(name, uid, spec) // grows the disk of a placed VM
@@ -373,7 +373,7 @@ func (s *view) trust() {
 		}
 		s.live[hwid] = r
 		n := r.Value
-		sn := scheduler.Node{HWID: hwid, CPUs: n.CPUs, MemoryMiB: n.MemoryMiB, ReservedMemoryMiB: n.ReservedMemoryMiB, BootDir: n.BootDir}
+		sn := scheduler.Node{HWID: hwid, CPUs: n.CPUs, MemoryMiB: n.MemoryMiB, ReservedMemoryMiB: n.ReservedMemoryMiB, BootDir: n.BootDir, Uplink: n.Uplink != ""}
 		if allowed := s.allowedCapacity(hwid); allowed != nil {
 			var over []string
 			if n.CPUs > allowed.CPUs {
@@ -486,6 +486,14 @@ func (s *view) checkShrink(name string, uid int64, spec *keys.VMSpec) error {
 		return keys.FieldErrors{{Field: "disk.size_gib", Message: fmt.Sprintf("refusing to shrink the disk from %d to %d GiB: the guest's filesystem would be cut", r.Value.SizeGiB, spec.Disk.SizeGiB)}}
 	}
 	return nil
+}
+
+// onNICs notes what a VM's NICs need of a node.
+func onNICs(vm scheduler.VM, nics []*keys.NIC) scheduler.VM {
+	for _, n := range nics {
+		vm.VLANs = vm.VLANs || (n != nil && n.VLAN > 0)
+	}
+	return vm
 }
 
 func schedVM(name string, uid int64, s *keys.VMSpec, node string) scheduler.VM {

@@ -156,7 +156,7 @@ func (s *view) startMigrations(wants []wantMove, placed []scheduler.VM, busy map
 		if w.to != "" {
 			checks = append(checks, scheduler.Only(w.to))
 		}
-		vm := schedVM(w.name, w.pl.UID, w.spec, "")
+		vm := onNICs(schedVM(w.name, w.pl.UID, w.spec, ""), w.pl.NICs)
 		sched := scheduler.Schedule(scheduler.Snapshot{Nodes: s.nodes, Placed: placed, Pending: []scheduler.VM{vm}, Checkers: checks}, s.cfg.Scheduler)
 		if len(sched.Placements) == 0 {
 			msg := "no node can take it"

@@ -27,6 +27,8 @@ type Node struct {
 	Labels            map[string]string
 	// BootDir is where the node allows direct kernel boot files ("" allows none).
 	BootDir string
+	// Uplink says the node carries VLAN networks (its agent makes their bridges on a trunk).
+	Uplink bool
 	// Unschedulable, when set, says why no new VM may go here (cordoned, not enrolled, ...).
 	Unschedulable string
 }
@@ -41,7 +43,9 @@ type VM struct {
 	AntiAffinity string
 	// BootPaths are the direct kernel boot files the VM needs on its node (clean, absolute).
 	BootPaths []string
-	Node      string
+	// VLANs: a NIC is on a VLAN network, which only a node with an uplink carries.
+	VLANs bool
+	Node  string
 }
 
 // Snapshot is everything a decision depends on.
@@ -101,6 +105,7 @@ const (
 	ReasonCPU           = "insufficient vCPUs"
 	ReasonUnschedulable = "unschedulable"
 	ReasonBootDir       = "kernel boot path outside the node's boot directory"
+	ReasonUplink        = "no uplink for VLAN networks (herd agent --uplink)"
 )
 
 // NodeUse is one node's capacity as a round proceeds: what checkers look at.
@@ -157,6 +162,7 @@ type (
 	unschedulableCheck struct{}
 	selectorCheck      struct{}
 	bootDirCheck       struct{}
+	uplinkCheck        struct{}
 	antiAffinityCheck  struct{}
 	memoryCheck        struct{}
 	cpuCheck           struct{}
@@ -166,6 +172,7 @@ var (
 	Unschedulable Checker = unschedulableCheck{}
 	Selector      Checker = selectorCheck{}
 	BootDir       Checker = bootDirCheck{}
+	Uplink        Checker = uplinkCheck{}
 	AntiAffinity  Checker = antiAffinityCheck{}
 	Memory        Checker = memoryCheck{}
 	CPU           Checker = cpuCheck{}
@@ -202,6 +209,15 @@ func (bootDirCheck) Reject(n *NodeUse, vm *VM) string {
 	return ""
 }
 
+func (uplinkCheck) Name() string   { return "uplink" }
+func (uplinkCheck) Resource() bool { return false }
+func (uplinkCheck) Reject(n *NodeUse, vm *VM) string {
+	if vm.VLANs && !n.Uplink {
+		return ReasonUplink
+	}
+	return ""
+}
+
 func (antiAffinityCheck) Name() string   { return "anti-affinity" }
 func (antiAffinityCheck) Resource() bool { return false }
 func (antiAffinityCheck) Reject(n *NodeUse, vm *VM) string {
@@ -231,7 +247,7 @@ func (cpuCheck) Reject(n *NodeUse, vm *VM) string {
 
 // Placement is the checkers of a first placement, and the base every other purpose adds to.
 func Placement() []Checker {
-	return []Checker{Unschedulable, Selector, BootDir, AntiAffinity, Memory, CPU}
+	return []Checker{Unschedulable, Selector, BootDir, Uplink, AntiAffinity, Memory, CPU}
 }
 
 // fusedPlacement runs the Placement checkers as one function: they run for every node and every
@@ -250,6 +266,9 @@ func fusedPlacement(n *NodeUse, vm *VM) string {
 		if n.BootDir == "" || !keys.InDir(p, n.BootDir) {
 			return ReasonBootDir
 		}
+	}
+	if vm.VLANs && !n.Uplink {
+		return ReasonUplink
 	}
 	if vm.AntiAffinity != "" && n.groups[vm.AntiAffinity] > 0 {
 		return ReasonAntiAffinity

@@ -74,6 +74,7 @@ func TestFilters(t *testing.T) {
 	base[0].Labels = map[string]string{"rack": "a", "ssd": "yes"}
 	base[1].Labels = map[string]string{"rack": "b"}
 	base[2].Unschedulable = "cordoned"
+	base[1].Uplink = true
 	cases := []struct {
 		name    string
 		vms     []VM
@@ -111,6 +112,12 @@ func TestFilters(t *testing.T) {
 			reasons: map[string]int{ReasonCPU: 2, ReasonUnschedulable + ": cordoned": 1},
 		},
 		{
+			name:    "a VLAN network: only the node with an uplink",
+			vms:     []VM{{Name: "a", UID: 1, VCPUs: 1, MemoryMiB: 1, VLANs: true}, {Name: "b", UID: 2, VCPUs: 4, MemoryMiB: 1, VLANs: true}},
+			want:    map[string]int{"n01": 1},
+			reasons: map[string]int{ReasonUplink: 1, ReasonCPU: 1, ReasonUnschedulable + ": cordoned": 1},
+		},
+		{
 			name: "cpu overcommit 2: 8 vCPUs per node",
 			vms:  []VM{{Name: "a", VCPUs: 5, MemoryMiB: 1}},
 			opts: Options{CPUOvercommit: 2},
@@ -119,14 +126,19 @@ func TestFilters(t *testing.T) {
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
-			p := Schedule(Snapshot{Nodes: base, Pending: c.vms}, c.opts)
-			got := count(p)
-			if fmt.Sprint(got) != fmt.Sprint(c.want) {
-				t.Fatalf("placements %v, want %v", got, c.want)
-			}
-			if c.reasons != nil {
-				if len(p.Failures) != 1 || fmt.Sprint(p.Failures[0].Reasons) != fmt.Sprint(c.reasons) {
-					t.Fatalf("failures %+v, want reasons %v", p.Failures, c.reasons)
+			// The fused checks (the default) and the same checks one by one (a list that does not
+			// start with Placement's) must agree.
+			unfused := append([]Checker{Excluding("none", nil)}, Placement()...)
+			for _, checks := range [][]Checker{nil, unfused} {
+				p := Schedule(Snapshot{Nodes: base, Pending: c.vms, Checkers: checks}, c.opts)
+				got := count(p)
+				if fmt.Sprint(got) != fmt.Sprint(c.want) {
+					t.Fatalf("placements %v, want %v (fused %v)", got, c.want, checks == nil)
+				}
+				if c.reasons != nil {
+					if len(p.Failures) != 1 || fmt.Sprint(p.Failures[0].Reasons) != fmt.Sprint(c.reasons) {
+						t.Fatalf("failures %+v, want reasons %v (fused %v)", p.Failures, c.reasons, checks == nil)
+					}
 				}
 			}
 		})

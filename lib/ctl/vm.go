@@ -61,6 +61,8 @@ type specFlags struct {
 	cmdline  string
 	networks []string
 	nets     []string
+	sshKeys  []string
+	userData string
 	policy   string
 }
 
@@ -78,6 +80,8 @@ func (sf *specFlags) add(f *pflag.FlagSet) {
 	f.StringVar(&sf.initrd, "initrd", "", "initrd for --kernel")
 	f.StringVar(&sf.cmdline, "cmdline", "", "kernel command line for --kernel")
 	f.StringArrayVar(&sf.nets, "net", nil, "a NIC on a herd network, with an address: NAME[,ip=ADDRESS][,model=virtio] (repeatable; before --network's NICs)")
+	f.StringArrayVar(&sf.sshKeys, "ssh-key", nil, "a file of SSH public keys (a .pub or authorized_keys file) the guest accepts at first boot (repeatable)")
+	f.StringVar(&sf.userData, "user-data", "", "a cloud-init user-data file (#cloud-config, a #! script...) the guest runs at first boot")
 	f.StringSliceVar(&sf.networks, "network", nil, "a NIC on a hypervisor bridge as is, no address: BRIDGE[,model=virtio] (repeatable)")
 	f.StringVar(&sf.policy, "migration-policy", "", "how the VM leaves a drained node: migrate (default) or restart")
 }
@@ -103,6 +107,28 @@ func (sf *specFlags) spec() (keys.VMSpec, error) {
 			}
 		}
 		spec.Networks = append(spec.Networks, nic)
+	}
+	for _, f := range sf.sshKeys {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			return spec, usagef("--ssh-key: %v", err)
+		}
+		n := len(spec.SSHKeys)
+		for _, line := range strings.Split(string(b), "\n") {
+			if line = strings.TrimSpace(line); line != "" && !strings.HasPrefix(line, "#") {
+				spec.SSHKeys = append(spec.SSHKeys, line)
+			}
+		}
+		if len(spec.SSHKeys) == n {
+			return spec, usagef("--ssh-key %s: no public key in it", f)
+		}
+	}
+	if sf.userData != "" {
+		b, err := os.ReadFile(sf.userData)
+		if err != nil {
+			return spec, usagef("--user-data: %v", err)
+		}
+		spec.UserData = string(b)
 	}
 	for _, n := range sf.networks {
 		bridge, model, _ := strings.Cut(n, ",")
@@ -140,6 +166,7 @@ func vmCreateCmd(e *env) *cobra.Command {
 		Short: "Create a VM; the leader places it on a node and the node's agent starts it",
 		Example: `  herdctl vm create web1 --vcpus 2 --memory 1GiB --disk 10GiB
   herdctl vm create db1 --memory 8GiB --disk 100GiB --anti-affinity db --selector zone=z1 --wait
+  herdctl vm create app1 --net prod --net back,ip=10.21.0.40 --ssh-key ~/.ssh/id_ed25519.pub --user-data init.yaml
   herdctl vm create web2 --disk 10GiB --dry-run     # print the JSON etcdctl would write`,
 		Args: exactArgs("NAME"),
 		RunE: func(cmd *cobra.Command, args []string) error {

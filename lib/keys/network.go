@@ -192,3 +192,38 @@ func (n *NIC) IP() string {
 	ip, _, _ := strings.Cut(n.Address, "/")
 	return ip
 }
+
+// Limits on what a spec gives a guest at its first boot: the seed is built on every node that runs
+// the VM, and the spec is copied into every assignment.
+const (
+	MaxSSHKeys     = 32
+	MaxSSHKeyBytes = 16 << 10
+	MaxUserData    = 64 << 10
+)
+
+// validateGuestConfig checks the SSH keys and user data of a spec.
+func validateGuestConfig(fe *FieldErrors, s *VMSpec) {
+	if len(s.SSHKeys) > MaxSSHKeys {
+		fe.add("ssh_keys", "at most %d keys, got %d", MaxSSHKeys, len(s.SSHKeys))
+	}
+	for i, k := range s.SSHKeys {
+		typ, rest, _ := strings.Cut(k, " ")
+		switch {
+		case len(k) > MaxSSHKeyBytes:
+			fe.add(fmt.Sprintf("ssh_keys[%d]", i), "longer than %d bytes", MaxSSHKeyBytes)
+		case strings.ContainsAny(k, "\n\r\x00"):
+			fe.add(fmt.Sprintf("ssh_keys[%d]", i), "must be one line (one public key, as in authorized_keys)")
+		case !(strings.HasPrefix(typ, "ssh-") || strings.HasPrefix(typ, "ecdsa-") || strings.HasPrefix(typ, "sk-")) || strings.TrimSpace(rest) == "":
+			fe.add(fmt.Sprintf("ssh_keys[%d]", i), "is not a public key (want \"ssh-ed25519 AAAA... comment\", as in a .pub file)")
+		}
+	}
+	switch u := s.UserData; {
+	case u == "":
+	case len(u) > MaxUserData:
+		fe.add("user_data", "is %d bytes, at most %d", len(u), MaxUserData)
+	case strings.ContainsRune(u, 0):
+		fe.add("user_data", "must be text")
+	case !strings.HasPrefix(u, "#cloud-config") && !strings.HasPrefix(u, "#!") && !strings.HasPrefix(u, "#include") && !strings.HasPrefix(u, "Content-Type: multipart/"):
+		fe.add("user_data", "must start with #cloud-config, #! (a script), #include or be a MIME multipart (cloud-init's user-data formats)")
+	}
+}

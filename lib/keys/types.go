@@ -135,6 +135,9 @@ type Node struct {
 	Leaving bool `json:"leaving,omitempty"`
 	// BootDir is the directory on this hypervisor that direct kernel boot paths must lie in.
 	BootDir string `json:"boot_dir,omitempty"`
+	// Uplink is the interface VLAN networks are tagged on (the node makes their bridges); ""
+	// carries none, and VMs on VLAN networks are not placed here.
+	Uplink string `json:"uplink,omitempty"`
 	// Problem, when set, says why this node cannot run VMs although it is up (libvirtd does not
 	// start, say): it registers no capacity, and the scheduler skips it with this reason.
 	Problem string `json:"problem,omitempty"`
@@ -275,6 +278,10 @@ type VMSpec struct {
 	// honours it only while a placement of the name carries that uid (the orphan it adopts, then
 	// the VM it became), and only for a uid older than the spec (herdctl vm adopt).
 	AdoptUID int64 `json:"adopt_uid,omitempty"`
+	// SSHKeys and UserData configure the guest at its first boot (cloud-init NoCloud: the node
+	// attaches a seed with them, the VM's hostname and its NICs' addresses as a CD-ROM).
+	SSHKeys  []string `json:"ssh_keys,omitempty"`
+	UserData string   `json:"user_data,omitempty"`
 	Extra    `json:"-"`
 }
 
