@@ -208,6 +208,7 @@ type Agent struct {
 	reported map[string]keys.VMStatus // last status written per VM, to skip identical writes
 	defined  map[string]int64         // spec revision last defined per VM
 	seeds    map[string][]byte        // seed path -> hash of what it says
+	guarded  string                   // the guard's script as last applied ("": never)
 	stopping map[string]time.Time     // VMs asked to power off, since when
 	outcomes map[string]string        // migration id -> this source's result
 	// Crash handling (crash.go): guests seen running as wanted, recent crashes, and the time
@@ -501,6 +502,9 @@ func (a *Agent) enqueueAll(ctx context.Context) {
 		return
 	}
 	a.sweepSeeds(doms)
+	if err := a.guard(ctx, true); err != nil {
+		a.log.Error("anti-spoofing rules not applied", "error", err)
+	}
 	counts := map[hypervisor.State]int{}
 	for _, d := range doms {
 		if d.Managed {

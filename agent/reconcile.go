@@ -9,6 +9,7 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
+	"github.com/herdhq/herd/agent/hostnet"
 	"github.com/herdhq/herd/agent/hypervisor"
 	"github.com/herdhq/herd/lib/etcdutil"
 	"github.com/herdhq/herd/lib/keys"
@@ -228,6 +229,10 @@ func (a *Agent) reconcileIncoming(ctx context.Context, name string, kv *assignRe
 		st.State, st.Message = keys.StateError, err.Error()
 		return a.reportStatus(ctx, name, kv, st)
 	}
+	if err := a.guard(ctx, false); err != nil {
+		st.State, st.Message = keys.StateError, "guard: "+err.Error()
+		return a.reportStatus(ctx, name, kv, st)
+	}
 	if _, err := a.ensureSeed(name, asg); err != nil {
 		st.State, st.Message = keys.StateError, "seed: "+err.Error()
 		return a.reportStatus(ctx, name, kv, st)
@@ -398,15 +403,16 @@ func (a *Agent) ensureDefined(ctx context.Context, name string, asg *keys.Assign
 		if i >= len(asg.MACs) {
 			return fmt.Errorf("network %d has no MAC in the assignment", i)
 		}
-		bridge := n.Bridge
+		nic := hypervisor.NIC{Bridge: n.Bridge, Model: n.Model, MAC: asg.MACs[i]}
 		if n.Network != "" {
 			// The leader resolved the network when it gave the NIC its address.
 			if i >= len(asg.NICs) || asg.NICs[i] == nil {
 				return fmt.Errorf("NIC %d on network %s has no address in the assignment", i, n.Network)
 			}
-			bridge = asg.NICs[i].Bridge
+			// A tap of a known name: the guard (hostnet) names it before QEMU makes it.
+			nic.Bridge, nic.Target = asg.NICs[i].Bridge, hostnet.TapName(asg.UID, i)
 		}
-		spec.NICs = append(spec.NICs, hypervisor.NIC{Bridge: bridge, Model: n.Model, MAC: asg.MACs[i]})
+		spec.NICs = append(spec.NICs, nic)
 	}
 	if d := sp.Disk; d != nil {
 		att, err := a.cfg.Volumes.Attach(ctx, volume.Volume{Pool: d.Pool, VM: name, UID: asg.UID, SizeGiB: d.SizeGiB, From: d.From})
@@ -417,6 +423,9 @@ func (a *Agent) ensureDefined(ctx context.Context, name string, asg *keys.Assign
 	}
 	if err := a.ensureNetworks(asg); err != nil {
 		return err
+	}
+	if err := a.guard(ctx, false); err != nil {
+		return fmt.Errorf("guard: %w", err)
 	}
 	seed, err := a.ensureSeed(name, asg)
 	if err != nil {

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"bytes"
+	"context"
 	"crypto/sha256"
 	"fmt"
 	"os"
@@ -38,6 +39,45 @@ func (a *Agent) ensureNetworks(asg *keys.Assignment) error {
 			}
 		}
 	}
+	return nil
+}
+
+// guard makes the anti-spoofing rules (hostnet) hold exactly the NICs on herd networks of every VM
+// assigned here, incoming migrations included: called before a domain is defined or expected, so
+// that its taps are guarded before they exist, and with always on every resync (someone may have
+// flushed the table). A node that never had such a NIC makes no table.
+func (a *Agent) guard(ctx context.Context, always bool) error {
+	if a.hv.DomainType() == "test" {
+		return nil // no taps, and nftables here would be the developer's own machine's
+	}
+	var ports []hostnet.Port
+	for _, r := range a.assigns.List() {
+		if !r.OK() || r.Value.Withdraw {
+			continue
+		}
+		asg := r.Value
+		for i, n := range asg.NICs {
+			if n != nil && i < len(asg.MACs) {
+				ports = append(ports, hostnet.Port{Tap: hostnet.TapName(asg.UID, i), MAC: asg.MACs[i], IP: n.IP()})
+			}
+		}
+	}
+	script, err := hostnet.GuardRules(ports)
+	if err != nil {
+		return err
+	}
+	a.mu.Lock()
+	same, never := a.guarded == script, a.guarded == ""
+	a.mu.Unlock()
+	if (same && !always) || (never && len(ports) == 0) {
+		return nil
+	}
+	if err := hostnet.ApplyGuard(ctx, ports); err != nil {
+		return err
+	}
+	a.mu.Lock()
+	a.guarded = script
+	a.mu.Unlock()
 	return nil
 }
 

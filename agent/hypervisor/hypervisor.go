@@ -89,6 +89,8 @@ type NIC struct {
 	Bridge string
 	MAC    string
 	Model  string
+	// Target names the tap ("": libvirt's vnetN), for rules that must exist before it does.
+	Target string
 }
 
 // Info is the host's capacity as libvirt sees it.
@@ -486,11 +488,15 @@ func (h *Libvirt) DomainXML(s Spec) (string, error) {
 		if model == "" {
 			model = "virtio"
 		}
-		d.Devices.Interfaces = append(d.Devices.Interfaces, libvirtxml.DomainInterface{
+		iface := libvirtxml.DomainInterface{
 			MAC:    &libvirtxml.DomainInterfaceMAC{Address: n.MAC},
 			Source: &libvirtxml.DomainInterfaceSource{Bridge: &libvirtxml.DomainInterfaceSourceBridge{Bridge: n.Bridge}},
 			Model:  &libvirtxml.DomainInterfaceModel{Type: model},
-		})
+		}
+		if n.Target != "" {
+			iface.Target = &libvirtxml.DomainInterfaceTarget{Dev: n.Target}
+		}
+		d.Devices.Interfaces = append(d.Devices.Interfaces, iface)
 	}
 	if real && s.Console != "" {
 		// A pty, so that an operator can attach (OpenConsole), logged to the file whether anyone is

@@ -77,13 +77,13 @@ func TestQEMUDomainXML(t *testing.T) {
 	h := &Libvirt{domType: "qemu"}
 	x, err := h.DomainXML(Spec{Cluster: "c", Name: "web1", UUID: "6f1b8d4e-3c2a-4b5d-9e8f-0a1b2c3d4e5f", UID: 3, Epoch: 2, Restarts: 1,
 		VCPUs: 2, MemoryMiB: 256, Kernel: "/k", Initrd: "/i", Cmdline: "console=ttyS0",
-		NICs: []NIC{{Bridge: "br0", MAC: "52:54:00:12:34:56"}}, Console: "/var/log/herd/console/web1.log",
+		NICs: []NIC{{Bridge: "br0", MAC: "52:54:00:12:34:56"}, {Bridge: "herd-v120", MAC: "52:54:00:12:34:57", Target: "hv3n1"}}, Console: "/var/log/herd/console/web1.log",
 		Disk: &volume.Attachment{Kind: "file", Path: "/v/web1.3.raw"}, Seed: "/var/lib/herd/seeds/web1-3.iso"})
 	if err != nil {
 		t.Fatal(err)
 	}
 	for _, want := range []string{
-		`<disk type="file" device="cdrom">`, `<source file="/var/lib/herd/seeds/web1-3.iso">`, `<target dev="sda" bus="sata">`, `<readonly>`,
+		`<disk type="file" device="cdrom">`, `<target dev="hv3n1">`, `<source bridge="herd-v120">`, `<source file="/var/lib/herd/seeds/web1-3.iso">`, `<target dev="sda" bus="sata">`, `<readonly>`,
 		`<domain type="qemu">`, `<acpi></acpi>`, `<kernel>/k</kernel>`, `<cmdline>console=ttyS0</cmdline>`,
 		`<source bridge="br0">`, `<mac address="52:54:00:12:34:56">`, `<model type="virtio">`,
 		`<serial type="pty">`, `<log file="/var/log/herd/console/web1.log" append="on">`, `cache="none"`,
