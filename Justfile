@@ -61,7 +61,7 @@ bench:
     go test -run '^$' -bench . -benchtime 3x ./coordinator/scheduler/
     HERD_BENCH_NODES=3000 go test -run '^$' -bench 'SteadyRound|QuickRound' -benchtime 5x ./coordinator/decide/
     scripts/bench-boot.sh
-    go test -run '^$' -bench PlacementThroughput -benchtime 1x ./coordinator/
+    go test -run '^$' -bench 'PlacementThroughput|PlacementWithAddresses' -benchtime 1x ./coordinator/
     go test -run '^$' -bench ApplyAndList -benchtime 1x ./lib/ctl/
     go test -run '^$' -bench 'LeaderFailover|NodeLossRecovery' -benchtime 3x ./e2e/
     HERD_UI_FLEET=1 go test -count=1 -v -run '^TestConsoleAtFleetSize$' ./e2e/ | grep -E 'uifleet_test|^(---|ok|FAIL)'

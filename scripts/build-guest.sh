@@ -2,7 +2,10 @@
 # Builds the tiny test guest the real-hypervisor tests boot under QEMU: Debian's cloud kernel and a
 # busybox initramfs whose init prints "guest <id>: counter N" every 0.5 s on the serial console and
 # powers off cleanly on the ACPI power button (so a test can tell a guest's own shutdown from a
-# destroy), and answers each line typed on the console with "guest <id>: heard <line>".
+# destroy), and answers each line typed on the console with "guest <id>: heard <line>". With
+# herd.net it configures its NICs and hostname from its NoCloud seed (the cidata CD-ROM) as
+# cloud-init would; herd.ping=IP pings IP every 0.5 s ("guest <id>: ping IP ok|fail N"), and
+# herd.spoof=IP does the same from IP, an address not its own ("guest <id>: spoof ...").
 # Cached: rebuilt only when this script changes.
 # Usage: scripts/build-guest.sh OUT_DIR     -> OUT_DIR/vmlinuz, OUT_DIR/guest.gz
 set -euo pipefail
@@ -31,8 +34,10 @@ root="$work/root"
 mkdir -p "$root"/{bin,proc,sys,dev,etc/acpi/PWRF,lib/modules}
 cp /bin/busybox "$root/bin/busybox"
 for a in $("$root/bin/busybox" --list); do [ -e "$root/bin/$a" ] || ln -s busybox "$root/bin/$a"; done
-# Power button, and virtio-blk for a disk (in dependency order: the init loads them in this order).
-mods="button evdev virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk"
+# Power button, virtio-blk for a disk, virtio-scsi and isofs for the seed CD-ROM, virtio-net (in
+# dependency order: the init loads them in this order).
+mods="button evdev virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk
+  scsi_common scsi_mod virtio_scsi cdrom sr_mod isofs failover net_failover virtio_net"
 for m in $mods; do cp "$(find "$kroot/lib/modules/$kver" -name "$m.ko" | head -1)" "$root/lib/modules/"; done
 echo "$mods" >"$root/etc/modules"
 # busybox acpid maps the power button to PWRF/00000080, run from its config directory.
@@ -76,6 +81,46 @@ elif [ -e /sys/block/vda ]; then
        sync
        echo "guest $id: wrote marker" ;;
   esac
+fi
+if grep -q herd.net /proc/cmdline; then
+  # The seed: meta-data and network-config are JSON, one member per line; per NIC the addresses
+  # come before the match (keys sorted).
+  i=0; while [ ! -b /dev/sr0 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+  mkdir -p /seed /tmp
+  if mount -t iso9660 -o ro /dev/sr0 /seed; then
+    hn=$(sed -n 's/.*"local-hostname": "\([^"]*\)".*/\1/p' /seed/meta-data)
+    [ -n "$hn" ] && hostname "$hn" && echo "guest $id: hostname $hn"
+    awk '/"addresses"/ { getline; gsub(/[ ",]/, ""); addr = $0 }
+         /"macaddress"/ { gsub(/[ ",]/, ""); sub(/macaddress:/, ""); print "nic", $0, addr }
+         /"via"/ { gsub(/[ ",]/, ""); sub(/via:/, ""); print "gw", $0 }' /seed/network-config >/tmp/net
+    ip link set lo up
+    while read -r kind a b; do
+      if [ "$kind" = nic ]; then
+        for d in /sys/class/net/*; do
+          if [ "$(cat "$d/address")" = "$a" ]; then
+            ip addr add "$b" dev "${d##*/}" && ip link set "${d##*/}" up && echo "guest $id: net ${d##*/} $b"
+          fi
+        done
+      elif [ "$kind" = gw ]; then
+        ip route add default via "$a"
+      fi
+    done </tmp/net
+  else
+    echo "guest $id: no seed"
+  fi
+fi
+p=$(sed -n 's/.*herd.ping=\([^ ]*\).*/\1/p' /proc/cmdline)
+[ -n "$p" ] && (n=0; while true; do
+  if ping -c 1 -W 1 "$p" >/dev/null 2>&1; then r=ok; else r=fail; fi
+  echo "guest $id: ping $p $r $n"; n=$((n+1)); sleep 0.5
+done) &
+sp=$(sed -n 's/.*herd.spoof=\([^ ]*\).*/\1/p' /proc/cmdline)
+if [ -n "$sp" ] && [ -n "$p" ]; then
+  ip addr add "$sp/32" dev eth0
+  (n=0; while true; do
+    if ping -c 1 -W 1 -I "$sp" "$p" >/dev/null 2>&1; then r=ok; else r=fail; fi
+    echo "guest $id: spoof $p $r $n"; n=$((n+1)); sleep 0.5
+  done) &
 fi
 acpid -f -d -c /etc/acpi -a /etc/acpid.conf >/dev/null 2>&1 &  # -d: log to stderr, there is no /var/log
 # Every line typed on the serial console comes back as "guest <id>: heard <line>": the console test.

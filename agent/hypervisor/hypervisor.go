@@ -475,11 +475,14 @@ func (h *Libvirt) DomainXML(s Spec) (string, error) {
 		d.Devices.Disks = append(d.Devices.Disks, disk)
 	}
 	if s.Seed != "" {
+		// On virtio-scsi: cloud kernels (Debian's, for one) have no AHCI for a SATA CD-ROM, and
+		// q35 machines have no IDE; virtio-scsi is in both and on every machine type.
+		d.Devices.Controllers = append(d.Devices.Controllers, libvirtxml.DomainController{Type: "scsi", Model: "virtio-scsi"})
 		d.Devices.Disks = append(d.Devices.Disks, libvirtxml.DomainDisk{
 			Device:   "cdrom",
 			Driver:   &libvirtxml.DomainDiskDriver{Name: "qemu", Type: "raw"},
 			Source:   &libvirtxml.DomainDiskSource{File: &libvirtxml.DomainDiskSourceFile{File: s.Seed}},
-			Target:   &libvirtxml.DomainDiskTarget{Dev: "sda", Bus: "sata"},
+			Target:   &libvirtxml.DomainDiskTarget{Dev: "sda", Bus: "scsi"},
 			ReadOnly: &libvirtxml.DomainDiskReadOnly{},
 		})
 	}

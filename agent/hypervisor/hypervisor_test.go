@@ -83,7 +83,7 @@ func TestQEMUDomainXML(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, want := range []string{
-		`<disk type="file" device="cdrom">`, `<target dev="hv3n1">`, `<source bridge="herd-v120">`, `<source file="/var/lib/herd/seeds/web1-3.iso">`, `<target dev="sda" bus="sata">`, `<readonly>`,
+		`<disk type="file" device="cdrom">`, `<target dev="hv3n1">`, `<source bridge="herd-v120">`, `<source file="/var/lib/herd/seeds/web1-3.iso">`, `<target dev="sda" bus="scsi">`, `<controller type="scsi" model="virtio-scsi">`, `<readonly>`,
 		`<domain type="qemu">`, `<acpi></acpi>`, `<kernel>/k</kernel>`, `<cmdline>console=ttyS0</cmdline>`,
 		`<source bridge="br0">`, `<mac address="52:54:00:12:34:56">`, `<model type="virtio">`,
 		`<serial type="pty">`, `<log file="/var/log/herd/console/web1.log" append="on">`, `cache="none"`,

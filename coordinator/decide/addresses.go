@@ -51,6 +51,9 @@ func (b *addressBook) hold(net, ip, who string) {
 	b.held[net][ip] = who
 }
 
+// pick is an address a round handed a NIC.
+type pick struct{ net, ip string }
+
 // nicClaims are the NICs a VM's placement is to hold, and the claims to write for those it did not
 // hold yet.
 type nicClaims struct {
@@ -68,7 +71,6 @@ func (s *view) nicsFor(name string, uid int64, spec *keys.VMSpec, have []*keys.N
 		return nicClaims{}, ""
 	}
 	b, who := s.addresses(), holder(name, uid)
-	type pick struct{ net, ip string }
 	var picked []pick
 	undo := func() {
 		for _, p := range picked {
@@ -106,6 +108,8 @@ func (s *view) nicsFor(name string, uid int64, spec *keys.VMSpec, have []*keys.N
 				return nicClaims{}, fmt.Sprintf("address %s on network %s is held by %s", n.Address, n.Network, describeHolder(h))
 			}
 			ip = n.Address
+		} else if ip = b.heldBy(n.Network, who, picked, have); ip != "" {
+			// The VM's own claim, its placement lost (restored from a report, say): kept.
 		} else if ip = b.free(n.Network, net); ip == "" {
 			undo()
 			first, last := net.Range()
@@ -127,6 +131,23 @@ func (s *view) nicsFor(name string, uid int64, spec *keys.VMSpec, have []*keys.N
 			Gateway: net.Gateway, DNS: net.DNS, MTU: net.MTU}
 	}
 	return c, ""
+}
+
+// heldBy is an address of the network claimed for who that none of its NICs uses ("": none).
+func (b *addressBook) heldBy(net, who string, picked []pick, have []*keys.NIC) string {
+	var mine []string
+	for ip, h := range b.held[net] {
+		used := slices.ContainsFunc(picked, func(p pick) bool { return p.net == net && p.ip == ip }) ||
+			slices.ContainsFunc(have, func(n *keys.NIC) bool { return n != nil && n.Network == net && n.IP() == ip })
+		if h == who && !used {
+			mine = append(mine, ip)
+		}
+	}
+	slices.Sort(mine)
+	if len(mine) == 0 {
+		return ""
+	}
+	return mine[0]
 }
 
 // free is the lowest address of the network's range no one holds, searching on from the last one

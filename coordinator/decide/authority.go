@@ -191,7 +191,7 @@ func (s *view) restoreTarget(name string, uid int64, pl *keys.Placement, run map
 	now := s.Now.UTC()
 	if hwid, kv := bestAssignment(run); kv != nil {
 		a := kv.Value
-		p := keys.Placement{UID: uid, Node: hwid, Epoch: a.Epoch, UUID: a.UUID, SpecRev: a.SpecRev, MACs: a.MACs, Since: now}
+		p := keys.Placement{UID: uid, Node: hwid, Epoch: a.Epoch, UUID: a.UUID, SpecRev: a.SpecRev, MACs: a.MACs, NICs: a.NICs, Since: now}
 		if sp, err := a.SpecCopy(); err == nil {
 			p.VCPUs, p.MemoryMiB, p.AntiAffinity = sp.VCPUs, sp.MemoryMiB, sp.AntiAffinity
 		}
@@ -207,7 +207,7 @@ func (s *view) restoreTarget(name string, uid int64, pl *keys.Placement, run map
 	if hwid, st := bestReport(reports); st != nil && st.UUID != "" {
 		p := keys.Placement{UID: uid, Node: hwid, Epoch: st.Epoch, UUID: st.UUID, Since: now}
 		if pl != nil && pl.UUID == st.UUID {
-			p.MACs = pl.MACs
+			p.MACs, p.NICs = pl.MACs, pl.NICs
 		}
 		return &restoring{pl: &p}, fmt.Sprintf("the report of %s (%s)", hwid, st.State)
 	}

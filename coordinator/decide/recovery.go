@@ -270,9 +270,9 @@ func (s *view) adoptVM(name string, hs []held, reported map[string]bool) []Actio
 		}
 		np := keys.Placement{UID: uid, Node: win.node, Epoch: maxEpoch + 1, UUID: win.dom.UUID, Since: s.Now.UTC(), By: s.cfg.Name, Term: s.cfg.Term}
 		if pl != nil && pl.UID == uid {
-			np.UUID, np.MACs = pl.UUID, pl.MACs
+			np.UUID, np.MACs, np.NICs = pl.UUID, pl.MACs, pl.NICs
 		} else if a := assigns[win.node]; a.OK() && a.Value.UID == uid {
-			np.MACs = a.Value.MACs
+			np.MACs, np.NICs = a.Value.MACs, a.Value.NICs
 		}
 		s.setSpec(&np, spec.ModRevision, spec.Value)
 		asg := assignmentFor(&np, spec.Value)

@@ -157,7 +157,7 @@ func (l *Lab) AddHost() *Host {
 	ipCmd(t, "-n", h.NS, "addr", "add", h.IP+"/24", "dev", "eth0")
 	ipCmd(t, "-n", h.NS, "link", "set", "eth0", "up")
 
-	for _, d := range []string{"etc", "run", "lib", "cache", "log"} {
+	for _, d := range []string{"etc", "run", "lib", "cache", "log", "seeds"} {
 		if err := os.MkdirAll(filepath.Join(h.Dir, d), 0o755); err != nil {
 			t.Fatal(err)
 		}
@@ -192,7 +192,9 @@ security_driver = "none"
 	for _, d := range []string{"/etc/libvirt", "/run/libvirt", "/var/lib/libvirt", "/var/cache/libvirt", "/var/log/libvirt"} {
 		_ = os.MkdirAll(d, 0o755)
 	}
-	script := fmt.Sprintf("mount --bind %[1]s/etc /etc/libvirt && mount --bind %[1]s/run /run/libvirt && "+
+	// The seeds' directory is the agent's default path on every host, each its own (as on real
+	// nodes): a migrated domain's CD-ROM path must exist on its new host.
+	script := fmt.Sprintf(seedMount+" && mount --bind %[1]s/etc /etc/libvirt && mount --bind %[1]s/run /run/libvirt && "+
 		"mount --bind %[1]s/lib /var/lib/libvirt && mount --bind %[1]s/cache /var/cache/libvirt && "+
 		"mount --bind %[1]s/log /var/log/libvirt && exec libvirtd --listen --pid-file %[1]s/run/libvirtd.pid", h.Dir)
 	h.ldArgs = []string{"netns", "exec", h.NS, "unshare", "--mount", "--propagation", "private", "sh", "-c", script}
@@ -203,6 +205,26 @@ security_driver = "none"
 	h.StartLibvirtd()
 	l.Hosts = append(l.Hosts, h)
 	return h
+}
+
+// seedMount binds a host's seeds directory (format argument 1: the host's directory) over the
+// agent's default --seed-dir, in the mount namespace of the command that follows.
+const seedMount = "mkdir -p /var/lib/herd/seeds && mount --bind %[1]s/seeds /var/lib/herd/seeds"
+
+// AddVMNetwork puts a bridge br0 in each host, joined to one bridge of the lab's, so that guests
+// on br0 on different hosts share a link (an untagged network). Call after the hosts are added.
+func (l *Lab) AddVMNetwork() {
+	t := l.T
+	t.Helper()
+	ipCmd(t, "-n", l.NS.Name, "link", "add", "vmnet", "type", "bridge")
+	ipCmd(t, "-n", l.NS.Name, "link", "set", "vmnet", "up")
+	for _, h := range l.Hosts {
+		ipCmd(t, "-n", h.NS, "link", "add", "br0", "type", "bridge")
+		ipCmd(t, "-n", l.NS.Name, "link", "add", fmt.Sprintf("vm%d", h.N), "type", "veth", "peer", "name", "trunk0", "netns", h.NS)
+		ipCmd(t, "-n", l.NS.Name, "link", "set", fmt.Sprintf("vm%d", h.N), "master", "vmnet", "up")
+		ipCmd(t, "-n", h.NS, "link", "set", "trunk0", "master", "br0", "up")
+		ipCmd(t, "-n", h.NS, "link", "set", "br0", "up")
+	}
 }
 
 // StartLibvirtd (re)starts the host's libvirtd and waits for it.
@@ -283,7 +305,10 @@ func (h *Host) StartAgent(extra ...string) *Proc {
 		"--listen", h.IP + ":9480", "--console-dir", l.Console, "--domain-type", "qemu",
 		"--volume-dir", filepath.Join(l.Dir, "volumes"), "--cpus", "4", "--memory", "4GiB",
 		"--boot-dir", filepath.Dir(l.Guest.Kernel)}, extra...)
-	h.Agent = Start(l.T, h.Dir, "agent", "ip", append([]string{"netns", "exec", h.NS, l.Bin.Herd}, args...)...)
+	// In a mount namespace of its own, where the seeds' directory is this host's (see AddHost).
+	wrap := []string{"netns", "exec", h.NS, "unshare", "--mount", "--propagation", "private", "sh", "-c",
+		fmt.Sprintf(seedMount, h.Dir) + ` && exec "$0" "$@"`, l.Bin.Herd}
+	h.Agent = Start(l.T, h.Dir, "agent", "ip", append(wrap, args...)...)
 	return h.Agent
 }
 

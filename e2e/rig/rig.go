@@ -473,6 +473,10 @@ func (c *Cluster) StartAgent(hwid string, cpus int, memMiB int64, extra ...strin
 	if HasFlag(herd, "agent", "--console-listen") {
 		args = append(args, "--console-listen", "127.0.0.1:0")
 	}
+	if HasFlag(herd, "agent", "--seed-dir") {
+		// Never the host's /var/lib/herd: each agent's seeds in the test's directory.
+		args = append(args, "--seed-dir", filepath.Join(c.Dir, name+"-seeds"))
+	}
 	args = append(args, c.AgentArgs...)
 	if c.Secure() {
 		// As the bootserver does for a netboot: a one-time token for this start, the join
