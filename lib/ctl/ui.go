@@ -653,6 +653,7 @@ type uiVMDetail struct {
 	Name, State, Node, Problem, Spec, Status string
 	UID, Epoch                               int64
 	Migration                                string
+	Addresses                                []string // "prod 10.20.0.17 (52:54:00:..)", by NIC
 	Found                                    bool
 }
 
@@ -670,6 +671,7 @@ func uiOneVM(v *clusterView, name string) uiVMDetail {
 	}
 	if pl := vm.Placement; pl != nil && pl.UID == vm.UID {
 		d.Node, d.Epoch = pl.Node, pl.Epoch
+		d.Addresses = nicAddresses(pl)
 		if m := pl.Migration; m != nil {
 			d.Migration = fmt.Sprintf("%s to %s since %s (%s)", m.Mode, m.To, uiTime(m.Started), m.Reason)
 		}

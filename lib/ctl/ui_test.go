@@ -69,6 +69,23 @@ func TestConsoleServer(t *testing.T) {
 	if page := get("/vms?q=vm0042"); strings.Count(page, "<tr data-vm=") != 1 || strings.Contains(page, "showing") {
 		t.Fatalf("filtered page:\n%s", page)
 	}
+	// A VM placed with an address on a network: its page shows it.
+	r, err := c.Get(ctx, sp.VMSpec("vm0007"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	pl := keys.Placement{UID: r.Kvs[0].CreateRevision, Node: "52:54:00:00:00:01", Epoch: 1, MACs: []string{"52:54:00:0a:0b:0c"},
+		NICs: []*keys.NIC{{Network: "prod", Bridge: "br0", Address: "10.20.0.17/24"}}}
+	if _, err := c.Put(ctx, sp.Placement("vm0007"), keys.MustEncode(&pl)); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for page := get("/vms/vm0007"); !strings.Contains(page, "<td>prod 10.20.0.17 (52:54:00:0a:0b:0c)</td>"); page = get("/vms/vm0007") {
+		if time.Now().After(deadline) {
+			t.Fatalf("the VM's page shows no address:\n%s", page)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 
 	req, _ := http.NewRequest("GET", hs.URL+"/vms", nil)
 	req.Host = "rebind.example"

@@ -434,15 +434,8 @@ func describeVM(e *env, vm *vmView) error {
 		fmt.Fprintf(w, "Domain:     %s\n", p.UUID)
 		fmt.Fprintf(w, "Placed:     %s ago\n", age(p.Since))
 		label := "Addresses:"
-		for i, nic := range p.NICs {
-			if nic == nil {
-				continue
-			}
-			mac := ""
-			if i < len(p.MACs) {
-				mac = " (" + p.MACs[i] + ")"
-			}
-			fmt.Fprintf(w, "%-11s %s %s%s\n", label, nic.Network, nic.IP(), mac)
+		for _, a := range nicAddresses(p) {
+			fmt.Fprintf(w, "%-11s %s\n", label, a)
 			label = ""
 		}
 	}
@@ -457,6 +450,22 @@ func describeVM(e *env, vm *vmView) error {
 		fmt.Fprintf(w, "Problem:    %s: %s\n", p.Kind, p.Message)
 	}
 	return nil
+}
+
+// nicAddresses are a placement's NICs on networks as people read them: "prod 10.20.0.17 (MAC)".
+func nicAddresses(p *keys.Placement) []string {
+	var out []string
+	for i, nic := range p.NICs {
+		if nic == nil {
+			continue
+		}
+		a := nic.Network + " " + nic.IP()
+		if i < len(p.MACs) {
+			a += " (" + p.MACs[i] + ")"
+		}
+		out = append(out, a)
+	}
+	return out
 }
 
 func vmListCmd(e *env) *cobra.Command {
