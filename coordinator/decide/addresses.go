@@ -94,6 +94,11 @@ func (s *view) nicsFor(name string, uid int64, spec *keys.VMSpec, have []*keys.N
 		ip := ""
 		if i < len(have) && have[i] != nil && have[i].Network == n.Network && (n.Address == "" || n.Address == have[i].IP()) {
 			ip = have[i].IP() // kept for the VM's life
+			if h := b.held[n.Network][ip]; h != "" && h != who {
+				// Only hands in etcd get here (a claim deleted, then made for another VM).
+				undo()
+				return nicClaims{}, fmt.Sprintf("address %s on network %s, which this VM holds, is claimed by %s: change one of them", ip, n.Network, describeHolder(h))
+			}
 		} else if n.Address != "" {
 			a, _ := netip.ParseAddr(n.Address)
 			switch h := b.held[n.Network][n.Address]; {

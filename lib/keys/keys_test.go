@@ -111,6 +111,17 @@ func TestSpecValidation(t *testing.T) {
 		{func(s *VMSpec) { s.Power = "on" }, "power: must be"},
 		{func(s *VMSpec) { s.NodeSelector = map[string]string{"rack": "a b"} }, "node_selector.rack"},
 		{func(s *VMSpec) { s.AntiAffinity = "Web Tier" }, "anti_affinity"},
+		{func(s *VMSpec) { s.Networks = []Network{{}} }, "networks[0]: needs a network"},
+		{func(s *VMSpec) { s.Networks = []Network{{Network: "prod", Bridge: "br0"}} }, "names both network"},
+		{func(s *VMSpec) { s.Networks = []Network{{Bridge: "br0", Address: "10.0.0.1"}} }, "only a NIC on a herd network has an address"},
+		{func(s *VMSpec) { s.Networks = []Network{{Network: "prod", Address: "10.0.0.1/24"}} }, "no prefix length"},
+		{func(s *VMSpec) {
+			s.Networks = []Network{{Network: "prod", Address: "10.0.0.5"}, {Network: "prod", Address: "10.0.0.5"}}
+		}, "networks[1].address: 10.0.0.5 on prod is networks[0]'s already"},
+		{func(s *VMSpec) { s.SSHKeys = []string{"AAAA me@x"} }, "ssh_keys[0]: is not a public key"},
+		{func(s *VMSpec) { s.SSHKeys = []string{"ssh-ed25519 AAAA\nssh-rsa BBBB"} }, "must be one line"},
+		{func(s *VMSpec) { s.UserData = "runcmd: []" }, "user_data: must start with #cloud-config"},
+		{func(s *VMSpec) { s.UserData = "#cloud-config\n" + strings.Repeat("x", MaxUserData) }, "user_data: is"},
 	}
 	for _, c := range cases {
 		s := good

@@ -155,6 +155,22 @@ func (n *NetworkSpec) Validate() error {
 	return fe.err()
 }
 
+// validateFixedAddresses refuses one fixed address given to two NICs of a spec.
+func validateFixedAddresses(fe *FieldErrors, nics []Network) {
+	seen := map[string]int{}
+	for i, n := range nics {
+		if n.Network == "" || n.Address == "" {
+			continue
+		}
+		k := n.Network + "/" + n.Address
+		if j, dup := seen[k]; dup {
+			fe.add(fmt.Sprintf("networks[%d].address", i), "%s on %s is networks[%d]'s already", n.Address, n.Network, j)
+			continue
+		}
+		seen[k] = i
+	}
+}
+
 // validateNIC checks one NIC of a spec.
 func validateNIC(fe *FieldErrors, i int, n Network) {
 	field := fmt.Sprintf("networks[%d]", i)

@@ -148,6 +148,7 @@ func (s *VMSpec) Validate(pools []string) error {
 	for i, n := range s.Networks {
 		validateNIC(&fe, i, n)
 	}
+	validateFixedAddresses(&fe, s.Networks)
 	validateGuestConfig(&fe, s)
 	if len(s.Networks) > 8 {
 		fe.add("networks", "at most 8 NICs")
