@@ -160,6 +160,20 @@ func (e *env) readNets(ctx context.Context, only string) ([]*netView, error) {
 	return out, nil
 }
 
+// netsFor is what net list and net get read: the output flag checked, then the networks (only one,
+// if named) with their claims.
+func (e *env) netsFor(cmd *cobra.Command, o *outputFlag, only string) ([]*netView, error) {
+	if err := o.validate(); err != nil {
+		return nil, err
+	}
+	if err := e.connect(); err != nil {
+		return nil, err
+	}
+	ctx, cancel := e.ctx(cmd.Context())
+	defer cancel()
+	return e.readNets(ctx, only)
+}
+
 func netListCmd(e *env) *cobra.Command {
 	var o outputFlag
 	cmd := &cobra.Command{
@@ -170,15 +184,7 @@ func netListCmd(e *env) *cobra.Command {
   herdctl net list -o json`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if err := o.validate(); err != nil {
-				return err
-			}
-			if err := e.connect(); err != nil {
-				return err
-			}
-			ctx, cancel := e.ctx(cmd.Context())
-			defer cancel()
-			nets, err := e.readNets(ctx, "")
+			nets, err := e.netsFor(cmd, &o, "")
 			if err != nil {
 				return err
 			}
@@ -216,15 +222,7 @@ func netGetCmd(e *env) *cobra.Command {
   herdctl net get prod -o json`,
 		Args: exactArgs("NAME"),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if err := o.validate(); err != nil {
-				return err
-			}
-			if err := e.connect(); err != nil {
-				return err
-			}
-			ctx, cancel := e.ctx(cmd.Context())
-			defer cancel()
-			nets, err := e.readNets(ctx, args[0])
+			nets, err := e.netsFor(cmd, &o, args[0])
 			if err != nil {
 				return err
 			}
