@@ -414,12 +414,13 @@ func (a *Agent) ensureDefined(ctx context.Context, name string, asg *keys.Assign
 		}
 		spec.NICs = append(spec.NICs, nic)
 	}
-	if d := sp.Disk; d != nil {
-		att, err := a.cfg.Volumes.Attach(ctx, volume.Volume{Pool: d.Pool, VM: name, UID: asg.UID, SizeGiB: d.SizeGiB, From: d.From})
+	for _, d := range sp.DiskList() {
+		// From only as the spec gives it: an image the leader resolved was cloned by the leader.
+		att, err := a.cfg.Volumes.Attach(ctx, volume.Volume{Pool: d.Pool, VM: name, UID: asg.UID, Disk: d.Name, SizeGiB: d.SizeGiB, From: d.From})
 		if err != nil {
-			return fmt.Errorf("disk: %w", err)
+			return fmt.Errorf("disk %s: %w", d.Name, err)
 		}
-		spec.Disk = &att
+		spec.Disks = append(spec.Disks, att)
 	}
 	if err := a.ensureNetworks(asg); err != nil {
 		return err

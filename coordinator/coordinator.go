@@ -170,6 +170,8 @@ type Coordinator struct {
 	fenceInf          *etcdutil.Typed[keys.Fence]
 	guardInf          *etcdutil.Typed[keys.LossGuard]
 	volInf            *etcdutil.Typed[keys.VolumeRecord]
+	imgInf            *etcdutil.Typed[keys.VMImage]
+	imgStatusInf      *etcdutil.Typed[keys.VMImageStatus]
 	requestInf        *etcdutil.Typed[keys.Request]
 	nodeCmdInf        *etcdutil.Typed[keys.NodeCommand]
 	netInf            *etcdutil.Typed[keys.NetworkSpec]
@@ -251,6 +253,8 @@ func New(cfg Config) (*Coordinator, error) {
 	c.fenceInf = etcdutil.NewTyped[keys.Fence](cl, s.FenceRoot(), poke, c.log)
 	c.guardInf = etcdutil.NewTyped[keys.LossGuard](cl, s.LossGuard(), poke, c.log)
 	c.volInf = etcdutil.NewTyped[keys.VolumeRecord](cl, s.VolumeRoot(), poke, c.log)
+	c.imgInf = etcdutil.NewTyped[keys.VMImage](cl, s.VMImagePrefix(), poke, c.log)
+	c.imgStatusInf = etcdutil.NewTyped[keys.VMImageStatus](cl, s.VMImageStatusPrefix(), poke, c.log)
 	c.requestInf = etcdutil.NewTyped[keys.Request](cl, s.RequestPrefix(), poke, c.log)
 	c.nodeCmdInf = etcdutil.NewTyped[keys.NodeCommand](cl, s.NodeCmdRoot(), poke, c.log)
 	c.netInf = etcdutil.NewTyped[keys.NetworkSpec](cl, s.NetworkPrefix(), poke, c.log)
@@ -281,7 +285,8 @@ func (c *Coordinator) informers() []*etcdutil.Informer {
 	return []*etcdutil.Informer{c.clusterInf.Informer, c.hwInf.Informer, c.nodeInf.Informer, c.nodeStateInf.Informer,
 		c.nodeSpecInf.Informer, c.vmInf, c.placementInf.Informer, c.problemInf.Informer, c.assignInf.Informer,
 		c.fenceInf.Informer, c.guardInf.Informer, c.statusInf.Informer, c.volInf.Informer, c.rolloutInf,
-		c.nodeCmdInf.Informer, c.requestInf.Informer, c.netInf.Informer, c.addrInf.Informer}
+		c.nodeCmdInf.Informer, c.requestInf.Informer, c.netInf.Informer, c.addrInf.Informer,
+		c.imgInf.Informer, c.imgStatusInf.Informer}
 }
 
 func (c *Coordinator) decodeVMKey(key string, v []byte) (any, error) {

@@ -60,6 +60,7 @@ func (c *Coordinator) observe(ctx context.Context) *decide.Snapshot {
 		s.NodeCmds[r.Key] = r
 	}
 	s.Networks = c.networks()
+	s.Images, s.ImageStatus = c.images()
 	s.Claims = map[string]map[string]*keys.Record[keys.AddressClaim]{}
 	for _, r := range c.addrInf.Unsorted() {
 		if net, ip, ok := keys.ParseNodeScoped(sp.AddressRoot(), r.Key); ok {
@@ -287,9 +288,18 @@ func (c *Coordinator) leaseAlive(ctx context.Context, id int64) (alive, known bo
 
 // networks are the network records, by name.
 func (c *Coordinator) networks() map[string]*keys.Record[keys.NetworkSpec] {
-	out := map[string]*keys.Record[keys.NetworkSpec]{}
-	for _, r := range c.netInf.Unsorted() {
-		if name, ok := keys.ParseLeaf(c.space.NetworkPrefix(), r.Key); ok {
+	return byLeaf(c.space.NetworkPrefix(), c.netInf)
+}
+
+// images are the VM image records and their statuses, by name.
+func (c *Coordinator) images() (map[string]*keys.Record[keys.VMImage], map[string]*keys.Record[keys.VMImageStatus]) {
+	return byLeaf(c.space.VMImagePrefix(), c.imgInf), byLeaf(c.space.VMImageStatusPrefix(), c.imgStatusInf)
+}
+
+func byLeaf[T any](prefix string, inf *etcdutil.Typed[T]) map[string]*keys.Record[T] {
+	out := map[string]*keys.Record[T]{}
+	for _, r := range inf.Unsorted() {
+		if name, ok := keys.ParseLeaf(prefix, r.Key); ok {
 			out[name] = r
 		}
 	}
@@ -353,6 +363,7 @@ func (c *Coordinator) observeQuick(dirty []string, base *decide.Snapshot) *decid
 	fileOn(c.statusInf.Get, sp.Status, reported, s.Reports)
 	// The claims of the networks the VMs' NICs name: all a quick round allocates from.
 	s.Networks = c.networks()
+	s.Images, s.ImageStatus = c.images()
 	s.Claims = map[string]map[string]*keys.Record[keys.AddressClaim]{}
 	for _, v := range s.VMs {
 		if !v.Spec.OK() {
@@ -373,12 +384,14 @@ func (c *Coordinator) observeQuick(dirty []string, base *decide.Snapshot) *decid
 		}
 	}
 	for name, v := range s.VMs {
-		if !v.Spec.OK() || v.Spec.Value.Disk == nil {
+		if !v.Spec.OK() {
 			continue
 		}
-		pool, image := v.Spec.Value.Disk.Pool, keys.VolumeImage(name, keys.SpecUID(v.Spec))
-		if r := c.volInf.Get(sp.Volume(pool, image)); r != nil {
-			s.Volumes[pool+"/"+image] = r
+		for _, d := range v.Spec.Value.DiskList() {
+			image := keys.DiskImage(name, keys.SpecUID(v.Spec), d.Name)
+			if r := c.volInf.Get(sp.Volume(d.Pool, image)); r != nil {
+				s.Volumes[d.Pool+"/"+image] = r
+			}
 		}
 	}
 	return s

@@ -23,6 +23,7 @@ type sideWork struct {
 	t      *term
 	fenceQ *workqueue.Queue
 	diskQ  *workqueue.Queue
+	imageQ *workqueue.Queue // imports take minutes: never in the way of disks
 
 	mu    sync.Mutex
 	items map[string]decide.Work // the latest work asked for, per key
@@ -33,12 +34,13 @@ type sideWork struct {
 const (
 	fenceWorkers = 16
 	diskWorkers  = 4
+	imageWorkers = 2
 )
 
 func newSideWork(t *term) *sideWork {
-	w := &sideWork{t: t, fenceQ: workqueue.New(), diskQ: workqueue.New(),
+	w := &sideWork{t: t, fenceQ: workqueue.New(), diskQ: workqueue.New(), imageQ: workqueue.New(),
 		items: map[string]decide.Work{}, ran: map[string]int64{}, busy: map[string]bool{}}
-	for _, q := range []*workqueue.Queue{w.fenceQ, w.diskQ} {
+	for _, q := range []*workqueue.Queue{w.fenceQ, w.diskQ, w.imageQ} {
 		q.BaseDelay, q.MaxDelay = time.Second, 30*time.Second
 	}
 	return w
@@ -51,6 +53,7 @@ func (w *sideWork) run() {
 	}
 	w.t.goroutine(func(ctx context.Context) { w.fenceQ.Run(ctx, fenceWorkers, w.do, onErr) })
 	w.t.goroutine(func(ctx context.Context) { w.diskQ.Run(ctx, diskWorkers, w.do, onErr) })
+	w.t.goroutine(func(ctx context.Context) { w.imageQ.Run(ctx, imageWorkers, w.do, onErr) })
 }
 
 // add queues a plan's work. A fencer runs once per fence record revision: the record changes when
@@ -75,6 +78,8 @@ func (w *sideWork) queue(k decide.WorkKind) *workqueue.Queue {
 	switch k {
 	case decide.Fence, decide.Unfence, decide.Renew:
 		return w.fenceQ
+	case decide.ImportImage, decide.DeleteImage:
+		return w.imageQ
 	}
 	return w.diskQ
 }
@@ -129,6 +134,10 @@ func (w *sideWork) do(ctx context.Context, key string) error {
 		return t.purgeVolume(ctx, wk)
 	case decide.AdoptVolumes:
 		return t.adoptVolumes(ctx)
+	case decide.ImportImage:
+		return t.importImage(ctx, wk)
+	case decide.DeleteImage:
+		return t.deleteImage(ctx, wk)
 	}
 	return fmt.Errorf("unknown side work %d", wk.Kind)
 }
@@ -218,7 +227,7 @@ func (t *term) ensureVolume(ctx context.Context, wk decide.Work) error {
 	if ctx.Err() != nil {
 		return nil
 	}
-	rec := keys.VolumeRecord{VM: v.VM, UID: v.UID, SizeGiB: v.SizeGiB, From: v.From, State: keys.VolumeReady, Updated: time.Now().UTC()}
+	rec := keys.VolumeRecord{VM: v.VM, UID: v.UID, SizeGiB: v.SizeGiB, Disk: v.Disk, From: v.From, State: keys.VolumeReady, Updated: time.Now().UTC()}
 	if err != nil {
 		rec.State, rec.Error = keys.VolumeError, err.Error()
 		if errors.Is(err, volume.ErrShrink) {
@@ -261,7 +270,7 @@ func (t *term) adoptVolumes(ctx context.Context) error {
 		if t.c.volInf.Get(key) != nil {
 			continue
 		}
-		rec := keys.VolumeRecord{VM: in.VM, UID: in.UID, SizeGiB: in.SizeGiB, State: keys.VolumeReady, Updated: time.Now().UTC()}
+		rec := keys.VolumeRecord{VM: in.VM, UID: in.UID, SizeGiB: in.SizeGiB, Disk: in.Disk, State: keys.VolumeReady, Updated: time.Now().UTC()}
 		if !t.record("an adopted disk", []decide.Cond{decide.CreateRev(key, 0)}, decide.Put(key, keys.MustEncode(&rec))) && t.ctx.Err() != nil {
 			return nil
 		}

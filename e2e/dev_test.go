@@ -55,15 +55,19 @@ func TestDevDemo(t *testing.T) {
 		}
 		return nil
 	})
-	herdctl := func(args ...string) string {
-		t.Helper()
+	try := func(args ...string) (string, error) {
 		cmd := exec.Command(bin.Herdctl, args...)
 		cmd.Env = append(os.Environ(), env...)
 		out, err := cmd.CombinedOutput()
+		return string(out), err
+	}
+	herdctl := func(args ...string) string {
+		t.Helper()
+		out, err := try(args...)
 		if err != nil {
 			t.Fatalf("herdctl %v: %v\n%s", args, err, out)
 		}
-		return string(out)
+		return out
 	}
 	rig.Eventually(t, 30*time.Second, "three nodes ready", func() error {
 		if n := strings.Count(herdctl("node", "list"), " ready "); n != 3 {
@@ -93,6 +97,8 @@ func TestDevDemo(t *testing.T) {
 		}
 		return nil
 	})
+
+	devImagesAndDisks(t, herdctl, try, filepath.Join(dir, "data"))
 
 	addImages(t, func(args ...string) string { return herdctl(args...) }, "v2")
 	herdctl("rollout", "start", "--image", "v2")
@@ -135,4 +141,66 @@ func TestDevDemo(t *testing.T) {
 	if err := p.Wait(30 * time.Second); err != nil {
 		t.Fatalf("herd dev did not stop cleanly on Ctrl-C: %v\n%s", err, rig.Tail(p.Log, 20))
 	}
+}
+
+// devImagesAndDisks: a VM image imported from a file on this machine (herdctl serves it to the
+// leader), a VM whose boot disk clones it and which has a second disk; the image cannot go while
+// the disk clones it, and can once the VM is purged.
+func devImagesAndDisks(t *testing.T, herdctl func(...string) string, try func(...string) (string, error), data string) {
+	t.Helper()
+	file := filepath.Join(t.TempDir(), "tiny.raw")
+	f, err := os.Create(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, _ = f.WriteAt([]byte("herd-image-marker"), 0)
+	_ = f.Truncate(64 << 20)
+	f.Close()
+	out := herdctl("volume", "import", "tiny", "--from", file)
+	if !strings.Contains(out, "image/tiny ready: raw, 64") {
+		t.Fatalf("volume import:\n%s", out)
+	}
+	if out := herdctl("volume", "import", "tiny", "--from", file); !strings.Contains(out, "image/tiny exists") {
+		t.Fatalf("importing again:\n%s", out)
+	}
+	herdctl("vm", "create", "web2", "--image", "tiny", "--disk", "1GiB", "--disk", "data=2GiB", "--wait")
+	if out := herdctl("vm", "get", "web2"); !strings.Contains(out, "root 1GiB in pool default from image tiny") || !strings.Contains(out, "data 2GiB in pool default") {
+		t.Fatalf("vm get:\n%s", out)
+	}
+	roots, _ := filepath.Glob(filepath.Join(data, "volumes", "default", "web2.*[0-9].raw"))
+	datas, _ := filepath.Glob(filepath.Join(data, "volumes", "default", "web2.*.data.raw"))
+	if len(roots) != 1 || len(datas) != 1 {
+		t.Fatalf("web2's disks: %v %v", roots, datas)
+	}
+	head := make([]byte, 17)
+	if f, err := os.Open(roots[0]); err == nil {
+		_, _ = f.ReadAt(head, 0)
+		f.Close()
+	}
+	if string(head) != "herd-image-marker" {
+		t.Fatalf("web2's boot disk starts with %q, not the image's bytes", head)
+	}
+	if out := herdctl("volume", "images"); !strings.Contains(out, "tiny") || !strings.Contains(out, "ready") {
+		t.Fatalf("volume images:\n%s", out)
+	}
+	if out, err := try("volume", "image-rm", "tiny"); err == nil || !strings.Contains(out, "cloned by 1 disks") {
+		t.Fatalf("an image a disk clones was deleted: %v\n%s", err, out)
+	}
+	if out := herdctl("volume", "list"); !strings.Contains(out, " data ") {
+		t.Fatalf("volume list shows no disk named data:\n%s", out)
+	}
+	herdctl("vm", "delete", "web2", "--purge", "--wait")
+	rig.Eventually(t, 30*time.Second, "web2's disks purged", func() error {
+		if out := herdctl("volume", "list"); strings.Contains(out, "web2") {
+			return fmt.Errorf("%s", out)
+		}
+		return nil
+	})
+	herdctl("volume", "image-rm", "tiny")
+	rig.Eventually(t, 30*time.Second, "image tiny gone", func() error {
+		if out := herdctl("volume", "images"); strings.Contains(out, "tiny") {
+			return fmt.Errorf("%s", out)
+		}
+		return nil
+	})
 }

@@ -6,12 +6,12 @@ set -euo pipefail
 # base: build (cgo libvirt), etcdctl for the raw-JSON tests, the PXE rig (QEMU, Debian's iPXE
 # binaries, busybox and cpio for the netboot image), the production image's build (mmdebstrap, zstd,
 # kmod: e2e/pxe TestProductionImage), isoinfo (genisoimage) to read VM seed images back, and chromium
-# for the console's browser test.
+# for the console's browser test; qemu-img (qemu-utils) for the leader to import qcow2 VM images.
 want=(gcc pkg-config libvirt-dev libvirt0 etcd-client iproute2 qemu-system-x86 ipxe busybox-static cpio binutils
   mmdebstrap zstd kmod
   libvirt-daemon libvirt-daemon-driver-qemu util-linux
   ceph-mon ceph-osd ceph-common librados-dev librbd-dev uuid-runtime qemu-block-extra nftables
-  atftp tftp-hpa curl ovmf genisoimage
+  atftp tftp-hpa curl ovmf genisoimage qemu-utils
   chromium)
 for group in "$@"; do
   case "$group" in

@@ -73,8 +73,9 @@ type Spec struct {
 	Restarts  int
 	VCPUs     int
 	MemoryMiB int64
-	Disk      *volume.Attachment
-	NICs      []NIC
+	// Disks are the VM's disks, the first one booted from: vda, vdb, ...
+	Disks []volume.Attachment
+	NICs  []NIC
 	// Seed is the VM's cloud-init seed image, attached read-only as a CD-ROM ("": none).
 	Seed string
 	// Kernel, Initrd and Cmdline boot a kernel directly (paths on this host).
@@ -437,40 +438,10 @@ func (h *Libvirt) DomainXML(s Spec) (string, error) {
 			d.OS.BootDevices = []libvirtxml.DomainBootDevice{{Dev: "hd"}}
 		}
 	}
-	if s.Disk != nil {
-		disk := libvirtxml.DomainDisk{
-			Device: "disk",
-			Target: &libvirtxml.DomainDiskTarget{Dev: "vda", Bus: "virtio"},
-		}
-		switch s.Disk.Kind {
-		case "rbd":
-			var hosts []libvirtxml.DomainDiskSourceHost
-			for _, m := range s.Disk.Monitors {
-				host, port, err := net.SplitHostPort(m)
-				if err != nil {
-					return "", fmt.Errorf("domain %s: monitor %q: %w", s.Name, m, err)
-				}
-				hosts = append(hosts, libvirtxml.DomainDiskSourceHost{Name: host, Port: port})
-			}
-			h.mu.Lock()
-			_, defined := h.secrets[s.Disk.User]
-			h.mu.Unlock()
-			if !defined && real {
-				return "", fmt.Errorf("domain %s: no libvirt secret for cephx user %s (agent started without --ceph-keyring?)", s.Name, s.Disk.User)
-			}
-			disk.Driver = &libvirtxml.DomainDiskDriver{Name: "qemu", Type: "raw", Cache: "none"}
-			disk.Source = &libvirtxml.DomainDiskSource{Network: &libvirtxml.DomainDiskSourceNetwork{
-				Protocol: "rbd", Name: s.Disk.Pool + "/" + s.Disk.Image, Hosts: hosts,
-				// By usage name: every node defines the secret under the same usage.
-				Auth: &libvirtxml.DomainDiskAuth{Username: s.Disk.User, Secret: &libvirtxml.DomainDiskSecret{Type: "ceph", Usage: cephSecretUsage(s.Disk.User)}},
-			}}
-		case "file":
-			// cache=none: no host page cache, so a migration or a restart elsewhere never reads
-			// stale data and libvirt accepts live migration on shared storage.
-			disk.Driver = &libvirtxml.DomainDiskDriver{Name: "qemu", Type: "raw", Cache: "none"}
-			disk.Source = &libvirtxml.DomainDiskSource{File: &libvirtxml.DomainDiskSourceFile{File: s.Disk.Path}}
-		default:
-			return "", fmt.Errorf("domain %s: disk kind %q not supported", s.Name, s.Disk.Kind)
+	for i, att := range s.Disks {
+		disk, err := h.diskXML(s.Name, i, att, real)
+		if err != nil {
+			return "", err
 		}
 		d.Devices.Disks = append(d.Devices.Disks, disk)
 	}
@@ -683,4 +654,43 @@ func (h *Libvirt) Remove(ctx context.Context, name string) error {
 		return nil
 	}
 	return err
+}
+
+// diskXML is the i-th disk of domain name (vda, vdb, ...).
+func (h *Libvirt) diskXML(name string, i int, att volume.Attachment, real bool) (libvirtxml.DomainDisk, error) {
+	disk := libvirtxml.DomainDisk{
+		Device: "disk",
+		Target: &libvirtxml.DomainDiskTarget{Dev: "vd" + string(rune('a'+i)), Bus: "virtio"},
+	}
+	switch att.Kind {
+	case "rbd":
+		var hosts []libvirtxml.DomainDiskSourceHost
+		for _, m := range att.Monitors {
+			host, port, err := net.SplitHostPort(m)
+			if err != nil {
+				return libvirtxml.DomainDisk{}, fmt.Errorf("domain %s: monitor %q: %w", name, m, err)
+			}
+			hosts = append(hosts, libvirtxml.DomainDiskSourceHost{Name: host, Port: port})
+		}
+		h.mu.Lock()
+		_, defined := h.secrets[att.User]
+		h.mu.Unlock()
+		if !defined && real {
+			return libvirtxml.DomainDisk{}, fmt.Errorf("domain %s: no libvirt secret for cephx user %s (agent started without --ceph-keyring?)", name, att.User)
+		}
+		disk.Driver = &libvirtxml.DomainDiskDriver{Name: "qemu", Type: "raw", Cache: "none"}
+		disk.Source = &libvirtxml.DomainDiskSource{Network: &libvirtxml.DomainDiskSourceNetwork{
+			Protocol: "rbd", Name: att.Pool + "/" + att.Image, Hosts: hosts,
+			// By usage name: every node defines the secret under the same usage.
+			Auth: &libvirtxml.DomainDiskAuth{Username: att.User, Secret: &libvirtxml.DomainDiskSecret{Type: "ceph", Usage: cephSecretUsage(att.User)}},
+		}}
+	case "file":
+		// cache=none: no host page cache, so a migration or a restart elsewhere never reads
+		// stale data and libvirt accepts live migration on shared storage.
+		disk.Driver = &libvirtxml.DomainDiskDriver{Name: "qemu", Type: "raw", Cache: "none"}
+		disk.Source = &libvirtxml.DomainDiskSource{File: &libvirtxml.DomainDiskSourceFile{File: att.Path}}
+	default:
+		return libvirtxml.DomainDisk{}, fmt.Errorf("domain %s: disk kind %q not supported", name, att.Kind)
+	}
+	return disk, nil
 }

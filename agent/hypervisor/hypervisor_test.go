@@ -29,7 +29,7 @@ func TestLibvirtTestDriverLifecycle(t *testing.T) {
 		t.Fatalf("lookup of a missing domain: %v %v", d, err)
 	}
 	spec := Spec{Cluster: "c-1", Name: "web1", UUID: "6f1b8d4e-3c2a-4b5d-9e8f-0a1b2c3d4e5f", UID: 42, Epoch: 1, VCPUs: 2, MemoryMiB: 512,
-		Disk: &volume.Attachment{Kind: "file", Path: "/var/lib/herd/x.raw"}}
+		Disks: []volume.Attachment{{Kind: "file", Path: "/var/lib/herd/x.raw"}}}
 	if err := h.Define(ctx, spec); err != nil {
 		t.Fatal(err)
 	}
@@ -78,7 +78,7 @@ func TestQEMUDomainXML(t *testing.T) {
 	x, err := h.DomainXML(Spec{Cluster: "c", Name: "web1", UUID: "6f1b8d4e-3c2a-4b5d-9e8f-0a1b2c3d4e5f", UID: 3, Epoch: 2, Restarts: 1,
 		VCPUs: 2, MemoryMiB: 256, Kernel: "/k", Initrd: "/i", Cmdline: "console=ttyS0",
 		NICs: []NIC{{Bridge: "br0", MAC: "52:54:00:12:34:56"}, {Bridge: "herd-v120", MAC: "52:54:00:12:34:57", Target: "hv3n1"}}, Console: "/var/log/herd/console/web1.log",
-		Disk: &volume.Attachment{Kind: "file", Path: "/v/web1.3.raw"}, Seed: "/var/lib/herd/seeds/web1-3.iso"})
+		Disks: []volume.Attachment{{Kind: "file", Path: "/v/web1.3.raw"}, {Kind: "file", Path: "/v/web1.3.data.raw"}}, Seed: "/var/lib/herd/seeds/web1-3.iso"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -88,6 +88,8 @@ func TestQEMUDomainXML(t *testing.T) {
 		`<source bridge="br0">`, `<mac address="52:54:00:12:34:56">`, `<model type="virtio">`,
 		`<serial type="pty">`, `<log file="/var/log/herd/console/web1.log" append="on">`, `cache="none"`,
 		`uid="3" epoch="2" cluster="c" restarts="1"`,
+		`<source file="/v/web1.3.raw"></source>` + "\n" + `      <target dev="vda" bus="virtio">`,
+		`<source file="/v/web1.3.data.raw"></source>` + "\n" + `      <target dev="vdb" bus="virtio">`,
 	} {
 		if !strings.Contains(x, want) {
 			t.Errorf("XML lacks %s:\n%s", want, x)

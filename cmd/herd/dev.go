@@ -235,6 +235,11 @@ func runDev(ctx context.Context, o devOptions) error {
 		if err != nil {
 			return fail(err)
 		}
+		if vols == nil {
+			// The agents' shared directory: the leader makes disks (and clones images) in it
+			// before placing, as it does on Ceph.
+			vols = volume.Dir{Root: filepath.Join(dir, "volumes")}
+		}
 		creg := prometheus.WrapRegistererWith(prometheus.Labels{"coordinator": name}, reg)
 		cfg, err := p.config(coordinatorConns{client: c, user: eo.User(), space: space, volumes: vols,
 			revoke: sec != nil, log: log.Named("coordinator"), registry: creg})

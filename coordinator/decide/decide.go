@@ -87,6 +87,7 @@ func Decide(snap *Snapshot, st *State, cfg Config) Plan {
 	t.acts = append(t.acts, s.addressBookkeeping()...)
 	s.purgeVolumes()
 	s.adoptVolumes()
+	s.images()
 	s.problems(t, sched)
 	plan.Pending = len(sched.Failures)
 	plan.Actions = append(plan.Actions, acts...)
@@ -256,8 +257,8 @@ func (s *view) decideVM(t *tally, name string, v *VM) {
 		t.specs[name] = spec
 		t.pending = append(t.pending, onNICs(schedVM(name, uid, spec, ""), nics.nics))
 	}
-	if pl != nil && spec != nil && spec.Disk != nil {
-		s.volumeReady(name, uid, spec) // grows the disk of a placed VM
+	if pl != nil && spec != nil {
+		s.volumeReady(name, uid, spec) // grows the disks of a placed VM, makes those added
 	}
 }
 
@@ -475,15 +476,19 @@ func checkSpec(name string, r *rec[keys.VMSpec], pools []string) (*keys.VMSpec, 
 // checkShrink refuses a spec whose disk is smaller than the disk that exists: shrinking would cut
 // the guest's filesystem. The VM keeps running under its last valid spec.
 func (s *view) checkShrink(name string, uid int64, spec *keys.VMSpec) error {
-	if !s.cfg.ManagedDisks || spec.Disk == nil {
+	if !s.cfg.ManagedDisks {
 		return nil
 	}
-	r := s.Volumes[spec.Disk.Pool+"/"+keys.VolumeImage(name, uid)]
-	if !r.OK() {
-		return nil
+	var fe keys.FieldErrors
+	for i, d := range spec.DiskList() {
+		r := s.Volumes[d.Pool+"/"+keys.DiskImage(name, uid, d.Name)]
+		if r.OK() && r.Value.SizeGiB > d.SizeGiB {
+			fe = append(fe, keys.FieldError{Field: fmt.Sprintf("disks[%d].size_gib", i),
+				Message: fmt.Sprintf("refusing to shrink disk %s from %d to %d GiB: the guest's filesystem would be cut", d.Name, r.Value.SizeGiB, d.SizeGiB)})
+		}
 	}
-	if r.Value.SizeGiB > spec.Disk.SizeGiB {
-		return keys.FieldErrors{{Field: "disk.size_gib", Message: fmt.Sprintf("refusing to shrink the disk from %d to %d GiB: the guest's filesystem would be cut", r.Value.SizeGiB, spec.Disk.SizeGiB)}}
+	if len(fe) > 0 {
+		return fe
 	}
 	return nil
 }

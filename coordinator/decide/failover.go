@@ -301,8 +301,8 @@ func (s *view) disksOf(vms []string) []string {
 		if !ok || !v.Spec.OK() {
 			continue
 		}
-		if d := v.Spec.Value.Disk; d != nil {
-			out = append(out, d.Pool+"/"+keys.VolumeImage(name, keys.SpecUID(v.Spec)))
+		for _, d := range v.Spec.Value.DiskList() {
+			out = append(out, d.Pool+"/"+keys.DiskImage(name, keys.SpecUID(v.Spec), d.Name))
 		}
 	}
 	return out

@@ -134,6 +134,10 @@ const (
 	PurgeVolume
 	// AdoptVolumes records disks found in storage that no record names.
 	AdoptVolumes
+	// ImportImage fetches, converts and stores a VM image, recording its progress.
+	ImportImage
+	// DeleteImage removes a deleted image from storage, then its status.
+	DeleteImage
 )
 
 // Work is one piece of side work: it runs outside the round (it waits on fencers and storage),
@@ -150,6 +154,11 @@ type Work struct {
 	Volume     volume.Volume
 	Request    string
 	RequestRev int64
+	// Image is the VM image (ImportImage, DeleteImage), ImageSpec its record as read, ImageUID
+	// the uid (the record's CreateRevision) it is stored under.
+	Image     string
+	ImageSpec *keys.VMImage
+	ImageUID  int64
 }
 
 // Count is how many actions count metric m.

@@ -83,6 +83,9 @@ type Snapshot struct {
 	Progress   *rec[keys.RolloutStatus]
 	NodeCmds   map[string]*rec[keys.NodeCommand] // by key
 	Networks   map[string]*rec[keys.NetworkSpec] // by name
+	// Images are the VM images operators want and ImageStatus the leader's account of each, by name.
+	Images      map[string]*rec[keys.VMImage]
+	ImageStatus map[string]*rec[keys.VMImageStatus]
 	// Claims are the addresses held, by network and address. A quick round needs only those of
 	// the networks its VMs' NICs name.
 	Claims map[string]map[string]*rec[keys.AddressClaim]

@@ -1,6 +1,7 @@
 package decide
 
 import (
+	"fmt"
 	"time"
 
 	"github.com/herdhq/herd/lib/keys"
@@ -18,14 +19,36 @@ const VolumeRetry = 10 * time.Second
 // AdoptEvery is how often the disks in storage are compared with the records.
 const AdoptEvery = time.Minute
 
-// volumeReady reports whether a VM's disk exists at the size its spec asks, and asks for the work
-// that makes it so if not. It returns the problem to show meanwhile ("" when there is none).
+// volumeReady reports whether every disk of a VM exists at the size its spec asks, and asks for
+// the work that makes it so if not. It returns the problem to show meanwhile ("" when there is
+// none): the first disk's that has one.
 func (s *view) volumeReady(name string, uid int64, spec *keys.VMSpec) (bool, string) {
-	if !s.cfg.ManagedDisks || spec.Disk == nil {
+	disks := spec.DiskList()
+	if len(disks) == 0 {
 		return true, ""
 	}
-	d := spec.Disk
-	image := keys.VolumeImage(name, uid)
+	if !s.cfg.ManagedDisks {
+		for _, d := range disks {
+			if d.Image != "" {
+				return false, fmt.Sprintf("disk %s: cloning image %s needs a coordinator with a volume backend (--volumes-dir or Ceph)", d.Name, d.Image)
+			}
+		}
+		return true, ""
+	}
+	ready, problem := true, ""
+	for _, d := range disks {
+		ok, p := s.diskReady(name, uid, d)
+		ready = ready && ok
+		if problem == "" && p != "" {
+			problem = "disk " + d.Name + ": " + p
+		}
+	}
+	return ready, problem
+}
+
+// diskReady is volumeReady for one disk.
+func (s *view) diskReady(name string, uid int64, d keys.Disk) (bool, string) {
+	image := keys.DiskImage(name, uid, d.Name)
 	r := s.Volumes[d.Pool+"/"+image]
 	var vr *keys.VolumeRecord
 	if r.OK() {
@@ -36,12 +59,23 @@ func (s *view) volumeReady(name string, uid int64, spec *keys.VMSpec) (bool, str
 		return true, ""
 	case vr != nil && vr.State == keys.VolumeError && vr.SizeGiB == d.SizeGiB && s.Now.Sub(vr.Updated) < VolumeRetry:
 		s.after(VolumeRetry - s.Now.Sub(vr.Updated))
-		return false, "disk: " + vr.Error
+		return false, vr.Error
+	}
+	from := d.From
+	if vr != nil {
+		from = vr.From // made already: what it was cloned from stays on its record
+	} else if d.Image != "" {
+		// Only a disk that does not exist yet clones: one that does keeps its bytes.
+		f, problem := s.imageSource(d)
+		if problem != "" {
+			return false, problem
+		}
+		from = f
 	}
 	s.plan.Work = append(s.plan.Work, Work{Kind: EnsureVolume, Key: s.cfg.Space.Volume(d.Pool, image), Rev: modRev(r),
-		Volume: volume.Volume{Pool: d.Pool, VM: name, UID: uid, SizeGiB: d.SizeGiB, From: d.From}})
+		Volume: volume.Volume{Pool: d.Pool, VM: name, UID: uid, Disk: d.Name, SizeGiB: d.SizeGiB, From: from}})
 	if vr != nil && vr.State == keys.VolumeError {
-		return false, "disk: " + vr.Error
+		return false, vr.Error
 	}
 	return false, ""
 }
@@ -65,11 +99,16 @@ func (s *view) purgeVolumes() {
 		if req == nil {
 			continue
 		}
-		if v, ok := s.VMs[r.Value.VM]; ok && v.Spec != nil && keys.SpecUID(v.Spec) == r.Value.UID {
+		// The storage name says whose disk it is; the record's own fields could have been edited.
+		vm, uid, disk, ok := keys.ParseDiskImage(image)
+		if !ok {
+			continue
+		}
+		if v, ok := s.VMs[vm]; ok && v.Spec != nil && keys.SpecUID(v.Spec) == uid {
 			continue // still in use: purge waits for the VM to go
 		}
 		s.plan.Work = append(s.plan.Work, Work{Kind: PurgeVolume, Key: r.Key, Rev: r.ModRevision,
-			Volume: volume.Volume{Pool: pool, VM: r.Value.VM, UID: r.Value.UID}, Request: req.Key, RequestRev: req.ModRevision})
+			Volume: volume.Volume{Pool: pool, VM: vm, UID: uid, Disk: disk}, Request: req.Key, RequestRev: req.ModRevision})
 	}
 }
 

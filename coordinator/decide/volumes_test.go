@@ -46,7 +46,7 @@ func TestVolumes(t *testing.T) {
 		w.vm("a", 1, 512, withDisk("default", 10))
 		w.diskDone("a", 10, keys.VolumeError, "pool full")
 		w.settle()
-		if w.placedOn("a") != "" || !strings.Contains(w.problem("a"), "disk: pool full") {
+		if w.placedOn("a") != "" || !strings.Contains(w.problem("a"), "disk root: pool full") {
 			t.Fatalf("on %q problem %q", w.placedOn("a"), w.problem("a"))
 		}
 		if p := w.decide(); len(p.Work) != 0 || p.After <= 0 {

@@ -132,6 +132,7 @@ func TestDisksOnRBD(t *testing.T) {
 	if info := rbd(t, "info", fmt.Sprintf("rbd/db1.%d", db1.UID)); !strings.Contains(info, "parent: rbd/golden@base") {
 		t.Fatalf("not a clone:\n%s", info)
 	}
+	importedImageAndTwoDisks(t, c)
 
 	// Grow; a shrink is refused with a problem and the disk stays.
 	write := func(name, spec string) {
@@ -149,7 +150,7 @@ func TestDisksOnRBD(t *testing.T) {
 	write("web1", "name: web1\nvcpus: 1\nmemory_mib: 128\ndisk: {pool: rbd, size_gib: 1}\n")
 	rig.Eventually(t, 30*time.Second, "shrink refused", func() error {
 		vm := c.VMs()["web1"]
-		if vm.Problem == nil || !strings.Contains(vm.Problem.Message, "refusing to shrink the disk from 3 to 1 GiB") {
+		if vm.Problem == nil || !strings.Contains(vm.Problem.Message, "refusing to shrink disk root from 3 to 1 GiB") {
 			return fmt.Errorf("%+v", vm.Problem)
 		}
 		return nil
@@ -193,7 +194,7 @@ func TestDisksOnRBD(t *testing.T) {
 	c.Herdctl("vm", "create", "diskless", "--memory", "64MiB")
 	rig.Eventually(t, 60*time.Second, "clear error for the disk, diskless VM runs", func() error {
 		vm := c.VMs()["late"]
-		if vm.Problem == nil || !strings.Contains(vm.Problem.Message, "disk:") {
+		if vm.Problem == nil || !strings.Contains(vm.Problem.Message, "disk root:") {
 			return fmt.Errorf("late: %+v", vm.Problem)
 		}
 		return running(c, "diskless")
@@ -203,5 +204,44 @@ func TestDisksOnRBD(t *testing.T) {
 		if !p.Running() {
 			t.Fatal("a coordinator died with the Ceph cluster")
 		}
+	}
+}
+
+// importedImageAndTwoDisks: a qcow2 file here, imported by the leader through herdctl (which serves
+// it), becomes an RBD image with a protected snapshot; a VM's boot disk is a clone of it, its
+// second disk an image of its own; the image cannot be deleted while cloned.
+func importedImageAndTwoDisks(t *testing.T, c *rig.Cluster) {
+	dir := t.TempDir()
+	raw, qcow := filepath.Join(dir, "deb.raw"), filepath.Join(dir, "deb.qcow2")
+	f, err := os.Create(raw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, _ = f.WriteAt([]byte("herd-image-marker"), 0)
+	_ = f.Truncate(256 << 20)
+	f.Close()
+	if out, err := exec.Command("qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, qcow).CombinedOutput(); err != nil {
+		t.Fatalf("qemu-img: %v: %s", err, out)
+	}
+	start := time.Now()
+	out, errOut, code := c.Run(c.Bin.Herdctl, "volume", "import", "deb", "--from", qcow, "--pool", "rbd")
+	t.Logf("import of a 256 MiB qcow2 into RBD: %s", time.Since(start).Round(time.Millisecond))
+	if code != 0 || !strings.Contains(errOut, "image/deb ready: qcow2, 256") {
+		t.Fatalf("volume import: exit %d\n%s%s", code, out, errOut)
+	}
+	c.Herdctl("vm", "create", "app1", "--image", "deb", "--disk", "1GiB", "--disk", "data=2GiB", "--pool", "rbd", "--memory", "128MiB", "--wait")
+	uid := c.VMs()["app1"].UID
+	info := rbd(t, "info", fmt.Sprintf("rbd/app1.%d", uid))
+	if !strings.Contains(info, "parent: rbd/image_deb.") || !strings.Contains(info, "@herd") || !strings.Contains(info, "1 GiB") {
+		t.Fatalf("the boot disk is not a clone of the image:\n%s", info)
+	}
+	if info := rbd(t, "info", fmt.Sprintf("rbd/app1.%d.data", uid)); strings.Contains(info, "parent:") || !strings.Contains(info, "2 GiB") {
+		t.Fatalf("the second disk:\n%s", info)
+	}
+	if v := volumes(c)[fmt.Sprintf("app1.%d.data", uid)]; v.Record.State != "ready" || v.Owner != "in use" {
+		t.Fatalf("the second disk's record: %+v", v)
+	}
+	if _, errOut, code := c.Run(c.Bin.Herdctl, "volume", "image-rm", "deb"); code == 0 || !strings.Contains(errOut, "cloned by 1 disks") {
+		t.Fatalf("an image with a clone was deleted: exit %d\n%s", code, errOut)
 	}
 }

@@ -49,9 +49,10 @@ func (e *env) pools(ctx context.Context) ([]string, error) {
 type specFlags struct {
 	vcpus    int
 	memory   string
-	disk     string
+	disks    []string
 	pool     string
 	from     string
+	image    string
 	power    string
 	labels   []string
 	selector []string
@@ -69,9 +70,10 @@ type specFlags struct {
 func (sf *specFlags) add(f *pflag.FlagSet) {
 	f.IntVar(&sf.vcpus, "vcpus", 1, "virtual CPUs")
 	f.StringVar(&sf.memory, "memory", "512MiB", "memory, e.g. 512MiB, 2GiB")
-	f.StringVar(&sf.disk, "disk", "", "root disk size, e.g. 10GiB (none if empty)")
-	f.StringVar(&sf.pool, "pool", "default", "disk pool")
-	f.StringVar(&sf.from, "from", "", "image to clone the disk from (backend-specific, e.g. pool/image@snap)")
+	f.StringArrayVar(&sf.disks, "disk", nil, "a disk: SIZE for the first (boot) disk, NAME=SIZE[,pool=POOL] for the others, e.g. 20GiB, data=100GiB (repeatable; no disk if none)")
+	f.StringVar(&sf.pool, "pool", "default", "disk pool (of every disk that names none)")
+	f.StringVar(&sf.image, "image", "", "the VM image the boot disk clones (herdctl volume import)")
+	f.StringVar(&sf.from, "from", "", "a backend-specific source the boot disk clones instead, e.g. pool/image@snap")
 	f.StringVar(&sf.power, "power", "", "running (default) or stopped")
 	f.StringSliceVar(&sf.labels, "label", nil, "label key=value (repeatable)")
 	f.StringSliceVar(&sf.selector, "selector", nil, "only nodes whose hardware has label key=value (repeatable)")
@@ -138,12 +140,8 @@ func (sf *specFlags) spec() (keys.VMSpec, error) {
 	if spec.MemoryMiB, err = units.ParseIn(sf.memory, units.MiB); err != nil {
 		return spec, usagef("--memory: %v", err)
 	}
-	if sf.disk != "" {
-		size, err := units.ParseIn(sf.disk, units.GiB)
-		if err != nil {
-			return spec, usagef("--disk: %v", err)
-		}
-		spec.Disk = &keys.Disk{Pool: sf.pool, SizeGiB: size, From: sf.from}
+	if spec.Disks, err = sf.diskList(); err != nil {
+		return spec, err
 	}
 	if spec.Labels, err = parseLabels("label", sf.labels); err != nil {
 		return spec, err
@@ -152,6 +150,49 @@ func (sf *specFlags) spec() (keys.VMSpec, error) {
 		return spec, err
 	}
 	return spec, nil
+}
+
+// diskList reads the --disk flags: the first disk is the boot disk (named root unless NAME= says
+// otherwise), and takes --image or --from.
+func (sf *specFlags) diskList() ([]keys.Disk, error) {
+	if len(sf.disks) == 0 {
+		if sf.image != "" || sf.from != "" {
+			return nil, usagef("--image and --from need a --disk to clone into, e.g. --disk 20GiB")
+		}
+		return nil, nil
+	}
+	var out []keys.Disk
+	for i, arg := range sf.disks {
+		fields := strings.Split(arg, ",")
+		d := keys.Disk{Pool: sf.pool}
+		size := fields[0]
+		if name, sz, ok := strings.Cut(size, "="); ok {
+			d.Name, size = name, sz
+		} else if i > 0 {
+			return nil, usagef("--disk %q: every disk but the first needs a name: NAME=SIZE, e.g. data=%s", arg, size)
+		}
+		n, err := units.ParseIn(size, units.GiB)
+		if err != nil {
+			return nil, usagef("--disk %q: %v", arg, err)
+		}
+		d.SizeGiB = n
+		for _, f := range fields[1:] {
+			switch k, v, _ := strings.Cut(f, "="); k {
+			case "pool":
+				d.Pool = v
+			default:
+				return nil, usagef("--disk %q: unknown option %q (want [NAME=]SIZE[,pool=POOL])", arg, f)
+			}
+		}
+		if i == 0 {
+			if d.Name == "" {
+				d.Name = keys.RootDisk
+			}
+			d.Image, d.From = sf.image, sf.from
+		}
+		out = append(out, d)
+	}
+	return out, nil
 }
 
 func vmCreateCmd(e *env) *cobra.Command {
@@ -165,6 +206,7 @@ func vmCreateCmd(e *env) *cobra.Command {
 		Use:   "create NAME",
 		Short: "Create a VM; the leader places it on a node and the node's agent starts it",
 		Example: `  herdctl vm create web1 --vcpus 2 --memory 1GiB --disk 10GiB
+  herdctl vm create web2 --image debian-12 --disk 20GiB --disk data=100GiB --net prod --ssh-key ~/.ssh/id_ed25519.pub --wait
   herdctl vm create db1 --memory 8GiB --disk 100GiB --anti-affinity db --selector zone=z1 --wait
   herdctl vm create app1 --net prod --net back,ip=10.21.0.40 --ssh-key ~/.ssh/id_ed25519.pub --user-data init.yaml
   herdctl vm create web2 --disk 10GiB --dry-run     # print the JSON etcdctl would write`,
@@ -406,10 +448,16 @@ func describeVM(e *env, vm *vmView) error {
 			power = keys.PowerRunning
 		}
 		fmt.Fprintf(w, "Resources:  %d vCPUs, %s\n", s.VCPUs, units.FormatMiB(s.MemoryMiB))
-		if s.Disk != nil {
-			fmt.Fprintf(w, "Disk:       %dGiB in pool %s", s.Disk.SizeGiB, s.Disk.Pool)
-			if s.Disk.From != "" {
-				fmt.Fprintf(w, " from %s", s.Disk.From)
+		for i, d := range s.DiskList() {
+			label := "Disks:"
+			if i > 0 {
+				label = ""
+			}
+			fmt.Fprintf(w, "%-12s%s %dGiB in pool %s", label, d.Name, d.SizeGiB, d.Pool)
+			if d.Image != "" {
+				fmt.Fprintf(w, " from image %s", d.Image)
+			} else if d.From != "" {
+				fmt.Fprintf(w, " from %s", d.From)
 			}
 			fmt.Fprintln(w)
 		}

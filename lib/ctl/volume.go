@@ -69,8 +69,8 @@ func (e *env) readVolumes(ctx context.Context) ([]volumeView, error) {
 }
 
 func volumeCmd(e *env) *cobra.Command {
-	cmd := &cobra.Command{Use: "volume", Short: "VM disks on shared storage: list them, purge orphans"}
-	cmd.AddCommand(volumeListCmd(e), volumeRmCmd(e))
+	cmd := &cobra.Command{Use: "volume", Short: "VM disks and the images they clone: import images, list disks, purge orphans"}
+	cmd.AddCommand(volumeListCmd(e), volumeRmCmd(e), volumeImportCmd(e), volumeImagesCmd(e), volumeImageRmCmd(e))
 	return cmd
 }
 
@@ -93,7 +93,7 @@ func volumeListCmd(e *env) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			t := newTable("POOL", "IMAGE", "VM", "UID", "SIZE", "STATE", "OWNER")
+			t := newTable("POOL", "IMAGE", "VM", "UID", "DISK", "SIZE", "STATE", "OWNER")
 			for _, v := range vols {
 				state := v.Record.State
 				if v.Purging {
@@ -102,7 +102,11 @@ func volumeListCmd(e *env) *cobra.Command {
 				if v.Record.Error != "" {
 					state += ": " + truncate(v.Record.Error, 60)
 				}
-				t.row(v.Pool, v.Image, v.Record.VM, fmt.Sprint(v.Record.UID), fmt.Sprintf("%dGiB", v.Record.SizeGiB), state, v.Owner)
+				disk := v.Record.Disk
+				if disk == "" {
+					disk = keys.RootDisk
+				}
+				t.row(v.Pool, v.Image, v.Record.VM, fmt.Sprint(v.Record.UID), disk, fmt.Sprintf("%dGiB", v.Record.SizeGiB), state, v.Owner)
 			}
 			if len(vols) == 0 && o.format == "table" {
 				fmt.Fprintln(e.errOut, "no disk records (directory disks without a coordinator backend are not recorded)")

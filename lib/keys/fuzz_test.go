@@ -53,6 +53,9 @@ func FuzzDecode(f *testing.F) {
 		`{"hwid":"52:54:00:00:00:01","expires":"2026-01-01T00:00:00Z","issued_by":"bootserver/a"}`,
 		`{"v":1,"vlan":120,"cidr":"10.20.0.0/30","gateway":"10.20.0.1","range_first":"10.20.0.2","range_last":"10.20.0.2"}`,
 		`{"v":1,"cidr":"10.20.0.0/22","range_first":"10.20.3.1","range_last":"10.20.0.9","dns":["1.1.1.1"]}`,
+		`{"v":1,"vcpus":1,"memory_mib":64,"disks":[{"pool":"p","size_gib":2,"image":"deb"},{"name":"data","pool":"p","size_gib":1}]}`,
+		`{"v":1,"source":"file:///srv/a.qcow2","pool":"rbd","format":"qcow2","sha256":"00"}`,
+		`{"v":1,"uid":5,"state":"importing","phase":"store","bytes":10,"total":0,"size_bytes":1073741825}`,
 	} {
 		f.Add([]byte(s))
 	}
@@ -61,7 +64,17 @@ func FuzzDecode(f *testing.F) {
 		roundTrip[Hardware](t, data, func(v *Hardware) { _ = v.Validate("52:54:00:00:00:01") })
 		roundTrip[Node](t, data, nil)
 		roundTrip[NodeState](t, data, nil)
-		roundTrip[VMSpec](t, data, func(v *VMSpec) { _ = v.Validate([]string{"default"}); _ = v.WantsRunning() })
+		roundTrip[VMSpec](t, data, func(v *VMSpec) {
+			if v.Validate([]string{"default"}) == nil {
+				// A valid spec's disks have names that make storage names parsing back to them.
+				for _, d := range v.DiskList() {
+					if _, uid, disk, ok := ParseDiskImage(DiskImage("vm", 7, d.Name)); !ok || uid != 7 || disk != d.Name {
+						t.Fatalf("disk %q: storage name %s", d.Name, DiskImage("vm", 7, d.Name))
+					}
+				}
+			}
+			_ = v.WantsRunning()
+		})
 		roundTrip[Placement](t, data, nil)
 		roundTrip[Assignment](t, data, nil)
 		roundTrip[VMStatus](t, data, nil)
@@ -85,6 +98,8 @@ func FuzzDecode(f *testing.F) {
 			}
 		})
 		roundTrip[AddressClaim](t, data, nil)
+		roundTrip[VMImage](t, data, func(v *VMImage) { _ = v.Validate() })
+		roundTrip[VMImageStatus](t, data, func(v *VMImageStatus) { _, _ = v.Progress(), v.MinDiskGiB() })
 		roundTrip[JoinToken](t, data, nil)
 		roundTrip[Rollout](t, data, func(v *Rollout) { _ = v.Validate() })
 		roundTrip[NodeCommand](t, data, nil)

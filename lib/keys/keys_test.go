@@ -94,6 +94,31 @@ func TestMissingVersionReadsAsCurrent(t *testing.T) {
 	}
 }
 
+// TestDiskNames: a spec in the old one-disk form reads as disks [root]; each disk's storage name
+// parses back to its VM, uid and disk, and a VM image's or a stranger's does not.
+func TestDiskNames(t *testing.T) {
+	old := VMSpec{Disk: &Disk{Pool: "p", SizeGiB: 3}}
+	if l := old.DiskList(); len(l) != 1 || l[0].Name != RootDisk || l[0].SizeGiB != 3 {
+		t.Fatalf("%+v", l)
+	}
+	for _, c := range []struct {
+		vm   string
+		uid  int64
+		disk string
+	}{{"web", 7, "root"}, {"web", 7, "data"}, {"a.b", 12, "root"}, {"a.b", 12, "logs-2"}, {"x.5", 9, "root"}} {
+		name := DiskImage(c.vm, c.uid, c.disk)
+		vm, uid, disk, ok := ParseDiskImage(name)
+		if !ok || vm != c.vm || uid != c.uid || disk != c.disk {
+			t.Errorf("%s parsed as %q %d %q %v", name, vm, uid, disk, ok)
+		}
+	}
+	for _, name := range []string{ImageVolume("debian-12", 4), "web", "web.x", "web.0", ".5", "Web.5", "web.5.Data"} {
+		if vm, uid, disk, ok := ParseDiskImage(name); ok {
+			t.Errorf("%s parsed as %q %d %q", name, vm, uid, disk)
+		}
+	}
+}
+
 func TestSpecValidation(t *testing.T) {
 	pools := []string{"default"}
 	good := VMSpec{VCPUs: 1, MemoryMiB: 512, Disk: &Disk{Pool: "default", SizeGiB: 10}}
@@ -122,6 +147,16 @@ func TestSpecValidation(t *testing.T) {
 		{func(s *VMSpec) { s.SSHKeys = []string{"ssh-ed25519 AAAA\nssh-rsa BBBB"} }, "must be one line"},
 		{func(s *VMSpec) { s.UserData = "runcmd: []" }, "user_data: must start with #cloud-config"},
 		{func(s *VMSpec) { s.UserData = "#cloud-config\n" + strings.Repeat("x", MaxUserData) }, "user_data: is"},
+		{func(s *VMSpec) { s.Disks = []Disk{{Pool: "default", SizeGiB: 1}} }, "disks or the old disk, not both"},
+		{func(s *VMSpec) {
+			s.Disk, s.Disks = nil, []Disk{{Pool: "default", SizeGiB: 1}, {Pool: "default", SizeGiB: 1}}
+		}, "disks[1].name: is required for every disk but the first"},
+		{func(s *VMSpec) {
+			s.Disk, s.Disks = nil, []Disk{{Pool: "default", SizeGiB: 1}, {Name: "root", Pool: "default", SizeGiB: 1}}
+		}, `disks[1].name: "root" names two disks`},
+		{func(s *VMSpec) { s.Disk, s.Disks = nil, []Disk{{Name: "9lives", Pool: "default", SizeGiB: 1}} }, "disks[0].name"},
+		{func(s *VMSpec) { s.Disk.Image, s.Disk.From = "deb", "rbd/x@y" }, "disk.image: clone an image or a source"},
+		{func(s *VMSpec) { s.Disk.Image = "Debian 12" }, "disk.image"},
 	}
 	for _, c := range cases {
 		s := good

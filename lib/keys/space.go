@@ -2,6 +2,7 @@ package keys
 
 import (
 	"fmt"
+	"strconv"
 	"strings"
 	"time"
 )
@@ -150,9 +151,48 @@ func (s Space) AddressRoot() string             { return s.dir("addresses") }
 func (s Space) AddressPrefix(net string) string { return s.AddressRoot() + net + "/" }
 func (s Space) Address(net, ip string) string   { return s.AddressPrefix(net) + ip }
 
-// VolumeImage is the name of a VM's disk in its pool: the VM name for humans, the uid so that a VM
-// created again under the same name never gets the old disk.
+// VMImagePrefix lists the VM images operators import; VMImageStatusPrefix the leader's account of
+// each import.
+func (s Space) VMImagePrefix() string            { return s.dir("vmimages") }
+func (s Space) VMImage(name string) string       { return s.VMImagePrefix() + name }
+func (s Space) VMImageStatusPrefix() string      { return s.dir("vmimagestatus") }
+func (s Space) VMImageStatus(name string) string { return s.VMImageStatusPrefix() + name }
+
+// VolumeImage is the name of a VM's first disk in its pool: the VM name for humans, the uid so
+// that a VM created again under the same name never gets the old disk.
 func VolumeImage(vm string, uid int64) string { return fmt.Sprintf("%s.%d", vm, uid) }
+
+// DiskImage is the name of a VM's disk in its pool: <vm>.<uid> for the disk named root (the name
+// disks had before a VM could have several), <vm>.<uid>.<disk> for the others. Disk names start
+// with a letter, so the last part tells the two apart (ParseDiskImage).
+func DiskImage(vm string, uid int64, disk string) string {
+	if disk == "" || disk == RootDisk {
+		return VolumeImage(vm, uid)
+	}
+	return fmt.Sprintf("%s.%d.%s", vm, uid, disk)
+}
+
+// ParseDiskImage splits a disk's storage name made by DiskImage; ok is false for any other name
+// (an image herd did not make, a VM image).
+func ParseDiskImage(name string) (vm string, uid int64, disk string, ok bool) {
+	rest, disk := name, RootDisk
+	if i := strings.LastIndexByte(rest, '.'); i > 0 && diskNameRE.MatchString(rest[i+1:]) {
+		rest, disk = rest[:i], rest[i+1:]
+	}
+	i := strings.LastIndexByte(rest, '.')
+	if i <= 0 {
+		return "", 0, "", false
+	}
+	uid, err := strconv.ParseInt(rest[i+1:], 10, 64)
+	if err != nil || uid <= 0 || ValidateName(rest[:i]) != nil {
+		return "", 0, "", false
+	}
+	return rest[:i], uid, disk, true
+}
+
+// ImageVolume is the storage name of VM image name of uid: "image_" cannot begin a VM name, so
+// no VM's disk is ever taken for an image, nor the reverse.
+func ImageVolume(name string, uid int64) string { return fmt.Sprintf("image_%s.%d", name, uid) }
 
 // ImageCurrentName is the key under ImagePrefix that names the default version; it cannot be a
 // version itself.

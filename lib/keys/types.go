@@ -2,6 +2,8 @@ package keys
 
 import (
 	"errors"
+	"fmt"
+	"slices"
 	"time"
 )
 
@@ -256,7 +258,11 @@ type VMSpec struct {
 	V         int   `json:"v"`
 	VCPUs     int   `json:"vcpus"`
 	MemoryMiB int64 `json:"memory_mib"`
-	Disk      *Disk `json:"disk,omitempty"`
+	// Disks are the VM's disks, the first one booted from (see DiskList). Disk is the old form of
+	// one disk: a spec written with it still reads (as disks [{"name": "root", ...}]); a spec may
+	// not have both.
+	Disks []Disk `json:"disks,omitempty"`
+	Disk  *Disk  `json:"disk,omitempty"`
 	// Power is running (the default when empty) or stopped.
 	Power        string            `json:"power,omitempty"`
 	Labels       map[string]string `json:"labels,omitempty"`
@@ -369,13 +375,35 @@ type KernelBoot struct {
 	Extra   `json:"-"`
 }
 
-// Disk is a VM's root disk in a pool of shared storage.
+// Disk is one of a VM's disks in a pool of shared storage.
 type Disk struct {
+	// Name tells a VM's disks apart and names its storage (DiskImage): "root" for the first disk
+	// when empty; required for the others.
+	Name    string `json:"name,omitempty"`
 	Pool    string `json:"pool"`
 	SizeGiB int64  `json:"size_gib"`
-	// From names an image to clone, e.g. pool/image@snap (backend-specific).
+	// Image names a VM image (/herd/vmimages/<name>) to clone; From a backend-specific source
+	// (e.g. pool/image@snap) instead. At most one of them.
+	Image string `json:"image,omitempty"`
 	From  string `json:"from,omitempty"`
 	Extra `json:"-"`
+}
+
+// RootDisk is the name of a VM's first disk unless the spec names it.
+const RootDisk = "root"
+
+// DiskList is the spec's disks, named: Disks, or the old one-disk form as a disk named "root".
+func (s *VMSpec) DiskList() []Disk {
+	var out []Disk
+	if len(s.Disks) > 0 {
+		out = slices.Clone(s.Disks)
+	} else if s.Disk != nil {
+		out = []Disk{*s.Disk}
+	}
+	if len(out) > 0 && out[0].Name == "" {
+		out[0].Name = RootDisk
+	}
+	return out
 }
 
 // Placement is /herd/vms/<name>/placement, written only by the leader, in the same transaction as
@@ -758,16 +786,80 @@ const (
 // VolumeRecord is /herd/volumes/<pool>/<image>: a disk the leader made (or found) in shared
 // storage, and which VM it belongs to. Disks outlive their VM unless purged.
 type VolumeRecord struct {
-	V       int       `json:"v"`
-	VM      string    `json:"vm"`
-	UID     int64     `json:"uid"`
-	SizeGiB int64     `json:"size_gib"`
+	V       int    `json:"v"`
+	VM      string `json:"vm"`
+	UID     int64  `json:"uid"`
+	SizeGiB int64  `json:"size_gib"`
+	// Disk is the name of the VM's disk it is ("root" when empty: records older than disk names).
+	Disk    string    `json:"disk,omitempty"`
 	From    string    `json:"from,omitempty"`
 	State   string    `json:"state"`
 	Error   string    `json:"error,omitempty"`
 	Updated time.Time `json:"updated"`
 	Extra   `json:"-"`
 }
+
+// VMImage is /herd/vmimages/<name>: a disk image VMs clone from, written by operators (herdctl
+// volume import). The leader fetches Source once, converts it to raw and stores it in Pool as a
+// protected snapshot (VMImageStatus says how far it got); a disk whose spec names the image is a
+// copy-on-write clone of it. The record's CreateRevision is the image's uid: an image deleted and
+// imported again under the same name is a different image, stored under another name.
+type VMImage struct {
+	V int `json:"v"`
+	// Source is where the leader fetches the file: http://, https:// or file:// (a path on the
+	// coordinators' hosts).
+	Source string `json:"source"`
+	// Format is raw or qcow2; empty means found out from the file.
+	Format string `json:"format,omitempty"`
+	Pool   string `json:"pool"`
+	// SHA256, if set, is the file's checksum: an import whose bytes differ fails.
+	SHA256 string `json:"sha256,omitempty"`
+	Extra  `json:"-"`
+}
+
+// VM image states.
+const (
+	ImageImporting = "importing"
+	ImageReady     = "ready"
+	ImageError     = "error"
+)
+
+// VMImageStatus is /herd/vmimagestatus/<name>, written only by the leader: how the import of the
+// image of uid UID went, and, once ready, what a disk clones (From) and how big it must be.
+type VMImageStatus struct {
+	V     int    `json:"v"`
+	UID   int64  `json:"uid"`
+	State string `json:"state"`
+	// Phase is the step an import is at (fetch, convert, store); Bytes of Total are its progress
+	// (Total 0 when the source does not say).
+	Phase string `json:"phase,omitempty"`
+	Bytes int64  `json:"bytes,omitempty"`
+	Total int64  `json:"total,omitempty"`
+	// Format is what the file turned out to be; SizeBytes its virtual size, which a disk cloned
+	// from it must at least have.
+	Format    string `json:"format,omitempty"`
+	SizeBytes int64  `json:"size_bytes,omitempty"`
+	SHA256    string `json:"sha256,omitempty"`
+	// From is the backend's clone source, e.g. pool/image@snap.
+	From    string    `json:"from,omitempty"`
+	Error   string    `json:"error,omitempty"`
+	Updated time.Time `json:"updated"`
+	Extra   `json:"-"`
+}
+
+// Progress says how far an import is, in words.
+func (s *VMImageStatus) Progress() string {
+	switch {
+	case s.Total > 0:
+		return fmt.Sprintf("%s %d%%", s.Phase, s.Bytes*100/s.Total)
+	case s.Bytes > 0:
+		return fmt.Sprintf("%s %d MiB", s.Phase, s.Bytes>>20)
+	}
+	return s.Phase
+}
+
+// MinDiskGiB is the smallest disk that holds the image.
+func (s *VMImageStatus) MinDiskGiB() int64 { return (s.SizeBytes + 1<<30 - 1) >> 30 }
 
 // JoinToken is /herd/jointokens/<sha256 of the token>: a one-time credential that lets the machine
 // with this hardware id join once. Only the hash is stored; the key's lease ends it at Expires.

@@ -3,6 +3,7 @@ package keys
 import (
 	"fmt"
 	"net"
+	"net/url"
 	"path"
 	"regexp"
 	"slices"
@@ -48,9 +49,11 @@ const (
 )
 
 var (
-	nameRE  = regexp.MustCompile(`^[a-z0-9]([a-z0-9.-]*[a-z0-9])?$`)
-	labelRE = regexp.MustCompile(`^[A-Za-z0-9]([A-Za-z0-9._/-]*[A-Za-z0-9])?$`)
-	hwidRE  = regexp.MustCompile(`^[A-Za-z0-9]([A-Za-z0-9._:-]*[A-Za-z0-9])?$`)
+	nameRE = regexp.MustCompile(`^[a-z0-9]([a-z0-9.-]*[a-z0-9])?$`)
+	// diskNameRE starts with a letter so that a disk's storage name never ends like a uid.
+	diskNameRE = regexp.MustCompile(`^[a-z][a-z0-9-]{0,30}$`)
+	labelRE    = regexp.MustCompile(`^[A-Za-z0-9]([A-Za-z0-9._/-]*[A-Za-z0-9])?$`)
+	hwidRE     = regexp.MustCompile(`^[A-Za-z0-9]([A-Za-z0-9._:-]*[A-Za-z0-9])?$`)
 )
 
 // ValidateName checks a VM or pool name: lower-case letters, digits, '-' and '.', starting and
@@ -127,17 +130,7 @@ func (s *VMSpec) Validate(pools []string) error {
 	if s.AdoptUID < 0 {
 		fe.add("adopt_uid", "must be the uid of an orphan (herdctl vm orphans), got %d", s.AdoptUID)
 	}
-	if s.Disk != nil {
-		d := s.Disk
-		if d.Pool == "" {
-			fe.add("disk.pool", "is required")
-		} else if pools != nil && !slices.Contains(pools, d.Pool) {
-			fe.add("disk.pool", "unknown pool %q (this cluster has: %s)", d.Pool, strings.Join(pools, ", "))
-		}
-		if d.SizeGiB < 1 || d.SizeGiB > MaxDiskGiB {
-			fe.add("disk.size_gib", "must be between 1 and %d GiB, got %d", MaxDiskGiB, d.SizeGiB)
-		}
-	}
+	validateDisks(&fe, s, pools)
 	switch s.Power {
 	case "", PowerRunning, PowerStopped:
 	default:
@@ -355,3 +348,83 @@ func (n *NodeSpec) Validate() error {
 	}
 	return fe.err()
 }
+
+// MaxDisks bounds a VM's disks (virtio-blk vda..vdp).
+const MaxDisks = 16
+
+func validateDisks(fe *FieldErrors, s *VMSpec, pools []string) {
+	field := "disks"
+	if s.Disk != nil {
+		if len(s.Disks) > 0 {
+			fe.add("disk", "a spec has disks or the old disk, not both: move it into disks")
+			return
+		}
+		field = "disk"
+	}
+	disks := s.DiskList()
+	if len(disks) > MaxDisks {
+		fe.add("disks", "at most %d disks, got %d", MaxDisks, len(disks))
+	}
+	seen := map[string]bool{}
+	for i, d := range disks {
+		f := fmt.Sprintf("%s[%d]", field, i)
+		if field == "disk" {
+			f = field
+		}
+		switch {
+		case i > 0 && d.Name == "":
+			fe.add(f+".name", "is required for every disk but the first")
+		case !diskNameRE.MatchString(d.Name):
+			fe.add(f+".name", "%q: a letter, then up to 30 lower-case letters, digits and '-'", d.Name)
+		case seen[d.Name]:
+			fe.add(f+".name", "%q names two disks", d.Name)
+		}
+		seen[d.Name] = true
+		if d.Pool == "" {
+			fe.add(f+".pool", "is required")
+		} else if pools != nil && !slices.Contains(pools, d.Pool) {
+			fe.add(f+".pool", "unknown pool %q (this cluster has: %s)", d.Pool, strings.Join(pools, ", "))
+		}
+		if d.SizeGiB < 1 || d.SizeGiB > MaxDiskGiB {
+			fe.add(f+".size_gib", "must be between 1 and %d GiB, got %d", MaxDiskGiB, d.SizeGiB)
+		}
+		if d.Image != "" && d.From != "" {
+			fe.add(f+".image", "clone an image or a source (from), not both")
+		}
+		if d.Image != "" {
+			if err := ValidateName(d.Image); err != nil {
+				fe.add(f+".image", "%v", err)
+			}
+		}
+	}
+}
+
+// Validate checks a VM image record.
+func (m *VMImage) Validate() error {
+	var fe FieldErrors
+	u, err := url.Parse(m.Source)
+	switch {
+	case m.Source == "":
+		fe.add("source", "is required: an http://, https:// or file:// URL the coordinators can read")
+	case err != nil:
+		fe.add("source", "%v", err)
+	case u.Scheme == "file" && (u.Path == "" || !strings.HasPrefix(u.Path, "/")):
+		fe.add("source", "a file:// source names an absolute path on the coordinators' hosts, got %q", m.Source)
+	case u.Scheme != "http" && u.Scheme != "https" && u.Scheme != "file":
+		fe.add("source", "must be an http://, https:// or file:// URL, got %q", m.Source)
+	}
+	switch m.Format {
+	case "", "raw", "qcow2":
+	default:
+		fe.add("format", "must be raw or qcow2 (or empty: found out from the file), got %q", m.Format)
+	}
+	if err := ValidateName(m.Pool); err != nil {
+		fe.add("pool", "%v", err)
+	}
+	if m.SHA256 != "" && !sha256RE.MatchString(m.SHA256) {
+		fe.add("sha256", "must be 64 lower-case hex digits")
+	}
+	return fe.err()
+}
+
+var sha256RE = regexp.MustCompile(`^[0-9a-f]{64}$`)

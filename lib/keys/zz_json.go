@@ -584,6 +584,38 @@ func (x *RolloutStatus) UnmarshalJSON(b []byte) error {
 
 func (x *RolloutStatus) version() *int { return &x.V }
 
+func (x VMImage) MarshalJSON() ([]byte, error) {
+	type plain VMImage
+	return encodeObject(plain(x), x.Extra)
+}
+
+func (x *VMImage) UnmarshalJSON(b []byte) error {
+	type plain VMImage
+	var p plain
+	e, err := decodeObject(b, &p)
+	*x = VMImage(p)
+	x.Extra = e
+	return err
+}
+
+func (x *VMImage) version() *int { return &x.V }
+
+func (x VMImageStatus) MarshalJSON() ([]byte, error) {
+	type plain VMImageStatus
+	return encodeObject(plain(x), x.Extra)
+}
+
+func (x *VMImageStatus) UnmarshalJSON(b []byte) error {
+	type plain VMImageStatus
+	var p plain
+	e, err := decodeObject(b, &p)
+	*x = VMImageStatus(p)
+	x.Extra = e
+	return err
+}
+
+func (x *VMImageStatus) version() *int { return &x.V }
+
 func (x VMSpec) MarshalJSON() ([]byte, error) {
 	type plain VMSpec
 	return encodeObject(plain(x), x.Extra)

@@ -83,6 +83,8 @@ var Matrix = []Area{
 	{"volumes/POOL/IMAGE", func(s keys.Space, _ string) string { return s.Volume("rbd", "web1.7") }, [6]Access{rw, r, n, r, n, n}, "disks the leader made"},
 	{"networks/NAME", func(s keys.Space, _ string) string { return s.Network("prod") }, [6]Access{rw, rw, n, r, n, n}, "the networks VMs attach to (operators)"},
 	{"addresses/NET/IP", func(s keys.Space, _ string) string { return s.Address("prod", "10.20.0.17") }, [6]Access{rw, r, n, r, n, n}, "the address each VM's NIC holds (the leader)"},
+	{"vmimages/NAME", func(s keys.Space, _ string) string { return s.VMImage("debian-12") }, [6]Access{rw, rw, n, r, n, n}, "VM images to import, which disks clone (operators)"},
+	{"vmimagestatus/NAME", func(s keys.Space, _ string) string { return s.VMImageStatus("debian-12") }, [6]Access{rw, r, n, r, n, n}, "how each image's import went (the leader)"},
 	{"nodecmd/HWID/ID", func(s keys.Space, h string) string { return s.NodeCmd(h, "r1-1") }, [6]Access{rw, r, n, r, rw, n}, "commands for a node (the leader), results (the node)"},
 	{"consoles/HWID/ID", func(s keys.Space, h string) string { return s.ConsoleTicket(h, "t1") }, [6]Access{rw, rw, n, r, r, n}, "operators' tickets to type into a VM's serial console on that node"},
 	{"jointokens/HASH", func(s keys.Space, _ string) string { return s.JoinToken("ab12") }, [6]Access{rw, rw, rw, r, n, n}, "one-time join tokens (hashes)"},

@@ -70,7 +70,7 @@ func Roles(s keys.Space) map[string][]Perm {
 			writeAll(s.VMPrefix()), writeAll(s.HardwarePrefix()), writeAll(s.NodeSpecPrefix()),
 			writeAll(s.ImagePrefix()), writeAll(s.DiscoveredPrefix()), write(s.Rollout()),
 			writeAll(s.RequestPrefix()), writeAll(s.JoinTokenPrefix()), writeAll(s.EventWriterPrefix(keys.EventsByOperator)),
-			writeAll(s.ConsolePrefix()), writeAll(s.NetworkPrefix()),
+			writeAll(s.ConsolePrefix()), writeAll(s.NetworkPrefix()), writeAll(s.VMImagePrefix()),
 		},
 		Viewer: {readAll(s.All())},
 	}

@@ -10,6 +10,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"regexp"
 	"strconv"
@@ -20,6 +21,7 @@ import (
 	"github.com/ceph/go-ceph/rados"
 	"github.com/ceph/go-ceph/rbd"
 
+	"github.com/herdhq/herd/lib/keys"
 	"github.com/herdhq/herd/lib/volume"
 )
 
@@ -164,19 +166,6 @@ func parseMonHost(s string) []string {
 // resizes and deletes of sparse images cheap; layering for clones.
 const features = rbd.FeatureLayering | rbd.FeatureExclusiveLock | rbd.FeatureObjectMap | rbd.FeatureFastDiff | rbd.FeatureDeepFlatten
 
-// ParseFrom reads a clone source: pool/image@snap.
-func ParseFrom(from string) (pool, image, snap string, err error) {
-	rest, snap, ok := strings.Cut(from, "@")
-	if !ok || snap == "" {
-		return "", "", "", fmt.Errorf("clone source %q: want pool/image@snapshot", from)
-	}
-	pool, image, ok = strings.Cut(rest, "/")
-	if !ok || pool == "" || image == "" {
-		return "", "", "", fmt.Errorf("clone source %q: want pool/image@snapshot", from)
-	}
-	return pool, image, snap, nil
-}
-
 // Ensure implements volume.Backend.
 func (b *Backend) Ensure(ctx context.Context, v volume.Volume) (volume.Attachment, error) {
 	name := v.ID()
@@ -229,7 +218,7 @@ func (b *Backend) create(conn *rados.Conn, io *rados.IOContext, v volume.Volume,
 			return fmt.Errorf("create image %s/%s: %w", v.Pool, name, err)
 		}
 	} else {
-		pool, parent, snap, err := ParseFrom(v.From)
+		pool, parent, snap, err := volume.ParseFrom(v.From)
 		if err != nil {
 			return err
 		}
@@ -312,15 +301,11 @@ func (b *Backend) List(ctx context.Context) ([]volume.Info, error) {
 				return err
 			}
 			for _, n := range names {
-				i := strings.LastIndexByte(n, '.')
-				if i < 0 {
-					continue
+				vm, uid, disk, ok := keys.ParseDiskImage(n)
+				if !ok {
+					continue // an image VMs clone, or not herd's
 				}
-				uid, err := strconv.ParseInt(n[i+1:], 10, 64)
-				if err != nil {
-					continue
-				}
-				info := volume.Info{Pool: pool, ID: n, VM: n[:i], UID: uid}
+				info := volume.Info{Pool: pool, ID: n, VM: vm, UID: uid, Disk: disk}
 				if img, err := rbd.OpenImageReadOnly(io, n, rbd.NoSnapshot); err == nil {
 					if size, err := img.GetSize(); err == nil {
 						info.SizeGiB = int64(size >> 30)
@@ -334,6 +319,154 @@ func (b *Backend) List(ctx context.Context) ([]volume.Info, error) {
 		return nil
 	})
 	return out, err
+}
+
+// importBatch is how much of an image one bounded call writes: enough to amortise opening the
+// image, little enough to finish well within the call's timeout.
+const importBatch = 16 * volume.ChunkSize
+
+// ImportImage implements volume.Images: a new image, written in batches of chunks (those of zeros
+// skipped: the image stays thin), then snapshot "herd", protected so that clones can hang off it.
+func (b *Backend) ImportImage(ctx context.Context, pool, id string, src io.ReaderAt, size int64, progress func(int64)) (string, error) {
+	from := pool + "/" + id + "@" + volume.ImageSnapshot
+	whole := false
+	err := b.withIO(ctx, "prepare image "+pool+"/"+id, pool, func(ioc *rados.IOContext) error {
+		img, err := rbd.OpenImage(ioc, id, rbd.NoSnapshot)
+		if err == nil {
+			whole, err = protectedSnap(img)
+			img.Close()
+			if err != nil || whole {
+				return err
+			}
+			// Half written by an import that did not finish: start again.
+			if err := rbd.RemoveImage(ioc, id); err != nil {
+				return fmt.Errorf("remove the unfinished image %s/%s (still open?): %w", pool, id, err)
+			}
+		} else if !errors.Is(err, rbd.ErrNotFound) {
+			return fmt.Errorf("open image %s/%s: %w", pool, id, err)
+		}
+		opts := rbd.NewRbdImageOptions()
+		defer opts.Destroy()
+		if err := opts.SetUint64(rbd.ImageOptionFeatures, features); err != nil {
+			return err
+		}
+		if err := rbd.CreateImage(ioc, id, uint64(size), opts); err != nil {
+			return fmt.Errorf("create image %s/%s: %w", pool, id, err)
+		}
+		return nil
+	})
+	if err != nil || whole {
+		return from, err
+	}
+	for off := int64(0); off < size; off += importBatch {
+		n := min(importBatch, size-off)
+		err := b.withIO(ctx, fmt.Sprintf("write image %s/%s at %d", pool, id, off), pool, func(ioc *rados.IOContext) error {
+			img, err := rbd.OpenImage(ioc, id, rbd.NoSnapshot)
+			if err != nil {
+				return err
+			}
+			defer img.Close()
+			if err := volume.CopySparse(ctx, io.NewOffsetWriter(img, off), io.NewSectionReader(src, off, n), n, func(done int64) {
+				if progress != nil {
+					progress(off + done)
+				}
+			}); err != nil {
+				return err
+			}
+			return img.Flush()
+		})
+		if err != nil {
+			return "", err
+		}
+	}
+	err = b.withIO(ctx, "snapshot image "+pool+"/"+id, pool, func(ioc *rados.IOContext) error {
+		img, err := rbd.OpenImage(ioc, id, rbd.NoSnapshot)
+		if err != nil {
+			return err
+		}
+		defer img.Close()
+		snap, err := img.CreateSnapshot(volume.ImageSnapshot)
+		if err != nil && !errors.Is(err, rbd.ErrExist) {
+			return fmt.Errorf("snapshot %s: %w", from, err)
+		}
+		if snap == nil {
+			snap = img.GetSnapshot(volume.ImageSnapshot)
+		}
+		if ok, err := snap.IsProtected(); err == nil && ok {
+			return nil
+		}
+		if err := snap.Protect(); err != nil {
+			return fmt.Errorf("protect %s: %w", from, err)
+		}
+		return nil
+	})
+	if err != nil {
+		return "", err
+	}
+	return from, nil
+}
+
+// protectedSnap says whether img has herd's snapshot, protected: an import that finished.
+func protectedSnap(img *rbd.Image) (bool, error) {
+	snaps, err := img.GetSnapshotNames()
+	if err != nil {
+		return false, err
+	}
+	for _, s := range snaps {
+		if s.Name == volume.ImageSnapshot {
+			return img.GetSnapshot(s.Name).IsProtected()
+		}
+	}
+	return false, nil
+}
+
+// DeleteImage implements volume.Images: unprotect (refused by Ceph while clones exist), remove
+// the snapshot, remove the image.
+func (b *Backend) DeleteImage(ctx context.Context, pool, id string) error {
+	return b.withIO(ctx, "delete image "+pool+"/"+id, pool, func(ioc *rados.IOContext) error {
+		img, err := rbd.OpenImage(ioc, id, rbd.NoSnapshot)
+		if errors.Is(err, rbd.ErrNotFound) {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("open image %s/%s: %w", pool, id, err)
+		}
+		snaps, err := img.GetSnapshotNames()
+		if err != nil {
+			img.Close()
+			return err
+		}
+		for _, s := range snaps {
+			snap := img.GetSnapshot(s.Name)
+			if ok, _ := snap.IsProtected(); ok {
+				if err := snap.Unprotect(); err != nil {
+					img.Close()
+					return fmt.Errorf("image %s/%s is still cloned by disks (delete them first): %w", pool, id, err)
+				}
+			}
+			if err := snap.Remove(); err != nil {
+				img.Close()
+				return fmt.Errorf("remove snapshot %s/%s@%s: %w", pool, id, s.Name, err)
+			}
+		}
+		img.Close()
+		if err := rbd.RemoveImage(ioc, id); err != nil && !errors.Is(err, rbd.ErrNotFound) {
+			return fmt.Errorf("remove image %s/%s: %w", pool, id, err)
+		}
+		return nil
+	})
+}
+
+// withIO is call with an IO context on pool.
+func (b *Backend) withIO(ctx context.Context, op, pool string, fn func(*rados.IOContext) error) error {
+	return b.call(ctx, op, func(conn *rados.Conn) error {
+		ioc, err := conn.OpenIOContext(pool)
+		if err != nil {
+			return fmt.Errorf("pool %s: %w", pool, err)
+		}
+		defer ioc.Destroy()
+		return fn(ioc)
+	})
 }
 
 // Close drops the connection.

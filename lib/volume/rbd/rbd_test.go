@@ -200,6 +200,103 @@ func TestCloneAndFreshDiskForRecreatedVM(t *testing.T) {
 	}
 }
 
+// TestImportImageAndCloneDisks: a raw file becomes an image with a protected snapshot (again:
+// nothing rewritten; half written: written anew); a VM's root disk clones it and holds its bytes,
+// its second disk is its own empty image; List shows both disks and not the image; the image
+// cannot go while a disk clones it, and can after.
+func TestImportImageAndCloneDisks(t *testing.T) {
+	b := backend(t)
+	ctx := context.Background()
+	size := int64(2*volume.ChunkSize + 100) // a chunk of data, one of zeros, a tail
+	raw := make([]byte, size)
+	copy(raw, "bootsector")
+	copy(raw[size-4:], "tail")
+	f := filepath.Join(t.TempDir(), "disk.raw")
+	if err := os.WriteFile(f, raw, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	src, err := os.Open(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer src.Close()
+	// An import that died half way left an image without its snapshot.
+	if _, err := b.Ensure(ctx, volume.Volume{Pool: "rbd", VM: "image_debian", UID: 5, SizeGiB: 1}); err != nil {
+		t.Fatal(err)
+	}
+	var done int64
+	start := time.Now()
+	from, err := b.ImportImage(ctx, "rbd", "image_debian.5", src, size, func(n int64) { done = n })
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("import %d bytes: %s", size, time.Since(start).Round(time.Millisecond))
+	if from != "rbd/image_debian.5@herd" || done != size {
+		t.Fatalf("from %q, progress %d of %d", from, done, size)
+	}
+	withImage(t, "image_debian.5", func(img *rbd.Image) {
+		if got, _ := img.GetSize(); got != uint64(size) {
+			t.Errorf("image size %d, file %d (the half-written image was kept?)", got, size)
+		}
+		if ok, err := protectedSnap(img); !ok || err != nil {
+			t.Errorf("snapshot herd protected: %v %v", ok, err)
+		}
+	})
+	done = 0
+	if again, err := b.ImportImage(ctx, "rbd", "image_debian.5", src, size, func(n int64) { done = n }); err != nil || again != from || done != 0 {
+		t.Fatalf("a second import: %q %v, %d bytes written again", again, err, done)
+	}
+	root := volume.Volume{Pool: "rbd", VM: "db", UID: 7, SizeGiB: 1, From: from}
+	data := volume.Volume{Pool: "rbd", VM: "db", UID: 7, SizeGiB: 2, Disk: "data"}
+	for _, v := range []volume.Volume{root, data} {
+		if _, err := b.Ensure(ctx, v); err != nil {
+			t.Fatal(err)
+		}
+	}
+	withImage(t, "db.7", func(img *rbd.Image) {
+		head, tail := make([]byte, 10), make([]byte, 4)
+		_, _ = img.ReadAt(head, 0)
+		_, _ = img.ReadAt(tail, size-4)
+		if string(head) != "bootsector" || string(tail) != "tail" {
+			t.Errorf("the clone reads %q ... %q", head, tail)
+		}
+		if got, _ := img.GetSize(); got != 1<<30 {
+			t.Errorf("clone size %d", got)
+		}
+	})
+	withImage(t, "db.7.data", func(img *rbd.Image) {
+		head := make([]byte, 10)
+		_, _ = img.ReadAt(head, 0)
+		if strings.Trim(string(head), "\x00") != "" {
+			t.Errorf("the second disk holds %q", head)
+		}
+	})
+	list, err := b.List(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	disks := map[string]string{}
+	for _, in := range list {
+		disks[in.ID] = in.Disk
+	}
+	if disks["db.7"] != "root" || disks["db.7.data"] != "data" || disks["image_debian.5"] != "" {
+		t.Fatalf("list: %+v", list)
+	}
+	if err := b.DeleteImage(ctx, "rbd", "image_debian.5"); err == nil || !strings.Contains(err.Error(), "still cloned") {
+		t.Fatalf("an image with a clone was deleted: %v", err)
+	}
+	for _, v := range []volume.Volume{root, data} {
+		if err := b.Delete(ctx, v); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i := 0; i < 2; i++ {
+		if err := b.DeleteImage(ctx, "rbd", "image_debian.5"); err != nil {
+			t.Fatalf("delete image (%d): %v", i, err)
+		}
+	}
+}
+
 func TestParseBlocklistStream(t *testing.T) {
 	got, err := ParseBlocklist([]byte("\n[{\"addr\":\"10.0.0.5:0/0\",\"until\":\"x\"}][]"))
 	if err != nil || len(got) != 1 || got[0].Addr != "10.0.0.5:0/0" {

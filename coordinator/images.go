@@ -1,0 +1,400 @@
+package coordinator
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/herdhq/herd/coordinator/decide"
+	"github.com/herdhq/herd/lib/keys"
+	"github.com/herdhq/herd/lib/volume"
+)
+
+// An import is side work that may take minutes: fetch the source into a temporary file (hashing
+// it), convert a qcow2 to raw with qemu-img, store the raw file through the backend. Each step
+// records its progress in the image's status under the guard, at most every progressEvery, so
+// that herdctl can draw a bar and a new leader knows where things stood. A term that ends stops
+// the import (its context); the next term starts it again: the backend stores idempotently.
+
+const progressEvery = 2 * time.Second
+
+// stallTimeout ends a fetch that has received nothing for this long.
+const stallTimeout = time.Minute
+
+// importer carries one import's state between its steps.
+type importer struct {
+	t    *term
+	wk   decide.Work
+	rev  int64 // the status record as last written by this import (0: none yet)
+	st   keys.VMImageStatus
+	last time.Time
+}
+
+// importImage runs an ImportImage work item.
+func (t *term) importImage(ctx context.Context, wk decide.Work) error {
+	r := t.c.imgStatusInf.Get(wk.Key)
+	if r != nil && r.Value != nil && r.Value.UID == wk.ImageUID && r.Value.State == keys.ImageReady {
+		return nil // done meanwhile (the work was asked for again while it ran)
+	}
+	wk.Rev = 0
+	if r != nil {
+		wk.Rev = r.ModRevision
+		if r.Value != nil && r.Value.UID != wk.ImageUID {
+			t.dropEarlierImage(ctx, wk, r.Value)
+		}
+	}
+	im := &importer{t: t, wk: wk, rev: wk.Rev, st: keys.VMImageStatus{UID: wk.ImageUID, State: keys.ImageImporting}}
+	if !im.write(keys.ImageImporting, "fetch", 0, 0, true) {
+		return nil // someone else's write came first: the next round decides again
+	}
+	from, err := im.run(ctx)
+	if ctx.Err() != nil {
+		return nil // the term ended: the next one starts over
+	}
+	if err != nil {
+		im.st.Error = err.Error()
+		im.write(keys.ImageError, im.st.Phase, im.st.Bytes, im.st.Total, true)
+		t.log.Warn("image import failed", "image", wk.Image, "source", wk.ImageSpec.Source, "error", err)
+		t.c.events.Record("image/"+wk.Image, "import-failed", "%v", err)
+		return nil
+	}
+	im.st.From, im.st.Error = from, ""
+	if im.write(keys.ImageReady, "", 0, 0, true) {
+		t.log.Info("image imported", "image", wk.Image, "from", from, "size_bytes", im.st.SizeBytes, "format", im.st.Format)
+		t.c.events.Record("image/"+wk.Image, "imported", "%s (%s, %d MiB) stored as %s", wk.ImageSpec.Source, im.st.Format, im.st.SizeBytes>>20, from)
+	}
+	return nil
+}
+
+// dropEarlierImage removes from storage the image an earlier record of the same name stored (it
+// was deleted and made again before the leader deleted the first): its status is about to be
+// overwritten, and with it the last trace of it. Clones keep it in place (RBD refuses): then it
+// stays, and an event says so.
+func (t *term) dropEarlierImage(ctx context.Context, wk decide.Work, old *keys.VMImageStatus) {
+	store, ok := t.c.cfg.Volumes.(volume.Images)
+	if !ok {
+		return
+	}
+	pool := wk.ImageSpec.Pool
+	if p, _, _, err := volume.ParseFrom(old.From); err == nil {
+		pool = p
+	}
+	id := keys.ImageVolume(wk.Image, old.UID)
+	if err := store.DeleteImage(ctx, pool, id); err != nil {
+		t.log.Warn("an earlier image of the same name stays in storage", "image", wk.Image, "stored", pool+"/"+id, "error", err)
+		t.c.events.Record("image/"+wk.Image, "earlier-kept", "%s/%s stays in storage: %v", pool, id, err)
+	}
+}
+
+// write records the import's status: always when force, else at most every progressEvery.
+func (im *importer) write(state, phase string, done, total int64, force bool) bool {
+	if !force && time.Since(im.last) < progressEvery {
+		return true
+	}
+	im.st.State, im.st.Phase, im.st.Bytes, im.st.Total, im.st.Updated = state, phase, done, total, time.Now().UTC()
+	key := im.wk.Key
+	var cond decide.Cond
+	if im.rev == 0 {
+		cond = decide.CreateRev(key, 0)
+	} else {
+		cond = decide.ModRev(key, im.rev)
+	}
+	rev, err := im.t.txn([]decide.Cond{cond}, []decide.Write{decide.Put(key, keys.MustEncode(&im.st))})
+	if err != nil {
+		if !errors.Is(err, context.Canceled) && im.t.ctx.Err() == nil {
+			im.t.log.Debug("image status not recorded", "image", im.wk.Image, "error", err)
+		}
+		return false
+	}
+	im.rev, im.last = rev, time.Now()
+	return true
+}
+
+// progress is the callback of a step: it writes now and then, and gives up if its status was
+// changed under it (another term took the import over).
+func (im *importer) progress(phase string, total int64, cancel context.CancelFunc) func(int64) {
+	return func(done int64) {
+		if !im.write(keys.ImageImporting, phase, done, total, false) {
+			cancel()
+		}
+	}
+}
+
+func (im *importer) run(ctx context.Context) (string, error) {
+	spec := im.wk.ImageSpec
+	if spec == nil {
+		return "", errors.New("the image record cannot be read")
+	}
+	if err := spec.Validate(); err != nil {
+		return "", err
+	}
+	store, ok := im.t.c.cfg.Volumes.(volume.Images)
+	if !ok {
+		return "", errors.New("this coordinator's volume backend cannot store images")
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	// The record deleted or made again (another uid) makes this import pointless: stop it,
+	// whether bytes are flowing or not.
+	go func() {
+		tick := time.NewTicker(progressEvery)
+		defer tick.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-tick.C:
+				if r := im.t.c.imgInf.Get(im.t.c.space.VMImage(im.wk.Image)); r == nil || r.CreateRevision != im.wk.ImageUID {
+					cancel()
+				}
+			}
+		}
+	}()
+	dir, err := os.MkdirTemp("", "herd-image-")
+	if err != nil {
+		return "", err
+	}
+	defer os.RemoveAll(dir)
+	file := filepath.Join(dir, "source")
+	sum, err := fetch(ctx, spec.Source, file, im.progress("fetch", 0, cancel), func(total int64) { im.st.Total = total })
+	if err != nil {
+		return "", fmt.Errorf("fetch %s: %w", spec.Source, err)
+	}
+	if spec.SHA256 != "" && sum != spec.SHA256 {
+		return "", fmt.Errorf("fetch %s: sha256 is %s, the record says %s", spec.Source, sum, spec.SHA256)
+	}
+	im.st.SHA256 = sum
+	format, err := sniffFormat(file)
+	if err != nil {
+		return "", err
+	}
+	if spec.Format != "" && spec.Format != format {
+		return "", fmt.Errorf("the record says %s, the file is %s", spec.Format, format)
+	}
+	im.st.Format = format
+	raw := file
+	if format == "qcow2" {
+		im.write(keys.ImageImporting, "convert", 0, 0, true)
+		raw = filepath.Join(dir, "raw")
+		if err := convertQcow2(ctx, file, raw); err != nil {
+			return "", err
+		}
+		_ = os.Remove(file) // the space, for a large image
+	}
+	f, err := os.Open(raw)
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return "", err
+	}
+	im.st.SizeBytes = fi.Size()
+	im.write(keys.ImageImporting, "store", 0, fi.Size(), true)
+	return store.ImportImage(ctx, spec.Pool, keys.ImageVolume(im.wk.Image, im.wk.ImageUID), f, fi.Size(), im.progress("store", fi.Size(), cancel))
+}
+
+// fetch copies source (http, https or file URL) to path and returns its sha256; total learns the
+// size when the source says it.
+func fetch(ctx context.Context, source, path string, progress func(int64), total func(int64)) (string, error) {
+	u, err := url.Parse(source)
+	if err != nil {
+		return "", err
+	}
+	var body io.ReadCloser
+	switch u.Scheme {
+	case "file":
+		f, err := os.Open(u.Path)
+		if err != nil {
+			return "", err
+		}
+		if fi, err := f.Stat(); err == nil {
+			total(fi.Size())
+		}
+		body = f
+	case "http", "https":
+		ctx, cancel := context.WithCancel(ctx)
+		defer cancel()
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, source, nil)
+		if err != nil {
+			return "", err
+		}
+		resp, err := (&http.Client{Transport: &http.Transport{Proxy: http.ProxyFromEnvironment, ResponseHeaderTimeout: stallTimeout}}).Do(req)
+		if err != nil {
+			return "", err
+		}
+		if resp.StatusCode != http.StatusOK {
+			resp.Body.Close()
+			return "", fmt.Errorf("%s", resp.Status)
+		}
+		if resp.ContentLength > 0 {
+			total(resp.ContentLength)
+		}
+		// A transfer that stops sending ends after stallTimeout instead of holding the worker.
+		stall := time.AfterFunc(stallTimeout, cancel)
+		defer stall.Stop()
+		body = readCloser{Reader: &onRead{r: resp.Body, fn: func() { stall.Reset(stallTimeout) }}, Closer: resp.Body}
+	default:
+		return "", fmt.Errorf("unsupported source scheme %q", u.Scheme)
+	}
+	defer body.Close()
+	out, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return "", err
+	}
+	h := sha256.New()
+	var done int64
+	buf := make([]byte, 1<<20)
+	for {
+		n, rerr := body.Read(buf)
+		if n > 0 {
+			if _, err := out.Write(buf[:n]); err != nil {
+				out.Close()
+				return "", err
+			}
+			h.Write(buf[:n])
+			done += int64(n)
+			progress(done)
+		}
+		if errors.Is(rerr, io.EOF) {
+			break
+		}
+		if rerr != nil {
+			out.Close()
+			if ctx.Err() != nil {
+				return "", fmt.Errorf("%w (nothing received for %s, or the import was stopped)", rerr, stallTimeout)
+			}
+			return "", rerr
+		}
+	}
+	if err := out.Close(); err != nil {
+		return "", err
+	}
+	return hex.EncodeToString(h.Sum(nil)), nil
+}
+
+type onRead struct {
+	r  io.Reader
+	fn func()
+}
+
+func (o *onRead) Read(p []byte) (int, error) {
+	n, err := o.r.Read(p)
+	if n > 0 {
+		o.fn()
+	}
+	return n, err
+}
+
+type readCloser struct {
+	io.Reader
+	io.Closer
+}
+
+// sniffFormat tells a qcow2 file (its magic) from anything else, which is taken as raw. Other
+// formats qemu-img knows (vmdk, vhdx, ...) have magics of their own: they are refused, not
+// stored as if they were disks.
+func sniffFormat(path string) (string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	head := make([]byte, 8)
+	n, _ := io.ReadFull(f, head)
+	head = head[:n]
+	switch {
+	case bytes.HasPrefix(head, []byte("QFI\xfb")):
+		return "qcow2", nil
+	case bytes.HasPrefix(head, []byte("KDMV")), bytes.HasPrefix(head, []byte("vhdxfile")), bytes.HasPrefix(head, []byte("conectix")):
+		return "", fmt.Errorf("the file is a VMDK, VHDX or VHD image: convert it to raw or qcow2 first (qemu-img convert -O qcow2)")
+	}
+	return "raw", nil
+}
+
+// convertQcow2 writes src (qcow2) as the raw file dst. A qcow2 naming a backing file or an
+// external data file is refused: converting it would read a file of the coordinator's host.
+func convertQcow2(ctx context.Context, src, dst string) error {
+	if _, err := exec.LookPath("qemu-img"); err != nil {
+		return errors.New("qemu-img is needed to import a qcow2 image: install qemu-utils on the coordinators' hosts")
+	}
+	out, err := exec.CommandContext(ctx, "qemu-img", "info", "--output=json", "-f", "qcow2", src).Output()
+	if err != nil {
+		return fmt.Errorf("qemu-img info: %w: %s", err, stderrOf(err))
+	}
+	var info struct {
+		BackingFilename string `json:"backing-filename"`
+		FormatSpecific  struct {
+			Data struct {
+				DataFile string `json:"data-file"`
+			} `json:"data"`
+		} `json:"format-specific"`
+	}
+	if err := json.Unmarshal(out, &info); err != nil {
+		return fmt.Errorf("qemu-img info: %w", err)
+	}
+	if info.BackingFilename != "" || info.FormatSpecific.Data.DataFile != "" {
+		return fmt.Errorf("the qcow2 file names a backing or data file (%s%s): flatten it first (qemu-img convert -O qcow2)", info.BackingFilename, info.FormatSpecific.Data.DataFile)
+	}
+	if out, err := exec.CommandContext(ctx, "qemu-img", "convert", "-f", "qcow2", "-O", "raw", src, dst).CombinedOutput(); err != nil {
+		return fmt.Errorf("qemu-img convert: %w: %s", err, strings.TrimSpace(string(out)))
+	}
+	return nil
+}
+
+func stderrOf(err error) string {
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		return strings.TrimSpace(string(ee.Stderr))
+	}
+	return ""
+}
+
+// deleteImage removes an image whose record is gone from storage, then its status. While disks
+// clone it the backend refuses: the status says so, and the next try is after decide.ImageRetry.
+func (t *term) deleteImage(ctx context.Context, wk decide.Work) error {
+	store, ok := t.c.cfg.Volumes.(volume.Images)
+	st := t.c.imgStatusInf.Get(wk.Key)
+	if st == nil || st.Value == nil || st.ModRevision != wk.Rev {
+		return nil // changed meanwhile: the next round decides again
+	}
+	pool := ""
+	if p, _, _, err := volume.ParseFrom(st.Value.From); err == nil {
+		pool = p
+	}
+	var err error
+	switch {
+	case !ok:
+		err = errors.New("this coordinator's volume backend cannot store images")
+	case pool != "":
+		err = store.DeleteImage(ctx, pool, keys.ImageVolume(wk.Image, wk.ImageUID))
+	}
+	if ctx.Err() != nil {
+		return nil
+	}
+	if err != nil {
+		ns := *st.Value
+		ns.Error, ns.Updated = "deleted, but not from storage yet: "+err.Error(), time.Now().UTC()
+		t.record("the image's status", []decide.Cond{decide.ModRev(wk.Key, wk.Rev)}, decide.Put(wk.Key, keys.MustEncode(&ns)))
+		t.c.events.Record("image/"+wk.Image, "delete-failed", "%v", err)
+		return nil
+	}
+	if t.record("the deleted image", []decide.Cond{decide.ModRev(wk.Key, wk.Rev)}, decide.Del(wk.Key)) {
+		t.log.Info("image deleted", "image", wk.Image, "from", st.Value.From)
+		t.c.events.Record("image/"+wk.Image, "deleted", "%s removed from storage", st.Value.From)
+	}
+	return nil
+}
