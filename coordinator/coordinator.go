@@ -70,6 +70,8 @@ type Config struct {
 	// Volumes, if set, makes the leader create, clone, grow and purge VM disks before placing
 	// VMs (the rbd backend). Without it, agents create directory disks themselves.
 	Volumes volume.Backend
+	// ImportDir is where file:// sources of VM images must lie ("": file:// is refused).
+	ImportDir string
 	// MaxMigrationsPerNode bounds the open migrations a node takes part in (source or target).
 	// Default 2.
 	MaxMigrationsPerNode int

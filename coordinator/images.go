@@ -124,9 +124,9 @@ func (im *importer) write(state, phase string, done, total int64, force bool) bo
 
 // progress is the callback of a step: it writes now and then, and gives up if its status was
 // changed under it (another term took the import over).
-func (im *importer) progress(phase string, total int64, cancel context.CancelFunc) func(int64) {
+func (im *importer) progress(phase string, total *int64, cancel context.CancelFunc) func(int64) {
 	return func(done int64) {
-		if !im.write(keys.ImageImporting, phase, done, total, false) {
+		if !im.write(keys.ImageImporting, phase, done, *total, false) {
 			cancel()
 		}
 	}
@@ -168,7 +168,8 @@ func (im *importer) run(ctx context.Context) (string, error) {
 	}
 	defer os.RemoveAll(dir)
 	file := filepath.Join(dir, "source")
-	sum, err := fetch(ctx, spec.Source, file, im.progress("fetch", 0, cancel), func(total int64) { im.st.Total = total })
+	var total int64
+	sum, err := fetch(ctx, spec.Source, im.t.c.cfg.ImportDir, file, im.progress("fetch", &total, cancel), func(n int64) { total = n })
 	if err != nil {
 		return "", fmt.Errorf("fetch %s: %w", spec.Source, err)
 	}
@@ -204,12 +205,14 @@ func (im *importer) run(ctx context.Context) (string, error) {
 	}
 	im.st.SizeBytes = fi.Size()
 	im.write(keys.ImageImporting, "store", 0, fi.Size(), true)
-	return store.ImportImage(ctx, spec.Pool, keys.ImageVolume(im.wk.Image, im.wk.ImageUID), f, fi.Size(), im.progress("store", fi.Size(), cancel))
+	size := fi.Size()
+	return store.ImportImage(ctx, spec.Pool, keys.ImageVolume(im.wk.Image, im.wk.ImageUID), f, size, im.progress("store", &size, cancel))
 }
 
 // fetch copies source (http, https or file URL) to path and returns its sha256; total learns the
-// size when the source says it.
-func fetch(ctx context.Context, source, path string, progress func(int64), total func(int64)) (string, error) {
+// size when the source says it. A file:// source must lie in importDir: whoever may write an image
+// record must not make the leader copy its own host's files (its keys) into a disk a VM reads.
+func fetch(ctx context.Context, source, importDir, path string, progress func(int64), total func(int64)) (string, error) {
 	u, err := url.Parse(source)
 	if err != nil {
 		return "", err
@@ -217,7 +220,7 @@ func fetch(ctx context.Context, source, path string, progress func(int64), total
 	var body io.ReadCloser
 	switch u.Scheme {
 	case "file":
-		f, err := os.Open(u.Path)
+		f, err := openInside(importDir, u.Path)
 		if err != nil {
 			return "", err
 		}
@@ -284,6 +287,25 @@ func fetch(ctx context.Context, source, path string, progress func(int64), total
 		return "", err
 	}
 	return hex.EncodeToString(h.Sum(nil)), nil
+}
+
+// openInside opens path if it lies in dir once symbolic links are resolved.
+func openInside(dir, path string) (*os.File, error) {
+	if dir == "" {
+		return nil, errors.New("file:// sources are off on this coordinator (no --import-dir): use an http:// or https:// URL")
+	}
+	root, err := filepath.EvalSymlinks(dir)
+	if err != nil {
+		return nil, fmt.Errorf("--import-dir: %w", err)
+	}
+	real, err := filepath.EvalSymlinks(path)
+	if err != nil {
+		return nil, err
+	}
+	if rel, err := filepath.Rel(root, real); err != nil || rel == ".." || strings.HasPrefix(rel, "../") {
+		return nil, fmt.Errorf("%s is not in the coordinators' --import-dir %s: file:// sources must be", path, dir)
+	}
+	return os.Open(real)
 }
 
 type onRead struct {

@@ -39,7 +39,7 @@ func TestImagesAndDisks(t *testing.T) {
 	ctx := context.Background()
 	addNode(t, c, "n1", 64, 65536, nil)
 	root, files := t.TempDir(), t.TempDir()
-	r := startReplicaWith(t, srv.Endpoints, "c1", func(cfg *Config) { cfg.Volumes = volume.Dir{Root: root} })
+	r := startReplicaWith(t, srv.Endpoints, "c1", func(cfg *Config) { cfg.Volumes, cfg.ImportDir = volume.Dir{Root: root}, files })
 	leads(t, r, "the only replica")
 	put := func(key, val string) {
 		t.Helper()
@@ -77,6 +77,12 @@ func TestImagesAndDisks(t *testing.T) {
 	put(space.VMImage("plain"), image(small, ""))
 	put(space.VMImage("backed"), image(backed, ""))
 	put(space.VMImage("badsum"), image(small, strings.Repeat("0", 64)))
+	// The leader's own files are not for importing, by path or by a link in the directory.
+	if err := os.Symlink("/etc", filepath.Join(files, "etc")); err != nil {
+		t.Fatal(err)
+	}
+	put(space.VMImage("secret"), image("/etc/hostname", ""))
+	put(space.VMImage("linked"), image(filepath.Join(files, "etc", "hostname"), ""))
 
 	status := func(name string) *keys.VMImageStatus {
 		var st keys.VMImageStatus
@@ -111,6 +117,11 @@ func TestImagesAndDisks(t *testing.T) {
 	}
 	if st := settled("badsum", keys.ImageError); !strings.Contains(st.Error, "sha256") {
 		t.Fatalf("a checksum that differs: %+v", st)
+	}
+	for _, name := range []string{"secret", "linked"} {
+		if st := settled(name, keys.ImageError); !strings.Contains(st.Error, "is not in the coordinators' --import-dir") {
+			t.Fatalf("%s: %+v", name, st)
+		}
 	}
 
 	problem := func(name string) string {

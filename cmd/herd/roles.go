@@ -33,6 +33,7 @@ type coordinatorParams struct {
 	listen     string
 	parallel   int
 	maxMig     int
+	importDir  string
 	interval   time.Duration
 	pprof      bool
 	sched      schedulerFlags
@@ -49,6 +50,7 @@ func (p *coordinatorParams) addFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&p.listen, "listen", ":9481", "status endpoint (metrics, /v1/leader)")
 	fs.IntVar(&p.parallel, "parallel", 64, "leader transactions in flight at once")
 	fs.IntVar(&p.maxMig, "max-migrations-per-node", 2, "open migrations a node may take part in (as source or target)")
+	fs.StringVar(&p.importDir, "import-dir", "/var/lib/herd/import", "the only directory VM images may be imported from by file:// URL (\"\": none)")
 	fs.DurationVar(&p.interval, "interval", 10*time.Second, "longest time between two leader rounds, changes or not")
 	fs.BoolVar(&p.pprof, "pprof", false, "serve Go's profiles under /debug/pprof/ on the status endpoint (keep it private)")
 	p.storage.add(fs, "herd-coordinator", false)
@@ -79,7 +81,7 @@ func (p *coordinatorParams) config(c coordinatorConns) (coordinator.Config, erro
 	}
 	cfg := coordinator.Config{
 		Client: c.client, EtcdUser: c.user, Space: c.space, Name: p.name, SessionTTL: p.sessionTTL, Pools: p.pools,
-		Scheduler: so, Parallel: p.parallel, Interval: p.interval, Volumes: c.volumes, MaxMigrationsPerNode: p.maxMig,
+		Scheduler: so, Parallel: p.parallel, Interval: p.interval, Volumes: c.volumes, ImportDir: p.importDir, MaxMigrationsPerNode: p.maxMig,
 		RevokeNodeUsers: c.revoke, Log: c.log, Registry: c.registry,
 	}
 	admin, _ := c.volumes.(fence.CephAdmin)

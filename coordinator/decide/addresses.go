@@ -2,8 +2,10 @@ package decide
 
 import (
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
+	"strings"
 
 	"github.com/herdhq/herd/lib/keys"
 )
@@ -182,19 +184,8 @@ func describeHolder(h string) string {
 	if h == "?" {
 		return "an unreadable claim"
 	}
-	name, uid, _ := cutHolder(h)
+	name, uid, _ := strings.Cut(h, "/") // a VM name has no '/'
 	return fmt.Sprintf("vm %s (uid %s)", name, uid)
-}
-
-func cutHolder(h string) (name, uid string, ok bool) {
-	i := len(h) - 1
-	for i >= 0 && h[i] != '/' {
-		i--
-	}
-	if i < 0 {
-		return h, "", false
-	}
-	return h[:i], h[i+1:], true
 }
 
 // releaseAddresses deletes the claims of a placement's NICs that are still its VM's.
@@ -241,7 +232,7 @@ func (s *view) addressBookkeeping() []Action {
 				continue
 			case pl == nil && spec != nil && keys.SpecUID(spec) == cl.UID:
 				continue // not placed yet, or its placement is being restored
-			case slices.ContainsFunc(mapValues(s.Assigns[cl.VM]), func(a *rec[keys.Assignment]) bool { return a.OK() && a.Value.UID == cl.UID }):
+			case slices.ContainsFunc(slices.Collect(maps.Values(s.Assigns[cl.VM])), func(a *rec[keys.Assignment]) bool { return a.OK() && a.Value.UID == cl.UID }):
 				continue // an assignment of the incarnation is still out
 			}
 			conds := []Cond{ModRev(r.Key, r.ModRevision), ModRev(sp.Placement(cl.VM), modRev(pl))}
@@ -278,12 +269,4 @@ func (s *view) addressBookkeeping() []Action {
 		}
 	}
 	return acts
-}
-
-func mapValues[K comparable, V any](m map[K]V) []V {
-	out := make([]V, 0, len(m))
-	for _, v := range m {
-		out = append(out, v)
-	}
-	return out
 }

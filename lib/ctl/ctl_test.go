@@ -54,6 +54,27 @@ func TestGoStyleFlagsAndExitCodes(t *testing.T) {
 	if got := strings.TrimSpace(out.String()); got != `{"v":1,"vcpus":2,"memory_mib":1024,"disks":[{"name":"root","pool":"default","size_gib":10}]}` {
 		t.Fatalf("dry run printed %s", got)
 	}
+	// Disks: the first is the boot disk (root) and takes --image; the others are named.
+	for args, want := range map[string]string{
+		"--image deb --disk 20GiB --disk data=100GiB,pool=fast --pool default": `"disks":[{"name":"root","pool":"default","size_gib":20,"image":"deb"},{"name":"data","pool":"fast","size_gib":100}]`,
+		"--disk sys=8GiB":              `"disks":[{"name":"sys","pool":"default","size_gib":8}]`,
+		"--disk 8GiB --disk 2GiB":      "every disk but the first needs a name",
+		"--image deb":                  "--image and --from need a --disk",
+		"--disk 8GiB,iops=5":           `unknown option "iops=5"`,
+		"--disk 8GiB --disk root=1GiB": `disks[1].name: "root" names two disks`,
+	} {
+		out.Reset()
+		root = NewRoot(&out, &errOut)
+		root.SetArgs(append([]string{"vm", "create", "d", "--dry-run"}, strings.Fields(args)...))
+		err := root.Execute()
+		got := out.String()
+		if err != nil {
+			got = err.Error()
+		}
+		if !strings.Contains(got, want) {
+			t.Errorf("vm create %s: %s, want %s", args, got, want)
+		}
+	}
 	root = NewRoot(&out, &errOut)
 	root.SetArgs([]string{"vm", "get"})
 	if err := root.Execute(); ExitCode(err) != cli.ExitUsage {

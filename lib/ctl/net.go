@@ -3,6 +3,8 @@ package ctl
 import (
 	"context"
 	"fmt"
+	"net/netip"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -263,31 +265,18 @@ func netGetCmd(e *env) *cobra.Command {
 
 // sortAddrs sorts dotted IPv4 addresses numerically (unparsable ones last, as text).
 func sortAddrs(ips []string) {
-	num := func(s string) (uint32, bool) {
-		var v uint32
-		parts := strings.Split(s, ".")
-		if len(parts) != 4 {
-			return 0, false
+	slices.SortFunc(ips, func(x, y string) int {
+		a, aerr := netip.ParseAddr(x)
+		b, berr := netip.ParseAddr(y)
+		switch {
+		case aerr != nil && berr != nil:
+			return strings.Compare(x, y)
+		case aerr != nil:
+			return 1 // what is not an address last
+		case berr != nil:
+			return -1
 		}
-		for _, p := range parts {
-			o, err := strconv.Atoi(p)
-			if err != nil || o < 0 || o > 255 {
-				return 0, false
-			}
-			v = v<<8 | uint32(o)
-		}
-		return v, true
-	}
-	sort.Slice(ips, func(i, j int) bool {
-		a, aok := num(ips[i])
-		b, bok := num(ips[j])
-		if aok != bok {
-			return aok
-		}
-		if !aok {
-			return ips[i] < ips[j]
-		}
-		return a < b
+		return a.Compare(b)
 	})
 }
 

@@ -303,7 +303,7 @@ func (e *env) waitImported(parent context.Context, name string, timeout time.Dur
 	ctx, cancel := context.WithTimeout(parent, timeout)
 	defer cancel()
 	bar := e.newBar(100, "image "+name)
-	phase := ""
+	phase, start, hinted := "", time.Now(), false
 	for {
 		imgs, err := e.readVMImages(ctx)
 		if err == nil {
@@ -317,6 +317,10 @@ func (e *env) waitImported(parent context.Context, name string, timeout time.Dur
 			case v == nil || v.Image == nil:
 				e.endBar()
 				return fmt.Errorf("image %s was deleted while importing", name)
+			case (v.Status == nil || v.Status.UID != v.uid) && time.Since(start) > 15*time.Second && !hinted:
+				hinted = true
+				e.clearLine()
+				fmt.Fprintf(e.errOut, "image/%s: no leader has taken the import up yet: is a coordinator with a volume backend (Ceph; herd dev's directory) running? (herdctl cluster show)\n", name)
 			case v.Status != nil && v.Status.UID == v.uid:
 				st := v.Status
 				switch st.State {
