@@ -654,6 +654,7 @@ type uiVMDetail struct {
 	UID, Epoch                               int64
 	Migration                                string
 	Addresses                                []string // "prod 10.20.0.17 (52:54:00:..)", by NIC
+	Disks                                    []string // "root 20GiB in pool rbd from image deb"
 	Found                                    bool
 }
 
@@ -665,7 +666,7 @@ func uiOneVM(v *clusterView, name string) uiVMDetail {
 	d := uiVMDetail{Name: name, Found: true, State: vm.State, Node: "-", UID: vm.UID, Problem: vmProblem(vm)}
 	if vm.Spec != nil {
 		b, _ := json.MarshalIndent(vm.Spec, "", "  ")
-		d.Spec = string(b)
+		d.Spec, d.Disks = string(b), diskLines(vm.Spec)
 	} else if vm.SpecError != "" {
 		d.Spec = "unreadable: " + vm.SpecError
 	}

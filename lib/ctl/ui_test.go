@@ -69,7 +69,11 @@ func TestConsoleServer(t *testing.T) {
 	if page := get("/vms?q=vm0042"); strings.Count(page, "<tr data-vm=") != 1 || strings.Contains(page, "showing") {
 		t.Fatalf("filtered page:\n%s", page)
 	}
-	// A VM placed with an address on a network: its page shows it.
+	// A VM placed with an address on a network: its page shows it, and its disk (a spec of the old
+	// one-disk form).
+	if _, err := c.Put(ctx, sp.VMSpec("vm0007"), `{"vcpus":1,"memory_mib":256,"disk":{"pool":"default","size_gib":3}}`); err != nil {
+		t.Fatal(err)
+	}
 	r, err := c.Get(ctx, sp.VMSpec("vm0007"))
 	if err != nil {
 		t.Fatal(err)
@@ -80,9 +84,9 @@ func TestConsoleServer(t *testing.T) {
 		t.Fatal(err)
 	}
 	deadline := time.Now().Add(10 * time.Second)
-	for page := get("/vms/vm0007"); !strings.Contains(page, "<td>prod 10.20.0.17 (52:54:00:0a:0b:0c)</td>"); page = get("/vms/vm0007") {
+	for page := get("/vms/vm0007"); !strings.Contains(page, "<td>prod 10.20.0.17 (52:54:00:0a:0b:0c)</td>") || !strings.Contains(page, "<td>root 3GiB in pool default</td>"); page = get("/vms/vm0007") {
 		if time.Now().After(deadline) {
-			t.Fatalf("the VM's page shows no address:\n%s", page)
+			t.Fatalf("the VM's page shows no address or no disk:\n%s", page)
 		}
 		time.Sleep(100 * time.Millisecond)
 	}

@@ -195,6 +195,21 @@ func (sf *specFlags) diskList() ([]keys.Disk, error) {
 	return out, nil
 }
 
+// diskLines describe a spec's disks, one each: "root 20GiB in pool rbd from image debian-12".
+func diskLines(s *keys.VMSpec) []string {
+	var out []string
+	for _, d := range s.DiskList() {
+		l := fmt.Sprintf("%s %dGiB in pool %s", d.Name, d.SizeGiB, d.Pool)
+		if d.Image != "" {
+			l += " from image " + d.Image
+		} else if d.From != "" {
+			l += " from " + d.From
+		}
+		out = append(out, l)
+	}
+	return out
+}
+
 func vmCreateCmd(e *env) *cobra.Command {
 	var (
 		sf      specFlags
@@ -448,18 +463,12 @@ func describeVM(e *env, vm *vmView) error {
 			power = keys.PowerRunning
 		}
 		fmt.Fprintf(w, "Resources:  %d vCPUs, %s\n", s.VCPUs, units.FormatMiB(s.MemoryMiB))
-		for i, d := range s.DiskList() {
+		for i, d := range diskLines(s) {
 			label := "Disks:"
 			if i > 0 {
 				label = ""
 			}
-			fmt.Fprintf(w, "%-12s%s %dGiB in pool %s", label, d.Name, d.SizeGiB, d.Pool)
-			if d.Image != "" {
-				fmt.Fprintf(w, " from image %s", d.Image)
-			} else if d.From != "" {
-				fmt.Fprintf(w, " from %s", d.From)
-			}
-			fmt.Fprintln(w)
+			fmt.Fprintf(w, "%-12s%s\n", label, d)
 		}
 		fmt.Fprintf(w, "Power:      %s\n", power)
 		if len(s.NodeSelector) > 0 {
