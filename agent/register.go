@@ -71,6 +71,7 @@ func (a *Agent) register(ctx context.Context) (clientv3.LeaseID, error) {
 		MemoryMiB:         info.MemoryMiB,
 		ReservedMemoryMiB: a.cfg.ReservedMemoryMiB,
 		AgentVersion:      a.cfg.Version,
+		Features:          keys.AgentFeatures,
 		Started:           time.Now().UTC(),
 		StatusURL:         a.cfg.StatusURL,
 		ConsoleURL:        a.cfg.ConsoleURL,

@@ -51,7 +51,7 @@ func addNodeWith(t testing.TB, c *clientv3.Client, hwid string, cpus int, memMiB
 	if err != nil {
 		t.Fatal(err)
 	}
-	n := keys.Node{HWID: hwid, Lease: int64(l.ID), BootID: "b", CPUs: cpus, MemoryMiB: memMiB}
+	n := keys.Node{HWID: hwid, Lease: int64(l.ID), BootID: "b", CPUs: cpus, MemoryMiB: memMiB, Features: keys.AgentFeatures}
 	if change != nil {
 		change(&n)
 	}

@@ -159,7 +159,7 @@ func TestQuickRoundsWhileAFullRoundDecides(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	n4 := keys.Node{HWID: "n4", Lease: int64(l.ID), BootID: "b4", CPUs: 64, MemoryMiB: 65536}
+	n4 := keys.Node{HWID: "n4", Lease: int64(l.ID), BootID: "b4", CPUs: 64, MemoryMiB: 65536, Features: keys.AgentFeatures}
 	if _, err := c.Put(ctx, space.Node("n4"), keys.MustEncode(&n4), clientv3.WithLease(l.ID)); err != nil {
 		t.Fatal(err)
 	}

@@ -129,7 +129,7 @@ func addNodeLease(t testing.TB, c *clientv3.Client, hwid string) clientv3.LeaseI
 	if err != nil {
 		t.Fatal(err)
 	}
-	n := keys.Node{HWID: hwid, Lease: int64(l.ID), BootID: "b", CPUs: 4, MemoryMiB: 4096}
+	n := keys.Node{HWID: hwid, Lease: int64(l.ID), BootID: "b", CPUs: 4, MemoryMiB: 4096, Features: keys.AgentFeatures}
 	if _, err := c.Put(ctx, space.Hardware(hwid), keys.MustEncode(&keys.Hardware{MAC: hwid})); err != nil {
 		t.Fatal(err)
 	}

@@ -374,7 +374,7 @@ func (s *view) trust() {
 		}
 		s.live[hwid] = r
 		n := r.Value
-		sn := scheduler.Node{HWID: hwid, CPUs: n.CPUs, MemoryMiB: n.MemoryMiB, ReservedMemoryMiB: n.ReservedMemoryMiB, BootDir: n.BootDir, Uplink: n.Uplink != ""}
+		sn := scheduler.Node{HWID: hwid, CPUs: n.CPUs, MemoryMiB: n.MemoryMiB, ReservedMemoryMiB: n.ReservedMemoryMiB, BootDir: n.BootDir, Uplink: n.Uplink != "", Features: n.Features}
 		if allowed := s.allowedCapacity(hwid); allowed != nil {
 			var over []string
 			if n.CPUs > allowed.CPUs {
@@ -502,7 +502,7 @@ func onNICs(vm scheduler.VM, nics []*keys.NIC) scheduler.VM {
 }
 
 func schedVM(name string, uid int64, s *keys.VMSpec, node string) scheduler.VM {
-	vm := scheduler.VM{Name: name, UID: uid, VCPUs: s.VCPUs, MemoryMiB: s.MemoryMiB, Selector: s.NodeSelector, AntiAffinity: s.AntiAffinity, Node: node}
+	vm := scheduler.VM{Name: name, UID: uid, VCPUs: s.VCPUs, MemoryMiB: s.MemoryMiB, Selector: s.NodeSelector, AntiAffinity: s.AntiAffinity, Needs: s.Needs(), Node: node}
 	if b := s.Boot; b != nil {
 		vm.BootPaths = append(vm.BootPaths, b.Kernel)
 		if b.Initrd != "" {

@@ -132,8 +132,8 @@ func (w *world) register(hwid, boot string, cpus int, memGiB int64) {
 	lease := w.rev + 1000
 	w.leases[lease] = 10 * time.Second
 	w.put(w.sp.Node(hwid), &keys.Node{HWID: hwid, Lease: lease, BootID: boot, CPUs: cpus, MemoryMiB: memGiB * 1024, Image: w.images[hwid],
-		MigrationURI: "qemu+tls://" + hwid + "/system",
-		Addresses:    keys.Addresses{Management: "10.0.0." + hwid[len(hwid)-1:], Migration: "10.1.0." + hwid[len(hwid)-1:]}}, lease)
+		MigrationURI: "qemu+tls://" + hwid + "/system", Features: keys.AgentFeatures,
+		Addresses: keys.Addresses{Management: "10.0.0." + hwid[len(hwid)-1:], Migration: "10.1.0." + hwid[len(hwid)-1:]}}, lease)
 }
 
 // crash is a node's death: its lease expires, its key goes with it.

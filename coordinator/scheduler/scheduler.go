@@ -11,6 +11,7 @@ package scheduler
 import (
 	"fmt"
 	"math"
+	"slices"
 	"sort"
 	"strings"
 
@@ -29,6 +30,8 @@ type Node struct {
 	BootDir string
 	// Uplink says the node carries VLAN networks (its agent makes their bridges on a trunk).
 	Uplink bool
+	// Features are the spec features its agent implements.
+	Features []string
 	// Unschedulable, when set, says why no new VM may go here (cordoned, not enrolled, ...).
 	Unschedulable string
 }
@@ -45,6 +48,8 @@ type VM struct {
 	BootPaths []string
 	// VLANs: a NIC is on a VLAN network, which only a node with an uplink carries.
 	VLANs bool
+	// Needs are the spec features its node's agent must implement.
+	Needs []string
 	Node  string
 }
 
@@ -106,6 +111,7 @@ const (
 	ReasonUnschedulable = "unschedulable"
 	ReasonBootDir       = "kernel boot path outside the node's boot directory"
 	ReasonUplink        = "no uplink for VLAN networks (herd agent --uplink)"
+	ReasonFeature       = "agent too old for the spec (upgrade the node)"
 )
 
 // NodeUse is one node's capacity as a round proceeds: what checkers look at.
@@ -163,6 +169,7 @@ type (
 	selectorCheck      struct{}
 	bootDirCheck       struct{}
 	uplinkCheck        struct{}
+	featureCheck       struct{}
 	antiAffinityCheck  struct{}
 	memoryCheck        struct{}
 	cpuCheck           struct{}
@@ -173,6 +180,7 @@ var (
 	Selector      Checker = selectorCheck{}
 	BootDir       Checker = bootDirCheck{}
 	Uplink        Checker = uplinkCheck{}
+	Feature       Checker = featureCheck{}
 	AntiAffinity  Checker = antiAffinityCheck{}
 	Memory        Checker = memoryCheck{}
 	CPU           Checker = cpuCheck{}
@@ -218,6 +226,17 @@ func (uplinkCheck) Reject(n *NodeUse, vm *VM) string {
 	return ""
 }
 
+func (featureCheck) Name() string   { return "feature" }
+func (featureCheck) Resource() bool { return false }
+func (featureCheck) Reject(n *NodeUse, vm *VM) string {
+	for _, f := range vm.Needs {
+		if !slices.Contains(n.Features, f) {
+			return ReasonFeature
+		}
+	}
+	return ""
+}
+
 func (antiAffinityCheck) Name() string   { return "anti-affinity" }
 func (antiAffinityCheck) Resource() bool { return false }
 func (antiAffinityCheck) Reject(n *NodeUse, vm *VM) string {
@@ -247,7 +266,7 @@ func (cpuCheck) Reject(n *NodeUse, vm *VM) string {
 
 // Placement is the checkers of a first placement, and the base every other purpose adds to.
 func Placement() []Checker {
-	return []Checker{Unschedulable, Selector, BootDir, Uplink, AntiAffinity, Memory, CPU}
+	return []Checker{Unschedulable, Selector, BootDir, Uplink, Feature, AntiAffinity, Memory, CPU}
 }
 
 // fusedPlacement runs the Placement checkers as one function: they run for every node and every
@@ -269,6 +288,11 @@ func fusedPlacement(n *NodeUse, vm *VM) string {
 	}
 	if vm.VLANs && !n.Uplink {
 		return ReasonUplink
+	}
+	for _, f := range vm.Needs {
+		if !slices.Contains(n.Features, f) {
+			return ReasonFeature
+		}
 	}
 	if vm.AntiAffinity != "" && n.groups[vm.AntiAffinity] > 0 {
 		return ReasonAntiAffinity

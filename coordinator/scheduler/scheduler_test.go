@@ -75,6 +75,8 @@ func TestFilters(t *testing.T) {
 	base[1].Labels = map[string]string{"rack": "b"}
 	base[2].Unschedulable = "cordoned"
 	base[1].Uplink = true
+	base[0].Features = []string{"disks", "networks"}
+	base[1].Features = []string{"networks"}
 	cases := []struct {
 		name    string
 		vms     []VM
@@ -116,6 +118,13 @@ func TestFilters(t *testing.T) {
 			vms:     []VM{{Name: "a", UID: 1, VCPUs: 1, MemoryMiB: 1, VLANs: true}, {Name: "b", UID: 2, VCPUs: 4, MemoryMiB: 1, VLANs: true}},
 			want:    map[string]int{"n01": 1},
 			reasons: map[string]int{ReasonUplink: 1, ReasonCPU: 1, ReasonUnschedulable + ": cordoned": 1},
+		},
+		{
+			name:    "a spec feature only one agent has",
+			vms:     []VM{{Name: "a", UID: 1, VCPUs: 1, MemoryMiB: 1, Needs: []string{"disks"}}, {Name: "b", UID: 2, VCPUs: 8, MemoryMiB: 1, Needs: []string{"disks", "networks"}}},
+			opts:    Options{CPUOvercommit: 2},
+			want:    map[string]int{"n00": 1},
+			reasons: map[string]int{ReasonFeature: 1, ReasonCPU: 1, ReasonUnschedulable + ": cordoned": 1},
 		},
 		{
 			name: "cpu overcommit 2: 8 vCPUs per node",

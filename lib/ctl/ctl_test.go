@@ -51,7 +51,7 @@ func TestGoStyleFlagsAndExitCodes(t *testing.T) {
 	if err := root.Execute(); err != nil {
 		t.Fatal(err)
 	}
-	if got := strings.TrimSpace(out.String()); got != `{"v":1,"vcpus":2,"memory_mib":1024,"disks":[{"name":"root","pool":"default","size_gib":10}]}` {
+	if got := strings.TrimSpace(out.String()); got != `{"v":1,"vcpus":2,"memory_mib":1024,"disk":{"pool":"default","size_gib":10}}` {
 		t.Fatalf("dry run printed %s", got)
 	}
 	// Disks: the first is the boot disk (root) and takes --image; the others are named.

@@ -143,6 +143,11 @@ func (sf *specFlags) spec() (keys.VMSpec, error) {
 	if spec.Disks, err = sf.diskList(); err != nil {
 		return spec, err
 	}
+	if len(spec.Disks) == 1 && spec.Disks[0].Name == keys.RootDisk && spec.Disks[0].Image == "" {
+		// One plain disk in the form every agent reads: a node not yet upgraded can run it.
+		d := spec.Disks[0]
+		d.Name, spec.Disk, spec.Disks = "", &d, nil
+	}
 	if spec.Labels, err = parseLabels("label", sf.labels); err != nil {
 		return spec, err
 	}

@@ -122,9 +122,13 @@ type Node struct {
 	CPUs       int       `json:"cpus"`
 	MemoryMiB  int64     `json:"memory_mib"`
 	// ReservedMemoryMiB is kept back for the host itself; the scheduler never fills it.
-	ReservedMemoryMiB int64     `json:"reserved_memory_mib,omitempty"`
-	AgentVersion      string    `json:"agent_version,omitempty"`
-	Started           time.Time `json:"started"`
+	ReservedMemoryMiB int64  `json:"reserved_memory_mib,omitempty"`
+	AgentVersion      string `json:"agent_version,omitempty"`
+	// Features are the spec features the agent implements (AgentFeatures): the leader places a
+	// VM whose spec uses one only on nodes that list it, so an agent older than a feature never
+	// gets a VM it would run without it (a disk left off, a NIC without its network).
+	Features []string  `json:"features,omitempty"`
+	Started  time.Time `json:"started"`
 	// Status is where the agent serves its own report of its hypervisor (metrics, domains).
 	StatusURL string `json:"status_url,omitempty"`
 	// ConsoleURL is where the agent serves its VMs' serial consoles (lib/console): https, with
@@ -387,6 +391,27 @@ type Disk struct {
 	Image string `json:"image,omitempty"`
 	From  string `json:"from,omitempty"`
 	Extra `json:"-"`
+}
+
+// Spec features agents announce (Node.Features) and specs need (VMSpec.Needs).
+const (
+	FeatureDisks    = "disks"    // the disks list: several disks, images
+	FeatureNetworks = "networks" // NICs on herd networks, with addresses, and the NoCloud seed
+)
+
+// AgentFeatures are the features this herd's agent implements.
+var AgentFeatures = []string{FeatureDisks, FeatureNetworks}
+
+// Needs are the features a node's agent must have to run the spec as written.
+func (s *VMSpec) Needs() []string {
+	var out []string
+	if len(s.Disks) > 0 {
+		out = append(out, FeatureDisks)
+	}
+	if len(s.SSHKeys) > 0 || s.UserData != "" || slices.ContainsFunc(s.Networks, func(n Network) bool { return n.Network != "" }) {
+		out = append(out, FeatureNetworks)
+	}
+	return out
 }
 
 // RootDisk is the name of a VM's first disk unless the spec names it.
