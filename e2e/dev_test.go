@@ -156,14 +156,18 @@ func devImagesAndDisks(t *testing.T, herdctl func(...string) string, try func(..
 	_, _ = f.WriteAt([]byte("herd-image-marker"), 0)
 	_ = f.Truncate(64 << 20)
 	f.Close()
+	start := time.Now()
 	out := herdctl("volume", "import", "tiny", "--from", file)
 	if !strings.Contains(out, "image/tiny ready: raw, 64") {
 		t.Fatalf("volume import:\n%s", out)
 	}
+	t.Logf("import of a 64 MiB raw file served by herdctl: %s", time.Since(start).Round(time.Millisecond))
 	if out := herdctl("volume", "import", "tiny", "--from", file); !strings.Contains(out, "image/tiny exists") {
 		t.Fatalf("importing again:\n%s", out)
 	}
+	start = time.Now()
 	herdctl("vm", "create", "web2", "--image", "tiny", "--disk", "1GiB", "--disk", "data=2GiB", "--wait")
+	t.Logf("vm create with a clone and a second disk, to running: %s", time.Since(start).Round(time.Millisecond))
 	if out := herdctl("vm", "get", "web2"); !strings.Contains(out, "root 1GiB in pool default from image tiny") || !strings.Contains(out, "data 2GiB in pool default") {
 		t.Fatalf("vm get:\n%s", out)
 	}
