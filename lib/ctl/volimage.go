@@ -330,17 +330,26 @@ func (e *env) waitImported(parent context.Context, name string, timeout time.Dur
 					fmt.Fprintf(e.errOut, "image/%s ready: %s, %s (sha256 %s)\n", name, st.Format, units.FormatBytes(st.SizeBytes), st.SHA256)
 					return nil
 				case keys.ImageError:
-					e.endBar()
-					return fmt.Errorf("image %s: %s", name, st.Error)
-				}
-				if st.Phase != phase {
-					phase = st.Phase
-					e.clearLine()
-					fmt.Fprintf(e.errOut, "image/%s: %s\n", name, phase)
-				}
-				bar.Describe("image " + name + ": " + phase)
-				if st.Total > 0 {
-					_ = bar.Set(int(st.Bytes * 100 / st.Total))
+					if st.Updated.After(start) {
+						e.endBar()
+						return fmt.Errorf("image %s: %s", name, st.Error)
+					}
+					// A failure from before this command: the leader tries again within a minute.
+					if !hinted {
+						hinted = true
+						e.clearLine()
+						fmt.Fprintf(e.errOut, "image/%s: the last try failed (%s); waiting for the leader's next one\n", name, st.Error)
+					}
+				case keys.ImageImporting:
+					if st.Phase != phase {
+						phase = st.Phase
+						e.clearLine()
+						fmt.Fprintf(e.errOut, "image/%s: %s\n", name, phase)
+					}
+					bar.Describe("image " + name + ": " + phase)
+					if st.Total > 0 {
+						_ = bar.Set(int(st.Bytes * 100 / st.Total))
+					}
 				}
 			}
 		}
