@@ -72,6 +72,9 @@ type Config struct {
 	Volumes volume.Backend
 	// ImportDir is where file:// sources of VM images must lie ("": file:// is refused).
 	ImportDir string
+	// ImportWorkDir holds an import's temporary files: the fetched file and, for a qcow2, its
+	// raw conversion, as big as the image's virtual size (sparse). Default: the system's.
+	ImportWorkDir string
 	// MaxMigrationsPerNode bounds the open migrations a node takes part in (source or target).
 	// Default 2.
 	MaxMigrationsPerNode int

@@ -162,7 +162,7 @@ func (im *importer) run(ctx context.Context) (string, error) {
 			}
 		}
 	}()
-	dir, err := os.MkdirTemp("", "herd-image-")
+	dir, err := os.MkdirTemp(im.t.c.cfg.ImportWorkDir, "herd-image-")
 	if err != nil {
 		return "", err
 	}

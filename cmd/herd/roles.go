@@ -34,6 +34,7 @@ type coordinatorParams struct {
 	parallel   int
 	maxMig     int
 	importDir  string
+	importWork string
 	interval   time.Duration
 	pprof      bool
 	sched      schedulerFlags
@@ -51,6 +52,7 @@ func (p *coordinatorParams) addFlags(fs *pflag.FlagSet) {
 	fs.IntVar(&p.parallel, "parallel", 64, "leader transactions in flight at once")
 	fs.IntVar(&p.maxMig, "max-migrations-per-node", 2, "open migrations a node may take part in (as source or target)")
 	fs.StringVar(&p.importDir, "import-dir", "/var/lib/herd/import", "the only directory VM images may be imported from by file:// URL (\"\": none)")
+	fs.StringVar(&p.importWork, "import-work-dir", "/var/tmp", "where an image import keeps its temporary files (room for the image's raw size, sparse; not a tmpfs)")
 	fs.DurationVar(&p.interval, "interval", 10*time.Second, "longest time between two leader rounds, changes or not")
 	fs.BoolVar(&p.pprof, "pprof", false, "serve Go's profiles under /debug/pprof/ on the status endpoint (keep it private)")
 	p.storage.add(fs, "herd-coordinator", false)
@@ -81,7 +83,7 @@ func (p *coordinatorParams) config(c coordinatorConns) (coordinator.Config, erro
 	}
 	cfg := coordinator.Config{
 		Client: c.client, EtcdUser: c.user, Space: c.space, Name: p.name, SessionTTL: p.sessionTTL, Pools: p.pools,
-		Scheduler: so, Parallel: p.parallel, Interval: p.interval, Volumes: c.volumes, ImportDir: p.importDir, MaxMigrationsPerNode: p.maxMig,
+		Scheduler: so, Parallel: p.parallel, Interval: p.interval, Volumes: c.volumes, ImportDir: p.importDir, ImportWorkDir: p.importWork, MaxMigrationsPerNode: p.maxMig,
 		RevokeNodeUsers: c.revoke, Log: c.log, Registry: c.registry,
 	}
 	admin, _ := c.volumes.(fence.CephAdmin)
