@@ -22,6 +22,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
+	"github.com/herdhq/herd/agent/hostnet"
 	"github.com/herdhq/herd/agent/hypervisor"
 	"github.com/herdhq/herd/lib/etcdutil"
 	"github.com/herdhq/herd/lib/events"
@@ -347,6 +348,15 @@ func (a *Agent) currentCluster() (string, bool) {
 // the agent is not stopping the node's guests) and returns nil.
 func (a *Agent) Run(ctx context.Context) error {
 	a.log.Info("agent starting", "libvirt", a.hv.URI(), "boot_id", a.cfg.BootID)
+	if a.cfg.Uplink != "" && a.hv.DomainType() != "test" {
+		if err := hostnet.ProbeVLAN(a.cfg.Uplink); err != nil {
+			// Reported as no uplink: the leader then places no VM on a VLAN network here,
+			// rather than every one failing at its definition.
+			a.log.Error("the uplink cannot carry VLANs: this node takes no VM on a VLAN network", "uplink", a.cfg.Uplink, "error", err)
+			a.events.Record("node/"+a.hwid, "uplink-unusable", "%v", err)
+			a.cfg.Uplink = ""
+		}
+	}
 	if a.cfg.CephKey != "" && a.hv.DomainType() != "test" {
 		for {
 			_, err := a.hv.EnsureCephSecret(ctx, a.cfg.CephUser, a.cfg.CephKey)

@@ -15,6 +15,36 @@ import (
 func TaggedName(vlan int) string { return fmt.Sprintf("herd-t%d", vlan) }
 
 // EnsureVLAN makes bridge (herd-v<vlan>) carry VLAN vlan of uplink, with mtu (0: leave it).
+// ProbeName is the VLAN link ProbeVLAN makes for a moment.
+const ProbeName = "herd-probe"
+
+// ProbeVLAN says whether this host can tag VLANs on uplink: an uplink that has a VLAN link
+// already can; otherwise it makes one (VLAN 4094, ProbeName) and removes it. A kernel without
+// 8021q, or an uplink that refuses, fails here at start instead of at every VM's definition.
+func ProbeVLAN(uplink string) error {
+	up, err := netlink.LinkByName(uplink)
+	if err != nil {
+		return fmt.Errorf("uplink %s: %w", uplink, err)
+	}
+	links, err := netlink.LinkList()
+	if err != nil {
+		return err
+	}
+	for _, l := range links {
+		if v, ok := l.(*netlink.Vlan); ok && v.Attrs().ParentIndex == up.Attrs().Index && v.Attrs().Name != ProbeName {
+			return nil
+		}
+	}
+	if old, err := netlink.LinkByName(ProbeName); err == nil {
+		_ = netlink.LinkDel(old) // left by a probe that was killed
+	}
+	probe := &netlink.Vlan{LinkAttrs: netlink.LinkAttrs{Name: ProbeName, ParentIndex: up.Attrs().Index}, VlanId: 4094}
+	if err := netlink.LinkAdd(probe); err != nil {
+		return fmt.Errorf("uplink %s cannot carry VLAN links: %w (is the kernel's 8021q module there?)", uplink, err)
+	}
+	return netlink.LinkDel(probe)
+}
+
 func EnsureVLAN(uplink string, vlan int, bridge string, mtu int) error {
 	up, err := netlink.LinkByName(uplink)
 	if err != nil {

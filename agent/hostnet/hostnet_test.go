@@ -149,3 +149,32 @@ func mustIndex(t *testing.T, name string) int {
 	}
 	return l.Attrs().Index
 }
+
+// TestProbeVLANAgreesWithEnsureVLAN: the start-up probe says yes exactly where EnsureVLAN works (on
+// this machine's kernel, without 8021q, both refuse), leaves no link behind, and refuses a missing
+// uplink.
+func TestProbeVLANAgreesWithEnsureVLAN(t *testing.T) {
+	inNetns(t, func(ns string) {
+		if err := netlink.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "up0"}, PeerName: "up1"}); err != nil {
+			t.Fatal(err)
+		}
+		probeErr := ProbeVLAN("up0")
+		if _, ok := links(t, ns)[ProbeName]; ok {
+			t.Fatalf("the probe left %s behind", ProbeName)
+		}
+		ensureErr := EnsureVLAN("up0", 130, "herd-v130", 0)
+		if (probeErr == nil) != (ensureErr == nil) {
+			t.Fatalf("probe says %v, EnsureVLAN says %v", probeErr, ensureErr)
+		}
+		t.Logf("VLAN links on this kernel: probe %v", probeErr)
+		if probeErr == nil {
+			// With a VLAN link on the uplink, the probe makes none.
+			if err := ProbeVLAN("up0"); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := ProbeVLAN("nope0"); err == nil {
+			t.Fatal("a missing uplink passed the probe")
+		}
+	})
+}
