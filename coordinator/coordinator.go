@@ -282,6 +282,7 @@ func New(cfg Config) (*Coordinator, error) {
 	for _, inf := range []*etcdutil.Informer{c.vmInf, c.placementInf.Informer, c.problemInf.Informer, c.assignInf.Informer, c.statusInf.Informer} {
 		inf.DropValues = true
 	}
+	sweepImportWork(cfg.ImportWorkDir, cfg.Name, c.log)
 	return c, nil
 }
 

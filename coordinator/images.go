@@ -15,9 +15,13 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"time"
 
+	"github.com/hashicorp/go-hclog"
+
 	"github.com/herdhq/herd/coordinator/decide"
+	"github.com/herdhq/herd/lib/etcdutil"
 	"github.com/herdhq/herd/lib/keys"
 	"github.com/herdhq/herd/lib/volume"
 )
@@ -30,16 +34,44 @@ import (
 
 const progressEvery = 2 * time.Second
 
+// workPrefix names a replica's temporary import directories: each replica removes only its own
+// leftovers (two replicas may share a host, and its work directory).
+func workPrefix(replica string) string { return "herd-image-" + replica + "-" }
+
+// sweepImportWork removes the temporary directories an import of this replica left when its
+// process died (a term that ends removes its own).
+func sweepImportWork(dir, replica string, log hclog.Logger) {
+	if dir == "" {
+		dir = os.TempDir()
+	}
+	old, _ := filepath.Glob(filepath.Join(dir, workPrefix(replica)+"*"))
+	for _, d := range old {
+		if err := os.RemoveAll(d); err != nil {
+			log.Warn("could not remove an old import's files", "dir", d, "error", err)
+		}
+	}
+}
+
 // stallTimeout ends a fetch that has received nothing for this long.
 const stallTimeout = time.Minute
 
-// importer carries one import's state between its steps.
+// importer carries one import's state between its steps. Steps only note their progress (in
+// memory, atomically: they run inside bounded storage calls, which must never wait on etcd); the
+// reporter goroutine writes it every progressEvery.
 type importer struct {
-	t    *term
-	wk   decide.Work
-	rev  int64 // the status record as last written by this import (0: none yet)
-	st   keys.VMImageStatus
-	last time.Time
+	t   *term
+	wk  decide.Work
+	wmu sync.Mutex // guards rev, st and lost: the status as written
+	rev int64      // the status record as last written by this import (0: none yet)
+	st  keys.VMImageStatus
+
+	mu          sync.Mutex
+	phase       string
+	done, total int64
+	changed     bool
+	// lost: a status write was refused because the record changed under the import or the term
+	// ended; a write that merely failed (etcd slow) is tried again at the next tick.
+	lost bool
 }
 
 // importImage runs an ImportImage work item.
@@ -55,8 +87,12 @@ func (t *term) importImage(ctx context.Context, wk decide.Work) error {
 			t.dropEarlierImage(ctx, wk, r.Value)
 		}
 	}
-	im := &importer{t: t, wk: wk, rev: wk.Rev, st: keys.VMImageStatus{UID: wk.ImageUID, State: keys.ImageImporting}}
-	if !im.write(keys.ImageImporting, "fetch", 0, 0, true) {
+	pool := ""
+	if wk.ImageSpec != nil {
+		pool = wk.ImageSpec.Pool
+	}
+	im := &importer{t: t, wk: wk, rev: wk.Rev, st: keys.VMImageStatus{UID: wk.ImageUID, State: keys.ImageImporting, Pool: pool}}
+	if !im.write(keys.ImageImporting, "fetch", 0, 0) {
 		return nil // someone else's write came first: the next round decides again
 	}
 	from, err := im.run(ctx)
@@ -65,13 +101,14 @@ func (t *term) importImage(ctx context.Context, wk decide.Work) error {
 	}
 	if err != nil {
 		im.st.Error = err.Error()
-		im.write(keys.ImageError, im.st.Phase, im.st.Bytes, im.st.Total, true)
+		phase, done, total := im.progressNow()
+		im.write(keys.ImageError, phase, done, total)
 		t.log.Warn("image import failed", "image", wk.Image, "source", wk.ImageSpec.Source, "error", err)
 		t.c.events.Record("image/"+wk.Image, "import-failed", "%v", err)
 		return nil
 	}
 	im.st.From, im.st.Error = from, ""
-	if im.write(keys.ImageReady, "", 0, 0, true) {
+	if im.write(keys.ImageReady, "", 0, 0) {
 		t.log.Info("image imported", "image", wk.Image, "from", from, "size_bytes", im.st.SizeBytes, "format", im.st.Format)
 		t.c.events.Record("image/"+wk.Image, "imported", "%s (%s, %d MiB) stored as %s", wk.ImageSpec.Source, im.st.Format, im.st.SizeBytes>>20, from)
 	}
@@ -87,10 +124,7 @@ func (t *term) dropEarlierImage(ctx context.Context, wk decide.Work, old *keys.V
 	if !ok {
 		return
 	}
-	pool := wk.ImageSpec.Pool
-	if p, _, _, err := volume.ParseFrom(old.From); err == nil {
-		pool = p
-	}
+	pool := imagePool(old, wk.ImageSpec.Pool)
 	id := keys.ImageVolume(wk.Image, old.UID)
 	if err := store.DeleteImage(ctx, pool, id); err != nil {
 		t.log.Warn("an earlier image of the same name stays in storage", "image", wk.Image, "stored", pool+"/"+id, "error", err)
@@ -98,11 +132,23 @@ func (t *term) dropEarlierImage(ctx context.Context, wk decide.Work, old *keys.V
 	}
 }
 
-// write records the import's status: always when force, else at most every progressEvery.
-func (im *importer) write(state, phase string, done, total int64, force bool) bool {
-	if !force && time.Since(im.last) < progressEvery {
-		return true
+// imagePool is the pool an image's status says it was stored in (fallback when it does not: a
+// status written before statuses named their pool, and no From either).
+func imagePool(st *keys.VMImageStatus, fallback string) string {
+	if st.Pool != "" {
+		return st.Pool
 	}
+	if p, _, _, err := volume.ParseFrom(st.From); err == nil {
+		return p
+	}
+	return fallback
+}
+
+// write records the import's status, conditioned on the record as this import last wrote it.
+// The reporter and the steps both write: one at a time.
+func (im *importer) write(state, phase string, done, total int64) bool {
+	im.wmu.Lock()
+	defer im.wmu.Unlock()
 	im.st.State, im.st.Phase, im.st.Bytes, im.st.Total, im.st.Updated = state, phase, done, total, time.Now().UTC()
 	key := im.wk.Key
 	var cond decide.Cond
@@ -116,18 +162,86 @@ func (im *importer) write(state, phase string, done, total int64, force bool) bo
 		if !errors.Is(err, context.Canceled) && im.t.ctx.Err() == nil {
 			im.t.log.Debug("image status not recorded", "image", im.wk.Image, "error", err)
 		}
+		im.lost = errors.Is(err, etcdutil.ErrConflict) || errors.Is(err, etcdutil.ErrNotLeader)
 		return false
 	}
-	im.rev, im.last = rev, time.Now()
+	im.rev = rev
 	return true
 }
 
-// progress is the callback of a step: it writes now and then, and gives up if its status was
-// changed under it (another term took the import over).
-func (im *importer) progress(phase string, total *int64, cancel context.CancelFunc) func(int64) {
-	return func(done int64) {
-		if !im.write(keys.ImageImporting, phase, done, *total, false) {
-			cancel()
+// step begins a step: its progress starts at 0 of total, and is written now.
+func (im *importer) step(phase string, total int64) {
+	im.mu.Lock()
+	im.phase, im.done, im.total, im.changed = phase, 0, total, true
+	im.mu.Unlock()
+	im.flush()
+}
+
+// progress is a step's callback: done bytes so far. It only notes them.
+func (im *importer) progress(done int64) {
+	im.mu.Lock()
+	im.done, im.changed = done, true
+	im.mu.Unlock()
+}
+
+// setTotal is what a fetch learns of the size once the source answers.
+func (im *importer) setTotal(total int64) {
+	im.mu.Lock()
+	im.total, im.changed = total, true
+	im.mu.Unlock()
+}
+
+func (im *importer) progressNow() (string, int64, int64) {
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	return im.phase, im.done, im.total
+}
+
+// flush writes the progress if it changed; false when the status was changed under the import
+// (another term took it over) or this term ended.
+func (im *importer) flush() bool {
+	im.mu.Lock()
+	changed := im.changed
+	im.changed = false
+	im.mu.Unlock()
+	if !changed {
+		return true
+	}
+	phase, done, total := im.progressNow()
+	if !im.write(keys.ImageImporting, phase, done, total) {
+		im.mu.Lock()
+		im.changed = true // tried again at the next tick
+		im.mu.Unlock()
+		im.wmu.Lock()
+		defer im.wmu.Unlock()
+		return !im.lost
+	}
+	return true
+}
+
+// note changes what the next status write records.
+func (im *importer) note(fn func(*keys.VMImageStatus)) {
+	im.wmu.Lock()
+	fn(&im.st)
+	im.wmu.Unlock()
+}
+
+// report writes the progress every progressEvery until ctx ends, and cancels the import if its
+// status was changed under it or its record was deleted or made again (another uid): whether
+// bytes are flowing or not.
+func (im *importer) report(ctx context.Context, cancel context.CancelFunc) {
+	tick := time.NewTicker(progressEvery)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+			r := im.t.c.imgInf.Get(im.t.c.space.VMImage(im.wk.Image))
+			if r == nil || r.CreateRevision != im.wk.ImageUID || !im.flush() {
+				cancel()
+				return
+			}
 		}
 	}
 }
@@ -145,38 +259,25 @@ func (im *importer) run(ctx context.Context) (string, error) {
 		return "", errors.New("this coordinator's volume backend cannot store images")
 	}
 	ctx, cancel := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() { defer wg.Done(); im.report(ctx, cancel) }()
+	defer wg.Wait() // the reporter writes nothing after the import's own last word
 	defer cancel()
-	// The record deleted or made again (another uid) makes this import pointless: stop it,
-	// whether bytes are flowing or not.
-	go func() {
-		tick := time.NewTicker(progressEvery)
-		defer tick.Stop()
-		for {
-			select {
-			case <-ctx.Done():
-				return
-			case <-tick.C:
-				if r := im.t.c.imgInf.Get(im.t.c.space.VMImage(im.wk.Image)); r == nil || r.CreateRevision != im.wk.ImageUID {
-					cancel()
-				}
-			}
-		}
-	}()
-	dir, err := os.MkdirTemp(im.t.c.cfg.ImportWorkDir, "herd-image-")
+	dir, err := os.MkdirTemp(im.t.c.cfg.ImportWorkDir, workPrefix(im.t.c.cfg.Name))
 	if err != nil {
 		return "", err
 	}
 	defer os.RemoveAll(dir)
 	file := filepath.Join(dir, "source")
-	var total int64
-	sum, err := fetch(ctx, spec.Source, im.t.c.cfg.ImportDir, file, im.progress("fetch", &total, cancel), func(n int64) { total = n })
+	sum, err := fetch(ctx, spec.Source, im.t.c.cfg.ImportDir, file, im.progress, im.setTotal)
 	if err != nil {
 		return "", fmt.Errorf("fetch %s: %w", spec.Source, err)
 	}
 	if spec.SHA256 != "" && sum != spec.SHA256 {
 		return "", fmt.Errorf("fetch %s: sha256 is %s, the record says %s", spec.Source, sum, spec.SHA256)
 	}
-	im.st.SHA256 = sum
+	im.note(func(st *keys.VMImageStatus) { st.SHA256 = sum })
 	format, err := sniffFormat(file)
 	if err != nil {
 		return "", err
@@ -184,10 +285,10 @@ func (im *importer) run(ctx context.Context) (string, error) {
 	if spec.Format != "" && spec.Format != format {
 		return "", fmt.Errorf("the record says %s, the file is %s", spec.Format, format)
 	}
-	im.st.Format = format
+	im.note(func(st *keys.VMImageStatus) { st.Format = format })
 	raw := file
 	if format == "qcow2" {
-		im.write(keys.ImageImporting, "convert", 0, 0, true)
+		im.step("convert", 0)
 		raw = filepath.Join(dir, "raw")
 		if err := convertQcow2(ctx, file, raw); err != nil {
 			return "", err
@@ -203,10 +304,9 @@ func (im *importer) run(ctx context.Context) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	im.st.SizeBytes = fi.Size()
-	im.write(keys.ImageImporting, "store", 0, fi.Size(), true)
-	size := fi.Size()
-	return store.ImportImage(ctx, spec.Pool, keys.ImageVolume(im.wk.Image, im.wk.ImageUID), f, size, im.progress("store", &size, cancel))
+	im.note(func(st *keys.VMImageStatus) { st.SizeBytes = fi.Size() })
+	im.step("store", fi.Size())
+	return store.ImportImage(ctx, spec.Pool, keys.ImageVolume(im.wk.Image, im.wk.ImageUID), f, fi.Size(), im.progress)
 }
 
 // fetch copies source (http, https or file URL) to path and returns its sha256; total learns the
@@ -393,10 +493,7 @@ func (t *term) deleteImage(ctx context.Context, wk decide.Work) error {
 	if st == nil || st.Value == nil || st.ModRevision != wk.Rev {
 		return nil // changed meanwhile: the next round decides again
 	}
-	pool := ""
-	if p, _, _, err := volume.ParseFrom(st.Value.From); err == nil {
-		pool = p
-	}
+	pool := imagePool(st.Value, "")
 	var err error
 	switch {
 	case !ok:

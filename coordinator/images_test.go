@@ -39,7 +39,19 @@ func TestImagesAndDisks(t *testing.T) {
 	ctx := context.Background()
 	addNode(t, c, "n1", 64, 65536, nil)
 	root, files := t.TempDir(), t.TempDir()
-	r := startReplicaWith(t, srv.Endpoints, "c1", func(cfg *Config) { cfg.Volumes, cfg.ImportDir = volume.Dir{Root: root}, files })
+	// An import of this replica killed half way left its files; another replica's are at work.
+	work := t.TempDir()
+	for _, d := range []string{"herd-image-c1-123", "herd-image-c2-456"} {
+		if err := os.MkdirAll(filepath.Join(work, d), 0o700); err != nil {
+			t.Fatal(err)
+		}
+	}
+	r := startReplicaWith(t, srv.Endpoints, "c1", func(cfg *Config) {
+		cfg.Volumes, cfg.ImportDir, cfg.ImportWorkDir = volume.Dir{Root: root}, files, work
+	})
+	if left, _ := filepath.Glob(filepath.Join(work, "*")); len(left) != 1 || filepath.Base(left[0]) != "herd-image-c2-456" {
+		t.Fatalf("import work left at start: %v", left)
+	}
 	leads(t, r, "the only replica")
 	put := func(key, val string) {
 		t.Helper()

@@ -855,6 +855,8 @@ type VMImageStatus struct {
 	V     int    `json:"v"`
 	UID   int64  `json:"uid"`
 	State string `json:"state"`
+	// Pool is where the image is (being) stored.
+	Pool string `json:"pool,omitempty"`
 	// Phase is the step an import is at (fetch, convert, store); Bytes of Total are its progress
 	// (Total 0 when the source does not say).
 	Phase string `json:"phase,omitempty"`
