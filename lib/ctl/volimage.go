@@ -218,29 +218,46 @@ Idempotent: importing a name that exists from the same source changes nothing.`,
 // replaceUnfinished deletes image name's record unless its import finished; done says it did (the
 // image exists: nothing to do).
 func (e *env) replaceUnfinished(ctx context.Context, name string) (bool, error) {
-	imgs, err := e.readVMImages(ctx)
-	if err != nil {
+	v, err := e.readVMImage(ctx, name)
+	if err != nil || v == nil || (v.Image == nil && v.Error == "") {
 		return false, err
 	}
-	for _, v := range imgs {
-		if v.Name != name || (v.Image == nil && v.Error == "") {
-			continue
-		}
-		if v.Status != nil && v.Status.UID == v.uid && v.Status.State == keys.ImageReady {
-			fmt.Fprintf(e.out, "image/%s exists (imported %s)\n", name, v.Status.Updated.Local().Format(time.DateTime))
-			return true, nil
-		}
-		tx, err := e.client.Txn(ctx).If(clientv3.Compare(clientv3.ModRevision(e.space.VMImage(name)), "=", v.rev)).
-			Then(clientv3.OpDelete(e.space.VMImage(name))).Commit()
-		if err != nil {
-			return false, err
-		}
-		if !tx.Succeeded {
-			return false, fmt.Errorf("image %s changed while importing it again; try again", name)
-		}
-		fmt.Fprintf(e.errOut, "image/%s: an import that did not finish is started over\n", name)
+	if v.Status != nil && v.Status.UID == v.uid && v.Status.State == keys.ImageReady {
+		fmt.Fprintf(e.out, "image/%s exists (imported %s)\n", name, v.Status.Updated.Local().Format(time.DateTime))
+		return true, nil
 	}
+	if err := e.deleteVMImage(ctx, v, "importing it again"); err != nil {
+		return false, err
+	}
+	fmt.Fprintf(e.errOut, "image/%s: an import that did not finish is started over\n", name)
 	return false, nil
+}
+
+// readVMImage is one image as readVMImages shows it; nil if it has neither record nor status.
+func (e *env) readVMImage(ctx context.Context, name string) (*vmImageView, error) {
+	imgs, err := e.readVMImages(ctx)
+	if err != nil {
+		return nil, err
+	}
+	for i := range imgs {
+		if imgs[i].Name == name {
+			return &imgs[i], nil
+		}
+	}
+	return nil, nil
+}
+
+// deleteVMImage deletes the image's record as v read it; doing says what for, if it changed since.
+func (e *env) deleteVMImage(ctx context.Context, v *vmImageView, doing string) error {
+	key := e.space.VMImage(v.Name)
+	tx, err := e.client.Txn(ctx).If(clientv3.Compare(clientv3.ModRevision(key), "=", v.rev)).Then(clientv3.OpDelete(key)).Commit()
+	if err != nil {
+		return err
+	}
+	if !tx.Succeeded {
+		return fmt.Errorf("image %s changed while %s; try again", v.Name, doing)
+	}
+	return nil
 }
 
 // serveFile serves one file over HTTP under a random path, for the leader to fetch; it returns the
@@ -305,14 +322,8 @@ func (e *env) waitImported(parent context.Context, name string, timeout time.Dur
 	bar := e.newBar(100, "image "+name)
 	phase, start, hinted := "", time.Now(), false
 	for {
-		imgs, err := e.readVMImages(ctx)
+		v, err := e.readVMImage(ctx, name)
 		if err == nil {
-			var v *vmImageView
-			for i := range imgs {
-				if imgs[i].Name == name {
-					v = &imgs[i]
-				}
-			}
 			switch {
 			case v == nil || v.Image == nil:
 				e.endBar()
@@ -418,14 +429,11 @@ Refused while disks are cloned from it (RBD clones need their parent): purge tho
 			}
 			ctx, cancel := e.ctx(cmd.Context())
 			defer cancel()
-			imgs, err := e.readVMImages(ctx)
+			v, err := e.readVMImage(ctx, name)
 			if err != nil {
 				return err
 			}
-			for _, v := range imgs {
-				if v.Name != name {
-					continue
-				}
+			if v != nil {
 				if len(v.Clones) > 0 {
 					return fmt.Errorf("image %s is cloned by %d disks (%s): purge them first (herdctl vm delete VM --purge)", name, len(v.Clones), strings.Join(firstN(v.Clones, 5), ", "))
 				}
@@ -433,13 +441,8 @@ Refused while disks are cloned from it (RBD clones need their parent): purge tho
 					fmt.Fprintf(e.out, "image/%s already being deleted\n", name)
 					return nil
 				}
-				tx, err := e.client.Txn(ctx).If(clientv3.Compare(clientv3.ModRevision(e.space.VMImage(name)), "=", v.rev)).
-					Then(clientv3.OpDelete(e.space.VMImage(name))).Commit()
-				if err != nil {
+				if err := e.deleteVMImage(ctx, v, "deleting it"); err != nil {
 					return err
-				}
-				if !tx.Succeeded {
-					return fmt.Errorf("image %s changed while deleting it; try again", name)
 				}
 				_ = e.record(ctx, "image/"+name, "delete-requested", "")
 				fmt.Fprintf(e.out, "image/%s deleted (the leader removes it from storage)\n", name)
