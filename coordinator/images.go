@@ -402,7 +402,7 @@ func openInside(dir, path string) (*os.File, error) {
 	if err != nil {
 		return nil, err
 	}
-	if rel, err := filepath.Rel(root, real); err != nil || rel == ".." || strings.HasPrefix(rel, "../") {
+	if !keys.InDir(real, root) {
 		return nil, fmt.Errorf("%s is not in the coordinators' --import-dir %s: file:// sources must be", path, dir)
 	}
 	return os.Open(real)

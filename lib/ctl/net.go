@@ -312,11 +312,8 @@ func netDeleteCmd(e *env) *cobra.Command {
 						users = append(users, "vm "+cl.VM)
 					}
 				}
-				if len(users) > 5 {
-					users = append(users[:5], "...")
-				}
 				return fmt.Errorf("network %s is in use: addresses are held by %s: delete those VMs or move their NICs to another network first",
-					name, strings.Join(users, ", "))
+					name, strings.Join(firstN(users, 5), ", "))
 			}
 			if tx.Responses[0].GetResponseDeleteRange().Deleted == 0 {
 				if ignoreMissing {
